@@ -1,0 +1,3 @@
+"""drove: replicated block storage for containers."""
+
+__version__ = "0.1.0"

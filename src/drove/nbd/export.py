@@ -1,0 +1,110 @@
+"""The one narrow interface every served block device implements.
+
+An :class:`Export` is what the NBD server serves and what every engine layer
+(stats, qos, crypt, mirror) both consumes and provides, like an nbdkit plugin
+or filter.  The NBD server validates every request (bounds, flags, read-only)
+before calling an export, so an export may assume well-formed arguments:
+``0 <= offset``, ``offset + length <= size``, ``length > 0``.
+
+Errors: raise :class:`OSError` with an errno (``EIO``, ``ENOSPC``, ``EPERM``,
+``EINVAL``, ``ENOTSUP``, ...); the server maps it to the NBD error of the
+same name.  Any other exception is answered with ``EIO`` and logged.
+
+Methods are coroutines.  The server may run the first step of a request
+before wrapping it in a Task (an eager start, so exports that complete
+without suspending cost no Task), so an export must not rely on
+``asyncio.current_task()`` before its first ``await``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# Block status flags of the base:allocation context (NBD spec names).
+NBD_STATE_HOLE = 1
+NBD_STATE_ZERO = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One run of a block-status reply: ``length`` bytes with ``flags``."""
+
+    length: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an export supports; the server turns it into transmission flags."""
+
+    readonly: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = True
+    cache: bool = True
+    multi_conn: bool = True
+    block_status: bool = True
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+@runtime_checkable
+class Export(Protocol):
+    """A block device served over NBD (or stacked as an engine layer)."""
+
+    name: str
+    description: str
+    caps: Capabilities
+
+    @property
+    def size(self) -> int:
+        """Current size in bytes (may grow while connected)."""
+        ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Return exactly ``length`` bytes at ``offset``."""
+        ...
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; durable on return when ``fua``."""
+        ...
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        """Make the range read as zeros; with ``fast``, raise ENOTSUP unless cheap."""
+        ...
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard the range (drove exports then read it as zeros)."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every write completed before this call durable."""
+        ...
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Hint: prefetch the range."""
+        ...
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Describe allocation from ``offset``; may cover less than ``length``."""
+        ...
+
+
+class ExportProvider(Protocol):
+    """Maps export names to exports for one server (exports may come and go)."""
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        """(name, description) of every export, for NBD_OPT_LIST."""
+        ...
+
+    def open_export(self, name: str) -> Export | None:
+        """The export called ``name``, or None when there is none."""
+        ...
