@@ -1,0 +1,175 @@
+"""`drove replica ...`: serve a replica directory and operate a running replica."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from drove.cli.output import emit, fail, table
+from drove.units import format_size, parse_address, parse_size
+
+app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
+                  no_args_is_help=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_REPLICA_URL",
+                                     help="control API of the replica, e.g. http://127.0.0.1:10810")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="replica directory (made if --size is given)")],
+    size: Annotated[str | None, typer.Option(help="volume size to create, e.g. 10G")] = None,
+    nbd: Annotated[str, typer.Option(help="NBD TCP address HOST:PORT ('none' to disable)")] =
+        "127.0.0.1:10809",
+    nbd_unix: Annotated[str | None, typer.Option(help="also serve NBD on this unix socket")] = None,
+    control: Annotated[str, typer.Option(help="control API address HOST:PORT")] = "127.0.0.1:10810",
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")] =
+        None,
+    tls_required: Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")] =
+        False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Serve DIR: the head as NBD export 'head' (and ''), snapshots as 'snapshot/NAME'.
+
+    Prints one JSON line with the bound addresses once it is ready. Stops cleanly on
+    SIGTERM or Ctrl-C (flushing the head).
+    """
+    from drove.replica.process import ReplicaSetupError, serve_replica
+    from drove.service import run, server_tls_context
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        nbd_addr = None if nbd == "none" else parse_address(nbd)
+        ctl_addr = parse_address(control)
+        size_bytes = parse_size(size) if size is not None else None
+    except ValueError as exc:
+        fail(str(exc))
+    if nbd_addr is None and nbd_unix is None:
+        fail("nothing to serve on: give --nbd HOST:PORT or --nbd-unix PATH")
+    tls = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            fail("TLS needs both --tls-cert and --tls-key")
+        tls = server_tls_context(str(tls_cert), str(tls_key), str(tls_ca) if tls_ca else None)
+    elif tls_required:
+        fail("--tls-required needs --tls-cert and --tls-key")
+    try:
+        run(lambda: serve_replica(directory, size_bytes, nbd=nbd_addr, unix=nbd_unix,
+                                  control=ctl_addr, tls=tls, tls_required=tls_required))
+    except ReplicaSetupError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    except Exception as exc:  # ReplicaError and friends: the message names the file
+        if type(exc).__name__ == "ReplicaError":
+            fail(str(exc))
+        raise
+
+
+def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
+    """Call the control API; turn HTTP errors into messages that say what went wrong."""
+    try:
+        resp = httpx.request(method, url.rstrip("/") + path, timeout=600, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the replica at {url}: {exc}; is `drove replica serve` running?")
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        fail(f"{detail} (HTTP {resp.status_code})")
+    return resp.json()
+
+
+@app.command()
+def info(url: UrlOpt, json_out: JsonOpt = False) -> None:
+    """Show the replica's size, head and addresses."""
+    data = _call("GET", url, "/v1/info")
+    if not emit(data, json_out):
+        for key in ("dir", "size", "head", "layers", "snapshots"):
+            value = format_size(data[key]) if key == "size" else data[key]
+            typer.echo(f"{key:10} {value}")
+        for key, value in data["addresses"].items():
+            typer.echo(f"{key:10} {value}")
+
+
+@app.command()
+def layers(url: UrlOpt, removed: Annotated[bool, typer.Option(help="include removed")] = False,
+           json_out: JsonOpt = False) -> None:
+    """List the chain: every layer, its parent and its data."""
+    data = _call("GET", url, "/v1/layers", params={"removed": removed})
+    if emit(data, json_out):
+        return
+    rows = [[layer.get("name") or "(head)", layer.get("file"), layer.get("parent"),
+             layer.get("created"), format_size(layer.get("allocated", 0) or 0),
+             "removed" if layer.get("removed") else ""] for layer in data]
+    table("layers", ["name", "file", "parent", "created", "data", ""], rows)
+
+
+@app.command()
+def snapshot(url: UrlOpt, name: str,
+             label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
+             json_out: JsonOpt = False) -> None:
+    """Snapshot the head as NAME."""
+    labels = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    data = _call("POST", url, "/v1/snapshots", json={"name": name, "labels": labels})
+    if not emit(data, json_out):
+        typer.echo(f"snapshot {name} created")
+
+
+@app.command()
+def delete(url: UrlOpt, name: str,
+           purge: Annotated[bool, typer.Option(help="purge removed layers now")] = True,
+           json_out: JsonOpt = False) -> None:
+    """Delete snapshot NAME (its data is folded into its child)."""
+    data = _call("DELETE", url, f"/v1/snapshots/{name}", params={"purge": purge})
+    if not emit(data, json_out):
+        typer.echo(f"snapshot {name} removed")
+
+
+@app.command()
+def purge(url: UrlOpt, json_out: JsonOpt = False) -> None:
+    """Fold or prune removed snapshots."""
+    data = _call("POST", url, "/v1/purge")
+    if not emit(data, json_out):
+        typer.echo(f"purge done ({data['purge_steps']} steps)")
+
+
+@app.command()
+def revert(url: UrlOpt, name: str, json_out: JsonOpt = False) -> None:
+    """Start a new head on snapshot NAME (data written since is dropped)."""
+    data = _call("POST", url, "/v1/revert", json={"snapshot": name})
+    if not emit(data, json_out):
+        typer.echo(f"reverted to {name}")
+
+
+@app.command()
+def expand(url: UrlOpt, size: str, json_out: JsonOpt = False) -> None:
+    """Grow the volume to SIZE (e.g. 20G)."""
+    try:
+        size_bytes = parse_size(size)
+    except ValueError as exc:
+        fail(str(exc))
+    data = _call("POST", url, "/v1/expand", json={"size": size_bytes})
+    if not emit(data, json_out):
+        typer.echo(f"expanded to {format_size(data['size'])}")
+
+
+@app.command()
+def checksum(url: UrlOpt, name: str, json_out: JsonOpt = False) -> None:
+    """Print the checksum of snapshot NAME's data."""
+    data = _call("GET", url, f"/v1/snapshots/{name}/checksum")
+    if not emit(data, json_out):
+        typer.echo(f"{data['checksum']}  {name}")

@@ -1,0 +1,184 @@
+"""The replica's NBD exports: its writable head and one read-only export per snapshot.
+
+The chain's I/O is synchronous and runs inline on the event loop: pread/pwrite
+against the page cache take microseconds, far less than a hop to a worker
+thread, and running them between awaits makes every request atomic with
+respect to snapshot, revert and purge steps, which also run on the loop.  Only
+FLUSH, whose fdatasync can take milliseconds, goes to a thread; head-changing
+operations first wait for such flushes to finish (:class:`FlushGate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Sequence
+
+from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Capabilities, Extent
+
+HEAD_EXPORT = "head"
+SNAPSHOT_PREFIX = "snapshot/"
+
+_HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
+_RW_CAPS = Capabilities()
+_RO_CAPS = Capabilities(
+    readonly=True, fua=False, trim=False, zero=False, fast_zero=False, flush=True,
+)
+
+
+def _extents(runs: Sequence[tuple[int, bool]]) -> list[Extent]:
+    """Chain runs (length, allocated) as NBD base:allocation extents."""
+    return [Extent(length, 0 if allocated else _HOLE) for length, allocated in runs]
+
+
+class FlushGate:
+    """Counts flushes running in worker threads so head changes can wait them out."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def run(self, func) -> None:
+        """Run the blocking ``func`` in a thread, counted as one flush."""
+        self._running += 1
+        self._idle.clear()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, func)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Return once no flush is running (the caller must not await before acting)."""
+        while self._running:
+            await self._idle.wait()
+
+
+class HeadExport:
+    """The replica's live volume (the chain's head) as a read-write export."""
+
+    description = "drove replica head (read-write)"
+    caps = _RW_CAPS
+
+    def __init__(self, replica, gate: FlushGate, name: str = HEAD_EXPORT) -> None:
+        self.name = name
+        self._replica = replica
+        self._gate = gate
+
+    @property
+    def size(self) -> int:
+        """The volume size, which grows on expand."""
+        return self._replica.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read through the chain."""
+        return self._replica.read(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write into the head."""
+        self._replica.write(offset, data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        """Make the range read zeros (punching where no older layer shows through)."""
+        self._replica.zero(offset, length, fua=fua, fast=fast)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard the range; drove reads discarded ranges as zeros."""
+        self._replica.trim(offset, length, fua=fua)
+
+    async def flush(self) -> None:
+        """fdatasync the head in a worker thread."""
+        await self._gate.run(self._replica.flush)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Accept the hint; the page cache does the prefetching."""
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation across the whole chain."""
+        return _extents(self._replica.block_status(offset, length))
+
+
+class SnapshotExport:
+    """One snapshot, read-only, as it was when taken."""
+
+    caps = _RO_CAPS
+
+    def __init__(self, name: str, view) -> None:
+        self.name = SNAPSHOT_PREFIX + name
+        self.description = f"drove snapshot {name} (read-only)"
+        self._view = view
+
+    @property
+    def size(self) -> int:
+        """The volume size when the snapshot was taken."""
+        return self._view.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read the snapshot through its part of the chain."""
+        return self._view.read(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Refuse: snapshots never change."""
+        raise OSError(errno.EPERM, "snapshot exports are read-only")
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        """Refuse: snapshots never change."""
+        raise OSError(errno.EPERM, "snapshot exports are read-only")
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Refuse: snapshots never change."""
+        raise OSError(errno.EPERM, "snapshot exports are read-only")
+
+    async def flush(self) -> None:
+        """Nothing to make durable: snapshot layers were synced when taken."""
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Accept the hint."""
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation in the snapshot's chain."""
+        return _extents(self._view.block_status(offset, length))
+
+
+class ReplicaExports:
+    """Names the replica's exports: ``head`` (also the default ``""``) and ``snapshot/NAME``."""
+
+    def __init__(self, replica, gate: FlushGate) -> None:
+        self._replica = replica
+        self._head = HeadExport(replica, gate)
+        self._default = HeadExport(replica, gate, name="")
+
+    def _live_snapshots(self) -> list[str]:
+        return [
+            layer.name for layer in self._replica.layers()
+            if layer.name is not None and not layer.removed
+        ]
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        """The head and every live snapshot."""
+        names = [(HEAD_EXPORT, self._head.description)]
+        names += [
+            (SNAPSHOT_PREFIX + name, f"drove snapshot {name} (read-only)")
+            for name in self._live_snapshots()
+        ]
+        return names
+
+    def open_export(self, name: str):
+        """The export called ``name`` or None."""
+        if name == "":
+            return self._default
+        if name == HEAD_EXPORT:
+            return self._head
+        if name.startswith(SNAPSHOT_PREFIX):
+            snap = name[len(SNAPSHOT_PREFIX):]
+            if snap in self._live_snapshots():
+                return SnapshotExport(snap, self._replica.view(snap))
+        return None

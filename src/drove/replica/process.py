@@ -1,0 +1,91 @@
+"""The replica process: one chain served as NBD exports plus its control API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from drove.nbd.server import NbdServer
+from drove.replica.chain import Replica
+from drove.replica.control import ReplicaControl, build_app
+from drove.replica.exports import FlushGate, ReplicaExports
+from drove.service import ControlServer, default_signals
+from drove.units import format_size
+
+log = logging.getLogger("drove.replica")
+
+
+class ReplicaSetupError(Exception):
+    """The replica directory cannot be served as asked (message says what to do)."""
+
+
+def open_or_create(directory: Path, size: int | None) -> Replica:
+    """Open the replica in ``directory``, creating it when ``size`` is given and none exists."""
+    if (directory / "volume.meta").exists():
+        replica = Replica.open(directory)
+        if size is not None and size != replica.size:
+            have = replica.size
+            replica.close()
+            raise ReplicaSetupError(
+                f"replica in {directory} is {format_size(have)} ({have} bytes), not {size} bytes; "
+                "omit --size to serve it as it is, or grow it with `drove replica expand`"
+            )
+        return replica
+    if size is None:
+        raise ReplicaSetupError(f"{directory} holds no replica; give --size to create one")
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("creating replica in %s (%s)", directory, format_size(size))
+    return Replica.create(directory, size)
+
+
+def print_ready(addresses: dict[str, Any]) -> None:
+    """Announce the bound addresses as one JSON line on stdout (scripts and tests read it)."""
+    sys.stdout.write(json.dumps({"ready": True, **addresses}) + "\n")
+    sys.stdout.flush()
+
+
+async def serve_replica(
+    directory: Path,
+    size: int | None,
+    *,
+    nbd: tuple[str, int] | None,
+    unix: str | None,
+    control: tuple[str, int],
+    tls=None,
+    tls_required: bool = False,
+    ready: Callable[[dict[str, Any]], None] = print_ready,
+    stop=default_signals,
+) -> None:
+    """Serve the replica until ``stop`` returns (SIGTERM/SIGINT by default)."""
+    replica = open_or_create(directory, size)
+    try:
+        gate = FlushGate()
+        exports = ReplicaExports(replica, gate)
+        server = NbdServer(exports, tls=tls, tls_required=tls_required)
+        addresses: dict[str, Any] = {}
+        if nbd is not None:
+            host, port = await server.listen_tcp(*nbd)
+            addresses["nbd"] = f"nbd://{host}:{port}"
+            addresses["nbd_host"], addresses["nbd_port"] = host, port
+        if unix is not None:
+            await server.listen_unix(unix)
+            addresses["nbd_unix"] = unix
+        ctl = ControlServer(build_app(ReplicaControl(replica, gate, addresses)), *control)
+        await ctl.start()
+        addresses["control"] = ctl.url
+        log.info("replica %s serving: %s", directory, addresses)
+        ready(addresses)
+        try:
+            sig = await stop()
+            log.info("stopping on signal %s", sig)
+        finally:
+            await server.close()
+            await ctl.stop()
+            await gate.drain()
+            replica.flush()
+    finally:
+        replica.close()

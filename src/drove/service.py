@@ -1,0 +1,101 @@
+"""Running a drove process: an NBD server and a control API on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("drove")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop where uvloop is installed, else the default one."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``main`` to completion on a fresh (uv)loop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main())
+
+
+def server_tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """A TLS server context; with ``ca``, clients must present a certificate it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class _QuietUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the process owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ControlServer:
+    """Serves an ASGI app on an already-bound socket inside the running loop."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.address = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._server = _QuietUvicorn(config)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the API."""
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    async def start(self) -> None:
+        """Start serving in the background and wait until it accepts connections."""
+        self._task = asyncio.create_task(self._server.serve(sockets=[self.sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        self._server.should_exit = True
+        if self._task:
+            await self._task
+
+
+async def wait_for_signal(*signals: int) -> int:
+    """Wait until one of ``signals`` arrives and return it."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+    try:
+        return await got
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def default_signals() -> int:
+    """Wait for SIGTERM or SIGINT."""
+    return await wait_for_signal(signal.SIGTERM, signal.SIGINT)

@@ -1,0 +1,39 @@
+"""Fixtures shared by all tests."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from replicatools import ReplicaProc, kill_all, start_replica  # noqa: E402
+
+REQUIRED_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdsh", "nbdcopy", "nbdkit", "fio")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fail loudly (never skip) when a real client the tests rely on is missing."""
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise pytest.UsageError(
+            f"missing test tools: {', '.join(missing)}; run ./dev test, which installs them"
+        )
+
+
+@pytest.fixture
+def replicas(tmp_path: Path):
+    """A factory starting replica processes in tmp_path; all are killed at teardown."""
+    started: list[ReplicaProc] = []
+
+    def start(name: str = "r1", size: str | int | None = "64M", *extra: str,
+              **kwargs) -> ReplicaProc:
+        proc = start_replica(tmp_path / name, size, *extra, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    kill_all(started)
