@@ -115,3 +115,18 @@ def kill_all(procs: list[ReplicaProc]) -> None:
         if p.proc.poll() is None:
             p.proc.send_signal(signal.SIGKILL)
             p.proc.wait()
+
+
+# nbdsh is `python3 -m nbd`; libnbd's bindings live in Debian's python, which a
+# pyenv or venv python3 earlier on PATH would shadow.
+NBDSH = ["/usr/bin/python3", "-m", "nbd"]
+
+
+def nbdsh(uri: str, script: str, *, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a libnbd python snippet against ``uri`` (``h`` is the connected handle)."""
+    return run([*NBDSH, "-u", uri, "-c", script], check=check)
+
+
+def nbdinfo_json(uri: str, *args: str) -> Any:
+    """nbdinfo --json output as Python data."""
+    return json.loads(run(["nbdinfo", "--json", *args, uri]).stdout)
