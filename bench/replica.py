@@ -14,10 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from drove.units import parse_size
 from fiobench import STANDARD_JOBS, fill, nbdkit_file, print_table, qemu_io_script, run_fio
 from replicatools import start_replica
-
-from drove.units import parse_size
 
 
 def build_chain(r, size: int, layers: int, seed: int = 7) -> None:
