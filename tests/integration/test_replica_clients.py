@@ -103,10 +103,12 @@ def test_fio_verify_pipelined(replicas, tmp_path):
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={r.unix_uri()}",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M", "--offset=0",
         "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0",
+        "--verify_state_save=0",
         "--output-format=json",
     ]
     out = run(job, timeout=300)
-    result = json.loads(out.stdout)["jobs"][0]
+    text = out.stdout.decode()
+    result = json.loads(text[text.index("{"):])["jobs"][0]
     assert result["error"] == 0
     assert result["write"]["io_bytes"] == 32 * MiB
 
