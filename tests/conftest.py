@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from replicatools import ReplicaProc, kill_all, start_replica  # noqa: E402
+from replicatools import ReplicaProc, kill_all, start_replica
 
 REQUIRED_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdsh", "nbdcopy", "nbdkit", "fio")
 
