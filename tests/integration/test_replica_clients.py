@@ -214,3 +214,26 @@ def test_reopen_after_clean_stop_keeps_data(replicas, tmp_path):
     r2 = replicas("r1", None)
     nbdsh(r2.uri(), "assert h.pread(4096, 4096) == b'k' * 4096")
     assert os.path.exists(r2.dir / "volume.meta")
+
+
+def test_cli_operates_a_running_replica(replicas):
+    r = replicas("r1", "4M")
+    url = ["--url", r.control]
+    run(drove_cmd("replica", "snapshot", *url, "nightly", "--label", "app=db"))
+    layers = json.loads(run(drove_cmd("replica", "layers", *url, "--json")).stdout)
+    snap = next(x for x in layers if x["name"] == "nightly")
+    assert snap["labels"] == {"app": "db"}
+    info = json.loads(run(drove_cmd("replica", "info", *url, "--json")).stdout)
+    assert info["size"] == 4 << 20 and info["snapshots"] == 1
+    out = run(drove_cmd("replica", "checksum", *url, "nightly")).stdout.decode()
+    assert out.split()[1] == "nightly" and len(out.split()[0]) == 64
+    # Errors name the problem and exit non-zero; nothing changes.
+    bad = run(drove_cmd("replica", "snapshot", *url, "nightly"), check=False)
+    assert bad.returncode == 1 and b"nightly" in bad.stderr and b"409" in bad.stderr
+    bad = run(drove_cmd("replica", "expand", *url, "lots"), check=False)
+    assert bad.returncode == 1 and b"not a size" in bad.stderr
+    gone = run(drove_cmd("replica", "info", "--url", "http://127.0.0.1:1"), check=False)
+    assert gone.returncode == 1 and b"drove replica serve" in gone.stderr
+    run(drove_cmd("replica", "delete", *url, "nightly"))
+    info = json.loads(run(drove_cmd("replica", "info", *url, "--json")).stdout)
+    assert info["snapshots"] == 0

@@ -41,6 +41,7 @@ def serve(
     Prints one JSON line with the bound addresses once it is ready. Stops cleanly on
     SIGTERM or Ctrl-C (flushing the head).
     """
+    from drove.replica.errors import ReplicaError
     from drove.replica.process import ReplicaSetupError, serve_replica
     from drove.service import run, server_tls_context
 
@@ -63,14 +64,10 @@ def serve(
     try:
         run(lambda: serve_replica(directory, size_bytes, nbd=nbd_addr, unix=nbd_unix,
                                   control=ctl_addr, tls=tls, tls_required=tls_required))
-    except ReplicaSetupError as exc:
-        fail(str(exc))
+    except (ReplicaSetupError, ReplicaError) as exc:
+        fail(str(exc))  # the message names the file or the process holding the lock
     except OSError as exc:
         fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-    except Exception as exc:  # ReplicaError and friends: the message names the file
-        if type(exc).__name__ == "ReplicaError":
-            fail(str(exc))
-        raise
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
