@@ -26,18 +26,48 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``main`` to completion on a fresh (uv)loop."""
+    """Run ``main()`` to completion on a fresh (uv)loop, with malloc tuned for I/O buffers."""
+    tune_malloc()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main())
 
 
-def server_tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
-    """A TLS server context; with ``ca``, clients must present a certificate it signed."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024) -> bool:
+    """Keep large buffers on the malloc heap (glibc only); True if applied.
+
+    Every NBD request of a megabyte allocates a payload-sized buffer (the
+    export's read result, a pread, ...).  glibc serves such sizes with a
+    fresh mmap, so each request pays hundreds of page faults; measured on
+    1 MiB reads that is ~30% of the server's CPU.  A fixed mmap threshold
+    and a high trim threshold let freed buffers be reused instead.  This is
+    process-wide, so only server entry points call it.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, mmap_threshold) == 1
+    ok = mallopt(m_trim_threshold, 4 * mmap_threshold) == 1 and ok
+    return ok
+
+
+def server_tls_context(cert: str, key: str, ca: str | None = None,
+                       verify_peer: bool = True) -> ssl.SSLContext:
+    """A TLS (>= 1.2) server context; with ``ca``, client certificates are checked against it.
+
+    With ``verify_peer`` a client must present one; without, one is optional.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     if ca:
         ctx.load_verify_locations(ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_OPTIONAL
     return ctx
 
 

@@ -14,6 +14,13 @@ Methods are coroutines.  The server may run the first step of a request
 before wrapping it in a Task (an eager start, so exports that complete
 without suspending cost no Task), so an export must not rely on
 ``asyncio.current_task()`` before its first ``await``.
+
+Buffers: the ``data`` given to :meth:`Export.write` is a read-only view
+into the server's receive memory; it stays valid and unchanged until the
+call completes, and may be reused afterwards (copy it to keep it longer).
+The buffer returned by :meth:`Export.read` may be held by the server until
+it has been sent, so it must not be modified after it was returned
+(return fresh memory, not a view of live storage).
 """
 
 from __future__ import annotations
@@ -67,11 +74,11 @@ class Export(Protocol):
         ...
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Return exactly ``length`` bytes at ``offset``."""
+        """Return exactly ``length`` bytes at ``offset`` (never modified afterwards)."""
         ...
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; durable on return when ``fua``."""
+        """Write ``data`` (valid until this call completes) at ``offset``; durable when ``fua``."""
         ...
 
     async def zero(
