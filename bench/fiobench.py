@@ -41,16 +41,27 @@ STANDARD_JOBS = (
 
 @dataclass
 class Result:
-    """fio's figures for one job, reads and writes summed."""
+    """fio's figures for one job, reads and writes summed, and the server's CPU per I/O."""
 
     iops: float
     mib_s: float
     mean_us: float
     p99_us: float
+    cpu_us: float = float("nan")
 
 
-def run_fio(uri: str, job: Job, size: int, runtime: int) -> Result:
-    """Run ``job`` with fio's nbd engine against ``uri`` and parse its JSON."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(uri: str, job: Job, size: int, runtime: int, server_pid: int | None = None) -> Result:
+    """Run ``job`` with fio's nbd engine against ``uri``; with ``server_pid``, its CPU per I/O.
+
+    Server CPU per I/O is steadier than IOPS on a shared two-core machine.
+    """
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
         f"--bs={job.bs}", f"--iodepth={job.iodepth}", f"--size={size}", "--time_based",
@@ -58,6 +69,7 @@ def run_fio(uri: str, job: Job, size: int, runtime: int) -> Result:
         "--norandommap", *job.extra,
     ]
     out = subprocess.run(cmd, capture_output=True, check=True, text=True, timeout=runtime + 120)
+    cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
     data = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     iops = bw = 0.0
     lat_sum = lat_n = 0.0
@@ -72,12 +84,15 @@ def run_fio(uri: str, job: Job, size: int, runtime: int) -> Result:
         lat_n += s["total_ios"]
         pct = s["clat_ns"].get("percentile", {})
         p99 = max(p99, pct.get("99.000000", 0.0))
-    return Result(iops, bw / (1 << 20), lat_sum / max(lat_n, 1) / 1e3, p99 / 1e3)
+    # fio's ramp time is not in total_ios, but the server's CPU counts it: use runtime + ramp.
+    ios = iops * (runtime + 1)
+    return Result(iops, bw / (1 << 20), lat_sum / max(lat_n, 1) / 1e3, p99 / 1e3,
+                  cpu / ios * 1e6 if ios else float("nan"))
 
 
 @contextlib.contextmanager
-def nbdkit_file(path: Path, sock: Path) -> Iterator[str]:
-    """nbdkit's file plugin serving ``path`` on a unix socket (the baseline)."""
+def nbdkit_file(path: Path, sock: Path) -> Iterator[tuple[str, int]]:
+    """nbdkit's file plugin serving ``path`` on a unix socket (the baseline): (uri, pid)."""
     proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(path)],
                             stderr=subprocess.DEVNULL)
     try:
@@ -85,7 +100,7 @@ def nbdkit_file(path: Path, sock: Path) -> Iterator[str]:
             if sock.exists():
                 break
             time.sleep(0.05)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         proc.terminate()
         proc.wait()
@@ -113,12 +128,14 @@ def qemu_io_script(uri: str, commands: list[str]) -> None:
 def print_table(title: str, rows: list[tuple[str, Result, Result]], base_name: str) -> None:
     """Print drove vs baseline for each job with ratios."""
     print(f"\n{title}")
-    head = (f"{'job':24} {'drove IOPS':>11} {'MiB/s':>8} {'mean us':>8} {'p99 us':>8} "
-            f"{base_name + ' IOPS':>13} {'MiB/s':>8} {'mean us':>8} {'p99 us':>8} {'ratio':>6}")
+    head = (f"{'job':22} {'drove IOPS':>10} {'MiB/s':>7} {'mean us':>7} {'p99 us':>7} "
+            f"{'cpu us/IO':>9} {base_name + ' IOPS':>12} {'MiB/s':>7} {'mean us':>7} "
+            f"{'p99 us':>7} {'cpu us/IO':>9} {'ratio':>5}")
     print(head)
     print("-" * len(head))
     for name, d, b in rows:
         ratio = d.iops / b.iops if b.iops else float("nan")
-        print(f"{name:24} {d.iops:11.0f} {d.mib_s:8.1f} {d.mean_us:8.1f} {d.p99_us:8.1f} "
-              f"{b.iops:13.0f} {b.mib_s:8.1f} {b.mean_us:8.1f} {b.p99_us:8.1f} {ratio:6.2f}")
+        print(f"{name:22} {d.iops:10.0f} {d.mib_s:7.0f} {d.mean_us:7.0f} {d.p99_us:7.0f} "
+              f"{d.cpu_us:9.1f} {b.iops:12.0f} {b.mib_s:7.0f} {b.mean_us:7.0f} {b.p99_us:7.0f} "
+              f"{b.cpu_us:9.1f} {ratio:5.2f}")
     sys.stdout.flush()

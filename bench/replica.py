@@ -54,7 +54,7 @@ def main() -> None:
         base_file = scratch / "nbdkit.img"
         with open(base_file, "wb") as f:
             f.truncate(size)
-        with nbdkit_file(base_file, scratch / "nbdkit.sock") as base_uri:
+        with nbdkit_file(base_file, scratch / "nbdkit.sock") as (base_uri, base_pid):
             fill(base_uri, size)
             for label, layers in (("head only", 1), ("10-layer chain", 10)):
                 r = start_replica(scratch / f"r{layers}", size)
@@ -62,8 +62,8 @@ def main() -> None:
                     build_chain(r, size, layers)
                     rows = []
                     for job in jobs:
-                        d = run_fio(r.unix_uri(), job, size, args.runtime)
-                        b = run_fio(base_uri, job, size, args.runtime)
+                        d = run_fio(r.unix_uri(), job, size, args.runtime, r.proc.pid)
+                        b = run_fio(base_uri, job, size, args.runtime, base_pid)
                         rows.append((job.name, d, b))
                     print_table(f"drove replica, {label}, {args.size} volume", rows, "nbdkit")
                 finally:
