@@ -245,3 +245,37 @@ def test_context_manager_and_closed_errors(tmp_path: Path) -> None:
         r.read(0, 1)
     assert e.value.errno == errno.ESHUTDOWN
     r.close()  # idempotent
+
+
+def test_large_writes_preallocate_only_their_span(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 4 << 20
+    rep = Replica.create(tmp_path / "big", size, chunk_blocks=64)
+    old = bytes([7]) * size
+    rep.write(0, old)
+    rep.snapshot("base")
+    calls: list[tuple[int, int]] = []
+    real = chain.meta.fs.preallocate
+    monkeypatch.setattr(chain.meta.fs, "preallocate",
+                        lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
+    # Unaligned at both ends over older data: the edge blocks are read-modify-written.
+    rep.write(5000, b"n" * (300 << 10))
+    assert calls == [(4096, ((5000 + (300 << 10) - 1) // BS + 1 - 1) * BS)]
+    expect = bytearray(old)
+    expect[5000:5000 + (300 << 10)] = b"n" * (300 << 10)
+    assert rep.read(0, size) == expect
+    # Allocated space is the written span, not more.
+    head = next(x for x in rep.layers() if x.head)
+    assert head.allocated <= (300 << 10) + 2 * BS
+    # A write that fails after preallocating leaves older data visible, now and on reopen.
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(chain.meta.fs, "pwritev", broken)
+    with pytest.raises(OSError):
+        rep.write(1 << 20, b"x" * (512 << 10))
+    assert rep.read(1 << 20, 512 << 10) == old[: 512 << 10]
+    monkeypatch.undo()
+    rep.close()
+    with Replica.open(tmp_path / "big") as again:
+        assert again.read(0, size) == expect
+        assert [a for a in again.block_status(0, size)] == [(size, True)]

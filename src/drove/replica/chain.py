@@ -143,7 +143,11 @@ def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple
 _bytearray_uninit = ctypes.pythonapi.PyByteArray_FromStringAndSize
 _bytearray_uninit.restype = ctypes.py_object
 _bytearray_uninit.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_UNINIT_MIN = 64 * 1024  # below this the ctypes call costs more than the memset
+_UNINIT_MIN = 64 * 1024
+# From this size on, preallocating a write's span in the head before writing it
+# is cheaper than letting ext4 allocate on write (measured: 155 vs 540-1550 us
+# of CPU per 1 MiB, break-even near 64 KiB; 4 KiB writes get 3x dearer).
+_PREALLOCATE_MIN = 128 * 1024  # below this the ctypes call costs more than the memset
 
 
 def _read_buffer(n: int) -> bytearray:
@@ -556,6 +560,13 @@ class Replica:
                     else self._read_block(last)
                 bufs.append(blk[BLOCK - tail_gap:])
         try:
+            if n >= _PREALLOCATE_MIN and any(
+                    v == HOLE for _, _, v in self._index.top_runs(first, last + 1)):
+                # A large write into holes of the head: ext4's delayed allocation
+                # costs up to ten times the CPU of writing into preallocated
+                # (unwritten) extents.  Only the written span is allocated, and
+                # unwritten extents read as holes, so a failed write shows nothing.
+                meta.fs.preallocate(self._head_fd, first * BLOCK, (last + 1 - first) * BLOCK)
             meta.write_all(self._head_fd, bufs, woff, os.RWF_DSYNC if fua else 0)
         except BaseException:
             self._index.top_map.invalidate(first, last + 1)  # reload what really landed

@@ -62,7 +62,7 @@ class FsOps:
 
     MUTATIONS = (
         "open_write", "pwritev", "fsync", "fdatasync", "replace", "link", "unlink",
-        "punch_hole", "ftruncate",
+        "punch_hole", "preallocate", "ftruncate",
     )
 
     def open_write(self, path: str | Path, flags: int, mode: int = 0o644) -> int:
@@ -98,6 +98,12 @@ class FsOps:
         if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+    def preallocate(self, fd: int, offset: int, length: int) -> None:
+        """Allocate a range as unwritten extents, keeping the size (SEEK_DATA still sees holes)."""
+        if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate: {os.strerror(err)}")
 
     def ftruncate(self, fd: int, length: int) -> None:
         """Set a file's size."""
