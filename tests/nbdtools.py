@@ -354,13 +354,14 @@ def make_tls_dir(directory: str | os.PathLike[str]) -> Path:
 def server_tls_context(
     directory: str | os.PathLike[str], *, verify_client: bool = True
 ) -> ssl.SSLContext:
-    """A server-side SSL context from a :func:`make_tls_dir` directory."""
+    """A server-side SSL context from a :func:`make_tls_dir` directory (drove's own builder)."""
+    from drove.service import server_tls_context as build
+
     path = Path(directory)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(path / "server-cert.pem", path / "server-key.pem")
-    ctx.load_verify_locations(path / "ca-cert.pem")
-    ctx.verify_mode = ssl.CERT_REQUIRED if verify_client else ssl.CERT_NONE
+    ctx = build(str(path / "server-cert.pem"), str(path / "server-key.pem"),
+                str(path / "ca-cert.pem"), verify_peer=verify_client)
+    if not verify_client:
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 

@@ -124,7 +124,9 @@ NBDSH = ["/usr/bin/python3", "-m", "nbd"]
 
 def nbdsh(uri: str, script: str, *, check: bool = True) -> subprocess.CompletedProcess:
     """Run a libnbd python snippet against ``uri`` (``h`` is the connected handle)."""
-    return run([*NBDSH, "-u", uri, "-c", script], check=check)
+    # Connect in the script: `nbdsh -u` refuses URIs naming local files (TLS certificates).
+    connect = f"h.set_uri_allow_local_file(True)\nh.connect_uri({uri!r})\n"
+    return run([*NBDSH, "-c", connect + script], check=check)
 
 
 def nbdinfo_json(uri: str, *args: str) -> Any:

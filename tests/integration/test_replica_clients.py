@@ -237,3 +237,23 @@ def test_cli_operates_a_running_replica(replicas):
     run(drove_cmd("replica", "delete", *url, "nightly"))
     info = json.loads(run(drove_cmd("replica", "info", *url, "--json")).stdout)
     assert info["snapshots"] == 0
+
+
+def test_tls_required_replica(replicas, tmp_path):
+    from nbdtools import make_tls_dir
+
+    certs = make_tls_dir(tmp_path / "tls")
+    r = replicas("r1", "4M", "--tls-cert", str(certs / "server-cert.pem"),
+                 "--tls-key", str(certs / "server-key.pem"), "--tls-ca", str(certs / "ca-cert.pem"),
+                 "--tls-required", unix=False)
+    host, port = r.addresses["nbd_host"], r.addresses["nbd_port"]
+    secure = f"nbds://{host}:{port}/head?tls-certificates={certs}"
+    nbdsh(secure, "h.pwrite(b't' * 4096, 0); h.flush()")
+    info = nbdinfo_json(secure)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == 4 << 20
+    plain = run(["nbdinfo", r.uri("head")], check=False)
+    assert plain.returncode != 0
+    other = make_tls_dir(tmp_path / "other-ca")
+    forged = run(["nbdinfo", f"nbds://{host}:{port}/head?tls-certificates={other}"], check=False)
+    assert forged.returncode != 0
+    nbdsh(secure, "assert h.pread(4096, 0) == b't' * 4096")
