@@ -309,6 +309,23 @@ def _chain_readinto(index: ReadIndex, files: _Files, offset: int, mv: memoryview
             _pread_full(files.get(layers[lid].file), mv[a - offset:b - offset], a)  # type: ignore[attr-defined]
 
 
+def _chain_read(index: ReadIndex, files: _Files, offset: int, length: int) -> bytes | bytearray:
+    """``length`` bytes at ``offset`` through the chain ``index`` describes."""
+    runs = index.runs(offset // BLOCK, -(-(offset + length) // BLOCK))
+    if len(runs) == 1:
+        # One layer (or nothing) holds the whole range, the common case for small
+        # requests: one pread, no buffer juggling (measured: 6.1 -> ~3 us a 4 KiB read).
+        lid = runs[0][2]
+        if lid == HOLE:
+            return bytes(length)
+        data = os.pread(files.get(index.layers[lid].file), length, offset)  # type: ignore[attr-defined]
+        if len(data) == length:
+            return data
+    buf = _read_buffer(length)
+    _chain_readinto(index, files, offset, memoryview(buf), zeroed=False)
+    return buf
+
+
 def _chain_block_status(index: ReadIndex, offset: int, length: int) -> list[tuple[int, bool]]:
     """(length, allocated) runs covering [offset, offset + length) of a chain."""
     end = offset + length
@@ -518,9 +535,7 @@ class Replica:
             data = os.pread(self._head_fd, length, offset)
             if len(data) == length:
                 return data
-        buf = _read_buffer(length)
-        _chain_readinto(self._index, self._files, offset, memoryview(buf), zeroed=False)
-        return buf
+        return _chain_read(self._index, self._files, offset, length)
 
     def readinto(self, offset: int, buf: Any) -> int:
         """Fill the writable buffer ``buf`` from ``offset``; return its length."""
@@ -1185,9 +1200,7 @@ class View:
         """``length`` bytes of the snapshot at ``offset``."""
         index = self._ready()
         _check_range(offset, length, index.nblocks * BLOCK)
-        buf = _read_buffer(length)
-        _chain_readinto(index, self._r._files, offset, memoryview(buf), zeroed=False)
-        return buf
+        return _chain_read(index, self._r._files, offset, length)
 
     def readinto(self, offset: int, buf: Any) -> int:
         """Fill ``buf`` from ``offset`` of the snapshot; return its length."""
