@@ -28,14 +28,15 @@ class Job:
     bs: str
     iodepth: int = 16
     extra: tuple[str, ...] = ()
+    key: str = ""  # short name for command lines
 
 
 STANDARD_JOBS = (
-    Job("4k randrw 50/50 qd16", "randrw", "4k", extra=("--rwmixread=50",)),
-    Job("4k randread qd16", "randread", "4k"),
-    Job("4k randwrite qd16", "randwrite", "4k"),
-    Job("1M seq write qd16", "write", "1M"),
-    Job("1M seq read qd16", "read", "1M"),
+    Job("4k randrw 50/50 qd16", "randrw", "4k", extra=("--rwmixread=50",), key="randrw-4k"),
+    Job("4k randread qd16", "randread", "4k", key="randread-4k"),
+    Job("4k randwrite qd16", "randwrite", "4k", key="randwrite-4k"),
+    Job("1M seq write qd16", "write", "1M", key="seqwrite-1m"),
+    Job("1M seq read qd16", "read", "1M", key="seqread-1m"),
 )
 
 
@@ -56,7 +57,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_fio(uri: str, job: Job, size: int, runtime: int, server_pid: int | None = None) -> Result:
+def run_fio(uri: str, job: Job, size: int, runtime: float,
+            server_pid: int | None = None) -> Result:
     """Run ``job`` with fio's nbd engine against ``uri``; with ``server_pid``, its CPU per I/O.
 
     Server CPU per I/O is steadier than IOPS on a shared two-core machine.
@@ -68,9 +70,14 @@ def run_fio(uri: str, job: Job, size: int, runtime: int, server_pid: int | None 
         f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", "--randrepeat=0",
         "--norandommap", *job.extra,
     ]
-    out = subprocess.run(cmd, capture_output=True, check=True, text=True, timeout=runtime + 120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed: {out.stderr or out.stdout}")
     cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
+    # fio's nbd engine prints a line before the JSON.
     data = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    if data["error"]:
+        raise RuntimeError(f"fio job error {data['error']}")
     iops = bw = 0.0
     lat_sum = lat_n = 0.0
     p99 = 0.0

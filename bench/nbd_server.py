@@ -27,38 +27,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from drove.units import parse_size
+from fiobench import STANDARD_JOBS, Result, run_fio
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One fio job shape."""
-
-    name: str
-    rw: str
-    bs: str
-    extra: tuple[str, ...] = ()
-
-
-WORKLOADS = [
-    Workload("randrw-4k", "randrw", "4k", ("--rwmixread=50",)),
-    Workload("randread-4k", "randread", "4k"),
-    Workload("randwrite-4k", "randwrite", "4k"),
-    Workload("seqwrite-1m", "write", "1m"),
-    Workload("seqread-1m", "read", "1m"),
-]
-
-
-@dataclass
-class Result:
-    """What one fio run achieved, and the server CPU time it cost."""
-
-    iops: float
-    mibs: float
-    cpu_us: float  # server CPU (user + system) per I/O, in microseconds
 
 
 @dataclass
@@ -67,16 +42,6 @@ class Server:
 
     uri: str
     pid: int
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def free_port() -> int:
@@ -165,39 +130,6 @@ def nbdkit_server(size: str, transport: str, tmp: Path, threads: int | None) -> 
             proc.wait()
 
 
-def run_fio(server: Server, work: Workload, runtime: float, iodepth: int, size: str) -> Result:
-    """Run one time-based fio job against ``server``."""
-    args = [
-        "fio",
-        "--name",
-        work.name,
-        "--ioengine=nbd",
-        f"--uri={server.uri}",
-        f"--rw={work.rw}",
-        f"--bs={work.bs}",
-        f"--iodepth={iodepth}",
-        f"--size={size}",
-        "--time_based",
-        f"--runtime={runtime}",
-        "--output-format=json",
-        "--randrepeat=0",
-        *work.extra,
-    ]
-    cpu_before = cpu_seconds(server.pid)
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    cpu = cpu_seconds(server.pid) - cpu_before
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio failed: {proc.stderr or proc.stdout}")
-    out = proc.stdout
-    job = json.loads(out[out.index("{") :])["jobs"][0]  # the engine prints a line first
-    if job["error"]:
-        raise RuntimeError(f"fio job error {job['error']}")
-    iops = job["read"]["iops"] + job["write"]["iops"]
-    mibs = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / (1 << 20)
-    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
-    return Result(iops, mibs, 1e6 * cpu / ios if ios else float("nan"))
-
-
 def main() -> None:
     """Run the comparison and print the table."""
     parser = argparse.ArgumentParser(
@@ -220,7 +152,9 @@ def main() -> None:
     for tool in ("fio", "nbdkit"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed")
-    works = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    works = [replace(job, iodepth=args.iodepth) for job in STANDARD_JOBS
+             if not args.only or job.key in args.only]
+    size = parse_size(args.size)
     extra = ["--suspend"] if args.suspend else []
     try:
         import uvloop
@@ -250,19 +184,19 @@ def main() -> None:
                 theirs: list[Result] = []
                 for _ in range(args.repeat):
                     # Interleaved, so that drift hits both servers alike.
-                    mine.append(run_fio(drove, work, args.runtime, args.iodepth, args.size))
-                    theirs.append(run_fio(nbdkit, work, args.runtime, args.iodepth, args.size))
+                    mine.append(run_fio(drove.uri, work, size, args.runtime, drove.pid))
+                    theirs.append(run_fio(nbdkit.uri, work, size, args.runtime, nbdkit.pid))
                 d = [
                     statistics.median(getattr(r, f) for r in mine)
-                    for f in ("iops", "mibs", "cpu_us")
+                    for f in ("iops", "mib_s", "cpu_us")
                 ]
                 n = [
                     statistics.median(getattr(r, f) for r in theirs)
-                    for f in ("iops", "mibs", "cpu_us")
+                    for f in ("iops", "mib_s", "cpu_us")
                 ]
                 ratio = d[0] / n[0] if n[0] else float("nan")
                 print(
-                    f"{work.name:<14} {d[0]:>11.0f} {d[1]:>8.1f} {d[2]:>9.1f} "
+                    f"{work.key:<14} {d[0]:>11.0f} {d[1]:>8.1f} {d[2]:>9.1f} "
                     f"{n[0]:>12.0f} {n[1]:>8.1f} {n[2]:>9.1f} {ratio:>6.2f}",
                     flush=True,
                 )

@@ -710,28 +710,7 @@ class Replica:
                           layers=(*(f for f in vol.layers if f != old_head), snap, new_head))
         # The snapshot must hold every write acknowledged before it.
         self._fdatasync(self._head_fd)
-        new_fd = -1
-        made: list[str] = []
-        try:
-            self._clear_stale(snap, new_head)
-            # A hard link: the head's data becomes the snapshot's without a copy;
-            # until the commit the link is an unlisted name, removed on open.
-            meta.fs.link(self._dir / old_head, self._dir / snap)
-            made.append(snap)
-            made.append(new_head)
-            new_fd = self._create_head_file(new_head)
-            made.append(meta_file(snap))
-            meta.write_json_atomic(self._dir, self._dirfd, meta_file(snap), snap_meta.to_json())
-            made.append(meta_file(new_head))
-            meta.write_json_atomic(self._dir, self._dirfd, meta_file(new_head),
-                                   head_meta.to_json())
-            self._commit(new_vol)
-        except BaseException:
-            if self._vol is not new_vol:  # not committed: take back what we made
-                if new_fd >= 0:
-                    os.close(new_fd)
-                self._remove_quietly(*reversed(made))
-            raise
+        new_fd = self._commit_new_head(new_vol, head_meta, snapshot=snap_meta)
         # Committed: the old head's inode is now the snapshot.
         with self._meta_lock:
             del self._metas[old_head]
@@ -758,22 +737,7 @@ class Replica:
                               created=meta.now_iso(), size=vol.size)
         new_vol = replace(vol, head=new_head, next_head=vol.next_head + 1,
                           layers=(*(f for f in vol.layers if f != old_head), new_head))
-        new_fd = -1
-        made: list[str] = []
-        try:
-            self._clear_stale(new_head)
-            made.append(new_head)
-            new_fd = self._create_head_file(new_head)
-            made.append(meta_file(new_head))
-            meta.write_json_atomic(self._dir, self._dirfd, meta_file(new_head),
-                                   head_meta.to_json())
-            self._commit(new_vol)
-        except BaseException:
-            if self._vol is not new_vol:  # not committed: take back what we made
-                if new_fd >= 0:
-                    os.close(new_fd)
-                self._remove_quietly(*reversed(made))
-            raise
+        new_fd = self._commit_new_head(new_vol, head_meta)
         with self._meta_lock:
             del self._metas[old_head]
             self._metas[new_head] = head_meta
@@ -1053,6 +1017,38 @@ class Replica:
             os.close(fd)
             raise
         return fd
+
+    def _commit_new_head(self, new_vol: VolumeMeta, head_meta: LayerMeta,
+                         snapshot: LayerMeta | None = None) -> int:
+        """Make an empty head (and link the old head as ``snapshot``), then commit ``new_vol``.
+
+        Until the commit every file made here is an unlisted leftover: on
+        failure it is removed now, or at the next open if the process dies.
+        Returns the new head's descriptor.
+        """
+        layers = [snapshot, head_meta] if snapshot else [head_meta]
+        new_fd = -1
+        made: list[str] = []
+        try:
+            self._clear_stale(*(m.file for m in layers))
+            if snapshot:
+                # A hard link: the head's data becomes the snapshot's without a copy;
+                # until the commit the link is an unlisted name, removed on open.
+                meta.fs.link(self._dir / self._vol.head, self._dir / snapshot.file)
+                made.append(snapshot.file)
+            made.append(head_meta.file)
+            new_fd = self._create_head_file(head_meta.file)
+            for m in layers:
+                made.append(meta_file(m.file))
+                meta.write_json_atomic(self._dir, self._dirfd, meta_file(m.file), m.to_json())
+            self._commit(new_vol)
+        except BaseException:
+            if self._vol is not new_vol:  # not committed: take back what we made
+                if new_fd >= 0:
+                    os.close(new_fd)
+                self._remove_quietly(*reversed(made))
+            raise
+        return new_fd
 
     def _clear_stale(self, *files: str) -> None:
         """Remove unlisted leftovers of an earlier failed attempt that used these names."""

@@ -115,6 +115,13 @@ fs = FsOps()
 
 def write_all(fd: int, bufs: Sequence[Any], offset: int, flags: int = 0) -> None:
     """pwritev all of ``bufs`` at ``offset``, continuing after short writes."""
+    if len(bufs) == 1:
+        # The usual case, one buffer written whole by one call: skip the bookkeeping.
+        n = fs.pwritev(fd, bufs, offset, flags)
+        if n == memoryview(bufs[0]).nbytes:
+            return
+        bufs = [memoryview(bufs[0]).cast("B")[n:]]
+        offset += n
     views = [v for v in (memoryview(b).cast("B") for b in bufs) if len(v)]
     i = 0
     while i < len(views):
