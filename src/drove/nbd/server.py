@@ -57,6 +57,7 @@ _MAX_OPTION_DATA = 64 * 1024  # longest option payload accepted (names are <= 40
 _HANDSHAKE_BUFFER = 256 * 1024  # stop reading while this much handshake data is queued
 _CORK_LIMIT = 256 * 1024  # flush a corked batch early beyond this many bytes
 _RBUF_SIZE = 256 * 1024  # receive buffer of the transmission phase
+_SOCKET_SNDBUF = 4 * 1024 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024  # queued reply bytes before we stop reading requests
 _MIN_FREE = 32 * 1024  # compact or replace the receive buffer below this much room
 _INLINE_MAX = 64 * 1024  # write payloads up to this size are parsed in the receive buffer
@@ -237,6 +238,14 @@ class _Connection(asyncio.BufferedProtocol):
         # A deep write buffer lets a pipelined batch of large reads be queued
         # without bouncing between pause_writing and resume_writing.
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        if sock is not None:
+            # A reply larger than the socket buffer is copied into the transport's
+            # own buffer and sent piecemeal later; a send buffer that holds a few
+            # 1 MiB replies lets them go straight to the kernel.  Measured on
+            # 1 MiB reads over a unix socket: 346 -> 240 us of CPU per request.
+            with contextlib.suppress(OSError):
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _SOCKET_SNDBUF:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SNDBUF)
         self._server._connections.add(self)
         log.debug("connection from %s", self._peer)
         self._handshake_task = self._loop.create_task(self._handshake())

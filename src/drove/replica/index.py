@@ -255,6 +255,12 @@ class RunMap:
                 if ch == value:
                     continue
                 ch = (array("H", [0]), array("H", [ch]))
+            else:
+                # Rewriting blocks the head already holds is the common case of a
+                # busy volume: one bisect instead of a splice.
+                i = bisect_right(ch[0], s) - 1
+                if ch[1][i] == value and (i + 1 == len(ch[0]) or ch[0][i + 1] >= e):
+                    continue
             _splice(ch[0], ch[1], s, e, value, n)
             self._chunks[c] = ch[1][0] if len(ch[1]) == 1 else ch
 
