@@ -78,6 +78,7 @@ def test_index_matches_newest_layer_model(layers, n, chunk, queries):
         e = min(n, s + length)
         assert flatten(idx.runs(s, e), s, e) == model[s:e]
     assert flatten(idx.runs(0, n), 0, n) == model
+    assert [idx.layer_of(b) for b in range(n)] == model  # the single-block fast path
     below = model_newest(layers[:-1], n) if len(layers) > 1 else [HOLE] * n
     assert flatten(idx.below_runs(0, n), 0, n) == below
     check_chunks_normalised(idx.top_map)
@@ -106,6 +107,7 @@ def test_runmap_assign_and_invalidate_vs_model(n, chunk, data):
             m.assign(s, e, v)
         elif op == "query":
             assert flatten(m.runs(s, e), s, e) == model[s:e]
+            assert [m.value(b) for b in range(s, e)] == model[s:e]
         else:
             m.invalidate(s, e)
         check_chunks_normalised(m)

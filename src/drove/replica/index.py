@@ -197,6 +197,14 @@ class RunMap:
             self._chunks[c] = ch
         return ch
 
+    def value(self, block: int) -> int:
+        """The value of one block: a bisect, no lists or tuples built."""
+        ch = self._chunk(block // self.chunk_blocks)
+        if isinstance(ch, int):
+            return ch
+        starts, vals = ch
+        return vals[bisect_right(starts, block % self.chunk_blocks) - 1]
+
     def loaded(self, c: int) -> Chunk | None:
         """Chunk ``c`` if it is loaded, else None."""
         return self._chunks[c]
@@ -366,6 +374,13 @@ class ReadIndex:
                 else:
                     out.append((ps, pe, pv))
         return out
+
+    def layer_of(self, block: int) -> int:
+        """The newest layer holding ``block`` (HOLE if none): the small-read fast path."""
+        v = self.top_map.value(block)
+        if v != HOLE or self.top == 0:
+            return v
+        return self.below_map.value(block)
 
     def below_runs(self, start: int, end: int) -> list[Run]:
         """Runs of the newest layer under the top holding each block of [start, end)."""
