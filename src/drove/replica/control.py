@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from drove import __version__
+from drove.replica.chain import LayerInfo
 from drove.replica.exports import FlushGate
 
 log = logging.getLogger("drove.replica")
@@ -43,11 +44,9 @@ class ExpandRequest(BaseModel):
     size: int = Field(gt=0, description="new size in bytes")
 
 
-def layer_json(info: Any) -> dict[str, Any]:
+def layer_json(info: LayerInfo) -> dict[str, Any]:
     """A chain LayerInfo as plain JSON."""
-    if dataclasses.is_dataclass(info):
-        return dataclasses.asdict(info)
-    return dict(vars(info))
+    return dataclasses.asdict(info)
 
 
 class ReplicaControl:
