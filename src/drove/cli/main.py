@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from drove import __version__
-from drove.cli import replica
+from drove.cli import engine, replica
 
 app = typer.Typer(
     name="drove",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(replica.app, name="replica")
+app.add_typer(engine.app, name="engine")
 
 
 @app.command()

@@ -34,3 +34,31 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         t.add_row(*["" if v is None else str(v) for v in row])
     console.print(t)
+
+
+def parse_labels(items: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE options as a dict (fails naming the bad item)."""
+    labels = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def api_call(method: str, url: str, path: str, *, serve_hint: str, **kwargs: Any) -> Any:
+    """Call a control API; HTTP errors become messages that say what to do next."""
+    import httpx
+
+    try:
+        resp = httpx.request(method, url.rstrip("/") + path, timeout=600, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {url}: {exc}; is `{serve_hint}` running?")
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        fail(f"{detail} (HTTP {resp.status_code})")
+    return resp.json()

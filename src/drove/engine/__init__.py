@@ -1,0 +1,1 @@
+"""The engine: one process per attached volume, mirroring writes to its replicas."""

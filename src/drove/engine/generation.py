@@ -1,0 +1,136 @@
+"""Which replicas are current after a crash: generations, persisted only when membership changes.
+
+Longhorn writes a revision counter to every replica synchronously with every
+write.  drove persists nothing per write.  Each replica stores a small engine
+state (``engine.meta``, written atomically and fsynced):
+``{"volume", "generation", "clean", "members"}``.
+
+Rules the engine follows:
+
+1. **Start.**  Read every reachable replica's state.  Candidates are replicas
+   with no incomplete layer (not mid-rebuild) at the highest generation ``G``
+   found.  Before serving any request, write ``generation = G + 1``,
+   ``clean = false`` to the replicas chosen as RW.  The others are rebuilt.
+2. **Write.**  A write is acknowledged only after every RW and WO replica
+   acknowledged it (the mirror), so at that moment every member holds it.
+3. **Drop.**  When a member fails it is set to ERR, and the new generation is
+   persisted on every remaining member *before* any request completes
+   (:meth:`Mirror.settled` gates every acknowledgement).  If persisting fails
+   on a member, that member is dropped too and the bump repeats.
+4. **Join.**  A rebuilt replica becomes RW only after each of its layers was
+   verified against the source's checksum; then the generation is bumped on
+   all members, including it.
+5. **Clean stop.**  After a final flush on every member, ``clean = true`` is
+   written (same generation).
+6. **Flush.**  A FLUSH is acknowledged only when every member flushed.
+
+Why it is safe: take any acknowledged write ``W``, acknowledged at a moment
+when the members were ``M`` at generation ``g``.  Every replica in ``M`` holds
+``W`` (rule 2; after a process kill the page cache keeps it; after a power
+loss it is kept if it was followed by an acknowledged FLUSH, rule 6).  A
+replica that misses ``W`` either was not in ``M`` — then it left before ``W``
+was acknowledged, and by rule 3 the members that stayed recorded a higher
+generation than it has before ``W`` could be acknowledged — or it joined
+later, which by rule 4 means it was verified to hold everything first.  So no
+replica with the highest generation misses an acknowledged write, and no
+replica that lags can have the highest generation: dropping it always raised
+the others above it, durably, before anything more was acknowledged.
+
+Among the replicas at the highest generation, the only differences are
+writes that were in flight (never acknowledged) at the crash; ``clean``
+tells whether there can be any.  When a candidate is unclean the engine picks
+one as the source and rebuilds the others from it by delta (only ranges whose
+digests differ are copied), so all replicas agree before reads are spread
+over them.  The cost is nothing per write and one small fsynced file write per
+replica at start, stop and membership change.
+
+One case the replicas alone cannot decide: if only stale replicas are
+reachable, they look current.  The engine therefore also records the highest
+generation it wrote in a local state file (and the manager records it in its
+store); the engine refuses to start below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What one reachable replica reported at start."""
+
+    name: str
+    generation: int
+    clean: bool
+    rebuilding: bool
+    volume: str | None = None
+    size: int = 0
+
+
+@dataclass
+class Selection:
+    """The start-up decision: who serves, who is rebuilt, from which generation."""
+
+    generation: int
+    rw: list[str] = field(default_factory=list)
+    rebuild: list[str] = field(default_factory=list)
+    reason: dict[str, str] = field(default_factory=dict)
+
+
+class NoCurrentReplicaError(RuntimeError):
+    """No reachable replica can be proven to hold every acknowledged write."""
+
+
+def parse_state(name: str, info: dict[str, Any]) -> ReplicaState:
+    """A ReplicaState from a replica's /v1/info answer."""
+    st = info.get("engine_state") or {}
+    return ReplicaState(
+        name=name,
+        generation=int(st.get("generation", 0)),
+        clean=bool(st.get("clean", True)),
+        rebuilding=bool(info.get("rebuilding", False)),
+        volume=st.get("volume"),
+        size=int(info.get("size", 0)),
+    )
+
+
+def choose(states: list[ReplicaState], volume: str, min_generation: int = 0) -> Selection:
+    """Decide which replicas serve (RW) and which must be rebuilt, per the rules above."""
+    usable = [s for s in states if s.volume in (None, volume)]
+    sel = Selection(generation=0)
+    for s in states:
+        if s not in usable:
+            sel.reason[s.name] = f"belongs to volume {s.volume!r}"
+    complete = [s for s in usable if not s.rebuilding]
+    for s in usable:
+        if s.rebuilding:
+            sel.rebuild.append(s.name)
+            sel.reason[s.name] = "an earlier rebuild did not finish"
+    if not complete:
+        raise NoCurrentReplicaError(
+            "no reachable replica is complete: every one is mid-rebuild or belongs elsewhere")
+    top = max(s.generation for s in complete)
+    if top < min_generation:
+        raise NoCurrentReplicaError(
+            f"the reachable replicas are at generation {top}, but generation {min_generation} "
+            "was reached before: the current replicas are unreachable; start them")
+    current = [s for s in complete if s.generation == top]
+    # A volume's size only grows; a replica smaller than the largest current one missed
+    # an expand and cannot serve.
+    size = max(s.size for s in current)
+    current = [s for s in current if s.size == size]
+    sel.generation = top
+    if all(s.clean for s in current):
+        sel.rw = [s.name for s in current]
+    else:
+        sel.rw = [current[0].name]
+        for s in current[1:]:
+            sel.rebuild.append(s.name)
+            sel.reason[s.name] = "unclean stop: reconciled from " + current[0].name
+    for s in complete:
+        if s.name not in sel.rw and s.name not in sel.rebuild:
+            sel.rebuild.append(s.name)
+            sel.reason[s.name] = f"stale (generation {s.generation} < {top})" \
+                if s.generation < top else "missed an expand"
+    return sel

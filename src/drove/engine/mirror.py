@@ -1,0 +1,461 @@
+"""The mirror layer: every write to every replica in the volume, reads from one.
+
+Each replica is a :class:`Member` in one of three modes:
+
+* ``RW``: holds every acknowledged write; serves reads and receives writes.
+* ``WO``: being rebuilt: receives every write, serves no reads.
+* ``ERR``: left the volume after an error, a lost connection or a timeout.
+
+A write (zero, trim, flush) goes to every RW and WO member in parallel and is
+acknowledged when all of them acknowledged it.  A member that fails is set to
+ERR and dropped; the request still succeeds as long as one RW member did.
+Before any request completes after a drop, the mirror awaits ``on_change`` —
+the engine persists the new membership (a generation bump) on the remaining
+replicas there, so a dropped replica can never be mistaken for a current one
+after a crash (see :mod:`drove.engine.generation`).
+
+A WO replica's lower layers are still being copied, so it cannot
+read-modify-write a partial block itself: for it, the mirror reads the edge
+blocks from an RW member and sends whole blocks, serialising writes that share
+an edge block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from drove.nbd.export import Capabilities, Extent
+
+log = logging.getLogger("drove.engine")
+
+BLOCK = 4096
+
+
+class Mode(enum.StrEnum):
+    """A replica's role in the volume."""
+
+    RW = "RW"
+    WO = "WO"
+    ERR = "ERR"
+
+
+class ReplicaIO(Protocol):
+    """What the mirror needs of a replica connection (drove.nbd.client.NbdClient fits)."""
+
+    async def read(self, offset: int, length: int) -> Any: ...
+    async def write(self, offset: int, data: Any, *, fua: bool = False) -> None: ...
+    async def zero(self, offset: int, length: int, *, fua: bool = False,
+                   may_trim: bool = True, fast: bool = False) -> None: ...
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def cache(self, offset: int, length: int) -> None: ...
+    async def block_status(self, offset: int, length: int) -> list[Extent]: ...
+    def abort(self) -> None: ...
+
+
+class Member:
+    """One replica as the mirror sees it."""
+
+    def __init__(self, name: str, io: ReplicaIO, mode: Mode = Mode.RW) -> None:
+        self.name = name
+        self.io = io
+        self.mode = mode
+        self.error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} {self.mode}>"
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    return exc.errno if isinstance(exc, OSError) else None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Mirror:
+    """An Export that fans writes out to every member and reads from an RW one."""
+
+    description = "drove volume"
+
+    def __init__(self, name: str, size: int,
+                 on_change: Callable[[], Awaitable[None]] | None = None,
+                 on_drop: Callable[[Member, str], None] | None = None) -> None:
+        self.name = name
+        self._size = size
+        self.caps = Capabilities()
+        self.on_change = on_change
+        self.on_drop = on_drop
+        self.members: list[Member] = []
+        self.faulted: str | None = None
+        self._targets: list[Member] = []  # RW + WO, the write fan-out
+        self._rw: list[Member] = []
+        self._has_wo = False
+        self._rr = 0
+        self._inflight = 0
+        self._pause: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._change_pending = False
+        self._change_task: asyncio.Task[None] | None = None
+        self._edges: dict[int, asyncio.Future[None]] = {}
+
+    # ----------------------------------------------------------- membership
+
+    @property
+    def size(self) -> int:
+        """The volume size served to clients."""
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+
+    def add(self, member: Member) -> None:
+        """Add ``member`` (its mode decides what it receives) at a quiet moment."""
+        self.members.append(member)
+        self._recompute()
+
+    def set_mode(self, member: Member, mode: Mode) -> None:
+        """Change a member's mode (WO -> RW when its rebuild finished)."""
+        member.mode = mode
+        self._recompute()
+
+    def remove(self, member: Member) -> None:
+        """Forget ``member`` entirely."""
+        if member in self.members:
+            self.members.remove(member)
+        self._recompute()
+
+    def rw_members(self) -> list[Member]:
+        """Members serving reads."""
+        return list(self._rw)
+
+    def _recompute(self) -> None:
+        self._rw = [m for m in self.members if m.mode is Mode.RW]
+        self._targets = [m for m in self.members if m.mode in (Mode.RW, Mode.WO)]
+        self._has_wo = len(self._targets) != len(self._rw)
+        if not self._rw and self.members and self.faulted is None:
+            self.faulted = "no RW replica left"
+            log.error("volume %s faulted: no RW replica left", self.name)
+
+    def drop(self, member: Member, exc: BaseException | str) -> None:
+        """Set ``member`` to ERR, cut its connection and persist the new membership."""
+        if member.mode is Mode.ERR:
+            return
+        was = member.mode
+        member.mode = Mode.ERR
+        member.error = exc if isinstance(exc, str) else _describe(exc)
+        log.warning("volume %s: replica %s (%s) set to ERR: %s", self.name, member.name, was,
+                    member.error)
+        self._recompute()
+        with contextlib.suppress(Exception):
+            member.io.abort()
+        if self.on_drop is not None:
+            self.on_drop(member, member.error)
+        self.membership_changed()
+
+    def membership_changed(self) -> None:
+        """Schedule ``on_change``; requests completing from now on wait for it."""
+        if self.on_change is None:
+            return
+        self._change_pending = True
+        if self._change_task is None:
+            self._change_task = asyncio.ensure_future(self._run_changes())
+
+    async def _run_changes(self) -> None:
+        try:
+            while self._change_pending:
+                self._change_pending = False
+                try:
+                    await self.on_change()
+                except Exception as exc:  # the volume cannot prove who is current
+                    log.exception("volume %s: persisting membership failed", self.name)
+                    self.fault(f"persisting membership failed: {_describe(exc)}")
+        finally:
+            self._change_task = None
+
+    async def settled(self) -> None:
+        """Wait until every membership change so far is persisted."""
+        while self._change_task is not None:
+            await asyncio.shield(self._change_task)
+
+    def fault(self, why: str) -> None:
+        """Stop serving I/O: every request fails with EIO from now on."""
+        if self.faulted is None:
+            self.faulted = why
+            log.error("volume %s faulted: %s", self.name, why)
+
+    def _check(self) -> None:
+        if self.faulted is not None:
+            raise OSError(errno.EIO, f"volume {self.name} is faulted: {self.faulted}")
+
+    # ----------------------------------------------------------- pause
+
+    async def _enter(self) -> None:
+        while self._pause is not None:
+            await asyncio.shield(self._pause)
+        self._check()
+        self._inflight += 1
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[float]:
+        """Hold new requests and wait out in-flight ones; yields the drain time in seconds."""
+        loop = asyncio.get_running_loop()
+        while self._pause is not None:  # one pause at a time
+            await asyncio.shield(self._pause)
+        self._pause = loop.create_future()
+        started = loop.time()
+        try:
+            while self._inflight:
+                self._drained = loop.create_future()
+                await self._drained
+            self._drained = None
+            await self.settled()
+            yield loop.time() - started
+        finally:
+            pause, self._pause = self._pause, None
+            pause.set_result(None)
+
+    # ----------------------------------------------------------- fan-out
+
+    async def _fanout(self, targets: Sequence[Member],
+                      call: Callable[[Member], Awaitable[Any]]) -> None:
+        """Run ``call`` on every target; drop failures; raise if no RW member succeeded."""
+        if len(targets) == 1:
+            m = targets[0]
+            try:
+                await call(m)
+            except Exception as exc:
+                results: list[Any] = [exc]
+            else:
+                if self._change_task is not None:
+                    await self.settled()
+                return
+        else:
+            results = await asyncio.gather(*(call(m) for m in targets), return_exceptions=True)
+        self._judge(targets, results)
+        if self._change_task is not None:
+            await self.settled()
+        self._check()
+
+    def _judge(self, targets: Sequence[Member], results: Sequence[Any]) -> None:
+        """Apply the failure rules to one fan-out's results."""
+        failed = [(m, r) for m, r in zip(targets, results, strict=True)
+                  if isinstance(r, BaseException)]
+        if not failed:
+            return
+        for _, r in failed:
+            if not isinstance(r, Exception):
+                raise r  # cancellation: propagate, the request is being torn down
+        rw_ok = any(m.mode is Mode.RW for m, r in zip(targets, results, strict=True)
+                    if not isinstance(r, BaseException))
+        if rw_ok:
+            for m, r in failed:
+                self.drop(m, r)
+            return
+        # No RW member succeeded.  ENOSPC on every RW member that was asked is the
+        # client's problem, not the replicas': report it and keep them.
+        enospc = [m for m, r in failed if _errno_of(r) == errno.ENOSPC and m.mode is Mode.RW]
+        for m, r in failed:
+            if m not in enospc:
+                self.drop(m, r)
+        if enospc and self._rw:
+            raise OSError(errno.ENOSPC, "no space left on the volume's replicas")
+        raise OSError(errno.EIO, "every replica failed this request")
+
+    async def _from_rw(self, call: Callable[[Member], Awaitable[Any]]) -> Any:
+        """Run ``call`` on one RW member, failing over to the next on error."""
+        while True:
+            rw = self._rw
+            if not rw:
+                self._check()
+                raise OSError(errno.EIO, f"volume {self.name} has no RW replica")
+            self._rr += 1
+            m = rw[self._rr % len(rw)]
+            try:
+                return await call(m)
+            except Exception as exc:
+                self.drop(m, exc)
+                await self.settled()
+
+    # ----------------------------------------------------------- Export
+
+    async def read(self, offset: int, length: int) -> Any:
+        """Read from one RW replica (round robin), failing over on error."""
+        await self._enter()
+        try:
+            return await self._from_rw(lambda m: m.io.read(offset, length))
+        finally:
+            self._leave()
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write to every RW and WO replica."""
+        await self._enter()
+        try:
+            if self._has_wo and (offset % BLOCK or (offset + len(data)) % BLOCK):
+                await self._edge_write(offset, len(data), data, fua)
+            else:
+                await self._fanout(self._targets, lambda m: m.io.write(offset, data, fua=fua))
+        finally:
+            self._leave()
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+                   fast: bool = False) -> None:
+        """Zero on every replica; a fast zero only when all can do it fast."""
+        await self._enter()
+        try:
+            if fast and self._has_wo:
+                # A rebuilding replica must write real zeros; refuse before anything changes.
+                raise OSError(errno.ENOTSUP, "fast zero unavailable while a replica rebuilds")
+            if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
+                await self._edge_write(offset, length, None, fua, may_trim=may_trim)
+            elif fast:
+                await self._fast_zero(offset, length, fua, may_trim)
+            else:
+                await self._fanout(self._targets, lambda m: m.io.zero(
+                    offset, length, fua=fua, may_trim=may_trim))
+        finally:
+            self._leave()
+
+    async def _fast_zero(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        targets = self._targets
+        results = await asyncio.gather(
+            *(m.io.zero(offset, length, fua=fua, may_trim=may_trim, fast=True) for m in targets),
+            return_exceptions=True)
+        slow = [m for m, r in zip(targets, results, strict=True) if _errno_of(r) == errno.ENOTSUP]
+        if len(slow) == len(targets):
+            raise OSError(errno.ENOTSUP, "fast zero not possible here")
+        done = [(m, r) for m, r in zip(targets, results, strict=True) if m not in slow]
+        self._judge([m for m, _ in done], [r for _, r in done])
+        if slow:
+            # Some replicas zeroed already: the others must too, or they would differ.
+            await self._fanout(slow, lambda m: m.io.zero(offset, length, fua=fua,
+                                                         may_trim=may_trim))
+        if self._change_task is not None:
+            await self.settled()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Trim on every replica (drove replicas then read zeros there)."""
+        await self._enter()
+        try:
+            if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
+                await self._edge_write(offset, length, None, fua, trim=True)
+            else:
+                await self._fanout(self._targets, lambda m: m.io.trim(offset, length, fua=fua))
+        finally:
+            self._leave()
+
+    async def flush(self) -> None:
+        """Acknowledged when every RW and WO replica flushed."""
+        await self._enter()
+        try:
+            await self._fanout(self._targets, lambda m: m.io.flush())
+        finally:
+            self._leave()
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Pass the hint to one RW replica; errors are ignored (it is only a hint)."""
+        rw = self._rw
+        if rw:
+            with contextlib.suppress(Exception):
+                await rw[self._rr % len(rw)].io.cache(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation as one RW replica reports it."""
+        await self._enter()
+        try:
+            return await self._from_rw(lambda m: m.io.block_status(offset, length))
+        finally:
+            self._leave()
+
+    # ----------------------------------------------------------- WO edges
+
+    async def _edge_write(self, offset: int, length: int, data: memoryview | None, fua: bool,
+                          *, may_trim: bool = True, trim: bool = False) -> None:
+        """An unaligned write/zero/trim while a WO member exists.
+
+        RW members get the request as it is.  WO members get whole blocks: the
+        edge blocks are read from an RW member, merged, and written; the
+        aligned middle of a zero/trim is sent as a zero/trim.
+        """
+        end = offset + length
+        lo, hi = offset // BLOCK * BLOCK, -(-end // BLOCK) * BLOCK
+        edge_blocks = sorted({lo // BLOCK, (hi - 1) // BLOCK})
+        async with self._edge_lock(edge_blocks):
+            if data is not None:
+                merged = bytearray(hi - lo)
+                await self._fill_edges(merged, lo, hi, offset, end)
+                merged[offset - lo:end - lo] = data
+                wo_writes = [(lo, memoryview(merged))]
+                wo_zero: tuple[int, int] | None = None
+            else:
+                wo_writes, wo_zero = [], None
+                first_full, last_full = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK
+                for blk in edge_blocks:
+                    b0 = blk * BLOCK
+                    if b0 < offset or b0 + BLOCK > end:  # partly covered
+                        buf = bytearray(await self._read_rw(b0, BLOCK))
+                        z0, z1 = max(offset, b0), min(end, b0 + BLOCK)
+                        buf[z0 - b0:z1 - b0] = bytes(z1 - z0)
+                        wo_writes.append((b0, memoryview(buf)))
+                if first_full < last_full:
+                    wo_zero = (first_full, last_full - first_full)
+
+            async def call(m: Member) -> None:
+                if m.mode is Mode.RW:
+                    if data is not None:
+                        await m.io.write(offset, data, fua=fua)
+                    elif trim:
+                        await m.io.trim(offset, length, fua=fua)
+                    else:
+                        await m.io.zero(offset, length, fua=fua, may_trim=may_trim)
+                    return
+                for woff, buf in wo_writes:
+                    await m.io.write(woff, buf, fua=fua)
+                if wo_zero is not None:
+                    if trim:
+                        await m.io.trim(*wo_zero, fua=fua)
+                    else:
+                        await m.io.zero(*wo_zero, fua=fua, may_trim=may_trim)
+
+            await self._fanout(self._targets, call)
+
+    async def _fill_edges(self, buf: bytearray, lo: int, hi: int, offset: int, end: int) -> None:
+        """Fill the partly covered first/last blocks of ``buf`` (spanning [lo, hi))."""
+        if offset != lo:
+            buf[0:BLOCK] = await self._read_rw(lo, BLOCK)
+        if end != hi and (hi - BLOCK != lo or offset == lo):
+            buf[hi - lo - BLOCK:] = await self._read_rw(hi - BLOCK, BLOCK)
+
+    async def _read_rw(self, offset: int, length: int) -> Any:
+        return await self._from_rw(lambda m: m.io.read(offset, length))
+
+    @contextlib.asynccontextmanager
+    async def _edge_lock(self, blocks: list[int]) -> AsyncIterator[None]:
+        """Hold the edge blocks so two partial writes to one block cannot interleave."""
+        while True:
+            busy = [self._edges[b] for b in blocks if b in self._edges]
+            if not busy:
+                break
+            await asyncio.shield(busy[0])
+        fut = asyncio.get_running_loop().create_future()
+        for b in blocks:
+            self._edges[b] = fut
+        try:
+            yield
+        finally:
+            for b in blocks:
+                del self._edges[b]
+            fut.set_result(None)

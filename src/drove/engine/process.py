@@ -1,0 +1,88 @@
+"""The engine process: one volume served over NBD, mirrored to its replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from drove.engine.control import build_app
+from drove.engine.volume import DEFAULT_TIMEOUT, Engine
+from drove.nbd.server import NbdServer
+from drove.replica.process import print_ready
+from drove.service import ControlServer, default_signals
+
+log = logging.getLogger("drove.engine")
+
+
+class VolumeExports:
+    """The engine's one export, under the volume's name and as the default ''."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        """Just the volume."""
+        return [(self.engine.name, f"drove volume {self.engine.name}")]
+
+    def open_export(self, name: str) -> Any:
+        """The volume for '' or its name."""
+        return self.engine.export if name in ("", self.engine.name) else None
+
+
+async def _sample(engine: Engine) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        engine.stats.sample()
+
+
+async def serve_engine(
+    name: str,
+    size: int,
+    replicas: list[tuple[str, str]],
+    *,
+    nbd: tuple[str, int] | None,
+    unix: str | None,
+    control: tuple[str, int],
+    timeout: float = DEFAULT_TIMEOUT,
+    state_file: Path | None = None,
+    auto_rebuild: bool = True,
+    tls=None,
+    tls_required: bool = False,
+    ready: Callable[[dict[str, Any]], None] = print_ready,
+    stop=default_signals,
+) -> None:
+    """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
+    engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
+                    auto_rebuild=auto_rebuild)
+    try:
+        await engine.start()
+        server = NbdServer(VolumeExports(engine), tls=tls, tls_required=tls_required)
+        engine.nbd_connections = lambda: server.connections
+        addresses: dict[str, Any] = {}
+        if nbd is not None:
+            host, port = await server.listen_tcp(*nbd)
+            addresses["nbd"] = f"nbd://{host}:{port}/{name}"
+            addresses["nbd_host"], addresses["nbd_port"] = host, port
+        if unix is not None:
+            await server.listen_unix(unix)
+            addresses["nbd_unix"] = unix
+        ctl = ControlServer(build_app(engine), *control)
+        await ctl.start()
+        addresses["control"] = ctl.url
+        sampler = asyncio.ensure_future(_sample(engine))
+        log.info("volume %s serving: %s", name, addresses)
+        ready(addresses)
+        try:
+            sig = await stop()
+            log.info("stopping on signal %s", sig)
+        finally:
+            sampler.cancel()
+            await server.close()
+            await ctl.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.stop()

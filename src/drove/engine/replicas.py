@@ -1,0 +1,166 @@
+"""The engine's handle on one replica process: its control API and NBD addresses."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from drove.engine.mirror import Member, Mode, ReplicaIO
+
+
+class ReplicaControlError(OSError):
+    """A replica's control API refused or failed a call (message has its answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Disconnected:
+    """Placeholder I/O for a replica the engine is not connected to: every call fails."""
+
+    async def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("replica not connected")
+
+    read = write = zero = trim = flush = cache = block_status = _fail
+
+    def abort(self) -> None:
+        """Nothing to cut."""
+
+
+class ReplicaHandle(Member):
+    """A mirror member that also knows how to reach its replica's control API."""
+
+    def __init__(self, name: str, url: str, timeout: float) -> None:
+        super().__init__(name, _Disconnected(), Mode.ERR)
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.info: dict[str, Any] = {}
+
+    def to_json(self) -> dict[str, Any]:
+        """What the engine's API says about this replica."""
+        return {"name": self.name, "url": self.url, "mode": str(self.mode),
+                "error": self.error, "nbd": self.nbd_uri("head") if self.info else None}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One control call; ReplicaControlError on a non-2xx answer or no answer."""
+        try:
+            r = await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ReplicaControlError(0, f"replica {self.name} ({self.url}): {exc!r}") from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ReplicaControlError(
+                r.status_code, f"replica {self.name}: {method} {path}: {r.status_code} {detail}")
+        return r.json() if r.content else None
+
+    async def refresh(self) -> dict[str, Any]:
+        """Fetch the replica's info (size, addresses, engine state, rebuild flags)."""
+        self.info = await self.call("GET", "/v1/info")
+        return self.info
+
+    def nbd_uri(self, export: str) -> str:
+        """URI of ``export`` on this replica: its unix socket when local, else TCP."""
+        addresses = self.info.get("addresses", {})
+        unix = addresses.get("nbd_unix")
+        if unix and os.path.exists(unix):
+            return f"nbd+unix:///{export}?socket={unix}"
+        if "nbd_host" in addresses:
+            return f"nbd://{addresses['nbd_host']}:{addresses['nbd_port']}/{export}"
+        if unix:
+            return f"nbd+unix:///{export}?socket={unix}"
+        raise ReplicaControlError(0, f"replica {self.name} announces no NBD address")
+
+    async def connect(self) -> ReplicaIO:
+        """Open a fresh NBD connection to the head and use it for I/O."""
+        from drove.nbd.client import connect_uri
+
+        client = await connect_uri(self.nbd_uri("head"), request_timeout=self.timeout)
+        old, self.io = self.io, client
+        old.abort()
+        return client
+
+    def disconnect(self) -> None:
+        """Cut the NBD connection."""
+        old, self.io = self.io, _Disconnected()
+        old.abort()
+
+    async def close(self) -> None:
+        """Close the NBD connection (flushing nothing) and the HTTP client."""
+        io = self.io
+        self.io = _Disconnected()
+        close = getattr(io, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                io.abort()
+        await self.http.aclose()
+
+    # control calls the engine makes
+    async def layers(self) -> list[dict[str, Any]]:
+        """Every layer, removed ones included."""
+        return await self.call("GET", "/v1/layers", params={"removed": "true"})
+
+    async def set_engine_state(self, state: dict[str, Any]) -> None:
+        """Persist the engine's state (generation, clean flag, members) on the replica."""
+        await self.call("PUT", "/v1/engine-state", json=state)
+
+    async def snapshot(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
+        """Snapshot the head."""
+        return await self.call("POST", "/v1/snapshots", json={"name": name, "labels": labels})
+
+    async def delete_snapshot(self, name: str) -> dict[str, Any]:
+        """Delete a snapshot and purge."""
+        return await self.call("DELETE", f"/v1/snapshots/{name}")
+
+    async def revert(self, name: str) -> dict[str, Any]:
+        """New head on snapshot ``name``."""
+        return await self.call("POST", "/v1/revert", json={"snapshot": name})
+
+    async def expand(self, size: int) -> dict[str, Any]:
+        """Grow to ``size``."""
+        return await self.call("POST", "/v1/expand", json={"size": size})
+
+    async def layer_checksum(self, file: str) -> str:
+        """sha256 of one layer's own data (cached by the replica)."""
+        return (await self.call("GET", f"/v1/layers/{file}/checksum"))["checksum"]
+
+    async def digests(self, file: str, range_size: int) -> list[str]:
+        """Per-range digests of one layer's own data."""
+        r = await self.call("GET", f"/v1/layers/{file}/digests",
+                            params={"range_size": range_size})
+        return r["digests"]
+
+    async def prepare_rebuild(self, layers: list[dict[str, Any]], head_parent: str | None,
+                              size: int, reuse_head_as: str | None) -> dict[str, Any]:
+        """Make this replica's tree the source's, every layer incomplete, empty head on top."""
+        return await self.call("POST", "/v1/rebuild/prepare", json={
+            "layers": layers, "head_parent": head_parent, "size": size,
+            "reuse_head_as": reuse_head_as})
+
+    async def start_sync(self, file: str, source: str,
+                         ranges: list[tuple[int, int]] | None) -> None:
+        """Start pulling layer ``file`` from the ``source`` NBD URI."""
+        await self.call("POST", "/v1/rebuild/sync", json={
+            "file": file, "source": source,
+            "ranges": None if ranges is None else [list(r) for r in ranges]})
+
+    async def sync_status(self) -> dict[str, Any]:
+        """Progress of the running pull."""
+        return await self.call("GET", "/v1/rebuild/sync")
+
+    async def cancel_sync(self) -> None:
+        """Stop the running pull."""
+        await self.call("DELETE", "/v1/rebuild/sync")
+
+    async def complete_layer(self, file: str, checksum: str) -> dict[str, Any]:
+        """Verify layer ``file`` against the source's checksum; clears its incomplete flag."""
+        return await self.call("POST", f"/v1/rebuild/layers/{file}/complete",
+                               json={"checksum": checksum})

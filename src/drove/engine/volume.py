@@ -1,0 +1,383 @@
+"""The engine's volume: replicas, mirror, snapshots and membership, one process per volume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from drove.engine.generation import (
+    NoCurrentReplicaError,
+    ReplicaState,
+    choose,
+    parse_state,
+)
+from drove.engine.mirror import Mirror, Mode
+from drove.engine.replicas import ReplicaControlError, ReplicaHandle
+from drove.engine.stats import StatsLayer
+from drove.replica.meta import validate_snapshot_name
+
+log = logging.getLogger("drove.engine")
+
+DEFAULT_TIMEOUT = 8.0
+"""Seconds a replica may take to answer before it is set to ERR."""
+
+SYSTEM_LABEL = "drove.io/system"
+
+
+class EngineError(Exception):
+    """A refused engine operation; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Engine:
+    """One volume: its replicas, the mirror over them and the layers above it."""
+
+    def __init__(self, name: str, size: int, replicas: list[tuple[str, str]], *,
+                 timeout: float = DEFAULT_TIMEOUT, state_file: Path | None = None,
+                 auto_rebuild: bool = True) -> None:
+        self.name = name
+        self.size = size
+        self.timeout = timeout
+        self.state_file = state_file
+        self.auto_rebuild = auto_rebuild
+        self.replicas = [ReplicaHandle(n, url, timeout) for n, url in replicas]
+        self.mirror = Mirror(name, size, on_change=self._persist_membership,
+                             on_drop=self._on_drop)
+        self.stats = StatsLayer(self.mirror)
+        self.export = self.stats  # what the NBD server serves: stats -> mirror
+        self.generation = 0
+        self.events: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.rebuild: Any = None  # drove.engine.rebuild.Rebuild while one runs / last one
+        self.last_pause: dict[str, Any] | None = None
+        self.nbd_connections = lambda: 0
+        self._lock = asyncio.Lock()  # structural operations, one at a time
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ----------------------------------------------------------- events, health
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        """Record what the engine did and why (also logged)."""
+        self.events.append({"time": time.time(), "kind": kind, "message": message, **fields})
+        log.info("volume %s: %s", self.name, message)
+
+    def health(self) -> str:
+        """healthy, degraded or faulted."""
+        if self.mirror.faulted is not None:
+            return "faulted"
+        if all(r.mode is Mode.RW for r in self.replicas):
+            return "healthy"
+        return "degraded"
+
+    def info(self) -> dict[str, Any]:
+        """The volume as the control API reports it."""
+        return {
+            "name": self.name, "size": self.mirror.size, "health": self.health(),
+            "faulted": self.mirror.faulted, "generation": self.generation,
+            "replicas": [r.to_json() for r in self.replicas],
+            "rebuild": self.rebuild.to_json() if self.rebuild is not None else None,
+            "last_pause": self.last_pause,
+            "connections": self.nbd_connections(),
+        }
+
+    def replica(self, name: str) -> ReplicaHandle:
+        """The replica called ``name`` (EngineError 404 if none)."""
+        for r in self.replicas:
+            if r.name == name:
+                return r
+        raise EngineError(f"no replica {name!r} in volume {self.name}", 404)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----------------------------------------------------------- start / stop
+
+    async def start(self) -> None:
+        """Reach the replicas, choose the current ones (see generation.py), connect, persist."""
+        results = await asyncio.gather(*(r.refresh() for r in self.replicas),
+                                       return_exceptions=True)
+        states: list[ReplicaState] = []
+        for r, res in zip(self.replicas, results, strict=True):
+            if isinstance(res, BaseException):
+                r.error = f"unreachable at start: {res}"
+                self.event("replica-unreachable", f"replica {r.name} unreachable at start: {res}",
+                           replica=r.name)
+            else:
+                states.append(parse_state(r.name, res))
+        if not states:
+            raise NoCurrentReplicaError("no replica is reachable")
+        sel = choose(states, self.name, self._min_generation())
+        for name, why in sel.reason.items():
+            self.event("replica-excluded", f"replica {name} not serving: {why}", replica=name)
+            self.replica(name).error = why
+        self.size = max(self.size, *(s.size for s in states if s.name in sel.rw))
+        self.mirror.size = self.size
+        for name in sel.rw:
+            r = self.replica(name)
+            await r.connect()
+            r.mode, r.error = Mode.RW, None
+            self.mirror.add(r)
+        for r in self.replicas:
+            if r not in self.mirror.members:
+                self.mirror.add(r)  # as ERR: listed, receives nothing
+        self.generation = sel.generation
+        await self._persist_membership()
+        await self.mirror.settled()
+        if self.mirror.faulted is not None:
+            raise NoCurrentReplicaError(f"could not mark any replica current: "
+                                        f"{self.mirror.faulted}")
+        self.event("started", f"serving with {len(self.mirror.rw_members())} RW replica(s) at "
+                              f"generation {self.generation}", generation=self.generation)
+        if self.auto_rebuild:
+            to_rebuild = [self.replica(n) for n in sel.rebuild]
+            if to_rebuild:
+                self._spawn(self._rebuild_all(to_rebuild))
+
+    async def _rebuild_all(self, replicas: list[ReplicaHandle]) -> None:
+        for r in replicas:
+            try:
+                await self.add_replica(r.name, wait=True)
+            except Exception as exc:
+                log.warning("volume %s: rebuild of %s failed: %s", self.name, r.name, exc)
+
+    async def stop(self) -> None:
+        """Flush every member, mark them clean, disconnect."""
+        for t in list(self._tasks):
+            t.cancel()
+        if self.rebuild is not None:
+            await self.rebuild.cancel()
+        members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
+        clean = False
+        if self.mirror.faulted is None and members:
+            try:
+                await self.mirror.flush()
+                clean = True
+            except OSError as exc:
+                log.warning("volume %s: final flush failed: %s", self.name, exc)
+        if clean:
+            state = self._state(clean=True)
+            results = await asyncio.gather(
+                *(r.set_engine_state(state) for r in self.replicas if r.mode is Mode.RW),
+                return_exceptions=True)
+            for res in results:
+                if isinstance(res, BaseException):
+                    log.warning("volume %s: marking clean failed: %s", self.name, res)
+            self.event("stopped", "stopped cleanly")
+        for r in self.replicas:
+            await r.close()
+
+    # ----------------------------------------------------------- generations
+
+    def _state(self, clean: bool = False) -> dict[str, Any]:
+        return {
+            "volume": self.name, "generation": self.generation, "clean": clean,
+            "members": [r.name for r in self.replicas if r.mode is Mode.RW],
+            "rebuilding": [r.name for r in self.replicas if r.mode is Mode.WO],
+            "updated": time.time(),
+        }
+
+    def _min_generation(self) -> int:
+        if self.state_file is None or not self.state_file.exists():
+            return 0
+        try:
+            return int(json.loads(self.state_file.read_text())["generation"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NoCurrentReplicaError(f"{self.state_file} is unreadable: {exc}") from exc
+
+    def _save_state_file(self) -> None:
+        if self.state_file is None:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_file)
+        dirfd = os.open(self.state_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    async def _persist_membership(self) -> None:
+        """Bump the generation on every member; the mirror awaits this after each drop.
+
+        A member that cannot store it is dropped, which makes the mirror call
+        this again, so the loop ends with every remaining member agreeing.
+        """
+        members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
+        if not members:
+            return
+        self.generation += 1
+        state = self._state()
+        results = await asyncio.gather(*(r.set_engine_state(state) for r in members),
+                                       return_exceptions=True)
+        failed = False
+        for r, res in zip(members, results, strict=True):
+            if isinstance(res, BaseException):
+                failed = True
+                self.mirror.drop(r, f"could not persist generation {self.generation}: {res}")
+        if not failed:
+            await asyncio.to_thread(self._save_state_file)
+            self.event("generation", f"generation {self.generation}: RW {state['members']}, "
+                                     f"WO {state['rebuilding']}", generation=self.generation)
+
+    def _on_drop(self, member: Any, why: str) -> None:
+        self.event("replica-failed", f"replica {member.name} set to ERR: {why}",
+                   replica=member.name)
+
+    # ----------------------------------------------------------- snapshots
+
+    def _check_not_faulted(self) -> None:
+        if self.mirror.faulted is not None:
+            raise EngineError(f"volume {self.name} is faulted: {self.mirror.faulted}", 409)
+
+    async def _on_all(self, what: str, call: Any) -> list[Any]:
+        """Run ``call(replica)`` on every RW/WO replica; drop those that fail."""
+        members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
+        results = await asyncio.gather(*(call(r) for r in members), return_exceptions=True)
+        for r, res in zip(members, results, strict=True):
+            if isinstance(res, BaseException):
+                self.mirror.drop(r, f"{what} failed: {res}")
+        await self.mirror.settled()
+        self._check_not_faulted()
+        return [res for res in results if not isinstance(res, BaseException)]
+
+    async def layers(self) -> list[dict[str, Any]]:
+        """The chain as one RW replica reports it (all replicas hold the same tree)."""
+        self._check_not_faulted()
+        rw = self.mirror.rw_members()
+        if not rw:
+            raise EngineError("no RW replica", 409)
+        return await rw[0].layers()  # type: ignore[attr-defined]
+
+    async def _snapshot_names(self) -> set[str]:
+        return {la["name"] for la in await self.layers() if la["name"] and not la["removed"]}
+
+    async def snapshot(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Pause I/O, snapshot every replica under ``name``, resume; reports the pause."""
+        try:
+            validate_snapshot_name(name)
+        except Exception as exc:
+            raise EngineError(str(exc), 400) from exc
+        async with self._lock:
+            return await self._snapshot_locked(name, labels or {})
+
+    async def _snapshot_locked(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
+        self._check_not_faulted()
+        if name in await self._snapshot_names():
+            raise EngineError(f"snapshot {name!r} already exists", 409)
+        started = time.perf_counter()
+        async with self.mirror.paused() as drain:
+            t1 = time.perf_counter()
+            await self._on_all(f"snapshot {name}", lambda r: r.snapshot(name, labels))
+            t2 = time.perf_counter()
+        pause = {"snapshot": name, "pause_ms": round((t2 - started) * 1e3, 2),
+                 "drain_ms": round(drain * 1e3, 2), "snapshot_ms": round((t2 - t1) * 1e3, 2)}
+        self.last_pause = pause
+        self.event("snapshot", f"snapshot {name} taken; I/O paused {pause['pause_ms']} ms",
+                   **pause)
+        return pause
+
+    def _no_rebuild(self, what: str) -> None:
+        if self.rebuild is not None and self.rebuild.running:
+            raise EngineError(f"cannot {what} while replica {self.rebuild.target.name} "
+                              "rebuilds; wait for it or remove that replica", 409)
+
+    async def delete_snapshot(self, name: str) -> dict[str, Any]:
+        """Delete a snapshot on every replica (and purge)."""
+        async with self._lock:
+            self._no_rebuild("delete a snapshot")
+            if name not in await self._snapshot_names():
+                raise EngineError(f"no snapshot {name!r}", 404)
+            await self._on_all(f"delete {name}", lambda r: r.delete_snapshot(name))
+            self.event("snapshot-deleted", f"snapshot {name} deleted", snapshot=name)
+            return {"deleted": name}
+
+    async def revert(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Start a new head on snapshot ``name`` on every replica (no client connected)."""
+        async with self._lock:
+            self._no_rebuild("revert")
+            if self.nbd_connections() and not force:
+                raise EngineError(f"{self.nbd_connections()} NBD client(s) are connected; "
+                                  "disconnect them before reverting (or force)", 409)
+            if name not in await self._snapshot_names():
+                raise EngineError(f"no snapshot {name!r}", 404)
+            async with self.mirror.paused():
+                await self._on_all(f"revert to {name}", lambda r: r.revert(name))
+            self.event("reverted", f"reverted to snapshot {name}", snapshot=name)
+            return {"reverted": name}
+
+    async def expand(self, size: int) -> dict[str, Any]:
+        """Grow every replica, then the served size."""
+        async with self._lock:
+            self._no_rebuild("expand")
+            if size < self.mirror.size:
+                raise EngineError(f"cannot shrink from {self.mirror.size} to {size} bytes", 400)
+            if size % 4096:
+                raise EngineError("size must be a multiple of 4096", 400)
+            if size == self.mirror.size:
+                return {"size": size}
+            async with self.mirror.paused():
+                await self._on_all("expand", lambda r: r.expand(size))
+                self.size = self.mirror.size = size
+            self.event("expanded", f"expanded to {size} bytes", size=size)
+            return {"size": size}
+
+    # ----------------------------------------------------------- replicas
+
+    async def add_replica(self, name: str, url: str | None = None,
+                          wait: bool = False) -> dict[str, Any]:
+        """Rebuild replica ``name`` (new when ``url`` is given) online; returns its progress."""
+        from drove.engine.rebuild import Rebuild
+
+        self._check_not_faulted()
+        if self.rebuild is not None and self.rebuild.running:
+            raise EngineError(f"replica {self.rebuild.target.name} is rebuilding already; "
+                              "one rebuild per volume at a time", 409)
+        if url is not None:
+            if any(r.name == name for r in self.replicas):
+                raise EngineError(f"replica {name!r} exists; remove it first", 409)
+            target = ReplicaHandle(name, url, self.timeout)
+            self.replicas.append(target)
+            self.mirror.add(target)
+        else:
+            target = self.replica(name)
+            if target.mode is not Mode.ERR:
+                raise EngineError(f"replica {name} is {target.mode}, not ERR", 409)
+        self.rebuild = Rebuild(self, target)
+        task = self._spawn(self.rebuild.run())
+        if wait:
+            await task
+        return self.rebuild.to_json()
+
+    async def remove_replica(self, name: str) -> dict[str, Any]:
+        """Take replica ``name`` out of the volume (refused for the last RW one)."""
+        r = self.replica(name)
+        if r.mode is Mode.RW and len(self.mirror.rw_members()) == 1:
+            raise EngineError(f"replica {name} is the last RW replica", 409)
+        if self.rebuild is not None and self.rebuild.running and self.rebuild.target is r:
+            await self.rebuild.cancel()
+        if r.mode is not Mode.ERR:
+            self.mirror.drop(r, "removed by request")
+            await self.mirror.settled()
+        self.mirror.remove(r)
+        self.replicas.remove(r)
+        await r.close()
+        self.event("replica-removed", f"replica {name} removed", replica=name)
+        return {"removed": name}
+
+
+__all__ = ["DEFAULT_TIMEOUT", "Engine", "EngineError", "NoCurrentReplicaError",
+           "ReplicaControlError"]

@@ -1,0 +1,273 @@
+"""The mirror's rules, over in-process memory exports with injected faults.
+
+Real replica processes are exercised in tests/integration/test_engine*.py;
+here each rule is checked in isolation and fast, with a bytearray oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import random
+
+import pytest
+
+from drove.engine.mirror import BLOCK, Member, Mirror, Mode
+from drove.nbd.memory import MemoryExport
+
+SIZE = 1 << 20
+
+
+class FaultyIO:
+    """A MemoryExport as a replica connection, with failures on demand."""
+
+    def __init__(self, size: int = SIZE, *, aligned_only: bool = False) -> None:
+        self.mem = MemoryExport(size, suspend=True)
+        self.fail_with: int | None = None  # errno for every mutating call
+        self.aligned_only = aligned_only
+        self.calls: list[str] = []
+        self.aborted = False
+        self.reads = 0
+
+    def _check(self, op: str, offset: int = 0, length: int = 0) -> None:
+        if self.aborted:
+            raise ConnectionError("aborted")
+        self.calls.append(op)
+        if self.fail_with is not None and op != "read":
+            raise OSError(self.fail_with, f"injected {op} failure")
+        if self.aligned_only and op in ("write", "zero", "trim") and (
+                offset % BLOCK or length % BLOCK):
+            raise AssertionError(f"unaligned {op} sent to a WO replica: {offset}+{length}")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check("read")
+        self.reads += 1
+        return bytes(await self.mem.read(offset, length))
+
+    async def write(self, offset: int, data, *, fua: bool = False) -> None:
+        self._check("write", offset, len(data))
+        await self.mem.write(offset, memoryview(bytes(data)), fua)
+
+    async def zero(self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True,
+                   fast: bool = False) -> None:
+        self._check("zero", offset, length)
+        await self.mem.zero(offset, length, fua, may_trim, fast)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check("trim", offset, length)
+        await self.mem.zero(offset, length, fua)  # drove replicas read trimmed data as zeros
+
+    async def flush(self) -> None:
+        self._check("flush")
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check("cache")
+
+    async def block_status(self, offset: int, length: int):
+        self._check("block_status")
+        return await self.mem.block_status(offset, length)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def make(n: int, *, on_change=None) -> tuple[Mirror, list[Member], list[FaultyIO]]:
+    ios = [FaultyIO() for _ in range(n)]
+    members = [Member(f"r{i}", io) for i, io in enumerate(ios)]
+    mirror = Mirror("vol", SIZE, on_change=on_change)
+    for m in members:
+        mirror.add(m)
+    return mirror, members, ios
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_write_reaches_every_replica_and_reads_spread():
+    async def main():
+        mirror, _, ios = make(3)
+        await mirror.write(4096, memoryview(b"x" * 8192))
+        await mirror.flush()
+        for io in ios:
+            assert io.mem.data[4096:4096 + 8192] == b"x" * 8192
+            assert io.calls.count("flush") == 1
+        for _ in range(30):
+            assert await mirror.read(4096, 10) == b"x" * 10
+        assert all(io.reads >= 5 for io in ios)  # round robin over RW replicas
+    run(main())
+
+
+def test_failed_replica_is_dropped_after_membership_is_persisted():
+    order: list[str] = []
+
+    async def main():
+        async def on_change():
+            await asyncio.sleep(0.01)
+            order.append("persisted")
+
+        mirror, members, ios = make(3, on_change=on_change)
+        ios[1].fail_with = errno.EIO
+        await mirror.write(0, memoryview(b"a" * 4096))
+        order.append("acked")
+        assert members[1].mode is Mode.ERR and ios[1].aborted
+        assert "injected write failure" in members[1].error
+        assert order == ["persisted", "acked"]
+        assert mirror.faulted is None
+        # Reads never go to the dropped replica.
+        for _ in range(10):
+            assert await mirror.read(0, 4096) == b"a" * 4096
+    run(main())
+
+
+def test_all_replicas_failing_faults_the_volume_with_eio():
+    async def main():
+        mirror, _members, ios = make(2)
+        for io in ios:
+            io.fail_with = errno.EIO
+        with pytest.raises(OSError) as e:
+            await mirror.write(0, memoryview(b"a" * 512))
+        assert e.value.errno == errno.EIO
+        assert mirror.faulted
+        for io in ios:
+            io.fail_with = None
+        with pytest.raises(OSError) as e:
+            await mirror.read(0, 512)  # faulted is sticky: no silent return to service
+        assert e.value.errno == errno.EIO
+    run(main())
+
+
+def test_enospc_on_some_drops_them_on_all_is_returned_and_volume_stays_readable():
+    async def main():
+        mirror, members, ios = make(3)
+        await mirror.write(0, memoryview(b"k" * 4096))
+        ios[0].fail_with = errno.ENOSPC
+        await mirror.write(4096, memoryview(b"b" * 4096))
+        assert members[0].mode is Mode.ERR
+        ios[1].fail_with = ios[2].fail_with = errno.ENOSPC
+        with pytest.raises(OSError) as e:
+            await mirror.write(8192, memoryview(b"c" * 4096))
+        assert e.value.errno == errno.ENOSPC
+        assert members[1].mode is Mode.RW and members[2].mode is Mode.RW
+        assert mirror.faulted is None
+        assert await mirror.read(0, 8192) == b"k" * 4096 + b"b" * 4096
+    run(main())
+
+
+def test_fast_zero_refused_everywhere_or_converged():
+    async def main():
+        mirror, members, ios = make(2)
+        await mirror.write(0, memoryview(b"z" * 8192))
+        ios[0].mem.fast_zero = False
+        await mirror.zero(0, 8192, fast=True)  # one can, one cannot: both end up zeroed
+        for io in ios:
+            assert io.mem.data[:8192] == bytes(8192)
+        ios[1].mem.fast_zero = False
+        await mirror.write(0, memoryview(b"z" * 8192))
+        with pytest.raises(OSError) as e:
+            await mirror.zero(0, 8192, fast=True)
+        assert e.value.errno == errno.ENOTSUP
+        for io in ios:
+            assert io.mem.data[:8192] == b"z" * 8192
+        assert all(m.mode is Mode.RW for m in members)
+    run(main())
+
+
+def test_wo_replica_gets_only_whole_blocks_and_ends_identical():
+    """Concurrent unaligned writes, zeros and trims; the WO copy must equal the RW one."""
+    async def main():
+        rng = random.Random(7)
+        mirror, _members, ios = make(1)
+        seed = rng.randbytes(SIZE)
+        await mirror.write(0, memoryview(seed))
+        wo_io = FaultyIO(aligned_only=True)
+        wo_io.mem.data[:] = seed  # as if its lower layers were already copied
+        wo = Member("wo", wo_io, Mode.WO)
+        mirror.add(wo)
+
+        async def one(off: int, length: int) -> None:
+            kind = rng.choice(["write", "write", "zero", "trim"])
+            if kind == "write":
+                await mirror.write(off, memoryview(rng.randbytes(length)))
+            elif kind == "zero":
+                await mirror.zero(off, length)
+            else:
+                await mirror.trim(off, length)
+
+        # Many requests in flight at once on disjoint byte ranges (overlapping concurrent
+        # writes have no defined order) that often share an edge block.
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, SIZE // 4), 25))
+            base = rng.randrange(0, SIZE // 2)
+            spans = [(base + a, b - a) for a, b in itertools.pairwise(cuts)]
+            await asyncio.gather(*(one(o, n) for o, n in spans))
+        await asyncio.gather(*(mirror.write(100 + 512 * i, memoryview(bytes([i]) * 300))
+                               for i in range(16)))
+        assert wo.mode is Mode.WO, wo.error
+        assert wo_io.mem.data == ios[0].mem.data
+        assert wo_io.reads == 0  # a WO replica is never read
+    run(main())
+
+
+def test_fast_zero_with_a_wo_replica_is_refused_before_anything_changes():
+    async def main():
+        mirror, _, ios = make(1)
+        await mirror.write(0, memoryview(b"q" * 4096))
+        mirror.add(Member("wo", FaultyIO(aligned_only=True), Mode.WO))
+        with pytest.raises(OSError) as e:
+            await mirror.zero(0, 4096, fast=True)
+        assert e.value.errno == errno.ENOTSUP
+        assert ios[0].mem.data[:4096] == b"q" * 4096
+    run(main())
+
+
+def test_pause_holds_new_requests_and_waits_for_inflight():
+    async def main():
+        mirror, _, ios = make(2)
+        gate = asyncio.Event()
+        original = ios[0].write
+
+        async def slow_write(offset, data, *, fua=False):
+            await gate.wait()
+            await original(offset, data, fua=fua)
+
+        ios[0].write = slow_write
+        first = asyncio.ensure_future(mirror.write(0, memoryview(b"1" * 4096)))
+        await asyncio.sleep(0.01)
+        entered = asyncio.Event()
+
+        async def pauser():
+            async with mirror.paused():
+                entered.set()
+                # The first write finished; a write issued now waits for resume.
+                assert first.done()
+                second = asyncio.ensure_future(mirror.write(0, memoryview(b"2" * 4096)))
+                await asyncio.sleep(0.02)
+                assert not second.done()
+                ios[0].write = original
+            return second
+
+        p = asyncio.ensure_future(pauser())
+        await asyncio.sleep(0.02)
+        assert not entered.is_set()
+        gate.set()
+        second = await p
+        await second
+        assert ios[0].mem.data[:4096] == ios[1].mem.data[:4096] == b"2" * 4096
+    run(main())
+
+
+def test_read_fails_over_to_another_rw_replica():
+    async def main():
+        mirror, members, ios = make(2)
+        await mirror.write(0, memoryview(b"r" * 4096))
+
+        async def broken_read(offset, length):
+            raise OSError(errno.EIO, "bad sector")
+
+        ios[0].read = broken_read
+        for _ in range(4):
+            assert await mirror.read(0, 4096) == b"r" * 4096
+        assert members[0].mode is Mode.ERR
+    run(main())
