@@ -37,3 +37,13 @@ def replicas(tmp_path: Path):
 
     yield start
     kill_all(started)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    """Replica processes and an engine over them (tests/enginetools.py); killed at teardown."""
+    from enginetools import Cluster
+
+    c = Cluster(tmp_path)
+    yield c
+    c.close()

@@ -76,6 +76,13 @@ def start_replica(directory: Path, size: str | int | None = None, *extra: str,
     if unix:
         args += ["--nbd-unix", str(directory.parent / f"{directory.name}.sock")]
     log = directory.parent / f"{directory.name}.log"
+    proc, addresses = launch(args, log, timeout, what="replica")
+    return ReplicaProc(proc, directory, addresses, log, list(extra))
+
+
+def launch(args: list[str], log: Path, timeout: float, what: str
+           ) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """Start `drove ARGS`, logging stderr to ``log``; wait for its JSON ready line."""
     logf = open(log, "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(drove_cmd(*args), stdout=subprocess.PIPE, stderr=logf,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -92,8 +99,8 @@ def start_replica(directory: Path, size: str | int | None = None, *extra: str,
     if not line:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"replica did not start: {log.read_text()[-3000:]}")
-    return ReplicaProc(proc, directory, json.loads(line), log, list(extra))
+        raise RuntimeError(f"{what} did not start: {log.read_text()[-3000:]}")
+    return proc, json.loads(line)
 
 
 def run(cmd: list[str], *, check: bool = True, timeout: float = 300,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import struct
 import subprocess
 import threading
 import time
@@ -13,52 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from replicatools import ReplicaProc, nbdsh, run
+from crashlog import check_blocks, parse_log, read_volume
+from replicatools import ReplicaProc, nbdsh
 
 BS = 4096
 BLOCKS = 2048  # an 8 MiB volume: small enough to read back in full every round
 WRITER = Path(__file__).parent.parent / "crash_writer.py"
-
-
-def read_volume(uri: str, path: Path) -> bytes:
-    """The whole export, read with nbdcopy."""
-    run(["nbdcopy", uri, str(path)])
-    return path.read_bytes()
-
-
-def parse_log(path: Path) -> tuple[dict[int, int], dict[int, set[int]]]:
-    """Per block: the last acknowledged seq, and seqs issued after it but not acknowledged."""
-    acked: dict[int, int] = {}
-    issued: dict[int, set[int]] = {}
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) != 3:
-            continue  # a flush marker, or a line cut by the end of the writer
-        kind, block, seq = parts[0], int(parts[1]), int(parts[2])
-        if kind == "I":
-            issued.setdefault(block, set()).add(seq)
-        elif kind == "A":
-            acked[block] = seq
-            issued[block] = {s for s in issued.get(block, set()) if s > seq}
-    return acked, issued
-
-
-def check_blocks(data: bytes, acked: dict[int, int], issued: dict[int, set[int]]) -> None:
-    """Every acknowledged write is there (or a newer in-flight one); no torn or foreign block."""
-    for block in range(BLOCKS):
-        chunk = data[block * BS:(block + 1) * BS]
-        if chunk == bytes(BS):
-            assert block not in acked, f"block {block}: acked seq {acked.get(block)} lost"
-            continue
-        b, seq = struct.unpack_from("<QQ", chunk)
-        assert chunk == struct.pack("<QQ", b, seq) * (BS // 16), f"block {block} torn"
-        assert b == block, f"block {block} holds data of block {b}"
-        allowed = {acked[block]} if block in acked else set()
-        allowed |= issued.get(block, set())
-        assert seq in allowed, (
-            f"block {block} holds seq {seq}; acked {acked.get(block)}, "
-            f"in flight {sorted(issued.get(block, ()))}"
-        )
 
 
 def snapshot_churn(r: ReplicaProc, stop: threading.Event, hashes: dict[str, str],
@@ -120,7 +79,7 @@ def test_sigkill_under_writes_and_snapshots(replicas, tmp_path, round_):
     print("acked blocks", len(acked), "counts", counts, "verified snapshots", len(hashes))
     # The kill landed under real load: many writes acknowledged, snapshots taken.
     assert len(acked) > 100 and counts["snapshots"] > 0
-    check_blocks(read_volume(r2.uri(), tmp_path / "head.img"), acked, issued)
+    check_blocks(read_volume(r2.uri(), tmp_path / "head.img"), acked, issued, BLOCKS)
     layers = r2.ok("GET", "/v1/layers")
     for layer in layers:
         name = layer["name"]
