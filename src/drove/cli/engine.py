@@ -64,6 +64,7 @@ def serve(
     from drove.service import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call is noise
     try:
         nbd_addr = None if nbd == "none" else parse_address(nbd)
         ctl_addr = parse_address(control)

@@ -93,6 +93,9 @@ def info(url: UrlOpt, json_out: JsonOpt = False) -> None:
         for key in ("dir", "size", "head", "layers", "snapshots"):
             value = format_size(data[key]) if key == "size" else data[key]
             typer.echo(f"{key:10} {value}")
+        if data.get("rebuilding"):
+            typer.echo(f"{'rebuilding':10} {len(data.get('incomplete', []))} layers incomplete: "
+                       f"{', '.join(data.get('incomplete', []))}")
         for key, value in data["addresses"].items():
             typer.echo(f"{key:10} {value}")
 

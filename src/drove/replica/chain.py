@@ -24,21 +24,38 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import json
 import logging
 import os
 import stat
 import struct
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from drove.replica import meta
-from drove.replica.errors import ReplicaError, SnapshotExistsError, SnapshotNotFoundError
+from drove.replica.errors import (
+    ChecksumMismatchError,
+    LayerNotFoundError,
+    RebuildingError,
+    ReplicaError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+)
 from drove.replica.index import CHUNK_BLOCKS, HOLE, MAX_LAYERS, ReadIndex
-from drove.replica.meta import BLOCK, LOCK_FILE, VOLUME_META, LayerMeta, VolumeMeta, meta_file
+from drove.replica.meta import (
+    BLOCK,
+    ENGINE_META,
+    LOCK_FILE,
+    VOLUME_META,
+    LayerMeta,
+    VolumeMeta,
+    meta_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +85,7 @@ class LayerInfo:
     allocated: int
     checksum: str | None
     head: bool
+    incomplete: bool = False
 
 
 # --------------------------------------------------------------------------- helpers
@@ -351,7 +369,8 @@ class Replica:
     """One replica directory, open and locked: a writable head over a tree of snapshots."""
 
     def __init__(self, dirpath: Path, dirfd: int, lockfd: int, vol: VolumeMeta,
-                 metas: dict[str, LayerMeta], chunk_blocks: int, max_open_files: int) -> None:
+                 metas: dict[str, LayerMeta], chunk_blocks: int, max_open_files: int,
+                 engine_state: dict[str, Any] | None = None) -> None:
         """Wrap an already validated, locked directory; use :meth:`create` or :meth:`open`."""
         self._dir = dirpath
         self._dirfd = dirfd
@@ -378,6 +397,17 @@ class Replica:
         self._versions: dict[str, int] = defaultdict(int)
         # Guards layer metadata against checksum() running in a worker thread.
         self._meta_lock = threading.Lock()
+        # Incarnation of every layer file: a LayerHandle dies when its layer is dropped
+        # or replaced (a rebuild prepare replaces them all, even files it keeps).
+        self._layer_inc: dict[str, int] = {f: next(self._incarnations) for f in vol.layers}
+        # Layers whose data a rebuild is still copying (see prepare_rebuild).
+        self._incomplete: set[str] = {f for f, m in metas.items() if m.incomplete}
+        # Whether the head's chain includes an incomplete layer: reads then fail and
+        # writes must not read-modify-write (see _check_rebuild_edges).
+        self._chain_incomplete = False
+        # Bumped whenever layer data changes under the views' feet (rebuild writes).
+        self._epoch = 0
+        self._engine_state: dict[str, Any] = dict(engine_state or {})
         self._chain: list[str] = []
         self._index = self._new_index(top_empty=False)
 
@@ -444,6 +474,7 @@ class Replica:
         vol = VolumeMeta.from_json(meta.read_json(vpath), str(vpath))
         metas: dict[str, LayerMeta] = {}
         sizes: dict[str, int] = {}
+        resize: list[str] = []
         for f in vol.layers:
             p = d / f
             try:
@@ -453,10 +484,20 @@ class Replica:
             if not stat.S_ISREG(st.st_mode):
                 raise ReplicaError(f"{p}: layer file is not a regular file")
             sizes[f] = st.st_size
+            if vol.staged and f in vol.staged:
+                # Committed by volume.meta; its own .meta may still be the old one.
+                m = metas[f] = vol.staged[f]
+                if m.incomplete and f != vol.head and st.st_size != m.size:
+                    # A kept older copy of another size: the prepare resizes it
+                    # after its commit (the data is to be replaced anyway).
+                    resize.append(f)
+                    sizes[f] = m.size
+                continue
             mp = d / meta_file(f)
             metas[f] = LayerMeta.from_json(meta.read_json(mp), str(mp))
         meta.check_tree(vol, metas, sizes, d)
         _check_fs_block(d)
+        engine_state = _read_engine_state(d)
         # Everything listed is consistent.  Only now touch the disk: what is not
         # listed was written by an operation that never reached its commit.
         keep = {VOLUME_META, LOCK_FILE, *vol.layers, *(meta_file(f) for f in vol.layers)}
@@ -483,9 +524,24 @@ class Replica:
                     os.close(fd)
             if changed:
                 meta.fs.fsync(dirfd)
+            for f in resize:
+                fd = meta.fs.open_write(d / f, os.O_WRONLY)
+                try:
+                    meta.fs.ftruncate(fd, metas[f].size)
+                    meta.fs.fsync(fd)
+                finally:
+                    os.close(fd)
+            if vol.staged:
+                # An interrupted rebuild prepare committed: finish installing its metadata.
+                log.warning("%s: installing the metadata of %d layers committed by an "
+                            "interrupted rebuild prepare", d, len(vol.staged))
+                _install_metas(d, dirfd, vol.staged)
+                vol = replace(vol, staged=None)
+                meta.write_json_atomic(d, dirfd, VOLUME_META, vol.to_json())
             os.ftruncate(lockfd, 0)
             os.pwrite(lockfd, f"{os.getpid()}\n".encode(), 0)
-            return cls(d, dirfd, lockfd, vol, metas, chunk_blocks, max_open_files)
+            return cls(d, dirfd, lockfd, vol, metas, chunk_blocks, max_open_files,
+                       engine_state)
         except BaseException:
             os.close(dirfd)
             raise
@@ -534,6 +590,8 @@ class Replica:
         """Return ``length`` bytes of the volume at ``offset``."""
         self._check_usable()
         _check_range(offset, length, self._vol.size)
+        if self._chain_incomplete:
+            self._refuse_rebuilding_read()
         if self._index.top == 0:
             # Head-only chain: the head file is the volume (holes read as zeros).
             data = os.pread(self._head_fd, length, offset)
@@ -546,6 +604,8 @@ class Replica:
         self._check_usable()
         mv = memoryview(buf).cast("B")
         _check_range(offset, len(mv), self._vol.size)
+        if self._chain_incomplete:
+            self._refuse_rebuilding_read()
         if self._index.top == 0:
             _pread_full(self._head_fd, mv, offset)
         else:
@@ -564,7 +624,10 @@ class Replica:
         first, last = offset // BLOCK, (end - 1) // BLOCK
         bufs: list[Any] = [mv]
         woff = offset
-        if self._index.top:
+        if self._chain_incomplete:
+            # Older layers are still being copied: never read them to complete a block.
+            self._check_rebuild_edges(offset, end)
+        elif self._index.top:
             # A partly covered block that an older layer holds and the head does
             # not: complete it from the chain so the head holds all of it.
             head_gap = offset - first * BLOCK
@@ -597,6 +660,9 @@ class Replica:
         self._check_usable()
         _check_range(offset, length, self._vol.size)
         if not length:
+            return
+        if self._chain_incomplete:
+            self._zero_rebuilding(offset, length, fua, fast)
             return
         end = offset + length
         idx = self._index
@@ -668,9 +734,54 @@ class Replica:
         """(length, allocated) runs covering the range; allocated = some layer holds data."""
         self._check_usable()
         _check_range(offset, length, self._vol.size)
+        if self._chain_incomplete:
+            self._refuse_rebuilding_read()
         if not length:
             return []
         return _chain_block_status(self._index, offset, length)
+
+    # ------------------------------------------------------------ I/O while rebuilding
+
+    def _refuse_rebuilding_read(self) -> None:
+        """EIO: the head's chain includes a layer whose data is still being copied."""
+        missing = [f for f in self._chain if f in self._incomplete]
+        raise OSError(errno.EIO, f"replica is rebuilding: layer {missing[0]} is incomplete, "
+                      "reads are served once it is verified")
+
+    def _check_rebuild_edges(self, offset: int, end: int) -> None:
+        """EINVAL unless every partly covered block of [offset, end) is held by the head.
+
+        While an older layer of the chain is incomplete, completing a partial
+        block from the chain would copy stale data into the head; the engine
+        sends whole blocks to a rebuilding replica instead.
+        """
+        top = self._index.top_map
+        for b in {offset // BLOCK, (end - 1) // BLOCK}:
+            lo, hi = b * BLOCK, (b + 1) * BLOCK
+            if (lo < offset or end < hi) and top.value(b) == HOLE:
+                raise OSError(errno.EINVAL, "replica is rebuilding: a write that covers part "
+                              f"of block {b} (bytes {max(lo, offset)}-{min(hi, end)}) needs the "
+                              "whole block, as older layers are still being copied")
+
+    def _zero_rebuilding(self, offset: int, length: int, fua: bool, fast: bool) -> None:
+        """zero()/trim() while the chain is incomplete: real zeros, whole blocks only."""
+        if fast:
+            raise OSError(errno.ENOTSUP, "replica is rebuilding: zeroing needs real zeros")
+        end = offset + length
+        self._check_rebuild_edges(offset, end)
+        # Real zeros everywhere: an incomplete older layer may hold data anywhere,
+        # so a hole in the head could later show it through.
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        try:
+            if length >= _PREALLOCATE_MIN:
+                meta.fs.preallocate(self._head_fd, first * BLOCK, (last + 1 - first) * BLOCK)
+            _write_zeros(self._head_fd, offset, length)
+        except BaseException:
+            self._index.top_map.invalidate(first, last + 1)
+            raise
+        self._index.set_top(first, last + 1, True)
+        if fua:
+            self._fdatasync(self._head_fd)
 
     def _needs_rmw(self, b: int) -> bool:
         """Whether block ``b`` is held by an older layer and not by the head."""
@@ -722,10 +833,14 @@ class Replica:
             self._metas[new_head] = head_meta
             self._live[snap] = next(self._incarnations)
             self._versions[snap] = self._versions.pop(old_head, 0)
+            self._layer_inc.pop(old_head, None)
+            self._layer_inc[snap] = next(self._incarnations)
+            self._layer_inc[new_head] = next(self._incarnations)
         self._switch_head(old_head, new_head, new_fd)
         self._index.layers[-1].file = snap  # type: ignore[attr-defined]
         self._index.push(_LayerSource(self._files, new_head))
         self._chain[-1:] = [snap, new_head]
+        self._refresh_chain_state()
         self._gen += 1
         self._remove_quietly(old_head, meta_file(old_head))
         return self._info(snap)
@@ -733,6 +848,7 @@ class Replica:
     def revert(self, name: str) -> LayerInfo:
         """Start a new empty head on snapshot ``name``, dropping the current head's data."""
         self._check_usable()
+        self._refuse_if_rebuilding("revert")
         target = self._require_snapshot(name)
         vol = self._vol
         old_head = vol.head
@@ -746,6 +862,8 @@ class Replica:
             del self._metas[old_head]
             self._metas[new_head] = head_meta
             self._versions.pop(old_head, None)
+            self._layer_inc.pop(old_head, None)
+            self._layer_inc[new_head] = next(self._incarnations)
         self._switch_head(old_head, new_head, new_fd)
         self._index = self._new_index(top_empty=True)
         self._gen += 1
@@ -755,6 +873,7 @@ class Replica:
     def expand(self, new_size: int) -> None:
         """Grow the volume to ``new_size`` bytes (a multiple of 4096); never shrinks."""
         self._check_usable()
+        self._refuse_if_rebuilding("expand")
         old = self._vol.size
         if not isinstance(new_size, int) or new_size % BLOCK:
             raise ValueError(f"size must be a multiple of {BLOCK}, got {new_size!r}")
@@ -846,10 +965,26 @@ class Replica:
         """
         with self._meta_lock:
             self._check_usable()
-            m = self._require_snapshot(name)
+            file = self._require_snapshot(name).file
+        return self.layer_checksum(file)
+
+    def layer_checksum(self, file: str) -> str:
+        """sha256 hex of snapshot layer ``file``'s own data runs (removed ones too), cached.
+
+        Thread-safe like :meth:`checksum`.  An incomplete layer has no checksum
+        yet (RebuildingError); the head has none (ValueError): it keeps changing.
+        """
+        with self._meta_lock:
+            self._check_usable()
+            m = self._layer_meta(file)
+            if file == self._vol.head:
+                raise ValueError(f"{file} is the head: only snapshot layers have checksums")
+            if m.incomplete:
+                raise RebuildingError(f"layer {file} is incomplete: its rebuild has not been "
+                                      "verified yet")
             if m.checksum is not None:
                 return m.checksum
-            file, version, inc = m.file, self._versions[m.file], self._live[m.file]
+            version, inc = self._versions[file], self._layer_inc[file]
             fd = os.open(self._dir / file, _O_RO)
         try:
             digest = _hash_layer(fd)
@@ -858,12 +993,277 @@ class Replica:
         with self._meta_lock:
             cur = self._metas.get(file)
             if (not self._closed and self._failed is None and cur is not None
-                    and cur.checksum is None and self._live.get(file) == inc
+                    and cur.checksum is None and not cur.incomplete
+                    and self._layer_inc.get(file) == inc
                     and self._versions[file] == version):
                 new = replace(cur, checksum=digest)
                 self._install_json(meta_file(file), new.to_json())
                 self._metas[file] = new
         return digest
+
+    # ------------------------------------------------------------ engine state
+
+    @property
+    def engine_state(self) -> dict[str, Any]:
+        """The engine's opaque state stored with this replica ({} until first set); a copy."""
+        return json.loads(json.dumps(self._engine_state))
+
+    def set_engine_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Store the engine's state (a JSON object of at most 64 KiB) atomically and durably."""
+        self._check_usable()
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the engine state must be a JSON object, not {type(state).__name__}")
+        try:
+            text = json.dumps(dict(state), separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the engine state is not plain JSON: {e}") from None
+        if len(text.encode()) > meta.ENGINE_STATE_MAX:
+            raise ValueError(f"the engine state is {len(text.encode())} bytes as JSON; at most "
+                             f"{meta.ENGINE_STATE_MAX} are stored")
+        obj = json.loads(text)
+        self._install_json(ENGINE_META, {"format": meta.FORMAT_VERSION, "engine_state": obj})
+        self._engine_state = obj
+        return self.engine_state
+
+    # ------------------------------------------------------------ rebuild
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Files of the layers a rebuild is still copying (in volume.meta order)."""
+        return [f for f in self._vol.layers if f in self._incomplete]
+
+    def prepare_rebuild(self, layers: Sequence[Mapping[str, Any]], head_parent: str | None,
+                        size: int, reuse_head_as: str | None = None) -> LayerInfo:
+        """Make this replica's tree a copy of a source's, every layer incomplete; new empty head.
+
+        ``layers`` are the source's layers without its head (dicts as
+        ``GET /v1/layers?removed=true`` lists them, any order).  Afterwards this
+        replica has exactly those snapshot layers (same files, names, parents,
+        times, labels and removal flags), each flagged incomplete, under a new
+        empty head whose parent is ``head_parent``.  A layer file this replica
+        already has keeps its data (an older copy: only differences need copying);
+        with ``reuse_head_as`` the current head's data becomes that layer when no
+        layer has its name yet.  Every other layer, and the old head, is dropped.
+        The volume grows to ``size`` (never shrinks).  No data is copied: one
+        volume.meta commit (with the new layer metadata staged in it) switches.
+        """
+        self._check_usable()
+        if self._purging:
+            raise RebuildingError("cannot prepare a rebuild while a purge is running")
+        vol = self._vol
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % BLOCK:
+            raise ValueError(f"size must be a positive multiple of {BLOCK}, got {size!r}")
+        if size < vol.size:
+            raise ValueError(f"cannot shrink the volume from {vol.size} to {size} for a rebuild")
+        new_metas = _parse_source_layers(layers)
+        for what, f in (("head_parent", head_parent), ("reuse_head_as", reuse_head_as)):
+            if f is not None and f not in new_metas:
+                raise ValueError(f"{what} {f!r} is not among the given layers")
+        new_head = meta.head_file(vol.next_head)
+        head_meta = LayerMeta(file=new_head, name=None, parent=head_parent,
+                              created=meta.now_iso(), size=size)
+        all_metas = {**new_metas, new_head: head_meta}
+        # Layers this replica has under the same file name keep their data.
+        keep = {f for f in new_metas if f in vol.layers and f != vol.head}
+        reuse = reuse_head_as if reuse_head_as is not None and reuse_head_as not in keep else None
+        current = {f: os.stat(self._dir / f).st_size for f in keep}
+        if reuse is not None:
+            current[reuse] = os.fstat(self._head_fd).st_size
+        # A kept file of another size is resized after the commit (open redoes it).
+        resize = [f for f, n in current.items() if n != new_metas[f].size]
+        create = [f for f in new_metas if f not in current]
+        sizes = {f: m.size for f, m in all_metas.items()}
+        new_vol = VolumeMeta(size=size, head=new_head, layers=(*_topological(new_metas), new_head),
+                             next_head=vol.next_head + 1, staged=all_metas)
+        try:
+            meta.check_tree(new_vol, all_metas, sizes, self._dir)
+        except ReplicaError as e:
+            raise ValueError(f"the layers do not form a valid tree: {e}") from None
+        depth, cur = 0, head_meta.parent
+        while cur is not None:
+            depth += 1
+            cur = all_metas[cur].parent
+        if depth + 1 > MAX_LAYERS:
+            raise ValueError(f"the head's chain would hold {depth + 1} layers; at most "
+                             f"{MAX_LAYERS} are supported")
+        new_fd = -1
+        made: list[str] = []
+        try:
+            self._clear_stale(*create, *([reuse] if reuse else []), new_head)
+            fds = []
+            try:
+                for f in create:
+                    made.append(f)
+                    fds.append(meta.fs.open_write(self._dir / f,
+                                                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+                    meta.fs.ftruncate(fds[-1], new_metas[f].size)
+                for fd in fds:  # after the first, these find nothing left to commit
+                    meta.fs.fsync(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if reuse is not None:
+                # A hard link: until the commit, an unlisted name that open removes.
+                meta.fs.link(self._dir / vol.head, self._dir / reuse)
+                made.append(reuse)
+            made.append(new_head)
+            new_fd = self._create_file(new_head, size)
+            self._commit(new_vol)
+        except BaseException:
+            if self._vol is not new_vol and self._failed is None:
+                if new_fd >= 0:
+                    os.close(new_fd)
+                self._remove_quietly(*reversed(made))
+            raise
+        # Committed.  The layers' own .meta files still describe the old tree until
+        # installed; a crash before volume.meta drops "staged" makes open redo this.
+        final = replace(new_vol, staged=None)
+        try:
+            for f in resize:
+                fd = meta.fs.open_write(self._dir / f, os.O_WRONLY)
+                try:
+                    meta.fs.ftruncate(fd, new_metas[f].size)
+                    meta.fs.fsync(fd)
+                finally:
+                    os.close(fd)
+            _install_metas(self._dir, self._dirfd, all_metas)
+            self._commit(final)
+        except BaseException as e:
+            self._fail(e)  # reopening finishes the job
+            os.close(new_fd)
+            raise
+        old_layers = vol.layers
+        with self._meta_lock:
+            self._metas = dict(all_metas)
+            for f in {*old_layers, *all_metas}:
+                self._versions[f] += 1
+            self._layer_inc = {f: next(self._incarnations) for f in final.layers}
+            self._live = {f: next(self._incarnations) for f, m in all_metas.items()
+                          if m.name is not None and not m.removed}
+            self._incomplete = set(new_metas)
+        self._switch_head(vol.head, new_head, new_fd)
+        for f in {*old_layers, *new_metas}:
+            self._files.drop(f)
+        self._index = self._new_index(top_empty=True)
+        self._epoch += 1
+        self._gen += 1
+        dropped = [f for f in old_layers if f not in all_metas]
+        self._remove_quietly(*(n for f in dropped for n in (f, meta_file(f))))
+        log.info("%s: prepared a rebuild: %d layers (%d kept, %s), new head %s", self._dir,
+                 len(new_metas), len(keep), f"head reused as {reuse}" if reuse else "no reuse",
+                 new_head)
+        return self._info(new_head)
+
+    def open_layer(self, file: str) -> LayerHandle:
+        """Direct access to one layer file's own data (what a rebuild copies), by file name.
+
+        Writable while the layer is incomplete; the caller closes the handle.
+        """
+        self._check_usable()
+        self._layer_meta(file)
+        writable = file in self._incomplete
+        path = self._dir / file
+        fd = meta.fs.open_write(path, os.O_RDWR) if writable else os.open(path, _O_RO)
+        return LayerHandle(self, file, self._layer_inc[file], fd, writable)
+
+    def layer_digests(self, file: str, range_size: int = 1 << 20) -> list[str]:
+        """blake2b-128 hex of each ``range_size`` range of layer ``file``'s own content.
+
+        Each digest covers the data runs inside its range (offsets relative to
+        the range, lengths) and their data, so two layers have equal digests for
+        a range iff they hold the same blocks with the same data there.  Reads
+        through its own descriptor: safe in a worker thread.
+        """
+        if (not isinstance(range_size, int) or range_size < BLOCK
+                or range_size > MAX_DIGEST_RANGE or range_size & (range_size - 1)):
+            raise ValueError(f"range_size must be a power of two from {BLOCK} to "
+                             f"{MAX_DIGEST_RANGE}, got {range_size!r}")
+        with self._meta_lock:
+            self._check_usable()
+            m = self._layer_meta(file)
+            size = self._vol.size if file == self._vol.head else m.size
+            if -(-size // range_size) > MAX_DIGESTS:
+                raise ValueError(f"{size} bytes in ranges of {range_size} would be more than "
+                                 f"{MAX_DIGESTS} digests: use a larger range_size")
+            fd = os.open(self._dir / file, _O_RO)
+        try:
+            return _range_digests(fd, size, range_size)
+        finally:
+            os.close(fd)
+
+    def verify_layer(self, file: str) -> VerifiedLayer:
+        """Make layer ``file``'s data durable and hash it, for :meth:`complete_layer`.
+
+        The slow half of completing a rebuilt layer: safe in a worker thread.
+        """
+        with self._meta_lock:
+            self._check_usable()
+            m = self._layer_meta(file)
+            if file == self._vol.head:
+                raise ValueError(f"{file} is the head: only snapshot layers are rebuilt")
+            inc, version = self._layer_inc[file], self._versions[file]
+            if not m.incomplete and m.checksum is not None:
+                return VerifiedLayer(file, inc, version, m.checksum)
+            fd = os.open(self._dir / file, _O_RO)
+        try:
+            # What was copied into the layer must be on disk before it counts as complete.
+            meta.fs.fdatasync(fd)
+            digest = _hash_layer(fd)
+        finally:
+            os.close(fd)
+        return VerifiedLayer(file, inc, version, digest)
+
+    def complete_layer(self, file: str, checksum: str,
+                       verified: VerifiedLayer | None = None) -> str:
+        """Clear layer ``file``'s incomplete flag if its checksum equals ``checksum``.
+
+        ``verified`` is :meth:`verify_layer`'s result (computed now when None).
+        A different checksum raises ChecksumMismatchError and the flag stays;
+        so does a layer changed since it was hashed (RebuildingError).
+        """
+        self._check_usable()
+        if not isinstance(checksum, str) or not checksum:
+            raise ValueError("checksum must be the source layer's sha256 hex string")
+        if verified is None:
+            verified = self.verify_layer(file)
+        with self._meta_lock:
+            self._check_usable()
+            m = self._layer_meta(file)
+            if self._layer_inc.get(file) != verified.inc:
+                raise RebuildingError(f"layer {file} was replaced while it was being verified")
+            if self._versions[file] != verified.version:
+                raise RebuildingError(f"layer {file} changed while it was being verified; "
+                                      "verify it again")
+            if verified.checksum != checksum.lower():
+                raise ChecksumMismatchError(file, checksum, verified.checksum)
+            if not m.incomplete:
+                return verified.checksum
+            new = replace(m, incomplete=False, checksum=verified.checksum)
+            self._install_json(meta_file(file), new.to_json())
+            self._metas[file] = new
+            self._incomplete.discard(file)
+        if file in self._chain:
+            # Nothing read the older layers while incomplete; start from the files anyway.
+            self._index.invalidate_below(0, self._index.nblocks)
+        self._refresh_chain_state()
+        self._epoch += 1
+        log.info("%s: layer %s verified and complete (%d still incomplete)", self._dir, file,
+                 len(self._incomplete))
+        return verified.checksum
+
+    def _layer_meta(self, file: str) -> LayerMeta:
+        """The metadata of layer ``file`` (any layer of the tree), or LayerNotFoundError."""
+        m = self._metas.get(file) if isinstance(file, str) else None
+        if m is None:
+            raise LayerNotFoundError(f"no layer file {file!r} in {self._dir}")
+        return m
+
+    def _layer_changed(self, file: str, start: int, end: int) -> None:
+        """Layer ``file``'s own data changed over blocks [start, end) (a rebuild wrote it)."""
+        self._versions[file] += 1
+        self._epoch += 1
+        if file in self._chain:
+            self._index.invalidate_below(start, end)
 
     # ------------------------------------------------------------ purge internals
 
@@ -871,13 +1271,15 @@ class Replica:
         """The next purge action (kind, removed layer, its child) or None when done."""
         children = self._children()
         for f in self._vol.layers:
-            if not self._metas[f].removed:
-                continue
+            if not self._metas[f].removed or f in self._incomplete:
+                continue  # an incomplete layer waits for its rebuild to finish
             kids = children.get(f, [])
             if not kids:
                 return "remove", f, ""
             if len(kids) == 1:
                 c = kids[0]
+                if c in self._incomplete:
+                    continue
                 if c != self._vol.head:
                     return "fold", f, c
                 if (f, c) not in pruned:
@@ -890,6 +1292,7 @@ class Replica:
         with self._meta_lock:
             del self._metas[s]
             self._versions.pop(s, None)
+            self._layer_inc.pop(s, None)
         self._files.drop(s)
         self._gen += 1
         self._remove_quietly(s, meta_file(s))
@@ -927,10 +1330,12 @@ class Replica:
         with self._meta_lock:
             del self._metas[s]
             self._versions.pop(s, None)
+            self._layer_inc.pop(s, None)
         self._files.drop(s)
         if s in self._chain:
             self._chain = self._chain_of(self._vol.head)
             self._index.rebase([_LayerSource(self._files, f) for f in self._chain[:-1]])
+            self._refresh_chain_state()
         self._gen += 1
         self._remove_quietly(s, meta_file(s))
         yield
@@ -1013,9 +1418,13 @@ class Replica:
 
     def _create_head_file(self, file: str) -> int:
         """Create an empty, durable head file of the volume size; return its O_RDWR fd."""
+        return self._create_file(file, self._vol.size)
+
+    def _create_file(self, file: str, size: int) -> int:
+        """Create an empty, durable file of ``size`` bytes; return its O_RDWR fd."""
         fd = meta.fs.open_write(self._dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
-            meta.fs.ftruncate(fd, self._vol.size)
+            meta.fs.ftruncate(fd, size)
             meta.fs.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -1090,9 +1499,20 @@ class Replica:
         chain.reverse()
         return chain
 
+    def _refresh_chain_state(self) -> None:
+        """Recompute what depends on the head's chain and the incomplete layers."""
+        self._chain_incomplete = not self._incomplete.isdisjoint(self._chain)
+
+    def _refuse_if_rebuilding(self, what: str) -> None:
+        """RebuildingError while any layer is incomplete."""
+        if self._incomplete:
+            raise RebuildingError(f"cannot {what}: replica is rebuilding "
+                                  f"({len(self._incomplete)} layers incomplete)")
+
     def _new_index(self, top_empty: bool) -> ReadIndex:
         """A fresh read index over the head's chain."""
         self._chain = self._chain_of(self._vol.head)
+        self._refresh_chain_state()
         return ReadIndex([_LayerSource(self._files, f) for f in self._chain],
                          self._vol.size // BLOCK, self._chunk_blocks, top_empty=top_empty)
 
@@ -1131,6 +1551,7 @@ class Replica:
             children=tuple(children.get(file, ())), created=m.created,
             labels=dict(m.labels), removed=m.removed, size=self._vol.size if head else m.size,
             allocated=st.st_blocks * 512, checksum=m.checksum, head=head,
+            incomplete=m.incomplete,
         )
 
 
@@ -1172,28 +1593,37 @@ class View:
         self._chain: list[str] = []
         self._index: ReadIndex | None = None
         self._gen = -1
+        self._epoch = -1
 
-    def _ready(self) -> ReadIndex:
-        """The index of the snapshot's chain; ESHUTDOWN once the snapshot is deleted."""
+    def _ready(self, readable: bool = True) -> ReadIndex:
+        """The index of the snapshot's chain; ESHUTDOWN once the snapshot is deleted.
+
+        With ``readable``, EIO while a layer of the chain is being rebuilt.
+        """
         r = self._r
         if self._dead or r._closed or r._live.get(self.file) != self._inc:
             self._dead = True
             raise OSError(errno.ESHUTDOWN, f"snapshot {self.name!r} was deleted or its "
                           "replica closed")
         r._check_usable()
-        if self._gen != r._gen or self._index is None:
+        if self._gen != r._gen or self._epoch != r._epoch or self._index is None:
             chain = r._chain_of(self.file)
-            if chain != self._chain or self._index is None:
+            if chain != self._chain or self._index is None or self._epoch != r._epoch:
                 self._chain = chain
                 self._index = ReadIndex([_LayerSource(r._files, f) for f in chain],
                                         r._metas[self.file].size // BLOCK, r._chunk_blocks)
             self._gen = r._gen
+            self._epoch = r._epoch
+        if readable and r._incomplete and not r._incomplete.isdisjoint(self._chain):
+            missing = next(f for f in self._chain if f in r._incomplete)
+            raise OSError(errno.EIO, f"replica is rebuilding: layer {missing} of snapshot "
+                          f"{self.name!r} is incomplete")
         return self._index
 
     @property
     def size(self) -> int:
         """The snapshot's size in bytes."""
-        self._ready()
+        self._ready(readable=False)
         return self._r._metas[self.file].size
 
     def read(self, offset: int, length: int) -> bytearray:
@@ -1217,3 +1647,239 @@ class View:
         if not length:
             return []
         return _chain_block_status(index, offset, length)
+
+
+# --------------------------------------------------------------------------- rebuild helpers
+
+MAX_DIGEST_RANGE = 1 << 30
+"""Largest range one digest of :meth:`Replica.layer_digests` may cover."""
+
+MAX_DIGESTS = 1 << 21
+"""Most digests one :meth:`Replica.layer_digests` call returns."""
+
+MAX_LAYER_EXTENTS = 16384
+"""Most extents one :meth:`LayerHandle.block_status` call reports (it may cover less)."""
+
+_SOURCE_KEYS = ("file", "name", "parent", "created", "labels", "removed", "size")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedLayer:
+    """A layer's checksum as :meth:`Replica.verify_layer` found it, and what it hashed."""
+
+    file: str
+    inc: int
+    version: int
+    checksum: str
+
+
+def _parse_source_layers(layers: Any) -> dict[str, LayerMeta]:
+    """The source's layers (dicts as its control API lists them) as incomplete LayerMetas."""
+    if not isinstance(layers, list | tuple):
+        raise ValueError("layers must be a list of the source's layers")
+    out: dict[str, LayerMeta] = {}
+    for i, d in enumerate(layers):
+        if not isinstance(d, Mapping):
+            raise ValueError(f"layers[{i}] is not an object")
+        missing = [k for k in _SOURCE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"layers[{i}] lacks {', '.join(missing)}")
+        if d.get("head"):
+            raise ValueError(f"layers[{i}] ({d['file']!r}) is the source's head: leave it out")
+        obj = {k: d[k] for k in _SOURCE_KEYS}
+        obj["format"] = meta.FORMAT_VERSION
+        obj["checksum"] = None
+        try:
+            m = LayerMeta.from_json(obj, f"layers[{i}]")
+        except ReplicaError as e:
+            raise ValueError(str(e)) from None
+        if m.name is None or not meta.SNAP_RE.match(m.file):
+            raise ValueError(f"layers[{i}]: {m.file!r} is not a named snapshot layer")
+        if m.file in out:
+            raise ValueError(f"layers[{i}]: layer {m.file!r} is listed twice")
+        out[m.file] = replace(m, incomplete=True)
+    return out
+
+
+def _topological(metas: Mapping[str, LayerMeta]) -> list[str]:
+    """Layer files with every parent before its children (oldest first among siblings)."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for f in sorted(metas, key=lambda f: (metas[f].created, f)):
+        path = []
+        cur: str | None = f
+        while cur is not None and cur in metas and cur not in seen and cur not in path:
+            path.append(cur)
+            cur = metas[cur].parent
+        for p in reversed(path):
+            seen.add(p)
+            order.append(p)
+    return order
+
+
+def _install_metas(d: Path, dirfd: int, metas: Mapping[str, LayerMeta]) -> None:
+    """Atomically replace many layers' .meta files, with one directory fsync."""
+    staged = [(meta.stage_json(d, meta_file(f), m.to_json()), meta_file(f))
+              for f, m in metas.items()]
+    for tmp, name in staged:
+        meta.fs.replace(tmp, d / name)
+    meta.fs.fsync(dirfd)
+
+
+def _read_engine_state(d: Path) -> dict[str, Any]:
+    """The engine state stored in ``d`` ({} when none was ever stored)."""
+    path = d / ENGINE_META
+    if not path.exists():
+        return {}
+    obj = meta.read_json(path)
+    if (not isinstance(obj, dict) or obj.get("format") != meta.FORMAT_VERSION
+            or not isinstance(obj.get("engine_state"), dict)):
+        raise ReplicaError(f"{path}: not an engine state file of format {meta.FORMAT_VERSION}")
+    return obj["engine_state"]
+
+
+def _file_extents(fd: int, start: int, end: int, max_extents: int) -> list[tuple[int, bool]]:
+    """(length, data) runs of the file's own allocation from ``start`` (may stop early)."""
+    out: list[tuple[int, bool]] = []
+    pos = start
+    while pos < end and len(out) < max_extents:
+        d = _seek_data(fd, pos)
+        if d is None or d >= end:
+            out.append((end - pos, False))
+            break
+        if d > pos:
+            out.append((d - pos, False))
+        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+        out.append((h - d, True))
+        pos = h
+    return out
+
+
+def _range_digests(fd: int, size: int, range_size: int) -> list[str]:
+    """Per-range blake2b-128 of a file's data runs (see :meth:`Replica.layer_digests`)."""
+    empty = hashlib.blake2b(digest_size=16).hexdigest()
+    out = [empty] * -(-size // range_size)
+    buf = memoryview(bytearray(min(_COPY_BUF, range_size)))
+    cur = -1
+    h = hashlib.blake2b(digest_size=16)
+    pos = 0
+    while pos < size and (d := _seek_data(fd, pos)) is not None and d < size:
+        e = min(os.lseek(fd, d, os.SEEK_HOLE), size)
+        p = d
+        while p < e:
+            k = p // range_size
+            base = k * range_size
+            q = min(e, base + range_size)
+            if k != cur:
+                if cur >= 0:
+                    out[cur] = h.hexdigest()
+                cur = k
+                h = hashlib.blake2b(digest_size=16)
+            h.update(struct.pack("<QQ", p - base, q - p))
+            while p < q:
+                mv = buf[:min(len(buf), q - p)]
+                _pread_full(fd, mv, p)
+                h.update(mv)
+                p += len(mv)
+        pos = e
+    if cur >= 0:
+        out[cur] = h.hexdigest()
+    return out
+
+
+class LayerHandle:
+    """One layer file's own data, by file name: holes read as zeros and mean "see parent".
+
+    What a rebuild reads on the source and writes on the target (the
+    ``layer/FILE`` NBD export).  Writes are allowed while the layer is
+    incomplete.  The checks run on the event loop; the ``*_fd`` methods use
+    only the handle's own descriptor, so they may run in a worker thread.
+    """
+
+    def __init__(self, replica: Replica, file: str, inc: int, fd: int, writable: bool) -> None:
+        """Use :meth:`Replica.open_layer`."""
+        self._r = replica
+        self.file = file
+        self._inc = inc
+        self.fd = fd
+        self._writable = writable
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def check(self, write: bool = False) -> None:
+        """Raise unless the layer still exists as opened (and, for ``write``, is incomplete)."""
+        r = self._r
+        r._check_usable()
+        if r._layer_inc.get(self.file) != self._inc:
+            raise OSError(errno.ESHUTDOWN, f"layer {self.file} was dropped or replaced")
+        if write and not (self._writable and self.file in r._incomplete):
+            raise OSError(errno.EPERM, f"layer {self.file} is complete: it is read-only")
+
+    @property
+    def writable(self) -> bool:
+        """Whether writes are allowed now (the layer is incomplete)."""
+        return self._writable and self.file in self._r._incomplete
+
+    @property
+    def size(self) -> int:
+        """The layer's size (the volume size for the head)."""
+        r = self._r
+        if self.file == r._vol.head:
+            return r._vol.size
+        m = r._metas.get(self.file)
+        return m.size if m is not None else 0
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """The layer's own bytes (holes as zeros)."""
+        self.check()
+        _check_range(offset, length, self.size)
+        return self.read_fd(offset, length)
+
+    def read_fd(self, offset: int, length: int) -> bytearray:
+        """:meth:`read` without the checks (thread-safe)."""
+        buf = _read_buffer(length)
+        _pread_full(self.fd, memoryview(buf), offset)
+        return buf
+
+    def block_status(self, offset: int, length: int,
+                     max_extents: int = MAX_LAYER_EXTENTS) -> list[tuple[int, bool]]:
+        """(length, data) runs of the layer file's own allocation; may cover less."""
+        self.check()
+        _check_range(offset, length, self.size)
+        return _file_extents(self.fd, offset, offset + length, max_extents) if length else []
+
+    def block_status_fd(self, offset: int, length: int,
+                        max_extents: int = MAX_LAYER_EXTENTS) -> list[tuple[int, bool]]:
+        """:meth:`block_status` without the checks (thread-safe)."""
+        return _file_extents(self.fd, offset, offset + length, max_extents)
+
+    def write(self, offset: int, data: Any, fua: bool = False) -> None:
+        """Write into the (incomplete) layer file."""
+        self.check(write=True)
+        mv = memoryview(data).cast("B")
+        _check_range(offset, len(mv), self.size)
+        if not len(mv):
+            return
+        self._r._layer_changed(self.file, offset // BLOCK, -(-(offset + len(mv)) // BLOCK))
+        meta.write_all(self.fd, [mv], offset, os.RWF_DSYNC if fua else 0)
+
+    def punch(self, offset: int, length: int, fua: bool = False) -> None:
+        """Deallocate whole blocks of the (incomplete) layer: there it holds nothing."""
+        self.check(write=True)
+        _check_range(offset, length, self.size)
+        if (offset | length) % BLOCK:
+            raise OSError(errno.EINVAL, f"layer {self.file}: zero/trim must cover whole "
+                          f"{BLOCK}-byte blocks")
+        if not length:
+            return
+        self._r._layer_changed(self.file, offset // BLOCK, (offset + length) // BLOCK)
+        meta.fs.punch_hole(self.fd, offset, length)
+        if fua:
+            meta.fs.fdatasync(self.fd)
+
+    def flush_fd(self) -> None:
+        """fdatasync the layer file (thread-safe)."""
+        meta.fs.fdatasync(self.fd)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        self._finalizer()

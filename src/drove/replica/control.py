@@ -1,4 +1,5 @@
-"""The replica's HTTP/JSON control API: info, snapshots, purge, revert, expand, checksums.
+"""The replica's HTTP/JSON control API: info, snapshots, purge, revert, expand, checksums,
+the engine's state, and the target side of a rebuild (prepare, sync, complete).
 
 Structural operations are serialised by one lock and run their chain calls
 inline on the event loop, so each is atomic with respect to I/O requests.
@@ -14,13 +15,15 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from drove import __version__
 from drove.replica.chain import LayerInfo
+from drove.replica.errors import ChecksumMismatchError, RebuildingError
 from drove.replica.exports import FlushGate
+from drove.replica.rebuild import SyncJob
 
 log = logging.getLogger("drove.replica")
 
@@ -44,6 +47,34 @@ class ExpandRequest(BaseModel):
     size: int = Field(gt=0, description="new size in bytes")
 
 
+class PrepareRequest(BaseModel):
+    """Make this replica's tree the source's, every layer incomplete, under a new empty head."""
+
+    layers: list[dict[str, Any]] = Field(
+        description="the source's GET /v1/layers?removed=true, without its head")
+    head_parent: str | None = Field(description="layer file the new head sits on (S)")
+    size: int = Field(gt=0, description="volume size in bytes (the replica grows to it)")
+    reuse_head_as: str | None = Field(
+        default=None, description="layer file the current head's data becomes (an older copy)")
+
+
+class CompleteRequest(BaseModel):
+    """Verify a rebuilt layer against the source's checksum."""
+
+    checksum: str = Field(description="sha256 hex of the source's layer")
+
+
+class SyncRequest(BaseModel):
+    """Pull one incomplete layer from the source replica's layer export."""
+
+    file: str = Field(description="the layer file (the same on source and target)")
+    source: str = Field(description="nbd://host:port/layer/FILE or "
+                                    "nbd+unix:///layer/FILE?socket=PATH")
+    ranges: list[list[int]] | None = Field(
+        default=None, description="[[offset, length], ...] to make equal (delta), or null: "
+                                  "copy every allocated extent")
+
+
 def layer_json(info: LayerInfo) -> dict[str, Any]:
     """A chain LayerInfo as plain JSON."""
     return dataclasses.asdict(info)
@@ -57,6 +88,7 @@ class ReplicaControl:
         self.gate = gate
         self.addresses = addresses if addresses is not None else {}
         self._lock = asyncio.Lock()
+        self.sync_job: SyncJob | None = None
 
     def info(self) -> dict[str, Any]:
         """What this replica is and where it listens."""
@@ -71,6 +103,9 @@ class ReplicaControl:
             "layers": len(layers),
             "snapshots": sum(1 for layer in layers if layer.name and not layer.removed),
             "addresses": self.addresses,
+            "engine_state": self.replica.engine_state,
+            "rebuilding": any(layer.incomplete for layer in layers),
+            "incomplete": [layer.file for layer in layers if layer.incomplete],
         }
 
     async def snapshot(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -134,6 +169,86 @@ class ReplicaControl:
                     "seconds": round(time.perf_counter() - started, 3)}
 
 
+    async def layer_checksum(self, file: str) -> dict[str, Any]:
+        """Layer ``file``'s checksum (a rebuild source's), computed in a thread if not cached."""
+        started = time.perf_counter()
+        digest = await asyncio.get_running_loop().run_in_executor(
+            None, self.replica.layer_checksum, file,
+        )
+        return {"file": file, "checksum": digest,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    async def layer_digests(self, file: str, range_size: int) -> dict[str, Any]:
+        """Per-range digests of layer ``file``'s own content, computed in a thread."""
+        digests = await asyncio.get_running_loop().run_in_executor(
+            None, self.replica.layer_digests, file, range_size,
+        )
+        return {"file": file, "range_size": range_size, "digests": digests}
+
+    def set_engine_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Store the engine's state durably; returns it."""
+        return self.replica.set_engine_state(state)
+
+    def _refuse_while_syncing(self, what: str, file: str | None = None) -> None:
+        job = self.sync_job
+        if job is not None and job.running and (file is None or job.file == file):
+            raise RebuildingError(f"cannot {what}: a sync of layer {job.file} is running "
+                                  "(cancel it with DELETE /v1/rebuild/sync)")
+
+    async def prepare_rebuild(self, req: PrepareRequest) -> dict[str, Any]:
+        """Give this replica the source's layer tree, every layer incomplete."""
+        async with self._lock:
+            self._refuse_while_syncing("prepare a rebuild")
+            await self.gate.drain()
+            started = time.perf_counter()
+            self.replica.prepare_rebuild(req.layers, req.head_parent, req.size,
+                                         reuse_head_as=req.reuse_head_as)
+            log.info("rebuild prepared in %.1f ms: %d layers",
+                     (time.perf_counter() - started) * 1e3, len(req.layers))
+            return self.info()
+
+    async def complete_layer(self, file: str, checksum: str) -> dict[str, Any]:
+        """Verify layer ``file`` against the source's checksum; it is then complete."""
+        self._refuse_while_syncing("verify the layer", file)
+        started = time.perf_counter()
+        verified = await asyncio.get_running_loop().run_in_executor(
+            None, self.replica.verify_layer, file,
+        )
+        # Back on the loop: a sync started meanwhile would have changed the layer, and
+        # complete_layer refuses a layer changed since it was hashed.
+        digest = self.replica.complete_layer(file, checksum, verified)
+        return {"file": file, "checksum": digest, "incomplete": self.replica.incomplete,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    def start_sync(self, req: SyncRequest) -> dict[str, Any]:
+        """Start pulling a layer from the source in the background."""
+        self._refuse_while_syncing("start another sync")
+        job = SyncJob(self.replica, req.file, req.source, req.ranges)
+        job.start()
+        self.sync_job = job
+        log.info("sync of %s from %s started (%s)", req.file, req.source,
+                 f"{len(job.ranges)} ranges" if job.delta else "all data")
+        return job.status()
+
+    def sync_status(self) -> dict[str, Any]:
+        """The current or last sync job."""
+        if self.sync_job is None:
+            return {"state": "idle", "file": None, "bytes_done": 0, "bytes_total": 0,
+                    "error": None}
+        return self.sync_job.status()
+
+    async def cancel_sync(self) -> dict[str, Any]:
+        """Cancel the running sync job, if any."""
+        if self.sync_job is not None:
+            await self.sync_job.cancel()
+        return self.sync_status()
+
+    async def close(self) -> None:
+        """Stop background work (the process is stopping)."""
+        if self.sync_job is not None:
+            await self.sync_job.cancel()
+
+
 def _error(status: int, exc: BaseException) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": type(exc).__name__,
                                                       "detail": str(exc)})
@@ -156,6 +271,17 @@ def build_app(control: ReplicaControl) -> FastAPI:
     @app.exception_handler(ValueError)
     async def _bad(request: Request, exc: ValueError) -> JSONResponse:
         return _error(400, exc)
+
+    @app.exception_handler(RebuildingError)
+    async def _rebuilding(request: Request, exc: RebuildingError) -> JSONResponse:
+        return _error(409, exc)
+
+    @app.exception_handler(ChecksumMismatchError)
+    async def _mismatch(request: Request, exc: ChecksumMismatchError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={
+            "error": type(exc).__name__, "detail": str(exc), "file": exc.file,
+            "expected": exc.expected, "checksum": exc.actual,
+        })
 
     @app.exception_handler(OSError)
     async def _os(request: Request, exc: OSError) -> JSONResponse:
@@ -201,5 +327,45 @@ def build_app(control: ReplicaControl) -> FastAPI:
     async def checksum(name: str) -> dict[str, Any]:
         """sha256 over the snapshot layer's data extents (cached after the first call)."""
         return await control.checksum(name)
+
+    @app.get("/v1/layers/{file}/checksum")
+    async def layer_checksum(file: str) -> dict[str, Any]:
+        """sha256 over a snapshot layer's own data extents, by file (removed layers too)."""
+        return await control.layer_checksum(file)
+
+    @app.get("/v1/layers/{file}/digests")
+    async def layer_digests(file: str, range_size: int = 1 << 20) -> dict[str, Any]:
+        """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
+        return await control.layer_digests(file, range_size)
+
+    @app.put("/v1/engine-state")
+    async def put_engine_state(state: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """Store the engine's opaque state (a JSON object, at most 64 KiB) durably."""
+        return control.set_engine_state(state)
+
+    @app.post("/v1/rebuild/prepare")
+    async def prepare_rebuild(req: PrepareRequest) -> dict[str, Any]:
+        """Give this replica the source's layer tree, all incomplete, under a new empty head."""
+        return await control.prepare_rebuild(req)
+
+    @app.post("/v1/rebuild/sync", status_code=202)
+    async def start_sync(req: SyncRequest) -> dict[str, Any]:
+        """Pull an incomplete layer from the source's layer/FILE export, in the background."""
+        return control.start_sync(req)
+
+    @app.get("/v1/rebuild/sync")
+    async def sync_status() -> dict[str, Any]:
+        """State and progress of the current or last sync."""
+        return control.sync_status()
+
+    @app.delete("/v1/rebuild/sync")
+    async def cancel_sync() -> dict[str, Any]:
+        """Cancel the running sync."""
+        return await control.cancel_sync()
+
+    @app.post("/v1/rebuild/layers/{file}/complete")
+    async def complete_layer(file: str, req: CompleteRequest) -> dict[str, Any]:
+        """Verify a rebuilt layer against the source's checksum; then it is complete."""
+        return await control.complete_layer(file, req.checksum)
 
     return app

@@ -17,3 +17,26 @@ class SnapshotNotFoundError(LookupError):
 
 class SnapshotExistsError(FileExistsError, ValueError):
     """A live snapshot already has the requested name (a ValueError too, as any bad name)."""
+
+
+class RebuildingError(ValueError):
+    """Refused because of a rebuild: the replica or a layer is incomplete, or one is running."""
+
+
+class ChecksumMismatchError(RebuildingError):
+    """A rebuilt layer's checksum differs from its source's: the layer stays incomplete."""
+
+    def __init__(self, file: str, expected: str, actual: str) -> None:
+        super().__init__(f"layer {file}: checksum {actual} differs from the source's {expected}; "
+                         "it stays incomplete")
+        self.file = file
+        self.expected = expected
+        self.actual = actual
+
+
+class LayerNotFoundError(LookupError):
+    """No layer of a replica has the requested file name."""
+
+    def __str__(self) -> str:
+        """Show the message as given."""
+        return str(self.args[0]) if self.args else "layer not found"

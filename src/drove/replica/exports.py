@@ -1,4 +1,10 @@
-"""The replica's NBD exports: its writable head and one read-only export per snapshot.
+"""The replica's NBD exports: its writable head, read-only snapshots, and raw layers.
+
+``layer/FILE`` serves one layer file's own data, not the chain's: what a rebuild
+copies.  Its holes read as zeros and block status reports the file's own
+allocation, so a reader sees exactly the layer's data map.  It is writable only
+while the layer is incomplete (being rebuilt): writes go into the file, zero
+and trim punch holes (in a layer a hole means "not held here").
 
 The chain's I/O is synchronous and runs inline on the event loop: pread/pwrite
 against the page cache take microseconds, far less than a hop to a worker
@@ -18,17 +24,56 @@ from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Capabilities, Exten
 
 HEAD_EXPORT = "head"
 SNAPSHOT_PREFIX = "snapshot/"
+LAYER_PREFIX = "layer/"
+
+# Bulk reads and block status of layer exports run in a worker thread from this
+# size on: a rebuild pulls whole layers while the loop keeps serving the head.
+_THREAD_READ_MIN = 256 * 1024
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _RW_CAPS = Capabilities()
 _RO_CAPS = Capabilities(
     readonly=True, fua=False, trim=False, zero=False, fast_zero=False, flush=True,
 )
+# Layers are written in whole blocks: a partial hole cannot say "see parent".
+_LAYER_RW_CAPS = Capabilities(min_block=4096)
+_LAYER_RO_CAPS = Capabilities(
+    readonly=True, fua=False, trim=False, zero=False, fast_zero=False, flush=True,
+    min_block=4096,
+)
 
 
 def _extents(runs: Sequence[tuple[int, bool]]) -> list[Extent]:
     """Chain runs (length, allocated) as NBD base:allocation extents."""
     return [Extent(length, 0 if allocated else _HOLE) for length, allocated in runs]
+
+
+_STATUS_FIRST = 1 << 20
+_STATUS_ENOUGH = 256
+
+
+def _chain_status(status, offset: int, length: int) -> list[Extent]:
+    """Block status of a chain from ``offset``, covering less than ``length`` when fragmented.
+
+    Clients like qemu ask with REQ_ONE for the whole rest of the disk and use the
+    first extent only, so describing everything would cost O(n) per request and
+    O(n^2) per scan.  Windows start at 1 MiB and double until enough extents
+    are found (a sparse or fully allocated disk still takes few steps).
+    """
+    out: list[tuple[int, bool]] = []
+    pos, end, step = offset, offset + length, _STATUS_FIRST
+    while pos < end:
+        n = min(step, end - pos)
+        for run in status(pos, n):
+            if out and out[-1][1] == run[1]:
+                out[-1] = (out[-1][0] + run[0], run[1])
+            else:
+                out.append(run)
+        pos += n
+        step *= 2
+        if len(out) > _STATUS_ENOUGH:
+            break
+    return _extents(out)
 
 
 class FlushGate:
@@ -100,7 +145,7 @@ class HeadExport:
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation across the whole chain."""
-        return _extents(self._replica.block_status(offset, length))
+        return _chain_status(self._replica.block_status, offset, length)
 
 
 class SnapshotExport:
@@ -145,11 +190,69 @@ class SnapshotExport:
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation in the snapshot's chain."""
-        return _extents(self._view.block_status(offset, length))
+        return _chain_status(self._view.block_status, offset, length)
+
+
+class LayerExport:
+    """One layer file's own data (``layer/FILE``): read-only unless the layer is incomplete."""
+
+    def __init__(self, handle) -> None:
+        self._h = handle
+        self.name = LAYER_PREFIX + handle.file
+        writable = handle.writable
+        self.caps = _LAYER_RW_CAPS if writable else _LAYER_RO_CAPS
+        state = "incomplete, writable" if writable else "read-only"
+        self.description = f"drove layer {handle.file} ({state})"
+
+    @property
+    def size(self) -> int:
+        """The layer's size."""
+        return self._h.size
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """The layer file's bytes (holes read as zeros)."""
+        self._h.check()
+        if length < _THREAD_READ_MIN:
+            return self._h.read_fd(offset, length)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._h.read_fd, offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write into the layer file (EPERM once the layer is complete)."""
+        self._h.write(offset, data, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        """Punch a hole: the layer then holds nothing there."""
+        self._h.punch(offset, length, fua=fua)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Punch a hole, as zero."""
+        self._h.punch(offset, length, fua=fua)
+
+    async def flush(self) -> None:
+        """fdatasync the layer file in a worker thread."""
+        self._h.check()
+        await asyncio.get_running_loop().run_in_executor(None, self._h.flush_fd)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Accept the hint."""
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """The layer file's own allocation (data: flags 0; hole: HOLE|ZERO); may cover less."""
+        self._h.check()
+        if length < _THREAD_READ_MIN:
+            runs = self._h.block_status_fd(offset, length)
+        else:
+            runs = await asyncio.get_running_loop().run_in_executor(
+                None, self._h.block_status_fd, offset, length)
+        return _extents(runs)
 
 
 class ReplicaExports:
-    """Names the replica's exports: ``head`` (also the default ``""``) and ``snapshot/NAME``."""
+    """Names the replica's exports: ``head`` (also ``""``), ``snapshot/NAME``, ``layer/FILE``."""
 
     def __init__(self, replica, gate: FlushGate) -> None:
         self._replica = replica
@@ -163,11 +266,17 @@ class ReplicaExports:
         ]
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """The head and every live snapshot."""
+        """The head, every live snapshot and every layer file."""
+        layers = self._replica.layers()
         names = [(HEAD_EXPORT, self._head.description)]
         names += [
-            (SNAPSHOT_PREFIX + name, f"drove snapshot {name} (read-only)")
-            for name in self._live_snapshots()
+            (SNAPSHOT_PREFIX + layer.name, f"drove snapshot {layer.name} (read-only)")
+            for layer in layers if layer.name is not None and not layer.removed
+        ]
+        names += [
+            (LAYER_PREFIX + layer.file,
+             f"drove layer {layer.file} ({'incomplete' if layer.incomplete else 'read-only'})")
+            for layer in layers
         ]
         return names
 
@@ -181,4 +290,8 @@ class ReplicaExports:
             snap = name[len(SNAPSHOT_PREFIX):]
             if snap in self._live_snapshots():
                 return SnapshotExport(snap, self._replica.view(snap))
+        if name.startswith(LAYER_PREFIX):
+            file = name[len(LAYER_PREFIX):]
+            if any(layer.file == file for layer in self._replica.layers()):
+                return LayerExport(self._replica.open_layer(file))
         return None

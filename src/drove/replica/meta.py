@@ -3,6 +3,7 @@
 A replica directory holds::
 
     volume.meta                     the commit point: size, head, live layer files
+    engine.meta                     the engine's opaque state (generation, members, ...)
     volume.lock                     flock'ed by the process that has the replica open
     volume-head-NNN.img(.meta)      the writable head layer and its metadata
     volume-snap-<name>.img(.meta)   read-only snapshot layers and their metadata
@@ -32,6 +33,10 @@ BLOCK = 4096
 
 VOLUME_META = "volume.meta"
 LOCK_FILE = "volume.lock"
+ENGINE_META = "engine.meta"
+"""The engine's opaque state (generation, members, ...): kept across opens, never a leftover."""
+ENGINE_STATE_MAX = 64 * 1024
+"""Largest engine state, in bytes of compact JSON."""
 META_SUFFIX = ".meta"
 TMP_SUFFIX = ".tmp"
 
@@ -42,7 +47,8 @@ HEAD_RE = re.compile(r"^volume-head-(\d{3,})\.img$")
 SNAP_RE = re.compile(r"^volume-snap-([A-Za-z0-9][A-Za-z0-9._-]{0,63})(~\d+)?\.img$")
 # Files this format may leave behind after an interrupted operation.
 _OURS_RE = re.compile(
-    r"^(volume-head-\d{3,}\.img|volume-snap-[^/]+\.img)(\.meta)?(\.tmp)?$|^volume\.meta\.tmp$"
+    r"^(volume-head-\d{3,}\.img|volume-snap-[^/]+\.img)(\.meta)?(\.tmp)?$"
+    r"|^volume\.meta\.tmp$|^engine\.meta\.tmp$"
 )
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -193,13 +199,19 @@ class VolumeMeta:
     head: str
     layers: tuple[str, ...]
     next_head: int
+    # Layer metadata committed with this structure but maybe not yet in the layers'
+    # own .meta files (a rebuild prepare rewrites many at once): open installs it.
+    staged: Mapping[str, LayerMeta] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to volume.meta."""
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT_VERSION, "size": self.size, "head": self.head,
             "layers": list(self.layers), "next_head": self.next_head,
         }
+        if self.staged:
+            out["staged"] = {f: m.to_json() for f, m in self.staged.items()}
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> VolumeMeta:
@@ -225,7 +237,18 @@ class VolumeMeta:
             raise ReplicaError(f"{where}: head {head!r} is not a head file name")
         if next_head <= number:
             raise ReplicaError(f"{where}: next_head {next_head} is not after head {head!r}")
-        return cls(size=size, head=head, layers=tuple(layers), next_head=next_head)
+        staged: dict[str, LayerMeta] | None = None
+        raw = obj.get("staged")
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ReplicaError(f"{where}: 'staged' must map layer files to metadata")
+            staged = {}
+            for f, m in raw.items():
+                if f not in layers:
+                    raise ReplicaError(f"{where}: staged metadata for {f!r}, not a layer")
+                staged[f] = LayerMeta.from_json(m, f"{where} (staged {f})")
+        return cls(size=size, head=head, layers=tuple(layers), next_head=next_head,
+                   staged=staged or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +263,19 @@ class LayerMeta:
     labels: Mapping[str, str] = field(default_factory=dict)
     removed: bool = False
     checksum: str | None = None
+    # Being rebuilt: the layer's data is still being copied from another replica.
+    incomplete: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to the layer's .meta file."""
-        return {
+        out = {
             "format": FORMAT_VERSION, "name": self.name, "file": self.file,
             "parent": self.parent, "created": self.created, "labels": dict(self.labels),
             "removed": self.removed, "size": self.size, "checksum": self.checksum,
         }
+        if self.incomplete:
+            out["incomplete"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> LayerMeta:
@@ -261,6 +289,12 @@ class LayerMeta:
         removed = _get(obj, "removed", bool, where)
         size = _get(obj, "size", int, where)
         checksum = _get(obj, "checksum", (str, type(None)), where)
+        incomplete = obj.get("incomplete", False)  # optional: older files lack it
+        if not isinstance(incomplete, bool):
+            raise ReplicaError(f"{where}: key 'incomplete' has the wrong type "
+                               f"({type(incomplete).__name__})")
+        if incomplete and checksum is not None:
+            raise ReplicaError(f"{where}: an incomplete layer cannot have a checksum")
         if name is not None and not NAME_RE.match(name):
             raise ReplicaError(f"{where}: invalid snapshot name {name!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
@@ -272,7 +306,8 @@ class LayerMeta:
         except ValueError:
             raise ReplicaError(f"{where}: 'created' is not an ISO-8601 time: {created!r}") from None
         return cls(file=file, name=name, parent=parent, created=created, size=size,
-                   labels=dict(labels), removed=removed, checksum=checksum)
+                   labels=dict(labels), removed=removed, checksum=checksum,
+                   incomplete=incomplete)
 
 
 def _check_format(obj: Any, where: str) -> None:
@@ -350,8 +385,9 @@ def check_tree(
             raise ReplicaError(f"{mpath}: layer is its own parent")
         is_head = file == vol.head
         if is_head:
-            if m.name is not None or m.removed or m.checksum is not None:
-                raise ReplicaError(f"{mpath}: the head must have no name, checksum or removal")
+            if m.name is not None or m.removed or m.checksum is not None or m.incomplete:
+                raise ReplicaError(f"{mpath}: the head must have no name, checksum, removal "
+                                   "or incomplete flag")
             if file_sizes[file] < vol.size:
                 raise ReplicaError(f"{where / file}: file size {file_sizes[file]} is smaller "
                                    f"than the volume size {vol.size}")

@@ -74,7 +74,8 @@ async def serve_replica(
         if unix is not None:
             await server.listen_unix(unix)
             addresses["nbd_unix"] = unix
-        ctl = ControlServer(build_app(ReplicaControl(replica, gate, addresses)), *control)
+        rc = ReplicaControl(replica, gate, addresses)
+        ctl = ControlServer(build_app(rc), *control)
         await ctl.start()
         addresses["control"] = ctl.url
         log.info("replica %s serving: %s", directory, addresses)
@@ -85,6 +86,7 @@ async def serve_replica(
         finally:
             await server.close()
             await ctl.stop()
+            await rc.close()
             await gate.drain()
             replica.flush()
     finally:

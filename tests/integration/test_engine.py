@@ -1,0 +1,238 @@
+"""The engine process over real replica processes, driven by real NBD clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from replicatools import drove_cmd, nbdinfo_json, nbdsh, run
+
+MiB = 1 << 20
+pytestmark = pytest.mark.timeout(300)
+
+
+def random_image(path: Path, size: int, seed: int) -> bytes:
+    """A raw image with random data, some holes and some zero runs."""
+    import random
+
+    rnd = random.Random(seed)
+    data = bytearray(size)
+    for _ in range(64):
+        off = rnd.randrange(0, size - 300_000)
+        n = rnd.randrange(1, 300_000)
+        data[off:off + n] = rnd.randbytes(n)
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def fio(uri: str, *args: str, timeout: float = 300) -> dict:
+    """Run fio's nbd engine; return the first job's JSON result."""
+    cmd = ["fio", "--name=job", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+           "--verify_state_save=0", *args]
+    out = run(cmd, timeout=timeout, check=False)
+    text = out.stdout.decode()
+    assert "{" in text, out.stderr.decode()[-3000:]
+    return json.loads(text[text.index("{"):])["jobs"][0]
+
+
+def compare(a: str, b: str) -> None:
+    """qemu-img compare two NBD exports (raises with the difference)."""
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
+
+
+def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_path):
+    eng = cluster.start(3, "32M")
+    info = nbdinfo_json(eng.uri())
+    assert info["exports"][0]["export-size"] == 32 * MiB
+    assert info["exports"][0]["can_multi_conn"] is True
+    assert eng.info()["health"] == "healthy"
+    src = tmp_path / "src.raw"
+    random_image(src, 32 * MiB, seed=1)
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), eng.uri()])
+    compare(str(src), eng.uri())
+    out = tmp_path / "out.raw"
+    run(["nbdcopy", "--connections=4", eng.uri(), str(out)])
+    assert out.read_bytes() == src.read_bytes()
+    for r in cluster.replicas:
+        compare(str(src), r.uri("head"))
+    stats = eng.ok("GET", "/v1/stats")
+    assert stats["ops"]["write"]["count"] > 0 and stats["ops"]["read"]["bytes"] >= 32 * MiB
+    assert stats["ops"]["write"]["p99_us"] is not None
+
+
+def test_multi_conn_flushed_write_is_seen_on_another_connection(cluster):
+    eng = cluster.start(2, "8M")
+    script = (
+        "h2 = nbd.NBD()\n"
+        f"h2.connect_uri({eng.uri()!r})\n"
+        "assert h.can_multi_conn()\n"
+        "for i in range(64):\n"
+        "    data = bytes([i % 251]) * 4096\n"
+        "    h.pwrite(data, i * 65536 + 123)\n"
+        "    h.flush()\n"
+        "    assert h2.pread(4096, i * 65536 + 123) == data, i\n"
+    )
+    nbdsh(eng.uri(), script)
+
+
+def test_nbdsh_edge_cases(cluster):
+    eng = cluster.start(2, "4M")
+    script = (
+        "import errno\n"
+        "size = h.get_size()\n"
+        "assert size == 4 * 1024 * 1024\n"
+        "h.pwrite(b'a' * 10, 4090)\n"           # crosses a block boundary
+        "assert h.pread(20, 4085) == bytes(5) + b'a' * 10 + bytes(5)\n"
+        "h.pwrite(b'b' * 8192, 0, nbd.CMD_FLAG_FUA)\n"
+        "h.zero(50, 100)\n"
+        "assert h.pread(200, 0) == b'b' * 100 + bytes(50) + b'b' * 50\n"
+        "h.trim(4096, 0)\n"
+        "h.zero(8192, 8192, nbd.CMD_FLAG_NO_HOLE)\n"
+        "h.pwrite(b'c', size - 1)\n"
+        "assert h.pread(1, size - 1) == b'c'\n"
+        "for off, n in ((size, 1), (size - 1, 2)):\n"
+        "    try:\n"
+        "        h.pread(n, off)\n"
+        "        raise SystemExit('read past the end succeeded')\n"
+        "    except nbd.Error as e:\n"
+        "        assert e.errnum in (errno.EINVAL, errno.ENOSPC), e\n"
+        "seen = []\n"
+        "h3 = nbd.NBD()\n"
+        "h3.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\n"
+        f"h3.connect_uri({eng.uri()!r})\n"
+        "h3.block_status(size, 0, lambda ctx, off, ents, err: seen.append(ents))\n"
+        "assert sum(seen[0][0::2]) > 0\n"
+        "h.flush()\n"
+        "h.cache(4096, 0)\n"
+    )
+    nbdsh(eng.uri(), script)
+    for r in cluster.replicas:
+        compare(eng.uri(), r.uri("head"))
+
+
+def test_snapshot_delete_revert_expand_through_the_engine(cluster, tmp_path):
+    eng = cluster.start(2, "8M")
+    nbdsh(eng.uri(), "h.pwrite(b'1' * 65536, 0)")
+    snap = eng.ok("POST", "/v1/snapshots", json={"name": "one", "labels": {"k": "v"}})
+    assert snap["pause_ms"] < 1000
+    nbdsh(eng.uri(), "h.pwrite(b'2' * 65536, 0)")
+    eng.ok("POST", "/v1/snapshots", json={"name": "two"})
+    for r in cluster.replicas:
+        names = {la["name"] for la in r.ok("GET", "/v1/layers")}
+        assert {"one", "two"} <= names
+    assert eng.api("POST", "/v1/snapshots", json={"name": "one"}).status_code == 409
+    assert eng.api("POST", "/v1/snapshots", json={"name": "bad/name"}).status_code in (400, 422)
+    eng.ok("DELETE", "/v1/snapshots/two")
+    assert eng.api("DELETE", "/v1/snapshots/two").status_code == 404
+    eng.ok("POST", "/v1/revert", json={"snapshot": "one"})
+    nbdsh(eng.uri(), "assert h.pread(65536, 0) == b'1' * 65536")
+    eng.ok("POST", "/v1/expand", json={"size": 16 * MiB})
+    assert eng.api("POST", "/v1/expand", json={"size": 8 * MiB}).status_code == 400
+    nbdsh(eng.uri(), "assert h.get_size() == 16 << 20\nh.pwrite(b'e', (16 << 20) - 1)")
+    for r in cluster.replicas:
+        assert r.ok("GET", "/v1/info")["size"] == 16 * MiB
+        compare(eng.uri(), r.uri("head"))
+    kinds = [e["kind"] for e in eng.ok("GET", "/v1/events")]
+    assert {"snapshot", "snapshot-deleted", "reverted", "expanded"} <= set(kinds)
+
+
+def test_cli_reports_and_refuses_clearly(cluster):
+    eng = cluster.start(1, "4M")
+    out = run(drove_cmd("engine", "info", "--url", eng.control, "--json"))
+    assert json.loads(out.stdout)["health"] == "healthy"
+    out = run(drove_cmd("engine", "snapshot", "--url", eng.control, "s1", "--json"))
+    assert "pause_ms" in json.loads(out.stdout)
+    res = run(drove_cmd("engine", "delete", "--url", eng.control, "nope"), check=False)
+    assert res.returncode != 0 and b"no snapshot 'nope'" in res.stderr
+    res = run(drove_cmd("engine", "serve", "v", "--replica", "127.0.0.1:1"), check=False)
+    assert res.returncode != 0 and b"control URL" in res.stderr
+
+
+def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_path):
+    eng = cluster.start(3, "64M")
+    eng.ok("POST", "/v1/snapshots", json={"name": "base"})
+    verify = ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=48M",
+              "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0"]
+    job = subprocess.Popen(
+        ["fio", "--name=job", "--ioengine=nbd", f"--uri={eng.uri()}", "--output-format=json",
+         "--verify_state_save=0", *verify], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    cluster.replicas[1].kill()
+    out, err = job.communicate(timeout=300)
+    text = out.decode()
+    result = json.loads(text[text.index("{"):])["jobs"][0]
+    assert result["error"] == 0, err.decode()[-2000:]
+    info = eng.info()
+    assert info["health"] == "degraded"
+    assert {r["name"]: r["mode"] for r in info["replicas"]}["r1"] == "ERR"
+
+    # Rebuild onto a fresh replica process while a writer keeps going.
+    fresh = cluster.replica("r1b", "64M")
+    load = subprocess.Popen(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={eng.uri()}", "--rw=randwrite",
+         "--bs=4k", "--iodepth=8", "--size=48M", "--time_based", "--runtime=30",
+         "--verify_state_save=0", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    eng.ok("DELETE", "/v1/replicas/r1")
+    eng.ok("POST", "/v1/replicas", json={"name": "r1b", "url": fresh.control})
+    rb = eng.wait_rebuilt()
+    assert rb["bytes_done"] == rb["bytes_total"] > 0
+    load.send_signal(signal.SIGINT)
+    load.communicate(timeout=60)
+    assert eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")["health"]
+    # I/O quiesced: every replica's head and snapshots are byte-identical.
+    live = [cluster.replicas[0], cluster.replicas[2], fresh]
+    for r in live[1:]:
+        compare(live[0].uri("head"), r.uri("head"))
+        compare(live[0].uri("snapshot/base"), r.uri("snapshot/base"))
+    compare(eng.uri(), live[2].uri("head"))
+
+
+def test_stopped_replica_is_dropped_within_the_timeout(cluster):
+    eng = cluster.start(2, "32M", "--timeout", "2")
+    job = subprocess.Popen(
+        ["fio", "--name=job", "--ioengine=nbd", f"--uri={eng.uri()}", "--rw=randrw",
+         "--bs=4k", "--iodepth=8", "--size=16M", "--time_based", "--runtime=8",
+         "--verify_state_save=0", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    stopped = cluster.replicas[1]
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        eng.wait_for(lambda i: i["health"] == "degraded", timeout=6, what="degraded")
+        dropped_after = time.monotonic() - t0
+        out, err = job.communicate(timeout=60)
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+    text = out.decode()
+    result = json.loads(text[text.index("{"):])["jobs"][0]
+    assert result["error"] == 0, err.decode()[-2000:]
+    assert dropped_after < 5
+    # fio kept going after the drop: it ran its full time with I/O throughout.
+    assert result["write"]["total_ios"] > 0 and result["job_runtime"] >= 7000
+
+
+def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
+    eng = cluster.start(2, "4M", "--timeout", "2")
+    for r in cluster.replicas:
+        r.kill()
+    script = (
+        "import errno\n"
+        "for op in (lambda: h.pwrite(b'x' * 4096, 0), lambda: h.pread(4096, 0)):\n"
+        "    try:\n"
+        "        op()\n"
+        "        raise SystemExit('I/O on a volume without replicas succeeded')\n"
+        "    except nbd.Error as e:\n"
+        "        assert e.errnum == errno.EIO, e\n"
+    )
+    t0 = time.monotonic()
+    nbdsh(eng.uri(), script)
+    assert time.monotonic() - t0 < 10
+    assert eng.info()["health"] == "faulted"
