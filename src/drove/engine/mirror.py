@@ -80,6 +80,56 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+async def gather_eager(coros: list[Any]) -> list[Any]:
+    """Run coroutines concurrently without a Task each; results or exceptions, in order.
+
+    ``asyncio.gather`` wraps every coroutine in a Task, which costs two trips
+    through the event loop.  A replica write is one request sent and one
+    future awaited, so each coroutine is stepped by hand: started at once
+    (its request leaves in this turn of the loop), and resumed when the
+    future it yielded is done.
+    """
+    results: list[Any] = [None] * len(coros)
+    pending: list[tuple[int, Any, Any]] = []
+    for i, coro in enumerate(coros):
+        _step(coro, None, i, results, pending)
+    try:
+        while pending:
+            i, coro, fut = pending.pop()
+            if fut is None:  # a bare yield (asyncio.sleep(0)): give the loop a turn
+                await asyncio.sleep(0)
+            elif not fut.done():
+                # Wait on a waiter of our own: cancelling us must not cancel ``fut``,
+                # which belongs to the coroutine (it is cancelled through it below).
+                waiter = asyncio.get_running_loop().create_future()
+                fut.add_done_callback(lambda _, w=waiter: w.done() or w.set_result(None))
+                await waiter
+            _step(coro, fut, i, results, pending)
+    except BaseException as exc:
+        for _, coro, _ in pending:
+            with contextlib.suppress(BaseException):
+                coro.throw(exc)
+            coro.close()
+        raise
+    return results
+
+
+def _step(coro: Any, fut: Any, i: int, results: list[Any],
+          pending: list[tuple[int, Any, Any]]) -> None:
+    """Advance ``coro`` once; record its result/exception or what it waits on next."""
+    try:
+        if fut is not None and fut.cancelled():
+            nxt = coro.throw(asyncio.CancelledError())
+        else:
+            nxt = coro.send(None)
+    except StopIteration as stop:
+        results[i] = stop.value
+    except Exception as exc:
+        results[i] = exc
+    else:
+        pending.append((i, coro, nxt))
+
+
 class Mirror:
     """An Export that fans writes out to every member and reads from an RW one."""
 
@@ -244,7 +294,7 @@ class Mirror:
                     await self.settled()
                 return
         else:
-            results = await asyncio.gather(*(call(m) for m in targets), return_exceptions=True)
+            results = await gather_eager([call(m) for m in targets])
         self._judge(targets, results)
         if self._change_task is not None:
             await self.settled()

@@ -97,6 +97,7 @@ _CMD_BLOCK_STATUS = proto.NBD_CMD_BLOCK_STATUS
 # --- Tuning -----------------------------------------------------------------------
 
 _RBUF_SIZE = 256 * 1024  # receive buffer for reply headers and small payloads
+_CORK_LIMIT = 256 * 1024  # send a batch of queued requests early beyond this many payload bytes
 # At most this much of the receive buffer is offered to one recv: small
 # replies still arrive in batches, while the first part of a large read
 # payload that lands here (and must be copied) stays small.
@@ -264,6 +265,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.pending: dict[int, _Request] = {}
         self._cookie = 0
         self.write_paused = False
+        # Requests issued in one turn of the event loop leave in one writev: every
+        # write to a socket whose reader sleeps wakes it (on a VM, a cross-CPU
+        # interrupt), and a mirror issues its writes to a replica in bursts.
+        self._out: list[Any] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle_waiter: asyncio.Future[None] | None = None
 
@@ -631,13 +638,32 @@ class _Connection(asyncio.BufferedProtocol):
         if self.write_paused:
             req.hdr = hdr
             req.data = data
-        elif data is None:
-            self._transport.write(hdr)  # type: ignore[union-attr]
-        else:
-            # One call for header and payload: uvloop sends both with one writev
-            # and no copy (the default loop of Python 3.11 joins them first).
-            self._transport.writelines((hdr, data))  # type: ignore[union-attr]
+            return req
+        out = self._out
+        out.append(hdr)
+        if data is not None:
+            # uvloop sends the batch with one writev and no copy (the default loop
+            # of Python 3.11 joins the pieces first).
+            out.append(data)
+            self._out_bytes += length
+            if self._out_bytes >= _CORK_LIMIT:
+                self.flush_out()
+                return req
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush_out)
         return req
+
+    def flush_out(self) -> None:
+        """Send the requests queued in this turn of the event loop."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_bytes = 0
+        if self.phase == _TRANSMISSION and self._transport is not None:
+            self._transport.writelines(out)
 
     async def send_later(self, req: _Request) -> None:
         """Wait until the transport accepts more, then send ``req`` (if still wanted)."""
@@ -673,6 +699,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def send_disc(self) -> None:
         """Send NBD_CMD_DISC (it has no reply)."""
+        self.flush_out()
         self._cookie += 1
         self._transport.write(  # type: ignore[union-attr]
             _REQUEST.pack(_REQUEST_MAGIC, 0, proto.NBD_CMD_DISC, self._cookie, 0, 0)
@@ -980,6 +1007,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close_transport(self) -> None:
         """Close after DISC: queued bytes are still sent, then the socket is closed."""
+        self.flush_out()
         self.phase = _CLOSED
         self.reason = f"connection to {self.where} closed by the client"
         if self._timer is not None:
@@ -1361,7 +1389,9 @@ class NbdClient:
         try:
             while pos < length:
                 if len(window) >= _PIECE_WINDOW:
-                    error = await _settle(window.popleft(), error)
+                    # Awaited while still in the window, so a cancellation reaches it.
+                    error = await _settle(window[0], error)
+                    window.popleft()
                 n = min(step, length - pos)
                 piece = view[pos : pos + n] if view is not None else None
                 try:
@@ -1377,7 +1407,8 @@ class NbdClient:
                     await c.send_later(req)
                 pos += n
             while window:
-                error = await _settle(window.popleft(), error)
+                error = await _settle(window[0], error)
+                window.popleft()
         except asyncio.CancelledError:
             for req in window:
                 req.buf = None

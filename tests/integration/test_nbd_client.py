@@ -770,7 +770,8 @@ def test_close_waits_for_in_flight(nbdkit: Callable[..., Nbdkit]) -> None:
 
 
 def test_cancelled_readinto_leaves_buffer_alone(nbdkit: Callable[..., Nbdkit]) -> None:
-    server = nbdkit("--filter=delay", "memory", "16M", "delay-read=300ms")
+    server = nbdkit("--filter=delay", "--filter=blocksize-policy", "memory", "16M",
+                    "delay-read=300ms", "blocksize-maximum=64K")
 
     async def main() -> None:
         async with await connect_unix(server.sock) as client:
@@ -782,8 +783,10 @@ def test_cancelled_readinto_leaves_buffer_alone(nbdkit: Callable[..., Nbdkit]) -
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            assert client.in_flight == 2  # the server still owes the replies
-            await asyncio.sleep(0.5)
+            assert client.in_flight == 17  # the server still owes the replies (1 + 16 pieces)
+            deadline = time.monotonic() + 5  # nbdkit runs 16 requests at a time
+            while client.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             assert client.in_flight == 0
             assert small == bytes(4096) and large == bytes(1 << 20)
             assert await client.read(0, 4) == b"\x01" * 4  # and the connection still works
@@ -817,8 +820,9 @@ def test_tls_nbdkit(tls_dir: Path, nbdkit: Callable[..., Nbdkit]) -> None:
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_tls_own_server(tls_dir: Path, loop: str) -> None:
-    with ServerThread(make_provider(), tls=server_tls_context(tls_dir), tls_required=True) as srv:
+def test_tls_own_server(tls_dir: Path, tmp_path: Path, loop: str) -> None:
+    with ServerThread(make_provider(), tls=server_tls_context(tls_dir), tls_required=True,
+                      unix_path=tmp_path / "tls.sock") as srv:
         async def main() -> None:
             uri = srv.uri(scheme="nbds", query=f"tls-certificates={tls_dir}")
             async with await connect_uri(uri) as client:
@@ -826,6 +830,11 @@ def test_tls_own_server(tls_dir: Path, loop: str) -> None:
                 data = random.Random(1).randbytes(3 << 20)
                 await client.write(0, data)
                 assert await client.read(0, len(data)) == data
+            # Over a unix socket the name to verify comes from tls-hostname (no host).
+            unix = (f"nbds+unix:///?socket={srv.unix_path}&tls-certificates={tls_dir}"
+                    f"&tls-hostname=localhost")
+            async with await connect_uri(unix) as client:
+                assert client.tls and await client.read(0, 3 << 20) == data
             with pytest.raises(NbdHandshakeError, match="requires TLS"):
                 await connect_uri(srv.uri())
 
