@@ -236,3 +236,39 @@ def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
     nbdsh(eng.uri(), script)
     assert time.monotonic() - t0 < 10
     assert eng.info()["health"] == "faulted"
+
+
+def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishes(cluster):
+    eng = cluster.start(2, "256M", "--timeout", "2")
+    run(["nbdcopy", "--", "[", "nbdkit", "random", "256M", "]", eng.uri()])
+    eng.ok("POST", "/v1/snapshots", json={"name": "s1"})
+    nbdsh(eng.uri(), "h.pwrite(b'x' * (1 << 20), 0)")
+    victim = cluster.replicas[1]
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        eng.wait_for(lambda i: i["health"] == "degraded", timeout=10, what="degraded")
+        nbdsh(eng.uri(), "h.pwrite(b'y' * (1 << 20), 1 << 20)")  # r1 misses this
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    # A rebuild of r1 that dies half-way (its process is stopped again) leaves r1 out.
+    eng.ok("POST", "/v1/replicas", json={"name": "r1"})
+    deadline = time.monotonic() + 20
+    while eng.ok("GET", "/v1/rebuild")["state"] in ("starting", "preparing"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        rb = eng.wait_for(lambda i: i["rebuild"]["state"] in ("done", "failed"),
+                          timeout=30, what="rebuild end")["rebuild"]
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert rb["state"] == "failed", rb
+    assert eng.modes()["r1"] == "ERR"
+    assert victim.ok("GET", "/v1/info")["rebuilding"] is True  # never half-in
+    eng.ok("POST", "/v1/replicas", json={"name": "r1"})
+    rb = eng.wait_rebuilt()
+    assert rb["bytes_copied"] < 128 << 20, rb["layers"]  # a delta: most ranges matched already
+    assert eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")
+    compare(cluster.replicas[0].uri("head"), victim.uri("head"))
+    compare(cluster.replicas[0].uri("snapshot/s1"), victim.uri("snapshot/s1"))
+    assert eng.api("POST", "/v1/replicas", json={"name": "r1"}).status_code == 409

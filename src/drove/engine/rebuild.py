@@ -98,7 +98,9 @@ class Rebuild:
         self.bytes_copied = 0
         self.current: str | None = None
         self._current_done = 0
+        self.per_layer: list[dict[str, Any]] = []
         self._task: asyncio.Task[Any] | None = None
+        self._abort_reason: str | None = None
 
     @property
     def running(self) -> bool:
@@ -116,7 +118,7 @@ class Rebuild:
             "bytes_copied": self.bytes_copied,
             "layers_done": self.layers_done, "layers_total": self.layers_total,
             "current_layer": self.current, "pause_ms": self.pause_ms,
-            "started": self.started, "finished": self.finished,
+            "started": self.started, "finished": self.finished, "layers": self.per_layer,
             "seconds": round(elapsed, 3),
         }
 
@@ -127,12 +129,15 @@ class Rebuild:
         eng.event("rebuild-started", f"rebuild of replica {self.target.name} started",
                   replica=self.target.name)
         try:
-            await self._run()
-        except asyncio.CancelledError:
-            self.state = "cancelled"
-            self.error = "cancelled"
-            self._abandon("rebuild cancelled")
-            raise
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                if self._abort_reason is None:
+                    self.state = "cancelled"
+                    self.error = "cancelled"
+                    self._abandon("rebuild cancelled")
+                    raise
+                raise RebuildError(self._abort_reason) from None
         except Exception as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
@@ -150,6 +155,17 @@ class Rebuild:
         finally:
             self.finished = time.time()
             self.current = None
+        await self._drop_snapshot()
+
+    async def _drop_snapshot(self) -> None:
+        """Delete the rebuild's own snapshot: it only marked where the copy started."""
+        if self.snapshot is None or self.engine.mirror.faulted is not None:
+            return
+        try:
+            await self.engine.delete_snapshot(self.snapshot)
+        except Exception as exc:  # harmless leftover: a system-labelled snapshot
+            log.warning("volume %s: could not delete rebuild snapshot %s: %s",
+                        self.engine.name, self.snapshot, exc)
 
     def _abandon(self, why: str) -> None:
         t = self.target
@@ -164,6 +180,14 @@ class Rebuild:
         with contextlib.suppress(Exception):
             await self.target.cancel_sync()
 
+    def target_dropped(self, why: str) -> None:
+        """The mirror dropped the target: stop at once, whatever the rebuild awaits."""
+        task = self._task
+        if self.running and task is not None and not task.done() \
+                and task is not asyncio.current_task() and self._abort_reason is None:
+            self._abort_reason = f"replica {self.target.name} failed during the rebuild: {why}"
+            task.cancel()
+
     async def cancel(self) -> None:
         """Stop the rebuild (the target is left out of the volume)."""
         task = self._task
@@ -176,6 +200,7 @@ class Rebuild:
         eng, target, mirror = self.engine, self.target, self.engine.mirror
         old = {la["file"]: la for la in await self._target_layers()}
         async with eng._lock:
+            self.state = "preparing"
             sources = mirror.rw_members()
             if not sources:
                 raise RebuildError("no RW replica to copy from")
@@ -198,6 +223,7 @@ class Rebuild:
             self.pause_ms = round((time.perf_counter() - started) * 1e3, 2)
         eng.event("rebuild-wo", f"replica {target.name} added write-only; I/O paused "
                                 f"{self.pause_ms} ms", replica=target.name, pause_ms=self.pause_ms)
+        self.state = "copying"
         order = _topological(snaps)
         self.layers_total = len(order)
         self.bytes_total = sum(la["size"] for la in order)
@@ -206,6 +232,7 @@ class Rebuild:
             await self._copy_layer(source, la, old.get(la["file"]))
             self.layers_done += 1
         self._check_target()
+        self.state = "joining"
         async with eng._lock:
             self._check_target()
             mirror.set_mode(target, Mode.RW)
@@ -231,14 +258,20 @@ class Rebuild:
         self.current = file
         self._current_done = 0
         checksum = asyncio.ensure_future(source.layer_checksum(file))
+        started = time.perf_counter()
         try:
             ranges: list[tuple[int, int]] | None = None
             if older is not None:
                 a, b = await asyncio.gather(source.digests(file, DIGEST_RANGE),
                                             self.target.digests(file, DIGEST_RANGE))
                 ranges = _differing(a, b, size, DIGEST_RANGE)
+            copied = self.bytes_copied
             if ranges != []:
                 await self._pull(source, file, ranges)
+            self.per_layer.append({
+                "file": file, "delta": older is not None,
+                "bytes_copied": self.bytes_copied - copied,
+                "seconds": round(time.perf_counter() - started, 3)})
             self.bytes_done += size
             self._current_done = 0
             await self.target.complete_layer(file, await checksum)
@@ -258,7 +291,7 @@ class Rebuild:
             done = st.get("bytes_done") or 0
             self._current_done = done if ranges is None else 0
             if st["state"] == "done":
-                self.bytes_copied += total
+                self.bytes_copied += st.get("bytes_written", total)
                 return
             if st["state"] in ("failed", "cancelled", "idle"):
                 raise RebuildError(f"copying layer {file} failed: {st.get('error')}")

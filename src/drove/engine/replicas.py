@@ -9,6 +9,9 @@ import httpx
 
 from drove.engine.mirror import Member, Mode, ReplicaIO
 
+SLOW_CALL_TIMEOUT = 600.0
+"""Seconds a control call that reads whole layers may take (checksums, digests, prepare)."""
+
 
 class ReplicaControlError(OSError):
     """A replica's control API refused or failed a call (message has its answer)."""
@@ -45,10 +48,15 @@ class ReplicaHandle(Member):
         return {"name": self.name, "url": self.url, "mode": str(self.mode),
                 "error": self.error, "nbd": self.nbd_uri("head") if self.info else None}
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One control call; ReplicaControlError on a non-2xx answer or no answer."""
+    async def call(self, method: str, path: str, *, slow: bool = False, **kwargs: Any) -> Any:
+        """One control call; ReplicaControlError on a non-2xx answer or no answer.
+
+        Calls answered at once are bounded by the I/O timeout; ``slow`` ones
+        (hashing or preparing whole layers) get :data:`SLOW_CALL_TIMEOUT`.
+        """
         try:
-            r = await self.http.request(method, path, **kwargs)
+            r = await self.http.request(method, path, timeout=SLOW_CALL_TIMEOUT if slow
+                                        else self.timeout, **kwargs)
         except httpx.HTTPError as exc:
             raise ReplicaControlError(0, f"replica {self.name} ({self.url}): {exc!r}") from exc
         if r.status_code >= 400:
@@ -118,7 +126,7 @@ class ReplicaHandle(Member):
 
     async def delete_snapshot(self, name: str) -> dict[str, Any]:
         """Delete a snapshot and purge."""
-        return await self.call("DELETE", f"/v1/snapshots/{name}")
+        return await self.call("DELETE", f"/v1/snapshots/{name}", slow=True)
 
     async def revert(self, name: str) -> dict[str, Any]:
         """New head on snapshot ``name``."""
@@ -130,18 +138,18 @@ class ReplicaHandle(Member):
 
     async def layer_checksum(self, file: str) -> str:
         """sha256 of one layer's own data (cached by the replica)."""
-        return (await self.call("GET", f"/v1/layers/{file}/checksum"))["checksum"]
+        return (await self.call("GET", f"/v1/layers/{file}/checksum", slow=True))["checksum"]
 
     async def digests(self, file: str, range_size: int) -> list[str]:
         """Per-range digests of one layer's own data."""
-        r = await self.call("GET", f"/v1/layers/{file}/digests",
+        r = await self.call("GET", f"/v1/layers/{file}/digests", slow=True,
                             params={"range_size": range_size})
         return r["digests"]
 
     async def prepare_rebuild(self, layers: list[dict[str, Any]], head_parent: str | None,
                               size: int, reuse_head_as: str | None) -> dict[str, Any]:
         """Make this replica's tree the source's, every layer incomplete, empty head on top."""
-        return await self.call("POST", "/v1/rebuild/prepare", json={
+        return await self.call("POST", "/v1/rebuild/prepare", slow=True, json={
             "layers": layers, "head_parent": head_parent, "size": size,
             "reuse_head_as": reuse_head_as})
 
@@ -162,5 +170,5 @@ class ReplicaHandle(Member):
 
     async def complete_layer(self, file: str, checksum: str) -> dict[str, Any]:
         """Verify layer ``file`` against the source's checksum; clears its incomplete flag."""
-        return await self.call("POST", f"/v1/rebuild/layers/{file}/complete",
+        return await self.call("POST", f"/v1/rebuild/layers/{file}/complete", slow=True,
                                json={"checksum": checksum})

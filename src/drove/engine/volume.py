@@ -139,10 +139,27 @@ class Engine:
                                         f"{self.mirror.faulted}")
         self.event("started", f"serving with {len(self.mirror.rw_members())} RW replica(s) at "
                               f"generation {self.generation}", generation=self.generation)
+        self._spawn(self._monitor())
         if self.auto_rebuild:
             to_rebuild = [self.replica(n) for n in sel.rebuild]
             if to_rebuild:
                 self._spawn(self._rebuild_all(to_rebuild))
+
+    async def _monitor(self) -> None:
+        """Ping every member now and then, so a dead or hung replica is noticed without I/O.
+
+        The ping is an NBD CACHE of one block: cheap, answered by a rebuilding
+        replica too, and bounded by the connection's request timeout.
+        """
+        interval = max(0.5, min(5.0, self.timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
+            results = await asyncio.gather(*(r.io.cache(0, 4096) for r in members),
+                                           return_exceptions=True)
+            for r, res in zip(members, results, strict=True):
+                if isinstance(res, Exception) and r.mode is not Mode.ERR:
+                    self.mirror.drop(r, f"health check failed: {res!r}")
 
     async def _rebuild_all(self, replicas: list[ReplicaHandle]) -> None:
         for r in replicas:
@@ -236,6 +253,8 @@ class Engine:
     def _on_drop(self, member: Any, why: str) -> None:
         self.event("replica-failed", f"replica {member.name} set to ERR: {why}",
                    replica=member.name)
+        if self.rebuild is not None and self.rebuild.target is member:
+            self.rebuild.target_dropped(why)
 
     # ----------------------------------------------------------- snapshots
 
