@@ -1657,7 +1657,7 @@ MAX_DIGEST_RANGE = 1 << 30
 MAX_DIGESTS = 1 << 21
 """Most digests one :meth:`Replica.layer_digests` call returns."""
 
-MAX_LAYER_EXTENTS = 16384
+MAX_LAYER_EXTENTS = 1024
 """Most extents one :meth:`LayerHandle.block_status` call reports (it may cover less)."""
 
 _SOURCE_KEYS = ("file", "name", "parent", "created", "labels", "removed", "size")

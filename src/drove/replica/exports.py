@@ -48,8 +48,8 @@ def _extents(runs: Sequence[tuple[int, bool]]) -> list[Extent]:
     return [Extent(length, 0 if allocated else _HOLE) for length, allocated in runs]
 
 
-_STATUS_FIRST = 1 << 20
-_STATUS_ENOUGH = 256
+_STATUS_FIRST = 64 << 10
+_STATUS_ENOUGH = 64
 
 
 def _chain_status(status, offset: int, length: int) -> list[Extent]:
@@ -57,7 +57,7 @@ def _chain_status(status, offset: int, length: int) -> list[Extent]:
 
     Clients like qemu ask with REQ_ONE for the whole rest of the disk and use the
     first extent only, so describing everything would cost O(n) per request and
-    O(n^2) per scan.  Windows start at 1 MiB and double until enough extents
+    O(n^2) per scan.  Windows start at 64 KiB and double until enough extents
     are found (a sparse or fully allocated disk still takes few steps).
     """
     out: list[tuple[int, bool]] = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -41,6 +42,10 @@ WINDOW = 4 << 20
 
 DEPTH = 6
 """Window reads in flight."""
+
+WRITERS = 2
+"""Windows being written at once (in worker threads: the kernel's page cache work is the
+bulk of a sync's CPU, and two cores can share it)."""
 
 STATUS_REQUEST = 1 << 30
 """Length asked of one BLOCK_STATUS request (the source may answer for less)."""
@@ -103,6 +108,13 @@ async def _in_thread(func: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 def _apply(fd: int, base: int, mv: memoryview | None, item: _Item) -> None:
     """Punch the item's hole runs and write its data runs from ``mv`` (read at ``base``)."""
     for s, e in item.punch:
@@ -115,6 +127,9 @@ def _apply(fd: int, base: int, mv: memoryview | None, item: _Item) -> None:
             # than delayed allocation; unwritten extents still read as holes.
             meta.fs.preallocate(fd, s, e - s)
         meta.write_all(fd, [mv[s - base:e - base]], s)
+    # Start writeback now (not waiting for it): the final fdatasync then finds
+    # little left, and dirty pages do not pile up to the kernel's throttling limit.
+    _sync_file_range(fd, item.start, item.end - item.start, _SYNC_FILE_RANGE_WRITE)
 
 
 class SyncJob:
@@ -226,41 +241,76 @@ class SyncJob:
                 await client.close()
 
     async def _copy(self, client: Any, punch: bool) -> None:
-        """The pipeline: plan items from block status, read DEPTH ahead, write in order."""
-        pool = [bytearray(WINDOW) for _ in range(DEPTH + 1)]
+        """The pipeline: items from block status, DEPTH reads ahead, WRITERS writes at once."""
+        pool = [bytearray(WINDOW) for _ in range(DEPTH + WRITERS)]
         free = list(range(len(pool)))
-        pending: collections.deque[tuple[_Item, int, asyncio.Future[Any] | None]] = \
+        reads: collections.deque[tuple[_Item, int, asyncio.Future[Any] | None]] = \
             collections.deque()
+        writes: collections.deque[tuple[_Item, int, asyncio.Future[Any]]] = collections.deque()
+
+        async def start_write() -> None:
+            """The oldest read's data goes to a worker thread."""
+            item, slot, fut = reads.popleft()
+            try:
+                if fut is not None:
+                    await fut
+            except BaseException:
+                if slot >= 0:
+                    free.append(slot)
+                raise
+            view = memoryview(pool[slot])[:item.end - item.start] if slot >= 0 else None
+            writes.append((item, slot, asyncio.ensure_future(self._write(item, view))))
+
+        async def retire() -> None:
+            """Wait for the oldest write; its buffer is free again."""
+            item, slot, task = writes.popleft()
+            try:
+                await task
+            finally:
+                if slot >= 0:
+                    free.append(slot)
+            self.bytes_written += sum(e - s for s, e in item.data)
+            self.bytes_done = item.done_after
+
+        async def advance() -> None:
+            """Move the oldest unit of work one step: retire a write or start one."""
+            if writes and (len(writes) >= WRITERS or not reads or writes[0][2].done()):
+                await retire()
+            elif reads:
+                await start_write()
+
         try:
             async with contextlib.aclosing(self._items(client, punch)) as items:
                 async for item in items:
-                    fut = None
                     slot = -1
+                    fut = None
                     if item.data:
                         slot = free.pop()
-                        mv = memoryview(pool[slot])[:item.end - item.start]
-                        fut = asyncio.ensure_future(client.readinto(item.start, mv))
-                    pending.append((item, slot, fut))
-                    while len(pending) >= DEPTH or not free:
-                        await self._write(pending.popleft(), pool, free)
-            while pending:
-                await self._write(pending.popleft(), pool, free)
+                        view = memoryview(pool[slot])[:item.end - item.start]
+                        fut = asyncio.ensure_future(client.readinto(item.start, view))
+                    reads.append((item, slot, fut))
+                    # Eagerly: finished writes retire, finished reads start writing.
+                    while writes and writes[0][2].done():
+                        await retire()
+                    while reads and len(writes) < WRITERS and (
+                            reads[0][2] is None or reads[0][2].done()):
+                        await start_write()
+                    while len(reads) >= DEPTH or not free:
+                        await advance()
+            while reads or writes:
+                await advance()
         finally:
-            for _, _, fut in pending:
+            for _, _, fut in reads:
                 if fut is not None:
                     fut.cancel()
-            for _, _, fut in pending:
-                if fut is not None:
-                    with contextlib.suppress(BaseException):
-                        await fut
+            for _, _, task in writes:
+                task.cancel()
+            for fut in [f for _, _, f in reads if f is not None] + [t for _, _, t in writes]:
+                with contextlib.suppress(BaseException):
+                    await fut
 
-    async def _write(self, entry: tuple[_Item, int, asyncio.Future[Any] | None],
-                     pool: list[bytearray], free: list[int]) -> None:
-        item, slot, fut = entry
-        mv = None
-        if fut is not None:
-            await fut
-            mv = memoryview(pool[slot])[:item.end - item.start]
+    async def _write(self, item: _Item, view: memoryview | None) -> None:
+        """Punch and write one item's runs in a worker thread (small ones inline)."""
         handle = self._handle
         handle.check(write=True)
         lo, hi = item.start // BLOCK, -(-item.end // BLOCK)
@@ -271,16 +321,12 @@ class SyncJob:
         changed(self.file, lo, hi)
         try:
             if len(item.data) + len(item.punch) <= 2 and (item.end - item.start) < (256 << 10):
-                _apply(handle.fd, item.start, mv, item)
+                _apply(handle.fd, item.start, view, item)
             else:
-                await _in_thread(_apply, handle.fd, item.start, mv, item)
+                await _in_thread(_apply, handle.fd, item.start, view, item)
         finally:
             # Again after the thread: nothing may cache what it saw midway.
             changed(self.file, lo, hi)
-            if slot >= 0:
-                free.append(slot)
-        self.bytes_written += sum(e - s for s, e in item.data)
-        self.bytes_done = item.done_after
 
     async def _items(self, client: Any, punch: bool) -> AsyncIterator[_Item]:
         """Work items in offset order, from the source's block status."""
