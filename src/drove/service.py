@@ -129,3 +129,17 @@ async def wait_for_signal(*signals: int) -> int:
 async def default_signals() -> int:
     """Wait for SIGTERM or SIGINT."""
     return await wait_for_signal(signal.SIGTERM, signal.SIGINT)
+
+
+async def listen_nbd(server: Any, nbd: tuple[str, int] | None, unix: str | None,
+                     export: str = "") -> dict[str, Any]:
+    """Start ``server`` listening on TCP and/or a unix socket; the addresses to announce."""
+    addresses: dict[str, Any] = {}
+    if nbd is not None:
+        host, port = await server.listen_tcp(*nbd)
+        addresses["nbd"] = f"nbd://{host}:{port}" + (f"/{export}" if export else "")
+        addresses["nbd_host"], addresses["nbd_port"] = host, port
+    if unix is not None:
+        await server.listen_unix(unix)
+        addresses["nbd_unix"] = unix
+    return addresses

@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
-from drove.cli.output import emit, fail, table
+from drove.cli.output import api_call, emit, fail, parse_labels, table
 from drove.units import format_size, parse_address, parse_size
 
 app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
@@ -71,18 +70,7 @@ def serve(
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
-    """Call the control API; turn HTTP errors into messages that say what went wrong."""
-    try:
-        resp = httpx.request(method, url.rstrip("/") + path, timeout=600, **kwargs)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach the replica at {url}: {exc}; is `drove replica serve` running?")
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        fail(f"{detail} (HTTP {resp.status_code})")
-    return resp.json()
+    return api_call(method, url, path, serve_hint="drove replica serve", **kwargs)
 
 
 @app.command()
@@ -118,13 +106,7 @@ def snapshot(url: UrlOpt, name: str,
              label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
              json_out: JsonOpt = False) -> None:
     """Snapshot the head as NAME."""
-    labels = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"label {item!r} is not KEY=VALUE")
-        labels[key] = value
-    data = _call("POST", url, "/v1/snapshots", json={"name": name, "labels": labels})
+    data = _call("POST", url, "/v1/snapshots", json={"name": name, "labels": parse_labels(label)})
     if not emit(data, json_out):
         typer.echo(f"snapshot {name} created")
 

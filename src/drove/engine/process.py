@@ -13,7 +13,7 @@ from drove.engine.control import build_app
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
 from drove.replica.process import print_ready
-from drove.service import ControlServer, default_signals
+from drove.service import ControlServer, default_signals, listen_nbd
 
 log = logging.getLogger("drove.engine")
 
@@ -62,14 +62,7 @@ async def serve_engine(
         await engine.start()
         server = NbdServer(VolumeExports(engine), tls=tls, tls_required=tls_required)
         engine.nbd_connections = lambda: server.connections
-        addresses: dict[str, Any] = {}
-        if nbd is not None:
-            host, port = await server.listen_tcp(*nbd)
-            addresses["nbd"] = f"nbd://{host}:{port}/{name}"
-            addresses["nbd_host"], addresses["nbd_port"] = host, port
-        if unix is not None:
-            await server.listen_unix(unix)
-            addresses["nbd_unix"] = unix
+        addresses = await listen_nbd(server, nbd, unix, name)
         ctl = ControlServer(build_app(engine), *control)
         await ctl.start()
         addresses["control"] = ctl.url

@@ -13,7 +13,7 @@ from drove.nbd.server import NbdServer
 from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
-from drove.service import ControlServer, default_signals
+from drove.service import ControlServer, default_signals, listen_nbd
 from drove.units import format_size
 
 log = logging.getLogger("drove.replica")
@@ -66,14 +66,7 @@ async def serve_replica(
         gate = FlushGate()
         exports = ReplicaExports(replica, gate)
         server = NbdServer(exports, tls=tls, tls_required=tls_required)
-        addresses: dict[str, Any] = {}
-        if nbd is not None:
-            host, port = await server.listen_tcp(*nbd)
-            addresses["nbd"] = f"nbd://{host}:{port}"
-            addresses["nbd_host"], addresses["nbd_port"] = host, port
-        if unix is not None:
-            await server.listen_unix(unix)
-            addresses["nbd_unix"] = unix
+        addresses = await listen_nbd(server, nbd, unix)
         rc = ReplicaControl(replica, gate, addresses)
         ctl = ControlServer(build_app(rc), *control)
         await ctl.start()
