@@ -272,3 +272,61 @@ def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishe
     compare(cluster.replicas[0].uri("head"), victim.uri("head"))
     compare(cluster.replicas[0].uri("snapshot/s1"), victim.uri("snapshot/s1"))
     assert eng.api("POST", "/v1/replicas", json={"name": "r1"}).status_code == 409
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A factory of 12 MiB tmpfs mounts (real ENOSPC), unmounted at teardown."""
+    mounts: list[Path] = []
+
+    def make(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        run(["mount", "-t", "tmpfs", "-o", "size=12M", "tmpfs", str(d)])
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_enospc_drops_a_full_replica_then_reaches_the_client_when_all_are_full(
+        cluster, small_fs, tmp_path):
+    from replicatools import start_replica
+
+    # r0 on the real disk, r1 on a 12 MiB filesystem: a 32 MiB volume overflows r1 only.
+    cluster.replicas = [cluster.replica("r0", "32M"),
+                        start_replica(small_fs("fs1") / "r1", "32M")]
+    cluster._all.append(cluster.replicas[1])
+    eng = cluster.start_engine(names=["r0", "r1"])
+    run(["nbdcopy", "--", "[", "nbdkit", "random", "24M", "]", eng.uri()])
+    assert eng.modes() == {"r0": "RW", "r1": "ERR"}
+    assert "ENOSPC" in eng.info()["replicas"][1]["error"]
+    compare(eng.uri(), cluster.replicas[0].uri("head"))
+
+
+def test_enospc_on_every_replica_is_returned_and_the_volume_stays_readable(
+        cluster, small_fs):
+    from replicatools import start_replica
+
+    cluster.replicas = [start_replica(small_fs(f"fs{i}") / f"r{i}", "32M") for i in range(2)]
+    cluster._all.extend(cluster.replicas)
+    eng = cluster.start_engine(names=["r0", "r1"])
+    nbdsh(eng.uri(), "h.pwrite(b'k' * 65536, 0)")
+    script = (
+        "import errno, os\n"
+        "hit = None\n"
+        "for i in range(1, 512):\n"
+        "    try:\n"
+        "        h.pwrite(os.urandom(65536), i * 65536)\n"
+        "    except nbd.Error as e:\n"
+        "        hit = e\n"
+        "        break\n"
+        "assert hit is not None and hit.errnum == errno.ENOSPC, hit\n"
+        "assert h.pread(65536, 0) == b'k' * 65536\n"
+    )
+    nbdsh(eng.uri(), script)
+    info = eng.info()
+    assert info["health"] == "healthy", info  # full is not failed: both stay RW
+    nbdsh(eng.uri(), "assert h.pread(65536, 0) == b'k' * 65536")
