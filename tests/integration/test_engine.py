@@ -330,3 +330,17 @@ def test_enospc_on_every_replica_is_returned_and_the_volume_stays_readable(
     info = eng.info()
     assert info["health"] == "healthy", info  # full is not failed: both stay RW
     nbdsh(eng.uri(), "assert h.pread(65536, 0) == b'k' * 65536")
+
+
+def test_tls_required_volume(cluster, tmp_path):
+    from nbdtools import make_tls_dir
+
+    certs = make_tls_dir(tmp_path / "tls")
+    eng = cluster.start(1, "4M", "--tls-cert", str(certs / "server-cert.pem"),
+                        "--tls-key", str(certs / "server-key.pem"),
+                        "--tls-ca", str(certs / "ca-cert.pem"), "--tls-required")
+    host, port = eng.addresses["nbd_host"], eng.addresses["nbd_port"]
+    secure = f"nbds://{host}:{port}/vol?tls-certificates={certs}"
+    nbdsh(secure, "h.pwrite(b't' * 4096, 0)\nassert h.pread(4096, 0) == b't' * 4096")
+    plain = run(["nbdinfo", eng.uri()], check=False)
+    assert plain.returncode != 0

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import api_call, emit, fail, parse_labels, table
+from drove.cli.output import api_call, emit, fail, parse_labels, table, tls_options
 from drove.units import format_size, parse_address, parse_size
 
 app = typer.Typer(help="Serve one volume (mirrored to its replicas) and operate it.",
@@ -51,6 +51,12 @@ def serve(
     state_file: Annotated[Path | None, typer.Option(
         help="file recording the highest generation written (refuses stale replicas)")] = None,
     rebuild: Annotated[bool, typer.Option(help="rebuild stale replicas at start")] = True,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")] =
+        None,
+    tls_required: Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")] =
+        False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve volume NAME over NBD, mirroring every write to each --replica.
@@ -76,10 +82,11 @@ def serve(
         fail("replica names must be unique")
     if timeout <= 0:
         fail("--timeout must be positive")
+    tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
     try:
         run(lambda: serve_engine(name, size_bytes, replicas, nbd=nbd_addr, unix=nbd_unix,
                                  control=ctl_addr, timeout=timeout, state_file=state_file,
-                                 auto_rebuild=rebuild))
+                                 auto_rebuild=rebuild, tls=tls, tls_required=tls_required))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:

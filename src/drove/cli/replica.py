@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import api_call, emit, fail, parse_labels, table
+from drove.cli.output import api_call, emit, fail, parse_labels, table, tls_options
 from drove.units import format_size, parse_address, parse_size
 
 app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
@@ -42,7 +42,7 @@ def serve(
     """
     from drove.replica.errors import ReplicaError
     from drove.replica.process import ReplicaSetupError, serve_replica
-    from drove.service import run, server_tls_context
+    from drove.service import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -53,13 +53,7 @@ def serve(
         fail(str(exc))
     if nbd_addr is None and nbd_unix is None:
         fail("nothing to serve on: give --nbd HOST:PORT or --nbd-unix PATH")
-    tls = None
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            fail("TLS needs both --tls-cert and --tls-key")
-        tls = server_tls_context(str(tls_cert), str(tls_key), str(tls_ca) if tls_ca else None)
-    elif tls_required:
-        fail("--tls-required needs --tls-cert and --tls-key")
+    tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
     try:
         run(lambda: serve_replica(directory, size_bytes, nbd=nbd_addr, unix=nbd_unix,
                                   control=ctl_addr, tls=tls, tls_required=tls_required))
