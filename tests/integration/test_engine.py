@@ -344,3 +344,14 @@ def test_tls_required_volume(cluster, tmp_path):
     nbdsh(secure, "h.pwrite(b't' * 4096, 0)\nassert h.pread(4096, 0) == b't' * 4096")
     plain = run(["nbdinfo", eng.uri()], check=False)
     assert plain.returncode != 0
+
+
+def test_engine_refuses_a_size_the_replicas_do_not_have(cluster, tmp_path):
+    from enginetools import start_engine
+
+    r = cluster.replica("r0", "8M")
+    with pytest.raises(RuntimeError, match="not 16777216"):
+        start_engine(tmp_path / "e", "vol", [r], size="16M", timeout=15)
+    eng = start_engine(tmp_path / "e2", "vol", [r], size="8M")
+    cluster._all.append(eng)
+    assert eng.info()["size"] == 8 << 20

@@ -121,8 +121,12 @@ class Engine:
         for name, why in sel.reason.items():
             self.event("replica-excluded", f"replica {name} not serving: {why}", replica=name)
             self.replica(name).error = why
-        self.size = max(self.size, *(s.size for s in states if s.name in sel.rw))
-        self.mirror.size = self.size
+        size = max(s.size for s in states if s.name in sel.rw)
+        if self.size and self.size != size:
+            raise NoCurrentReplicaError(
+                f"the replicas hold a volume of {size} bytes, not {self.size}: omit --size, "
+                "or grow the volume with `drove engine expand` once it is served")
+        self.size = self.mirror.size = size
         for name in sel.rw:
             r = self.replica(name)
             await r.connect()
