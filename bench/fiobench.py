@@ -114,16 +114,19 @@ def nbdkit_file(path: Path, sock: Path) -> Iterator[tuple[str, int]]:
 
 
 def fill(uri: str, size: int) -> None:
-    """Write random data over the whole export with nbdcopy (so reads hit real data)."""
+    """Write random data over the whole export with nbdcopy (so reads hit real data), synced."""
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"fill-{os.getpid()}.raw"
     with open(src, "wb") as f:
         for _ in range(0, size, 8 << 20):
             f.write(os.urandom(min(8 << 20, size - f.tell())))
     try:
-        subprocess.run(["nbdcopy", "--no-extents", str(src), uri], check=True,
+        subprocess.run(["nbdcopy", "--no-extents", "--flush", str(src), uri], check=True,
                        capture_output=True)
     finally:
         src.unlink()
+    # Let writeback of the fill finish now, not during the first measured job (the
+    # baseline's fill is long written back by then, which made drove look slower).
+    os.sync()
 
 
 def qemu_io_script(uri: str, commands: list[str]) -> None:
