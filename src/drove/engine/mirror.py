@@ -248,9 +248,23 @@ class Mirror:
 
     # ----------------------------------------------------------- pause
 
-    async def _enter(self) -> None:
+    async def _wait_resume(self) -> None:
         while self._pause is not None:
             await asyncio.shield(self._pause)
+
+    def _enter(self) -> Awaitable[None] | None:
+        """Count a request in; returns an awaitable to wait on first while paused.
+
+        Not a coroutine: on the hot path (no pause) entering costs no frame.
+        """
+        if self._pause is not None:
+            return self._enter_paused()
+        self._check()
+        self._inflight += 1
+        return None
+
+    async def _enter_paused(self) -> None:
+        await self._wait_resume()
         self._check()
         self._inflight += 1
 
@@ -263,8 +277,7 @@ class Mirror:
     async def paused(self) -> AsyncIterator[float]:
         """Hold new requests and wait out in-flight ones; yields the drain time in seconds."""
         loop = asyncio.get_running_loop()
-        while self._pause is not None:  # one pause at a time
-            await asyncio.shield(self._pause)
+        await self._wait_resume()  # one pause at a time
         self._pause = loop.create_future()
         started = loop.time()
         try:
@@ -344,7 +357,8 @@ class Mirror:
 
     async def read(self, offset: int, length: int) -> Any:
         """Read from one RW replica (round robin), failing over on error."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             return await self._from_rw(lambda m: m.io.read(offset, length))
         finally:
@@ -352,7 +366,8 @@ class Mirror:
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write to every RW and WO replica."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             if self._has_wo and (offset % BLOCK or (offset + len(data)) % BLOCK):
                 await self._edge_write(offset, len(data), data, fua)
@@ -364,7 +379,8 @@ class Mirror:
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
                    fast: bool = False) -> None:
         """Zero on every replica; a fast zero only when all can do it fast."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             if fast and self._has_wo:
                 # A rebuilding replica must write real zeros; refuse before anything changes.
@@ -398,7 +414,8 @@ class Mirror:
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Trim on every replica (drove replicas then read zeros there)."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
                 await self._edge_write(offset, length, None, fua, trim=True)
@@ -409,7 +426,8 @@ class Mirror:
 
     async def flush(self) -> None:
         """Acknowledged when every RW and WO replica flushed."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             await self._fanout(self._targets, lambda m: m.io.flush())
         finally:
@@ -424,7 +442,8 @@ class Mirror:
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation as one RW replica reports it."""
-        await self._enter()
+        if (waiting := self._enter()) is not None:
+            await waiting
         try:
             return await self._from_rw(lambda m: m.io.block_status(offset, length))
         finally:
