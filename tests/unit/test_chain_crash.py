@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from crashinject import Crash, Injector, reopen_through_crashes
 from drove.replica import Replica, chain, meta
 from drove.replica.meta import LOCK_FILE, VOLUME_META
 
@@ -29,31 +30,6 @@ CHUNK = 4
 def small_purge_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Purge in 4-block steps, so folds and prunes crash between steps too."""
     monkeypatch.setattr(chain, "PURGE_STEP_BYTES", 4 * BS)
-
-
-class Crash(BaseException):
-    """A simulated crash (BaseException: no ``except Exception`` may swallow it)."""
-
-
-class Injector:
-    """Lets the first ``allow`` filesystem mutations through; every later one crashes."""
-
-    def __init__(self, mp: pytest.MonkeyPatch, allow: int) -> None:
-        self.allow = allow
-        self.calls = 0
-        self.fired: str | None = None
-        for name in meta.FsOps.MUTATIONS:
-            mp.setattr(meta.fs, name, self._wrap(name, getattr(meta.fs, name)))
-
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if self.calls > self.allow:
-                if self.fired is None:
-                    self.fired = f"{name}#{self.calls}"
-                raise Crash(self.fired)
-            return fn(*args, **kwargs)
-        return call
 
 
 @contextlib.contextmanager
@@ -109,22 +85,6 @@ def check_clean_dir(r: Replica) -> None:
     assert set(os.listdir(r.dir)) == listed
 
 
-def reopen_through_crashes(d: Path) -> Replica:
-    """Open, crashing at each mutation of open's own cleanup in turn, then really open."""
-    for allow in itertools.count():
-        with pytest.MonkeyPatch.context() as mp:
-            inj = Injector(mp, allow)
-            try:
-                r = Replica.open(d, chunk_blocks=CHUNK)
-            except Crash:
-                continue
-            fired = inj.fired
-        r.close()
-        if fired is None:
-            break
-    return Replica.open(d, chunk_blocks=CHUNK)
-
-
 def run_crash_points(tmp_path: Path, setup: Callable[[Replica], None],
                      op: Callable[[Replica], Any]) -> int:
     """Crash ``op`` at each mutation in turn; returns how many crash points there were."""
@@ -154,7 +114,7 @@ def run_crash_points(tmp_path: Path, setup: Callable[[Replica], None],
             assert state(r2) == after
             r2.close()
             return allow
-        r2 = reopen_through_crashes(d)
+        r2 = reopen_through_crashes(d, CHUNK)
         got = state(r2)
         assert got in (before, after), f"crash at {fired}: state is neither before nor after"
         check_clean_dir(r2)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from crashinject import Crash, Injector, reopen_through_crashes
 from drove.replica import Replica, chain, meta
 from drove.replica.errors import ChecksumMismatchError, LayerNotFoundError, RebuildingError
 from drove.replica.meta import ENGINE_META, LOCK_FILE, VOLUME_META, LayerMeta
@@ -21,31 +22,6 @@ from drove.replica.meta import ENGINE_META, LOCK_FILE, VOLUME_META, LayerMeta
 BS = 4096
 CHUNK = 4
 SIZE = 64 * BS
-
-
-class Crash(BaseException):
-    """A simulated crash."""
-
-
-class Injector:
-    """Lets the first ``allow`` filesystem mutations through; every later one crashes."""
-
-    def __init__(self, mp: pytest.MonkeyPatch, allow: int) -> None:
-        self.allow = allow
-        self.calls = 0
-        self.fired: str | None = None
-        for name in meta.FsOps.MUTATIONS:
-            mp.setattr(meta.fs, name, self._wrap(name, getattr(meta.fs, name)))
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if self.calls > self.allow:
-                if self.fired is None:
-                    self.fired = f"{name}#{self.calls}"
-                raise Crash(self.fired)
-            return fn(*args, **kwargs)
-        return call
 
 
 def pat(c: int, n: int) -> bytes:
@@ -513,22 +489,6 @@ def older_copy(d: Path) -> Replica:
     return t
 
 
-def reopen_through_crashes(d: Path) -> Replica:
-    """Open, crashing at each mutation of open's own repairs in turn, then really open."""
-    for allow in itertools.count():
-        with pytest.MonkeyPatch.context() as mp:
-            inj = Injector(mp, allow)
-            try:
-                r = Replica.open(d, chunk_blocks=CHUNK)
-            except Crash:
-                continue
-            fired = inj.fired
-        r.close()
-        if fired is None:
-            break
-    return Replica.open(d, chunk_blocks=CHUNK)
-
-
 @pytest.mark.parametrize("reuse", [None, "volume-snap-rb.img"])
 def test_prepare_crash_points(src: Replica, tmp_path: Path, reuse: str | None) -> None:
     layers = source_layers(src)
@@ -552,7 +512,7 @@ def test_prepare_crash_points(src: Replica, tmp_path: Path, reuse: str | None) -
             fired = inj.fired
             with contextlib.suppress(BaseException):
                 r.close()
-        r2 = reopen_through_crashes(d)
+        r2 = reopen_through_crashes(d, CHUNK)
         got = snapshot_state(r2)
         assert got in (before, after), f"crash at {fired}: neither before nor after"
         seen.add(got == after)

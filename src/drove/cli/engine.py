@@ -9,7 +9,18 @@ from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import api_call, emit, fail, parse_labels, table, tls_options
+from drove.cli.output import (
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsRequiredOpt,
+    api_call,
+    emit,
+    fail,
+    parse_labels,
+    table,
+    tls_options,
+)
 from drove.units import format_size, parse_address, parse_size
 
 app = typer.Typer(help="Serve one volume (mirrored to its replicas) and operate it.",
@@ -51,12 +62,10 @@ def serve(
     state_file: Annotated[Path | None, typer.Option(
         help="file recording the highest generation written (refuses stale replicas)")] = None,
     rebuild: Annotated[bool, typer.Option(help="rebuild stale replicas at start")] = True,
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
-    tls_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")] =
-        None,
-    tls_required: Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")] =
-        False,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_required: TlsRequiredOpt = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve volume NAME over NBD, mirroring every write to each --replica.

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# NBD TLS options shared by every serving command.
+TlsCertOpt = Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="TLS private key (PEM)")]
+TlsCaOpt = Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")]
+TlsRequiredOpt = Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -8,7 +8,18 @@ from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import api_call, emit, fail, parse_labels, table, tls_options
+from drove.cli.output import (
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsRequiredOpt,
+    api_call,
+    emit,
+    fail,
+    parse_labels,
+    table,
+    tls_options,
+)
 from drove.units import format_size, parse_address, parse_size
 
 app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
@@ -27,12 +38,10 @@ def serve(
         "127.0.0.1:10809",
     nbd_unix: Annotated[str | None, typer.Option(help="also serve NBD on this unix socket")] = None,
     control: Annotated[str, typer.Option(help="control API address HOST:PORT")] = "127.0.0.1:10810",
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
-    tls_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")] =
-        None,
-    tls_required: Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")] =
-        False,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_required: TlsRequiredOpt = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve DIR: the head as NBD export 'head' (and ''), snapshots as 'snapshot/NAME'.
