@@ -271,3 +271,17 @@ def test_read_fails_over_to_another_rw_replica():
             assert await mirror.read(0, 4096) == b"r" * 4096
         assert members[0].mode is Mode.ERR
     run(main())
+
+
+def test_wo_replica_that_took_a_write_every_rw_refused_is_dropped():
+    async def main():
+        mirror, members, ios = make(1)
+        wo = Member("wo", FaultyIO(aligned_only=True), Mode.WO)
+        mirror.add(wo)
+        ios[0].fail_with = errno.ENOSPC
+        with pytest.raises(OSError) as e:
+            await mirror.write(0, memoryview(b"w" * 4096))
+        assert e.value.errno == errno.ENOSPC
+        assert members[0].mode is Mode.RW  # full, not failed
+        assert wo.mode is Mode.ERR and "diverged" in wo.error
+    run(main())

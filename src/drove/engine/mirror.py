@@ -334,6 +334,10 @@ class Mirror:
         for m, r in failed:
             if m not in enospc:
                 self.drop(m, r)
+        for m, r in zip(targets, results, strict=True):
+            if m.mode is Mode.WO and not isinstance(r, BaseException):
+                # It applied a write the RW replicas refused: it no longer matches them.
+                self.drop(m, "diverged: a write failed on every RW replica but not on it")
         if enospc and self._rw:
             raise OSError(errno.ENOSPC, "no space left on the volume's replicas")
         raise OSError(errno.EIO, "every replica failed this request")
