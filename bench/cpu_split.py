@@ -1,0 +1,72 @@
+"""Where the CPU goes per I/O: the engine, its replicas, and the idle share, for one fio job.
+
+    .venv/bin/python bench/cpu_split.py [--replicas 3] [--job randwrite-4k] [--size 512M]
+                                        [--runtime 12] [--dir /dev/shm]
+
+Starts N replica processes and an engine (in --dir: put it on tmpfs to take the
+filesystem out of the picture), fills the volume, runs one fio job and prints
+IOPS with the CPU microseconds per I/O of the engine process and of all replica
+processes together, from /proc counters around the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from drove.units import parse_size
+from fiobench import STANDARD_JOBS, cpu_seconds, fill, run_fio
+
+
+def idle_share() -> tuple[float, float]:
+    """(idle, total) jiffies of all CPUs so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:8]]
+    return fields[3], sum(fields)
+
+
+def main() -> None:
+    """Run the job once and print the split."""
+    from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
+    from replicatools import kill_all, start_replica
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--job", default="randwrite-4k",
+                    help="one of: " + ", ".join(j.key for j in STANDARD_JOBS))
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--runtime", type=int, default=12)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    job = next(j for j in STANDARD_JOBS if j.key == args.job)
+    size = parse_size(args.size)
+    scratch = Path(tempfile.mkdtemp(prefix="drove-cpu-", dir=args.dir))
+    procs = []
+    try:
+        reps = [start_replica(scratch / f"r{i}", size) for i in range(args.replicas)]
+        procs.extend(reps)
+        eng = start_engine(scratch / "engine", "vol", reps, "--log-level", "warning")
+        procs.append(eng)
+        uri = eng.unix_uri("vol")
+        fill(uri, size)
+        e0 = cpu_seconds(eng.proc.pid)
+        r0 = sum(cpu_seconds(r.proc.pid) for r in reps)
+        i0, t0 = idle_share()
+        res = run_fio(uri, job, size, args.runtime)
+        e1 = cpu_seconds(eng.proc.pid)
+        r1 = sum(cpu_seconds(r.proc.pid) for r in reps)
+        i1, t1 = idle_share()
+        ios = res.iops * (args.runtime + 1)  # fio's ramp second is not in its IOPS
+        print(f"{job.name}, {args.replicas} replica(s), {scratch}: {res.iops:.0f} IOPS, "
+              f"engine {(e1 - e0) / ios * 1e6:.1f} us/IO, replicas {(r1 - r0) / ios * 1e6:.1f} "
+              f"us/IO, idle {100 * (i1 - i0) / (t1 - t0):.0f}%")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        kill_all(procs)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
