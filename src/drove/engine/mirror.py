@@ -401,9 +401,8 @@ class Mirror:
 
     async def _fast_zero(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         targets = self._targets
-        results = await asyncio.gather(
-            *(m.io.zero(offset, length, fua=fua, may_trim=may_trim, fast=True) for m in targets),
-            return_exceptions=True)
+        results = await gather_eager(
+            [m.io.zero(offset, length, fua=fua, may_trim=may_trim, fast=True) for m in targets])
         slow = [m for m, r in zip(targets, results, strict=True) if _errno_of(r) == errno.ENOTSUP]
         if len(slow) == len(targets):
             raise OSError(errno.ENOTSUP, "fast zero not possible here")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from drove.engine.mirror import Mode
 from drove.engine.replicas import ReplicaHandle
+from drove.replica.meta import parents_first
 
 if TYPE_CHECKING:
     from drove.engine.volume import Engine
@@ -38,23 +39,11 @@ POLL = 0.05
 
 
 def _topological(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Layers ordered parents first."""
+    """Layers ordered parents first (oldest first among siblings)."""
     by_file = {la["file"]: la for la in layers}
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-
-    def visit(la: dict[str, Any]) -> None:
-        if la["file"] in seen:
-            return
-        parent = la.get("parent")
-        if parent in by_file:
-            visit(by_file[parent])
-        seen.add(la["file"])
-        out.append(la)
-
-    for la in layers:
-        visit(la)
-    return out
+    order = parents_first({f: la.get("parent") for f, la in by_file.items()},
+                          order=lambda f: (by_file[f]["created"], f))
+    return [by_file[f] for f in order]
 
 
 def _differing(a: list[str], b: list[str], size: int, step: int) -> list[tuple[int, int]]:

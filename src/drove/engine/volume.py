@@ -45,7 +45,7 @@ class Engine:
                  timeout: float = DEFAULT_TIMEOUT, state_file: Path | None = None,
                  auto_rebuild: bool = True) -> None:
         self.name = name
-        self.size = size
+        self.requested_size = size  # --size; 0: whatever the replicas hold
         self.timeout = timeout
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
@@ -68,6 +68,11 @@ class Engine:
         """Record what the engine did and why (also logged)."""
         self.events.append({"time": time.time(), "kind": kind, "message": message, **fields})
         log.info("volume %s: %s", self.name, message)
+
+    @property
+    def size(self) -> int:
+        """The volume size served (the mirror's)."""
+        return self.mirror.size
 
     def health(self) -> str:
         """healthy, degraded or faulted."""
@@ -122,11 +127,11 @@ class Engine:
             self.event("replica-excluded", f"replica {name} not serving: {why}", replica=name)
             self.replica(name).error = why
         size = max(s.size for s in states if s.name in sel.rw)
-        if self.size and self.size != size:
+        if self.requested_size and self.requested_size != size:
             raise NoCurrentReplicaError(
-                f"the replicas hold a volume of {size} bytes, not {self.size}: omit --size, "
-                "or grow the volume with `drove engine expand` once it is served")
-        self.size = self.mirror.size = size
+                f"the replicas hold a volume of {size} bytes, not {self.requested_size}: "
+                "omit --size, or grow the volume with `drove engine expand` once it is served")
+        self.mirror.size = size
         for name in sel.rw:
             r = self.replica(name)
             await r.connect()
@@ -357,7 +362,7 @@ class Engine:
                 return {"size": size}
             async with self.mirror.paused():
                 await self._on_all("expand", lambda r: r.expand(size))
-                self.size = self.mirror.size = size
+                self.mirror.size = size
             self.event("expanded", f"expanded to {size} bytes", size=size)
             return {"size": size}
 

@@ -1703,18 +1703,8 @@ def _parse_source_layers(layers: Any) -> dict[str, LayerMeta]:
 
 def _topological(metas: Mapping[str, LayerMeta]) -> list[str]:
     """Layer files with every parent before its children (oldest first among siblings)."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for f in sorted(metas, key=lambda f: (metas[f].created, f)):
-        path = []
-        cur: str | None = f
-        while cur is not None and cur in metas and cur not in seen and cur not in path:
-            path.append(cur)
-            cur = metas[cur].parent
-        for p in reversed(path):
-            seen.add(p)
-            order.append(p)
-    return order
+    return meta.parents_first({f: m.parent for f, m in metas.items()},
+                              order=lambda f: (metas[f].created, f))
 
 
 def _install_metas(d: Path, dirfd: int, metas: Mapping[str, LayerMeta]) -> None:

@@ -20,7 +20,7 @@ import errno
 import json
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -424,3 +424,24 @@ def check_tree(
                                    f"through {cur!r}")
             seen.add(cur)
             cur = layers[cur].parent
+
+
+def parents_first(parents: Mapping[str, str | None],
+                  order: Callable[[str], Any] | None = None) -> list[str]:
+    """The keys of ``parents`` (layer -> its parent) with every parent before its children.
+
+    Siblings come in ``order`` (default: by name); a parent not among the keys is
+    ignored, and a loop is cut where it closes.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for f in sorted(parents, key=order):
+        path: list[str] = []
+        cur: str | None = f
+        while cur is not None and cur in parents and cur not in seen and cur not in path:
+            path.append(cur)
+            cur = parents[cur]
+        for p in reversed(path):
+            seen.add(p)
+            out.append(p)
+    return out
