@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from drove import __version__
-from drove.cli import engine, replica
+from drove.cli import engine, replica, serve
 
 app = typer.Typer(
     name="drove",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(replica.app, name="replica")
 app.add_typer(engine.app, name="engine")
+app.command()(serve.serve)
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""The node agent: processes, disks and host attach of one node."""

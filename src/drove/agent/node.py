@@ -1,0 +1,113 @@
+"""The node agent: starts and stops a node's replica and engine processes, attaches hosts.
+
+Blocking calls (they wait for processes and run mount tools); the manager runs
+them in worker threads.  On one machine the manager holds the agent in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from drove.agent import processes
+from drove.agent.processes import Proc
+
+# sun_path holds 108 bytes; deep data dirs (pytest's tmp paths) would overflow it.
+_MAX_SOCKET_DIR = 80
+
+
+class NodeAgent:
+    """One node's processes and host attachments, under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, name: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.name = name or socket.gethostname()
+        self.address = "127.0.0.1"
+        self.logs = data_dir / "logs"
+        self.run_dir = self._socket_dir(data_dir / "run")
+        self.python = sys.executable
+
+    @staticmethod
+    def _socket_dir(preferred: Path) -> Path:
+        if len(str(preferred)) <= _MAX_SOCKET_DIR:
+            preferred.mkdir(parents=True, exist_ok=True)
+            return preferred
+        tag = hashlib.sha256(str(preferred).encode()).hexdigest()[:12]
+        short = Path(tempfile.gettempdir()) / f"drove-{os.getuid()}-{tag}"
+        short.mkdir(mode=0o700, exist_ok=True)
+        return short
+
+    # ------------------------------------------------------------ processes
+
+    def _drove(self, *args: str) -> list[str]:
+        return [self.python, "-m", "drove", *args]
+
+    def start_replica(self, volume: str, replica: dict[str, Any], size: int) -> Proc:
+        """Start the process serving ``replica`` (creating its directory on first start)."""
+        path = Path(replica["path"])
+        argv = self._drove("replica", "serve", str(path), "--nbd", "127.0.0.1:0",
+                           "--control", "127.0.0.1:0", "--log-level", "warning")
+        if not (path / "volume.meta").exists():
+            argv += ["--size", str(size)]
+        return processes.spawn(argv, self.run_dir / f"{replica['name']}.ready",
+                               self.logs / f"{replica['name']}.log")
+
+    def engine_socket(self, volume: str) -> Path:
+        """The unix socket the engine of ``volume`` serves NBD on."""
+        return self.run_dir / f"{volume}.nbd.sock"
+
+    def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
+                     state_file: Path) -> Proc:
+        """Start the engine of ``volume`` over ``replicas`` (name, control URL)."""
+        sock = self.engine_socket(volume)
+        sock.unlink(missing_ok=True)
+        argv = self._drove("engine", "serve", volume, "--nbd", "127.0.0.1:0",
+                           "--nbd-unix", str(sock), "--control", "127.0.0.1:0",
+                           "--timeout", str(timeout), "--state-file", str(state_file),
+                           "--log-level", "warning")
+        for name, url in replicas:
+            argv += ["--replica", f"{name}={url}"]
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
+                               self.logs / f"{volume}.engine.log", timeout=120)
+
+    def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
+        """Stop a process cleanly (SIGTERM, then SIGKILL after ``timeout``)."""
+        if isinstance(proc, dict):
+            proc = Proc.from_json(proc)
+        processes.stop(proc, timeout)
+
+    @staticmethod
+    def alive(proc: Proc | dict[str, Any] | None) -> bool:
+        """True while the process runs."""
+        if isinstance(proc, dict):
+            proc = Proc.from_json(proc)
+        return processes.alive(proc)
+
+    # ----------------------------------------------------------- host attach
+
+    def host_workdir(self, volume: str) -> Path:
+        """Where the host attachment of ``volume`` keeps its FUSE mount."""
+        return self.run_dir / "attach" / volume
+
+    def attach_host(self, volume: str, mount: str | None, fs: str) -> dict[str, Any]:
+        """Give the host a block device for ``volume`` (and mount it); the attachment."""
+        from drove.agent import hostattach
+
+        uri = f"nbd+unix:///{volume}?socket={self.engine_socket(volume)}"
+        att = hostattach.attach(uri, self.host_workdir(volume),
+                                mount=Path(mount) if mount else None, fs=fs)
+        return att.to_json()
+
+    def detach_host(self, volume: str, attachment: dict[str, Any] | None) -> None:
+        """Unmount and release every device of ``volume``'s host attachment."""
+        from drove.agent import hostattach
+
+        if attachment:
+            hostattach.detach(hostattach.HostAttachment.from_json(attachment))
+        hostattach.cleanup_stale(self.host_workdir(volume))

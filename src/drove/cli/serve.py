@@ -1,0 +1,47 @@
+"""`drove serve`: start the manager, its API and a node agent on a data directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from drove.cli.output import fail
+
+
+def serve(
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", envvar="DROVE_DATA_DIR",
+        help="where volumes, state and the API token live (default: ~/.local/share/drove)")]
+        = None,
+    listen: Annotated[str, typer.Option(help="API address HOST:PORT")] = "127.0.0.1:10800",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Start drove: the manager with its REST API and this node's agent.
+
+    The data directory is also the first disk. Prints the API address and where
+    the token is; stop with Ctrl-C or SIGTERM (attached volumes are detached and
+    come back attached at the next start).
+    """
+    from drove.manager.server import ServeError
+    from drove.manager.server import serve as run_manager
+    from drove.service import run
+    from drove.units import parse_address
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        address = parse_address(listen)
+    except ValueError as exc:
+        fail(str(exc))
+    if data_dir is None:
+        from drove.cli.client import default_data_dir
+
+        data_dir = default_data_dir()
+    directory = data_dir.expanduser().resolve()
+    try:
+        run(lambda: run_manager(directory, address))
+    except ServeError as exc:
+        fail(str(exc))

@@ -1,0 +1,1 @@
+"""The manager: state, placement, healing, REST API."""

@@ -1,0 +1,867 @@
+"""The manager: volumes, disks, settings and events, kept in the store and made real by the agent.
+
+Every operation on a volume holds that volume's lock, so an API call and the
+healer never act on one volume at once.  Stored documents say what *should*
+be (``desired``) and what was last done; the healer's loop closes the gap:
+failed replicas are restarted in place (a delta rebuild) or, when their disk is
+gone, replaced on another disk (a full rebuild).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from drove.agent import disks as disklib
+from drove.agent.node import NodeAgent
+from drove.agent.processes import ProcessStartError
+from drove.manager.placement import PlacementError, place
+from drove.manager.store import Store, now_iso
+from drove.units import parse_size
+
+log = logging.getLogger("drove.manager")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+BLOCK = 4096
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "over_provisioning_percent": 100,
+    "default_replicas": 3,
+    "replica_timeout": 8.0,
+    "heal_interval": 1.0,
+    "failed_replica_retry_seconds": 5.0,
+}
+SETTING_LIMITS: dict[str, tuple[float, float]] = {
+    "over_provisioning_percent": (10, 10000),
+    "default_replicas": (1, 10),
+    "replica_timeout": (0.5, 600),
+    "heal_interval": (0.1, 60),
+    "failed_replica_retry_seconds": (0.5, 3600),
+}
+
+
+class ApiError(Exception):
+    """A refused request: ``status`` is the HTTP status, the message what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def validate_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid object name, else ApiError 422."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ApiError(422, f"invalid {kind} name {name!r}: use 1-63 characters of "
+                            "a-z 0-9 . _ -, starting with a letter or digit")
+    return name
+
+
+def to_size(value: int | str, what: str = "size") -> int:
+    """A size in bytes from an int or "10G" (ApiError 422 unless a positive multiple of 4 KiB)."""
+    try:
+        size = parse_size(value)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, f"invalid {what} {value!r}: {exc}") from exc
+    if size <= 0 or size % BLOCK:
+        raise ApiError(422, f"invalid {what} {value!r}: must be a positive multiple of 4 KiB")
+    return size
+
+
+class Manager:
+    """Volumes, disks and settings of a one-node drove."""
+
+    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path) -> None:
+        self.store = store
+        self.agent = agent
+        self.data_dir = data_dir
+        self.engine_info: dict[str, dict[str, Any]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._http = httpx.AsyncClient(timeout=30)
+        self._heal_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_health: dict[str, str] = {}
+
+    # ------------------------------------------------------------ basics
+
+    def lock(self, volume: str) -> asyncio.Lock:
+        """The lock every operation on ``volume`` holds."""
+        return self._locks.setdefault(volume, asyncio.Lock())
+
+    def event(self, kind: str, message: str, volume: str | None = None,
+              level: str = "info") -> None:
+        """Record what the system did and why."""
+        getattr(log, "warning" if level != "info" else "info")("%s: %s", kind, message)
+        self.store.append_event(level, kind, volume, message)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting with its value."""
+        stored = self.store.get("settings", "global") or {}
+        return {k: stored.get(k, v) for k, v in DEFAULT_SETTINGS.items()}
+
+    def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change settings (ApiError 422 for unknown names or values out of range)."""
+        current = self.settings()
+        for key, value in changes.items():
+            if key not in DEFAULT_SETTINGS:
+                raise ApiError(422, f"unknown setting {key!r}; settings are: "
+                                    + ", ".join(DEFAULT_SETTINGS))
+            lo, hi = SETTING_LIMITS[key]
+            kind = type(DEFAULT_SETTINGS[key])
+            try:
+                num = kind(value)
+            except (TypeError, ValueError) as exc:
+                raise ApiError(422, f"setting {key} must be a number, not {value!r}") from exc
+            if isinstance(value, bool) or not lo <= num <= hi:
+                raise ApiError(422, f"setting {key} must be between {lo} and {hi}")
+            current[key] = num
+        self.store.put("settings", "global", current)
+        self.event("settings-changed", f"settings changed: {changes}")
+        return current
+
+    # ------------------------------------------------------- nodes, disks
+
+    def ensure_node(self) -> None:
+        """Register this node and its default disk (the data directory)."""
+        self.store.put("nodes", self.agent.name, {"name": self.agent.name,
+                                                  "address": self.agent.address})
+        if not self.store.list("disks"):
+            self.add_disk(str(self.data_dir), tags=[], reserved=0, name="default")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node with its disks."""
+        all_disks = self.disks()
+        return [{"name": n["name"], "address": n["address"], "state": "up",
+                 "disks": [d for d in all_disks if d["node"] == n["name"]]}
+                for n in self.store.list("nodes")]
+
+    def disks(self) -> list[dict[str, Any]]:
+        """Every disk with its live state, capacity, free and scheduled space."""
+        volumes = self.store.list("volumes")
+        out = []
+        for d in self.store.list("disks"):
+            status = disklib.disk_status(d["path"], d["id"])
+            reps = [(v, r) for v in volumes for r in v["replicas"]
+                    if r["disk"] == d["name"] and r["state"] != "abandoned"]
+            out.append({"name": d["name"], "node": d["node"], "path": d["path"],
+                        "tags": d["tags"], "reserved": d["reserved"], **status,
+                        "scheduled": sum(v["size"] for v, _ in reps), "replicas": len(reps)})
+        return out
+
+    def disk(self, name: str) -> dict[str, Any]:
+        """One disk with its live state (ApiError 404)."""
+        for d in self.disks():
+            if d["name"] == name:
+                return d
+        raise ApiError(404, f"no disk {name!r}; `drove disk list` shows them")
+
+    def add_disk(self, path: str, *, tags: list[str], reserved: int | str = 0,
+                 name: str | None = None) -> dict[str, Any]:
+        """Add a directory as a disk of this node."""
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            raise ApiError(422, f"disk path {path!r} must be absolute")
+        p = p.resolve()
+        existing = self.store.list("disks")
+        for d in existing:
+            if Path(d["path"]) == p:
+                raise ApiError(409, f"{p} is disk {d['name']} already")
+        name = validate_name("disk", name or f"disk{len(existing)}")
+        if self.store.get("disks", name):
+            raise ApiError(409, f"disk {name!r} exists; choose another --name")
+        for t in tags:
+            validate_name("tag", t)
+        reserved_bytes = parse_size(reserved) if reserved else 0
+        try:
+            disk_id = disklib.init_disk(p, name)
+        except disklib.DiskError as exc:
+            raise ApiError(422, str(exc)) from exc
+        self.store.put("disks", name, {"name": name, "node": self.agent.name, "path": str(p),
+                                       "tags": sorted(set(tags)), "reserved": reserved_bytes,
+                                       "id": disk_id})
+        self.event("disk-added", f"disk {name} added at {p} (tags: {', '.join(tags) or 'none'})")
+        return self.disk(name)
+
+    def remove_disk(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Forget a disk (refused while replicas live there unless ``force``)."""
+        d = self.disk(name)
+        if d["replicas"] and not force:
+            raise ApiError(409, f"disk {name} holds {d['replicas']} replica(s); move them first "
+                                "(lower and raise the volumes' replica counts) or use --force")
+        self.store.delete("disks", name)
+        self.event("disk-removed", f"disk {name} ({d['path']}) removed")
+        return {"deleted": name}
+
+    # ----------------------------------------------------------- volumes
+
+    def _doc(self, name: str) -> dict[str, Any]:
+        doc = self.store.get("volumes", name)
+        if doc is None:
+            raise ApiError(404, f"no volume {name!r}; `drove volume list` shows them")
+        return doc
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        self.store.put("volumes", doc["name"], doc)
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """Every volume as the API shows it."""
+        return [self.view(v) for v in self.store.list("volumes")]
+
+    def volume(self, name: str) -> dict[str, Any]:
+        """One volume as the API shows it."""
+        return self.view(self._doc(name))
+
+    def view(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A stored volume merged with what its engine reports now."""
+        info = self.engine_info.get(doc["name"]) if doc["state"] == "attached" else None
+        modes = {r["name"]: r for r in (info or {}).get("replicas", [])}
+        rebuild = (info or {}).get("rebuild")
+        running = rebuild if rebuild and rebuild.get("state") == "running" else None
+        replicas = []
+        for r in doc["replicas"]:
+            if r["state"] == "abandoned":
+                continue
+            live = modes.get(r["name"])
+            mode = live["mode"] if live else ("ERR" if r["state"] == "failed" else "stopped")
+            prog = None
+            if running and running.get("replica") == r["name"]:
+                prog = {"done": running["bytes_done"], "total": running["bytes_total"]}
+            replicas.append({"name": r["name"], "disk": r["disk"], "node": r["node"],
+                             "path": r["path"], "mode": mode, "state": r["state"],
+                             "pid": (r.get("proc") or {}).get("pid")
+                             if r["state"] == "running" else None,
+                             "error": r.get("error") or (live or {}).get("error"),
+                             "rebuild": prog})
+        host = doc.get("host") or {}
+        engine = doc.get("engine")
+        return {
+            "name": doc["name"], "size": doc["size"], "replica_count": doc["replica_count"],
+            "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
+            "state": doc["state"], "health": self._health(doc, info),
+            "nbd_uri": (engine or {}).get("ready", {}).get("nbd") if engine else None,
+            "nbd_unix": (engine or {}).get("ready", {}).get("nbd_unix") if engine else None,
+            "device": host.get("device"), "mountpoint": host.get("mountpoint"),
+            "fs": host.get("fs"),
+            "engine": {"pid": engine["pid"], "control_url": engine["ready"].get("control")}
+            if engine else None,
+            "rebuild": ({"replica": running["replica"], "done": running["bytes_done"],
+                         "total": running["bytes_total"]} if running else None),
+            "replicas": replicas,
+        }
+
+    @staticmethod
+    def _health(doc: dict[str, Any], info: dict[str, Any] | None) -> str:
+        live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
+        if info is not None:
+            rw = sum(1 for r in info.get("replicas", []) if r["mode"] == "RW")
+            if info.get("faulted") or rw == 0:
+                return "faulted"
+            ok = (rw >= doc["replica_count"] and rw == len(live)
+                  and all(r["state"] == "running" for r in live))
+            return "healthy" if ok else "degraded"
+        good = sum(1 for r in live if r["state"] in ("stopped", "running", "pending"))
+        if good == 0:
+            return "faulted"
+        ok = good >= doc["replica_count"] and all(r["state"] != "failed" for r in live)
+        return "healthy" if ok else "degraded"
+
+    def _new_replicas(self, doc: dict[str, Any], count: int) -> list[dict[str, Any]]:
+        """Place ``count`` more replicas of ``doc`` (PlacementError says why not)."""
+        all_disks = self.disks()
+        used_names = {r["disk"] for r in doc["replicas"]
+                      if r["state"] not in ("abandoned",)}
+        used = [d for d in all_disks if d["name"] in used_names]
+        chosen = place(count, doc["size"], all_disks, pool=doc["pool"], used=used,
+                       overprovision_percent=self.settings()["over_provisioning_percent"])
+        out = []
+        for d in chosen:
+            doc["next_replica"] = doc.get("next_replica", 0) + 1
+            name = f"{doc['name']}-r{doc['next_replica']}"
+            path = Path(d["path"]) / "replicas" / f"{name}-{secrets.token_hex(3)}"
+            out.append({"name": name, "disk": d["name"], "node": d["node"], "path": str(path),
+                        "state": "pending", "proc": None, "error": None, "retry_at": 0})
+        return out
+
+    def create_volume(self, name: str, size: int | str, replicas: int | None = None,
+                      pool: str | None = None,
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Create a volume and place its replicas (nothing runs until it is attached)."""
+        validate_name("volume", name)
+        size_bytes = to_size(size)
+        count = self.settings()["default_replicas"] if replicas is None else replicas
+        if not isinstance(count, int) or not 1 <= count <= 10:
+            raise ApiError(422, f"replicas must be between 1 and 10, not {count!r}")
+        if pool is not None:
+            validate_name("pool", pool)
+        if self.store.get("volumes", name) is not None:
+            raise ApiError(409, f"volume {name!r} exists; choose another name or delete it")
+        doc: dict[str, Any] = {
+            "name": name, "size": size_bytes, "replica_count": count, "pool": pool,
+            "labels": dict(labels or {}), "created": now_iso(), "desired": "detached",
+            "state": "detached", "mount": None, "engine": None, "host": None,
+            "replicas": [], "next_replica": 0, "initialized": False,
+        }
+        try:
+            doc["replicas"] = self._new_replicas(doc, count)
+        except PlacementError as exc:
+            raise ApiError(409, str(exc)) from exc
+        self.store.put("volumes", name, doc, expect_version=0)
+        self.event("volume-created", f"volume {name} created: {size_bytes} bytes, {count} "
+                   f"replica(s) on {', '.join(r['disk'] for r in doc['replicas'])}", name)
+        return self.view(doc)
+
+    async def delete_volume(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Delete a volume and its replicas' data (refused while attached unless ``force``)."""
+        async with self.lock(name):
+            doc = self._doc(name)
+            if doc["state"] != "detached":
+                if not force:
+                    raise ApiError(409, f"volume {name} is {doc['state']}; detach it first "
+                                        "(`drove volume detach`) or use --force")
+                await self._detach(doc, keep_desired=False)
+            for r in doc["replicas"]:
+                await asyncio.to_thread(shutil.rmtree, r["path"], True)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._volume_dir(name))
+            self.store.delete("volumes", name)
+            self.event("volume-deleted", f"volume {name} deleted", name)
+        self._locks.pop(name, None)
+        return {"deleted": name}
+
+    def _volume_dir(self, name: str) -> Path:
+        return self.data_dir / "volumes" / name
+
+    async def update_volume(self, name: str, replicas: int | None = None,
+                            labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Change labels or the replica count (live: new replicas rebuild online)."""
+        async with self.lock(name):
+            doc = self._doc(name)
+            if labels is not None:
+                doc["labels"] = dict(labels)
+            if replicas is not None and replicas != doc["replica_count"]:
+                if not 1 <= replicas <= 10:
+                    raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
+                await self._set_replica_count(doc, replicas)
+            self._save(doc)
+            return self.view(doc)
+
+    async def _set_replica_count(self, doc: dict[str, Any], count: int) -> None:
+        live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
+        if count > len(live):
+            try:
+                doc["replicas"] += self._new_replicas(doc, count - len(live))
+            except PlacementError as exc:
+                raise ApiError(409, str(exc)) from exc
+        else:
+            order = {"failed": 0, "pending": 1, "stopped": 2, "running": 3}
+            modes = {r["name"]: r["mode"] for r in
+                     (self.engine_info.get(doc["name"]) or {}).get("replicas", [])}
+            victims = sorted(live, key=lambda r: (order.get(r["state"], 0),
+                                                  modes.get(r["name"]) == "RW"))
+            for r in victims[:len(live) - count]:
+                await self._remove_replica(doc, r)
+        old = doc["replica_count"]
+        doc["replica_count"] = count
+        self.event("volume-replicas-changed", f"volume {doc['name']}: replica count "
+                   f"{old} -> {count}", doc["name"])
+
+    async def _remove_replica(self, doc: dict[str, Any], rep: dict[str, Any]) -> None:
+        if doc["state"] == "attached" and doc.get("engine"):
+            try:
+                await self._engine_call(doc, "DELETE", f"/v1/replicas/{rep['name']}")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+        await asyncio.to_thread(self.agent.stop, rep.get("proc"))
+        await asyncio.to_thread(shutil.rmtree, rep["path"], True)
+        doc["replicas"].remove(rep)
+        self.event("replica-removed", f"replica {rep['name']} removed from disk {rep['disk']}",
+                   doc["name"])
+
+    async def expand_volume(self, name: str, size: int | str) -> dict[str, Any]:
+        """Grow a volume: every replica, then the engine (when attached)."""
+        new = to_size(size)
+        async with self.lock(name):
+            doc = self._doc(name)
+            if new < doc["size"]:
+                raise ApiError(422, f"cannot shrink volume {name} from {doc['size']} to {new}")
+            if new == doc["size"]:
+                return self.view(doc)
+            if doc["state"] == "attached":
+                await self._engine_call(doc, "POST", "/v1/expand", json={"size": new})
+            else:
+                await asyncio.to_thread(self._expand_offline, doc, new)
+            old, doc["size"] = doc["size"], new
+            self._save(doc)
+            self.event("volume-expanded", f"volume {name} expanded from {old} to {new} bytes",
+                       name)
+            return self.view(doc)
+
+    @staticmethod
+    def _expand_offline(doc: dict[str, Any], new: int) -> None:
+        from drove.replica.chain import Replica
+
+        for r in doc["replicas"]:
+            if (Path(r["path"]) / "volume.meta").exists():
+                rep = Replica.open(r["path"])
+                try:
+                    rep.expand(new)
+                finally:
+                    rep.close()
+
+    # ----------------------------------------------------------- attach
+
+    async def attach(self, name: str, mount: str | None = None,
+                     fs: str = "ext4") -> dict[str, Any]:
+        """Start replicas and engine (and give the host a device, mounted at ``mount``)."""
+        if fs not in ("ext4", "xfs"):
+            raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
+        if mount is not None and not Path(mount).is_absolute():
+            raise ApiError(422, f"mount path {mount!r} must be absolute")
+        async with self.lock(name):
+            doc = self._doc(name)
+            if doc["state"] == "attached":
+                if mount and (doc.get("host") or {}).get("mountpoint") != mount:
+                    raise ApiError(409, f"volume {name} is attached already "
+                                        f"(mounted at {(doc.get('host') or {}).get('mountpoint')})"
+                                        "; detach it first")
+                return self.view(doc)
+            doc["desired"], doc["mount"] = "attached", ({"path": mount, "fs": fs}
+                                                        if mount else None)
+            doc["state"] = "attaching"
+            self._save(doc)
+            try:
+                await self._attach(doc)
+            except BaseException:
+                doc["desired"] = "detached"
+                await self._detach(doc, keep_desired=False)
+                raise
+            return self.view(doc)
+
+    async def _attach(self, doc: dict[str, Any]) -> None:
+        name = doc["name"]
+        first = not doc.get("initialized")
+        starters = [r for r in doc["replicas"]
+                    if r["state"] == "stopped" or (first and r["state"] == "pending")]
+        started: list[tuple[str, str]] = []
+        for r in starters:
+            if not await self._start_replica(doc, r):
+                continue
+            started.append((r["name"], r["proc"]["ready"]["control"]))
+        if not started:
+            raise ApiError(409, f"volume {name}: no replica could be started ("
+                           + "; ".join(f"{r['name']}: {r.get('error')}" for r in doc["replicas"])
+                           + "); `drove event list` tells more")
+        timeout = self.settings()["replica_timeout"]
+        state_file = self._volume_dir(name) / "engine.state"
+        try:
+            proc = await asyncio.to_thread(self.agent.start_engine, name, started,
+                                           timeout=timeout, state_file=state_file)
+        except ProcessStartError as exc:
+            raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
+        doc["engine"] = proc.to_json()
+        doc["initialized"] = True
+        self._save(doc)
+        if doc.get("mount"):
+            m = doc.get("mount") or {}
+            try:
+                doc["host"] = await asyncio.to_thread(self.agent.attach_host, name,
+                                                      m.get("path"), m.get("fs", "ext4"))
+            except Exception as exc:
+                raise ApiError(409, f"volume {name}: host attach failed: {exc}") from exc
+        doc["state"] = "attached"
+        self._save(doc)
+        await self._refresh(doc)
+        where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
+        self.event("volume-attached", f"volume {name} attached: {proc.ready.get('nbd')}{where}",
+                   name)
+
+    async def _start_replica(self, doc: dict[str, Any], rep: dict[str, Any]) -> bool:
+        """Start ``rep``'s process; False (recorded as failed) if its disk or process fails."""
+        disk = self.store.get("disks", rep["disk"])
+        status = disklib.disk_status(disk["path"], disk["id"]) if disk else {
+            "state": "unavailable", "error": "disk removed"}
+        if status["state"] != "ready":
+            self._fail(doc, rep, f"disk {rep['disk']} unavailable: {status['error']}")
+            return False
+        try:
+            proc = await asyncio.to_thread(self.agent.start_replica, doc["name"], rep,
+                                           doc["size"])
+        except ProcessStartError as exc:
+            self._fail(doc, rep, f"process did not start: {exc}")
+            return False
+        rep.update(proc=proc.to_json(), state="running", error=None)
+        self._save(doc)
+        return True
+
+    def _fail(self, doc: dict[str, Any], rep: dict[str, Any], why: str) -> None:
+        # The first retry is immediate; a replica failing again and again backs off.
+        failures = rep.get("failures", 0)
+        delay = min(300.0, self.settings()["failed_replica_retry_seconds"] * (2 ** failures)
+                    if failures else 0.0)
+        if rep["state"] != "failed":
+            self.event("replica-failed", f"replica {rep['name']} on disk {rep['disk']} "
+                       f"failed: {why}", doc["name"], level="warning")
+        rep.update(state="failed", error=why, retry_at=time.time() + delay,
+                   failures=failures + 1, rebuilding=False)
+        self._save(doc)
+
+    async def detach(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Unmount, release devices, stop engine and replicas."""
+        async with self.lock(name):
+            doc = self._doc(name)
+            if doc["state"] == "detached":
+                return self.view(doc)
+            await self._detach(doc, keep_desired=False, force=force)
+            return self.view(doc)
+
+    async def _detach(self, doc: dict[str, Any], *, keep_desired: bool,
+                      force: bool = False) -> None:
+        name = doc["name"]
+        doc["state"] = "detaching"
+        self._save(doc)
+        try:
+            await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"))
+        except Exception as exc:
+            if not force:
+                doc["state"] = "attached"
+                self._save(doc)
+                raise ApiError(409, f"volume {name}: cannot release the host device: {exc}; "
+                                    "stop what uses the mount, or detach with --force") from exc
+            self.event("detach-forced", f"volume {name}: host device not released: {exc}",
+                       name, level="warning")
+        doc["host"] = None
+        await asyncio.to_thread(self.agent.stop, doc.get("engine"))
+        doc["engine"] = None
+        for r in doc["replicas"]:
+            await asyncio.to_thread(self.agent.stop, r.get("proc"))
+            r["proc"] = None
+            if r["state"] == "running":
+                r["state"] = "stopped"
+        # A replica the engine had dropped holds stale data: it must be rebuilt, never
+        # started as a peer of the good ones.
+        info = self.engine_info.pop(name, None) or {}
+        bad = {r["name"] for r in info.get("replicas", []) if r["mode"] != "RW"}
+        for r in doc["replicas"]:
+            if r["name"] in bad and r["state"] == "stopped":
+                r.update(state="failed", error="was not RW when the volume was detached")
+        doc["state"] = "detached"
+        if not keep_desired:
+            doc["desired"], doc["mount"] = "detached", None
+        self._save(doc)
+        self.event("volume-detached", f"volume {name} detached", name)
+
+    # -------------------------------------------------------- engine calls
+
+    async def _engine_call(self, doc: dict[str, Any], method: str, path: str,
+                           timeout: float = 600, **kwargs: Any) -> Any:
+        engine = doc.get("engine")
+        if doc["state"] != "attached" or not engine:
+            raise ApiError(409, f"volume {doc['name']} is {doc['state']}: attach it first "
+                                f"(`drove volume attach {doc['name']}`)")
+        url = engine["ready"]["control"] + path
+        try:
+            r = await self._http.request(method, url, timeout=timeout, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"engine of volume {doc['name']} does not answer: {exc!r}; "
+                                "the healer restarts it") from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code if r.status_code < 500 else 502,
+                           f"volume {doc['name']}: {detail}")
+        return r.json() if r.content else None
+
+    async def _refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            info = await self._engine_call(doc, "GET", "/v1/info", timeout=5)
+        except ApiError:
+            return None
+        self.engine_info[doc["name"]] = info
+        return info
+
+    # --------------------------------------------------------- snapshots
+
+    async def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """The volume's snapshot tree (the head included, marked ``head``)."""
+        doc = self._doc(name)
+        if doc["state"] != "attached":
+            layers = await asyncio.to_thread(self._layers_offline, doc)
+        else:
+            layers = await self._engine_call(doc, "GET", "/v1/snapshots")
+        return _snapshot_tree(layers)
+
+    @staticmethod
+    def _layers_offline(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        from drove.replica.chain import Replica
+        from drove.replica.control import layer_json
+        from drove.replica.errors import ReplicaError
+
+        for r in doc["replicas"]:
+            if r["state"] == "stopped" and (Path(r["path"]) / "volume.meta").exists():
+                try:
+                    rep = Replica.open(r["path"])
+                except ReplicaError:
+                    continue
+                try:
+                    return [layer_json(la) for la in rep.layers() if not la.removed]
+                finally:
+                    rep.close()
+        return []
+
+    async def create_snapshot(self, name: str, snapshot: str | None = None,
+                              labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Snapshot the volume (it must be attached)."""
+        snap = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
+        async with self.lock(name):
+            doc = self._doc(name)
+            res = await self._engine_call(doc, "POST", "/v1/snapshots",
+                                          json={"name": snap, "labels": labels or {}})
+        pause = (res or {}).get("pause_ms")
+        self.event("snapshot-created", f"snapshot {snap} of volume {name} created"
+                   + (f" (I/O paused {pause} ms)" if pause is not None else ""), name)
+        for s in await self.snapshots(name):
+            if s["name"] == snap:
+                return s
+        raise ApiError(500, f"snapshot {snap} was created but is not listed")
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Delete a snapshot (its data folds into its child)."""
+        async with self.lock(name):
+            doc = self._doc(name)
+            await self._engine_call(doc, "DELETE", f"/v1/snapshots/{snapshot}")
+        self.event("snapshot-deleted", f"snapshot {snapshot} of volume {name} deleted", name)
+        return {"deleted": snapshot}
+
+    async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Revert the volume to a snapshot (attached, with no client connected)."""
+        async with self.lock(name):
+            doc = self._doc(name)
+            if doc.get("host"):
+                raise ApiError(409, f"volume {name} is in use by the host "
+                                    f"({doc['host'].get('mountpoint') or doc['host']['device']}); "
+                                    f"detach it and attach without --mount, then revert")
+            await self._engine_call(doc, "POST", "/v1/revert", json={"snapshot": snapshot})
+            self.event("volume-reverted", f"volume {name} reverted to snapshot {snapshot}",
+                       name)
+            return self.view(doc)
+
+    async def export_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """A read-only NBD URI serving ``snapshot`` (from a healthy replica)."""
+        doc = self._doc(name)
+        if not any(s["name"] == snapshot and not s.get("head")
+                   for s in await self.snapshots(name)):
+            raise ApiError(404, f"volume {name} has no snapshot {snapshot!r}; "
+                                f"`drove snapshot list {name}` shows them")
+        info = await self._refresh(doc) or {}
+        rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
+        for r in doc["replicas"]:
+            if r["name"] in rw and r.get("proc"):
+                base = r["proc"]["ready"]["nbd"]
+                return {"volume": name, "snapshot": snapshot,
+                        "nbd_uri": f"{base}/snapshot/{snapshot}", "read_only": True}
+        raise ApiError(409, f"volume {name} has no healthy replica to serve {snapshot} from")
+
+    # ------------------------------------------------------------- healer
+
+    async def start(self) -> None:
+        """Register the node, bring back what was attached, start healing."""
+        self.ensure_node()
+        for doc in self.store.list("volumes"):
+            async with self.lock(doc["name"]):
+                await self._recover(doc)
+        self._heal_task = asyncio.create_task(self._heal_loop())
+
+    async def _recover(self, doc: dict[str, Any]) -> None:
+        """After a (clean or crashed) manager stop: adopt or restart the volume's processes."""
+        name = doc["name"]
+        engine_ok = self.agent.alive(doc.get("engine"))
+        if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"
+                and await self._refresh(doc) is not None):
+            self.event("volume-adopted", f"volume {name}: engine still running, adopted", name)
+            return
+        # Anything left of an earlier run goes; then attach afresh if it should be.
+        await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"))
+        doc["host"] = None
+        await asyncio.to_thread(self.agent.stop, doc.get("engine"))
+        doc["engine"] = None
+        for r in doc["replicas"]:
+            await asyncio.to_thread(self.agent.stop, r.get("proc"))
+            r["proc"] = None
+            if r["state"] == "running":
+                r["state"] = "stopped"
+        doc["state"] = "detached"
+        self._save(doc)
+        if doc["desired"] == "attached":
+            doc["state"] = "attaching"
+            try:
+                await self._attach(doc)
+            except Exception as exc:
+                doc["state"] = "detached"
+                self._save(doc)
+                self.event("attach-failed", f"volume {name} could not be attached again: {exc}",
+                           name, level="error")
+
+    async def stop(self) -> None:
+        """Stop healing; detach every volume but remember which were attached."""
+        self._stopping = True
+        if self._heal_task:
+            self._heal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heal_task
+        for doc in self.store.list("volumes"):
+            if doc["state"] == "detached":
+                continue
+            async with self.lock(doc["name"]):
+                try:
+                    await self._detach(doc, keep_desired=True)
+                except ApiError as exc:
+                    # Leave it serving (its mount stays usable); the next start adopts it.
+                    self.event("stop-left-attached", str(exc), doc["name"], level="warning")
+        await self._http.aclose()
+
+    async def _heal_loop(self) -> None:
+        while not self._stopping:
+            for doc in self.store.list("volumes"):
+                lock = self.lock(doc["name"])
+                if doc["state"] != "attached" or lock.locked():
+                    continue
+                async with lock:
+                    fresh = self.store.get("volumes", doc["name"])
+                    if fresh is None or fresh["state"] != "attached":
+                        continue
+                    try:
+                        await self.heal(fresh)
+                    except Exception:
+                        log.exception("healing volume %s", doc["name"])
+            await asyncio.sleep(self.settings()["heal_interval"])
+
+    async def heal(self, doc: dict[str, Any]) -> None:
+        """One pass of self-healing over an attached volume."""
+        name = doc["name"]
+        if not self.agent.alive(doc.get("engine")):
+            self.event("engine-failed", f"engine of volume {name} exited; restarting it",
+                       name, level="error")
+            await self._recover(doc)
+            return
+        info = await self._refresh(doc)
+        if info is None:
+            return
+        modes = {r["name"]: r for r in info["replicas"]}
+        for r in doc["replicas"]:
+            if r["state"] != "running":
+                continue
+            live = modes.get(r["name"])
+            if not self.agent.alive(r.get("proc")):
+                self._fail(doc, r, "process exited")
+            elif live is None or live["mode"] == "ERR":
+                why = (live or {}).get("error") or "not in the engine"
+                await asyncio.to_thread(self.agent.stop, r.get("proc"), 5.0)
+                self._fail(doc, r, f"engine set it to ERR: {why}")
+            elif live["mode"] == "RW" and r.get("rebuilding"):
+                r.update(rebuilding=False, failures=0)
+                self._save(doc)
+                self.event("rebuild-finished", f"replica {r['name']} rebuilt, now RW", name)
+        self._note_health(doc, info)
+        rebuild = info.get("rebuild") or {}
+        if rebuild.get("state") == "running":
+            return
+        await self._repair_one(doc, modes)
+        await self._drop_abandoned(doc)
+
+    async def _repair_one(self, doc: dict[str, Any], modes: dict[str, Any]) -> None:
+        """Start one rebuild: a failed replica in place, else a replacement, else a pending one."""
+        now = time.time()
+        live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
+        for r in live:
+            if r["state"] == "failed" and r.get("retry_at", 0) <= now:
+                disk = self.store.get("disks", r["disk"])
+                ok = disk and disklib.disk_status(disk["path"], disk["id"])["state"] == "ready"
+                if ok:
+                    await self._rebuild(doc, r, modes, why="delta rebuild in place")
+                    return
+                # Its disk is gone: replace it elsewhere if possible; keep it for when the
+                # disk returns if not.
+                try:
+                    (new,) = self._new_replicas(doc, 1)
+                except PlacementError as exc:
+                    r["retry_at"] = now + self.settings()["failed_replica_retry_seconds"]
+                    self._save(doc)
+                    log.info("volume %s: cannot replace %s yet: %s", doc["name"], r["name"], exc)
+                    continue
+                r["state"] = "abandoned"
+                doc["replicas"].append(new)
+                self.event("replica-replaced", f"replica {r['name']} (disk {r['disk']} "
+                           f"unavailable) replaced by {new['name']} on disk {new['disk']}",
+                           doc["name"], level="warning")
+                await self._rebuild(doc, new, modes, why="new replica")
+                return
+        for r in live:
+            if r["state"] == "pending":
+                await self._rebuild(doc, r, modes, why="new replica")
+                return
+
+    async def _rebuild(self, doc: dict[str, Any], rep: dict[str, Any], modes: dict[str, Any],
+                       why: str) -> None:
+        if not await self._start_replica(doc, rep):
+            return
+        try:
+            if rep["name"] in modes:
+                await self._engine_call(doc, "DELETE", f"/v1/replicas/{rep['name']}")
+            await self._engine_call(doc, "POST", "/v1/replicas", json={
+                "name": rep["name"], "url": rep["proc"]["ready"]["control"]})
+        except ApiError as exc:
+            await asyncio.to_thread(self.agent.stop, rep.get("proc"), 5.0)
+            self._fail(doc, rep, f"rebuild could not start: {exc}")
+            return
+        rep["rebuilding"] = True
+        self._save(doc)
+        self.event("rebuild-started", f"replica {rep['name']} on disk {rep['disk']}: {why}",
+                   doc["name"])
+
+    def _note_health(self, doc: dict[str, Any], info: dict[str, Any]) -> None:
+        """An event when the volume's health changes."""
+        health = self._health(doc, info)
+        before = self._last_health.get(doc["name"])
+        self._last_health[doc["name"]] = health
+        if before is not None and before != health:
+            self.event(f"volume-{health}", f"volume {doc['name']} is {health} (was {before})",
+                       doc["name"], level="info" if health == "healthy" else "warning")
+
+    async def _drop_abandoned(self, doc: dict[str, Any]) -> None:
+        """Delete the data of replaced replicas whose disk came back."""
+        for r in list(doc["replicas"]):
+            if r["state"] != "abandoned":
+                continue
+            disk = self.store.get("disks", r["disk"])
+            if disk and disklib.disk_status(disk["path"], disk["id"])["state"] == "ready":
+                await asyncio.to_thread(shutil.rmtree, r["path"], True)
+                doc["replicas"].remove(r)
+                self._save(doc)
+                self.event("replica-cleaned", f"disk {r['disk']} is back: data of replaced "
+                           f"replica {r['name']} deleted", doc["name"])
+            elif disk is None:
+                doc["replicas"].remove(r)
+                self._save(doc)
+
+
+def _snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers keyed by file -> snapshots keyed by name (the head is ``volume-head``)."""
+    names = {la["file"]: (la["name"] if not la.get("head") else "volume-head") for la in layers}
+    out = []
+    for la in layers:
+        out.append({"name": names[la["file"]], "head": bool(la.get("head")),
+                    "parent": names.get(la["parent"]) if la.get("parent") else None,
+                    "children": [names.get(c, c) for c in la.get("children", [])],
+                    "created": la.get("created"), "size": la.get("allocated", 0),
+                    "labels": la.get("labels", {}), "removed": bool(la.get("removed"))})
+    return out
