@@ -106,6 +106,8 @@ class NodeAgent:
 
     def detach_host(self, volume: str, attachment: dict[str, Any] | None) -> None:
         """Unmount and release every device of ``volume``'s host attachment."""
+        if not attachment and not self.host_workdir(volume).exists():
+            return
         from drove.agent import hostattach
 
         if attachment:

@@ -350,6 +350,8 @@ class Manager:
                     raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
                 await self._set_replica_count(doc, replicas)
             self._save(doc)
+            if doc["state"] == "attached":
+                await self._refresh(doc)
             return self.view(doc)
 
     async def _set_replica_count(self, doc: dict[str, Any], count: int) -> None:
@@ -400,6 +402,8 @@ class Manager:
                 await asyncio.to_thread(self._expand_offline, doc, new)
             old, doc["size"] = doc["size"], new
             self._save(doc)
+            if doc["state"] == "attached":
+                await self._refresh(doc)
             self.event("volume-expanded", f"volume {name} expanded from {old} to {new} bytes",
                        name)
             return self.view(doc)
@@ -855,13 +859,26 @@ class Manager:
 
 
 def _snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Layers keyed by file -> snapshots keyed by name (the head is ``volume-head``)."""
-    names = {la["file"]: (la["name"] if not la.get("head") else "volume-head") for la in layers}
-    out = []
-    for la in layers:
-        out.append({"name": names[la["file"]], "head": bool(la.get("head")),
-                    "parent": names.get(la["parent"]) if la.get("parent") else None,
-                    "children": [names.get(c, c) for c in la.get("children", [])],
-                    "created": la.get("created"), "size": la.get("allocated", 0),
-                    "labels": la.get("labels", {}), "removed": bool(la.get("removed"))})
-    return out
+    """Layers keyed by file -> snapshots keyed by name (the head is ``volume-head``).
+
+    Removed layers (deleted snapshots whose data is not folded yet) are left out:
+    their children hang from the nearest ancestor that is still there.
+    """
+    by_file = {la["file"]: la for la in layers}
+
+    def visible_parent(la: dict[str, Any]) -> dict[str, Any] | None:
+        parent = by_file.get(la.get("parent") or "")
+        while parent is not None and parent.get("removed"):
+            parent = by_file.get(parent.get("parent") or "")
+        return parent
+
+    def name(la: dict[str, Any]) -> str:
+        return "volume-head" if la.get("head") else la["name"]
+
+    shown = [la for la in layers if not la.get("removed")]
+    parents = {la["file"]: visible_parent(la) for la in shown}
+    return [{"name": name(la), "head": bool(la.get("head")),
+             "parent": name(parents[la["file"]]) if parents[la["file"]] else None,
+             "children": [name(c) for c in shown if parents[c["file"]] is la],
+             "created": la.get("created"), "size": la.get("allocated", 0),
+             "labels": la.get("labels", {})} for la in shown]
