@@ -47,3 +47,15 @@ def cluster(tmp_path: Path):
     c = Cluster(tmp_path)
     yield c
     c.close()
+
+
+@pytest.fixture
+def manager(tmp_path: Path):
+    """A running `drove serve` on tmp_path/data (tests/managertools.py); everything it
+    started is killed and unmounted at teardown."""
+    from managertools import ManagerProc
+
+    m = ManagerProc(tmp_path / "data", tmp_path / "manager.log", root=tmp_path)
+    m.start()
+    yield m
+    m.kill_everything()

@@ -264,7 +264,7 @@ class Manager:
             if info.get("faulted") or rw == 0:
                 return "faulted"
             ok = (rw >= doc["replica_count"] and rw == len(live)
-                  and all(r["state"] == "running" for r in live))
+                  and all(r["state"] == "running" and not r.get("rebuilding") for r in live))
             return "healthy" if ok else "degraded"
         good = sum(1 for r in live if r["state"] in ("stopped", "running", "pending"))
         if good == 0:
@@ -779,11 +779,15 @@ class Manager:
         rebuild = info.get("rebuild") or {}
         if rebuild.get("state") == "running":
             return
-        await self._repair_one(doc, modes)
+        if await self._repair_one(doc, modes):
+            await self._refresh(doc)
         await self._drop_abandoned(doc)
 
-    async def _repair_one(self, doc: dict[str, Any], modes: dict[str, Any]) -> None:
-        """Start one rebuild: a failed replica in place, else a replacement, else a pending one."""
+    async def _repair_one(self, doc: dict[str, Any], modes: dict[str, Any]) -> bool:
+        """Start one rebuild: a failed replica in place, else a replacement, else a pending one.
+
+        True if the engine's membership changed.
+        """
         now = time.time()
         live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
         for r in live:
@@ -791,8 +795,7 @@ class Manager:
                 disk = self.store.get("disks", r["disk"])
                 ok = disk and disklib.disk_status(disk["path"], disk["id"])["state"] == "ready"
                 if ok:
-                    await self._rebuild(doc, r, modes, why="delta rebuild in place")
-                    return
+                    return await self._rebuild(doc, r, modes, why="delta rebuild in place")
                 # Its disk is gone: replace it elsewhere if possible; keep it for when the
                 # disk returns if not.
                 try:
@@ -807,17 +810,16 @@ class Manager:
                 self.event("replica-replaced", f"replica {r['name']} (disk {r['disk']} "
                            f"unavailable) replaced by {new['name']} on disk {new['disk']}",
                            doc["name"], level="warning")
-                await self._rebuild(doc, new, modes, why="new replica")
-                return
+                return await self._rebuild(doc, new, modes, why="new replica")
         for r in live:
             if r["state"] == "pending":
-                await self._rebuild(doc, r, modes, why="new replica")
-                return
+                return await self._rebuild(doc, r, modes, why="new replica")
+        return False
 
     async def _rebuild(self, doc: dict[str, Any], rep: dict[str, Any], modes: dict[str, Any],
-                       why: str) -> None:
+                       why: str) -> bool:
         if not await self._start_replica(doc, rep):
-            return
+            return False
         try:
             if rep["name"] in modes:
                 await self._engine_call(doc, "DELETE", f"/v1/replicas/{rep['name']}")
@@ -826,11 +828,12 @@ class Manager:
         except ApiError as exc:
             await asyncio.to_thread(self.agent.stop, rep.get("proc"), 5.0)
             self._fail(doc, rep, f"rebuild could not start: {exc}")
-            return
+            return True
         rep["rebuilding"] = True
         self._save(doc)
         self.event("rebuild-started", f"replica {rep['name']} on disk {rep['disk']}: {why}",
                    doc["name"])
+        return True
 
     def _note_health(self, doc: dict[str, Any], info: dict[str, Any]) -> None:
         """An event when the volume's health changes."""
