@@ -219,7 +219,7 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @app.get("/v1/events", dependencies=secured)
     async def events(volume: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-                     after: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+                     after: Annotated[int, Query(ge=0, le=2**62)] = 0) -> list[dict[str, Any]]:
         """What the system did and why, oldest first."""
         return manager.store.events(volume, limit, after)
 

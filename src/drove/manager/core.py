@@ -109,6 +109,8 @@ class Manager:
     def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Change settings (ApiError 422 for unknown names or values out of range)."""
         current = self.settings()
+        if not changes:
+            return current
         for key, value in changes.items():
             if key not in DEFAULT_SETTINGS:
                 raise ApiError(422, f"unknown setting {key!r}; settings are: "
@@ -427,8 +429,8 @@ class Manager:
         """Start replicas and engine (and give the host a device, mounted at ``mount``)."""
         if fs not in ("ext4", "xfs"):
             raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
-        if mount is not None and not Path(mount).is_absolute():
-            raise ApiError(422, f"mount path {mount!r} must be absolute")
+        if mount is not None:
+            _check_mount_path(mount)
         async with self.lock(name):
             doc = self._doc(name)
             if doc["state"] == "attached":
@@ -859,6 +861,18 @@ class Manager:
             elif disk is None:
                 doc["replicas"].remove(r)
                 self._save(doc)
+
+
+def _check_mount_path(mount: str) -> None:
+    """Refuse a mount path that would hide something: it must be new or an empty directory."""
+    p = Path(mount)
+    if not p.is_absolute() or ".." in p.parts:
+        raise ApiError(422, f"mount path {mount!r} must be absolute, without '..'")
+    if p.is_mount():
+        raise ApiError(409, f"{mount} is a mount point already; choose an empty directory")
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise ApiError(409, f"{mount} exists and is not an empty directory; mounting there "
+                            "would hide what it holds")
 
 
 def _snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
