@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from replicatools import nbdinfo_json
 
 

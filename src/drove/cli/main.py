@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from drove import __version__
-from drove.cli import engine, replica, serve
+from drove.cli import disk, engine, event, node, replica, serve, settings, snapshot, volume
 
 app = typer.Typer(
     name="drove",
@@ -17,6 +17,12 @@ app = typer.Typer(
 app.add_typer(replica.app, name="replica")
 app.add_typer(engine.app, name="engine")
 app.command()(serve.serve)
+app.add_typer(volume.app, name="volume")
+app.add_typer(snapshot.app, name="snapshot")
+app.add_typer(disk.app, name="disk")
+app.add_typer(node.app, name="node")
+app.add_typer(event.app, name="event")
+app.add_typer(settings.app, name="settings")
 
 
 @app.command()

@@ -225,7 +225,7 @@ class Manager:
         info = self.engine_info.get(doc["name"]) if doc["state"] == "attached" else None
         modes = {r["name"]: r for r in (info or {}).get("replicas", [])}
         rebuild = (info or {}).get("rebuild")
-        running = rebuild if rebuild and rebuild.get("state") == "running" else None
+        running = rebuild if _rebuild_running(rebuild) else None
         replicas = []
         for r in doc["replicas"]:
             if r["state"] == "abandoned":
@@ -778,8 +778,7 @@ class Manager:
                 self._save(doc)
                 self.event("rebuild-finished", f"replica {r['name']} rebuilt, now RW", name)
         self._note_health(doc, info)
-        rebuild = info.get("rebuild") or {}
-        if rebuild.get("state") == "running":
+        if _rebuild_running(info.get("rebuild")):
             return
         if await self._repair_one(doc, modes):
             await self._refresh(doc)
@@ -861,6 +860,11 @@ class Manager:
             elif disk is None:
                 doc["replicas"].remove(r)
                 self._save(doc)
+
+
+def _rebuild_running(rebuild: dict[str, Any] | None) -> bool:
+    """Whether the engine's rebuild report is of one still under way."""
+    return bool(rebuild) and rebuild.get("state") not in ("done", "failed", "cancelled")
 
 
 def _check_mount_path(mount: str) -> None:

@@ -1,0 +1,419 @@
+"""`drove volume ...`: create, attach, resize, re-replicate and delete volumes (via the manager)."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from drove.cli.client import Manager, labels_text, local_time, show_table, with_manager
+from drove.cli.output import console, emit, err_console, fail, parse_labels
+from drove.units import format_size, parse_size
+
+app = typer.Typer(help="Volumes: create, attach, resize, change replicas, delete.",
+                  no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="volume name", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+LabelOpt = Annotated[list[str] | None, typer.Option(
+    "--label", "-l", help="KEY=VALUE, repeatable", show_default=False)]
+TimeoutOpt = Annotated[float | None, typer.Option(
+    help="give up after this many seconds (default: wait until done)", show_default=False)]
+
+HEALTH_STYLE = {"healthy": "green", "degraded": "yellow", "faulted": "bold red"}
+MODE_STYLE = {"RW": "green", "WO": "yellow", "ERR": "red"}
+
+
+class Fs(StrEnum):
+    """Filesystems the manager can make on attach."""
+
+    ext4 = "ext4"
+    xfs = "xfs"
+
+
+def styled(value: str | None, styles: dict[str, str]) -> str:
+    """``value`` in its colour (escaped)."""
+    text = escape(value or "")
+    style = styles.get(value or "")
+    return f"[{style}]{text}[/]" if style else text
+
+
+def _path(name: str) -> str:
+    return f"/v1/volumes/{name}"
+
+
+def _where(v: dict[str, Any]) -> str:
+    return v.get("mountpoint") or v.get("device") or v.get("nbd_uri") or ""
+
+
+def _rebuild_percent(rebuild: dict[str, Any] | None) -> str:
+    if not rebuild:
+        return ""
+    total = rebuild.get("total") or 0
+    return f"{100 * rebuild.get('done', 0) / total:.0f}%" if total else "0%"
+
+
+@app.command()
+@with_manager
+def create(
+    mgr: Manager,
+    name: NameArg,
+    size: Annotated[int, typer.Option(parser=parse_size, show_default=False,
+                                      help="size, e.g. 10G, 512M, or bytes")],
+    replicas: Annotated[int | None, typer.Option(
+        min=1, max=10, show_default=False,
+        help="number of copies (default: the manager's default_replicas setting)")] = None,
+    pool: Annotated[str | None, typer.Option(
+        show_default=False, help="place replicas only on disks with this tag")] = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create volume NAME and place its replicas (nothing runs until it is attached).
+
+    Examples:
+
+        drove volume create db --size 10G
+
+        drove volume create logs --size 2G --replicas 2 --pool ssd --label app=pg
+    """
+    body: dict[str, Any] = {"name": name, "size": size, "labels": parse_labels(label)}
+    if replicas is not None:
+        body["replicas"] = replicas
+    if pool is not None:
+        body["pool"] = pool
+    v = mgr.post("/v1/volumes", body)
+    if emit(v, json_out):
+        return
+    disks = ", ".join(r["disk"] for r in v.get("replicas", []))
+    console.print(f"volume [bold]{escape(v['name'])}[/] created: {format_size(v['size'])}, "
+                  f"{v['replica_count']} replica(s) on {escape(disks) or '(none yet)'}",
+                  highlight=False)
+    console.print(f"attach it with `drove volume attach {v['name']}` "
+                  "(add --mount PATH for a filesystem)", style="dim", highlight=False)
+
+
+@app.command("list")
+@with_manager
+def list_volumes(mgr: Manager, json_out: JsonOpt = False) -> None:
+    """List volumes with size, state, health and where they are attached."""
+    volumes = mgr.get("/v1/volumes")
+    if emit(volumes, json_out):
+        return
+    if not volumes:
+        console.print("no volumes: create one with `drove volume create NAME --size 10G`",
+                      highlight=False)
+        return
+    rows = [[escape(v["name"]), format_size(v["size"]), v["replica_count"],
+             escape(v.get("pool") or ""), v["state"], styled(v["health"], HEALTH_STYLE),
+             escape(_where(v)), escape(labels_text(v.get("labels")))] for v in volumes]
+    show_table("volumes", ["name", "size>", "replicas>", "pool", "state", "health",
+                           "attached at", "labels"], rows)
+
+
+@app.command()
+@with_manager
+def get(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Show volume NAME: state, health, where it is attached, and its replicas.
+
+    With --json, prints the API's Volume object (docs/api.md), e.g.
+
+        drove volume get db --json | jq -r .health
+    """
+    v = mgr.get(_path(name))
+    if emit(v, json_out):
+        return
+    show_volume(v)
+
+
+def show_volume(v: dict[str, Any]) -> None:
+    """A summary of the volume and a table of its replicas."""
+    console.print(f"[bold]{escape(v['name'])}[/]  {format_size(v['size'])}  {v['state']}  "
+                  f"{styled(v['health'], HEALTH_STYLE)}", highlight=False)
+    facts: list[tuple[str, str]] = [("replica count", str(v["replica_count"]))]
+    if v.get("pool"):
+        facts.append(("pool", v["pool"]))
+    if v.get("labels"):
+        facts.append(("labels", labels_text(v["labels"])))
+    facts.append(("created", local_time(v.get("created"))))
+    for key, label in (("nbd_uri", "nbd"), ("nbd_unix", "nbd socket"), ("device", "device")):
+        if v.get(key):
+            facts.append((label, v[key]))
+    if v.get("mountpoint"):
+        facts.append(("mounted at", v["mountpoint"] + (f" ({v['fs']})" if v.get("fs") else "")))
+    if v.get("engine"):
+        facts.append(("engine", f"pid {v['engine'].get('pid')}, "
+                                f"control {v['engine'].get('control_url')}"))
+    rb = v.get("rebuild")
+    if rb:
+        facts.append(("rebuild", f"{rb.get('replica')}: {_rebuild_percent(rb)} "
+                                 f"({format_size(rb.get('done', 0))} of "
+                                 f"{format_size(rb.get('total', 0))})"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim")
+    grid.add_column()
+    for key, value in facts:
+        grid.add_row(key, escape(value))
+    console.print(grid)
+    replicas = v.get("replicas") or []
+    if not replicas:
+        return
+    errors = any(r.get("error") for r in replicas)
+    rows = []
+    for r in replicas:
+        row = [escape(r["name"]), escape(r.get("disk") or ""), styled(r.get("mode"), MODE_STYLE),
+               r.get("state"), r.get("pid"), _rebuild_percent(r.get("rebuild"))]
+        if errors:
+            row.append(escape(r.get("error") or ""))
+        rows.append(row)
+    columns = ["name", "disk", "mode", "state", "pid>", "rebuild>"] + (["error"] if errors else [])
+    show_table("replicas", columns, rows)
+
+
+@app.command()
+@with_manager
+def delete(
+    mgr: Manager,
+    name: NameArg,
+    force: Annotated[bool, typer.Option(help="detach it first if it is attached")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete volume NAME and all its data, snapshots included.
+
+    Refused while the volume is attached, unless --force.
+    """
+    res = mgr.delete(_path(name), force=force)
+    if not emit(res, json_out):
+        console.print(f"volume {escape(name)} deleted", highlight=False)
+
+
+@app.command()
+@with_manager
+def expand(
+    mgr: Manager,
+    name: NameArg,
+    size: Annotated[int, typer.Option(parser=parse_size, show_default=False,
+                                      help="new size, e.g. 20G (volumes only grow)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Grow volume NAME to --size (online when attached; grow its filesystem yourself).
+
+    Example: drove volume expand db --size 20G
+    """
+    v = mgr.post(_path(name) + "/expand", {"size": size})
+    if not emit(v, json_out):
+        console.print(f"volume {escape(v['name'])} is now {format_size(v['size'])}",
+                      highlight=False)
+
+
+@app.command()
+@with_manager
+def attach(
+    mgr: Manager,
+    name: NameArg,
+    mount: Annotated[str | None, typer.Option(
+        show_default=False,
+        help="also give the host a block device with a filesystem mounted here "
+             "(made on first use)")] = None,
+    fs: Annotated[Fs, typer.Option(help="filesystem to make with --mount")] = Fs.ext4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Attach volume NAME: start its replicas and engine, serve it over NBD.
+
+    Prints the NBD URI (any NBD client opens it); with --mount also the device
+    and the mount point. With --json prints the Volume object (nbd_uri, device,
+    mountpoint).
+
+    Examples:
+
+        drove volume attach db
+
+        drove volume attach db --mount /mnt/db --fs xfs
+    """
+    body = {"mount": os.path.abspath(os.path.expanduser(mount)) if mount else None,
+            "fs": fs.value}
+    with nullcontext() if json_out else err_console.status(f"attaching {name}…"):
+        v = mgr.post(_path(name) + "/attach", body)
+    if emit(v, json_out):
+        return
+    console.print(f"volume [bold]{escape(v['name'])}[/] attached "
+                  f"({styled(v['health'], HEALTH_STYLE)})", highlight=False)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim")
+    grid.add_column()
+    grid.add_row("nbd_uri", escape(v.get("nbd_uri") or ""))
+    if v.get("device"):
+        grid.add_row("device", escape(v["device"]))
+    if v.get("mountpoint"):
+        grid.add_row("mountpoint", escape(v["mountpoint"]))
+    console.print(grid)
+    if v.get("health") != "healthy":
+        console.print(f"it is {v.get('health')}: `drove volume wait {v['name']}` follows "
+                      "its repair", style="yellow", highlight=False)
+
+
+@app.command()
+@with_manager
+def detach(
+    mgr: Manager,
+    name: NameArg,
+    force: Annotated[bool, typer.Option(
+        help="stop the volume even if its mount cannot be released")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Detach volume NAME: unmount, release the device, stop its engine and replicas."""
+    v = mgr.post(_path(name) + "/detach", {"force": force})
+    if not emit(v, json_out):
+        console.print(f"volume {escape(v['name'])} detached", highlight=False)
+
+
+@app.command()
+@with_manager
+def update(
+    mgr: Manager,
+    name: NameArg,
+    replicas: Annotated[int | None, typer.Option(
+        min=1, max=10, show_default=False,
+        help="new number of copies (new ones are rebuilt online)")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", "-l", show_default=False,
+        help="set label KEY=VALUE (other labels stay), repeatable")] = None,
+    remove_label: Annotated[list[str] | None, typer.Option(
+        show_default=False, help="remove label KEY, repeatable")] = None,
+    wait: Annotated[bool, typer.Option(
+        help="follow the rebuild until the volume is healthy")] = True,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change the replica count of volume NAME (live) or its labels.
+
+    With a new replica count it then shows the rebuild's progress until the
+    volume is healthy with that many replicas (Ctrl-C stops watching, not the
+    rebuild; --no-wait returns at once).
+
+    Examples:
+
+        drove volume update db --replicas 3
+
+        drove volume update db --label tier=gold --remove-label old
+    """
+    if replicas is None and not label and not remove_label:
+        fail("nothing to change: give --replicas N, --label KEY=VALUE or --remove-label KEY")
+    body: dict[str, Any] = {}
+    if replicas is not None:
+        body["replicas"] = replicas
+    if label or remove_label:
+        labels = dict(mgr.get(_path(name)).get("labels") or {})
+        labels.update(parse_labels(label))
+        for key in remove_label or []:
+            labels.pop(key, None)
+        body["labels"] = labels
+    v = mgr.patch(_path(name), body)
+    if replicas is not None and wait and v.get("state") != "detached":
+        v = watch(mgr, name, timeout=timeout, quiet=json_out)
+    if emit(v, json_out):
+        return
+    console.print(f"volume {escape(v['name'])}: {v['replica_count']} replica(s), "
+                  f"{styled(v['health'], HEALTH_STYLE)}"
+                  + (f", labels {escape(labels_text(v['labels']))}" if v.get("labels") else ""),
+                  highlight=False)
+    if replicas is not None and v.get("state") == "detached":
+        console.print("it is detached: new replicas are built when it is attached",
+                      style="dim", highlight=False)
+
+
+@app.command()
+@with_manager
+def wait(mgr: Manager, name: NameArg, timeout: TimeoutOpt = None,
+         json_out: JsonOpt = False) -> None:
+    """Wait until volume NAME is healthy, showing rebuild progress.
+
+    Exits 1 if it is faulted, detached and not healthy, or still not healthy
+    after --timeout seconds. With --json prints the final Volume object.
+
+    Example: drove volume wait db --timeout 600 && echo ready
+    """
+    v = watch(mgr, name, timeout=timeout, quiet=json_out)
+    if not emit(v, json_out):
+        console.print(f"volume {escape(name)} is {styled(v['health'], HEALTH_STYLE)} "
+                      f"({v['replica_count']} replica(s))", highlight=False)
+
+
+def settled(v: dict[str, Any]) -> bool:
+    """Healthy, with the wanted number of replicas and no rebuild running."""
+    reps = v.get("replicas") or []
+    return (v.get("health") == "healthy" and len(reps) == v.get("replica_count")
+            and not v.get("rebuild")
+            and (v.get("state") != "attached" or all(r.get("mode") == "RW" for r in reps)))
+
+
+def watch(mgr: Manager, name: str, *, timeout: float | None = None, quiet: bool = False,
+          interval: float = 0.5) -> dict[str, Any]:
+    """Poll volume ``name`` with a progress bar until :func:`settled`.
+
+    Fails (exit 1) when it is faulted, detached but not healthy (nothing repairs
+    it then), or on ``timeout``; Ctrl-C stops watching (exit 130).
+    """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    progress = Progress(SpinnerColumn(), "{task.description}", BarColumn(),
+                        TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
+                        console=err_console, transient=True, disable=quiet)
+    try:
+        with progress:
+            task = progress.add_task(name, total=None, detail="")
+            rebuilding = None
+            while True:
+                v = mgr.get(_path(name))
+                if settled(v):
+                    return v
+                _check_hopeless(v)
+                reps = v.get("replicas") or []
+                rw = sum(1 for r in reps if r.get("mode") == "RW")
+                desc = f"{name}: {v.get('state')}, {v.get('health')}, {rw}/{v['replica_count']} RW"
+                rb = v.get("rebuild") or next(
+                    ({"replica": r["name"], **r["rebuild"]} for r in reps if r.get("rebuild")),
+                    None)
+                if rb and rb.get("replica") != rebuilding:
+                    progress.reset(task)  # a new rebuild: its own rate and time left
+                rebuilding = rb.get("replica") if rb else None
+                if rb:
+                    done, total = rb.get("done") or 0, rb.get("total") or 0
+                    progress.update(task, description=f"{desc}, rebuilding {rebuilding}",
+                                    total=total or None, completed=done,
+                                    detail=f"{format_size(done)}/{format_size(total)}")
+                else:
+                    catching_up = [r["name"] for r in reps if r.get("mode") == "WO"]
+                    if catching_up:
+                        desc += f", rebuilding {', '.join(catching_up)}"
+                    progress.update(task, description=desc, total=None, completed=0, detail="")
+                if deadline is not None and time.monotonic() >= deadline:
+                    fail(f"volume {name} is still {v.get('health')} after {timeout:g} s "
+                         f"({rw} of {v['replica_count']} replicas RW); `drove volume get "
+                         f"{name}` and `drove event list --volume {name}` tell why")
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        fail(f"stopped watching; volume {name} goes on healing: "
+             f"`drove volume wait {name}` watches again", code=130)
+
+
+def _check_hopeless(v: dict[str, Any]) -> None:
+    name = v["name"]
+    if v.get("health") == "faulted":
+        fail(f"volume {name} is faulted: no replica can serve it; `drove volume get {name}` "
+             f"and `drove event list --volume {name}` tell why")
+    if v.get("state") == "detached":
+        fail(f"volume {name} is detached and {v.get('health')}: it is repaired only while "
+             f"attached; `drove volume attach {name}`")
