@@ -104,12 +104,21 @@ class NodeAgent:
                                 mount=Path(mount) if mount else None, fs=fs)
         return att.to_json()
 
-    def detach_host(self, volume: str, attachment: dict[str, Any] | None) -> None:
-        """Unmount and release every device of ``volume``'s host attachment."""
+    def detach_host(self, volume: str, attachment: dict[str, Any] | None, *,
+                    force: bool = False) -> None:
+        """Unmount and release every device of ``volume``'s host attachment.
+
+        With ``force``, an attachment that cannot be detached cleanly (its engine is
+        gone, so nothing more can be flushed) is torn down anyway.
+        """
         if not attachment and not self.host_workdir(volume).exists():
             return
         from drove.agent import hostattach
 
         if attachment:
-            hostattach.detach(hostattach.HostAttachment.from_json(attachment))
+            try:
+                hostattach.detach(hostattach.HostAttachment.from_json(attachment))
+            except hostattach.HostAttachError:
+                if not force:
+                    raise
         hostattach.cleanup_stale(self.host_workdir(volume))

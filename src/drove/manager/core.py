@@ -696,7 +696,7 @@ class Manager:
             self.event("volume-adopted", f"volume {name}: engine still running, adopted", name)
             return
         # Anything left of an earlier run goes; then attach afresh if it should be.
-        await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"))
+        await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"), force=True)
         doc["host"] = None
         await asyncio.to_thread(self.agent.stop, doc.get("engine"))
         doc["engine"] = None
