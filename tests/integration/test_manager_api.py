@@ -186,3 +186,43 @@ def test_second_manager_on_same_data_dir_refused(manager, sig):
     r = subprocess.run([sys.executable, "-m", "drove", "serve", "--data-dir", str(manager.data_dir),
                         "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "another drove manager" in r.stderr
+
+
+def test_disk_back_after_outage_gets_a_delta_rebuild_in_place(manager, tmp_path):
+    (disk,) = _disks(manager, tmp_path, 1)
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x21 0 16M", att["nbd_uri"]],
+                   check=True, capture_output=True)
+    victim = next(r for r in att["replicas"] if r["disk"] == disk["name"])
+    marker = Path(disk["path"]) / ".drove-disk"
+    marker.rename(marker.with_suffix(".away"))
+    os.kill(victim["pid"], signal.SIGKILL)
+    # No other disk to go to: the replica waits for its disk; writes go on meanwhile.
+    manager.wait_volume("v", lambda v: v["health"] == "degraded", 30, "degraded")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 4M 1M", att["nbd_uri"]],
+                   check=True, capture_output=True)
+    time.sleep(2)
+    assert manager.volume("v")["health"] == "degraded"
+    marker.with_suffix(".away").rename(marker)
+    v = manager.wait_volume("v", lambda v: v["health"] == "healthy", 60, "healthy")
+    back = {r["name"]: r for r in v["replicas"]}[victim["name"]]
+    assert back["path"] == victim["path"] and back["disk"] == disk["name"]
+    msgs = [e["message"] for e in manager.events("v") if e["kind"] == "rebuild-started"]
+    assert any("delta" in m for m in msgs)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x22 4M 1M", v["nbd_uri"]],
+                   check=True, capture_output=True)
+
+
+def test_engine_killed_is_restarted(manager, tmp_path):
+    _disks(manager, tmp_path, 1)
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x31 0 8M", att["nbd_uri"]],
+                   check=True, capture_output=True)
+    os.kill(att["engine"]["pid"], signal.SIGKILL)
+    v = manager.wait_volume("v", lambda v: v["engine"] and v["engine"]["pid"] !=
+                            att["engine"]["pid"] and v["health"] == "healthy", 60, "new engine")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x31 0 8M", v["nbd_uri"]],
+                   check=True, capture_output=True)
+    assert "engine-failed" in [e["kind"] for e in manager.events("v")]
