@@ -544,13 +544,7 @@ class Manager:
             self.event("detach-forced", f"volume {name}: host device not released: {exc}",
                        name, level="warning")
         doc["host"] = None
-        await asyncio.to_thread(self.agent.stop, doc.get("engine"))
-        doc["engine"] = None
-        for r in doc["replicas"]:
-            await asyncio.to_thread(self.agent.stop, r.get("proc"))
-            r["proc"] = None
-            if r["state"] == "running":
-                r["state"] = "stopped"
+        await self._stop_processes(doc)
         # A replica the engine had dropped holds stale data: it must be rebuilt, never
         # started as a peer of the good ones.
         info = self.engine_info.pop(name, None) or {}
@@ -563,6 +557,17 @@ class Manager:
             doc["desired"], doc["mount"] = "detached", None
         self._save(doc)
         self.event("volume-detached", f"volume {name} detached", name)
+
+    async def _stop_processes(self, doc: dict[str, Any]) -> None:
+        """Stop the engine (it flushes to every replica first), then the replicas at once."""
+        await asyncio.to_thread(self.agent.stop, doc.get("engine"))
+        doc["engine"] = None
+        await asyncio.gather(*(asyncio.to_thread(self.agent.stop, r.get("proc"))
+                               for r in doc["replicas"]))
+        for r in doc["replicas"]:
+            r["proc"] = None
+            if r["state"] == "running":
+                r["state"] = "stopped"
 
     # -------------------------------------------------------- engine calls
 
@@ -698,13 +703,7 @@ class Manager:
         # Anything left of an earlier run goes; then attach afresh if it should be.
         await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"), force=True)
         doc["host"] = None
-        await asyncio.to_thread(self.agent.stop, doc.get("engine"))
-        doc["engine"] = None
-        for r in doc["replicas"]:
-            await asyncio.to_thread(self.agent.stop, r.get("proc"))
-            r["proc"] = None
-            if r["state"] == "running":
-                r["state"] = "stopped"
+        await self._stop_processes(doc)
         doc["state"] = "detached"
         self._save(doc)
         if doc["desired"] == "attached":
