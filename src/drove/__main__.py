@@ -1,5 +1,5 @@
-"""`python -m drove` runs the CLI."""
+"""`python -m drove` runs the CLI (`replica serve` and `engine serve` without its libraries)."""
 
-from drove.cli.main import main
+from drove.launch import main
 
 main()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
 import ssl
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import uvicorn
+from drove.web import App, HttpServer
 
 log = logging.getLogger("drove")
 
@@ -26,10 +29,38 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``main()`` to completion on a fresh (uv)loop, with malloc tuned for I/O buffers."""
-    tune_malloc()
+    """Run ``main()`` to completion on a fresh (uv)loop, with malloc tuned for I/O buffers.
+
+    While it runs, freed heap memory goes back to the system once the process
+    is idle (:func:`release_idle_memory`).
+    """
+    tuned = tune_malloc()
+
+    async def main_and_trim() -> Any:
+        trimmer = asyncio.ensure_future(release_idle_memory()) if tuned else None
+        try:
+            return await main()
+        finally:
+            if trimmer is not None:
+                trimmer.cancel()
+
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main())
+        return runner.run(main_and_trim())
+
+
+def _libc() -> Any:
+    """glibc's malloc tunables (mallopt, malloc_trim), or None elsewhere."""
+    import ctypes
+
+    for name in (None, "libc.so.6"):
+        try:
+            libc = ctypes.CDLL(name)
+            libc.mallopt  # noqa: B018 - probe: glibc (and not musl's no-op) has both
+            libc.malloc_trim  # noqa: B018
+        except (OSError, AttributeError):
+            continue
+        return libc
+    return None
 
 
 def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024) -> bool:
@@ -41,19 +72,45 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024) -> bool:
     1 MiB reads that is ~30% of the server's CPU.  A fixed mmap threshold
     and a high trim threshold let freed buffers be reused instead.  This is
     process-wide, so only server entry points call it.
-    """
-    import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    The cost is memory: after a burst of large requests the heap keeps the
+    freed buffers (tens of MiB for qd16 x 1 MiB), so :func:`run` also calls
+    :func:`release_idle_memory`, which hands them back once I/O stops.
+    """
+    libc = _libc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, mmap_threshold) == 1
-    ok = mallopt(m_trim_threshold, 4 * mmap_threshold) == 1 and ok
+    ok = libc.mallopt(m_mmap_threshold, mmap_threshold) == 1
+    ok = libc.mallopt(m_trim_threshold, 4 * mmap_threshold) == 1 and ok
     return ok
+
+
+async def release_idle_memory(interval: float = 2.0, busy: float = 0.05) -> None:
+    """Return the heap's free memory to the system whenever the process goes idle (glibc).
+
+    Every ``interval`` seconds, look at the CPU time the process used (all
+    threads): above ``busy`` of the interval it is working, and freed buffers
+    are kept for reuse (see :func:`tune_malloc`); once an interval after some
+    work is quiet, ``malloc_trim(0)`` releases the free pages of every arena.
+    A burst of I/O thus leaves no lasting trace in the resident size, and a
+    steady load never pays page faults for it.  Runs until cancelled.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    last = time.process_time()
+    worked = True  # start-up itself leaves free memory behind
+    while True:
+        await asyncio.sleep(interval)
+        now = time.process_time()
+        used, last = now - last, now
+        if used > busy * interval:
+            worked = True
+        elif worked:
+            libc.malloc_trim(0)
+            worked = False
+            last = time.process_time()  # the trim's own CPU time is not work
 
 
 def server_tls_context(cert: str, key: str, ca: str | None = None,
@@ -71,16 +128,13 @@ def server_tls_context(cert: str, key: str, ca: str | None = None,
     return ctx
 
 
-class _QuietUvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the process owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class ControlServer:
-    """Serves an ASGI app on an already-bound socket inside the running loop."""
+    """Serves an API app on an already-bound socket inside the running loop.
+
+    A :class:`drove.web.App` (the replica's and the engine's control APIs) is
+    served by :class:`drove.web.HttpServer`; any other ASGI app (the manager's
+    FastAPI one) by uvicorn, imported only then.
+    """
 
     def __init__(self, app: Any, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -88,8 +142,10 @@ class ControlServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.address = self.sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._server = _QuietUvicorn(config)
+        if isinstance(app, App):
+            self._server: Any = HttpServer(app, self.sock)
+        else:
+            self._server = _uvicorn_server(app)
         self._task: asyncio.Task | None = None
 
     @property
@@ -100,6 +156,9 @@ class ControlServer:
 
     async def start(self) -> None:
         """Start serving in the background and wait until it accepts connections."""
+        if isinstance(self._server, HttpServer):
+            await self._server.start()
+            return
         self._task = asyncio.create_task(self._server.serve(sockets=[self.sock]))
         while not self._server.started:
             if self._task.done():
@@ -108,9 +167,32 @@ class ControlServer:
 
     async def stop(self) -> None:
         """Stop serving."""
+        if isinstance(self._server, HttpServer):
+            await self._server.stop()
+            self.sock.close()
+            return
         self._server.should_exit = True
         if self._task:
             await self._task
+
+
+def _uvicorn_server(app: Any) -> Any:
+    """A uvicorn server for ``app`` without its own signal handling (the process owns it)."""
+    import uvicorn
+
+    class QuietUvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    return QuietUvicorn(config)
+
+
+def print_ready(addresses: dict[str, Any]) -> None:
+    """Announce the bound addresses as one JSON line on stdout (scripts and tests read it)."""
+    sys.stdout.write(json.dumps({"ready": True, **addresses}) + "\n")
+    sys.stdout.flush()
 
 
 async def wait_for_signal(*signals: int) -> int:

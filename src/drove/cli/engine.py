@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,9 +18,9 @@ from drove.cli.output import (
     fail,
     parse_labels,
     table,
-    tls_options,
 )
-from drove.units import format_size, parse_address, parse_size
+from drove.launch import parse_replica as parse_replica  # re-exported
+from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Serve one volume (mirrored to its replicas) and operate it.",
                   no_args_is_help=True)
@@ -33,17 +32,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
     return api_call(method, url, path, serve_hint="drove engine serve", **kwargs)
-
-
-def parse_replica(spec: str, index: int) -> tuple[str, str]:
-    """NAME=URL or URL (named r<index>) -> (name, url)."""
-    name, sep, url = spec.partition("=")
-    if not sep:
-        name, url = f"r{index}", spec
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"replica {spec!r}: give the replica's control URL, "
-                         "e.g. http://127.0.0.1:10810 (or NAME=URL)")
-    return name, url
 
 
 @app.command()
@@ -74,32 +62,10 @@ def serve(
     finds the replicas holding every acknowledged write (by generation) and
     rebuilds the others online. Stops cleanly on SIGTERM or Ctrl-C.
     """
-    from drove.engine.generation import NoCurrentReplicaError
-    from drove.engine.process import serve_engine
-    from drove.service import run
+    from drove.launch import serve_engine
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call is noise
-    try:
-        nbd_addr = None if nbd == "none" else parse_address(nbd)
-        ctl_addr = parse_address(control)
-        size_bytes = parse_size(size) if size is not None else 0
-        replicas = [parse_replica(spec, i) for i, spec in enumerate(replica)]
-    except ValueError as exc:
-        fail(str(exc))
-    if len({n for n, _ in replicas}) != len(replicas):
-        fail("replica names must be unique")
-    if timeout <= 0:
-        fail("--timeout must be positive")
-    tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
-    try:
-        run(lambda: serve_engine(name, size_bytes, replicas, nbd=nbd_addr, unix=nbd_unix,
-                                 control=ctl_addr, timeout=timeout, state_file=state_file,
-                                 auto_rebuild=rebuild, tls=tls, tls_required=tls_required))
-    except NoCurrentReplicaError as exc:
-        fail(f"{exc}")
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    serve_engine(name, replica, size, nbd, nbd_unix, control, timeout, state_file, rebuild,
+                 tls_cert, tls_key, tls_ca, tls_required, log_level)
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +17,8 @@ from drove.cli.output import (
     fail,
     parse_labels,
     table,
-    tls_options,
 )
-from drove.units import format_size, parse_address, parse_size
+from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
                   no_args_is_help=True)
@@ -49,27 +47,10 @@ def serve(
     Prints one JSON line with the bound addresses once it is ready. Stops cleanly on
     SIGTERM or Ctrl-C (flushing the head).
     """
-    from drove.replica.errors import ReplicaError
-    from drove.replica.process import ReplicaSetupError, serve_replica
-    from drove.service import run
+    from drove.launch import serve_replica
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        nbd_addr = None if nbd == "none" else parse_address(nbd)
-        ctl_addr = parse_address(control)
-        size_bytes = parse_size(size) if size is not None else None
-    except ValueError as exc:
-        fail(str(exc))
-    if nbd_addr is None and nbd_unix is None:
-        fail("nothing to serve on: give --nbd HOST:PORT or --nbd-unix PATH")
-    tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
-    try:
-        run(lambda: serve_replica(directory, size_bytes, nbd=nbd_addr, unix=nbd_unix,
-                                  control=ctl_addr, tls=tls, tls_required=tls_required))
-    except (ReplicaSetupError, ReplicaError) as exc:
-        fail(str(exc))  # the message names the file or the process holding the lock
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    serve_replica(directory, size, nbd, nbd_unix, control, tls_cert, tls_key, tls_ca,
+                  tls_required, log_level)
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:

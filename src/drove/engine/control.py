@@ -4,63 +4,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-
 from drove import __version__
 from drove.engine.generation import NoCurrentReplicaError
 from drove.engine.replicas import ReplicaControlError
 from drove.engine.volume import Engine, EngineError
+from drove.web import App, Body, Field, Request, Response, json_response
+
+SNAPSHOT = Body("SnapshotRequest", {
+    "name": Field("str", description="snapshot name: letters, digits, '.', '_', '-'"),
+    "labels": Field("dict[str,str]", default_factory=dict),
+}, "Snapshot the volume (I/O pauses briefly).")
+
+REVERT = Body("RevertRequest", {
+    "snapshot": Field("str"),
+    "force": Field("bool", default=False,
+                   description="revert even though NBD clients are connected"),
+}, "Start a new head on an older snapshot on every replica.")
+
+EXPAND = Body("ExpandRequest", {
+    "size": Field("int", gt=0, description="new size in bytes, a multiple of 4096"),
+}, "Grow the volume (never shrink).")
+
+ADD_REPLICA = Body("AddReplicaRequest", {
+    "name": Field("str", pattern=r"^[A-Za-z0-9._-]{1,64}$"),
+    "url": Field("str", nullable=True, default=None,
+                 description="control API URL of a new replica process"),
+}, "Add a replica (rebuilt online) or rebuild an existing ERR one.")
 
 
-class SnapshotRequest(BaseModel):
-    """Snapshot the volume (I/O pauses briefly)."""
-
-    name: str = Field(description="snapshot name: letters, digits, '.', '_', '-'")
-    labels: dict[str, str] = Field(default_factory=dict)
+def _error(status: int, exc: BaseException) -> Response:
+    return json_response(status, {"error": type(exc).__name__, "detail": str(exc)})
 
 
-class RevertRequest(BaseModel):
-    """Start a new head on an older snapshot on every replica."""
-
-    snapshot: str
-    force: bool = Field(False, description="revert even though NBD clients are connected")
-
-
-class ExpandRequest(BaseModel):
-    """Grow the volume (never shrink)."""
-
-    size: int = Field(gt=0, description="new size in bytes, a multiple of 4096")
-
-
-class AddReplicaRequest(BaseModel):
-    """Add a replica (rebuilt online) or rebuild an existing ERR one."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    url: str | None = Field(None, description="control API URL of a new replica process")
-
-
-def _error(status: int, exc: BaseException) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": type(exc).__name__, "detail": str(exc)})
-
-
-def build_app(engine: Engine) -> FastAPI:
-    """The FastAPI application of one engine."""
-    app = FastAPI(title="drove engine", version=__version__,
-                  description="Control API of one drove volume engine.")
+def build_app(engine: Engine) -> App:
+    """The application of one engine's control API."""
+    app = App(title="drove engine", version=__version__,
+              description="Control API of one drove volume engine.")
 
     @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+    def _engine_error(request: Request, exc: EngineError) -> Response:
         return _error(exc.status, exc)
 
     @app.exception_handler(ReplicaControlError)
-    async def _replica_error(request: Request, exc: ReplicaControlError) -> JSONResponse:
+    def _replica_error(request: Request, exc: ReplicaControlError) -> Response:
         return _error(502 if exc.status in (0, 500) else exc.status, exc)
 
     @app.exception_handler(NoCurrentReplicaError)
-    async def _no_current(request: Request, exc: NoCurrentReplicaError) -> JSONResponse:
+    def _no_current(request: Request, exc: NoCurrentReplicaError) -> Response:
         return _error(409, exc)
 
     @app.get("/v1/info")
@@ -83,10 +73,10 @@ def build_app(engine: Engine) -> FastAPI:
         """Every replica with its mode (RW, WO, ERR) and last error."""
         return [r.to_json() for r in engine.replicas]
 
-    @app.post("/v1/replicas", status_code=202)
-    async def add_replica(req: AddReplicaRequest) -> dict[str, Any]:
+    @app.post("/v1/replicas", status=202, body=ADD_REPLICA)
+    async def add_replica(body: Any) -> dict[str, Any]:
         """Start rebuilding a replica; poll GET /v1/rebuild for progress."""
-        return await engine.add_replica(req.name, req.url)
+        return await engine.add_replica(body.name, body.url)
 
     @app.delete("/v1/replicas/{name}")
     async def remove_replica(name: str) -> dict[str, Any]:
@@ -103,24 +93,24 @@ def build_app(engine: Engine) -> FastAPI:
         """The chain (every layer with parent, labels, size) as the replicas hold it."""
         return await engine.layers()
 
-    @app.post("/v1/snapshots", status_code=201)
-    async def snapshot(req: SnapshotRequest) -> dict[str, Any]:
+    @app.post("/v1/snapshots", status=201, body=SNAPSHOT)
+    async def snapshot(body: Any) -> dict[str, Any]:
         """Snapshot every replica; the answer reports how long I/O was paused."""
-        return await engine.snapshot(req.name, req.labels)
+        return await engine.snapshot(body.name, body.labels)
 
     @app.delete("/v1/snapshots/{name}")
     async def delete(name: str) -> dict[str, Any]:
         """Delete a snapshot on every replica."""
         return await engine.delete_snapshot(name)
 
-    @app.post("/v1/revert")
-    async def revert(req: RevertRequest) -> dict[str, Any]:
+    @app.post("/v1/revert", body=REVERT)
+    async def revert(body: Any) -> dict[str, Any]:
         """Revert every replica to a snapshot (refused while clients are connected)."""
-        return await engine.revert(req.snapshot, req.force)
+        return await engine.revert(body.snapshot, body.force)
 
-    @app.post("/v1/expand")
-    async def expand(req: ExpandRequest) -> dict[str, Any]:
+    @app.post("/v1/expand", body=EXPAND)
+    async def expand(body: Any) -> dict[str, Any]:
         """Grow every replica, then the size served to new NBD connections."""
-        return await engine.expand(req.size)
+        return await engine.expand(body.size)
 
     return app

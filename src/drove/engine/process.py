@@ -12,8 +12,7 @@ from typing import Any
 from drove.engine.control import build_app
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
-from drove.replica.process import print_ready
-from drove.service import ControlServer, default_signals, listen_nbd
+from drove.service import ControlServer, default_signals, listen_nbd, print_ready
 
 log = logging.getLogger("drove.engine")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import httpx
-
 from drove.engine.mirror import Member, Mode, ReplicaIO
+from drove.webclient import HttpClient, RequestError
 
 SLOW_CALL_TIMEOUT = 600.0
 """Seconds a control call that reads whole layers may take (checksums, digests, prepare)."""
@@ -40,7 +39,7 @@ class ReplicaHandle(Member):
         super().__init__(name, _Disconnected(), Mode.ERR)
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.http = HttpClient(self.url, timeout=timeout)
         self.info: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:
@@ -57,7 +56,7 @@ class ReplicaHandle(Member):
         try:
             r = await self.http.request(method, path, timeout=SLOW_CALL_TIMEOUT if slow
                                         else self.timeout, **kwargs)
-        except httpx.HTTPError as exc:
+        except RequestError as exc:
             raise ReplicaControlError(0, f"replica {self.name} ({self.url}): {exc!r}") from exc
         if r.status_code >= 400:
             try:

@@ -15,64 +15,52 @@ import logging
 import time
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-
 from drove import __version__
 from drove.replica.chain import LayerInfo
 from drove.replica.errors import ChecksumMismatchError, RebuildingError
 from drove.replica.exports import FlushGate
 from drove.replica.rebuild import SyncJob
+from drove.web import App, Body, Field, Request, Response, json_response
 
 log = logging.getLogger("drove.replica")
 
 
-class SnapshotRequest(BaseModel):
-    """Take a snapshot of the head."""
+SNAPSHOT = Body("SnapshotRequest", {
+    "name": Field("str", description="snapshot name: letters, digits, '.', '_', '-'"),
+    "labels": Field("dict[str,str]", default_factory=dict),
+}, "Take a snapshot of the head.")
 
-    name: str = Field(description="snapshot name: letters, digits, '.', '_', '-'")
-    labels: dict[str, str] = Field(default_factory=dict)
+REVERT = Body("RevertRequest", {"snapshot": Field("str")},
+              "Start a new, empty head on an older snapshot.")
 
+EXPAND = Body("ExpandRequest", {"size": Field("int", gt=0, description="new size in bytes")},
+              "Grow the volume (never shrink).")
 
-class RevertRequest(BaseModel):
-    """Start a new, empty head on an older snapshot."""
+PREPARE = Body("PrepareRequest", {
+    "layers": Field("list[dict]",
+                    description="the source's GET /v1/layers?removed=true, without its head"),
+    "head_parent": Field("str", nullable=True,
+                         description="layer file the new head sits on (S)"),
+    "size": Field("int", gt=0, description="volume size in bytes (the replica grows to it)"),
+    "reuse_head_as": Field("str", nullable=True, default=None,
+                           description="layer file the current head's data becomes "
+                                       "(an older copy)"),
+}, "Make this replica's tree the source's, every layer incomplete, under a new empty head.")
 
-    snapshot: str
+COMPLETE = Body("CompleteRequest", {
+    "checksum": Field("str", description="sha256 hex of the source's layer"),
+}, "Verify a rebuilt layer against the source's checksum.")
 
+SYNC = Body("SyncRequest", {
+    "file": Field("str", description="the layer file (the same on source and target)"),
+    "source": Field("str", description="nbd://host:port/layer/FILE or "
+                                       "nbd+unix:///layer/FILE?socket=PATH"),
+    "ranges": Field("list[list[int]]", nullable=True, default=None,
+                    description="[[offset, length], ...] to make equal (delta), or null: "
+                                "copy every allocated extent"),
+}, "Pull one incomplete layer from the source replica's layer export.")
 
-class ExpandRequest(BaseModel):
-    """Grow the volume (never shrink)."""
-
-    size: int = Field(gt=0, description="new size in bytes")
-
-
-class PrepareRequest(BaseModel):
-    """Make this replica's tree the source's, every layer incomplete, under a new empty head."""
-
-    layers: list[dict[str, Any]] = Field(
-        description="the source's GET /v1/layers?removed=true, without its head")
-    head_parent: str | None = Field(description="layer file the new head sits on (S)")
-    size: int = Field(gt=0, description="volume size in bytes (the replica grows to it)")
-    reuse_head_as: str | None = Field(
-        default=None, description="layer file the current head's data becomes (an older copy)")
-
-
-class CompleteRequest(BaseModel):
-    """Verify a rebuilt layer against the source's checksum."""
-
-    checksum: str = Field(description="sha256 hex of the source's layer")
-
-
-class SyncRequest(BaseModel):
-    """Pull one incomplete layer from the source replica's layer export."""
-
-    file: str = Field(description="the layer file (the same on source and target)")
-    source: str = Field(description="nbd://host:port/layer/FILE or "
-                                    "nbd+unix:///layer/FILE?socket=PATH")
-    ranges: list[list[int]] | None = Field(
-        default=None, description="[[offset, length], ...] to make equal (delta), or null: "
-                                  "copy every allocated extent")
+ENGINE_STATE = Body("EngineState", None, "The engine's opaque state (at most 64 KiB).")
 
 
 def layer_json(info: LayerInfo) -> dict[str, Any]:
@@ -195,7 +183,7 @@ class ReplicaControl:
             raise RebuildingError(f"cannot {what}: a sync of layer {job.file} is running "
                                   "(cancel it with DELETE /v1/rebuild/sync)")
 
-    async def prepare_rebuild(self, req: PrepareRequest) -> dict[str, Any]:
+    async def prepare_rebuild(self, req: Any) -> dict[str, Any]:
         """Give this replica the source's layer tree, every layer incomplete."""
         async with self._lock:
             self._refuse_while_syncing("prepare a rebuild")
@@ -220,7 +208,7 @@ class ReplicaControl:
         return {"file": file, "checksum": digest, "incomplete": self.replica.incomplete,
                 "seconds": round(time.perf_counter() - started, 3)}
 
-    def start_sync(self, req: SyncRequest) -> dict[str, Any]:
+    def start_sync(self, req: Any) -> dict[str, Any]:
         """Start pulling a layer from the source in the background."""
         self._refuse_while_syncing("start another sync")
         job = SyncJob(self.replica, req.file, req.source, req.ranges)
@@ -249,42 +237,41 @@ class ReplicaControl:
             await self.sync_job.cancel()
 
 
-def _error(status: int, exc: BaseException) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": type(exc).__name__,
-                                                      "detail": str(exc)})
+def _error(status: int, exc: BaseException) -> Response:
+    return json_response(status, {"error": type(exc).__name__, "detail": str(exc)})
 
 
-def build_app(control: ReplicaControl) -> FastAPI:
-    """The FastAPI application for one replica's control API."""
-    app = FastAPI(title="drove replica", version=__version__,
-                  description="Control API of one drove replica process.")
+def build_app(control: ReplicaControl) -> App:
+    """The application of one replica's control API."""
+    app = App(title="drove replica", version=__version__,
+              description="Control API of one drove replica process.")
 
     # Chain errors become 4xx with a message; the data is untouched by a refused call.
     @app.exception_handler(LookupError)
-    async def _not_found(request: Request, exc: LookupError) -> JSONResponse:
+    def _not_found(request: Request, exc: LookupError) -> Response:
         return _error(404, exc)
 
     @app.exception_handler(FileExistsError)
-    async def _exists(request: Request, exc: FileExistsError) -> JSONResponse:
+    def _exists(request: Request, exc: FileExistsError) -> Response:
         return _error(409, exc)
 
     @app.exception_handler(ValueError)
-    async def _bad(request: Request, exc: ValueError) -> JSONResponse:
+    def _bad(request: Request, exc: ValueError) -> Response:
         return _error(400, exc)
 
     @app.exception_handler(RebuildingError)
-    async def _rebuilding(request: Request, exc: RebuildingError) -> JSONResponse:
+    def _rebuilding(request: Request, exc: RebuildingError) -> Response:
         return _error(409, exc)
 
     @app.exception_handler(ChecksumMismatchError)
-    async def _mismatch(request: Request, exc: ChecksumMismatchError) -> JSONResponse:
-        return JSONResponse(status_code=409, content={
+    def _mismatch(request: Request, exc: ChecksumMismatchError) -> Response:
+        return json_response(409, {
             "error": type(exc).__name__, "detail": str(exc), "file": exc.file,
             "expected": exc.expected, "checksum": exc.actual,
         })
 
     @app.exception_handler(OSError)
-    async def _os(request: Request, exc: OSError) -> JSONResponse:
+    def _os(request: Request, exc: OSError) -> Response:
         return _error(507 if exc.errno == 28 else 500, exc)
 
     @app.get("/v1/info")
@@ -292,19 +279,19 @@ def build_app(control: ReplicaControl) -> FastAPI:
         """Replica identity, size, layers and listening addresses."""
         return control.info()
 
-    @app.get("/v1/layers")
-    async def layers(removed: bool = False) -> list[dict[str, Any]]:
+    @app.get("/v1/layers", query={"removed": Field("bool", default=False)})
+    async def layers(removed: bool) -> list[dict[str, Any]]:
         """The chain as a tree: every layer with its parent and children."""
         return [layer_json(layer) for layer in control.replica.layers()
                 if removed or not layer.removed]
 
-    @app.post("/v1/snapshots", status_code=201)
-    async def snapshot(req: SnapshotRequest) -> dict[str, Any]:
+    @app.post("/v1/snapshots", status=201, body=SNAPSHOT)
+    async def snapshot(body: Any) -> dict[str, Any]:
         """Take a snapshot of the head."""
-        return await control.snapshot(req.name, req.labels)
+        return await control.snapshot(body.name, body.labels)
 
-    @app.delete("/v1/snapshots/{name}")
-    async def delete(name: str, purge: bool = True) -> dict[str, Any]:
+    @app.delete("/v1/snapshots/{name}", query={"purge": Field("bool", default=True)})
+    async def delete(name: str, purge: bool) -> dict[str, Any]:
         """Remove a snapshot (and purge removed layers unless purge=false)."""
         return await control.delete(name, purge)
 
@@ -313,15 +300,15 @@ def build_app(control: ReplicaControl) -> FastAPI:
         """Fold or prune removed snapshots."""
         return await control.purge()
 
-    @app.post("/v1/revert")
-    async def revert(req: RevertRequest) -> dict[str, Any]:
+    @app.post("/v1/revert", body=REVERT)
+    async def revert(body: Any) -> dict[str, Any]:
         """Start a new head on an older snapshot."""
-        return await control.revert(req.snapshot)
+        return await control.revert(body.snapshot)
 
-    @app.post("/v1/expand")
-    async def expand(req: ExpandRequest) -> dict[str, Any]:
+    @app.post("/v1/expand", body=EXPAND)
+    async def expand(body: Any) -> dict[str, Any]:
         """Grow the volume."""
-        return await control.expand(req.size)
+        return await control.expand(body.size)
 
     @app.get("/v1/snapshots/{name}/checksum")
     async def checksum(name: str) -> dict[str, Any]:
@@ -333,25 +320,25 @@ def build_app(control: ReplicaControl) -> FastAPI:
         """sha256 over a snapshot layer's own data extents, by file (removed layers too)."""
         return await control.layer_checksum(file)
 
-    @app.get("/v1/layers/{file}/digests")
-    async def layer_digests(file: str, range_size: int = 1 << 20) -> dict[str, Any]:
+    @app.get("/v1/layers/{file}/digests", query={"range_size": Field("int", default=1 << 20)})
+    async def layer_digests(file: str, range_size: int) -> dict[str, Any]:
         """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
         return await control.layer_digests(file, range_size)
 
-    @app.put("/v1/engine-state")
-    async def put_engine_state(state: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+    @app.put("/v1/engine-state", body=ENGINE_STATE)
+    async def put_engine_state(body: dict[str, Any]) -> dict[str, Any]:
         """Store the engine's opaque state (a JSON object, at most 64 KiB) durably."""
-        return control.set_engine_state(state)
+        return control.set_engine_state(body)
 
-    @app.post("/v1/rebuild/prepare")
-    async def prepare_rebuild(req: PrepareRequest) -> dict[str, Any]:
+    @app.post("/v1/rebuild/prepare", body=PREPARE)
+    async def prepare_rebuild(body: Any) -> dict[str, Any]:
         """Give this replica the source's layer tree, all incomplete, under a new empty head."""
-        return await control.prepare_rebuild(req)
+        return await control.prepare_rebuild(body)
 
-    @app.post("/v1/rebuild/sync", status_code=202)
-    async def start_sync(req: SyncRequest) -> dict[str, Any]:
+    @app.post("/v1/rebuild/sync", status=202, body=SYNC)
+    async def start_sync(body: Any) -> dict[str, Any]:
         """Pull an incomplete layer from the source's layer/FILE export, in the background."""
-        return control.start_sync(req)
+        return control.start_sync(body)
 
     @app.get("/v1/rebuild/sync")
     async def sync_status() -> dict[str, Any]:
@@ -363,9 +350,9 @@ def build_app(control: ReplicaControl) -> FastAPI:
         """Cancel the running sync."""
         return await control.cancel_sync()
 
-    @app.post("/v1/rebuild/layers/{file}/complete")
-    async def complete_layer(file: str, req: CompleteRequest) -> dict[str, Any]:
+    @app.post("/v1/rebuild/layers/{file}/complete", body=COMPLETE)
+    async def complete_layer(file: str, body: Any) -> dict[str, Any]:
         """Verify a rebuilt layer against the source's checksum; then it is complete."""
-        return await control.complete_layer(file, req.checksum)
+        return await control.complete_layer(file, body.checksum)
 
     return app

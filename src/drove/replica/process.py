@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,12 @@ from drove.nbd.server import NbdServer
 from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
-from drove.service import ControlServer, default_signals, listen_nbd
+from drove.service import ControlServer, default_signals, listen_nbd, print_ready
 from drove.units import format_size
 
 log = logging.getLogger("drove.replica")
+
+__all__ = ["ReplicaSetupError", "open_or_create", "print_ready", "serve_replica"]
 
 
 class ReplicaSetupError(Exception):
@@ -40,12 +40,6 @@ def open_or_create(directory: Path, size: int | None) -> Replica:
     directory.mkdir(parents=True, exist_ok=True)
     log.info("creating replica in %s (%s)", directory, format_size(size))
     return Replica.create(directory, size)
-
-
-def print_ready(addresses: dict[str, Any]) -> None:
-    """Announce the bound addresses as one JSON line on stdout (scripts and tests read it)."""
-    sys.stdout.write(json.dumps({"ready": True, **addresses}) + "\n")
-    sys.stdout.flush()
 
 
 async def serve_replica(
