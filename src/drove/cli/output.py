@@ -69,16 +69,3 @@ def api_call(method: str, url: str, path: str, *, serve_hint: str, **kwargs: Any
             detail = resp.text
         fail(f"{detail} (HTTP {resp.status_code})")
     return resp.json()
-
-
-def tls_options(cert: Any, key: Any, ca: Any, required: bool) -> Any:
-    """The server TLS context for --tls-cert/--tls-key/--tls-ca/--tls-required (or None)."""
-    from drove.service import server_tls_context
-
-    if cert or key:
-        if not (cert and key):
-            fail("TLS needs both --tls-cert and --tls-key")
-        return server_tls_context(str(cert), str(key), str(ca) if ca else None)
-    if required:
-        fail("--tls-required needs --tls-cert and --tls-key")
-    return None
