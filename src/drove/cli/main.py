@@ -5,7 +5,20 @@ from __future__ import annotations
 import typer
 
 from drove import __version__
-from drove.cli import disk, engine, event, node, replica, serve, settings, snapshot, volume
+from drove.cli import (
+    backup,
+    disk,
+    engine,
+    event,
+    job,
+    node,
+    replica,
+    serve,
+    settings,
+    snapshot,
+    task,
+    volume,
+)
 
 app = typer.Typer(
     name="drove",
@@ -23,6 +36,9 @@ app.add_typer(disk.app, name="disk")
 app.add_typer(node.app, name="node")
 app.add_typer(event.app, name="event")
 app.add_typer(settings.app, name="settings")
+app.add_typer(backup.app, name="backup")
+app.add_typer(task.app, name="task")
+app.add_typer(job.app, name="job")
 
 
 @app.command()

@@ -94,6 +94,50 @@ class SettingsUpdate(Strict):
     failed_replica_retry_seconds: float | None = None
 
 
+Codec = Literal["zstd", "lz4", "none"]
+
+
+class BackupTargetSet(Strict):
+    """Where backups go."""
+
+    url: str = Field(description="file:///abs/dir or s3://bucket/prefix; '' to unset")
+    endpoint: str | None = Field(None, description="S3 endpoint URL (default: AWS or env)")
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = Field(None, description="never returned")
+    compression: Codec = "zstd"
+
+
+class BackupCreate(Strict):
+    """Back a volume up."""
+
+    snapshot: str | None = Field(None, description="default: take a snapshot now")
+    labels: Labels = Field(default_factory=dict)
+    compression: Codec | None = None
+
+
+class BackupRestore(Strict):
+    """Restore a backup into a new volume."""
+
+    volume: str = Field(description="the new volume's name")
+    replicas: int | None = Field(None, ge=1, le=10)
+    pool: str | None = None
+
+
+class JobCreate(Strict):
+    """A recurring snapshot or backup job."""
+
+    name: str | None = None
+    kind: Literal["snapshot", "backup"]
+    cron: str = Field(description="five-field cron schedule in UTC, e.g. '0 * * * *'",
+                      max_length=200)
+    retain: int = Field(1, ge=1, le=1000)
+    volumes: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list)
+    selector: Labels = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    enabled: bool = True
+
+
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -232,6 +276,94 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     async def update_settings(req: SettingsUpdate) -> dict[str, Any]:
         """Change settings."""
         return manager.update_settings(req.model_dump(exclude_none=True))
+
+    @app.get("/v1/backup-target", dependencies=secured)
+    async def backup_target() -> dict[str, Any]:
+        """The backup target (the secret is never shown)."""
+        return manager.backups.target_view()
+
+    @app.put("/v1/backup-target", dependencies=secured)
+    async def set_backup_target(req: BackupTargetSet) -> dict[str, Any]:
+        """Set the backup target; it is opened first and refused if unusable."""
+        return await manager.backups.set_target(req.model_dump())
+
+    @app.get("/v1/backups", dependencies=secured)
+    async def backups(volume: str | None = None) -> list[dict[str, Any]]:
+        """Backups on the target, newest first."""
+        return await manager.backups.list(volume)
+
+    @app.get("/v1/backups/{name}", dependencies=secured)
+    async def backup(name: str) -> dict[str, Any]:
+        """One backup."""
+        return await manager.backups.get(name)
+
+    @app.post("/v1/volumes/{name}/backups", dependencies=secured, status_code=202)
+    async def create_backup(name: str, req: BackupCreate | None = None) -> dict[str, Any]:
+        """Start a backup (a task); without a snapshot one is taken."""
+        req = req or BackupCreate()
+        return await manager.backups.create(name, req.snapshot, req.labels, req.compression)
+
+    @app.post("/v1/backups/{name}/restore", dependencies=secured, status_code=202)
+    async def restore_backup(name: str, req: BackupRestore) -> dict[str, Any]:
+        """Start restoring a backup into a new volume (a task)."""
+        return await manager.backups.restore(name, req.volume, req.replicas, req.pool)
+
+    @app.post("/v1/backups/{name}/verify", dependencies=secured, status_code=202)
+    async def verify_backup(name: str) -> dict[str, Any]:
+        """Start re-reading and checking every block of a backup (a task)."""
+        return await manager.backups.verify(name)
+
+    @app.delete("/v1/backups/{name}", dependencies=secured, status_code=202)
+    async def delete_backup(name: str) -> dict[str, Any]:
+        """Start deleting a backup and the blocks only it used (a task)."""
+        return await manager.backups.delete(name)
+
+    @app.get("/v1/tasks", dependencies=secured)
+    async def tasks(state: Literal["running", "succeeded", "failed", "cancelled"] | None = None
+                    ) -> list[dict[str, Any]]:
+        """Tasks, newest first."""
+        return manager.tasks.list(state)
+
+    @app.get("/v1/tasks/{tid}", dependencies=secured)
+    async def task(tid: str) -> dict[str, Any]:
+        """One task with its progress."""
+        doc = manager.tasks.get(tid)
+        if doc is None:
+            raise ApiError(404, f"no task {tid!r}; `drove task list` shows them")
+        return doc
+
+    @app.post("/v1/tasks/{tid}/cancel", dependencies=secured)
+    async def cancel_task(tid: str) -> dict[str, Any]:
+        """Cancel a running task (a finished one is returned as it is)."""
+        if manager.tasks.get(tid) is None:
+            raise ApiError(404, f"no task {tid!r}; `drove task list` shows them")
+        await manager.tasks.cancel(tid)
+        return manager.tasks.get(tid) or {}
+
+    @app.get("/v1/jobs", dependencies=secured)
+    async def jobs() -> list[dict[str, Any]]:
+        """Recurring jobs."""
+        return manager.jobs.list()
+
+    @app.post("/v1/jobs", dependencies=secured, status_code=201)
+    async def create_job(req: JobCreate) -> dict[str, Any]:
+        """Add a recurring job."""
+        return manager.jobs.create(**req.model_dump())
+
+    @app.get("/v1/jobs/{name}", dependencies=secured)
+    async def job(name: str) -> dict[str, Any]:
+        """One job."""
+        return manager.jobs.get(name)
+
+    @app.delete("/v1/jobs/{name}", dependencies=secured)
+    async def delete_job(name: str) -> dict[str, Any]:
+        """Remove a job."""
+        return await manager.jobs.delete(name)
+
+    @app.post("/v1/jobs/{name}/run", dependencies=secured)
+    async def run_job(name: str) -> dict[str, Any]:
+        """Run a job once now and wait for it."""
+        return await manager.jobs.run_now(name)
 
     @app.get("/metrics", dependencies=secured, response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

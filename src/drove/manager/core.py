@@ -32,6 +32,13 @@ log = logging.getLogger("drove.manager")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 BLOCK = 4096
+SNAPSHOT_ID_LABEL = "drove.id"
+"""Label giving every snapshot the manager takes an identity shared by all replicas.
+
+Replicas stamp their own creation time, and names can be reused after a delete:
+only this id proves that the snapshot a backup was taken from is still there.
+"""
+
 DEFAULT_SETTINGS: dict[str, Any] = {
     "over_provisioning_percent": 100,
     "default_replicas": 3,
@@ -88,6 +95,14 @@ class Manager:
         self._heal_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_health: dict[str, str] = {}
+        # Imported here: these modules build on this one.
+        from drove.manager.backups import Backups
+        from drove.manager.jobs import Jobs
+        from drove.manager.tasks import Tasks
+
+        self.tasks = Tasks(store, self.event)
+        self.backups = Backups(self)
+        self.jobs = Jobs(self)
 
     # ------------------------------------------------------------ basics
 
@@ -246,7 +261,8 @@ class Manager:
         return {
             "name": doc["name"], "size": doc["size"], "replica_count": doc["replica_count"],
             "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
-            "state": doc["state"], "health": self._health(doc, info),
+            "state": "restoring" if doc.get("restoring") else doc["state"],
+            "health": self._health(doc, info),
             "nbd_uri": (engine or {}).get("ready", {}).get("nbd") if engine else None,
             "nbd_unix": (engine or {}).get("ready", {}).get("nbd_unix") if engine else None,
             "device": host.get("device"), "mountpoint": host.get("mountpoint"),
@@ -319,10 +335,13 @@ class Manager:
                    f"replica(s) on {', '.join(r['disk'] for r in doc['replicas'])}", name)
         return self.view(doc)
 
-    async def delete_volume(self, name: str, force: bool = False) -> dict[str, Any]:
+    async def delete_volume(self, name: str, force: bool = False,
+                            _internal: bool = False) -> dict[str, Any]:
         """Delete a volume and its replicas' data (refused while attached unless ``force``)."""
         async with self.lock(name):
             doc = self._doc(name)
+            if not _internal:
+                self._check_not_busy(doc, "delete")
             if doc["state"] != "detached":
                 if not force:
                     raise ApiError(409, f"volume {name} is {doc['state']}; detach it first "
@@ -424,8 +443,21 @@ class Manager:
 
     # ----------------------------------------------------------- attach
 
+    def _check_not_restoring(self, doc: dict[str, Any], internal: bool) -> None:
+        if doc.get("restoring") and not internal:
+            task = self.backups.restoring.get(doc["name"], "?")
+            raise ApiError(409, f"volume {doc['name']} is being restored from backup "
+                                f"{doc['restoring'].get('backup')} (task {task}); wait for it "
+                                f"(`drove task wait {task}`) or cancel it")
+
+    def _check_not_busy(self, doc: dict[str, Any], what: str) -> None:
+        why = self.backups.busy(doc["name"])
+        if why:
+            raise ApiError(409, f"cannot {what} volume {doc['name']} now: {why}; wait for the "
+                                "task or cancel it (`drove task cancel ID`)")
+
     async def attach(self, name: str, mount: str | None = None,
-                     fs: str = "ext4") -> dict[str, Any]:
+                     fs: str = "ext4", _internal: bool = False) -> dict[str, Any]:
         """Start replicas and engine (and give the host a device, mounted at ``mount``)."""
         if fs not in ("ext4", "xfs"):
             raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
@@ -433,6 +465,7 @@ class Manager:
             _check_mount_path(mount)
         async with self.lock(name):
             doc = self._doc(name)
+            self._check_not_restoring(doc, _internal)
             if doc["state"] == "attached":
                 if mount and (doc.get("host") or {}).get("mountpoint") != mount:
                     raise ApiError(409, f"volume {name} is attached already "
@@ -519,12 +552,15 @@ class Manager:
                    failures=failures + 1, rebuilding=False)
         self._save(doc)
 
-    async def detach(self, name: str, force: bool = False) -> dict[str, Any]:
+    async def detach(self, name: str, force: bool = False,
+                     _internal: bool = False) -> dict[str, Any]:
         """Unmount, release devices, stop engine and replicas."""
         async with self.lock(name):
             doc = self._doc(name)
             if doc["state"] == "detached":
                 return self.view(doc)
+            if not _internal:
+                self._check_not_busy(doc, "detach")
             await self._detach(doc, keep_desired=False, force=force)
             return self.view(doc)
 
@@ -633,10 +669,12 @@ class Manager:
                               labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Snapshot the volume (it must be attached)."""
         snap = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
+        # An identity all replicas share: what backups recognise their base by.
+        labels = {SNAPSHOT_ID_LABEL: secrets.token_hex(8), **(labels or {})}
         async with self.lock(name):
             doc = self._doc(name)
             res = await self._engine_call(doc, "POST", "/v1/snapshots",
-                                          json={"name": snap, "labels": labels or {}})
+                                          json={"name": snap, "labels": labels})
         pause = (res or {}).get("pause_ms")
         self.event("snapshot-created", f"snapshot {snap} of volume {name} created"
                    + (f" (I/O paused {pause} ms)" if pause is not None else ""), name)
@@ -649,6 +687,7 @@ class Manager:
         """Delete a snapshot (its data folds into its child)."""
         async with self.lock(name):
             doc = self._doc(name)
+            self._check_not_busy(doc, f"delete snapshot {snapshot} of")
             await self._engine_call(doc, "DELETE", f"/v1/snapshots/{snapshot}")
         self.event("snapshot-deleted", f"snapshot {snapshot} of volume {name} deleted", name)
         return {"deleted": snapshot}
@@ -687,10 +726,13 @@ class Manager:
     async def start(self) -> None:
         """Register the node, bring back what was attached, start healing."""
         self.ensure_node()
+        self.tasks.recover()
+        await self.backups.abandon_restores()
         for doc in self.store.list("volumes"):
             async with self.lock(doc["name"]):
                 await self._recover(doc)
         self._heal_task = asyncio.create_task(self._heal_loop())
+        self.jobs.start()
 
     async def _recover(self, doc: dict[str, Any]) -> None:
         """After a (clean or crashed) manager stop: adopt or restart the volume's processes."""
@@ -719,6 +761,9 @@ class Manager:
     async def stop(self) -> None:
         """Stop healing; detach every volume but remember which were attached."""
         self._stopping = True
+        await self.jobs.stop()
+        await self.tasks.stop()
+        self.backups.close()
         if self._heal_task:
             self._heal_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
