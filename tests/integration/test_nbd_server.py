@@ -255,6 +255,22 @@ def test_nbdcopy_multi_conn(srv: ServerThread, tmp_path: Path) -> None:
     assert dst.read_bytes() == content
 
 
+def test_nbdcopy_zeroes_holes_larger_than_the_maximum_block(srv: ServerThread,
+                                                            tmp_path: Path) -> None:
+    # nbdcopy zeroes a whole hole with one request, whatever block sizes were agreed.
+    exp = export(srv, "blocks")
+    exp.data[:] = b"\xaa" * SIZE
+    src = tmp_path / "holey.img"
+    content = os.urandom(65536) + bytes(SIZE - 2 * 65536) + os.urandom(65536)
+    with open(src, "wb") as f:
+        f.truncate(SIZE)
+        f.write(content[:65536])
+        f.seek(SIZE - 65536)
+        f.write(content[-65536:])
+    run(["nbdcopy", str(src), srv.uri("blocks")])
+    assert exp.data == content
+
+
 # --- fio: pipelined, verified I/O ---------------------------------------------------------
 
 

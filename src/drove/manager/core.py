@@ -946,4 +946,6 @@ def _snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "parent": name(parents[la["file"]]) if parents[la["file"]] else None,
              "children": [name(c) for c in shown if parents[c["file"]] is la],
              "created": la.get("created"), "size": la.get("allocated", 0),
-             "labels": la.get("labels", {})} for la in shown]
+             "id": (la.get("labels") or {}).get(SNAPSHOT_ID_LABEL),
+             "labels": {k: v for k, v in (la.get("labels") or {}).items()
+                        if k != SNAPSHOT_ID_LABEL}} for la in shown]
