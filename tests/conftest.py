@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from radosgw import radosgw  # noqa: F401  (session fixture: real S3 from Ceph radosgw)
 from replicatools import ReplicaProc, kill_all, start_replica
 
 REQUIRED_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdsh", "nbdcopy", "nbdkit", "fio")

@@ -19,7 +19,7 @@ MiB = 1 << 20
 BLOCK = 2 * MiB
 
 
-@pytest.fixture(params=["file"])
+@pytest.fixture(params=["file", "s3"])
 def target(request, manager, tmp_path):
     """The manager with a backup target set; yields an object that can list stored keys."""
     if request.param == "file":
