@@ -60,3 +60,13 @@ def manager(tmp_path: Path):
     m.start()
     yield m
     m.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """One moto S3 server (a light stand-in for quick unit tests) for the module."""
+    from backuptools import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.stop()

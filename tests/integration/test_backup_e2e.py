@@ -171,6 +171,33 @@ def test_backup_restore_filesystem_identical(manager, target, tmp_path):
     manager.cli("volume", "detach", "src")
 
 
+def test_backup_while_being_written(manager, target):
+    manager.cli("volume", "create", "busy", "--size", "256M", "--replicas", "1")
+    uri = manager.cli_json("volume", "attach", "busy")["nbd_uri"]
+    fill(uri, [(i * 16 * MiB, 4 * MiB) for i in range(16)], seed=11)
+    writer = subprocess.Popen(
+        ["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
+         "--iodepth=8", "--size=256M", "--time_based", "--runtime=60",
+         "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        b = backup(manager, "busy")
+        assert writer.poll() is None, "the writer stopped before the backup ended"
+    finally:
+        writer.terminate()
+        out, err = writer.communicate(timeout=60)
+    # The writer saw no error while the snapshot was taken and read.
+    (job,) = json.loads(out[out.index("{"):])["jobs"]
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0, err
+    # The backup holds the snapshot as it was, whatever came after.
+    manager.cli("backup", "restore", b["name"], "--to", "busy2", "--replicas", "1")
+    copy = manager.cli_json("volume", "attach", "busy2")
+    snap = manager.cli_json("snapshot", "export", "busy", b["snapshot"])
+    compare(snap["nbd_uri"], copy["nbd_uri"])
+    for v in ("busy", "busy2"):
+        manager.cli("volume", "detach", v)
+
+
 def test_incremental_reads_and_uploads_only_what_changed(manager, target):
     size = 4 << 30
     manager.cli("volume", "create", "big", "--size", "4G", "--replicas", "1")

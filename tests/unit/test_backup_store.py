@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backuptools import BS, MemorySink, MemorySource, MotoS3, volume_data
+from backuptools import BS, MemorySink, MemorySource, volume_data
 from drove.backup import BackupStore, blocks
 from drove.backup.errors import (
     BackupError,
@@ -18,14 +18,6 @@ from drove.backup.errors import (
     TargetError,
 )
 from drove.backup.filetarget import FileTarget
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """One moto S3 server for the module."""
-    server = MotoS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -6,19 +6,10 @@ import time
 
 import pytest
 
-from backuptools import MotoS3
 from drove.backup import s3target
 from drove.backup.errors import NotFoundError, TargetError
 from drove.backup.filetarget import FileTarget
 from drove.backup.target import open_target
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """One moto S3 server for the module."""
-    server = MotoS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -21,7 +21,7 @@ from drove.cli.client import (
     show_table,
     with_manager,
 )
-from drove.cli.output import console, emit, fail, parse_labels
+from drove.cli.output import JsonOpt, PoolOpt, ReplicasOpt, console, emit, fail, parse_labels
 from drove.units import format_size
 
 app = typer.Typer(help="Backups: copy volumes to a backup target (a directory or S3), list, "
@@ -31,7 +31,6 @@ target_app = typer.Typer(help="The backup target: where backups go (file:///dir 
 app.add_typer(target_app, name="target")
 
 BackupArg = Annotated[str, typer.Argument(help="backup name (backup-...)", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 WaitOpt = Annotated[bool, typer.Option(
     help="follow the task with a progress bar (Ctrl-C cancels it); --no-wait returns at once "
          "(`drove task wait ID` follows it later)")]
@@ -291,11 +290,8 @@ def restore(
     backup: BackupArg,
     to: Annotated[str, typer.Option(
         "--to", help="name of the new volume to restore into", show_default=False)],
-    replicas: Annotated[int | None, typer.Option(
-        min=1, max=10, show_default=False,
-        help="number of copies (default: the manager's default_replicas setting)")] = None,
-    pool: Annotated[str | None, typer.Option(
-        show_default=False, help="place replicas only on disks with this tag")] = None,
+    replicas: ReplicasOpt = None,
+    pool: PoolOpt = None,
     wait: WaitOpt = True,
     json_out: JsonOpt = False,
 ) -> None:

@@ -9,13 +9,12 @@ import typer
 from rich.markup import escape
 
 from drove.cli.client import Manager, show_table, with_manager
-from drove.cli.output import console, emit
+from drove.cli.output import JsonOpt, console, emit
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Disks: directories that hold replicas; tags make pools.",
                   no_args_is_help=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 STATE_STYLE = {"ready": "green", "unavailable": "red"}
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from drove.cli.output import (
+    JsonOpt,
     TlsCaOpt,
     TlsCertOpt,
     TlsKeyOpt,
@@ -27,7 +28,6 @@ app = typer.Typer(help="Serve one volume (mirrored to its replicas) and operate 
 
 UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_ENGINE_URL",
                                      help="control API of the engine, e.g. http://127.0.0.1:10820")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:

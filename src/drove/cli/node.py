@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 from rich.markup import escape
 
 from drove.cli.client import Manager, show_table, with_manager
-from drove.cli.output import emit
+from drove.cli.output import JsonOpt, emit
 from drove.units import format_size
 
 app = typer.Typer(help="Nodes: the machines whose disks hold replicas.", no_args_is_help=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 @app.command("list")

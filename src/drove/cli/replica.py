@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from drove.cli.output import (
+    JsonOpt,
     TlsCaOpt,
     TlsCertOpt,
     TlsKeyOpt,
@@ -25,7 +26,6 @@ app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate 
 
 UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_REPLICA_URL",
                                      help="control API of the replica, e.g. http://127.0.0.1:10810")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 @app.command()

@@ -9,12 +9,11 @@ import typer
 from rich.markup import escape
 
 from drove.cli.client import Manager, show_table, with_manager
-from drove.cli.output import console, emit, fail
+from drove.cli.output import JsonOpt, console, emit, fail
 
 app = typer.Typer(help="Settings of the manager (placement, defaults, timeouts).",
                   no_args_is_help=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 @app.command()

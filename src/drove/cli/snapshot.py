@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from drove.cli.client import Manager, labels_text, local_time, with_manager
-from drove.cli.output import console, emit, parse_labels
+from drove.cli.output import JsonOpt, console, emit, parse_labels
 from drove.units import format_size
 
 app = typer.Typer(help="Snapshots of a volume: create, list (as a tree), delete, revert, "
@@ -17,7 +17,6 @@ app = typer.Typer(help="Snapshots of a volume: create, list (as a tree), delete,
 
 VolumeArg = Annotated[str, typer.Argument(help="volume name", show_default=False)]
 SnapArg = Annotated[str, typer.Argument(help="snapshot name", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
 def _path(volume: str, rest: str = "") -> str:

@@ -16,14 +16,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from drove.cli.client import Manager, ManagerError, local_time, show_table, with_manager
-from drove.cli.output import console, emit, err_console, fail
+from drove.cli.output import JsonOpt, console, emit, err_console, fail
 from drove.units import format_size
 
 app = typer.Typer(help="Tasks: long operations (backup, restore, verify, backup delete) the "
                        "manager runs in the background.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(help="task id (task-...)", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 #: Seconds between polls of a task (tests set it to 0).
 POLL_INTERVAL = 0.5

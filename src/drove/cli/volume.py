@@ -13,14 +13,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from drove.cli.client import Manager, labels_text, local_time, show_table, with_manager
-from drove.cli.output import console, emit, err_console, fail, parse_labels
+from drove.cli.output import (
+    JsonOpt,
+    PoolOpt,
+    ReplicasOpt,
+    console,
+    emit,
+    err_console,
+    fail,
+    parse_labels,
+)
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Volumes: create, attach, resize, change replicas, delete.",
                   no_args_is_help=True)
 
 NameArg = Annotated[str, typer.Argument(help="volume name", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 LabelOpt = Annotated[list[str] | None, typer.Option(
     "--label", "-l", help="KEY=VALUE, repeatable", show_default=False)]
 TimeoutOpt = Annotated[float | None, typer.Option(
@@ -66,11 +74,8 @@ def create(
     name: NameArg,
     size: Annotated[int, typer.Option(parser=parse_size, show_default=False,
                                       help="size, e.g. 10G, 512M, or bytes")],
-    replicas: Annotated[int | None, typer.Option(
-        min=1, max=10, show_default=False,
-        help="number of copies (default: the manager's default_replicas setting)")] = None,
-    pool: Annotated[str | None, typer.Option(
-        show_default=False, help="place replicas only on disks with this tag")] = None,
+    replicas: ReplicasOpt = None,
+    pool: PoolOpt = None,
     label: LabelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
