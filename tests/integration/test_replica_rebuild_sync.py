@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from drove.nbd import client as nbd_client
 from drove.nbd.server import NbdServer
 from drove.replica import Replica, chain, rebuild
 from drove.replica.exports import FlushGate, ReplicaExports
@@ -27,7 +28,7 @@ def small_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rebuild, "WINDOW", 16 * BS)
     monkeypatch.setattr(rebuild, "MAX_RUNS", 3)
     monkeypatch.setattr(rebuild, "DEPTH", 2)
-    monkeypatch.setattr(rebuild, "STATUS_REQUEST", 64 * BS)
+    monkeypatch.setattr(nbd_client, "STATUS_REQUEST", 64 * BS)
     monkeypatch.setattr(chain, "MAX_LAYER_EXTENTS", 5)
     monkeypatch.setattr(rebuild, "_PREALLOCATE_MIN", 8 * BS)
 

@@ -26,8 +26,7 @@ from drove.backup.store import BackupStore
 from drove.backup.target import open_target
 from drove.manager.core import SNAPSHOT_ID_LABEL, ApiError
 from drove.manager.tasks import TaskContext, TaskFailed
-from drove.nbd.client import NbdClient, connect_uri
-from drove.nbd.export import NBD_STATE_HOLE
+from drove.nbd.client import NbdClient, connect_uri, extents
 
 if TYPE_CHECKING:
     from drove.manager.core import Manager
@@ -59,17 +58,8 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 async def allocated(client: NbdClient) -> list[tuple[int, int]]:
     """Data ranges of an export by base:allocation block status."""
-    out: list[tuple[int, int]] = []
-    pos, size = 0, client.size
-    while pos < size:
-        extents = await client.block_status(pos, size - pos)
-        if not extents:
-            raise OSError(f"empty block status reply at offset {pos}")
-        for e in extents:
-            if not e.flags & NBD_STATE_HOLE:
-                out.append((pos, e.length))
-            pos += e.length
-    return merge_ranges(out)
+    return merge_ranges([(off, n) async for off, n, data in extents(client, 0, client.size)
+                         if data])
 
 
 class NbdSource:
@@ -114,8 +104,6 @@ class Backups:
         self.m = manager
         self._store: BackupStore | None = None
         self._store_key: tuple[Any, ...] | None = None
-        self.reading: dict[str, str] = {}   # volume -> task id of the backup reading it
-        self.restoring: dict[str, str] = {}  # volume -> task id of the restore writing it
 
     # ------------------------------------------------------------ target
 
@@ -124,7 +112,7 @@ class Backups:
         stored = self.m.store.get("config", "backup-target") or {}
         return {k: stored.get(k, v) for k, v in TARGET_DEFAULTS.items()}
 
-    def target_view(self, check: bool = False) -> dict[str, Any]:
+    def target_view(self) -> dict[str, Any]:
         """The target setting as the API shows it (never the secret)."""
         cfg = self.target_config()
         view = {k: v for k, v in cfg.items() if k != "secret_key"}
@@ -213,9 +201,10 @@ class Backups:
         if doc["state"] != "attached":
             raise ApiError(409, f"volume {volume} is {doc['state']}: a backup reads a running "
                                 f"replica, attach it first (`drove volume attach {volume}`)")
-        if volume in self.reading:
-            raise ApiError(409, f"volume {volume} is being backed up by task "
-                                f"{self.reading[volume]}; wait for it or cancel it")
+        running = self.task_on(volume, "backup-create")
+        if running:
+            raise ApiError(409, f"volume {volume} is being backed up by task {running}; "
+                                "wait for it or cancel it")
         codec = compression or self.target_config()["compression"]
         if codec not in CODECS:
             raise ApiError(422, f"compression must be one of {', '.join(CODECS)}")
@@ -243,14 +232,12 @@ class Backups:
             return result
 
         async def end(task: dict[str, Any]) -> None:
-            self.reading.pop(volume, None)
             if task["state"] != "succeeded":
                 self.m.event("backup-failed", f"backup {name} of volume {volume} "
                              f"{task['state']}: {task['error']}", volume, level="warning")
 
-        view = self.m.tasks.start("backup-create", run, volume=volume, backup=name, on_end=end)
-        self.reading[volume] = view["id"]
-        return view
+        return self.m.tasks.start("backup-create", run, volume=volume, backup=name,
+                                  on_end=end)
 
     async def _backup(self, ctx: TaskContext, store: BackupStore, volume: str, snap: str,
                       name: str, labels: dict[str, str], codec: str) -> dict[str, Any]:
@@ -359,7 +346,6 @@ class Backups:
             return {"volume": volume, "bytes_written": stats.get("bytes_written", 0)}
 
         async def end(task: dict[str, Any]) -> None:
-            self.restoring.pop(volume, None)
             if task["state"] == "succeeded":
                 d = self.m._doc(volume)
                 d.pop("restoring", None)
@@ -372,10 +358,8 @@ class Backups:
                          level="warning")
             await self.m.delete_volume(volume, force=True, _internal=True)
 
-        view = self.m.tasks.start("backup-restore", run, volume=volume, backup=backup,
+        return self.m.tasks.start("backup-restore", run, volume=volume, backup=backup,
                                   on_end=end)
-        self.restoring[volume] = view["id"]
-        return view
 
     async def abandon_restores(self) -> None:
         """Delete volumes a previous manager was restoring: their data is partial."""
@@ -431,10 +415,17 @@ class Backups:
 
         return self.m.tasks.start("backup-delete", run, volume=info["volume"], backup=backup)
 
+    def task_on(self, volume: str, kind: str) -> str | None:
+        """The id of a running ``kind`` task on ``volume`` (None when there is none)."""
+        running = self.m.tasks.running(kind, volume)
+        return running[0]["id"] if running else None
+
     def busy(self, volume: str) -> str | None:
         """Why ``volume`` must not be detached or lose snapshots now (None: it may)."""
-        if volume in self.reading:
-            return f"backup task {self.reading[volume]} is reading it"
-        if volume in self.restoring:
-            return f"restore task {self.restoring[volume]} is writing it"
+        reading = self.task_on(volume, "backup-create")
+        if reading:
+            return f"backup task {reading} is reading it"
+        writing = self.task_on(volume, "backup-restore")
+        if writing:
+            return f"restore task {writing} is writing it"
         return None

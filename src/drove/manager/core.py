@@ -445,7 +445,7 @@ class Manager:
 
     def _check_not_restoring(self, doc: dict[str, Any], internal: bool) -> None:
         if doc.get("restoring") and not internal:
-            task = self.backups.restoring.get(doc["name"], "?")
+            task = self.backups.task_on(doc["name"], "backup-restore") or "?"
             raise ApiError(409, f"volume {doc['name']} is being restored from backup "
                                 f"{doc['restoring'].get('backup')} (task {task}); wait for it "
                                 f"(`drove task wait {task}`) or cancel it")

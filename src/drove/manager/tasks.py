@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +29,6 @@ class TaskContext:
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.doc = doc
-        self.started = time.monotonic()
 
     def progress(self, done: int, total: int) -> None:
         """Bytes (or items) done out of total."""

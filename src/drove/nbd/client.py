@@ -41,7 +41,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -60,6 +60,7 @@ __all__ = [
     "connect_tcp",
     "connect_unix",
     "connect_uri",
+    "extents",
     "parse_uri",
     "tls_context_from_dir",
 ]
@@ -1562,6 +1563,41 @@ async def connect_unix(
         connect_timeout=connect_timeout, request_timeout=request_timeout,
         block_status=block_status,
     )
+
+
+STATUS_REQUEST = 1 << 30
+"""Length asked of one BLOCK_STATUS request by :func:`extents` (the server may answer for less)."""
+
+
+async def extents(client: NbdClient, start: int, end: int) -> AsyncIterator[tuple[int, int, bool]]:
+    """(offset, length, data) covering [start, end), one BLOCK_STATUS request ahead."""
+
+    def ask(pos: int) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(client.block_status(pos, min(end - pos, STATUS_REQUEST)))
+
+    pos = start
+    nxt: asyncio.Future[Any] | None = ask(pos)
+    try:
+        while pos < end:
+            assert nxt is not None
+            got = await nxt
+            nxt = None
+            covered = sum(e.length for e in got)
+            if covered <= 0:
+                raise OSError(errno.EIO, f"source answered block status at {pos} with nothing")
+            if pos + covered < end:
+                nxt = ask(pos + covered)
+            for e in got:
+                n = min(e.length, end - pos)
+                if n <= 0:
+                    break
+                yield pos, n, not e.flags & proto.NBD_STATE_HOLE
+                pos += n
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
 
 
 class NbdUri(NamedTuple):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drove.nbd.export import NBD_STATE_HOLE
+from drove.nbd.client import extents
 from drove.replica import meta
 from drove.replica.chain import _PREALLOCATE_MIN, BLOCK, LayerHandle, Replica
 from drove.replica.errors import RebuildingError
@@ -46,9 +46,6 @@ DEPTH = 6
 WRITERS = 2
 """Windows being written at once (in worker threads: the kernel's page cache work is the
 bulk of a sync's CPU, and two cores can share it)."""
-
-STATUS_REQUEST = 1 << 30
-"""Length asked of one BLOCK_STATUS request (the source may answer for less)."""
 
 MAX_RUNS = 4096
 """Most extents one window writes or punches."""
@@ -333,8 +330,8 @@ class SyncJob:
         done = 0
         for start, length in self.ranges:
             item: _Item | None = None
-            async with contextlib.aclosing(_extents(client, start, start + length)) as extents:
-                async for off, n, data in extents:
+            async with contextlib.aclosing(extents(client, start, start + length)) as runs:
+                async for off, n, data in runs:
                     if not data:
                         done += n
                         if punch:
@@ -368,37 +365,6 @@ class SyncJob:
                             item = _Item(a, a)
             if item is not None:
                 yield item
-
-
-async def _extents(client: Any, start: int, end: int) -> AsyncIterator[tuple[int, int, bool]]:
-    """(offset, length, data) covering [start, end), one BLOCK_STATUS request ahead."""
-
-    def ask(pos: int) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(client.block_status(pos, min(end - pos, STATUS_REQUEST)))
-
-    pos = start
-    nxt: asyncio.Future[Any] | None = ask(pos)
-    try:
-        while pos < end:
-            assert nxt is not None
-            extents = await nxt
-            nxt = None
-            covered = sum(e.length for e in extents)
-            if covered <= 0:
-                raise OSError(errno.EIO, f"source answered block status at {pos} with nothing")
-            if pos + covered < end:
-                nxt = ask(pos + covered)
-            for e in extents:
-                n = min(e.length, end - pos)
-                if n <= 0:
-                    break
-                yield pos, n, not e.flags & NBD_STATE_HOLE
-                pos += n
-    finally:
-        if nxt is not None:
-            nxt.cancel()
-            with contextlib.suppress(BaseException):
-                await nxt
 
 
 def _first_data(fd: int) -> int | None:
