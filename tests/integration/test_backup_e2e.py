@@ -143,6 +143,8 @@ def test_backup_restore_filesystem_identical(manager, target, tmp_path):
     assert b["volume"] == "src" and b["size"] == 128 * MiB
     assert b["bytes_new"] > 0 and b["bytes_reused"] == 0
     listed = manager.cli_json("backup", "list", "src")
+    bad = manager.api("GET", "/v1/backups", params={"volume": "Not A Name"})
+    assert bad.status_code == 422 and "volume" in bad.json()["detail"], bad.text
     assert [x["name"] for x in listed] == [b["name"]]
     for key in ("name", "volume", "snapshot", "size", "bytes_new", "bytes_reused", "created"):
         assert key in listed[0], key

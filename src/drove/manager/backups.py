@@ -180,7 +180,7 @@ class Backups:
         store = await self.store()
         try:
             return await store.list(volume)
-        except berr.BackupError as exc:
+        except (berr.BackupError, ValueError) as exc:
             raise _api_error(exc) from exc
 
     async def get(self, name: str) -> dict[str, Any]:
