@@ -14,9 +14,23 @@ import random
 import pytest
 
 from drove.engine.mirror import BLOCK, Member, Mirror, Mode
+from drove.nbd import eager
 from drove.nbd.memory import MemoryExport
 
 SIZE = 1 << 20
+
+# Every rule is checked through both entries of the mirror: its coroutine methods,
+# and ``submit`` (the engine's hot path); for submit, also with members that offer
+# ``submit`` themselves and complete on the spot, errors included.
+STYLE = "coroutine"
+
+
+@pytest.fixture(autouse=True, params=["coroutine", "submit", "submit-sync-members"])
+def style(request):
+    global STYLE
+    STYLE = request.param
+    yield request.param
+    STYLE = "coroutine"
 
 
 class FaultyIO:
@@ -72,12 +86,68 @@ class FaultyIO:
         self.aborted = True
 
 
+class SyncIO(FaultyIO):
+    """A FaultyIO with ``submit`` whose memory never suspends: it completes at once."""
+
+    def __init__(self, size: int = SIZE, *, aligned_only: bool = False) -> None:
+        super().__init__(size, aligned_only=aligned_only)
+        self.mem.suspend = False
+        self.submitted = 0
+
+    def submit(self, cmd, offset, length, data, fua, done) -> None:
+        self.submitted += 1
+        if cmd == eager.READ:
+            eager.run(self.read(offset, length), done)
+        elif cmd == eager.WRITE:
+            eager.run(self.write(offset, data, fua=fua), done)
+        else:
+            eager.run(self.flush(), done)
+
+
+class SubmitFront:
+    """The mirror seen through ``submit`` for READ, WRITE and FLUSH."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        self._mirror = mirror
+
+    def __getattr__(self, name):
+        return getattr(self._mirror, name)
+
+    async def _call(self, cmd, offset=0, length=0, data=None, fua=False):
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(value, exc):
+            assert not fut.done(), "done called twice"
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+        self._mirror.submit(cmd, offset, length, data, fua, done)
+        return await fut
+
+    async def read(self, offset, length):
+        return bytes(await self._call(eager.READ, offset, length))
+
+    async def write(self, offset, data, fua=False):
+        return await self._call(eager.WRITE, offset, len(data), data, fua)
+
+    async def flush(self):
+        return await self._call(eager.FLUSH)
+
+
+def new_io(**kwargs) -> FaultyIO:
+    return SyncIO(**kwargs) if STYLE == "submit-sync-members" else FaultyIO(**kwargs)
+
+
 def make(n: int, *, on_change=None) -> tuple[Mirror, list[Member], list[FaultyIO]]:
-    ios = [FaultyIO() for _ in range(n)]
+    ios = [new_io() for _ in range(n)]
     members = [Member(f"r{i}", io) for i, io in enumerate(ios)]
     mirror = Mirror("vol", SIZE, on_change=on_change)
     for m in members:
         mirror.add(m)
+    if STYLE != "coroutine":
+        return SubmitFront(mirror), members, ios  # type: ignore[return-value]
     return mirror, members, ios
 
 
@@ -96,6 +166,8 @@ def test_write_reaches_every_replica_and_reads_spread():
         for _ in range(30):
             assert await mirror.read(4096, 10) == b"x" * 10
         assert all(io.reads >= 5 for io in ios)  # round robin over RW replicas
+        if STYLE == "submit-sync-members":
+            assert all(io.submitted >= 5 for io in ios)
     run(main())
 
 
@@ -181,7 +253,7 @@ def test_wo_replica_gets_only_whole_blocks_and_ends_identical():
         mirror, _members, ios = make(1)
         seed = rng.randbytes(SIZE)
         await mirror.write(0, memoryview(seed))
-        wo_io = FaultyIO(aligned_only=True)
+        wo_io = new_io(aligned_only=True)
         wo_io.mem.data[:] = seed  # as if its lower layers were already copied
         wo = Member("wo", wo_io, Mode.WO)
         mirror.add(wo)
@@ -214,7 +286,7 @@ def test_fast_zero_with_a_wo_replica_is_refused_before_anything_changes():
     async def main():
         mirror, _, ios = make(1)
         await mirror.write(0, memoryview(b"q" * 4096))
-        mirror.add(Member("wo", FaultyIO(aligned_only=True), Mode.WO))
+        mirror.add(Member("wo", new_io(aligned_only=True), Mode.WO))
         with pytest.raises(OSError) as e:
             await mirror.zero(0, 4096, fast=True)
         assert e.value.errno == errno.ENOTSUP
@@ -240,7 +312,9 @@ def test_pause_holds_new_requests_and_waits_for_inflight():
         async def pauser():
             async with mirror.paused():
                 entered.set()
-                # The first write finished; a write issued now waits for resume.
+                # The first write finished (a submitted one called back; its awaiting
+                # Task runs in the next turn); a write issued now waits for resume.
+                await asyncio.sleep(0)
                 assert first.done()
                 second = asyncio.ensure_future(mirror.write(0, memoryview(b"2" * 4096)))
                 await asyncio.sleep(0.02)
@@ -276,7 +350,7 @@ def test_read_fails_over_to_another_rw_replica():
 def test_wo_replica_that_took_a_write_every_rw_refused_is_dropped():
     async def main():
         mirror, members, ios = make(1)
-        wo = Member("wo", FaultyIO(aligned_only=True), Mode.WO)
+        wo = Member("wo", new_io(aligned_only=True), Mode.WO)
         mirror.add(wo)
         ios[0].fail_with = errno.ENOSPC
         with pytest.raises(OSError) as e:

@@ -26,10 +26,12 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from drove.nbd import eager
 from drove.nbd.export import Capabilities, Extent
 
 log = logging.getLogger("drove.engine")
@@ -67,6 +69,16 @@ class Member:
         self.io = io
         self.mode = mode
         self.error: str | None = None
+
+    @property
+    def io(self) -> ReplicaIO:
+        """The replica connection."""
+        return self._io
+
+    @io.setter
+    def io(self, io: ReplicaIO) -> None:
+        self._io = io
+        self.submit: eager.Submit = eager.calls(io)  # its callback-style entry
 
     def __repr__(self) -> str:
         return f"<Member {self.name} {self.mode}>"
@@ -128,6 +140,63 @@ def _step(coro: Any, fut: Any, i: int, results: list[Any],
         results[i] = exc
     else:
         pending.append((i, coro, nxt))
+
+
+class _OneDone:
+    """Completion of a write or flush submitted to the only target."""
+
+    __slots__ = ("done", "mirror", "targets")
+
+    def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done) -> None:
+        self.mirror = mirror
+        self.targets = targets
+        self.done = done
+
+    def __call__(self, value: Any, exc: BaseException | None) -> None:
+        self.mirror._settle_done(self.targets, [exc], self.done)
+
+
+class _FanoutDone:
+    """Completion of a write or flush submitted to several targets: waits for all."""
+
+    __slots__ = ("done", "left", "mirror", "results", "targets")
+
+    def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done) -> None:
+        self.mirror = mirror
+        self.targets = targets
+        self.done = done
+        self.results: list[BaseException | None] = [None] * len(targets)
+        self.left = len(targets)
+
+    def one(self, i: int, value: Any, exc: BaseException | None) -> None:
+        """Target ``i`` answered."""
+        if exc is not None:
+            self.results[i] = exc
+        self.left -= 1
+        if not self.left:
+            self.mirror._settle_done(self.targets, self.results, self.done)
+
+
+class _ReadDone:
+    """Completion of a read submitted to one RW member; fails over on error."""
+
+    __slots__ = ("done", "length", "member", "mirror", "offset")
+
+    def __init__(self, mirror: Mirror, member: Member, offset: int, length: int,
+                 done: eager.Done) -> None:
+        self.mirror = mirror
+        self.member = member
+        self.offset = offset
+        self.length = length
+        self.done = done
+
+    def __call__(self, value: Any, exc: BaseException | None) -> None:
+        mirror = self.mirror
+        mirror._leave()
+        if exc is None:
+            self.done(value, None)
+        else:
+            eager.run(mirror._read_again(self.member, exc, self.offset, self.length), self.done)
 
 
 class Mirror:
@@ -451,6 +520,77 @@ class Mirror:
             return await self._from_rw(lambda m: m.io.block_status(offset, length))
         finally:
             self._leave()
+
+    # ----------------------------------------------------------- callback style
+
+    def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
+               done: eager.Done) -> None:
+        """READ, WRITE or FLUSH in callback style (see :mod:`drove.nbd.eager`).
+
+        The common case only: no pause, no fault, no membership change being
+        persisted, no edge merge for a WO member, and every replica
+        succeeding.  Anything else is handed to the coroutine methods above,
+        which hold every rule; the two paths share :meth:`_judge`.
+        """
+        if self._pause is not None or self.faulted is not None or self._change_task is not None:
+            eager.run(self._coroutine(cmd, offset, length, data, fua), done)
+            return
+        if cmd == eager.READ:
+            rw = self._rw
+            if not rw:
+                eager.run(self.read(offset, length), done)
+                return
+            self._rr += 1
+            m = rw[self._rr % len(rw)]
+            self._inflight += 1
+            m.submit(cmd, offset, length, None, False, _ReadDone(self, m, offset, length, done))
+            return
+        if cmd == eager.WRITE and self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
+            eager.run(self.write(offset, data, fua), done)
+            return
+        targets = self._targets
+        self._inflight += 1
+        if len(targets) == 1:
+            targets[0].submit(cmd, offset, length, data, fua, _OneDone(self, targets, done))
+        else:
+            fan = _FanoutDone(self, targets, done)
+            for i, m in enumerate(targets):
+                m.submit(cmd, offset, length, data, fua, functools.partial(fan.one, i))
+
+    def _coroutine(self, cmd: int, offset: int, length: int, data: Any,
+                   fua: bool) -> Awaitable[Any]:
+        if cmd == eager.READ:
+            return self.read(offset, length)
+        if cmd == eager.WRITE:
+            return self.write(offset, data, fua)
+        return self.flush()
+
+    def _settle_done(self, targets: Sequence[Member], results: list[Any],
+                     done: eager.Done) -> None:
+        """A submitted fan-out finished: complete it now if all is well, else via the rules."""
+        if self._change_task is None and not any(r is not None for r in results):
+            self._leave()
+            done(None, None)
+        else:
+            eager.run(self._settle(targets, results), done)
+
+    async def _settle(self, targets: Sequence[Member], results: list[Any]) -> None:
+        try:
+            self._judge(targets, results)
+            if self._change_task is not None:
+                await self.settled()
+            self._check()
+        finally:
+            self._leave()
+
+    async def _read_again(self, failed: Member, exc: BaseException, offset: int,
+                          length: int) -> Any:
+        """A submitted read failed on ``failed``: drop it and read from another."""
+        if not isinstance(exc, Exception):
+            raise exc
+        self.drop(failed, exc)
+        await self.settled()
+        return await self.read(offset, length)
 
     # ----------------------------------------------------------- WO edges
 

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from drove.nbd import eager
 from drove.nbd.export import Export, Extent
 
 BUCKETS = 32
@@ -71,6 +72,23 @@ class OpStats:
         }
 
 
+class _Counted:
+    """A ``done`` callback that counts the request it completes."""
+
+    __slots__ = ("done", "nbytes", "op", "t")
+
+    def __init__(self, op: OpStats, nbytes: int, done: eager.Done) -> None:
+        self.op = op
+        self.nbytes = nbytes
+        self.done = done
+        self.t = time.perf_counter_ns()
+
+    def __call__(self, value: Any, exc: BaseException | None) -> None:
+        self.op.record(self.nbytes if exc is None else 0, time.perf_counter_ns() - self.t,
+                       exc is None)
+        self.done(value, exc)
+
+
 class StatsLayer:
     """Counts every request passing to ``inner``; also an Export itself."""
 
@@ -80,6 +98,9 @@ class StatsLayer:
         self.description = inner.description
         self.caps = inner.caps
         self.ops = {op: OpStats() for op in OPS}
+        self._inner_submit = eager.calls(inner)
+        self._by_cmd = {eager.READ: self.ops["read"], eager.WRITE: self.ops["write"],
+                        eager.FLUSH: self.ops["flush"]}
         self.started = time.time()
         # (monotonic time, {op: (count, bytes)}) samples for recent rates.
         self._samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=window + 1)
@@ -129,6 +150,12 @@ class StatsLayer:
             raise
         self.ops[op].record(nbytes, time.perf_counter_ns() - t, True)
         return result
+
+    def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
+               done: eager.Done) -> None:
+        """READ, WRITE or FLUSH in callback style (see :mod:`drove.nbd.eager`), counted."""
+        self._inner_submit(cmd, offset, length, data, fua,
+                           _Counted(self._by_cmd[cmd], length, done))
 
     # The forwarding methods are plain functions returning the counting coroutine:
     # one coroutine frame less on every request, which the loop resumes per reply.

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from drove.nbd import proto
+from drove.nbd import eager, proto
 from drove.nbd.export import Extent
 
 __all__ = [
@@ -226,6 +226,48 @@ class _Request:
         self.extents: list[Extent] | None = None  # BLOCK_STATUS result
         self.hdr: bytes | None = None  # set while waiting to be sent (flow control)
         self.data: Any = None  # WRITE payload while waiting to be sent
+
+
+class _Callback:
+    """Stands in for a request's Future when the caller submitted it with a callback.
+
+    Success calls ``done`` at once, from inside the reply parser: the reply to
+    the engine's own client is built in the same turn, with no Task or loop
+    trip.  Errors are passed on from a fresh loop turn instead, because error
+    handling may close this very connection while its parser is running.
+    """
+
+    __slots__ = ("_done", "_fn", "_loop", "_value")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: eager.Done, value: Any) -> None:
+        self._loop = loop
+        self._fn = fn
+        self._value = value  # what success hands on (a READ's buffer)
+        self._done = False
+
+    def done(self) -> bool:
+        """Whether the outcome was delivered (Future interface)."""
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        """Success: call back now."""
+        self._done = True
+        try:
+            self._fn(self._value if result is None else result, None)
+        except Exception:
+            log.exception("NBD client: completion callback failed")
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Failure: call back from the next loop turn."""
+        self._done = True
+        self._loop.call_soon(self._fn, None, exc)
+
+    def cancel(self) -> bool:
+        """The request is abandoned: report it cancelled."""
+        if self._done:
+            return False
+        self.set_exception(asyncio.CancelledError())
+        return True
 
 
 # --- The protocol -------------------------------------------------------------------
@@ -618,13 +660,14 @@ class _Connection(asyncio.BufferedProtocol):
 
     def start(
         self, cmd: int, flags: int, offset: int, length: int, data: Any = None,
-        buf: memoryview | None = None,
+        buf: memoryview | None = None, fut: Any = None,
     ) -> _Request:
         """Register and send one request; with the transport paused it is only registered.
 
         A request left unsent has ``hdr`` set; :meth:`send_later` sends it.
         Registering first makes a request waiting on flow control count for
-        the watchdog and fail on connection loss like any other.
+        the watchdog and fail on connection loss like any other.  ``fut`` is
+        what the reply resolves: a new Future unless a :class:`_Callback` is given.
         """
         if self.phase != _TRANSMISSION or self.closing:
             raise self.closed_error()
@@ -634,7 +677,7 @@ class _Connection(asyncio.BufferedProtocol):
         except struct.error:  # a negative or too large offset cannot even be sent
             raise _local_error(errno.EINVAL, cmd, f"bad range {offset}+{length}") from None
         self._cookie = cookie
-        req = _Request(self._loop.create_future(), cmd, offset, length, buf)
+        req = _Request(fut or self._loop.create_future(), cmd, offset, length, buf)
         self.pending[cookie] = req
         if self.write_paused:
             req.hdr = hdr
@@ -1191,6 +1234,41 @@ class NbdClient:
         else:
             self._check_open()
         return buf
+
+    def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
+               done: eager.Done) -> None:
+        """READ, WRITE or FLUSH in callback style (see :mod:`drove.nbd.eager`).
+
+        A READ's value is a new ``bytearray``.  Requests that need splitting,
+        flow control or FUA emulation take the coroutine path.
+        """
+        c = self._c
+        if not c.write_paused and c.phase == _TRANSMISSION and not c.closing:
+            try:
+                if cmd == _CMD_WRITE:
+                    if 0 < length <= c.piece and (not fua or self.flags & proto.NBD_FLAG_SEND_FUA):
+                        c.start(_CMD_WRITE, proto.NBD_CMD_FLAG_FUA if fua else 0, offset, length,
+                                data, None, _Callback(c._loop, done, None))
+                        return
+                elif cmd == _CMD_READ:
+                    if 0 < length <= c.piece:
+                        buf = bytearray(length)
+                        c.start(_CMD_READ, 0, offset, length, None, memoryview(buf),
+                                _Callback(c._loop, done, buf))
+                        return
+                elif self.flags & proto.NBD_FLAG_SEND_FLUSH:
+                    c.start(proto.NBD_CMD_FLUSH, 0, 0, 0, None, None,
+                            _Callback(c._loop, done, None))
+                    return
+            except Exception as exc:
+                c._loop.call_soon(done, None, exc)
+                return
+        if cmd == _CMD_READ:
+            eager.run(self.read(offset, length), done)
+        elif cmd == _CMD_WRITE:
+            eager.run(self.write(offset, data, fua=fua), done)
+        else:
+            eager.run(self.flush(), done)
 
     async def readinto(self, offset: int, buf: Any) -> None:
         """Read ``len(buf)`` bytes at ``offset`` straight into the writable buffer ``buf``."""

@@ -43,7 +43,7 @@ import types
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from drove.nbd import proto
+from drove.nbd import eager, proto
 from drove.nbd.errors import ConnectionClosed, HandshakeError, ProtocolError
 from drove.nbd.export import Capabilities, Export, ExportProvider, Extent
 
@@ -81,38 +81,6 @@ _NO_DATA = b""
 _CoroutineType = types.CoroutineType
 
 
-@types.coroutine
-def _resume(coro: Any, first: Any) -> Any:
-    """Continue a coroutine that was started by hand and suspended yielding ``first``.
-
-    This is ``yield from`` for an already started coroutine: a Task awaiting
-    it sees exactly the futures the coroutine yields, and exceptions (such as
-    cancellation) thrown into the Task are forwarded to the coroutine.
-    """
-    value = first
-    while True:
-        try:
-            sent = yield value
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            try:
-                value = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                value = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
-async def _await(awaitable: Any) -> Any:
-    """Wrap a non-coroutine awaitable so that it can be started with ``send``."""
-    return await awaitable
-
-
 def _pow2_at_least(value: int) -> int:
     """The smallest power of two >= ``value`` (and >= 1)."""
     return 1 << max(0, value - 1).bit_length()
@@ -142,6 +110,32 @@ def _message(text: str) -> bytes:
         # Cut at a character boundary: the spec wants valid UTF-8.
         raw = raw[: proto.NBD_MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
     return raw
+
+
+class _Submitted:
+    """The ``done`` callback of one submitted request (an object: cheaper than a closure)."""
+
+    __slots__ = ("conn", "flags", "handle", "kind", "length", "offset", "recycle")
+
+    def __init__(self, conn: _Connection, kind: int, handle: int, flags: int, offset: int,
+                 length: int, recycle: bytearray | None) -> None:
+        self.conn: _Connection | None = conn  # None once completed
+        self.kind = kind
+        self.handle = handle
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.recycle = recycle
+
+    def __call__(self, value: Any, exc: BaseException | None) -> None:
+        """The request completed: reply (once; a second call is a bug, logged)."""
+        conn = self.conn
+        if conn is None:
+            log.error("NBD request %#x completed twice", self.handle)
+            return
+        self.conn = None
+        conn._done(self.kind, self.handle, self.flags, self.offset, self.length, self.recycle,
+                   value, exc)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -177,6 +171,7 @@ class _Connection(asyncio.BufferedProtocol):
 
         # Transmission state (filled in by _enter_transmission).
         self._export: Export | None = None
+        self._submit: eager.Submit | None = None  # the export's callback-style entry
         self._size = 0  # the export's size as last seen; refreshed when exceeded
         self._tflags = 0
         self._readonly = False
@@ -721,6 +716,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Fix the export and everything the transmission phase checks per request."""
         caps = export.caps
         self._export = export
+        self._submit = getattr(export, "submit", None)
         self._size = export.size
         self._tflags = tflags
         self._readonly = caps.readonly
@@ -841,11 +837,13 @@ class _Connection(asyncio.BufferedProtocol):
                 if problem is not None:
                     self._error(handle, problem[0], problem[1])
                     return pos
-            if length:
+            if not length:
+                self._reply_read(handle, offset, _NO_DATA, 0)
+            elif self._submit is not None:
+                self._call(eager.READ, None, False, _K_READ, handle, flags, offset, length)
+            else:
                 coro = self._export.read(offset, length)  # type: ignore[union-attr]
                 self._start(coro, _K_READ, handle, flags, offset, length)
-            else:
-                self._reply_read(handle, offset, _NO_DATA, 0)
             return pos
 
         if cmd == proto.NBD_CMD_WRITE:
@@ -980,7 +978,10 @@ class _Connection(asyncio.BufferedProtocol):
         export = self._export
         assert export is not None
         if cmd == proto.NBD_CMD_FLUSH:
-            self._start(export.flush(), _K_OK, handle, flags, 0, 0)
+            if self._submit is not None:
+                self._call(eager.FLUSH, None, False, _K_OK, handle, flags, 0, 0)
+            else:
+                self._start(export.flush(), _K_OK, handle, flags, 0, 0)
         elif not length:
             # Zero-length TRIM, WRITE_ZEROES and CACHE: nothing to do, and the
             # export may assume length > 0.  (The spec leaves them unspecified
@@ -1025,6 +1026,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._ok(handle)
             return
         fua = bool(flags & proto.NBD_CMD_FLAG_FUA)
+        if self._submit is not None:
+            self._call(eager.WRITE, payload, fua, _K_OK, handle, flags, offset, len(payload),
+                       pin, recycle)
+            return
         coro = export.write(offset, payload, fua)
         self._start(coro, _K_OK, handle, flags, offset, len(payload), pin, recycle)
 
@@ -1055,7 +1060,7 @@ class _Connection(asyncio.BufferedProtocol):
         be reused once the call completed.
         """
         if type(coro) is not _CoroutineType:
-            coro = _await(coro)
+            coro = eager.as_coroutine(coro)
         try:
             first = coro.send(None)
         except StopIteration as stop:
@@ -1086,6 +1091,66 @@ class _Connection(asyncio.BufferedProtocol):
         ):
             self._update_flow()
 
+    def _call(
+        self,
+        cmd: int,
+        data: Any,
+        fua: bool,
+        kind: int,
+        handle: int,
+        flags: int,
+        offset: int,
+        length: int,
+        pin: bool = False,
+        recycle: bytearray | None = None,
+    ) -> None:
+        """Submit READ, WRITE or FLUSH to an export with ``submit``; reply on completion.
+
+        The callback-style twin of :meth:`_start`: no coroutine and no Task.
+        """
+        req = _Submitted(self, kind, handle, flags, offset, length, recycle)
+        self._inflight += 1
+        self._inflight_bytes += length
+        try:
+            self._submit(cmd, offset, length, data, fua, req)  # type: ignore[misc]
+        except Exception as exc:
+            if req.conn is not None:
+                req(None, exc)
+        if req.conn is not None:  # still running
+            if pin:
+                self._pinned = True
+            server = self._server
+            if (
+                self._inflight >= server.max_inflight_requests
+                or self._inflight_bytes >= server.max_inflight_bytes
+            ):
+                self._update_flow()
+
+    def _done(
+        self,
+        kind: int,
+        handle: int,
+        flags: int,
+        offset: int,
+        length: int,
+        recycle: bytearray | None,
+        value: Any,
+        exc: BaseException | None,
+    ) -> None:
+        """Reply to a submitted request and release what it held."""
+        if exc is None:
+            self._complete(kind, handle, flags, offset, length, value)
+        else:
+            self._fail(handle, flags, exc)
+        if recycle is not None:
+            self._recycle(recycle)
+        self._inflight -= 1
+        self._inflight_bytes -= length
+        if self._blocked:
+            self._update_flow()
+        if self._disc or self._shutdown:
+            self._maybe_finish_disc()
+
     async def _finish(
         self,
         coro: Any,
@@ -1099,7 +1164,7 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> None:
         """Drive a suspended export call to completion and reply."""
         try:
-            value = await _resume(coro, first)
+            value = await eager.resume(coro, first)
         except asyncio.CancelledError:
             self._fail(handle, flags, OSError(errno.ESHUTDOWN, "cancelled"))
             raise
