@@ -109,3 +109,30 @@ def test_write_all_handles_short_writes(tmp_path: Path, monkeypatch: pytest.Monk
         assert os.pread(fd, 20, 0) == b"\0\0hello world"
     finally:
         os.close(fd)
+
+
+def test_write_in_pieces_aligns_every_call_and_keeps_the_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = meta.fs.pwritev
+    calls: list[tuple[int, int, int]] = []
+
+    def record(fd: int, bufs: list, offset: int, flags: int = 0) -> int:
+        calls.append((offset, sum(memoryview(b).nbytes for b in bufs), flags))
+        return real(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(meta.fs, "pwritev", record)
+    piece = meta.FOLIO_PIECE
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        data = [os.urandom(1000), os.urandom(3 * piece), os.urandom(5)]
+        meta.write_in_pieces(fd, data, piece - 100)
+        total = sum(len(b) for b in data)
+        assert os.pread(fd, total, piece - 100) == b"".join(data)
+        assert calls[0] == (piece - 100, 100, 0)  # up to the first boundary
+        assert all(off % piece == 0 and n <= piece for off, n, _ in calls[1:])
+        assert sum(n for _, n, _ in calls) == total
+        calls.clear()
+        meta.write_in_pieces(fd, [b"s" * (2 * piece)], 0, os.RWF_DSYNC)
+        assert calls == [(0, 2 * piece, os.RWF_DSYNC)]  # a FUA write stays one synced call
+    finally:
+        os.close(fd)

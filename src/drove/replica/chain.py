@@ -649,7 +649,7 @@ class Replica:
                 # (unwritten) extents.  Only the written span is allocated, and
                 # unwritten extents read as holes, so a failed write shows nothing.
                 meta.fs.preallocate(self._head_fd, first * BLOCK, (last + 1 - first) * BLOCK)
-            meta.write_all(self._head_fd, bufs, woff, os.RWF_DSYNC if fua else 0)
+            meta.write_in_pieces(self._head_fd, bufs, woff, os.RWF_DSYNC if fua else 0)
         except BaseException:
             self._index.top_map.invalidate(first, last + 1)  # reload what really landed
             raise

@@ -145,6 +145,37 @@ def write_all(fd: int, bufs: Sequence[Any], offset: int, flags: int = 0) -> None
                 n = 0
 
 
+FOLIO_PIECE = 64 * 1024
+"""Largest single write into a head: the page cache then keeps folios of at most this size.
+
+Since Linux 6.16, ext4 caches a file in folios as large as the writes that
+created them, and a later 4 KiB write into a large folio costs time in
+proportion to the folio's size (ext4_block_write_begin walks every block of
+it).  Measured on this kernel (6.18), CPU per 4 KiB overwrite of data first
+written in 1 MiB writes: 24.5 us; in 256 KiB writes: 7.8; in 64 KiB: 4.1; in
+4 KiB: 2.1.  Writing big requests in 64 KiB pieces costs ~13% more kernel CPU
+for the big write itself; a database volume is overwritten in small pages far
+more often than it is written in bulk.
+"""
+
+
+def write_in_pieces(fd: int, bufs: Sequence[Any], offset: int, flags: int = 0) -> None:
+    """:func:`write_all`, in :data:`FOLIO_PIECE`-aligned pieces (see there why).
+
+    With ``flags`` (RWF_DSYNC) the write stays one call: one sync, not one per piece.
+    """
+    total = sum(memoryview(b).nbytes for b in bufs)
+    if flags or total <= FOLIO_PIECE:
+        write_all(fd, bufs, offset, flags)
+        return
+    mv = memoryview(bufs[0]).cast("B") if len(bufs) == 1 else memoryview(b"".join(bufs))
+    pos = 0
+    while pos < total:
+        end = min(total, ((offset + pos) // FOLIO_PIECE + 1) * FOLIO_PIECE - offset)
+        write_all(fd, [mv[pos:end]], offset + pos)
+        pos = end
+
+
 def now_iso() -> str:
     """The current time as ISO-8601 UTC with a Z suffix."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
