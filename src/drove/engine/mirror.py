@@ -142,24 +142,10 @@ def _step(coro: Any, fut: Any, i: int, results: list[Any],
         pending.append((i, coro, nxt))
 
 
-class _OneDone:
-    """Completion of a write or flush submitted to the only target."""
-
-    __slots__ = ("done", "mirror", "targets")
-
-    def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done) -> None:
-        self.mirror = mirror
-        self.targets = targets
-        self.done = done
-
-    def __call__(self, value: Any, exc: BaseException | None) -> None:
-        self.mirror._settle_done(self.targets, [exc], self.done)
-
-
 class _FanoutDone:
-    """Completion of a write or flush submitted to several targets: waits for all."""
+    """Completion of a write or flush submitted to every target: waits for all."""
 
-    __slots__ = ("done", "left", "mirror", "results", "targets")
+    __slots__ = ("done", "failed", "left", "mirror", "results", "targets")
 
     def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done) -> None:
         self.mirror = mirror
@@ -167,14 +153,25 @@ class _FanoutDone:
         self.done = done
         self.results: list[BaseException | None] = [None] * len(targets)
         self.left = len(targets)
+        self.failed = False
 
     def one(self, i: int, value: Any, exc: BaseException | None) -> None:
         """Target ``i`` answered."""
         if exc is not None:
             self.results[i] = exc
+            self.failed = True
         self.left -= 1
         if not self.left:
-            self.mirror._settle_done(self.targets, self.results, self.done)
+            mirror = self.mirror
+            if self.failed or mirror._change_task is not None:
+                eager.run(mirror._settle(self.targets, self.results), self.done)
+            else:
+                mirror._leave()
+                self.done(None, None)
+
+    def __call__(self, value: Any, exc: BaseException | None) -> None:
+        """The only target answered."""
+        self.one(0, value, exc)
 
 
 class _ReadDone:
@@ -550,10 +547,10 @@ class Mirror:
             return
         targets = self._targets
         self._inflight += 1
+        fan = _FanoutDone(self, targets, done)
         if len(targets) == 1:
-            targets[0].submit(cmd, offset, length, data, fua, _OneDone(self, targets, done))
+            targets[0].submit(cmd, offset, length, data, fua, fan)
         else:
-            fan = _FanoutDone(self, targets, done)
             for i, m in enumerate(targets):
                 m.submit(cmd, offset, length, data, fua, functools.partial(fan.one, i))
 
@@ -564,15 +561,6 @@ class Mirror:
         if cmd == eager.WRITE:
             return self.write(offset, data, fua)
         return self.flush()
-
-    def _settle_done(self, targets: Sequence[Member], results: list[Any],
-                     done: eager.Done) -> None:
-        """A submitted fan-out finished: complete it now if all is well, else via the rules."""
-        if self._change_task is None and not any(r is not None for r in results):
-            self._leave()
-            done(None, None)
-        else:
-            eager.run(self._settle(targets, results), done)
 
     async def _settle(self, targets: Sequence[Member], results: list[Any]) -> None:
         try:
