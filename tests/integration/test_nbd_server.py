@@ -738,7 +738,10 @@ def test_raw_fragmented_and_pipelined_requests(srv_loops: ServerThread) -> None:
     srv = srv_loops
     rng = random.Random(7)
     rw = export(srv)
-    writes = [(0, 1), (4095, 4097), (65536, 70000), (300000, 65536), (1 << 20, 1 << 20)]
+    # Large payloads back to back (each received into its own buffer, the read after
+    # one kept short), then small ones again.
+    writes = [(0, 1), (4095, 4097), (65536, 70000), (300000, 65536), (1 << 20, 1 << 20),
+              (2 << 20, 100000), (3 << 20, 300000), (5000, 10), (3 << 20, 70000)]
     batch = bytearray()
     expected = bytearray(SIZE)
     for handle, (offset, length) in enumerate(writes):

@@ -199,6 +199,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._fill_buf = bytearray()  # the memory behind _fill
         self._spare: bytearray | None = None  # a payload buffer to reuse (no page faults)
         self._fill_pos = 0
+        self._streaming = False  # a large payload just ended: the next read is kept short
         self._fill_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
         self._skip = 0  # payload bytes of a refused write still to discard
         self._blocked = False  # parsing stopped (backpressure, DISC, close)
@@ -304,6 +305,12 @@ class _Connection(asyncio.BufferedProtocol):
             return scratch[: self._skip]
         if len(self._rbuf) - self._rend < _MIN_FREE:
             self._make_room()
+        if self._streaming:
+            # Large writes follow each other: read little past the next header, so
+            # that the next payload goes straight into its own buffer instead of
+            # being copied there from the receive buffer.
+            self._streaming = False
+            return self._rview[self._rend : self._rend + _MIN_FREE]
         return self._rview[self._rend :]
 
     def _run_parser(self) -> None:
@@ -773,6 +780,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._consumed(pos)
                 return
             self._fill = None
+            self._streaming = True
             flags, handle, offset = self._fill_req
             self._do_write(flags, handle, offset, fill.toreadonly(), False, self._fill_buf)
         elif self._skip:
