@@ -56,6 +56,11 @@ _REQ = proto.REQUEST.size  # 28
 _MAX_OPTION_DATA = 64 * 1024  # longest option payload accepted (names are <= 4096)
 _HANDSHAKE_BUFFER = 256 * 1024  # stop reading while this much handshake data is queued
 _CORK_LIMIT = 256 * 1024  # flush a corked batch early beyond this many bytes
+# ... or beyond this many replies: the client (an engine, or fio behind it) starts on
+# the first replies while this side still works through the batch.  Sending a whole
+# batch of 16 at once left the processes of a volume waiting on each other in turn
+# (measured: 4k random reads on a 1-replica volume +25% with batches of 8).
+_CORK_REPLIES = 8
 _RBUF_SIZE = 256 * 1024  # receive buffer of the transmission phase
 _SOCKET_SNDBUF = 4 * 1024 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024  # queued reply bytes before we stop reading requests
@@ -223,6 +228,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._deferred = False
         self._out: list[bytes | bytearray | memoryview] = []
         self._out_bytes = 0
+        self._out_replies = 0
 
     # ------------------------------------------------------------------
     # asyncio.Protocol callbacks
@@ -1239,6 +1245,9 @@ class _Connection(asyncio.BufferedProtocol):
         """Send (or cork) one reply without payload."""
         if self._corked:
             self._out.append(reply)
+            self._out_replies += 1
+            if self._out_replies >= _CORK_REPLIES:
+                self._flush()
         elif self._phase == _TRANSMISSION:
             self._out.append(reply)
             self._defer()
@@ -1250,7 +1259,8 @@ class _Connection(asyncio.BufferedProtocol):
             out.append(header)
             out.append(data)
             self._out_bytes += length
-            if self._out_bytes >= _CORK_LIMIT:
+            self._out_replies += 1
+            if self._out_bytes >= _CORK_LIMIT or self._out_replies >= _CORK_REPLIES:
                 self._flush()
         elif self._phase == _TRANSMISSION:
             self._out.append(header)
@@ -1262,6 +1272,7 @@ class _Connection(asyncio.BufferedProtocol):
         out = self._out
         self._out = []
         self._out_bytes = 0
+        self._out_replies = 0
         transport = self._transport
         if self._phase == _TRANSMISSION and transport is not None and not transport.is_closing():
             transport.writelines(out)
