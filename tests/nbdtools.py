@@ -376,6 +376,16 @@ class RawClient:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.structured = False
 
+    @classmethod
+    def unix(cls, path: str | os.PathLike[str], *, timeout: float = 5.0) -> RawClient:
+        """Connect to the unix socket ``path`` instead."""
+        client = cls.__new__(cls)
+        client.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.sock.settimeout(timeout)
+        client.sock.connect(os.fspath(path))
+        client.structured = False
+        return client
+
     def close(self) -> None:
         """Close the socket."""
         self.sock.close()

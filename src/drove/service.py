@@ -28,6 +28,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+IDLE_HOOKS: list[Callable[[], None]] = []
+"""Called with ``malloc_trim`` when the process goes idle: release caches of your own."""
+
+
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
     """Run ``main()`` to completion on a fresh (uv)loop, with malloc tuned for I/O buffers.
 
@@ -108,6 +112,8 @@ async def release_idle_memory(interval: float = 2.0, busy: float = 0.05) -> None
         if used > busy * interval:
             worked = True
         elif worked:
+            for hook in IDLE_HOOKS:
+                hook()
             libc.malloc_trim(0)
             worked = False
             last = time.process_time()  # the trim's own CPU time is not work

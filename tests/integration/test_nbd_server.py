@@ -918,3 +918,69 @@ def test_standalone_memory_server(tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(10) == 0
     assert not sock.exists()
+
+
+# --- drove's shared arena (engine -> same-host replica) ---------------------------------------
+
+
+def test_arena_writes_and_who_may_share_an_arena(tmp_path: Path) -> None:
+    from drove.nbd.arena import SLOT, Arena
+
+    arena = Arena(slots=4)
+    sock = tmp_path / "arena.sock"
+    with ServerThread(make_provider(), unix_path=sock, accept_arena=True) as srv:
+        rw = export(srv)
+
+        def arena_option(c: RawClient, path: str) -> int:
+            c.greeting()
+            c.option(proto.NBD_OPT_DROVE_ARENA, path.encode())
+            return c.option_reply()[1]
+
+        # Our own drove memfd over the unix socket: accepted; writes come from it.
+        with RawClient.unix(sock) as c:
+            assert arena_option(c, arena.path) == proto.NBD_REP_ACK
+            c.go()
+            buf, data = arena.take(200_000)
+            buf[:] = random.Random(3).randbytes(200_000)
+            where = arena.offset_of(data)
+            c.request(proto.NBD_CMD_DROVE_WRITE_ARENA, handle=1, offset=4096, length=200_000,
+                      payload=struct.pack(">Q", where))
+            assert c.reply()[:2] == (1, 0)
+            assert rw.data[4096:4096 + 200_000] == bytes(data)
+            before = bytes(rw.data)
+            # Out of the arena, or beyond the export: refused, nothing written.
+            c.request(proto.NBD_CMD_DROVE_WRITE_ARENA, handle=2, offset=0, length=4096,
+                      payload=struct.pack(">Q", 4 * SLOT - 100))
+            assert c.reply()[:2] == (2, proto.NBD_EINVAL)
+            c.request(proto.NBD_CMD_DROVE_WRITE_ARENA, handle=3, offset=SIZE - 10, length=4096,
+                      payload=struct.pack(">Q", 0))
+            assert c.reply()[:2] == (3, proto.NBD_ENOSPC)
+            assert bytes(rw.data) == before
+            arena.give_back(data)
+
+        # Not ours, not a memfd of drove's, not a path, or over TCP: refused.
+        other = tmp_path / "file"
+        other.write_bytes(b"secret")
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            for path in ("/proc/1/fd/0", f"/proc/{os.getpid()}/fd/{fd}", "/etc/passwd", "\xff"):
+                with RawClient.unix(sock) as c:
+                    assert arena_option(c, path) == proto.NBD_REP_ERR_POLICY, path
+        finally:
+            os.close(fd)
+        with RawClient(srv.host, srv.port) as c:
+            assert arena_option(c, arena.path) == proto.NBD_REP_ERR_POLICY
+
+        # Without the option the command is unknown, and the connection goes on.
+        with RawClient.unix(sock) as c:
+            c.connect()
+            c.request(proto.NBD_CMD_DROVE_WRITE_ARENA, handle=4, offset=0, length=4096)
+            assert c.reply()[:2] == (4, proto.NBD_EINVAL)
+            c.request(proto.NBD_CMD_READ, handle=5, offset=4096, length=16)
+            assert c.reply(16) == (5, 0, bytes(rw.data[4096:4112]))
+
+    # A server that does not take arenas (the default) does not know the option.
+    with ServerThread(make_provider()) as srv, RawClient(srv.host, srv.port) as c:
+        c.greeting()
+        c.option(proto.NBD_OPT_DROVE_ARENA, arena.path.encode())
+        assert c.option_reply()[1] == proto.NBD_REP_ERR_UNSUP

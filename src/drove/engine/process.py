@@ -59,7 +59,8 @@ async def serve_engine(
                     auto_rebuild=auto_rebuild)
     try:
         await engine.start()
-        server = NbdServer(VolumeExports(engine), tls=tls, tls_required=tls_required)
+        server = NbdServer(VolumeExports(engine), tls=tls, tls_required=tls_required,
+                           arena=engine.arena)
         engine.nbd_connections = lambda: server.connections
         addresses = await listen_nbd(server, nbd, unix, name)
         ctl = ControlServer(build_app(engine), *control)

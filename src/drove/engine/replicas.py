@@ -35,17 +35,19 @@ class _Disconnected:
 class ReplicaHandle(Member):
     """A mirror member that also knows how to reach its replica's control API."""
 
-    def __init__(self, name: str, url: str, timeout: float) -> None:
+    def __init__(self, name: str, url: str, timeout: float, arena: Any = None) -> None:
         super().__init__(name, _Disconnected(), Mode.ERR)
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.arena = arena  # drove.nbd.arena.Arena offered to a same-host replica
         self.http = HttpClient(self.url, timeout=timeout)
         self.info: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:
         """What the engine's API says about this replica."""
         return {"name": self.name, "url": self.url, "mode": str(self.mode),
-                "error": self.error, "nbd": self.nbd_uri("head") if self.info else None}
+                "error": self.error, "nbd": self.nbd_uri("head") if self.info else None,
+                "arena": getattr(self.io, "arena", None) is not None}
 
     async def call(self, method: str, path: str, *, slow: bool = False, **kwargs: Any) -> Any:
         """One control call; ReplicaControlError on a non-2xx answer or no answer.
@@ -88,7 +90,8 @@ class ReplicaHandle(Member):
         """Open a fresh NBD connection to the head and use it for I/O."""
         from drove.nbd.client import connect_uri
 
-        client = await connect_uri(self.nbd_uri("head"), request_timeout=self.timeout)
+        client = await connect_uri(self.nbd_uri("head"), request_timeout=self.timeout,
+                                   arena=self.arena)
         old, self.io = self.io, client
         old.abort()
         return client

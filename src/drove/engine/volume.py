@@ -11,6 +11,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from drove import service
 from drove.engine.generation import (
     NoCurrentReplicaError,
     ReplicaState,
@@ -20,6 +21,7 @@ from drove.engine.generation import (
 from drove.engine.mirror import Mirror, Mode
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
+from drove.nbd.arena import Arena
 from drove.replica.meta import validate_snapshot_name
 
 log = logging.getLogger("drove.engine")
@@ -38,6 +40,17 @@ class EngineError(Exception):
         self.status = status
 
 
+def _new_arena() -> Arena | None:
+    """The engine's shared payload arena (drove.nbd.arena), released while idle."""
+    try:
+        arena = Arena()
+    except OSError as exc:  # no memfd here: large writes go inline
+        log.warning("no shared arena for large writes: %s", exc)
+        return None
+    service.IDLE_HOOKS.append(arena.trim)
+    return arena
+
+
 class Engine:
     """One volume: its replicas, the mirror over them and the layers above it."""
 
@@ -49,7 +62,8 @@ class Engine:
         self.timeout = timeout
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
-        self.replicas = [ReplicaHandle(n, url, timeout) for n, url in replicas]
+        self.arena = _new_arena()
+        self.replicas = [ReplicaHandle(n, url, timeout, self.arena) for n, url in replicas]
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
         self.stats = StatsLayer(self.mirror)
@@ -380,7 +394,7 @@ class Engine:
         if url is not None:
             if any(r.name == name for r in self.replicas):
                 raise EngineError(f"replica {name!r} exists; remove it first", 409)
-            target = ReplicaHandle(name, url, self.timeout)
+            target = ReplicaHandle(name, url, self.timeout, self.arena)
             self.replicas.append(target)
             self.mirror.add(target)
         else:

@@ -94,6 +94,7 @@ _DONE = proto.NBD_REPLY_FLAG_DONE
 _CMD_READ = proto.NBD_CMD_READ
 _CMD_WRITE = proto.NBD_CMD_WRITE
 _CMD_BLOCK_STATUS = proto.NBD_CMD_BLOCK_STATUS
+_CMD_WRITE_ARENA = proto.NBD_CMD_DROVE_WRITE_ARENA
 
 # --- Tuning -----------------------------------------------------------------------
 
@@ -308,6 +309,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.max_block = proto.NBD_DOS_THRESHOLD
         self.description = ""
         self.piece = _MAX_PIECE  # split reads and writes at this size
+        self.arena: Any = None  # the drove.nbd.arena.Arena the server accepted, if any
 
         # Requests.
         self.pending: dict[int, _Request] = {}
@@ -482,7 +484,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def handshake(
         self, export: str, tls: ssl.SSLContext | None, server_hostname: str | None,
-        block_status: bool,
+        block_status: bool, arena: Any = None,
     ) -> None:
         """Negotiate: greeting, STARTTLS, structured replies, base:allocation, GO."""
         magic, opt_magic, hflags = proto.NEWSTYLE_GREETING.unpack(await self._read(18))
@@ -521,6 +523,15 @@ class _Connection(asyncio.BufferedProtocol):
 
         if self.structured and block_status:
             await self._set_meta_context(name)
+
+        if arena is not None and tls is None:
+            # Offer our arena (drove.nbd.arena); any server but a drove replica refuses.
+            self._send_option(proto.NBD_OPT_DROVE_ARENA, arena.path.encode())
+            reply, data = await self._option_reply(proto.NBD_OPT_DROVE_ARENA)
+            if reply == proto.NBD_REP_ACK:
+                self.arena = arena
+            else:
+                log.debug("%s", self._refusal(proto.NBD_OPT_DROVE_ARENA, reply, data))
 
         request = _U32.pack(len(name)) + name + proto.U16.pack(1)
         request += proto.U16.pack(proto.NBD_INFO_BLOCK_SIZE)
@@ -665,7 +676,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def start(
         self, cmd: int, flags: int, offset: int, length: int, data: Any = None,
-        buf: memoryview | None = None, fut: Any = None,
+        buf: memoryview | None = None, fut: Any = None, wire: int | None = None,
     ) -> _Request:
         """Register and send one request; with the transport paused it is only registered.
 
@@ -673,12 +684,13 @@ class _Connection(asyncio.BufferedProtocol):
         Registering first makes a request waiting on flow control count for
         the watchdog and fail on connection loss like any other.  ``fut`` is
         what the reply resolves: a new Future unless a :class:`_Callback` is given.
+        ``wire`` is the command sent when it differs from ``cmd`` (an arena write).
         """
         if self.phase != _TRANSMISSION or self.closing:
             raise self.closed_error()
         cookie = self._cookie + 1
         try:
-            hdr = _REQUEST.pack(_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+            hdr = _REQUEST.pack(_REQUEST_MAGIC, flags, wire or cmd, cookie, offset, length)
         except struct.error:  # a negative or too large offset cannot even be sent
             raise _local_error(errno.EINVAL, cmd, f"bad range {offset}+{length}") from None
         self._cookie = cookie
@@ -694,7 +706,7 @@ class _Connection(asyncio.BufferedProtocol):
             # uvloop sends the batch with one writev and no copy (the default loop
             # of Python 3.11 joins the pieces first).
             out.append(data)
-            self._out_bytes += length
+            self._out_bytes += length if wire is None else len(data)
             if self._out_bytes >= _CORK_LIMIT:
                 self.flush_out()
                 return req
@@ -1215,6 +1227,11 @@ class NbdClient:
         return self._c.tls
 
     @property
+    def arena(self) -> Any:
+        """The shared arena the server accepted (drove.nbd.arena), or None."""
+        return self._c.arena
+
+    @property
     def in_flight(self) -> int:
         """Requests sent (or waiting to be sent) and not yet answered."""
         return len(self._c.pending)
@@ -1255,8 +1272,14 @@ class NbdClient:
             try:
                 if cmd == _CMD_WRITE:
                     if 0 < length <= c.piece and (not fua or self.flags & proto.NBD_FLAG_SEND_FUA):
-                        c.start(_CMD_WRITE, proto.NBD_CMD_FLAG_FUA if fua else 0, offset, length,
-                                data, None, _Callback(c._loop, done, None))
+                        flags = proto.NBD_CMD_FLAG_FUA if fua else 0
+                        where = c.arena.offset_of(data) if c.arena is not None else None
+                        if where is not None:  # the data is in the shared arena: send where
+                            c.start(_CMD_WRITE, flags, offset, length, _U64.pack(where), None,
+                                    _Callback(c._loop, done, None), _CMD_WRITE_ARENA)
+                        else:
+                            c.start(_CMD_WRITE, flags, offset, length, data, None,
+                                    _Callback(c._loop, done, None))
                         return
                 elif cmd == _CMD_READ:
                     if 0 < length <= c.piece:
@@ -1565,6 +1588,7 @@ async def _connect(
     connect_timeout: float | None,
     request_timeout: float | None,
     block_status: bool,
+    arena: Any = None,
 ) -> NbdClient:
     """Open a transport with ``opener``, negotiate, and wrap the result."""
     if request_timeout is not None and request_timeout <= 0:
@@ -1581,7 +1605,7 @@ async def _connect(
         async with asyncio.timeout(connect_timeout):
             await opener(factory)
             assert conn is not None
-            await conn.handshake(export, tls, server_hostname, block_status)
+            await conn.handshake(export, tls, server_hostname, block_status, arena)
     except TimeoutError:
         if conn is not None:
             conn.abort_handshake()
@@ -1635,8 +1659,13 @@ async def connect_unix(
     connect_timeout: float | None = 10.0,
     request_timeout: float | None = None,
     block_status: bool = True,
+    arena: Any = None,
 ) -> NbdClient:
-    """Connect to ``export`` on the unix socket ``path``."""
+    """Connect to ``export`` on the unix socket ``path``.
+
+    ``arena`` (a :class:`drove.nbd.arena.Arena`) is offered to the server: a
+    drove replica then takes large writes from it by offset.
+    """
     loop = asyncio.get_running_loop()
     path = os.fspath(path)
     where = f"{'nbds' if tls else 'nbd'}+unix:///{quote(export)}?socket={path}"
@@ -1647,7 +1676,7 @@ async def connect_unix(
     return await _connect(
         opener, where, export, tls=tls, server_hostname=server_hostname,
         connect_timeout=connect_timeout, request_timeout=request_timeout,
-        block_status=block_status,
+        block_status=block_status, arena=arena,
     )
 
 
@@ -1743,11 +1772,13 @@ async def connect_uri(
     connect_timeout: float | None = 10.0,
     request_timeout: float | None = None,
     block_status: bool = True,
+    arena: Any = None,
 ) -> NbdClient:
     """Connect to an NBD URI; nbds:// uses ``tls``, else ?tls-certificates=DIR, else system CAs.
 
     The export is the URI path without its leading ``/``.  Passing ``tls``
-    turns TLS on for an ``nbd://`` URI as well.
+    turns TLS on for an ``nbd://`` URI as well.  ``arena``: see
+    :func:`connect_unix` (unix sockets only).
     """
     parsed = parse_uri(uri)
     if parsed.tls and tls is None:
@@ -1759,6 +1790,6 @@ async def connect_uri(
         "block_status": block_status,
     }
     if parsed.socket is not None:
-        return await connect_unix(parsed.socket, parsed.export, **kw)
+        return await connect_unix(parsed.socket, parsed.export, arena=arena, **kw)
     assert parsed.host is not None
     return await connect_tcp(parsed.host, parsed.port, parsed.export, **kw)

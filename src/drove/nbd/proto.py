@@ -72,6 +72,11 @@ NBD_OPT_LIST_META_CONTEXT = 9
 NBD_OPT_SET_META_CONTEXT = 10
 NBD_OPT_EXTENDED_HEADERS = 11  # not negotiated by this server
 
+# drove's private extension between an engine and a replica on the same host (see
+# drove.nbd.arena): option data is the path of the client's memfd under /proc.
+# Servers that do not know it answer NBD_REP_ERR_UNSUP, and nothing else changes.
+NBD_OPT_DROVE_ARENA = 0x44525641  # "DRVA"
+
 # --- Option reply types ---------------------------------------------------
 
 NBD_REP_ACK = 1
@@ -108,6 +113,10 @@ NBD_CMD_CACHE = 5
 NBD_CMD_WRITE_ZEROES = 6
 NBD_CMD_BLOCK_STATUS = 7
 NBD_CMD_RESIZE = 8  # experimental extension; answered with NBD_EINVAL
+# drove's private WRITE whose data is in the shared arena: the request's length is the
+# data's, and its 8-byte payload the u64 arena offset.  Only sent after
+# NBD_OPT_DROVE_ARENA was acknowledged.
+NBD_CMD_DROVE_WRITE_ARENA = 0x4457
 
 # --- Command flags --------------------------------------------------------
 

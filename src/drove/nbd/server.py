@@ -43,6 +43,7 @@ import types
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from drove.nbd import arena as arenas
 from drove.nbd import eager, proto
 from drove.nbd.errors import ConnectionClosed, HandshakeError, ProtocolError
 from drove.nbd.export import Capabilities, Export, ExportProvider, Extent
@@ -83,6 +84,7 @@ _TRANSMISSION = 1
 _CLOSED = 2
 
 _NO_DATA = b""
+_U64 = struct.Struct(">Q")
 _CoroutineType = types.CoroutineType
 
 
@@ -123,7 +125,7 @@ class _Submitted:
     __slots__ = ("conn", "flags", "handle", "kind", "length", "offset", "recycle")
 
     def __init__(self, conn: _Connection, kind: int, handle: int, flags: int, offset: int,
-                 length: int, recycle: bytearray | None) -> None:
+                 length: int, recycle: bytearray | memoryview | None) -> None:
         self.conn: _Connection | None = conn  # None once completed
         self.kind = kind
         self.handle = handle
@@ -205,6 +207,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._spare: bytearray | None = None  # a payload buffer to reuse (no page faults)
         self._fill_pos = 0
         self._streaming = False  # a large payload just ended: the next read is kept short
+        self._fill_data: memoryview | None = None  # the arena slot _fill is in, if any
+        self._arena: memoryview | None = None  # the client's shared arena (read-only)
         self._fill_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
         self._skip = 0  # payload bytes of a refused write still to discard
         self._blocked = False  # parsing stopped (backpressure, DISC, close)
@@ -266,6 +270,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._blocked = True
         self._out.clear()
         self._wake()
+        if self._fill_data is not None:  # a payload cut short: its slot is free again
+            self._server.arena.give_back(self._fill_data)  # type: ignore[union-attr]
+            self._fill_data = None
         self._server._connections.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -522,8 +529,22 @@ class _Connection(asyncio.BufferedProtocol):
                 self._meta_context(option, data)
             elif option == proto.NBD_OPT_STARTTLS:
                 await self._starttls(data)
+            elif option == proto.NBD_OPT_DROVE_ARENA and server.accept_arena:
+                self._accept_arena(option, data)
             else:
                 self._opt_error(option, proto.NBD_REP_ERR_UNSUP, f"option {option} unsupported")
+
+    def _accept_arena(self, option: int, data: bytes) -> None:
+        """Map the client's arena if it may share it with us (see drove.nbd.arena)."""
+        transport = self._transport
+        try:
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            self._arena = arenas.open_peer_arena(sock, data.decode("utf-8"))
+        except (OSError, ValueError) as exc:  # PermissionError and UnicodeError included
+            log.info("NBD connection %s: arena refused: %s", self._peer, exc)
+            self._opt_error(option, proto.NBD_REP_ERR_POLICY, f"arena refused: {exc}")
+            return
+        self._opt_reply(option, proto.NBD_REP_ACK)
 
     def _open(self, name: str) -> Export | None:
         try:
@@ -788,7 +809,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._fill = None
             self._streaming = True
             flags, handle, offset = self._fill_req
-            self._do_write(flags, handle, offset, fill.toreadonly(), False, self._fill_buf)
+            data, self._fill_data = self._fill_data, None
+            self._do_write(flags, handle, offset, data if data is not None else fill.toreadonly(),
+                           False, self._fill_buf)
         elif self._skip:
             take = min(self._skip, end - pos)
             self._skip -= take
@@ -882,18 +905,27 @@ class _Connection(asyncio.BufferedProtocol):
             # A large payload: received straight into a buffer of its own,
             # recycled from an earlier write when possible, because fresh
             # large allocations cost more in page faults than the copy.
-            buf = self._spare
-            if buf is not None and len(buf) >= length:
-                self._spare = None
+            arena = self._server.arena
+            slot = arena.take(length) if arena is not None else None
+            if slot is not None:
+                fill, self._fill_data = slot
+                buf = self._fill_data  # given back to the arena when the write completed
             else:
-                buf = bytearray(length)
-            fill = memoryview(buf)[:length]
+                buf = self._spare
+                if buf is not None and len(buf) >= length:
+                    self._spare = None
+                else:
+                    buf = bytearray(length)
+                fill = memoryview(buf)[:length]
             fill[:available] = self._rview[pos:end]
             self._fill = fill
             self._fill_buf = buf
             self._fill_pos = available
             self._fill_req = (flags, handle, offset)
             return end
+
+        if cmd == proto.NBD_CMD_DROVE_WRITE_ARENA and self._arena is not None:
+            return self._arena_write(flags, handle, offset, length, pos, end)
 
         if cmd == proto.NBD_CMD_DISC:
             log.debug("connection %s: NBD_CMD_DISC", self._peer)
@@ -904,6 +936,23 @@ class _Connection(asyncio.BufferedProtocol):
 
         self._other(cmd, flags, handle, offset, length)
         return pos
+
+    def _arena_write(self, flags: int, handle: int, offset: int, length: int, pos: int,
+                     end: int) -> int:
+        """NBD_CMD_DROVE_WRITE_ARENA: a WRITE whose data is in the client's arena."""
+        if end - pos < 8:
+            return _NEED_MORE
+        (where,) = _U64.unpack_from(self._rview, pos)
+        arena = self._arena
+        assert arena is not None
+        problem = self._invalid(proto.NBD_CMD_WRITE, flags, offset, length)
+        if problem is None and (not length or where + length > len(arena)):
+            problem = (proto.NBD_EINVAL, "arena range out of bounds")
+        if problem is not None:
+            self._error(handle, *problem)
+        else:
+            self._do_write(flags, handle, offset, arena[where:where + length], False, None)
+        return pos + 8
 
     def _refuse_write(
         self, handle: int, pos: int, length: int, end: int, err: int, text: str
@@ -1032,7 +1081,7 @@ class _Connection(asyncio.BufferedProtocol):
         offset: int,
         payload: memoryview,
         pin: bool,
-        recycle: bytearray | None,
+        recycle: bytearray | memoryview | None,
     ) -> None:
         export = self._export
         assert export is not None
@@ -1047,8 +1096,11 @@ class _Connection(asyncio.BufferedProtocol):
         coro = export.write(offset, payload, fua)
         self._start(coro, _K_OK, handle, flags, offset, len(payload), pin, recycle)
 
-    def _recycle(self, buf: bytearray) -> None:
-        """Keep the larger payload buffer for the next large write."""
+    def _recycle(self, buf: bytearray | memoryview) -> None:
+        """Keep the larger payload buffer for the next large write (or free its slot)."""
+        if type(buf) is memoryview:
+            self._server.arena.give_back(buf)  # type: ignore[union-attr]
+            return
         spare = self._spare
         if spare is None or len(buf) > len(spare):
             self._spare = buf
@@ -1065,7 +1117,7 @@ class _Connection(asyncio.BufferedProtocol):
         offset: int,
         length: int,
         pin: bool = False,
-        recycle: bytearray | None = None,
+        recycle: bytearray | memoryview | None = None,
     ) -> None:
         """Run the first step of ``coro`` now; continue it in a Task only if it suspends.
 
@@ -1116,7 +1168,7 @@ class _Connection(asyncio.BufferedProtocol):
         offset: int,
         length: int,
         pin: bool = False,
-        recycle: bytearray | None = None,
+        recycle: bytearray | memoryview | None = None,
     ) -> None:
         """Submit READ, WRITE or FLUSH to an export with ``submit``; reply on completion.
 
@@ -1147,7 +1199,7 @@ class _Connection(asyncio.BufferedProtocol):
         flags: int,
         offset: int,
         length: int,
-        recycle: bytearray | None,
+        recycle: bytearray | memoryview | None,
         value: Any,
         exc: BaseException | None,
     ) -> None:
@@ -1174,7 +1226,7 @@ class _Connection(asyncio.BufferedProtocol):
         flags: int,
         offset: int,
         length: int,
-        recycle: bytearray | None,
+        recycle: bytearray | memoryview | None,
     ) -> None:
         """Drive a suspended export call to completion and reply."""
         try:
@@ -1458,12 +1510,17 @@ class NbdServer:
         shutdown_timeout: float = 10.0,
         max_inflight_requests: int = 256,
         max_inflight_bytes: int = 128 * 1024 * 1024,
+        arena: arenas.Arena | None = None,
+        accept_arena: bool = False,
     ) -> None:
         """Configure the server; nothing listens until ``listen_tcp``/``listen_unix``.
 
         ``tls_required`` refuses every option but STARTTLS and ABORT before
         TLS (the spec's FORCEDTLS mode).  ``max_inflight_*`` bound the
         suspended export calls of one connection before it stops reading.
+        ``arena``: receive large write payloads into its slots (an engine, which
+        passes them on to its replicas by offset).  ``accept_arena``: let
+        same-host clients share theirs (a replica; see :mod:`drove.nbd.arena`).
         """
         if tls_required and tls is None:
             raise ValueError("tls_required needs a TLS context")
@@ -1474,6 +1531,8 @@ class NbdServer:
         self.shutdown_timeout = shutdown_timeout
         self.max_inflight_requests = max(1, max_inflight_requests)
         self.max_inflight_bytes = max(1, max_inflight_bytes)
+        self.arena = arena
+        self.accept_arena = accept_arena
         self._servers: list[asyncio.base_events.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()

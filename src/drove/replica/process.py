@@ -59,7 +59,7 @@ async def serve_replica(
     try:
         gate = FlushGate()
         exports = ReplicaExports(replica, gate)
-        server = NbdServer(exports, tls=tls, tls_required=tls_required)
+        server = NbdServer(exports, tls=tls, tls_required=tls_required, accept_arena=True)
         addresses = await listen_nbd(server, nbd, unix)
         rc = ReplicaControl(replica, gate, addresses)
         ctl = ControlServer(build_app(rc), *control)

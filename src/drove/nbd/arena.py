@@ -1,0 +1,116 @@
+"""A shared payload arena: large writes reach same-host replicas without socket copies.
+
+An engine receives a large write's payload from its client straight into a
+slot of this arena, a memfd mapped shared.  A replica on the same host maps the
+same memfd (read-only, found as ``/proc/<engine pid>/fd/<n>``), and the engine
+sends it NBD_CMD_DROVE_WRITE_ARENA: the usual request header plus the slot's
+offset, instead of the data.  For a 1 MiB write to three replicas that saves
+six copies of the megabyte through unix sockets (three into the kernel, three
+out of it), the largest part of the engine's and the replicas' CPU.
+
+Safety: a slot is given back only when the request that filled it completed,
+that is when every replica acknowledged it or was dropped from the volume.  A
+replica that was dropped while a request of its was still queued may later
+apply it with other data; it is then ERR, generations keep it out of the
+volume, and it rejoins only through a rebuild, which compares and copies every
+range (see drove.engine.generation and drove.engine.rebuild).
+
+The server side accepts an arena only on a unix socket, only from the process
+at the other end of it (SO_PEERCRED), and only if the path is a drove memfd:
+a client can never make a replica read anything but memory the client itself
+shared.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import socket
+import struct
+from typing import Any
+
+SLOT = 1024 * 1024
+"""Bytes per slot: writes up to this size use the arena, larger ones go inline."""
+
+MIN_WRITE = 64 * 1024 + 1
+"""Smaller writes stay inline: their payload is in the receive buffer already."""
+
+MEMFD_NAME = "drove-arena"
+_PATH_RE = re.compile(r"/proc/(\d+)/fd/(\d+)")
+
+
+class Arena:
+    """Fixed-size slots in a shared memfd, handed out for large write payloads."""
+
+    def __init__(self, slots: int = 64) -> None:
+        self.size = slots * SLOT
+        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self._mm = mmap.mmap(self.fd, self.size)
+        self._view = memoryview(self._mm)
+        self._free = list(range(slots - 1, -1, -1))  # a stack: the busiest slots stay warm
+        self._offsets: dict[int, int] = {}  # id(read-only view handed out) -> offset
+        self._used: set[int] = set()  # slots written since the last trim
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def take(self, length: int) -> tuple[memoryview, memoryview] | None:
+        """A free slot for ``length`` bytes: (writable view, read-only view), or None."""
+        if length > SLOT or not self._free:
+            return None
+        slot = self._free.pop()
+        self._used.add(slot)
+        offset = slot * SLOT
+        buf = self._view[offset:offset + length]
+        data = buf.toreadonly()
+        self._offsets[id(data)] = offset
+        return buf, data
+
+    def offset_of(self, data: Any) -> int | None:
+        """Where the read-only view ``data`` from :meth:`take` starts, or None if it is not one."""
+        return self._offsets.get(id(data))
+
+    def give_back(self, data: memoryview) -> None:
+        """Free the slot of ``data`` (the request that used it completed)."""
+        offset = self._offsets.pop(id(data))
+        self._free.append(offset // SLOT)
+
+    def trim(self) -> None:
+        """Return the memory of free slots to the system (called when the process idles)."""
+        busy = {off // SLOT for off in self._offsets.values()}
+        for slot in self._used - busy:
+            self._mm.madvise(mmap.MADV_REMOVE, slot * SLOT, SLOT)
+        self._used &= busy
+
+    @property
+    def in_use(self) -> int:
+        """Slots handed out and not given back."""
+        return len(self._offsets)
+
+
+def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
+    """Map the arena ``path`` that the peer of the unix socket ``sock`` shares, read-only.
+
+    Raises PermissionError unless ``path`` is ``/proc/PID/fd/N`` of the peer's
+    own process and names a drove memfd; OSError if it cannot be mapped.
+    """
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise PermissionError("an arena is accepted only over a unix socket")
+    m = _PATH_RE.fullmatch(path)
+    if m is None:
+        raise PermissionError(f"not an arena path: {path!r}")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer_pid = struct.unpack("3i", creds)[0]
+    if int(m.group(1)) != peer_pid:
+        raise PermissionError("the arena must belong to the connecting process")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # Checked on our own descriptor: the peer cannot swap the file meanwhile.
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{MEMFD_NAME}"):
+            raise PermissionError(f"{path} is not a drove arena")
+        size = os.fstat(fd).st_size
+        if size <= 0:
+            raise OSError("empty arena")
+        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+    finally:
+        os.close(fd)
