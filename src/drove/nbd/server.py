@@ -1150,6 +1150,10 @@ class _Connection(asyncio.BufferedProtocol):
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._check_flow()
+
+    def _check_flow(self) -> None:
+        """Stop reading once this connection has too much in flight."""
         server = self._server
         if (
             self._inflight >= server.max_inflight_requests
@@ -1185,12 +1189,7 @@ class _Connection(asyncio.BufferedProtocol):
         if req.conn is not None:  # still running
             if pin:
                 self._pinned = True
-            server = self._server
-            if (
-                self._inflight >= server.max_inflight_requests
-                or self._inflight_bytes >= server.max_inflight_bytes
-            ):
-                self._update_flow()
+            self._check_flow()
 
     def _done(
         self,
@@ -1232,21 +1231,13 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             value = await eager.resume(coro, first)
         except asyncio.CancelledError:
-            self._fail(handle, flags, OSError(errno.ESHUTDOWN, "cancelled"))
+            self._done(kind, handle, flags, offset, length, recycle, None,
+                       OSError(errno.ESHUTDOWN, "cancelled"))
             raise
         except Exception as exc:
-            self._fail(handle, flags, exc)
+            self._done(kind, handle, flags, offset, length, recycle, None, exc)
         else:
-            self._complete(kind, handle, flags, offset, length, value)
-        finally:
-            if recycle is not None:
-                self._recycle(recycle)
-            self._inflight -= 1
-            self._inflight_bytes -= length
-            if self._blocked:
-                self._update_flow()
-            if self._disc or self._shutdown:
-                self._maybe_finish_disc()
+            self._done(kind, handle, flags, offset, length, recycle, value, None)
 
     def _complete(
         self, kind: int, handle: int, flags: int, offset: int, length: int, value: Any
