@@ -392,3 +392,9 @@ def test_large_writes_go_through_the_shared_arena_and_a_stale_replica_is_rebuilt
     assert eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")
     compare(cluster.replicas[0].uri("head"), victim.uri("head"))
     compare(eng.uri(), victim.uri("head"))
+    # Large reads come back through the arena too, and every slot is free again.
+    out = Path(cluster.tmp) / "out.raw"
+    run(["nbdcopy", "--connections=4", "--request-size=1048576", eng.uri(), str(out)])
+    compare(str(out), victim.uri("head"))
+    arena = eng.wait_for(lambda i: i["arena"]["in_use"] == 0, what="arena slots free")["arena"]
+    assert arena["retired"] == 0

@@ -1160,3 +1160,42 @@ def test_submit_read_write_flush_errors_and_loss(nbdkit: Callable[..., Nbdkit]) 
         await client.close()
 
     run(main)
+
+
+def test_submitted_reads_through_an_arena_and_a_timed_out_one_retires_its_slot(
+        tmp_path: Path) -> None:
+    from drove.nbd.arena import Arena
+
+    class SlowReads(MemoryExport):
+        async def read(self, offset: int, length: int) -> Any:
+            if offset >= 8 << 20:
+                await asyncio.sleep(0.6)  # past the client's timeout
+            return await super().read(offset, length)
+
+    exp = SlowReads(SIZE, "")
+    exp.data[:] = random.Random(5).randbytes(SIZE)
+    sock = tmp_path / "s.sock"
+    arena = Arena(slots=8)
+
+    async def main() -> None:
+        client = await connect_unix(sock, request_timeout=0.3, arena=arena)
+        assert client.arena is arena
+        futs = [_submitted(client, proto.NBD_CMD_READ, i << 20, 1 << 20)[0] for i in range(4)]
+        for i, fut in enumerate(futs):
+            view = await fut
+            assert arena.offset_of(view) is not None  # answered in the arena
+            assert bytes(view) == bytes(exp.data[i << 20:(i + 1) << 20])
+            arena.give_back(view)
+        assert arena.in_use == 0
+        small, _ = _submitted(client, proto.NBD_CMD_READ, 0, 4096)
+        assert isinstance(await small, bytearray)  # small reads stay inline
+        # Cut off: the server may still write into the slot, which is never reused.
+        slow, _ = _submitted(client, proto.NBD_CMD_READ, 8 << 20, 1 << 20)
+        with pytest.raises(NbdTimeoutError):
+            await slow
+        assert arena.retired == 1 and arena.in_use == 0
+        await asyncio.sleep(0.5)
+        client.abort()
+
+    with ServerThread(MemoryProvider([exp]), unix_path=sock, accept_arena=True):
+        run(main)

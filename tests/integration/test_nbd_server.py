@@ -957,6 +957,16 @@ def test_arena_writes_and_who_may_share_an_arena(tmp_path: Path) -> None:
             assert c.reply()[:2] == (3, proto.NBD_ENOSPC)
             assert bytes(rw.data) == before
             arena.give_back(data)
+            # A read answered into the arena: a bare reply, the data in the slot.
+            buf, data = arena.take(300_000)
+            c.request(proto.NBD_CMD_DROVE_READ_ARENA, handle=6, offset=1000, length=300_000,
+                      payload=struct.pack(">Q", arena.offset_of(data)))
+            assert c.reply() == (6, 0, b"")
+            assert bytes(data) == bytes(rw.data[1000:301_000])
+            c.request(proto.NBD_CMD_DROVE_READ_ARENA, handle=7, offset=0, length=4096,
+                      payload=struct.pack(">Q", 4 * SLOT - 1))
+            assert c.reply()[:2] == (7, proto.NBD_EINVAL)
+            arena.give_back(data)
 
         # Not ours, not a memfd of drove's, not a path, or over TCP: refused.
         other = tmp_path / "file"

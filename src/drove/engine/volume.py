@@ -21,7 +21,7 @@ from drove.engine.generation import (
 from drove.engine.mirror import Mirror, Mode
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
-from drove.nbd.arena import Arena
+from drove.nbd.arena import SLOT, Arena
 from drove.replica.meta import validate_snapshot_name
 
 log = logging.getLogger("drove.engine")
@@ -105,6 +105,9 @@ class Engine:
             "rebuild": self.rebuild.to_json() if self.rebuild is not None else None,
             "last_pause": self.last_pause,
             "connections": self.nbd_connections(),
+            "arena": None if self.arena is None else {
+                "slots": self.arena.size // SLOT, "in_use": self.arena.in_use,
+                "retired": self.arena.retired},
         }
 
     def replica(self, name: str) -> ReplicaHandle:

@@ -2,18 +2,24 @@
 
 An engine receives a large write's payload from its client straight into a
 slot of this arena, a memfd mapped shared.  A replica on the same host maps the
-same memfd (read-only, found as ``/proc/<engine pid>/fd/<n>``), and the engine
-sends it NBD_CMD_DROVE_WRITE_ARENA: the usual request header plus the slot's
-offset, instead of the data.  For a 1 MiB write to three replicas that saves
-six copies of the megabyte through unix sockets (three into the kernel, three
-out of it), the largest part of the engine's and the replicas' CPU.
+same memfd (found as ``/proc/<engine pid>/fd/<n>``), and the engine sends it
+NBD_CMD_DROVE_WRITE_ARENA: the usual request header plus the slot's offset,
+instead of the data.  Large reads work the other way round: the replica reads
+into a slot (NBD_CMD_DROVE_READ_ARENA), and the engine replies to its client
+from there; the slot is given back once the reply has left for the socket.
+For a 1 MiB write to three replicas that saves six copies of the megabyte
+through unix sockets (three into the kernel, three out of it), the largest
+part of the engine's and the replicas' CPU; a 1 MiB read saves two.
 
-Safety: a slot is given back only when the request that filled it completed,
-that is when every replica acknowledged it or was dropped from the volume.  A
-replica that was dropped while a request of its was still queued may later
+Safety: a write's slot is given back only when the request completed, that
+is when every replica acknowledged it or was dropped from the volume.  A
+replica that was dropped while a write of its was still queued may later
 apply it with other data; it is then ERR, generations keep it out of the
 volume, and it rejoins only through a rebuild, which compares and copies every
-range (see drove.engine.generation and drove.engine.rebuild).
+range (see drove.engine.generation and drove.engine.rebuild).  A read's slot
+is written by the replica: if the connection is lost or times out before the
+answer, the replica may still write into the slot later, so that slot is
+retired for good rather than risk another request's data (``retire``).
 
 The server side accepts an arena only on a unix socket, only from the process
 at the other end of it (SO_PEERCRED), and only if the path is a drove memfd:
@@ -23,6 +29,7 @@ shared.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -35,6 +42,8 @@ SLOT = 1024 * 1024
 
 MIN_WRITE = 64 * 1024 + 1
 """Smaller writes stay inline: their payload is in the receive buffer already."""
+
+log = logging.getLogger(__name__)
 
 MEMFD_NAME = "drove-arena"
 _PATH_RE = re.compile(r"/proc/(\d+)/fd/(\d+)")
@@ -52,6 +61,7 @@ class Arena:
         self._free = list(range(slots - 1, -1, -1))  # a stack: the busiest slots stay warm
         self._offsets: dict[int, int] = {}  # id(read-only view handed out) -> offset
         self._used: set[int] = set()  # slots written since the last trim
+        self.retired = 0  # slots given up after a cut-off read
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def take(self, length: int) -> tuple[memoryview, memoryview] | None:
@@ -75,6 +85,13 @@ class Arena:
         offset = self._offsets.pop(id(data))
         self._free.append(offset // SLOT)
 
+    def retire(self, data: memoryview) -> None:
+        """Never hand out the slot of ``data`` again: a replica cut off mid-read may
+        still write into it (see the module's docstring)."""
+        offset = self._offsets.pop(id(data))
+        self.retired += 1
+        log.warning("arena slot at %d retired: a read into it was cut off", offset)
+
     def trim(self) -> None:
         """Return the memory of free slots to the system (called when the process idles)."""
         busy = {off // SLOT for off in self._offsets.values()}
@@ -89,7 +106,11 @@ class Arena:
 
 
 def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
-    """Map the arena ``path`` that the peer of the unix socket ``sock`` shares, read-only.
+    """Map the arena ``path`` that the peer of the unix socket ``sock`` shares.
+
+    The mapping is writable: reads are answered into it.  It is the client's own
+    memory, shared for that purpose.
+
 
     Raises PermissionError unless ``path`` is ``/proc/PID/fd/N`` of the peer's
     own process and names a drove memfd; OSError if it cannot be mapped.
@@ -103,7 +124,7 @@ def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
     peer_pid = struct.unpack("3i", creds)[0]
     if int(m.group(1)) != peer_pid:
         raise PermissionError("the arena must belong to the connecting process")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         # Checked on our own descriptor: the peer cannot swap the file meanwhile.
         if not os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{MEMFD_NAME}"):
@@ -111,6 +132,6 @@ def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
         size = os.fstat(fd).st_size
         if size <= 0:
             raise OSError("empty arena")
-        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        return memoryview(mmap.mmap(fd, size))
     finally:
         os.close(fd)

@@ -95,6 +95,8 @@ _CMD_READ = proto.NBD_CMD_READ
 _CMD_WRITE = proto.NBD_CMD_WRITE
 _CMD_BLOCK_STATUS = proto.NBD_CMD_BLOCK_STATUS
 _CMD_WRITE_ARENA = proto.NBD_CMD_DROVE_WRITE_ARENA
+_CMD_READ_ARENA = proto.NBD_CMD_DROVE_READ_ARENA
+_ARENA_MIN = 64 * 1024 + 1  # smaller requests go inline (drove.nbd.arena.MIN_WRITE)
 
 # --- Tuning -----------------------------------------------------------------------
 
@@ -274,6 +276,30 @@ class _Callback:
             return False
         self.set_exception(asyncio.CancelledError())
         return True
+
+
+class _ArenaCallback(_Callback):
+    """A read into an arena slot: success hands the slot on to the caller.
+
+    On an error reply the server is done with the slot, which is given back.
+    On a lost connection or a timeout the server may still be running the
+    request and write into the slot later, so the slot is retired for good.
+    """
+
+    __slots__ = ("_arena",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: eager.Done, value: Any,
+                 arena: Any) -> None:
+        super().__init__(loop, fn, value)
+        self._arena = arena
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Failure: free or retire the slot, then call back from the next loop turn."""
+        if isinstance(exc, NbdCommandError):
+            self._arena.give_back(self._value)
+        else:
+            self._arena.retire(self._value)
+        super().set_exception(exc)
 
 
 # --- The protocol -------------------------------------------------------------------
@@ -1282,6 +1308,14 @@ class NbdClient:
                                     _Callback(c._loop, done, None))
                         return
                 elif cmd == _CMD_READ:
+                    slot = c.arena.take(length) if c.arena is not None and \
+                        length >= _ARENA_MIN else None
+                    if slot is not None:  # the server reads into the shared arena
+                        _, data = slot
+                        c.start(_CMD_READ_ARENA, 0, offset, length,
+                                _U64.pack(c.arena.offset_of(data)), None,
+                                _ArenaCallback(c._loop, done, data, c.arena), _CMD_READ_ARENA)
+                        return
                     if 0 < length <= c.piece:
                         buf = bytearray(length)
                         c.start(_CMD_READ, 0, offset, length, None, memoryview(buf),

@@ -117,6 +117,9 @@ NBD_CMD_RESIZE = 8  # experimental extension; answered with NBD_EINVAL
 # data's, and its 8-byte payload the u64 arena offset.  Only sent after
 # NBD_OPT_DROVE_ARENA was acknowledged.
 NBD_CMD_DROVE_WRITE_ARENA = 0x4457
+# ... and its READ: the server reads into the arena at the u64 offset of the 8-byte
+# payload and answers with a bare simple reply.
+NBD_CMD_DROVE_READ_ARENA = 0x4452
 
 # --- Command flags --------------------------------------------------------
 

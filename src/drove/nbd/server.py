@@ -208,6 +208,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._fill_pos = 0
         self._streaming = False  # a large payload just ended: the next read is kept short
         self._fill_data: memoryview | None = None  # the arena slot _fill is in, if any
+        self._sent_slots: list[memoryview] = []  # arena slots in replies not yet sent
+        self._release_timer: asyncio.TimerHandle | None = None
         self._arena: memoryview | None = None  # the client's shared arena (read-only)
         self._fill_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
         self._skip = 0  # payload bytes of a refused write still to discard
@@ -273,6 +275,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self._fill_data is not None:  # a payload cut short: its slot is free again
             self._server.arena.give_back(self._fill_data)  # type: ignore[union-attr]
             self._fill_data = None
+        if self._sent_slots:
+            self._release_sent()  # the transport's buffer is gone, or soon will be
         self._server._connections.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -926,6 +930,8 @@ class _Connection(asyncio.BufferedProtocol):
 
         if cmd == proto.NBD_CMD_DROVE_WRITE_ARENA and self._arena is not None:
             return self._arena_write(flags, handle, offset, length, pos, end)
+        if cmd == proto.NBD_CMD_DROVE_READ_ARENA and self._arena is not None:
+            return self._arena_read(flags, handle, offset, length, pos, end)
 
         if cmd == proto.NBD_CMD_DISC:
             log.debug("connection %s: NBD_CMD_DISC", self._peer)
@@ -951,8 +957,39 @@ class _Connection(asyncio.BufferedProtocol):
         if problem is not None:
             self._error(handle, *problem)
         else:
-            self._do_write(flags, handle, offset, arena[where:where + length], False, None)
+            view = arena[where:where + length].toreadonly()
+            self._do_write(flags, handle, offset, view, False, None)
         return pos + 8
+
+    def _arena_read(self, flags: int, handle: int, offset: int, length: int, pos: int,
+                    end: int) -> int:
+        """NBD_CMD_DROVE_READ_ARENA: a READ answered into the client's arena."""
+        if end - pos < 8:
+            return _NEED_MORE
+        (where,) = _U64.unpack_from(self._rview, pos)
+        arena = self._arena
+        assert arena is not None
+        problem = self._invalid(proto.NBD_CMD_READ, flags, offset, length)
+        if problem is None and (not length or where + length > len(arena)):
+            problem = (proto.NBD_EINVAL, "arena range out of bounds")
+        if problem is not None:
+            self._error(handle, *problem)
+        else:
+            coro = self._read_into(offset, arena[where:where + length])
+            self._start(coro, _K_OK, handle, flags, offset, 0)
+        return pos + 8
+
+    async def _read_into(self, offset: int, view: memoryview) -> None:
+        export = self._export
+        assert export is not None
+        readinto = getattr(export, "readinto", None)
+        if readinto is not None:
+            await readinto(offset, view)
+        else:
+            data = await export.read(offset, len(view))
+            if len(data) != len(view):
+                raise OSError(errno.EIO, "short read from the export")
+            view[:] = data
 
     def _refuse_write(
         self, handle: int, pos: int, length: int, end: int, err: int, text: str
@@ -1205,6 +1242,12 @@ class _Connection(asyncio.BufferedProtocol):
         """Reply to a submitted request and release what it held."""
         if exc is None:
             self._complete(kind, handle, flags, offset, length, value)
+            if type(value) is memoryview and self._server.arena is not None \
+                    and self._server.arena.offset_of(value) is not None:
+                # A read answered in the arena: the slot is free once the reply has left.
+                self._sent_slots.append(value)
+                if not self._corked and not self._deferred:
+                    self._release_sent()
         else:
             self._fail(handle, flags, exc)
         if recycle is not None:
@@ -1319,6 +1362,37 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._phase == _TRANSMISSION and transport is not None and not transport.is_closing():
             transport.writelines(out)
+        if self._sent_slots:
+            self._release_sent()
+
+    def _release_sent(self) -> None:
+        """Give back the arena slots of sent replies once the transport let go of them.
+
+        The transport keeps references to what it could not write at once (also
+        while closing), so a slot is reused only when its write buffer is empty:
+        checked again every few milliseconds until then.
+        """
+        if self._out and self._phase == _TRANSMISSION:
+            return  # replies still queued here; the next flush comes back
+        transport = self._transport
+        try:
+            pending = transport.get_write_buffer_size() if transport is not None else 0
+        except Exception:  # a transport torn down completely holds nothing
+            pending = 0
+        if pending:
+            if self._release_timer is None:
+                self._release_timer = self._loop.call_later(0.002, self._release_later)
+            return
+        arena = self._server.arena
+        assert arena is not None
+        slots, self._sent_slots = self._sent_slots, []
+        for slot in slots:
+            arena.give_back(slot)
+
+    def _release_later(self) -> None:
+        self._release_timer = None
+        if self._sent_slots:
+            self._release_sent()
 
     def _ok(self, handle: int) -> None:
         # A simple reply is valid for every success without payload, even

@@ -121,6 +121,10 @@ class HeadExport:
         """Read through the chain."""
         return self._replica.read(offset, length)
 
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Read through the chain straight into ``buf`` (an engine's arena slot)."""
+        self._replica.readinto(offset, buf)
+
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write into the head."""
         self._replica.write(offset, data, fua=fua)
