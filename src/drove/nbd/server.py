@@ -928,10 +928,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._fill_req = (flags, handle, offset)
             return end
 
-        if cmd == proto.NBD_CMD_DROVE_WRITE_ARENA and self._arena is not None:
-            return self._arena_write(flags, handle, offset, length, pos, end)
-        if cmd == proto.NBD_CMD_DROVE_READ_ARENA and self._arena is not None:
-            return self._arena_read(flags, handle, offset, length, pos, end)
+        if (cmd == proto.NBD_CMD_DROVE_WRITE_ARENA or cmd == proto.NBD_CMD_DROVE_READ_ARENA) \
+                and self._arena is not None:
+            return self._arena_request(cmd, flags, handle, offset, length, pos, end)
 
         if cmd == proto.NBD_CMD_DISC:
             log.debug("connection %s: NBD_CMD_DISC", self._peer)
@@ -943,37 +942,25 @@ class _Connection(asyncio.BufferedProtocol):
         self._other(cmd, flags, handle, offset, length)
         return pos
 
-    def _arena_write(self, flags: int, handle: int, offset: int, length: int, pos: int,
-                     end: int) -> int:
-        """NBD_CMD_DROVE_WRITE_ARENA: a WRITE whose data is in the client's arena."""
+    def _arena_request(self, cmd: int, flags: int, handle: int, offset: int, length: int,
+                       pos: int, end: int) -> int:
+        """NBD_CMD_DROVE_WRITE_ARENA / _READ_ARENA: a WRITE or READ with its data in the
+        client's arena (drove.nbd.arena), at the u64 offset that is the payload."""
         if end - pos < 8:
             return _NEED_MORE
         (where,) = _U64.unpack_from(self._rview, pos)
         arena = self._arena
         assert arena is not None
-        problem = self._invalid(proto.NBD_CMD_WRITE, flags, offset, length)
+        write = cmd == proto.NBD_CMD_DROVE_WRITE_ARENA
+        problem = self._invalid(proto.NBD_CMD_WRITE if write else proto.NBD_CMD_READ,
+                                flags, offset, length)
         if problem is None and (not length or where + length > len(arena)):
             problem = (proto.NBD_EINVAL, "arena range out of bounds")
         if problem is not None:
             self._error(handle, *problem)
-        else:
+        elif write:
             view = arena[where:where + length].toreadonly()
             self._do_write(flags, handle, offset, view, False, None)
-        return pos + 8
-
-    def _arena_read(self, flags: int, handle: int, offset: int, length: int, pos: int,
-                    end: int) -> int:
-        """NBD_CMD_DROVE_READ_ARENA: a READ answered into the client's arena."""
-        if end - pos < 8:
-            return _NEED_MORE
-        (where,) = _U64.unpack_from(self._rview, pos)
-        arena = self._arena
-        assert arena is not None
-        problem = self._invalid(proto.NBD_CMD_READ, flags, offset, length)
-        if problem is None and (not length or where + length > len(arena)):
-            problem = (proto.NBD_EINVAL, "arena range out of bounds")
-        if problem is not None:
-            self._error(handle, *problem)
         else:
             coro = self._read_into(offset, arena[where:where + length])
             self._start(coro, _K_OK, handle, flags, offset, 0)
