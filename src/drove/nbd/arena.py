@@ -40,8 +40,9 @@ from typing import Any
 SLOT = 1024 * 1024
 """Bytes per slot: writes up to this size use the arena, larger ones go inline."""
 
-MIN_WRITE = 64 * 1024 + 1
-"""Smaller writes stay inline: their payload is in the receive buffer already."""
+MIN_SIZE = 64 * 1024 + 1
+"""Smaller reads and writes stay inline: a small write's payload is in the receive
+buffer already, and a small copy costs less than a slot."""
 
 log = logging.getLogger(__name__)
 

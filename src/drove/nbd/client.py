@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from drove.nbd import eager, proto
+from drove.nbd.arena import MIN_SIZE as _ARENA_MIN
 from drove.nbd.export import Extent
 
 __all__ = [
@@ -96,7 +97,8 @@ _CMD_WRITE = proto.NBD_CMD_WRITE
 _CMD_BLOCK_STATUS = proto.NBD_CMD_BLOCK_STATUS
 _CMD_WRITE_ARENA = proto.NBD_CMD_DROVE_WRITE_ARENA
 _CMD_READ_ARENA = proto.NBD_CMD_DROVE_READ_ARENA
-_ARENA_MIN = 64 * 1024 + 1  # smaller requests go inline (drove.nbd.arena.MIN_WRITE)
+# Command names for messages, drove's private arena commands included.
+_NAMES = {**proto.COMMAND_NAMES, _CMD_WRITE_ARENA: "WRITE", _CMD_READ_ARENA: "READ"}
 
 # --- Tuning -----------------------------------------------------------------------
 
@@ -195,7 +197,7 @@ def _command_error(
 ) -> NbdCommandError:
     """The exception for NBD error ``nbd_err`` returned to a request."""
     err = proto.errno_of(nbd_err)
-    name = proto.COMMAND_NAMES.get(cmd, str(cmd))
+    name = _NAMES.get(cmd, str(cmd))
     where = "" if cmd == proto.NBD_CMD_FLUSH else f" at offset {offset} length {length}"
     text = f"{os.strerror(err)} ({name}{where} failed with {_NBD_ERRNAMES.get(nbd_err, nbd_err)})"
     if message:
@@ -208,7 +210,7 @@ def _command_error(
 
 def _local_error(err: int, cmd: int, text: str) -> NbdCommandError:
     """A request refused before it was sent (unsupported, impossible argument)."""
-    name = proto.COMMAND_NAMES.get(cmd, str(cmd))
+    name = _NAMES.get(cmd, str(cmd))
     return NbdCommandError(err, f"{os.strerror(err)} ({name}: {text})", command=name)
 
 
@@ -702,7 +704,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def start(
         self, cmd: int, flags: int, offset: int, length: int, data: Any = None,
-        buf: memoryview | None = None, fut: Any = None, wire: int | None = None,
+        buf: memoryview | None = None, fut: Any = None,
     ) -> _Request:
         """Register and send one request; with the transport paused it is only registered.
 
@@ -710,13 +712,12 @@ class _Connection(asyncio.BufferedProtocol):
         Registering first makes a request waiting on flow control count for
         the watchdog and fail on connection loss like any other.  ``fut`` is
         what the reply resolves: a new Future unless a :class:`_Callback` is given.
-        ``wire`` is the command sent when it differs from ``cmd`` (an arena write).
         """
         if self.phase != _TRANSMISSION or self.closing:
             raise self.closed_error()
         cookie = self._cookie + 1
         try:
-            hdr = _REQUEST.pack(_REQUEST_MAGIC, flags, wire or cmd, cookie, offset, length)
+            hdr = _REQUEST.pack(_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         except struct.error:  # a negative or too large offset cannot even be sent
             raise _local_error(errno.EINVAL, cmd, f"bad range {offset}+{length}") from None
         self._cookie = cookie
@@ -732,7 +733,7 @@ class _Connection(asyncio.BufferedProtocol):
             # uvloop sends the batch with one writev and no copy (the default loop
             # of Python 3.11 joins the pieces first).
             out.append(data)
-            self._out_bytes += length if wire is None else len(data)
+            self._out_bytes += len(data)  # an arena request's is its 8-byte offset
             if self._out_bytes >= _CORK_LIMIT:
                 self.flush_out()
                 return req
@@ -883,7 +884,7 @@ class _Connection(asyncio.BufferedProtocol):
                     if req.cmd != _CMD_READ or n <= 0 or rel < 0 or rel + n > req.length:
                         return self._violation(
                             f"bad OFFSET_DATA chunk (offset {offset}, {n} bytes) for "
-                            f"{proto.COMMAND_NAMES.get(req.cmd)} {req.offset}+{req.length}"
+                            f"{_NAMES.get(req.cmd)} {req.offset}+{req.length}"
                         )
                     req.got += n
                     pos += 28
@@ -1127,7 +1128,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if oldest <= cookie:
                     if now - when >= timeout:
                         req = self.pending[oldest]
-                        name = proto.COMMAND_NAMES.get(req.cmd, str(req.cmd))
+                        name = _NAMES.get(req.cmd, str(req.cmd))
                         self._lose(
                             NbdTimeoutError,
                             f"{name} at offset {req.offset} length {req.length} not answered "
@@ -1299,10 +1300,11 @@ class NbdClient:
                 if cmd == _CMD_WRITE:
                     if 0 < length <= c.piece and (not fua or self.flags & proto.NBD_FLAG_SEND_FUA):
                         flags = proto.NBD_CMD_FLAG_FUA if fua else 0
-                        where = c.arena.offset_of(data) if c.arena is not None else None
+                        where = c.arena.offset_of(data) if c.arena is not None and \
+                            length >= _ARENA_MIN else None
                         if where is not None:  # the data is in the shared arena: send where
-                            c.start(_CMD_WRITE, flags, offset, length, _U64.pack(where), None,
-                                    _Callback(c._loop, done, None), _CMD_WRITE_ARENA)
+                            c.start(_CMD_WRITE_ARENA, flags, offset, length, _U64.pack(where),
+                                    None, _Callback(c._loop, done, None))
                         else:
                             c.start(_CMD_WRITE, flags, offset, length, data, None,
                                     _Callback(c._loop, done, None))
@@ -1314,7 +1316,7 @@ class NbdClient:
                         _, data = slot
                         c.start(_CMD_READ_ARENA, 0, offset, length,
                                 _U64.pack(c.arena.offset_of(data)), None,
-                                _ArenaCallback(c._loop, done, data, c.arena), _CMD_READ_ARENA)
+                                _ArenaCallback(c._loop, done, data, c.arena))
                         return
                     if 0 < length <= c.piece:
                         buf = bytearray(length)

@@ -15,14 +15,11 @@ the engine those cost more than the rest of its Python work together).
 from __future__ import annotations
 
 import asyncio
-import logging
 import types
 from collections.abc import Callable
 from typing import Any
 
 from drove.nbd import proto
-
-log = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
 """Completion of a submitted request: ``done(value, None)`` or ``done(None, error)``."""

@@ -207,10 +207,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._spare: bytearray | None = None  # a payload buffer to reuse (no page faults)
         self._fill_pos = 0
         self._streaming = False  # a large payload just ended: the next read is kept short
-        self._fill_data: memoryview | None = None  # the arena slot _fill is in, if any
         self._sent_slots: list[memoryview] = []  # arena slots in replies not yet sent
         self._release_timer: asyncio.TimerHandle | None = None
-        self._arena: memoryview | None = None  # the client's shared arena (read-only)
+        self._arena: memoryview | None = None  # the client's shared arena, if it gave one
         self._fill_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
         self._skip = 0  # payload bytes of a refused write still to discard
         self._blocked = False  # parsing stopped (backpressure, DISC, close)
@@ -272,9 +271,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._blocked = True
         self._out.clear()
         self._wake()
-        if self._fill_data is not None:  # a payload cut short: its slot is free again
-            self._server.arena.give_back(self._fill_data)  # type: ignore[union-attr]
-            self._fill_data = None
+        if self._fill is not None and type(self._fill_buf) is memoryview:
+            # A payload cut short in an arena slot: the slot is free again.
+            self._fill = None
+            self._server.arena.give_back(self._fill_buf)  # type: ignore[union-attr]
         if self._sent_slots:
             self._release_sent()  # the transport's buffer is gone, or soon will be
         self._server._connections.discard(self)
@@ -813,9 +813,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._fill = None
             self._streaming = True
             flags, handle, offset = self._fill_req
-            data, self._fill_data = self._fill_data, None
-            self._do_write(flags, handle, offset, data if data is not None else fill.toreadonly(),
-                           False, self._fill_buf)
+            held = self._fill_buf  # an arena slot's read-only view is the data itself
+            data = held if type(held) is memoryview else fill.toreadonly()
+            self._do_write(flags, handle, offset, data, False, held)
         elif self._skip:
             take = min(self._skip, end - pos)
             self._skip -= take
@@ -912,8 +912,7 @@ class _Connection(asyncio.BufferedProtocol):
             arena = self._server.arena
             slot = arena.take(length) if arena is not None else None
             if slot is not None:
-                fill, self._fill_data = slot
-                buf = self._fill_data  # given back to the arena when the write completed
+                fill, buf = slot  # buf, the slot's read-only view, goes back when done
             else:
                 buf = self._spare
                 if buf is not None and len(buf) >= length:
@@ -1231,9 +1230,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._complete(kind, handle, flags, offset, length, value)
             if type(value) is memoryview and self._server.arena is not None \
                     and self._server.arena.offset_of(value) is not None:
-                # A read answered in the arena: the slot is free once the reply has left.
+                # A read answered in the arena: the slot is free once the reply has
+                # left, which the flush that sends it checks; nothing is sent any more
+                # once the connection stopped transmitting.
                 self._sent_slots.append(value)
-                if not self._corked and not self._deferred:
+                if self._phase != _TRANSMISSION:
                     self._release_sent()
         else:
             self._fail(handle, flags, exc)

@@ -164,7 +164,9 @@ def write_in_pieces(fd: int, bufs: Sequence[Any], offset: int, flags: int = 0) -
 
     With ``flags`` (RWF_DSYNC) the write stays one call: one sync, not one per piece.
     """
-    total = sum(memoryview(b).nbytes for b in bufs)
+    # One buffer is the usual case (no edge completed from an older layer): no generator.
+    total = memoryview(bufs[0]).nbytes if len(bufs) == 1 else \
+        sum(memoryview(b).nbytes for b in bufs)
     if flags or total <= FOLIO_PIECE:
         write_all(fd, bufs, offset, flags)
         return
