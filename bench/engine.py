@@ -7,6 +7,10 @@ to the engine over a unix socket, the engine to its replicas over theirs.
 nbdkit serves a file on the same disk in the same run; the table prints the
 ratio drove / nbdkit.  Targets (issue 3): 1 replica >= 0.75 of nbdkit's IOPS;
 3 replicas >= 0.35 on 4k randrw and >= 0.40 of its sequential bandwidth.
+
+First, unless ``--no-hop``, the same jobs run through a bare byte-forwarding
+hop (socat, in C) in front of that nbdkit: what one extra process costs on this
+machine before any engine work, the floor for any engine in front of replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from drove.units import parse_size
-from fiobench import STANDARD_JOBS, fill, nbdkit_file, print_table, run_fio
+from fiobench import STANDARD_JOBS, fill, nbdkit_file, print_table, run_fio, socat_hop
 from replicatools import kill_all, start_replica
 
 
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="run each job once unmeasured first (first touch of guest memory "
                          "by the page cache is ~10x slower on this VM)")
+    ap.add_argument("--no-hop", action="store_true",
+                    help="skip the socat hop floor (fio -> socat -> nbdkit)")
     args = ap.parse_args()
     size = parse_size(args.size)
     jobs = STANDARD_JOBS
@@ -46,6 +52,15 @@ def main() -> None:
             f.truncate(size)
         with nbdkit_file(base_file, scratch / "nbdkit.sock") as (base_uri, base_pid):
             fill(base_uri, size)
+            if not args.no_hop:
+                rows = []
+                for job in jobs:
+                    with socat_hop(scratch / "nbdkit.sock", scratch / "hop.sock") as (uri, pid):
+                        h = run_fio(uri, job, size, args.runtime, pid, settle=0.5)
+                    rows.append((job.name, h, run_fio(base_uri, job, size, args.runtime,
+                                                      base_pid)))
+                print_table("one bare hop: fio -> socat -> nbdkit (no engine work); cpu us/IO "
+                            "is socat's", rows, "nbdkit", name="hop")
             for n in (int(x) for x in args.replicas.split(",")):
                 procs = []
                 try:

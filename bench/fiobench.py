@@ -52,16 +52,18 @@ class Result:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads included."""
+    """User + system CPU time of a process, its threads and its reaped children included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def run_fio(uri: str, job: Job, size: int, runtime: float,
-            server_pid: int | None = None) -> Result:
+            server_pid: int | None = None, settle: float = 0.0) -> Result:
     """Run ``job`` with fio's nbd engine against ``uri``; with ``server_pid``, its CPU per I/O.
 
     Server CPU per I/O is steadier than IOPS on a shared two-core machine.
+    ``settle``: seconds to wait before reading the CPU time (for a server whose
+    per-connection children must exit and be reaped first).
     """
     cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     cmd = [
@@ -73,6 +75,7 @@ def run_fio(uri: str, job: Job, size: int, runtime: float,
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120)
     if out.returncode != 0:
         raise RuntimeError(f"fio failed: {out.stderr or out.stdout}")
+    time.sleep(settle)
     cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
     # fio's nbd engine prints a line before the JSON.
     data = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
@@ -113,6 +116,28 @@ def nbdkit_file(path: Path, sock: Path) -> Iterator[tuple[str, int]]:
         proc.wait()
 
 
+@contextlib.contextmanager
+def socat_hop(target: Path, sock: Path) -> Iterator[tuple[str, int]]:
+    """A bare byte-forwarding hop (socat, C) in front of the unix socket ``target``: (uri, pid).
+
+    It parses nothing and copies every byte through one extra process, the
+    least any engine in front of a replica process must do.  socat forks a
+    child per connection; its CPU time counts in the parent once reaped.
+    """
+    proc = subprocess.Popen(["socat", "-b", "262144", f"UNIX-LISTEN:{sock},fork",
+                             f"UNIX-CONNECT:{target}"], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield f"nbd+unix:///?socket={sock}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+        sock.unlink(missing_ok=True)
+
+
 def fill(uri: str, size: int) -> None:
     """Write random data over the whole export with nbdcopy (so reads hit real data), synced."""
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"fill-{os.getpid()}.raw"
@@ -135,10 +160,11 @@ def qemu_io_script(uri: str, commands: list[str]) -> None:
                    check=True, capture_output=True, text=True)
 
 
-def print_table(title: str, rows: list[tuple[str, Result, Result]], base_name: str) -> None:
-    """Print drove vs baseline for each job with ratios."""
+def print_table(title: str, rows: list[tuple[str, Result, Result]], base_name: str,
+                name: str = "drove") -> None:
+    """Print ``name`` (drove) vs the baseline for each job with ratios."""
     print(f"\n{title}")
-    head = (f"{'job':22} {'drove IOPS':>10} {'MiB/s':>7} {'mean us':>7} {'p99 us':>7} "
+    head = (f"{'job':22} {name + ' IOPS':>10} {'MiB/s':>7} {'mean us':>7} {'p99 us':>7} "
             f"{'cpu us/IO':>9} {base_name + ' IOPS':>12} {'MiB/s':>7} {'mean us':>7} "
             f"{'p99 us':>7} {'cpu us/IO':>9} {'ratio':>5}")
     print(head)
