@@ -21,8 +21,32 @@ import tempfile
 from pathlib import Path
 
 from drove.units import parse_size
-from fiobench import STANDARD_JOBS, fill, nbdkit_file, print_table, run_fio, socat_hop
+from fiobench import STANDARD_JOBS, Job, Result, fill, nbdkit_file, print_table, run_fio, socat_hop
 from replicatools import kill_all, start_replica
+
+
+def hop_floor(scratch: Path, jobs: tuple[Job, ...], size: int, runtime: int, base_uri: str,
+              base_pid: int) -> None:
+    """fio through a bare socat hop in front of nbdkit and in front of a lone replica."""
+    rep = start_replica(scratch / "hop-r", size)
+    try:
+        fill(rep.unix_uri(), size)
+        targets = (scratch / "nbdkit.sock", Path(rep.addresses["nbd_unix"]))
+        rows: list[list[tuple[str, Result, Result]]] = [[], []]
+        for job in jobs:
+            hops = []
+            for target in targets:
+                with socat_hop(target, scratch / "hop.sock") as (uri, pid):
+                    hops.append(run_fio(uri, job, size, runtime, pid, settle=0.5))
+            base = run_fio(base_uri, job, size, runtime, base_pid)
+            for table, hop in zip(rows, hops, strict=True):
+                table.append((job.name, hop, base))
+    finally:
+        rep.stop()
+        kill_all([rep])
+    for table, what in zip(rows, ("nbdkit", "a lone drove replica"), strict=True):
+        print_table(f"one bare hop, no engine work: fio -> socat -> {what}; cpu us/IO is "
+                    "socat's", table, "nbdkit", name="hop")
 
 
 def main() -> None:
@@ -53,14 +77,7 @@ def main() -> None:
         with nbdkit_file(base_file, scratch / "nbdkit.sock") as (base_uri, base_pid):
             fill(base_uri, size)
             if not args.no_hop:
-                rows = []
-                for job in jobs:
-                    with socat_hop(scratch / "nbdkit.sock", scratch / "hop.sock") as (uri, pid):
-                        h = run_fio(uri, job, size, args.runtime, pid, settle=0.5)
-                    rows.append((job.name, h, run_fio(base_uri, job, size, args.runtime,
-                                                      base_pid)))
-                print_table("one bare hop: fio -> socat -> nbdkit (no engine work); cpu us/IO "
-                            "is socat's", rows, "nbdkit", name="hop")
+                hop_floor(scratch, jobs, size, args.runtime, base_uri, base_pid)
             for n in (int(x) for x in args.replicas.split(",")):
                 procs = []
                 try:
