@@ -398,3 +398,34 @@ def test_large_writes_go_through_the_shared_arena_and_a_stale_replica_is_rebuilt
     compare(str(out), victim.uri("head"))
     arena = eng.wait_for(lambda i: i["arena"]["in_use"] == 0, what="arena slots free")["arena"]
     assert arena["retired"] == 0
+
+
+def test_reads_cut_off_by_a_stopped_replica_retire_slots_until_its_process_exits(cluster):
+    """A large read into the arena that times out leaves its slot retired: the stopped
+    replica may still write there.  Once that process is gone the slots come back."""
+    eng = cluster.start(2, "64M", "--timeout", "2")
+    job = subprocess.Popen(
+        ["fio", "--name=job", "--ioengine=nbd", f"--uri={eng.uri()}", "--output-format=json",
+         "--rw=randread", "--bs=1M", "--iodepth=8", "--size=64M", "--time_based",
+         "--runtime=8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    victim = cluster.replicas[1]
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        eng.wait_for(lambda i: i["health"] == "degraded", timeout=10, what="degraded")
+        retired = eng.info()["arena"]["retired"]
+        assert retired > 0  # round-robin reads were in flight to the victim
+        time.sleep(2.5)  # the victim still exists, so nothing may be reclaimed
+        assert eng.info()["arena"]["retired"] == retired
+    finally:
+        victim.kill(signal.SIGKILL)
+    out, err = job.communicate(timeout=120)
+    text = out.decode()
+    result = json.loads(text[text.index("{"):])["jobs"][0]
+    assert result["error"] == 0, err.decode()[-2000:]  # reads went on from r0
+    # Some work, then idle: the idle hook reclaims the slots of the exited process.
+    run(["nbdcopy", "--request-size=1048576", eng.uri(), "null:"])
+    arena = eng.wait_for(lambda i: i["arena"]["retired"] == 0 and i["arena"]["in_use"] == 0,
+                         timeout=20, what="retired slots reclaimed")["arena"]
+    assert arena["slots"] == 64
+    assert "reclaimed: their replica process has exited" in cluster.engine.log.read_text()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 
-from drove.nbd.arena import SLOT, Arena
+from drove.nbd.arena import SLOT, Arena, PeerProcess
 
 
 def rss_shmem_kib() -> int:
@@ -41,3 +43,35 @@ def test_slots_are_handed_out_found_by_view_given_back_and_trimmed() -> None:
     assert rss_shmem_kib() <= before - 3 * 1024  # the written slots' memory went back
     again = arena.take(5)
     assert again is not None and bytes(again[1]) == bytes(5)  # a trimmed slot reads zeros
+
+
+def test_a_retired_slot_comes_back_only_once_its_writer_has_exited() -> None:
+    arena = Arena(slots=2)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        writer = PeerProcess(child.pid)
+        (_, cut), (_, lost) = arena.take(SLOT), arena.take(SLOT)
+        cut_at = arena.offset_of(cut)
+        arena.retire(cut, writer)
+        arena.retire(lost, None)  # the writer could not be told: never reused
+        assert arena.retired == 2 and arena.in_use == 0
+        assert arena.take(10) is None and arena.reclaim() == 0  # the writer still runs
+        child.kill()
+        child.wait()
+        assert writer.exited()
+        slot = arena.take(10)  # exhausted: take reclaims what it may
+        assert slot is not None and arena.offset_of(slot[1]) == cut_at
+        assert arena.retired == 1 and arena.take(10) is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_peer_process_of_a_unix_socket_only() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        peer = PeerProcess.of(a)
+        assert peer is not None and peer.pid == os.getpid() and not peer.exited()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    with tcp:
+        assert PeerProcess.of(tcp) is None and PeerProcess.of(None) is None

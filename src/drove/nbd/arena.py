@@ -19,7 +19,9 @@ volume, and it rejoins only through a rebuild, which compares and copies every
 range (see drove.engine.generation and drove.engine.rebuild).  A read's slot
 is written by the replica: if the connection is lost or times out before the
 answer, the replica may still write into the slot later, so that slot is
-retired for good rather than risk another request's data (``retire``).
+retired rather than risk another request's data (``retire``).  It comes back
+only once the replica's process has exited (:class:`PeerProcess`, a pidfd:
+a process that is gone has no mapping left to write through).
 
 The server side accepts an arena only on a unix socket, only from the process
 at the other end of it (SO_PEERCRED), and only if the path is a drove memfd:
@@ -33,6 +35,7 @@ import logging
 import mmap
 import os
 import re
+import select
 import socket
 import struct
 from typing import Any
@@ -50,6 +53,43 @@ MEMFD_NAME = "drove-arena"
 _PATH_RE = re.compile(r"/proc/(\d+)/fd/(\d+)")
 
 
+class PeerProcess:
+    """The process at the other end of a unix socket, held by a pidfd.
+
+    A pid may be reused by an unrelated process; a pidfd names one process and
+    becomes readable once it has exited.  If the peer died before the pidfd was
+    opened, the pidfd may name a later process with its pid; waiting for that
+    one to exit as well is merely late, never unsafe.
+    """
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    @classmethod
+    def of(cls, sock: socket.socket | None) -> PeerProcess | None:
+        """The peer process of the unix socket ``sock``, or None if it cannot be told."""
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return cls(struct.unpack("3i", creds)[0])
+        except OSError as exc:  # the peer is gone already, or no pidfd support
+            log.debug("no pidfd for the peer of %s: %s", sock, exc)
+            return None
+
+    def exited(self) -> bool:
+        """Whether the process has exited (its memory mappings are gone)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class Arena:
     """Fixed-size slots in a shared memfd, handed out for large write payloads."""
 
@@ -62,12 +102,15 @@ class Arena:
         self._free = list(range(slots - 1, -1, -1))  # a stack: the busiest slots stay warm
         self._offsets: dict[int, int] = {}  # id(read-only view handed out) -> offset
         self._used: set[int] = set()  # slots written since the last trim
-        self.retired = 0  # slots given up after a cut-off read
+        # Slots given up after a cut-off read, with the process that may still write there.
+        self._retired: list[tuple[int, PeerProcess | None]] = []
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def take(self, length: int) -> tuple[memoryview, memoryview] | None:
         """A free slot for ``length`` bytes: (writable view, read-only view), or None."""
-        if length > SLOT or not self._free:
+        if length > SLOT:
+            return None
+        if not self._free and (not self._retired or not self.reclaim()):
             return None
         slot = self._free.pop()
         self._used.add(slot)
@@ -86,15 +129,49 @@ class Arena:
         offset = self._offsets.pop(id(data))
         self._free.append(offset // SLOT)
 
-    def retire(self, data: memoryview) -> None:
-        """Never hand out the slot of ``data`` again: a replica cut off mid-read may
-        still write into it (see the module's docstring)."""
+    def retire(self, data: memoryview, writer: PeerProcess | None) -> None:
+        """Hand out the slot of ``data`` only after ``writer`` exited (never, if None):
+        a replica cut off mid-read may still write into it (see the module's docstring)."""
         offset = self._offsets.pop(id(data))
-        self.retired += 1
-        log.warning("arena slot at %d retired: a read into it was cut off", offset)
+        self._retired.append((offset // SLOT, writer))
+        log.warning("arena slot at %d retired until replica process %s exits: a read into "
+                    "it was cut off", offset, writer.pid if writer is not None else "?")
+
+    def reclaim(self) -> int:
+        """Free the retired slots whose writer has exited; return how many."""
+        keep = []
+        freed = 0
+        gone: dict[int, bool] = {}  # id(writer) -> exited: one poll per process
+        for slot, writer in self._retired:
+            if writer is None:
+                keep.append((slot, writer))
+                continue
+            exited = gone.get(id(writer))
+            if exited is None:
+                exited = gone[id(writer)] = writer.exited()
+            if exited:
+                self._free.append(slot)
+                freed += 1
+            else:
+                keep.append((slot, writer))
+        if freed:
+            self._retired = keep
+            log.info("%d retired arena slot(s) reclaimed: their replica process has exited",
+                     freed)
+        return freed
+
+    @property
+    def retired(self) -> int:
+        """Slots retired after a cut-off read and not reclaimed yet."""
+        return len(self._retired)
 
     def trim(self) -> None:
-        """Return the memory of free slots to the system (called when the process idles)."""
+        """Return the memory of free slots to the system (called when the process idles).
+
+        Retired slots whose writer has exited are reclaimed first.
+        """
+        if self._retired:
+            self.reclaim()
         busy = {off // SLOT for off in self._offsets.values()}
         for slot in self._used - busy:
             self._mm.madvise(mmap.MADV_REMOVE, slot * SLOT, SLOT)

@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from drove.nbd import eager, proto
 from drove.nbd.arena import MIN_SIZE as _ARENA_MIN
+from drove.nbd.arena import PeerProcess
 from drove.nbd.export import Extent
 
 __all__ = [
@@ -285,22 +286,24 @@ class _ArenaCallback(_Callback):
 
     On an error reply the server is done with the slot, which is given back.
     On a lost connection or a timeout the server may still be running the
-    request and write into the slot later, so the slot is retired for good.
+    request and write into the slot later, so the slot is retired until the
+    server's process (``writer``, a :class:`drove.nbd.arena.PeerProcess`) exited.
     """
 
-    __slots__ = ("_arena",)
+    __slots__ = ("_arena", "_writer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fn: eager.Done, value: Any,
-                 arena: Any) -> None:
+                 arena: Any, writer: Any) -> None:
         super().__init__(loop, fn, value)
         self._arena = arena
+        self._writer = writer
 
     def set_exception(self, exc: BaseException) -> None:
         """Failure: free or retire the slot, then call back from the next loop turn."""
         if isinstance(exc, NbdCommandError):
             self._arena.give_back(self._value)
         else:
-            self._arena.retire(self._value)
+            self._arena.retire(self._value, self._writer)
         super().set_exception(exc)
 
 
@@ -338,6 +341,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.description = ""
         self.piece = _MAX_PIECE  # split reads and writes at this size
         self.arena: Any = None  # the drove.nbd.arena.Arena the server accepted, if any
+        self.arena_writer: PeerProcess | None = None  # the server's process, which maps it
 
         # Requests.
         self.pending: dict[int, _Request] = {}
@@ -558,6 +562,7 @@ class _Connection(asyncio.BufferedProtocol):
             reply, data = await self._option_reply(proto.NBD_OPT_DROVE_ARENA)
             if reply == proto.NBD_REP_ACK:
                 self.arena = arena
+                self.arena_writer = PeerProcess.of(self._transport.get_extra_info("socket"))
             else:
                 log.debug("%s", self._refusal(proto.NBD_OPT_DROVE_ARENA, reply, data))
 
@@ -1316,7 +1321,8 @@ class NbdClient:
                         _, data = slot
                         c.start(_CMD_READ_ARENA, 0, offset, length,
                                 _U64.pack(c.arena.offset_of(data)), None,
-                                _ArenaCallback(c._loop, done, data, c.arena))
+                                _ArenaCallback(c._loop, done, data, c.arena,
+                                               c.arena_writer))
                         return
                     if 0 < length <= c.piece:
                         buf = bytearray(length)
