@@ -133,19 +133,14 @@ class HttpClient:
                 writer.write(data)
                 await writer.drain()
                 resp, reusable = await _read_response(reader, method)
-        except TimeoutError:
-            self._discard(conn)
-            raise Timeout(f"no answer to {method} {self.base_url}{target} within "
-                                f"{limit:g} s") from None
-        except RequestError:
-            self._discard(conn)
-            raise
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self._discard(conn)
-            raise RemoteProtocolError(f"{method} {self.base_url}{target}: "
-                                      f"{_describe(exc)}") from exc
-        except BaseException:
-            self._discard(conn)
+        except BaseException as exc:
+            self._discard(conn)  # in an unknown state: never reused
+            if isinstance(exc, TimeoutError):
+                raise Timeout(f"no answer to {method} {self.base_url}{target} within "
+                              f"{limit:g} s") from None
+            if isinstance(exc, (OSError, asyncio.IncompleteReadError)):
+                raise RemoteProtocolError(f"{method} {self.base_url}{target}: "
+                                          f"{_describe(exc)}") from exc
             raise
         if reusable and not self._closed and len(self._idle) < MAX_IDLE:
             self._idle.append((*conn, time.monotonic()))

@@ -58,6 +58,20 @@ def _started(task: dict[str, Any], json_out: bool, **ids: Any) -> None:
                   f"`drove task wait {escape(task['id'])}` follows it", highlight=False)
 
 
+def _follow(mgr: Manager, task: dict[str, Any], wait: bool, json_out: bool,
+            **ids: Any) -> dict[str, Any] | None:
+    """Follow ``task`` to its end, or with --no-wait print its id (and ``ids``).
+
+    Returns the task's result for the caller's human-readable line, or None
+    once everything is printed (--no-wait, or --json).
+    """
+    if not wait:
+        _started(task, json_out, **ids)
+        return None
+    res = tasks.check(tasks.wait(mgr, task, quiet=json_out)) or {}
+    return None if emit(res, json_out) else res
+
+
 # ------------------------------------------------------------------ the target
 
 
@@ -212,11 +226,8 @@ def create(
     body = {"snapshot": snapshot, "labels": parse_labels(label),
             "compression": compression.value if compression else None}
     task = mgr.post(f"/v1/volumes/{volume}/backups", body)
-    if not wait:
-        _started(task, json_out, name=task.get("backup"))
-        return
-    b = tasks.check(tasks.wait(mgr, task, quiet=json_out))
-    if emit(b, json_out):
+    b = _follow(mgr, task, wait, json_out, name=task.get("backup"))
+    if b is None:
         return
     console.print(f"backup [bold]{escape(b['name'])}[/] of {escape(b.get('volume') or volume)} "
                   f"(snapshot {escape(b.get('snapshot') or '')}): "
@@ -303,12 +314,8 @@ def restore(
     Example: drove backup restore backup-1a2b --to db-copy --replicas 2
     """
     body = {"volume": to, "replicas": replicas, "pool": pool}
-    task = mgr.post(_path(backup, "/restore"), body)
-    if not wait:
-        _started(task, json_out, volume=to)
-        return
-    res = tasks.check(tasks.wait(mgr, task, quiet=json_out)) or {}
-    if emit(res, json_out):
+    res = _follow(mgr, mgr.post(_path(backup, "/restore"), body), wait, json_out, volume=to)
+    if res is None:
         return
     console.print(f"backup {escape(backup)} restored to volume [bold]{escape(to)}[/] "
                   f"({format_size(res.get('bytes_written') or 0)} written)", highlight=False)
@@ -368,12 +375,8 @@ def delete(
             fail(f"not deleting backup {escape(backup)} without asking: pass --yes")
         if not typer.confirm(f"delete backup {backup}? it cannot be undone"):
             fail("not deleted")
-    task = mgr.delete(_path(backup))
-    if not wait:
-        _started(task, json_out, backup=backup)
-        return
-    res = tasks.check(tasks.wait(mgr, task, quiet=json_out)) or {}
-    if emit(res, json_out):
+    res = _follow(mgr, mgr.delete(_path(backup)), wait, json_out, backup=backup)
+    if res is None:
         return
     console.print(f"backup {escape(backup)} deleted: {res.get('blocks_removed', 0)} block(s), "
                   f"{format_size(res.get('bytes_removed') or 0)} removed from the target",
