@@ -101,31 +101,9 @@ def run_fio(uri: str, job: Job, size: int, runtime: float,
 
 
 @contextlib.contextmanager
-def nbdkit_file(path: Path, sock: Path) -> Iterator[tuple[str, int]]:
-    """nbdkit's file plugin serving ``path`` on a unix socket (the baseline): (uri, pid)."""
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(path)],
-                            stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        yield f"nbd+unix:///?socket={sock}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def socat_hop(target: Path, sock: Path) -> Iterator[tuple[str, int]]:
-    """A bare byte-forwarding hop (socat, C) in front of the unix socket ``target``: (uri, pid).
-
-    It parses nothing and copies every byte through one extra process, the
-    least any engine in front of a replica process must do.  socat forks a
-    child per connection; its CPU time counts in the parent once reaped.
-    """
-    proc = subprocess.Popen(["socat", "-b", "262144", f"UNIX-LISTEN:{sock},fork",
-                             f"UNIX-CONNECT:{target}"], stderr=subprocess.DEVNULL)
+def serving(argv: list[str], sock: Path) -> Iterator[tuple[str, int]]:
+    """Run the server ``argv`` until it listens on the unix socket ``sock``: (uri, pid)."""
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if sock.exists():
@@ -136,6 +114,22 @@ def socat_hop(target: Path, sock: Path) -> Iterator[tuple[str, int]]:
         proc.terminate()
         proc.wait()
         sock.unlink(missing_ok=True)
+
+
+def nbdkit_file(path: Path, sock: Path) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """nbdkit's file plugin serving ``path`` on a unix socket (the baseline): (uri, pid)."""
+    return serving(["nbdkit", "-f", "-U", str(sock), "file", str(path)], sock)
+
+
+def socat_hop(target: Path, sock: Path) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """A bare byte-forwarding hop (socat, C) in front of the unix socket ``target``: (uri, pid).
+
+    It parses nothing and copies every byte through one extra process, the
+    least any engine in front of a replica process must do.  socat forks a
+    child per connection; its CPU time counts in the parent once reaped.
+    """
+    return serving(["socat", "-b", "262144", f"UNIX-LISTEN:{sock},fork",
+                    f"UNIX-CONNECT:{target}"], sock)
 
 
 def fill(uri: str, size: int) -> None:
