@@ -413,8 +413,9 @@ def test_reads_cut_off_by_a_stopped_replica_retire_slots_until_its_process_exits
     os.kill(victim.proc.pid, signal.SIGSTOP)
     try:
         eng.wait_for(lambda i: i["health"] == "degraded", timeout=10, what="degraded")
-        retired = eng.info()["arena"]["retired"]
-        assert retired > 0  # round-robin reads were in flight to the victim
+        # Round-robin reads were in flight to the victim when it stopped.
+        retired = eng.wait_for(lambda i: i["arena"]["retired"] > 0, timeout=10,
+                               what="slots retired")["arena"]["retired"]
         time.sleep(2.5)  # the victim still exists, so nothing may be reclaimed
         assert eng.info()["arena"]["retired"] == retired
     finally:

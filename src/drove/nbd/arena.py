@@ -87,7 +87,9 @@ class PeerProcess:
         return bool(poller.poll(0))
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        fd = getattr(self, "fd", None)  # unset if pidfd_open failed
+        if fd is not None:
+            os.close(fd)
 
 
 class Arena:
