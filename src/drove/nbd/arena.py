@@ -53,6 +53,12 @@ MEMFD_NAME = "drove-arena"
 _PATH_RE = re.compile(r"/proc/(\d+)/fd/(\d+)")
 
 
+def _peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of the unix socket ``sock`` (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
 class PeerProcess:
     """The process at the other end of a unix socket, held by a pidfd.
 
@@ -74,8 +80,7 @@ class PeerProcess:
         if sock is None or sock.family != socket.AF_UNIX:
             return None
         try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return cls(struct.unpack("3i", creds)[0])
+            return cls(_peer_pid(sock))
         except OSError as exc:  # the peer is gone already, or no pidfd support
             log.debug("no pidfd for the peer of %s: %s", sock, exc)
             return None
@@ -93,7 +98,7 @@ class PeerProcess:
 
 
 class Arena:
-    """Fixed-size slots in a shared memfd, handed out for large write payloads."""
+    """Fixed-size slots in a shared memfd, handed out for large write payloads and reads."""
 
     def __init__(self, slots: int = 64) -> None:
         self.size = slots * SLOT
@@ -200,9 +205,7 @@ def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
     m = _PATH_RE.fullmatch(path)
     if m is None:
         raise PermissionError(f"not an arena path: {path!r}")
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    peer_pid = struct.unpack("3i", creds)[0]
-    if int(m.group(1)) != peer_pid:
+    if int(m.group(1)) != _peer_pid(sock):
         raise PermissionError("the arena must belong to the connecting process")
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:

@@ -293,7 +293,7 @@ class _ArenaCallback(_Callback):
     __slots__ = ("_arena", "_writer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fn: eager.Done, value: Any,
-                 arena: Any, writer: Any) -> None:
+                 arena: Any, writer: PeerProcess | None) -> None:
         super().__init__(loop, fn, value)
         self._arena = arena
         self._writer = writer
@@ -1308,11 +1308,9 @@ class NbdClient:
                         where = c.arena.offset_of(data) if c.arena is not None and \
                             length >= _ARENA_MIN else None
                         if where is not None:  # the data is in the shared arena: send where
-                            c.start(_CMD_WRITE_ARENA, flags, offset, length, _U64.pack(where),
-                                    None, _Callback(c._loop, done, None))
-                        else:
-                            c.start(_CMD_WRITE, flags, offset, length, data, None,
-                                    _Callback(c._loop, done, None))
+                            cmd, data = _CMD_WRITE_ARENA, _U64.pack(where)
+                        c.start(cmd, flags, offset, length, data, None,
+                                _Callback(c._loop, done, None))
                         return
                 elif cmd == _CMD_READ:
                     slot = c.arena.take(length) if c.arena is not None and \
@@ -1706,7 +1704,8 @@ async def connect_unix(
     """Connect to ``export`` on the unix socket ``path``.
 
     ``arena`` (a :class:`drove.nbd.arena.Arena`) is offered to the server: a
-    drove replica then takes large writes from it by offset.
+    drove replica then takes large writes from it and answers large reads into
+    it, by offset.
     """
     loop = asyncio.get_running_loop()
     path = os.fspath(path)
