@@ -287,6 +287,7 @@ def fio(uri: str, *extra: str) -> dict:
         "--verify_fatal=1",
         "--do_verify=1",
         "--size=8M",
+        "--verify_state_save=0",  # else fio leaves a state file in the working directory
         *extra,
     ]
     out = run(args, timeout=90).stdout
