@@ -17,6 +17,12 @@ def _set_target(manager, tmp_path) -> None:
     manager.cli("backup", "target", "set", f"file://{root}")
 
 
+def _hourly_far_off() -> str:
+    """An hourly cron whose next tick is half an hour away, so none falls inside a test
+    (a tick during the test would add a second, legitimate run to what it counts)."""
+    return f"{(datetime.now(UTC) + timedelta(minutes=30)).minute} * * * *"
+
+
 def _job_snapshots(manager, volume: str, job: str) -> list[str]:
     return [s["name"] for s in manager.cli_json("snapshot", "list", volume)
             if (s.get("labels") or {}).get("drove.job") == job]
@@ -31,7 +37,7 @@ def test_snapshot_job_keeps_the_newest_n(manager):
     manager.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
     uri = manager.cli_json("volume", "attach", "v")["nbd_uri"]
     job = manager.cli_json("job", "create", "--name", "hourly", "--kind", "snapshot",
-                           "--cron", "0 * * * *", "--retain", "2", "--volume", "v")
+                           "--cron", _hourly_far_off(), "--retain", "2", "--volume", "v")
     assert job["name"] == "hourly" and job["next_run"]
     made = []
     for i in range(4):
@@ -53,7 +59,7 @@ def test_backup_job_by_label_with_retention(manager, tmp_path):
                     "--label", f"tier={tier}")
         manager.cli_json("volume", "attach", v)
     manager.cli_json("job", "create", "--name", "nightly", "--kind", "backup", "--cron",
-                     "0 3 * * *", "--retain", "1", "--label", "tier=gold")
+                     _hourly_far_off(), "--retain", "1", "--label", "tier=gold")
     for _ in range(2):
         for v in ("g1", "g2"):
             _write(manager.volume(v)["nbd_uri"], 0, 7)
@@ -74,11 +80,8 @@ def test_backup_job_by_label_with_retention(manager, tmp_path):
 def test_missed_run_runs_once_at_start(manager):
     manager.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
     manager.cli_json("volume", "attach", "v")
-    # Hourly at a minute half an hour away, so no scheduled time falls inside the test
-    # (a test near a tick would see a second, legitimate run).
-    minute = (datetime.now(UTC) + timedelta(minutes=30)).minute
     manager.cli_json("job", "create", "--name", "often", "--kind", "snapshot", "--cron",
-                     f"{minute} * * * *", "--retain", "5", "--volume", "v")
+                     _hourly_far_off(), "--retain", "5", "--volume", "v")
     manager.stop()
     # Pretend the manager was down for three hours: 3 scheduled times were missed.
     past = (datetime.now(UTC) - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
