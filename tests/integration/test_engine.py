@@ -219,6 +219,23 @@ def test_stopped_replica_is_dropped_within_the_timeout(cluster):
     assert result["write"]["total_ios"] > 0 and result["job_runtime"] >= 7000
 
 
+def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster):
+    # A long timeout spaces the health pings 5 s apart: the drop must come sooner, from
+    # the closed socket alone (no I/O at all).
+    eng = cluster.start(2, "8M", "--timeout", "60")
+    assert eng.info()["health"] == "healthy"
+    cluster.replicas[1].kill()
+    t0 = time.monotonic()
+    info = eng.wait_for(lambda i: i["health"] == "degraded", timeout=10, what="degraded")
+    assert time.monotonic() - t0 < 2.5
+    gone = info["replicas"][1]
+    assert gone["mode"] == "ERR" and "lost" in gone["error"], gone
+    assert info["replicas"][0]["mode"] == "RW"
+    kinds = [e["kind"] for e in eng.ok("GET", "/v1/events")]
+    assert "replica-failed" in kinds, kinds
+    nbdsh(eng.uri(), "h.pwrite(b'z' * 4096, 8192)\nassert h.pread(4096, 8192) == b'z' * 4096\n")
+
+
 def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
     eng = cluster.start(2, "4M", "--timeout", "2")
     for r in cluster.replicas:

@@ -66,9 +66,11 @@ class Member:
 
     def __init__(self, name: str, io: ReplicaIO, mode: Mode = Mode.RW) -> None:
         self.name = name
-        self.io = io
         self.mode = mode
         self.error: str | None = None
+        # Called when the connection in use goes away by itself (set by the mirror).
+        self.on_lost: Callable[[Member, str], None] | None = None
+        self.io = io
 
     @property
     def io(self) -> ReplicaIO:
@@ -79,6 +81,16 @@ class Member:
     def io(self, io: ReplicaIO) -> None:
         self._io = io
         self.submit: eager.Submit = eager.calls(io)  # its callback-style entry
+        # A replica that dies while the volume is idle closes its socket: learn it then,
+        # not at the next request.  A connection replaced or closed on purpose is
+        # swapped out first, so its loss is ignored.
+        lost = getattr(io, "lost", None)
+        if lost is not None:
+            lost.add_done_callback(lambda _, io=io: self._io_lost(io))
+
+    def _io_lost(self, io: Any) -> None:
+        if io is self._io and self.mode is not Mode.ERR and self.on_lost is not None:
+            self.on_lost(self, getattr(io, "reason", "") or "connection lost")
 
     def __repr__(self) -> str:
         return f"<Member {self.name} {self.mode}>"
@@ -236,7 +248,15 @@ class Mirror:
     def add(self, member: Member) -> None:
         """Add ``member`` (its mode decides what it receives) at a quiet moment."""
         self.members.append(member)
+        member.on_lost = self._lost
         self._recompute()
+        if getattr(member.io, "lost", None) is not None and member.io.lost.done():
+            self._lost(member, member.io.reason or "connection lost")
+
+    def _lost(self, member: Member, why: str) -> None:
+        """``member``'s connection went away by itself: it leaves the volume now."""
+        if member in self.members:
+            self.drop(member, why)
 
     def set_mode(self, member: Member, mode: Mode) -> None:
         """Change a member's mode (WO -> RW when its rebuild finished)."""
@@ -247,6 +267,7 @@ class Mirror:
         """Forget ``member`` entirely."""
         if member in self.members:
             self.members.remove(member)
+        member.on_lost = None
         self._recompute()
 
     def rw_members(self) -> list[Member]:

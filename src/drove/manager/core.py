@@ -863,6 +863,10 @@ class Manager:
 
     async def _rebuild(self, doc: dict[str, Any], rep: dict[str, Any], modes: dict[str, Any],
                        why: str) -> bool:
+        # Marked before the process starts (and saved with it): between the start and the
+        # engine taking it in WO mode, the cached engine info may still list the old process
+        # as RW, and the volume must not be reported healthy in that window.
+        rep["rebuilding"] = True
         if not await self._start_replica(doc, rep):
             return False
         try:
@@ -874,8 +878,6 @@ class Manager:
             await asyncio.to_thread(self.agent.stop, rep.get("proc"), 5.0)
             self._fail(doc, rep, f"rebuild could not start: {exc}")
             return True
-        rep["rebuilding"] = True
-        self._save(doc)
         self.event("rebuild-started", f"replica {rep['name']} on disk {rep['disk']}: {why}",
                    doc["name"])
         return True

@@ -1273,6 +1273,16 @@ class NbdClient:
         """The connection is closed, closing, aborted or lost."""
         return self._c.phase != _TRANSMISSION or self._c.closing
 
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """A future resolved once the socket is gone, whoever closed it (never cancel it)."""
+        return self._c.lost
+
+    @property
+    def reason(self) -> str:
+        """Why the connection is closed ("" while it is open)."""
+        return self._c.reason
+
     # --- I/O ------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytearray:
