@@ -86,10 +86,13 @@ class Member:
         # swapped out first, so its loss is ignored.
         lost = getattr(io, "lost", None)
         if lost is not None:
-            lost.add_done_callback(lambda _, io=io: self._io_lost(io))
+            lost.add_done_callback(lambda _, io=io: self.report_lost(io))
 
-    def _io_lost(self, io: Any) -> None:
-        if io is self._io and self.mode is not Mode.ERR and self.on_lost is not None:
+    def report_lost(self, io: Any) -> None:
+        """Tell ``on_lost`` if ``io`` is still this member's connection and it is gone."""
+        lost = getattr(io, "lost", None)
+        if (io is self._io and lost is not None and lost.done() and self.mode is not Mode.ERR
+                and self.on_lost is not None):
             self.on_lost(self, getattr(io, "reason", "") or "connection lost")
 
     def __repr__(self) -> str:
@@ -250,8 +253,7 @@ class Mirror:
         self.members.append(member)
         member.on_lost = self._lost
         self._recompute()
-        if getattr(member.io, "lost", None) is not None and member.io.lost.done():
-            self._lost(member, member.io.reason or "connection lost")
+        member.report_lost(member.io)  # it may have gone before it was watched
 
     def _lost(self, member: Member, why: str) -> None:
         """``member``'s connection went away by itself: it leaves the volume now."""
