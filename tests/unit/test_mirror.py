@@ -359,3 +359,49 @@ def test_wo_replica_that_took_a_write_every_rw_refused_is_dropped():
         assert members[0].mode is Mode.RW  # full, not failed
         assert wo.mode is Mode.ERR and "diverged" in wo.error
     run(main())
+
+
+def _watchable(io: FaultyIO) -> FaultyIO:
+    """Give ``io`` what NbdClient has for it: a ``lost`` future and a ``reason``."""
+    io.lost = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+    io.reason = ""  # type: ignore[attr-defined]
+    return io
+
+
+def _lose(io: FaultyIO, why: str) -> None:
+    io.reason = why  # type: ignore[attr-defined]
+    io.lost.set_result(None)  # type: ignore[attr-defined]
+
+
+def test_a_connection_lost_while_idle_drops_only_the_current_one():
+    async def main():
+        changes = []
+
+        async def on_change():
+            changes.append(1)
+
+        mirror = Mirror("vol", SIZE, on_change=on_change)
+        members = [Member(f"r{i}", _watchable(new_io())) for i in range(4)]
+        for m in members[:3]:
+            mirror.add(m)
+        # r1 is lost with no request in flight: it leaves at once.
+        _lose(members[1].io, "connection to r1 lost: server closed the connection")
+        await asyncio.sleep(0)
+        await mirror.settled()
+        assert members[1].mode is Mode.ERR and "server closed" in members[1].error
+        assert changes == [1]
+        # r2's connection is replaced first (a reconnect): the old one's loss is no news.
+        old = members[2].io
+        members[2].io = _watchable(new_io())
+        _lose(old, "closed by the client")
+        mirror.remove(members[0])
+        _lose(members[0].io, "closed by the client")  # removed first: no news either
+        await asyncio.sleep(0)
+        assert members[2].mode is Mode.RW and members[0].mode is Mode.RW
+        # A connection already gone when its member is added is noticed there.
+        _lose(members[3].io, "gone early")
+        mirror.add(members[3])
+        assert members[3].mode is Mode.ERR and members[3].error == "gone early"
+        await mirror.settled()
+        assert changes == [1, 1]
+    run(main())
