@@ -75,3 +75,14 @@ def test_peer_process_of_a_unix_socket_only() -> None:
     tcp = socket.create_server(("127.0.0.1", 0))
     with tcp:
         assert PeerProcess.of(tcp) is None and PeerProcess.of(None) is None
+
+
+def test_a_view_dropped_by_its_holder_is_never_mistaken_for_another() -> None:
+    arena = Arena(slots=2)
+    taken = arena.take(SLOT)
+    assert taken is not None
+    del taken  # the holder lets go without giving the slot back
+    # New views are made in the memory the dropped ones had: none may pass for a slot.
+    fresh = [memoryview(bytearray(8)).toreadonly() for _ in range(1000)]
+    assert all(arena.offset_of(v) is None for v in fresh)
+    assert arena.in_use == 1

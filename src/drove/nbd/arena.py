@@ -107,7 +107,9 @@ class Arena:
         self._mm = mmap.mmap(self.fd, self.size)
         self._view = memoryview(self._mm)
         self._free = list(range(slots - 1, -1, -1))  # a stack: the busiest slots stay warm
-        self._offsets: dict[int, int] = {}  # id(read-only view handed out) -> offset
+        # id(read-only view handed out) -> (its offset, the view).  Holding the view keeps
+        # its id from being reused by another object while the slot is out.
+        self._out: dict[int, tuple[int, memoryview]] = {}
         self._used: set[int] = set()  # slots written since the last trim
         # Slots given up after a cut-off read, with the process that may still write there.
         self._retired: list[tuple[int, PeerProcess | None]] = []
@@ -124,22 +126,23 @@ class Arena:
         offset = slot * SLOT
         buf = self._view[offset:offset + length]
         data = buf.toreadonly()
-        self._offsets[id(data)] = offset
+        self._out[id(data)] = (offset, data)
         return buf, data
 
     def offset_of(self, data: Any) -> int | None:
         """Where the read-only view ``data`` from :meth:`take` starts, or None if it is not one."""
-        return self._offsets.get(id(data))
+        held = self._out.get(id(data))
+        return None if held is None else held[0]
 
     def give_back(self, data: memoryview) -> None:
         """Free the slot of ``data`` (the request that used it completed)."""
-        offset = self._offsets.pop(id(data))
+        offset, _ = self._out.pop(id(data))
         self._free.append(offset // SLOT)
 
     def retire(self, data: memoryview, writer: PeerProcess | None) -> None:
         """Hand out the slot of ``data`` only after ``writer`` exited (never, if None):
         a replica cut off mid-read may still write into it (see the module's docstring)."""
-        offset = self._offsets.pop(id(data))
+        offset, _ = self._out.pop(id(data))
         self._retired.append((offset // SLOT, writer))
         log.warning("arena slot at %d retired until replica process %s exits: a read into "
                     "it was cut off", offset, writer.pid if writer is not None else "?")
@@ -179,7 +182,7 @@ class Arena:
         """
         if self._retired:
             self.reclaim()
-        busy = {off // SLOT for off in self._offsets.values()}
+        busy = {off // SLOT for off, _ in self._out.values()}
         for slot in self._used - busy:
             self._mm.madvise(mmap.MADV_REMOVE, slot * SLOT, SLOT)
         self._used &= busy
@@ -187,7 +190,7 @@ class Arena:
     @property
     def in_use(self) -> int:
         """Slots handed out and not given back."""
-        return len(self._offsets)
+        return len(self._out)
 
 
 def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
@@ -195,7 +198,6 @@ def open_peer_arena(sock: socket.socket | None, path: str) -> memoryview:
 
     The mapping is writable: reads are answered into it.  It is the client's own
     memory, shared for that purpose.
-
 
     Raises PermissionError unless ``path`` is ``/proc/PID/fd/N`` of the peer's
     own process and names a drove memfd; OSError if it cannot be mapped.
