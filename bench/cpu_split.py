@@ -5,8 +5,9 @@
 
 Starts N replica processes and an engine (in --dir: put it on tmpfs to take the
 filesystem out of the picture), fills the volume, runs one fio job and prints
-IOPS with the CPU microseconds per I/O of the engine process and of all replica
-processes together, from /proc counters around the run.
+IOPS with the CPU microseconds per I/O of the engine process, of all replica
+processes together and of the whole machine (fio included), from /proc counters
+around the run.
 """
 
 from __future__ import annotations
@@ -18,12 +19,6 @@ from pathlib import Path
 
 from drove.units import parse_size
 from fiobench import STANDARD_JOBS, cpu_seconds, fill, run_fio
-
-
-def idle_share() -> tuple[float, float]:
-    """(idle, total) jiffies of all CPUs so far."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:8]]
-    return fields[3], sum(fields)
 
 
 def main() -> None:
@@ -52,15 +47,13 @@ def main() -> None:
         fill(uri, size)
         e0 = cpu_seconds(eng.proc.pid)
         r0 = sum(cpu_seconds(r.proc.pid) for r in reps)
-        i0, t0 = idle_share()
         res = run_fio(uri, job, size, args.runtime)
         e1 = cpu_seconds(eng.proc.pid)
         r1 = sum(cpu_seconds(r.proc.pid) for r in reps)
-        i1, t1 = idle_share()
         ios = res.iops * (args.runtime + 1)  # fio's ramp second is not in its IOPS
         print(f"{job.name}, {args.replicas} replica(s), {scratch}: {res.iops:.0f} IOPS, "
               f"engine {(e1 - e0) / ios * 1e6:.1f} us/IO, replicas {(r1 - r0) / ios * 1e6:.1f} "
-              f"us/IO, idle {100 * (i1 - i0) / (t1 - t0):.0f}%")
+              f"us/IO, whole machine {res.all_us:.1f} us/IO, idle {1 - res.busy:.0%}")
     finally:
         for p in reversed(procs):
             p.stop()

@@ -11,6 +11,14 @@ ratio drove / nbdkit.  Targets (issue 3): 1 replica >= 0.75 of nbdkit's IOPS;
 First, unless ``--no-hop``, the same jobs run through a bare byte-forwarding
 hop (socat, in C) in front of that nbdkit: what one extra process costs on this
 machine before any engine work, the floor for any engine in front of replicas.
+
+After each volume's table, unless ``--no-qemu``, the engine stops and the same
+jobs run through qemu-nbd's quorum driver (the field's mirror, in C) over the
+same replica processes: the ratio printed there is drove / qemu.
+
+The ``all`` column is the whole machine's CPU per I/O (fio and every process on
+the path) and ``busy`` the share of its CPUs in use.  On two CPUs the IOPS of a
+path go roughly as 1 / ``all``: each process added to the path costs its CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +29,17 @@ import tempfile
 from pathlib import Path
 
 from drove.units import parse_size
-from fiobench import STANDARD_JOBS, Job, Result, fill, nbdkit_file, print_table, run_fio, socat_hop
+from fiobench import (
+    STANDARD_JOBS,
+    Job,
+    Result,
+    fill,
+    nbdkit_file,
+    print_table,
+    qemu_quorum,
+    run_fio,
+    socat_hop,
+)
 from replicatools import kill_all, start_replica
 
 
@@ -45,8 +63,28 @@ def hop_floor(scratch: Path, jobs: tuple[Job, ...], size: int, runtime: int, bas
         rep.stop()
         kill_all([rep])
     for table, what in zip(rows, ("nbdkit", "a lone drove replica"), strict=True):
-        print_table(f"one bare hop, no engine work: fio -> socat -> {what}; cpu us/IO is "
+        print_table(f"one bare hop, no engine work: fio -> socat -> {what}; cpu is "
                     "socat's", table, "nbdkit", name="hop")
+
+
+def qemu_mirror(scratch: Path, reps: list, drove_rows: list[tuple[str, Result, Result]],
+                size: int, runtime: int) -> None:
+    """The same jobs through qemu-nbd's quorum mirror (C) over the same replicas.
+
+    Printed beside drove's figures from the table before; the ratio is drove /
+    qemu.  nbdkit's figures of that table give both their ratio to the baseline.
+    """
+    rows, vs_base = [], []
+    targets = [Path(r.addresses["nbd_unix"]) for r in reps]
+    with qemu_quorum(targets, scratch / "quorum.sock") as (uri, pid):
+        for name, d, b in drove_rows:
+            job = next(j for j in STANDARD_JOBS if j.name == name)
+            q = run_fio(uri, job, size, runtime, pid)
+            rows.append((name, d, q))
+            vs_base.append(f"{name}: {q.iops / b.iops:.2f}")
+    print_table(f"the same {len(reps)} replica(s) behind qemu-nbd's quorum mirror instead of "
+                "the engine (drove figures from the table above)", rows, "qemu quorum")
+    print("qemu quorum / nbdkit: " + ", ".join(vs_base))
 
 
 def main() -> None:
@@ -64,6 +102,8 @@ def main() -> None:
                          "by the page cache is ~10x slower on this VM)")
     ap.add_argument("--no-hop", action="store_true",
                     help="skip the socat hop floor (fio -> socat -> nbdkit)")
+    ap.add_argument("--no-qemu", action="store_true",
+                    help="skip qemu-nbd's quorum mirror over the same replicas")
     args = ap.parse_args()
     size = parse_size(args.size)
     jobs = STANDARD_JOBS
@@ -96,8 +136,11 @@ def main() -> None:
                         d = run_fio(uri, job, size, args.runtime, eng.proc.pid)
                         b = run_fio(base_uri, job, size, args.runtime, base_pid)
                         rows.append((job.name, d, b))
-                    print_table(f"drove volume, {n} replica(s), {args.size}; cpu us/IO is the "
+                    print_table(f"drove volume, {n} replica(s), {args.size}; cpu is the "
                                 "engine's alone", rows, "nbdkit")
+                    if not args.no_qemu:
+                        eng.stop()
+                        qemu_mirror(scratch, reps, rows, size, args.runtime)
                 finally:
                     for p in reversed(procs):
                         p.stop()

@@ -49,12 +49,23 @@ class Result:
     mean_us: float
     p99_us: float
     cpu_us: float = float("nan")
+    all_us: float = float("nan")  # CPU of the whole machine (every process, fio too) per I/O
+    busy: float = float("nan")  # share of the machine's CPUs busy during the run, 0..1
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, its threads and its reaped children included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine since boot, all CPUs summed."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, (busy + idle + iowait) / tick
 
 
 def run_fio(uri: str, job: Job, size: int, runtime: float,
@@ -66,6 +77,7 @@ def run_fio(uri: str, job: Job, size: int, runtime: float,
     per-connection children must exit and be reaped first).
     """
     cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    busy0, total0 = machine_cpu()
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
         f"--bs={job.bs}", f"--iodepth={job.iodepth}", f"--size={size}", "--time_based",
@@ -75,6 +87,7 @@ def run_fio(uri: str, job: Job, size: int, runtime: float,
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120)
     if out.returncode != 0:
         raise RuntimeError(f"fio failed: {out.stderr or out.stdout}")
+    busy1, total1 = machine_cpu()
     time.sleep(settle)
     cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
     # fio's nbd engine prints a line before the JSON.
@@ -96,8 +109,10 @@ def run_fio(uri: str, job: Job, size: int, runtime: float,
         p99 = max(p99, pct.get("99.000000", 0.0))
     # fio's ramp time is not in total_ios, but the server's CPU counts it: use runtime + ramp.
     ios = iops * (runtime + 1)
+    per_io = 1e6 / ios if ios else float("nan")
     return Result(iops, bw / (1 << 20), lat_sum / max(lat_n, 1) / 1e3, p99 / 1e3,
-                  cpu / ios * 1e6 if ios else float("nan"))
+                  cpu * per_io, (busy1 - busy0) * per_io,
+                  (busy1 - busy0) / max(total1 - total0, 1e-9))
 
 
 @contextlib.contextmanager
@@ -132,6 +147,21 @@ def socat_hop(target: Path, sock: Path) -> contextlib.AbstractContextManager[tup
                     f"UNIX-CONNECT:{target}"], sock)
 
 
+def qemu_quorum(targets: list[Path], sock: Path) -> contextlib.AbstractContextManager[
+        tuple[str, int]]:
+    """qemu-nbd mirroring to the NBD servers on the unix sockets ``targets``: (uri, pid).
+
+    qemu's quorum driver (C) with vote-threshold=1 and read-pattern=fifo writes
+    to every child and reads from the first, which is what drove's mirror does:
+    the field's C mirror in the engine's place, over the same replicas.
+    """
+    opts = ["driver=quorum", "vote-threshold=1", "read-pattern=fifo"]
+    for i, target in enumerate(targets):
+        opts += [f"children.{i}.driver=raw", f"children.{i}.file.driver=nbd",
+                 f"children.{i}.file.server.type=unix", f"children.{i}.file.server.path={target}"]
+    return serving(["qemu-nbd", "--image-opts", ",".join(opts), "-k", str(sock), "-t"], sock)
+
+
 def fill(uri: str, size: int) -> None:
     """Write random data over the whole export with nbdcopy (so reads hit real data), synced."""
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"fill-{os.getpid()}.raw"
@@ -156,16 +186,26 @@ def qemu_io_script(uri: str, commands: list[str]) -> None:
 
 def print_table(title: str, rows: list[tuple[str, Result, Result]], base_name: str,
                 name: str = "drove") -> None:
-    """Print ``name`` (drove) vs the baseline for each job with ratios."""
+    """Print ``name`` (drove) vs the baseline for each job with ratios.
+
+    ``cpu`` is the server's CPU per I/O; ``all`` the whole machine's (fio and
+    every process on the path); ``busy`` the share of the machine's CPUs in use.
+    A side near 100% busy is bound by this machine's CPU count, not by latency.
+    """
     print(f"\n{title}")
-    head = (f"{'job':22} {name + ' IOPS':>10} {'MiB/s':>7} {'mean us':>7} {'p99 us':>7} "
-            f"{'cpu us/IO':>9} {base_name + ' IOPS':>12} {'MiB/s':>7} {'mean us':>7} "
-            f"{'p99 us':>7} {'cpu us/IO':>9} {'ratio':>5}")
+    side = (f"{'IOPS':>7} {'MiB/s':>6} {'mean us':>7} {'p99 us':>7} {'cpu':>6} {'all':>6} "
+            f"{'busy':>4}")
+    head = f"{'':22} {name:^{len(side)}} | {base_name:^{len(side)}} |"
+    cols = f"{'job':22} {side} | {side} | {'ratio':>5}"
     print(head)
-    print("-" * len(head))
-    for name, d, b in rows:
+    print(cols)
+    print("-" * len(cols))
+
+    def figures(r: Result) -> str:
+        return (f"{r.iops:7.0f} {r.mib_s:6.0f} {r.mean_us:7.0f} {r.p99_us:7.0f} {r.cpu_us:6.1f} "
+                f"{r.all_us:6.1f} {r.busy:4.0%}")
+
+    for job, d, b in rows:
         ratio = d.iops / b.iops if b.iops else float("nan")
-        print(f"{name:22} {d.iops:10.0f} {d.mib_s:7.0f} {d.mean_us:7.0f} {d.p99_us:7.0f} "
-              f"{d.cpu_us:9.1f} {b.iops:12.0f} {b.mib_s:7.0f} {b.mean_us:7.0f} {b.p99_us:7.0f} "
-              f"{b.cpu_us:9.1f} {ratio:5.2f}")
+        print(f"{job:22} {figures(d)} | {figures(b)} | {ratio:5.2f}")
     sys.stdout.flush()
