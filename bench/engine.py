@@ -40,7 +40,7 @@ from fiobench import (
     run_fio,
     socat_hop,
 )
-from replicatools import kill_all, start_replica
+from replicatools import ReplicaProc, kill_all, start_replica
 
 
 def hop_floor(scratch: Path, jobs: tuple[Job, ...], size: int, runtime: int, base_uri: str,
@@ -67,8 +67,8 @@ def hop_floor(scratch: Path, jobs: tuple[Job, ...], size: int, runtime: int, bas
                     "socat's", table, "nbdkit", name="hop")
 
 
-def qemu_mirror(scratch: Path, reps: list, drove_rows: list[tuple[str, Result, Result]],
-                size: int, runtime: int) -> None:
+def qemu_mirror(scratch: Path, reps: list[ReplicaProc], jobs: tuple[Job, ...],
+                drove_rows: list[tuple[str, Result, Result]], size: int, runtime: int) -> None:
     """The same jobs through qemu-nbd's quorum mirror (C) over the same replicas.
 
     Printed beside drove's figures from the table before; the ratio is drove /
@@ -77,11 +77,10 @@ def qemu_mirror(scratch: Path, reps: list, drove_rows: list[tuple[str, Result, R
     rows, vs_base = [], []
     targets = [Path(r.addresses["nbd_unix"]) for r in reps]
     with qemu_quorum(targets, scratch / "quorum.sock") as (uri, pid):
-        for name, d, b in drove_rows:
-            job = next(j for j in STANDARD_JOBS if j.name == name)
+        for job, (_, d, b) in zip(jobs, drove_rows, strict=True):
             q = run_fio(uri, job, size, runtime, pid)
-            rows.append((name, d, q))
-            vs_base.append(f"{name}: {q.iops / b.iops:.2f}")
+            rows.append((job.name, d, q))
+            vs_base.append(f"{job.name}: {q.iops / b.iops:.2f}")
     print_table(f"the same {len(reps)} replica(s) behind qemu-nbd's quorum mirror instead of "
                 "the engine (drove figures from the table above)", rows, "qemu quorum")
     print("qemu quorum / nbdkit: " + ", ".join(vs_base))
@@ -140,7 +139,7 @@ def main() -> None:
                                 "engine's alone", rows, "nbdkit")
                     if not args.no_qemu:
                         eng.stop()
-                        qemu_mirror(scratch, reps, rows, size, args.runtime)
+                        qemu_mirror(scratch, reps, jobs, rows, size, args.runtime)
                 finally:
                     for p in reversed(procs):
                         p.stop()
