@@ -388,6 +388,7 @@ class App:
         self.description = description
         self.routes: list[Route] = []
         self.handlers: dict[type[BaseException], Callable[[Request, Any], Response]] = {}
+        self.guards: list[Callable[[Request], Awaitable[None]]] = []
         self._openapi: bytes | None = None
         self.route("GET", "/openapi.json", hidden=True, raw=True)(self._openapi_route)
         self.route("GET", "/docs", hidden=True, raw=True)(self._docs_route)
@@ -434,6 +435,16 @@ class App:
             return handler
 
         return register
+
+    def guard(self, func: Callable[[Request], Awaitable[None]]
+              ) -> Callable[[Request], Awaitable[None]]:
+        """Register ``await func(request)``, run before every matched route's handler.
+
+        A guard refuses a request by raising (the exception handlers answer);
+        the replica's epoch fence is one.
+        """
+        self.guards.append(func)
+        return func
 
     # answering
     def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
@@ -506,6 +517,8 @@ class App:
                 errors.extend(exc.errors)
         if errors:
             raise ValidationError(errors)
+        for guard in self.guards:
+            await guard(request)
         if route.raw:
             return await route.handler(request)
         result = await route.handler(**kwargs)

@@ -82,9 +82,11 @@ def _tls() -> Any:
 class HttpClient:
     """Requests to one base URL, e.g. ``http://127.0.0.1:10810``."""
 
-    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 5.0,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.headers = dict(headers or {})  # sent with every request (e.g. the engine's epoch)
         self._invalid: str | None = None  # why requests fail at once (as httpx's would)
         try:
             url = urlsplit(base_url)
@@ -119,6 +121,7 @@ class HttpClient:
         body = b"" if json is None else jsonlib.dumps(json, ensure_ascii=False).encode()
         head = [f"{method} {target} HTTP/1.1", f"host: {self.host_header}",
                 "accept: application/json", f"user-agent: drove/{__version__}"]
+        head += [f"{k}: {v}" for k, v in self.headers.items()]
         if json is not None:
             head.append("content-type: application/json")
         if json is not None or method in ("POST", "PUT", "PATCH"):
