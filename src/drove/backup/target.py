@@ -1,11 +1,15 @@
-"""Where backups are kept: a key/value interface over a directory or an S3 bucket."""
+"""Where backups are kept: a key/value interface over a directory or an S3 bucket.
+
+Each kind of target registers the URL scheme it serves (``register``); this module
+knows only that registry, and ``drove.backup`` registers the kinds it is assembled from.
+"""
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from urllib.parse import unquote, urlsplit
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 _BAD_KEY = re.compile(r"(^|/)\.{0,2}(/|$)|\\|^/")
 
@@ -76,47 +80,33 @@ def check_key(key: str) -> str:
     return key
 
 
+Opener = Callable[..., Target]
+"""Opens a target from its URL and the keyword options of ``open_target``."""
+
+_KINDS: dict[str, tuple[Opener, str]] = {}
+
+
+def register(scheme: str, opener: Opener, usage: str) -> None:
+    """Serve ``scheme://`` URLs with ``opener``; ``usage`` is the URL form shown in errors."""
+    _KINDS[scheme] = (opener, usage)
+
+
+def _usage() -> str:
+    return " or ".join(usage for _, usage in _KINDS.values())
+
+
 def open_target(url: str, *, endpoint: str | None = None, region: str | None = None,
                 access_key: str | None = None, secret_key: str | None = None) -> Target:
-    """Open ``file:///abs/path`` or ``s3://bucket[/prefix]``.
+    """Open a target by its URL (``file:///abs/path``, ``s3://bucket[/prefix]``...).
 
     A bad URL raises ValueError; a target that exists but cannot be used TargetError.
     """
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL {url!r} names host {parts.netloc!r}: "
-                             "use file:///abs/path (mount remote storage first)")
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise ValueError(f"file URL {url!r} needs an absolute path: file:///abs/path")
-        from drove.backup.filetarget import FileTarget
-
-        return FileTarget(path)
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise ValueError(f"S3 URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        # boto3 takes a moment to import: only pay for it when S3 is used.
-        from drove.backup.s3target import S3Target
-
-        return S3Target(parts.netloc, unquote(parts.path).strip("/"), endpoint=endpoint,
-                        region=region, access_key=access_key, secret_key=secret_key)
-    if not parts.scheme:
-        raise ValueError(f"backup target {url!r} has no scheme: "
-                         "use file:///abs/path or s3://bucket[/prefix]")
-    raise ValueError(f"unsupported backup target scheme {parts.scheme!r} in {url!r}: "
-                     "use file:///abs/path or s3://bucket[/prefix]")
-
-
-def __getattr__(name: str):
-    """``FileTarget`` and ``S3Target`` live in their own modules (boto3 loads slowly and
-    only S3 needs it); importing them from here still works."""
-    if name == "FileTarget":
-        from drove.backup.filetarget import FileTarget
-
-        return FileTarget
-    if name == "S3Target":
-        from drove.backup.s3target import S3Target
-
-        return S3Target
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    scheme = urlsplit(url).scheme
+    if not scheme:
+        raise ValueError(f"backup target {url!r} has no scheme: use {_usage()}")
+    if scheme not in _KINDS:
+        raise ValueError(f"unsupported backup target scheme {scheme!r} in {url!r}: "
+                         f"use {_usage()}")
+    opener, _ = _KINDS[scheme]
+    return opener(url, endpoint=endpoint, region=region, access_key=access_key,
+                  secret_key=secret_key)

@@ -12,7 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from drove import __version__
-from drove.manager.core import ApiError, Manager
+from drove.manager.app import ManagerApp
+from drove.manager.errors import ApiError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
@@ -150,11 +151,11 @@ def auth(request: Request,
                             "TOKEN' with the token from DATA_DIR/token")
 
 
-def build_app(manager: Manager, token: str) -> FastAPI:
-    """The API over ``manager``; every route but /v1/health needs ``token``."""
+def build_app(parts: ManagerApp, token: str) -> FastAPI:
+    """The API over the manager's ``parts``; every route but /v1/health needs ``token``."""
+    manager = parts.manager
     app = FastAPI(title="drove", version=__version__,
                   description="Replicated block storage for containers: the manager's API.")
-    app.state.manager = manager
     app.state.token = token
     secured = [Depends(auth)]
 
@@ -280,54 +281,54 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @app.get("/v1/backup-target", dependencies=secured)
     async def backup_target() -> dict[str, Any]:
         """The backup target (the secret is never shown)."""
-        return manager.backups.target_view()
+        return parts.backups.target_view()
 
     @app.put("/v1/backup-target", dependencies=secured)
     async def set_backup_target(req: BackupTargetSet) -> dict[str, Any]:
         """Set the backup target; it is opened first and refused if unusable."""
-        return await manager.backups.set_target(req.model_dump())
+        return await parts.backups.set_target(req.model_dump())
 
     @app.get("/v1/backups", dependencies=secured)
     async def backups(volume: str | None = None) -> list[dict[str, Any]]:
         """Backups on the target, newest first."""
-        return await manager.backups.list(volume)
+        return await parts.backups.list(volume)
 
     @app.get("/v1/backups/{name}", dependencies=secured)
     async def backup(name: str) -> dict[str, Any]:
         """One backup."""
-        return await manager.backups.get(name)
+        return await parts.backups.get(name)
 
     @app.post("/v1/volumes/{name}/backups", dependencies=secured, status_code=202)
     async def create_backup(name: str, req: BackupCreate | None = None) -> dict[str, Any]:
         """Start a backup (a task); without a snapshot one is taken."""
         req = req or BackupCreate()
-        return await manager.backups.create(name, req.snapshot, req.labels, req.compression)
+        return await parts.backups.create(name, req.snapshot, req.labels, req.compression)
 
     @app.post("/v1/backups/{name}/restore", dependencies=secured, status_code=202)
     async def restore_backup(name: str, req: BackupRestore) -> dict[str, Any]:
         """Start restoring a backup into a new volume (a task)."""
-        return await manager.backups.restore(name, req.volume, req.replicas, req.pool)
+        return await parts.backups.restore(name, req.volume, req.replicas, req.pool)
 
     @app.post("/v1/backups/{name}/verify", dependencies=secured, status_code=202)
     async def verify_backup(name: str) -> dict[str, Any]:
         """Start re-reading and checking every block of a backup (a task)."""
-        return await manager.backups.verify(name)
+        return await parts.backups.verify(name)
 
     @app.delete("/v1/backups/{name}", dependencies=secured, status_code=202)
     async def delete_backup(name: str) -> dict[str, Any]:
         """Start deleting a backup and the blocks only it used (a task)."""
-        return await manager.backups.delete(name)
+        return await parts.backups.delete(name)
 
     @app.get("/v1/tasks", dependencies=secured)
     async def tasks(state: Literal["running", "succeeded", "failed", "cancelled"] | None = None
                     ) -> list[dict[str, Any]]:
         """Tasks, newest first."""
-        return manager.tasks.list(state)
+        return parts.tasks.list(state)
 
     @app.get("/v1/tasks/{tid}", dependencies=secured)
     async def task(tid: str) -> dict[str, Any]:
         """One task with its progress."""
-        doc = manager.tasks.get(tid)
+        doc = parts.tasks.get(tid)
         if doc is None:
             raise ApiError(404, f"no task {tid!r}; `drove task list` shows them")
         return doc
@@ -335,35 +336,35 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @app.post("/v1/tasks/{tid}/cancel", dependencies=secured)
     async def cancel_task(tid: str) -> dict[str, Any]:
         """Cancel a running task (a finished one is returned as it is)."""
-        if manager.tasks.get(tid) is None:
+        if parts.tasks.get(tid) is None:
             raise ApiError(404, f"no task {tid!r}; `drove task list` shows them")
-        await manager.tasks.cancel(tid)
-        return manager.tasks.get(tid) or {}
+        await parts.tasks.cancel(tid)
+        return parts.tasks.get(tid) or {}
 
     @app.get("/v1/jobs", dependencies=secured)
     async def jobs() -> list[dict[str, Any]]:
         """Recurring jobs."""
-        return manager.jobs.list()
+        return parts.jobs.list()
 
     @app.post("/v1/jobs", dependencies=secured, status_code=201)
     async def create_job(req: JobCreate) -> dict[str, Any]:
         """Add a recurring job."""
-        return manager.jobs.create(**req.model_dump())
+        return parts.jobs.create(**req.model_dump())
 
     @app.get("/v1/jobs/{name}", dependencies=secured)
     async def job(name: str) -> dict[str, Any]:
         """One job."""
-        return manager.jobs.get(name)
+        return parts.jobs.get(name)
 
     @app.delete("/v1/jobs/{name}", dependencies=secured)
     async def delete_job(name: str) -> dict[str, Any]:
         """Remove a job."""
-        return await manager.jobs.delete(name)
+        return await parts.jobs.delete(name)
 
     @app.post("/v1/jobs/{name}/run", dependencies=secured)
     async def run_job(name: str) -> dict[str, Any]:
         """Run a job once now and wait for it."""
-        return await manager.jobs.run_now(name)
+        return await parts.jobs.run_now(name)
 
     @app.get("/metrics", dependencies=secured, response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -18,18 +18,19 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import httpx
 
 from drove.backup import errors as berr
 from drove.backup.blocks import CODECS
 from drove.backup.store import BackupStore
 from drove.backup.target import open_target
-from drove.manager.core import SNAPSHOT_ID_LABEL, ApiError
-from drove.manager.tasks import TaskContext, TaskFailed
+from drove.manager.errors import ApiError
+from drove.manager.labels import snapshot_id
+from drove.manager.store import Store
+from drove.manager.tasks import TaskContext, TaskFailed, Tasks
 from drove.nbd.client import NbdClient, connect_uri, extents
-
-if TYPE_CHECKING:
-    from drove.manager.core import Manager
 
 log = logging.getLogger("drove.manager")
 
@@ -39,9 +40,80 @@ TARGET_DEFAULTS: dict[str, Any] = {
 }
 
 
-def snapshot_id(layer: dict[str, Any]) -> str:
-    """The identity of a snapshot layer ('' when it has none: never a base)."""
-    return (layer.get("labels") or {}).get(SNAPSHOT_ID_LABEL, "")
+class Volumes(Protocol):
+    """What backups and restores need of the manager's volumes (drove.manager.core.Manager)."""
+
+    store: Store
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The client for the replicas' control APIs."""
+
+    def event(self, kind: str, message: str, volume: str | None = None,
+              level: str = "info") -> None:
+        """Record what the system did and why."""
+
+    def record(self, name: str) -> dict[str, Any]:
+        """A volume's stored document (ApiError 404)."""
+
+    def save(self, doc: dict[str, Any]) -> None:
+        """Store a volume's document."""
+
+    async def refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """What the volume's engine reports now (None when it does not answer)."""
+
+    def volume(self, name: str) -> dict[str, Any]:
+        """A volume as the API shows it."""
+
+    def create_volume(self, name: str, size: int | str, replicas: int | None = None,
+                      pool: str | None = None,
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Create a volume."""
+
+    async def delete_volume(self, name: str, force: bool = False,
+                            _internal: bool = False) -> dict[str, Any]:
+        """Delete a volume and its data."""
+
+    async def attach(self, name: str, mount: str | None = None, fs: str = "ext4",
+                     _internal: bool = False) -> dict[str, Any]:
+        """Start a volume's processes."""
+
+    async def detach(self, name: str, force: bool = False,
+                     _internal: bool = False) -> dict[str, Any]:
+        """Stop a volume's processes."""
+
+    async def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """A volume's snapshot tree."""
+
+    async def create_snapshot(self, name: str, snapshot: str | None = None,
+                              labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Snapshot a volume."""
+
+
+class BackupActivity:
+    """Which backup tasks hold a volume now: what the manager asks before detaching it."""
+
+    def __init__(self, tasks: Tasks) -> None:
+        self.tasks = tasks
+
+    def task_on(self, volume: str, kind: str) -> str | None:
+        """The id of a running ``kind`` task on ``volume`` (None when there is none)."""
+        running = self.tasks.running(kind, volume)
+        return running[0]["id"] if running else None
+
+    def restore_task(self, volume: str) -> str | None:
+        """The id of the task restoring a backup into ``volume`` (None when there is none)."""
+        return self.task_on(volume, "backup-restore")
+
+    def busy(self, volume: str) -> str | None:
+        """Why ``volume`` must not be detached or lose snapshots now (None: it may)."""
+        reading = self.task_on(volume, "backup-create")
+        if reading:
+            return f"backup task {reading} is reading it"
+        writing = self.task_on(volume, "backup-restore")
+        if writing:
+            return f"restore task {writing} is writing it"
+        return None
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -100,8 +172,10 @@ def _api_error(exc: Exception) -> ApiError:
 class Backups:
     """The backup target, backup/restore/verify/delete tasks, and what they protect."""
 
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
+    def __init__(self, volumes: Volumes, tasks: Tasks, activity: BackupActivity) -> None:
+        self.m = volumes
+        self.tasks = tasks
+        self.activity = activity
         self._store: BackupStore | None = None
         self._store_key: tuple[Any, ...] | None = None
 
@@ -197,11 +271,11 @@ class Backups:
                      labels: dict[str, str] | None = None,
                      compression: str | None = None) -> dict[str, Any]:
         """Start a backup of ``volume`` (of ``snapshot``, else of a new one); the Task."""
-        doc = self.m._doc(volume)
+        doc = self.m.record(volume)
         if doc["state"] != "attached":
             raise ApiError(409, f"volume {volume} is {doc['state']}: a backup reads a running "
                                 f"replica, attach it first (`drove volume attach {volume}`)")
-        running = self.task_on(volume, "backup-create")
+        running = self.activity.task_on(volume, "backup-create")
         if running:
             raise ApiError(409, f"volume {volume} is being backed up by task {running}; "
                                 "wait for it or cancel it")
@@ -236,12 +310,12 @@ class Backups:
                 self.m.event("backup-failed", f"backup {name} of volume {volume} "
                              f"{task['state']}: {task['error']}", volume, level="warning")
 
-        return self.m.tasks.start("backup-create", run, volume=volume, backup=name,
+        return self.tasks.start("backup-create", run, volume=volume, backup=name,
                                   on_end=end)
 
     async def _backup(self, ctx: TaskContext, store: BackupStore, volume: str, snap: str,
                       name: str, labels: dict[str, str], codec: str) -> dict[str, Any]:
-        doc = self.m._doc(volume)
+        doc = self.m.record(volume)
         rep = await self._healthy_replica(doc)
         ready = rep["proc"]["ready"]
         layers = await self._layers(ready["control"])
@@ -300,7 +374,7 @@ class Backups:
         return None, []
 
     async def _healthy_replica(self, doc: dict[str, Any]) -> dict[str, Any]:
-        info = await self.m._refresh(doc) or {}
+        info = await self.m.refresh(doc) or {}
         rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
         for r in doc["replicas"]:
             if r["name"] in rw and r.get("proc"):
@@ -308,7 +382,7 @@ class Backups:
         raise TaskFailed(f"volume {doc['name']} has no healthy replica to read from")
 
     async def _layers(self, control: str) -> list[dict[str, Any]]:
-        r = await self.m._http.get(f"{control}/v1/layers", params={"removed": "true"})
+        r = await self.m.http.get(f"{control}/v1/layers", params={"removed": "true"})
         r.raise_for_status()
         return r.json()
 
@@ -324,9 +398,9 @@ class Backups:
             raise _api_error(exc) from exc
         self.m.create_volume(volume, info["size"], replicas, pool,
                              {"drove.restored-from": backup})
-        doc = self.m._doc(volume)
+        doc = self.m.record(volume)
         doc["restoring"] = {"backup": backup}
-        self.m._save(doc)
+        self.m.save(doc)
 
         async def run(ctx: TaskContext) -> dict[str, Any]:
             ctx.message("starting the volume")
@@ -347,9 +421,9 @@ class Backups:
 
         async def end(task: dict[str, Any]) -> None:
             if task["state"] == "succeeded":
-                d = self.m._doc(volume)
+                d = self.m.record(volume)
                 d.pop("restoring", None)
-                self.m._save(d)
+                self.m.save(d)
                 self.m.event("volume-restored", f"volume {volume} restored from backup "
                              f"{backup}", volume)
                 return
@@ -358,7 +432,7 @@ class Backups:
                          level="warning")
             await self.m.delete_volume(volume, force=True, _internal=True)
 
-        return self.m.tasks.start("backup-restore", run, volume=volume, backup=backup,
+        return self.tasks.start("backup-restore", run, volume=volume, backup=backup,
                                   on_end=end)
 
     async def abandon_restores(self) -> None:
@@ -396,7 +470,7 @@ class Backups:
                          f"verify of backup {backup} {task['state']}: {task['error']}",
                          level="info" if ok else "error")
 
-        return self.m.tasks.start("backup-verify", run, backup=backup, on_end=end)
+        return self.tasks.start("backup-verify", run, backup=backup, on_end=end)
 
     async def delete(self, backup: str) -> dict[str, Any]:
         """Start deleting ``backup`` and the blocks no other backup needs; the Task."""
@@ -413,19 +487,4 @@ class Backups:
                          f"({result.get('bytes_removed', 0)} bytes) removed", info["volume"])
             return result
 
-        return self.m.tasks.start("backup-delete", run, volume=info["volume"], backup=backup)
-
-    def task_on(self, volume: str, kind: str) -> str | None:
-        """The id of a running ``kind`` task on ``volume`` (None when there is none)."""
-        running = self.m.tasks.running(kind, volume)
-        return running[0]["id"] if running else None
-
-    def busy(self, volume: str) -> str | None:
-        """Why ``volume`` must not be detached or lose snapshots now (None: it may)."""
-        reading = self.task_on(volume, "backup-create")
-        if reading:
-            return f"backup task {reading} is reading it"
-        writing = self.task_on(volume, "backup-restore")
-        if writing:
-            return f"restore task {writing} is writing it"
-        return None
+        return self.tasks.start("backup-delete", run, volume=info["volume"], backup=backup)

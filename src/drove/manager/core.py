@@ -12,32 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from drove.agent import disks as disklib
 from drove.agent.node import NodeAgent
 from drove.agent.processes import ProcessStartError
+from drove.manager.errors import ApiError, to_size, validate_name
+from drove.manager.labels import SNAPSHOT_ID_LABEL
 from drove.manager.placement import PlacementError, place
 from drove.manager.store import Store, now_iso
 from drove.units import parse_size
 
 log = logging.getLogger("drove.manager")
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-BLOCK = 4096
-SNAPSHOT_ID_LABEL = "drove.id"
-"""Label giving every snapshot the manager takes an identity shared by all replicas.
-
-Replicas stamp their own creation time, and names can be reused after a delete:
-only this id proves that the snapshot a backup was taken from is still there.
-"""
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "over_provisioning_percent": 100,
@@ -55,54 +48,36 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
-class ApiError(Exception):
-    """A refused request: ``status`` is the HTTP status, the message what to do."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+EventFn = Callable[..., None]
+"""Records an event: (kind, message, volume=None, level="info")."""
 
 
-def validate_name(kind: str, name: str) -> str:
-    """``name`` if it is a valid object name, else ApiError 422."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ApiError(422, f"invalid {kind} name {name!r}: use 1-63 characters of "
-                            "a-z 0-9 . _ -, starting with a letter or digit")
-    return name
+class VolumeGuard(Protocol):
+    """What else holds a volume now: asked before it is detached, reverted or snapshots go."""
 
+    def busy(self, volume: str) -> str | None:
+        """Why ``volume`` must not be detached or lose snapshots now (None: it may)."""
 
-def to_size(value: int | str, what: str = "size") -> int:
-    """A size in bytes from an int or "10G" (ApiError 422 unless a positive multiple of 4 KiB)."""
-    try:
-        size = parse_size(value)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(422, f"invalid {what} {value!r}: {exc}") from exc
-    if size <= 0 or size % BLOCK:
-        raise ApiError(422, f"invalid {what} {value!r}: must be a positive multiple of 4 KiB")
-    return size
+    def restore_task(self, volume: str) -> str | None:
+        """The id of the task restoring a backup into ``volume`` (None when there is none)."""
 
 
 class Manager:
     """Volumes, disks and settings of a one-node drove."""
 
-    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path) -> None:
+    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path, *, event: EventFn,
+                 guard: VolumeGuard) -> None:
         self.store = store
         self.agent = agent
         self.data_dir = data_dir
+        self._event = event
+        self._guard = guard
         self.engine_info: dict[str, dict[str, Any]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._http = httpx.AsyncClient(timeout=30)
         self._heal_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_health: dict[str, str] = {}
-        # Imported here: these modules build on this one.
-        from drove.manager.backups import Backups
-        from drove.manager.jobs import Jobs
-        from drove.manager.tasks import Tasks
-
-        self.tasks = Tasks(store, self.event)
-        self.backups = Backups(self)
-        self.jobs = Jobs(self)
 
     # ------------------------------------------------------------ basics
 
@@ -113,8 +88,12 @@ class Manager:
     def event(self, kind: str, message: str, volume: str | None = None,
               level: str = "info") -> None:
         """Record what the system did and why."""
-        getattr(log, "warning" if level != "info" else "info")("%s: %s", kind, message)
-        self.store.append_event(level, kind, volume, message)
+        self._event(kind, message, volume, level)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The HTTP client the manager reaches engines and replicas with."""
+        return self._http
 
     def settings(self) -> dict[str, Any]:
         """Every setting with its value."""
@@ -218,13 +197,15 @@ class Manager:
 
     # ----------------------------------------------------------- volumes
 
-    def _doc(self, name: str) -> dict[str, Any]:
+    def record(self, name: str) -> dict[str, Any]:
+        """The stored document of volume ``name`` (ApiError 404)."""
         doc = self.store.get("volumes", name)
         if doc is None:
             raise ApiError(404, f"no volume {name!r}; `drove volume list` shows them")
         return doc
 
-    def _save(self, doc: dict[str, Any]) -> None:
+    def save(self, doc: dict[str, Any]) -> None:
+        """Store a volume's document."""
         self.store.put("volumes", doc["name"], doc)
 
     def volumes(self) -> list[dict[str, Any]]:
@@ -233,7 +214,7 @@ class Manager:
 
     def volume(self, name: str) -> dict[str, Any]:
         """One volume as the API shows it."""
-        return self.view(self._doc(name))
+        return self.view(self.record(name))
 
     def view(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A stored volume merged with what its engine reports now."""
@@ -339,7 +320,7 @@ class Manager:
                             _internal: bool = False) -> dict[str, Any]:
         """Delete a volume and its replicas' data (refused while attached unless ``force``)."""
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             if not _internal:
                 self._check_not_busy(doc, "delete")
             if doc["state"] != "detached":
@@ -363,16 +344,16 @@ class Manager:
                             labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Change labels or the replica count (live: new replicas rebuild online)."""
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             if labels is not None:
                 doc["labels"] = dict(labels)
             if replicas is not None and replicas != doc["replica_count"]:
                 if not 1 <= replicas <= 10:
                     raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
                 await self._set_replica_count(doc, replicas)
-            self._save(doc)
+            self.save(doc)
             if doc["state"] == "attached":
-                await self._refresh(doc)
+                await self.refresh(doc)
             return self.view(doc)
 
     async def _set_replica_count(self, doc: dict[str, Any], count: int) -> None:
@@ -412,7 +393,7 @@ class Manager:
         """Grow a volume: every replica, then the engine (when attached)."""
         new = to_size(size)
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             if new < doc["size"]:
                 raise ApiError(422, f"cannot shrink volume {name} from {doc['size']} to {new}")
             if new == doc["size"]:
@@ -422,9 +403,9 @@ class Manager:
             else:
                 await asyncio.to_thread(self._expand_offline, doc, new)
             old, doc["size"] = doc["size"], new
-            self._save(doc)
+            self.save(doc)
             if doc["state"] == "attached":
-                await self._refresh(doc)
+                await self.refresh(doc)
             self.event("volume-expanded", f"volume {name} expanded from {old} to {new} bytes",
                        name)
             return self.view(doc)
@@ -445,13 +426,13 @@ class Manager:
 
     def _check_not_restoring(self, doc: dict[str, Any], internal: bool) -> None:
         if doc.get("restoring") and not internal:
-            task = self.backups.task_on(doc["name"], "backup-restore") or "?"
+            task = self._guard.restore_task(doc["name"]) or "?"
             raise ApiError(409, f"volume {doc['name']} is being restored from backup "
                                 f"{doc['restoring'].get('backup')} (task {task}); wait for it "
                                 f"(`drove task wait {task}`) or cancel it")
 
     def _check_not_busy(self, doc: dict[str, Any], what: str) -> None:
-        why = self.backups.busy(doc["name"])
+        why = self._guard.busy(doc["name"])
         if why:
             raise ApiError(409, f"cannot {what} volume {doc['name']} now: {why}; wait for the "
                                 "task or cancel it (`drove task cancel ID`)")
@@ -464,7 +445,7 @@ class Manager:
         if mount is not None:
             _check_mount_path(mount)
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             self._check_not_restoring(doc, _internal)
             if doc["state"] == "attached":
                 if mount and (doc.get("host") or {}).get("mountpoint") != mount:
@@ -475,7 +456,7 @@ class Manager:
             doc["desired"], doc["mount"] = "attached", ({"path": mount, "fs": fs}
                                                         if mount else None)
             doc["state"] = "attaching"
-            self._save(doc)
+            self.save(doc)
             try:
                 await self._attach(doc)
             except BaseException:
@@ -507,7 +488,7 @@ class Manager:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         doc["engine"] = proc.to_json()
         doc["initialized"] = True
-        self._save(doc)
+        self.save(doc)
         if doc.get("mount"):
             m = doc.get("mount") or {}
             try:
@@ -516,8 +497,8 @@ class Manager:
             except Exception as exc:
                 raise ApiError(409, f"volume {name}: host attach failed: {exc}") from exc
         doc["state"] = "attached"
-        self._save(doc)
-        await self._refresh(doc)
+        self.save(doc)
+        await self.refresh(doc)
         where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
         self.event("volume-attached", f"volume {name} attached: {proc.ready.get('nbd')}{where}",
                    name)
@@ -537,7 +518,7 @@ class Manager:
             self._fail(doc, rep, f"process did not start: {exc}")
             return False
         rep.update(proc=proc.to_json(), state="running", error=None)
-        self._save(doc)
+        self.save(doc)
         return True
 
     def _fail(self, doc: dict[str, Any], rep: dict[str, Any], why: str) -> None:
@@ -550,13 +531,13 @@ class Manager:
                        f"failed: {why}", doc["name"], level="warning")
         rep.update(state="failed", error=why, retry_at=time.time() + delay,
                    failures=failures + 1, rebuilding=False)
-        self._save(doc)
+        self.save(doc)
 
     async def detach(self, name: str, force: bool = False,
                      _internal: bool = False) -> dict[str, Any]:
         """Unmount, release devices, stop engine and replicas."""
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             if doc["state"] == "detached":
                 return self.view(doc)
             if not _internal:
@@ -568,13 +549,13 @@ class Manager:
                       force: bool = False) -> None:
         name = doc["name"]
         doc["state"] = "detaching"
-        self._save(doc)
+        self.save(doc)
         try:
             await asyncio.to_thread(self.agent.detach_host, name, doc.get("host"))
         except Exception as exc:
             if not force:
                 doc["state"] = "attached"
-                self._save(doc)
+                self.save(doc)
                 raise ApiError(409, f"volume {name}: cannot release the host device: {exc}; "
                                     "stop what uses the mount, or detach with --force") from exc
             self.event("detach-forced", f"volume {name}: host device not released: {exc}",
@@ -591,7 +572,7 @@ class Manager:
         doc["state"] = "detached"
         if not keep_desired:
             doc["desired"], doc["mount"] = "detached", None
-        self._save(doc)
+        self.save(doc)
         self.event("volume-detached", f"volume {name} detached", name)
 
     async def _stop_processes(self, doc: dict[str, Any]) -> None:
@@ -628,7 +609,8 @@ class Manager:
                            f"volume {doc['name']}: {detail}")
         return r.json() if r.content else None
 
-    async def _refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+    async def refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """What the volume's engine reports now (None when it does not answer)."""
         try:
             info = await self._engine_call(doc, "GET", "/v1/info", timeout=5)
         except ApiError:
@@ -640,7 +622,7 @@ class Manager:
 
     async def snapshots(self, name: str) -> list[dict[str, Any]]:
         """The volume's snapshot tree (the head included, marked ``head``)."""
-        doc = self._doc(name)
+        doc = self.record(name)
         if doc["state"] != "attached":
             layers = await asyncio.to_thread(self._layers_offline, doc)
         else:
@@ -672,7 +654,7 @@ class Manager:
         # An identity all replicas share: what backups recognise their base by.
         labels = {SNAPSHOT_ID_LABEL: secrets.token_hex(8), **(labels or {})}
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             res = await self._engine_call(doc, "POST", "/v1/snapshots",
                                           json={"name": snap, "labels": labels})
         pause = (res or {}).get("pause_ms")
@@ -686,7 +668,7 @@ class Manager:
     async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
         """Delete a snapshot (its data folds into its child)."""
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             self._check_not_busy(doc, f"delete snapshot {snapshot} of")
             await self._engine_call(doc, "DELETE", f"/v1/snapshots/{snapshot}")
         self.event("snapshot-deleted", f"snapshot {snapshot} of volume {name} deleted", name)
@@ -695,7 +677,7 @@ class Manager:
     async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
         """Revert the volume to a snapshot (attached, with no client connected)."""
         async with self.lock(name):
-            doc = self._doc(name)
+            doc = self.record(name)
             if doc.get("host"):
                 raise ApiError(409, f"volume {name} is in use by the host "
                                     f"({doc['host'].get('mountpoint') or doc['host']['device']}); "
@@ -707,12 +689,12 @@ class Manager:
 
     async def export_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
         """A read-only NBD URI serving ``snapshot`` (from a healthy replica)."""
-        doc = self._doc(name)
+        doc = self.record(name)
         if not any(s["name"] == snapshot and not s.get("head")
                    for s in await self.snapshots(name)):
             raise ApiError(404, f"volume {name} has no snapshot {snapshot!r}; "
                                 f"`drove snapshot list {name}` shows them")
-        info = await self._refresh(doc) or {}
+        info = await self.refresh(doc) or {}
         rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
         for r in doc["replicas"]:
             if r["name"] in rw and r.get("proc"):
@@ -726,20 +708,17 @@ class Manager:
     async def start(self) -> None:
         """Register the node, bring back what was attached, start healing."""
         self.ensure_node()
-        self.tasks.recover()
-        await self.backups.abandon_restores()
         for doc in self.store.list("volumes"):
             async with self.lock(doc["name"]):
                 await self._recover(doc)
         self._heal_task = asyncio.create_task(self._heal_loop())
-        self.jobs.start()
 
     async def _recover(self, doc: dict[str, Any]) -> None:
         """After a (clean or crashed) manager stop: adopt or restart the volume's processes."""
         name = doc["name"]
         engine_ok = self.agent.alive(doc.get("engine"))
         if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"
-                and await self._refresh(doc) is not None):
+                and await self.refresh(doc) is not None):
             self.event("volume-adopted", f"volume {name}: engine still running, adopted", name)
             return
         # Anything left of an earlier run goes; then attach afresh if it should be.
@@ -747,23 +726,20 @@ class Manager:
         doc["host"] = None
         await self._stop_processes(doc)
         doc["state"] = "detached"
-        self._save(doc)
+        self.save(doc)
         if doc["desired"] == "attached":
             doc["state"] = "attaching"
             try:
                 await self._attach(doc)
             except Exception as exc:
                 doc["state"] = "detached"
-                self._save(doc)
+                self.save(doc)
                 self.event("attach-failed", f"volume {name} could not be attached again: {exc}",
                            name, level="error")
 
     async def stop(self) -> None:
         """Stop healing; detach every volume but remember which were attached."""
         self._stopping = True
-        await self.jobs.stop()
-        await self.tasks.stop()
-        self.backups.close()
         if self._heal_task:
             self._heal_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -803,7 +779,7 @@ class Manager:
                        name, level="error")
             await self._recover(doc)
             return
-        info = await self._refresh(doc)
+        info = await self.refresh(doc)
         if info is None:
             return
         modes = {r["name"]: r for r in info["replicas"]}
@@ -819,13 +795,13 @@ class Manager:
                 self._fail(doc, r, f"engine set it to ERR: {why}")
             elif live["mode"] == "RW" and r.get("rebuilding"):
                 r.update(rebuilding=False, failures=0)
-                self._save(doc)
+                self.save(doc)
                 self.event("rebuild-finished", f"replica {r['name']} rebuilt, now RW", name)
         self._note_health(doc, info)
         if _rebuild_running(info.get("rebuild")):
             return
         if await self._repair_one(doc, modes):
-            await self._refresh(doc)
+            await self.refresh(doc)
         await self._drop_abandoned(doc)
 
     async def _repair_one(self, doc: dict[str, Any], modes: dict[str, Any]) -> bool:
@@ -847,7 +823,7 @@ class Manager:
                     (new,) = self._new_replicas(doc, 1)
                 except PlacementError as exc:
                     r["retry_at"] = now + self.settings()["failed_replica_retry_seconds"]
-                    self._save(doc)
+                    self.save(doc)
                     log.info("volume %s: cannot replace %s yet: %s", doc["name"], r["name"], exc)
                     continue
                 r["state"] = "abandoned"
@@ -900,12 +876,12 @@ class Manager:
             if disk and disklib.disk_status(disk["path"], disk["id"])["state"] == "ready":
                 await asyncio.to_thread(shutil.rmtree, r["path"], True)
                 doc["replicas"].remove(r)
-                self._save(doc)
+                self.save(doc)
                 self.event("replica-cleaned", f"disk {r['disk']} is back: data of replaced "
                            f"replica {r['name']} deleted", doc["name"])
             elif disk is None:
                 doc["replicas"].remove(r)
-                self._save(doc)
+                self.save(doc)
 
 
 def _rebuild_running(rebuild: dict[str, Any] | None) -> bool:

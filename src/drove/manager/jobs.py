@@ -13,15 +13,14 @@ import contextlib
 import logging
 import secrets
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from croniter import croniter
 
-from drove.manager.core import ApiError, validate_name
-from drove.manager.store import now_iso
-
-if TYPE_CHECKING:
-    from drove.manager.core import Manager
+from drove.manager.backups import Backups
+from drove.manager.errors import ApiError, validate_name
+from drove.manager.store import Store, now_iso
+from drove.manager.tasks import Tasks
 
 log = logging.getLogger("drove.manager")
 
@@ -42,11 +41,33 @@ def next_run(job: dict[str, Any]) -> datetime:
     return croniter(job["cron"], base).get_next(datetime)
 
 
+class Snapshots(Protocol):
+    """What jobs need of the manager's volumes (drove.manager.core.Manager)."""
+
+    store: Store
+
+    def event(self, kind: str, message: str, volume: str | None = None,
+              level: str = "info") -> None:
+        """Record what the system did and why."""
+
+    async def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """A volume's snapshot tree."""
+
+    async def create_snapshot(self, name: str, snapshot: str | None = None,
+                              labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Snapshot a volume."""
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Delete a snapshot of a volume."""
+
+
 class Jobs:
     """The recurring jobs and their scheduler."""
 
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
+    def __init__(self, volumes: Snapshots, backups: Backups, tasks: Tasks) -> None:
+        self.m = volumes
+        self.backups = backups
+        self.tasks = tasks
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
@@ -189,8 +210,8 @@ class Jobs:
             removed = await self._retain_snapshots(volume, job["name"], job["retain"])
             return f"snapshot {snap['name']}" + (f", deleted {', '.join(removed)}"
                                                  if removed else "")
-        task = await self.m.backups.create(volume, None, labels)
-        done = await self.m.tasks.wait(task["id"]) or {}
+        task = await self.backups.create(volume, None, labels)
+        done = await self.tasks.wait(task["id"]) or {}
         if done.get("state") != "succeeded":
             raise ApiError(409, f"backup task {task['id']} {done.get('state')}: "
                                 f"{done.get('error')}")
@@ -211,13 +232,13 @@ class Jobs:
         return removed
 
     async def _retain_backups(self, volume: str, job: str, keep: int) -> list[str]:
-        mine = [b for b in await self.m.backups.list(volume)
+        mine = [b for b in await self.backups.list(volume)
                 if (b.get("labels") or {}).get(JOB_LABEL) == job]
         mine.sort(key=lambda b: b["created"], reverse=True)
         removed = []
         for b in mine[keep:]:
-            task = await self.m.backups.delete(b["name"])
-            done = await self.m.tasks.wait(task["id"]) or {}
+            task = await self.backups.delete(b["name"])
+            done = await self.tasks.wait(task["id"]) or {}
             if done.get("state") != "succeeded":
                 raise ApiError(409, f"retention could not delete backup {b['name']}: "
                                     f"{done.get('error')}")

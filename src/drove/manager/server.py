@@ -13,7 +13,7 @@ from typing import IO
 
 from drove.agent.node import NodeAgent
 from drove.manager.api import build_app
-from drove.manager.core import Manager
+from drove.manager.app import ManagerApp
 from drove.manager.store import SqliteStore
 from drove.service import ControlServer, default_signals
 
@@ -57,15 +57,15 @@ async def serve(data_dir: Path, listen: tuple[str, int]) -> None:
     lock = _lock(data_dir)
     token = ensure_token(data_dir)
     store = SqliteStore(data_dir / "drove.db")
-    manager = Manager(store, NodeAgent(data_dir), data_dir)
+    parts = ManagerApp(store, NodeAgent(data_dir), data_dir)
     try:
-        server = ControlServer(build_app(manager, token), *listen)
+        server = ControlServer(build_app(parts, token), *listen)
     except OSError as exc:
         raise ServeError(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}; "
                          "give another --listen HOST:PORT") from exc
     info_file = data_dir / "manager.json"
     try:
-        await manager.start()
+        await parts.start()
         await server.start()
         info_file.write_text(json.dumps({"url": server.url, "pid": os.getpid()}) + "\n")
         sys.stdout.write(f"drove {server.url} serving\n"
@@ -78,6 +78,6 @@ async def serve(data_dir: Path, listen: tuple[str, int]) -> None:
     finally:
         info_file.unlink(missing_ok=True)
         await server.stop()
-        await manager.stop()
+        await parts.stop()
         store.close()
         lock.close()

@@ -1,0 +1,48 @@
+"""The manager's parts, built and wired together in one place.
+
+Volumes (:class:`~drove.manager.core.Manager`), tasks, backups and jobs know
+nothing of one another's modules: each is handed here the narrow interface it
+needs (the event log, the backup activity that may hold a volume, the volumes a
+backup reads and restores into), so no module of the manager imports one that
+builds on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drove.agent.node import NodeAgent
+from drove.manager.backups import BackupActivity, Backups
+from drove.manager.core import Manager
+from drove.manager.events import EventLog
+from drove.manager.jobs import Jobs
+from drove.manager.store import Store
+from drove.manager.tasks import Tasks
+
+
+class ManagerApp:
+    """Volumes, tasks, backups and jobs over one store, started and stopped together."""
+
+    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path) -> None:
+        self.store = store
+        self.events = EventLog(store)
+        self.tasks = Tasks(store, self.events)
+        activity = BackupActivity(self.tasks)
+        self.manager = Manager(store, agent, data_dir, event=self.events, guard=activity)
+        self.backups = Backups(self.manager, self.tasks, activity)
+        self.jobs = Jobs(self.manager, self.backups, self.tasks)
+
+    async def start(self) -> None:
+        """Settle what a previous run left, bring volumes back, then start the scheduler."""
+        # Tasks and restores first: a volume half restored is deleted, not attached again.
+        self.tasks.recover()
+        await self.backups.abandon_restores()
+        await self.manager.start()
+        self.jobs.start()
+
+    async def stop(self) -> None:
+        """Stop the scheduler and the tasks, then detach the volumes."""
+        await self.jobs.stop()
+        await self.tasks.stop()
+        self.backups.close()
+        await self.manager.stop()

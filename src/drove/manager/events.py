@@ -1,0 +1,22 @@
+"""The event log: what the system did and why, kept in the store and written to the log."""
+
+from __future__ import annotations
+
+import logging
+
+from drove.manager.store import Store
+
+log = logging.getLogger("drove.manager")
+
+
+class EventLog:
+    """Records events; every part of the manager is handed the same one."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __call__(self, kind: str, message: str, volume: str | None = None,
+                 level: str = "info") -> None:
+        """Record what the system did and why."""
+        getattr(log, "warning" if level != "info" else "info")("%s: %s", kind, message)
+        self.store.append_event(level, kind, volume, message)
