@@ -10,15 +10,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import toolstable
 from radosgw import radosgw  # noqa: F401  (session fixture: real S3 from Ceph radosgw)
 from replicatools import ReplicaProc, kill_all, start_replica
 
-REQUIRED_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdsh", "nbdcopy", "nbdkit", "fio")
+# tools.tsv, the table ./dev installs from, names every command the tests and benches run.
+TOOLS = toolstable.load()
+REQUIRED_TOOLS = tuple(TOOLS)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Fail loudly (never skip) when a real client the tests rely on is missing."""
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    """Fail loudly (never skip) when a command the tests rely on is missing."""
+    missing = [f"{t} (Debian package {TOOLS[t].package})"
+               for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
         raise pytest.UsageError(
             f"missing test tools: {', '.join(missing)}; run ./dev test, which installs them"

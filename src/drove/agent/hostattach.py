@@ -52,7 +52,7 @@ MKFS_OPTS = {"ext2": EXT_OPTS, "ext3": EXT_OPTS, "ext4": EXT_OPTS,
              "xfs": ["-q", "-K"], "btrfs": ["-q", "-K"]}
 MKFS_PACKAGE = {"ext2": "e2fsprogs", "ext3": "e2fsprogs", "ext4": "e2fsprogs",
                 "xfs": "xfsprogs", "btrfs": "btrfs-progs"}
-TOOL_PACKAGE = {"losetup": "util-linux", "mount": "util-linux", "umount": "util-linux",
+TOOL_PACKAGE = {"losetup": "mount", "mount": "mount", "umount": "mount",
                 "blkid": "util-linux", "fusermount3": "fuse3", "nbdinfo": "libnbd-bin"}
 
 # nbdfuse processes started by this process, kept so they can be reaped (no zombies,
@@ -180,7 +180,7 @@ def _choose_method(method: str) -> str:
         # "auto" should prefer the kernel client when kernel_nbd_available(); until that
         # path exists nbdfuse works on every host with FUSE, including those.
         if shutil.which("nbdfuse") is None:
-            raise HostAttachError("nbdfuse not found; install the Debian package nbdfuse")
+            raise HostAttachError("nbdfuse not found; install the Debian package libnbd-bin")
         return "nbdfuse"
     if method == "kernel":
         why = "" if kernel_nbd_available() else " (and this host has no /dev/nbdN or nbd-client)"
