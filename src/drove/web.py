@@ -3,8 +3,7 @@
 The replica and engine processes each serve a control API of a dozen calls.
 FastAPI, pydantic, starlette and uvicorn together cost each such process
 ~19 MiB of resident memory, about as much as the rest of it, so those APIs
-use this module instead: plain routes on asyncio streams, with the behaviour
-clients rely on kept --
+use this module instead: plain routes, with the behaviour clients rely on kept --
 
 * JSON in and out; a handler's value is the response body (``null`` included);
 * bad bodies and query parameters answer 422 with ``{"detail": [{"type",
@@ -12,10 +11,37 @@ clients rely on kept --
   with ``{"detail": "..."}``; exception handlers map errors to status codes
   by the exception's MRO, as Starlette's do;
 * ``/openapi.json`` and ``/docs`` (Swagger UI) describe the routes;
-* keep-alive, ``Content-Length`` and chunked request bodies, ``Expect:
-  100-continue``; idle connections close after :data:`KEEP_ALIVE` seconds.
+* keep-alive, pipelining, ``Content-Length`` and chunked request bodies,
+  ``Expect: 100-continue``.
 
 An :class:`App` is also an ASGI application, so it can be mounted elsewhere.
+
+:class:`HttpServer` serves an App; h11 parses and frames the HTTP/1.1 wire.
+No client can stall it or make it hold unbounded memory:
+
+* at most :data:`MAX_CONNECTIONS` connections.  A connection beyond it closes
+  the one idle the longest (no request in progress: the HTTP/1.1 way for a
+  server to drop a keep-alive connection; our client retries a request that
+  met such a close before any answer); when every connection is in the middle
+  of a request, the newcomer is answered 503 and closed, at once rather than
+  left unaccepted in the kernel's backlog where its client would only time out;
+* the request line and headers are at most :data:`MAX_HEAD` bytes (431); a body
+  at most its route's ``max_body`` (:data:`MAX_BODY` unless the route says
+  otherwise; 413, checked against ``Content-Length`` before reading and while
+  reading a chunked body); a malformed request (request line, header, chunk
+  framing, a truncated body) gets 400; all of these close the connection;
+* read timeouts: an idle connection closes after :data:`KEEP_ALIVE` seconds,
+  a request's headers must arrive within :data:`HEADER_TIMEOUT` of its first
+  byte and its body within :data:`BODY_TIMEOUT` of its headers;
+* write timeout: a response must be taken by the client within
+  :data:`WRITE_TIMEOUT`, else the connection is cut; the next request on a
+  connection is read only once the previous answer was sent in full, so a
+  client that does not read cannot make the server buffer more than one answer;
+* bounded shutdown: :meth:`HttpServer.stop` stops accepting, closes at once every
+  connection not running a request (idle, or still sending its request), lets
+  running requests finish and send their answers (then closes those connections)
+  for at most :data:`SHUTDOWN_GRACE` seconds, then cuts the rest and cancels
+  their handlers.
 """
 
 from __future__ import annotations
@@ -29,33 +55,51 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import PurePath
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import h11
+
 log = logging.getLogger("drove.web")
 
+MAX_CONNECTIONS = 256
+"""Connections served at once; see the module docstring for what happens beyond."""
+
 KEEP_ALIVE = 10.0
-"""Seconds an idle keep-alive connection stays open: longer than clients keep idle ones
+"""Seconds an idle connection stays open: longer than clients keep idle ones
 for reuse (httpx 5 s, drove.webclient 2 s), so none sends on a connection being closed."""
 
-BODY_TIMEOUT = 60.0
+HEADER_TIMEOUT = 10.0
+"""Seconds a request's line and headers may take to arrive once its first byte has."""
+
+BODY_TIMEOUT = 30.0
 """Seconds a request body may take to arrive once its headers have."""
+
+WRITE_TIMEOUT = 10.0
+"""Seconds the client has to take a whole response before the connection is cut."""
+
+SHUTDOWN_GRACE = 2.0
+"""Seconds :meth:`HttpServer.stop` lets running requests finish before cutting them."""
+
+LINGER = 1.0
+"""Seconds an error answer is given to reach the client before its connection closes."""
 
 MAX_HEAD = 64 * 1024
 """Largest request line plus headers."""
 
-MAX_BODY = 64 * 1024 * 1024
-"""Largest request body (a rebuild's layer tree is the biggest one sent)."""
+MAX_BODY = 64 * 1024
+"""A route's largest request body unless it sets its own ``max_body``."""
 
-_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+_REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
             307: "Temporary Redirect", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
             422: "Unprocessable Content", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-            507: "Insufficient Storage"}
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+            503: "Service Unavailable", 507: "Insufficient Storage"}
 
 
 class HTTPError(Exception):
@@ -354,6 +398,7 @@ class Route:
     params: list[str]
     hidden: bool = False  # not in the OpenAPI description
     raw: bool = False  # the handler takes the Request and returns a Response
+    max_body: int = MAX_BODY  # largest request body accepted (413 beyond)
 
 
 def _default(obj: Any) -> Any:
@@ -395,9 +440,13 @@ class App:
 
     # registration
     def route(self, method: str, path: str, *, status: int = 200, body: Body | None = None,
-              query: dict[str, Field] | None = None, hidden: bool = False, raw: bool = False
+              query: dict[str, Field] | None = None, hidden: bool = False, raw: bool = False,
+              max_body: int = MAX_BODY
               ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-        """Register ``handler(**path_params, **query_params[, body])`` for METHOD PATH."""
+        """Register ``handler(**path_params, **query_params[, body])`` for METHOD PATH.
+
+        A request body larger than ``max_body`` bytes is refused (413) unread.
+        """
         parts = re.split(r"{(\w+)}", path)  # literal, param, literal, ...
         params = parts[1::2]
         regex = re.compile("".join(f"(?P<{p}>[^/]+)" if i % 2 else re.escape(p)
@@ -405,7 +454,7 @@ class App:
 
         def register(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             self.routes.append(Route(method, path, handler, status, body, dict(query or {}),
-                                     regex, params, hidden, raw))
+                                     regex, params, hidden, raw, max_body))
             self._openapi = None
             return handler
 
@@ -457,6 +506,11 @@ class App:
                 return route, m.groupdict(), allowed
             allowed.append(route.method)
         return None, {}, allowed
+
+    def body_limit(self, method: str, target: str) -> int:
+        """The largest request body ``method target`` takes (:data:`MAX_BODY` if unrouted)."""
+        route = self._match(method, unquote(target.partition("?")[0]))[0]
+        return MAX_BODY if route is None else route.max_body
 
     async def handle(self, method: str, target: str, headers: dict[str, str],
                      body: bytes) -> Response:
@@ -574,18 +628,24 @@ class App:
         """ASGI entry (http only)."""
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
         target = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        resp = await self.handle(scope["method"], target, headers, b"".join(chunks))
+        limit = self.body_limit(scope["method"], target)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                resp = json_response(413, {"detail": "Request body too large"})
+                break
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                resp = await self.handle(scope["method"], target, headers, b"".join(chunks))
+                break
         hdrs = [(k.encode(), v.encode()) for k, v in resp.headers.items()]
         if "content-length" not in resp.headers:
             hdrs.append((b"content-length", str(len(resp.body)).encode()))
@@ -627,148 +687,347 @@ _SWAGGER = """<!doctype html>
 
 # ------------------------------------------------------------------ server
 
+# A connection's states.  Only _IDLE and _CLOSING ones give way to a newcomer at the
+# cap; only _BUSY and _WRITING ones are let finish when the server stops.
+_IDLE = 0  # between requests (or before the first): KEEP_ALIVE
+_HEAD = 1  # a request's line and headers are arriving: HEADER_TIMEOUT
+_BODY = 2  # its body is arriving: BODY_TIMEOUT
+_BUSY = 3  # the App answers it (reading paused)
+_WRITING = 4  # the answer is going out (reading paused): WRITE_TIMEOUT
+_CLOSING = 5  # an error answer went out, the rest of the input is discarded: LINGER
+_CLOSED = 6
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+
+def _reason(status: int) -> bytes:
+    return _REASONS.get(status, "").encode()
+
+
+class _Pool:
+    """A server's open connections and running handlers: the cap, and shutting down."""
+
+    def __init__(self, app: App, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.open: dict[_Connection, None] = {}  # insertion-ordered set
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self._emptied: asyncio.Event | None = None
+
+    def admit(self, conn: _Connection) -> bool:
+        """Count ``conn`` in; False when it must be refused (it counts while it is answered)."""
+        ok = True
+        if len(self.open) >= self.limit:
+            victim = self._victim()
+            if victim is None:
+                ok = False
+            else:
+                victim.close()
+        self.open[conn] = None
+        return ok
+
+    def _victim(self) -> _Connection | None:
+        """The connection to close for a newcomer: a closing one, else the longest idle."""
+        best = None
+        for conn in self.open:
+            if conn.state == _CLOSING:
+                return conn
+            if conn.state == _IDLE and (best is None or conn.since < best.since):
+                best = conn
+        return best
+
+    def forget(self, conn: _Connection) -> None:
+        """``conn`` is closed."""
+        self.open.pop(conn, None)
+        if not self.open and self._emptied is not None:
+            self._emptied.set()
+
+    def run(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run a request's handler as a task the pool can cancel at shutdown."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def shutdown(self, grace: float) -> None:
+        """Close idle and half-received connections now, the rest after ``grace`` at most."""
+        self.closing = True
+        self._emptied = asyncio.Event()
+        for conn in list(self.open):
+            conn.shutdown()
+        if self.open:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._emptied.wait()
+        for conn in list(self.open):
+            conn.cut()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:  # let cancelled handlers unwind (a handler ignoring cancellation is left)
+            await asyncio.wait(tasks, timeout=grace)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: h11 parses its requests, the pool's App answers them."""
+
+    __slots__ = ("chunks", "drained", "h11", "limit", "loop", "pool", "request", "since",
+                 "size", "state", "timer", "transport")
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.state = _IDLE
+        self.since = time.monotonic()  # went idle
+        self.timer: asyncio.TimerHandle | None = None
+        self.request: h11.Request | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = MAX_BODY
+        self.drained: asyncio.Future[None] | None = None  # set while output is pending
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection in (or refuse it) and wait for a request."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # pause_writing as soon as any byte waits in our buffer, resume_writing once none
+        # does: an answer is sent when the kernel has all of it, and nothing piles up here
+        transport.set_write_buffer_limits(high=0, low=0)
+        if self.pool.closing:
+            transport.abort()
+        elif not self.pool.admit(self):
+            self._refuse(503, "Too many connections")
+        else:
+            self._wait(KEEP_ALIVE)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h11; act on the request once it has arrived."""
+        if self.state >= _CLOSING:
+            return  # discarded
+        if self.state == _IDLE:
+            self.state = _HEAD
+            self._wait(HEADER_TIMEOUT)
+        self.h11.receive_data(data)
+        if self.state in (_HEAD, _BODY):
+            self._read()
+
+    def eof_received(self) -> bool:
+        """The client will send no more; answer what it sent (a truncated request: 400)."""
+        if self.state == _CLOSING:
+            self.close()
+        elif self.state < _CLOSING:
+            self.h11.receive_data(b"")
+            if self.state != _BUSY and self.state != _WRITING:
+                self._read()
+        return True  # keep the transport open for our answer; we close it ourselves
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; a running handler finishes (its answer is dropped)."""
+        self.state = _CLOSED
+        self._wait(None)
+        self.pool.forget(self)
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        """Output is pending."""
+        if self.drained is None:
+            self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        """Output was all sent (or the connection is gone)."""
+        fut, self.drained = self.drained, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # the server's side
+    def shutdown(self) -> None:
+        """The server stops: close now unless a request is running (it answers, then closes)."""
+        if self.state not in (_BUSY, _WRITING):
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection (dropping unsent output)."""
+        self.state = _CLOSED
+        self._wait(None)
+        self.pool.forget(self)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if transport.get_write_buffer_size():
+                transport.abort()  # close() would wait for a client that does not read
+            else:
+                transport.close()
+
+    def cut(self) -> None:
+        """Drop the connection at once."""
+        self.close()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # requests
+    def _wait(self, seconds: float | None) -> None:
+        """(Re)arm the one timer: when it fires, the connection closes."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None if seconds is None else self.loop.call_later(seconds, self.close)
+
+    def _read(self) -> None:
+        """Act on what h11 parsed: check limits, collect the body, start the handler."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._refuse(exc.error_status_hint, str(exc) or "Bad request")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                if not self._begin(event):
+                    return
+            elif isinstance(event, h11.Data):
+                self.size += len(event.data)
+                if self.size > self.limit:
+                    self._refuse(413, "Request body too large")
+                    return
+                self.chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.state = _BUSY
+                self._wait(None)
+                assert self.transport is not None
+                self.transport.pause_reading()  # one request at a time: pipelined ones wait
+                self.pool.run(self._respond())
+                return
+            else:  # ConnectionClosed: the client left between requests
+                self.close()
+                return
+
+    def _begin(self, request: h11.Request) -> bool:
+        """A request's head arrived: whether its body may follow."""
+        self.request = request
+        # h11 bounds a head that arrives in pieces; one that came whole in a read is counted here
+        if len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEAD:
+            self._refuse(431, "Request header fields too large")
+            return False
+        self.limit = self.pool.app.body_limit(request.method.decode("ascii"),
+                                              request.target.decode("latin-1"))
+        length = next((int(v) for k, v in request.headers if k == b"content-length"), 0)
+        if length > self.limit:
+            self._refuse(413, "Request body too large")
+            return False
+        if self.h11.they_are_waiting_for_100_continue:
+            self._send(h11.InformationalResponse(status_code=100, headers=[],
+                                                 reason=_reason(100)))
+        self.state = _BODY
+        self.chunks, self.size = [], 0
+        self._wait(BODY_TIMEOUT)
+        return True
+
+    async def _respond(self) -> None:
+        """Answer the request that arrived, send it, then read the next one."""
+        request, self.request = self.request, None
+        assert request is not None and self.transport is not None
+        body, self.chunks = b"".join(self.chunks), []
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        try:
+            resp = await self.pool.app.handle(request.method.decode("ascii"),
+                                              request.target.decode("latin-1"), headers, body)
+            if self.state == _CLOSED:
+                return  # the client left, or the server cut the connection
+            close = self.pool.closing
+            self.state = _WRITING
+            self._wait(WRITE_TIMEOUT)
+            self._answer(resp, close)
+            while self.drained is not None and self.state == _WRITING:
+                await self.drained
+        except Exception:
+            log.exception("answering %s %s failed", request.method, request.target)
+            self.cut()
+            return
+        if self.state != _WRITING:
+            return  # cut: WRITE_TIMEOUT, or shutdown
+        if close or self.h11.our_state is not h11.DONE:
+            self.close()
+            return
+        self.h11.start_next_cycle()
+        self.state = _IDLE
+        self.since = time.monotonic()
+        self._wait(KEEP_ALIVE)
+        if self.h11.trailing_data[0]:  # a pipelined request is here already
+            self.state = _HEAD
+            self._wait(HEADER_TIMEOUT)
+        self.transport.resume_reading()
+        self._read()
+
+    def _answer(self, resp: Response, close: bool) -> None:
+        """Frame ``resp`` with h11 and write it."""
+        status = resp.status
+        headers = [(k, v.encode()) for k, v in resp.headers.items() if k != "content-length"]
+        body = resp.body
+        if status in (204, 304):
+            body = b""
+        else:
+            headers.append(("content-length",
+                            resp.headers.get("content-length", str(len(body))).encode()))
+        if close:
+            headers.append(("connection", b"close"))
+        self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)),
+                   h11.Data(data=body) if body else None, h11.EndOfMessage())
+
+    def _send(self, *events: h11.Event | None) -> None:
+        assert self.transport is not None
+        self.transport.write(b"".join(self.h11.send(e) or b"" for e in events if e))
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer an error and close; what else the client sends is not read."""
+        assert self.transport is not None
+        self.state = _CLOSING
+        body = json.dumps({"detail": detail}).encode()
+        head = [("content-type", b"application/json"),
+                ("content-length", str(len(body)).encode()), ("connection", b"close")]
+        try:
+            self._send(h11.Response(status_code=status, headers=head, reason=_reason(status)),
+                       h11.Data(data=body), h11.EndOfMessage())
+        except h11.LocalProtocolError:  # h11 is past answering (never expected)
+            self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+                                 + b"".join(b"%s: %s\r\n" % (k.encode(), v) for k, v in head)
+                                 + b"\r\n" + body)
+        # Half-close and discard input for a moment before closing: closing with unread
+        # input resets the connection, and the client could lose the answer with it.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self._wait(LINGER)
 
 
 class HttpServer:
-    """Serves an :class:`App` over HTTP/1.1 on an already-bound socket."""
+    """Serves an :class:`App` over HTTP/1.1 on an already-bound socket (see the module doc)."""
 
-    def __init__(self, app: App, sock: socket.socket) -> None:
+    def __init__(self, app: App, sock: socket.socket,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.app = app
         self.sock = sock
+        self._pool = _Pool(app, max_connections)
         self._server: asyncio.AbstractServer | None = None
-        self._conns: dict[asyncio.Task[Any], bool] = {}  # task -> handling a request
-        self._closing = False
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._pool.open)
 
     async def start(self) -> None:
         """Listen; returns once connections are accepted."""
-        self._server = await asyncio.start_server(self._connection, sock=self.sock,
-                                                  limit=MAX_HEAD)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self._pool), sock=self.sock)
 
     async def stop(self) -> None:
-        """Stop accepting, close idle connections, let running requests finish."""
-        self._closing = True
+        """Stop accepting; close idle connections at once, cut running ones after a grace.
+
+        Returns within :data:`SHUTDOWN_GRACE` (twice that if a handler must be cancelled).
+        """
         if self._server is not None:
             self._server.close()
-        for task, busy in list(self._conns.items()):
-            if not busy:
-                task.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns[task] = False
-        try:
-            while not self._closing:
-                try:
-                    async with asyncio.timeout(KEEP_ALIVE):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    await self._reject(writer, 431, "Request Header Fields Too Large")
-                    return
-                self._conns[task] = True
-                try:
-                    keep = await self._request(head, reader, writer)
-                except _BadRequest as exc:
-                    await self._reject(writer, exc.status, exc.detail)
-                    return
-                except TimeoutError:
-                    return  # the body did not arrive in time
-                finally:
-                    self._conns[task] = False
-                if not keep:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self._conns.pop(task, None)
-            writer.close()
-
-    async def _request(self, head: bytes, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; whether the connection stays open."""
-        try:
-            lines = head[:-4].decode("latin-1").split("\r\n")
-            method, target, version = lines[0].split(" ")
-        except ValueError:
-            raise _BadRequest(400, "Invalid HTTP request line") from None
-        if not version.startswith("HTTP/1."):
-            raise _BadRequest(400, "Unsupported HTTP version")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise _BadRequest(400, "Invalid HTTP header")
-            name = name.lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        conn = headers.get("connection", "").lower()
-        keep = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
-        if headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        async with asyncio.timeout(BODY_TIMEOUT):
-            body = await self._body(headers, reader)
-        resp = await self.app.handle(method, target, headers, body)
-        out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, '')}"]
-        out += [f"{k}: {v}" for k, v in resp.headers.items() if k != "content-length"]
-        out.append(f"content-length: {resp.headers.get('content-length', len(resp.body))}")
-        if not keep or self._closing:
-            out.append("connection: close")
-            keep = False
-        writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + resp.body)
-        await writer.drain()
-        return keep
-
-    @staticmethod
-    async def _body(headers: dict[str, str], reader: asyncio.StreamReader) -> bytes:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts, total = [], 0
-            while True:
-                line = await reader.readline()
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise _BadRequest(400, "Invalid chunk size") from None
-                if size == 0:
-                    while (await reader.readline()).strip():  # trailers
-                        pass
-                    return b"".join(parts)
-                total += size
-                if total > MAX_BODY:
-                    raise _BadRequest(413, "Request body too large")
-                parts.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-        length = headers.get("content-length")
-        if length is None:
-            return b""
-        try:
-            n = int(length)
-        except ValueError:
-            raise _BadRequest(400, "Invalid Content-Length") from None
-        if n < 0:
-            raise _BadRequest(400, "Invalid Content-Length")
-        if n > MAX_BODY:
-            raise _BadRequest(413, "Request body too large")
-        return await reader.readexactly(n)
-
-    @staticmethod
-    async def _reject(writer: asyncio.StreamWriter, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        with contextlib.suppress(ConnectionError):
-            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
-                         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                         "connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
+        await self._pool.shutdown(SHUTDOWN_GRACE)

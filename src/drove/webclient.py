@@ -1,12 +1,19 @@
 """A small asyncio HTTP/1.1 client for JSON control APIs (the engine calling its replicas).
 
-httpx costs an engine ~9 MiB of resident memory (httpcore, anyio, h11, and a
+httpx costs an engine ~9 MiB of resident memory (httpcore, anyio, and a
 certifi CA bundle loaded per client); the engine only makes a handful of JSON
 calls to replicas it knows.  This client keeps what those calls need: one
-deadline per request, keep-alive connections reused while fresh, JSON bodies,
-query parameters, ``http`` and ``https`` (system CAs), responses with
-``Content-Length``, chunked or read-to-close bodies.  Failures to get an answer
-raise :class:`RequestError` (its subclasses name what failed, as httpx's do).
+deadline per request (connecting, sending and the whole answer), keep-alive
+connections reused while fresh, JSON bodies, query parameters, default
+headers per client, ``http`` and ``https`` (system CAs).  h11 parses and
+frames the wire (``Content-Length``, chunked or read-to-close answers).
+
+A server may close an idle keep-alive connection at any time (drove.web does
+when it is at its connection cap); a request sent on a reused connection that
+closes before any byte of an answer is therefore sent once more, on a new
+connection: the server closed it before reading the request.  Failures to get
+an answer raise :class:`RequestError` (its subclasses name what failed, as
+httpx's do).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import h11
+
 from drove import __version__
 
 MAX_HEAD = 64 * 1024
@@ -28,6 +37,9 @@ IDLE_REUSE = 2.0
 
 MAX_IDLE = 4
 """Idle connections kept per client."""
+
+READ_SIZE = 64 * 1024
+"""Bytes read from the socket at a time."""
 
 
 class RequestError(Exception):
@@ -67,6 +79,79 @@ class Response:
         return f"<Response [{self.status_code}]>"
 
 
+class _Unanswered(Exception):
+    """A reused connection closed before any byte of an answer: the request was not read."""
+
+
+class _Conn:
+    """One connection to the server and its h11 state."""
+
+    __slots__ = ("h11", "reader", "since", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.since = 0.0  # went idle
+
+    def fresh(self, now: float) -> bool:
+        """Whether the idle connection may carry another request."""
+        return (now - self.since <= IDLE_REUSE and not self.reader.at_eof()
+                and not self.writer.is_closing() and self.reader.exception() is None)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.writer.close()
+
+    async def roundtrip(self, request: h11.Request, body: bytes, reused: bool) -> Response:
+        """Send ``request`` and read its whole answer.
+
+        _Unanswered when a ``reused`` connection closes before any byte of it.
+        """
+        events: list[h11.Event] = [request]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        answered = False
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+            status, headers, parts = 0, {}, []
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    data = await self.reader.read(READ_SIZE)
+                    answered = answered or bool(data)
+                    self.h11.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    for name, value in event.headers:
+                        key, text = name.decode("latin-1"), value.decode("latin-1")
+                        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+                elif isinstance(event, h11.Data):
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return Response(status, headers, b"".join(parts))
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise RemoteProtocolError("server closed the connection before answering")
+                # InformationalResponse (100 Continue): the final answer follows
+        except (OSError, h11.RemoteProtocolError, RemoteProtocolError) as exc:
+            if reused and not answered:
+                raise _Unanswered() from exc
+            if isinstance(exc, h11.RemoteProtocolError):
+                raise RemoteProtocolError(f"not a valid HTTP/1.1 answer: {exc}") from exc
+            raise
+
+    def reusable(self) -> bool:
+        """After an answer: ready for the next request (else it must be closed)."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            self.since = time.monotonic()
+            return True
+        return False
+
+
 _ssl_context: Any = None
 
 
@@ -101,7 +186,7 @@ class HttpClient:
         self.prefix = url.path.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if port is None else f"{host}:{port}"
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self._idle: list[_Conn] = []
         self._closed = False
 
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
@@ -119,130 +204,83 @@ class HttpClient:
         if params:
             target += "?" + urlencode({k: _param(v) for k, v in params.items()})
         body = b"" if json is None else jsonlib.dumps(json, ensure_ascii=False).encode()
-        head = [f"{method} {target} HTTP/1.1", f"host: {self.host_header}",
-                "accept: application/json", f"user-agent: drove/{__version__}"]
-        head += [f"{k}: {v}" for k, v in self.headers.items()]
+        headers = [("host", self.host_header), ("accept", "application/json"),
+                   ("user-agent", f"drove/{__version__}"), *self.headers.items()]
         if json is not None:
-            head.append("content-type: application/json")
+            headers.append(("content-type", "application/json"))
         if json is not None or method in ("POST", "PUT", "PATCH"):
-            head.append(f"content-length: {len(body)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+            headers.append(("content-length", str(len(body))))
         limit = self.timeout if timeout is None else timeout
         conn = None
         try:
             async with asyncio.timeout(limit):
-                conn = self._reuse() or await self._connect()
-                reader, writer = conn
-                writer.write(data)
-                await writer.drain()
-                resp, reusable = await _read_response(reader, method)
+                conn = self._reuse()
+                if conn is not None:
+                    try:
+                        resp = await conn.roundtrip(self._head(method, target, headers), body,
+                                                    reused=True)
+                    except _Unanswered:
+                        conn.close()
+                        conn = None
+                if conn is None:
+                    conn = await self._connect()
+                    resp = await conn.roundtrip(self._head(method, target, headers), body,
+                                                reused=False)
         except BaseException as exc:
-            self._discard(conn)  # in an unknown state: never reused
+            if conn is not None:
+                conn.close()  # in an unknown state: never reused
             if isinstance(exc, TimeoutError):
                 raise Timeout(f"no answer to {method} {self.base_url}{target} within "
                               f"{limit:g} s") from None
-            if isinstance(exc, (OSError, asyncio.IncompleteReadError)):
+            if isinstance(exc, OSError):
                 raise RemoteProtocolError(f"{method} {self.base_url}{target}: "
-                                          f"{_describe(exc)}") from exc
+                                          f"{exc or type(exc).__name__}") from exc
+            if isinstance(exc, RemoteProtocolError):
+                raise RemoteProtocolError(f"{method} {self.base_url}{target}: {exc}") from exc
             raise
-        if reusable and not self._closed and len(self._idle) < MAX_IDLE:
-            self._idle.append((*conn, time.monotonic()))
+        if conn.reusable() and not self._closed and len(self._idle) < MAX_IDLE:
+            self._idle.append(conn)
         else:
-            self._discard(conn)
+            conn.close()
         return resp
 
-    def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    @property
+    def idle_connections(self) -> int:
+        """Connections kept open for the next requests."""
+        return len(self._idle)
+
+    @staticmethod
+    def _head(method: str, target: str, headers: list[tuple[str, str]]) -> h11.Request:
+        return h11.Request(method=method, target=target.encode(), headers=headers)
+
+    def _reuse(self) -> _Conn | None:
         now = time.monotonic()
         while self._idle:
-            reader, writer, since = self._idle.pop()
-            if (now - since > IDLE_REUSE or reader.at_eof() or writer.is_closing()
-                    or reader.exception() is not None):
-                writer.close()
-                continue
-            return reader, writer
+            conn = self._idle.pop()
+            if conn.fresh(now):
+                return conn
+            conn.close()
         return None
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self) -> _Conn:
         try:
-            return await asyncio.open_connection(
-                self.host, self.port, limit=MAX_HEAD,
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, limit=READ_SIZE,
                 ssl=_tls() if self.tls else None,
                 server_hostname=self.host if self.tls else None)
         except OSError as exc:
-            raise ConnectError(f"{self.base_url}: {_describe(exc)}") from exc
-
-    @staticmethod
-    def _discard(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
-        if conn is not None:
-            conn[1].close()
+            raise ConnectError(f"{self.base_url}: {exc or type(exc).__name__}") from exc
+        return _Conn(reader, writer)
 
     async def aclose(self) -> None:
         """Close idle connections; the client cannot be used after."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for _, writer, _ in idle:
-            writer.close()
+        for conn in idle:
+            conn.close()
 
 
 def _param(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "server closed the connection before answering in full"
-    return str(exc) or type(exc).__name__
-
-
-async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[Response, bool]:
-    """The next final response on ``reader``, and whether the connection may be reused."""
-    while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise RemoteProtocolError("response headers too large") from None
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest.partition(" ")[0]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise RemoteProtocolError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
-        status = int(code)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise RemoteProtocolError(f"malformed response header: {line[:80]!r}")
-            name = name.strip().lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        if 100 <= status < 200:
-            continue  # an interim answer (100 Continue): the final one follows
-        break
-    conn = headers.get("connection", "").lower()
-    reusable = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
-    if method == "HEAD" or status in (204, 304):
-        return Response(status, headers, b""), reusable
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        parts = []
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise RemoteProtocolError("malformed chunk size") from None
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")).strip():  # trailers
-                    pass
-                return Response(status, headers, b"".join(parts)), reusable
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-    length = headers.get("content-length")
-    if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise RemoteProtocolError(f"malformed content-length {length!r}") from None
-        return Response(status, headers, await reader.readexactly(n)), reusable
-    return Response(status, headers, await reader.read()), False
