@@ -19,6 +19,7 @@ from drove import __version__
 from drove.replica.chain import LayerInfo
 from drove.replica.errors import ChecksumMismatchError, RebuildingError
 from drove.replica.exports import FlushGate
+from drove.replica.meta import ENGINE_STATE_MAX
 from drove.replica.rebuild import SyncJob
 from drove.web import App, Body, Field, Request, Response, json_response
 
@@ -61,6 +62,10 @@ SYNC = Body("SyncRequest", {
 }, "Pull one incomplete layer from the source replica's layer export.")
 
 ENGINE_STATE = Body("EngineState", None, "The engine's opaque state (at most 64 KiB).")
+
+REBUILD_BODY_MAX = 32 << 20
+"""Largest prepare or sync body: a layer tree of thousands of snapshots, or the differing
+ranges of a large volume (1 TiB in 1 MiB ranges, every other one differing: ~12 MiB)."""
 
 
 def layer_json(info: LayerInfo) -> dict[str, Any]:
@@ -325,17 +330,18 @@ def build_app(control: ReplicaControl) -> App:
         """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
         return await control.layer_digests(file, range_size)
 
-    @app.put("/v1/engine-state", body=ENGINE_STATE)
+    # twice the stored limit: the chain itself refuses a larger state, with a clear message
+    @app.put("/v1/engine-state", body=ENGINE_STATE, max_body=2 * ENGINE_STATE_MAX)
     async def put_engine_state(body: dict[str, Any]) -> dict[str, Any]:
         """Store the engine's opaque state (a JSON object, at most 64 KiB) durably."""
         return control.set_engine_state(body)
 
-    @app.post("/v1/rebuild/prepare", body=PREPARE)
+    @app.post("/v1/rebuild/prepare", body=PREPARE, max_body=REBUILD_BODY_MAX)
     async def prepare_rebuild(body: Any) -> dict[str, Any]:
         """Give this replica the source's layer tree, all incomplete, under a new empty head."""
         return await control.prepare_rebuild(body)
 
-    @app.post("/v1/rebuild/sync", status=202, body=SYNC)
+    @app.post("/v1/rebuild/sync", status=202, body=SYNC, max_body=REBUILD_BODY_MAX)
     async def start_sync(body: Any) -> dict[str, Any]:
         """Pull an incomplete layer from the source's layer/FILE export, in the background."""
         return control.start_sync(body)
