@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 import secrets
@@ -33,6 +34,34 @@ def _load_syncfs():
 
 
 _syncfs = _load_syncfs()
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap the two names atomically; both must exist
+
+
+def _load_renameat2():
+    """libc's renameat2(2), or None where it is unavailable."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+"""renameat2 errors meaning "this file system cannot exchange" (NFS, old kernels)."""
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap the files at ``a`` and ``b`` atomically; OSError (ENOENT if one is gone)."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
 
 
 class FileTarget(Target):
@@ -63,18 +92,68 @@ class FileTarget(Target):
         path = self._path(key)
         tmp = f"{path}.tmp-{secrets.token_hex(6)}"
         try:
-            try:
-                f = open(tmp, "xb")  # noqa: SIM115 - the with below closes it
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                f = open(tmp, "xb")  # noqa: SIM115
-            with f:
-                f.write(data)
+            self._write_temp(path, tmp, data)
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise TargetError(f"cannot write {key} to {self.url}: {e}") from e
+
+    @staticmethod
+    def _write_temp(path: Path, tmp: str, data: bytes) -> None:
+        """Write ``data`` to the new file ``tmp`` beside ``path`` (making its directory)."""
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115 - the with below closes it
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "xb")  # noqa: SIM115
+        with f:
+            f.write(data)
+
+    exchange = True
+    """Whether ``replace`` may use renameat2(RENAME_EXCHANGE); cleared on a file system
+    that refuses it (NFS), where ``replace`` falls back to check-then-rename."""
+
+    def replace(self, key: str, data: bytes, version: str | None = None) -> str | None:
+        """Write a temp file, then swap it with ``key``'s file by renameat2(RENAME_EXCHANGE).
+
+        The exchange is atomic and fails with ENOENT when ``key`` is gone, so a file
+        deleted meanwhile (a lock removed as stale) is never brought back; the old
+        contents end up in the temp file, which is then unlinked.  ``version`` is ignored:
+        the file target tracks none (nobody but its holder ever writes a lock file).
+
+        Where the file system cannot exchange (NFS answers EINVAL) the fallback checks that
+        the file exists and renames over it: a delete landing in between is undone.  The
+        lock makes that harmless: a refresh that ends later than its give-up deadline
+        counts as lost, and another holder may delete a lock only after that deadline.
+        """
+        path = self._path(key)
+        tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+        try:
+            self._write_temp(path, tmp, data)
+            if self.exchange:
+                try:
+                    _exchange(tmp, str(path))
+                except OSError as e:
+                    if e.errno not in _NO_EXCHANGE:
+                        raise
+                    self.exchange = False
+                else:
+                    os.unlink(tmp)  # now holds the old contents
+                    return ""
+            if not path.is_file():
+                os.unlink(tmp)
+                return None
+            os.replace(tmp, path)
+            return ""
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise TargetError(f"cannot replace {key} in {self.url}: {e}") from e
 
     def get(self, key: str) -> bytes:
         """The file's contents."""

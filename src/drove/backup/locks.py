@@ -7,11 +7,17 @@ lock.  Each holder keeps ``locks/<uuid>.json`` on the target and rewrites it eve
 scheme is restic's: put your own lock, then list the others, and back off on conflict.
 It relies on list-after-put consistency, which S3, radosgw and local file systems give.
 
-Staleness compares the ``refreshed`` wall-clock time in the file with the reader's
-clock, so the clocks of machines sharing a target must agree to well under
-``stale_after``.
-"""
+A holder gives up *before* anyone may call its lock stale, by restic's rule: once its
+last successful refresh is older than ``stale_after - 1.5 * refresh interval`` (0.7 of
+the stale time) it declares the lock lost, stops refreshing, and the work running under
+the lock is cancelled (``hold_async``) and fails with LockError.  The margin (1.5
+refresh intervals) absorbs clock skew between machines and a slow last put.  A refresh
+is one atomic ``Target.replace`` that never recreates a deleted file, so a holder whose
+lock was removed as stale finds out instead of bringing it back.
 
+Staleness compares the ``refreshed`` wall-clock time in the file with the reader's
+clock, so the clocks of machines sharing a target must agree to well under the margin.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +30,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from drove.backup.errors import BackupError, LockError, NotFoundError
 from drove.backup.target import Target
@@ -38,6 +45,7 @@ SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
 OnWait = Callable[[str], None]
+LostCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,14 @@ def default_owner(purpose: str, name: str = "drove") -> str:
 
 
 class Lock:
-    """One lock file on ``target``; acquire it with ``acquire``/``acquire_async``."""
+    """One lock file on ``target``; acquire it with ``acquire``/``acquire_async``.
+
+    While held, two daemon threads keep it: a refresher rewrites the file every
+    ``refresh_interval`` seconds (sooner after a failed try), and a watchdog declares the
+    lock lost once no refresh has succeeded for ``give_up_after`` seconds, even while a
+    refresh hangs.  A refresh that ends past that deadline, or finds the file removed,
+    loses the lock too.  Losing it calls every ``on_lost`` callback once.
+    """
 
     def __init__(self, target: Target, kind: str, owner: str, *, stale_after: float = 300,
                  poll: float = 2.0):
@@ -73,15 +88,21 @@ class Lock:
         self.kind = kind
         self.owner = owner
         self.stale_after = stale_after
+        self.refresh_interval = stale_after / 5
+        """Seconds between refreshes."""
+        self.give_up_after = stale_after - 1.5 * self.refresh_interval
+        """Seconds without a successful refresh after which the holder gives up."""
         self.poll = poll
         self.key = f"{PREFIX}{uuid.uuid4().hex}.json"
         self.created = datetime.now(UTC).isoformat(timespec="seconds")
+        # _cond guards the fields below and wakes the threads on every change.
+        self._cond = threading.Condition()
         self._held = False
         self._lost: str | None = None
-        self._last_refresh = 0.0  # time.monotonic() of the last successful write
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._mutex = threading.Lock()  # orders refresh writes against release
+        self._last_refresh = 0.0  # time.monotonic() when the last successful write began
+        self._last_error: str | None = None
+        self._version: str | None = None  # the target's tag of our last write, if any
+        self._callbacks: list[LostCallback] = []
 
     # -- acquiring ---------------------------------------------------------------------
 
@@ -97,11 +118,12 @@ class Lock:
         if conflicts:
             self.target.delete(self.key)
             return conflicts
-        self._held = True
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._refresh_loop, daemon=True,
-                                        name=f"lock-refresh-{self.key[6:14]}")
-        self._thread.start()
+        with self._cond:
+            self._held = True
+            self._lost = self._last_error = self._version = None
+        tag = self.key[len(PREFIX):len(PREFIX) + 8]
+        for name, loop in (("refresh", self._refresh_loop), ("watch", self._watch_loop)):
+            threading.Thread(target=loop, daemon=True, name=f"lock-{name}-{tag}").start()
         return []
 
     def acquire(self, wait: float = 600, on_wait: OnWait | None = None) -> None:
@@ -163,60 +185,152 @@ class Lock:
 
     # -- holding -----------------------------------------------------------------------
 
+    def _document(self) -> bytes:
+        """Our lock file's contents, ``refreshed`` now."""
+        return json.dumps({"kind": self.kind, "owner": self.owner, "created": self.created,
+                           "refreshed": time.time()}).encode()
+
     def _write(self) -> None:
-        """Put our lock file with a fresh ``refreshed`` time."""
-        doc = {"kind": self.kind, "owner": self.owner, "created": self.created,
-               "refreshed": time.time()}
+        """Put our lock file (acquiring: it does not exist yet)."""
         started = time.monotonic()
-        self.target.put(self.key, json.dumps(doc).encode())
-        self._last_refresh = started
+        self.target.put(self.key, self._document())
+        with self._cond:
+            self._last_refresh = started
+
+    def _active(self) -> bool:
+        """Held and not lost (call with ``_cond`` held)."""
+        return self._held and self._lost is None
 
     def _refresh_loop(self) -> None:
-        """Rewrite the lock file every stale_after/5 s until released or lost."""
-        interval = self.stale_after / 5
-        while not self._stop.wait(interval):
-            with self._mutex:
-                if self._stop.is_set():
+        """Refresh every ``refresh_interval`` (a quarter of it after a failure) while active."""
+        with self._cond:
+            due = self._last_refresh + self.refresh_interval
+        while True:
+            with self._cond:
+                while self._active() and (left := due - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if not self._active():
                     return
-                if time.monotonic() - self._last_refresh > self.stale_after:
-                    # Others may already have judged us stale and run a gc: rewriting the
-                    # file now would hide that, so give the lock up for good.
-                    self._lost = f"not refreshed for over {self.stale_after:g} s"
-                    return
-                try:
-                    if not self.target.exists(self.key):
-                        self._lost = "its lock file was removed (declared stale by another holder?)"
-                        return
-                    self._write()
-                except BackupError as e:
-                    log.warning("cannot refresh lock %s: %s", self.key, e)
+            started = time.monotonic()
+            ok = self._refresh()
+            due = started + self.refresh_interval * (1 if ok else 0.25)
+
+    def _refresh(self) -> bool:
+        """Rewrite the lock file in one atomic step; False if that failed or lost the lock."""
+        with self._cond:
+            if not self._active():
+                return False
+            version = self._version
+        started = time.monotonic()
+        try:
+            new = self.target.replace(self.key, self._document(), version)
+        except BackupError as e:
+            log.warning("cannot refresh %s lock %s: %s", self.kind, self.key, e)
+            with self._cond:
+                self._last_error = str(e)
+            return False
+        if new is None:
+            self._lose("its lock file was removed (declared stale by another holder?)")
+            return False
+        with self._cond:
+            age = time.monotonic() - self._last_refresh
+            in_time = age <= self.give_up_after
+            if in_time:
+                self._last_refresh, self._version, self._last_error = started, new, None
+                self._cond.notify_all()
+        if not in_time:
+            # It landed, but after the deadline: others may have judged the lock stale
+            # before it did, so it proves nothing.
+            self._lose(self._stale_reason(age))
+        return in_time
+
+    def _watch_loop(self) -> None:
+        """Declare the lock lost once no refresh has succeeded for ``give_up_after`` s."""
+        with self._cond:
+            while self._active():
+                age = time.monotonic() - self._last_refresh
+                if age >= self.give_up_after:
+                    break
+                self._cond.wait(self.give_up_after - age)
+            else:
+                return
+            reason = self._stale_reason(age)
+        self._lose(reason)
+
+    def _stale_reason(self, age: float) -> str:
+        """Why a lock whose last successful refresh began ``age`` s ago is given up."""
+        error = f"; last error: {self._last_error}" if self._last_error else ""
+        return (f"could not keep it fresh: no refresh succeeded for {age:.1f} s (a holder "
+                f"gives up after {self.give_up_after:g} s, before others may call the lock "
+                f"stale after {self.stale_after:g} s){error}")
+
+    def _lose(self, reason: str) -> None:
+        """Mark the lock lost (once, while held) and tell the ``on_lost`` callbacks."""
+        with self._cond:
+            if not self._active():
+                return
+            self._lost = reason
+            callbacks = list(self._callbacks)
+            self._cond.notify_all()
+        log.warning("%s", self._lost_message(reason))
+        for callback in callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("lock-lost callback %r failed", callback)
+
+    def _lost_message(self, reason: str) -> str:
+        """The LockError text for a lock lost for ``reason``."""
+        return f"lost the {self.kind} lock {self.key} of {self.owner}: {reason}"
+
+    def lost_error(self) -> LockError:
+        """A LockError saying why the lock was lost."""
+        return LockError(self._lost_message(self.lost or "lost"))
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lock was lost, None while it is held (or was never lost)."""
+        with self._cond:
+            return self._lost
+
+    def on_lost(self, callback: LostCallback) -> None:
+        """Call ``callback(reason)`` (from a lock thread) when the lock is lost; at once if
+        it already is."""
+        with self._cond:
+            self._callbacks.append(callback)
+            reason = self._lost
+        if reason is not None:
+            callback(reason)
 
     def check(self) -> None:
         """Raise LockError unless the lock is still ours and was refreshed in time.
 
-        Call right before publishing: a holder stalled for longer than the stale time may
-        have had its lock removed and its blocks collected meanwhile.
+        Call right before and after publishing: a holder stalled past its give-up time may
+        have had its lock removed and its blocks collected meanwhile.  The lock file is
+        looked up too: only its holder ever writes it, and refreshes never recreate it,
+        so finding it proves no exclusive holder has removed it as stale.
         """
-        if not self._held:
-            raise LockError(f"lock {self.key} is not held")
-        if self._lost:
-            raise LockError(f"lost the {self.kind} lock {self.key}: {self._lost}")
-        age = time.monotonic() - self._last_refresh
-        if age > self.stale_after:
-            raise LockError(f"lost the {self.kind} lock {self.key}: not refreshed for "
-                            f"{age:.0f} s (stale after {self.stale_after:g} s)")
-        if not self.target.exists(self.key):
-            raise LockError(f"lost the {self.kind} lock {self.key}: its lock file was removed "
-                            "(declared stale by another holder?)")
+        with self._cond:
+            if not self._held:
+                raise LockError(f"lock {self.key} is not held")
+            reason = self._lost
+            age = time.monotonic() - self._last_refresh
+        if reason is None and age > self.give_up_after:
+            reason = self._stale_reason(age)
+        if reason is None and not self.target.exists(self.key):
+            reason = "its lock file was removed (declared stale by another holder?)"
+        if reason is not None:
+            self._lose(reason)
+            raise LockError(self._lost_message(reason))
 
     def release(self) -> None:
-        """Stop refreshing and delete the lock file (safe to call more than once)."""
-        self._stop.set()
-        with self._mutex:
+        """Stop refreshing and delete the lock file (safe to call more than once).
+
+        A refresh still in flight is not waited for: it cannot recreate the file.
+        """
+        with self._cond:
             self._held = False
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+            self._cond.notify_all()
         try:
             self.target.delete(self.key)
         except BackupError as e:
@@ -282,20 +396,73 @@ def exclusive_lock(target: Target, owner: str, *, wait: float = 600, stale_after
     return _hold(EXCLUSIVE, target, owner, wait, stale_after, on_wait, poll)
 
 
-@contextlib.asynccontextmanager
-async def hold_async(target: Target, kind: str, owner: str, *, wait: float = 600,
-                     stale_after: float = 300, on_wait: OnWait | None = None,
-                     poll: float = 2.0) -> AsyncIterator[Lock]:
-    """Async context manager holding a lock of ``kind``; released even on cancellation."""
-    lock = Lock(target, kind, owner, stale_after=stale_after, poll=poll)
-    await lock.acquire_async(wait, on_wait)
-    try:
-        yield lock
-    finally:
-        fut = asyncio.get_running_loop().run_in_executor(None, lock.release)
+def hold_async(target: Target, kind: str, owner: str, *, wait: float = 600,
+               stale_after: float = 300, on_wait: OnWait | None = None,
+               poll: float = 2.0) -> LockGuard:
+    """Async context manager holding a lock of ``kind`` (see ``LockGuard``)."""
+    return LockGuard(Lock(target, kind, owner, stale_after=stale_after, poll=poll), wait,
+                     on_wait)
+
+
+class LockGuard:
+    """Holds a lock around an ``async with`` body, and stops the body if the lock is lost.
+
+    Like ``asyncio.timeout``: losing the lock cancels the task running the body, and the
+    resulting CancelledError leaves the block as LockError saying why the lock was lost
+    (any other error the body raised on its way out becomes that LockError's cause).  A
+    cancellation from elsewhere stays a cancellation.  The lock is released on every exit,
+    and that release is finished before the exit, cancelled or not.  Thread-pool work the
+    body had started runs to its end: only its awaiting is cut short.
+    """
+
+    def __init__(self, lock: Lock, wait: float, on_wait: OnWait | None) -> None:
+        self.lock = lock
+        self.wait = wait
+        self.on_wait = on_wait
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancelling = 0
+        self._cancelled = False  # we cancelled the body because the lock was lost
+        self._exited = False
+
+    async def __aenter__(self) -> Lock:
+        await self.lock.acquire_async(self.wait, self.on_wait)
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        if self._task is not None:
+            self._cancelling = self._task.cancelling()
+        self.lock.on_lost(self._lost_in_thread)
+        return self.lock
+
+    def _lost_in_thread(self, reason: str) -> None:
+        """on_lost callback (a lock thread): cancel the body from its event loop."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed: the body is long over
+                self._loop.call_soon_threadsafe(self._cancel_body)
+
+    def _cancel_body(self) -> None:
+        """Cancel the task running the body, unless the body is over."""
+        if self._exited or self._cancelled or self._task is None:
+            return
+        self._cancelled = True
+        self._task.cancel(f"lost the {self.lock.kind} lock {self.lock.key}")
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self._exited = True
+        # Our own cancel is taken back first, so only someone else's still counts.
+        others_cancel = (self._cancelled and self._task is not None
+                         and self._task.uncancel() > self._cancelling)
+        fut = asyncio.get_running_loop().run_in_executor(None, self.lock.release)
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
             # Finish the release before propagating, so "cancelled" implies "unlocked".
             await asyncio.wait([fut])
             raise
+        if not self._cancelled or (others_cancel and exc_type is asyncio.CancelledError):
+            return
+        error = self.lock.lost_error()
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            raise error from None
+        raise error from exc

@@ -23,6 +23,7 @@ from drove.backup.target import Target, check_key
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects request may carry
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_PRECONDITION = {"412", "PreconditionFailed"}
 
 
 def _config(attempts: int) -> Config:
@@ -130,6 +131,58 @@ class S3Target(Target):
         """PutObject (atomic by S3 semantics)."""
         with self._errors("put", key):
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def replace(self, key: str, data: bytes, version: str | None = None) -> str | None:
+        """PutObject with If-Match on the object's ETag: S3 applies the condition and the
+        write as one step, so a deleted object is never recreated (a missing object
+        answers 404, or 412 on radosgw).
+
+        Why this cannot let two holders both believe they hold a lock: a lock key is
+        written only by its holder and removed only by a deleter that judged it stale.
+        If the delete is applied first, this put fails (None: the holder treats the lock
+        as lost); if the put is applied first, the deleter removes the refreshed object
+        and the holder's next refresh or check finds it gone.  The deleter only deletes
+        past the stale time, which the holder's give-up deadline precedes by a margin,
+        so in that second order the holder has already stopped its work.
+
+        Without ``version`` the ETag comes from a HEAD first (a 404 there: None).  The
+        tag is sent as the server gave it (quoted) and, on 412, once unquoted: radosgw
+        compares the bare hex.  A 412 where the object now holds ``data`` exactly is our
+        own put retried by botocore after a lost reply, so it counts as written.
+        """
+        obj = self._key(key)
+        with self._errors("replace", key):
+            if version is None:
+                try:
+                    version = self._client.head_object(Bucket=self.bucket, Key=obj)["ETag"]
+                except ClientError as e:
+                    if _code(e) in _NOT_FOUND:
+                        return None
+                    raise
+            for tag in dict.fromkeys((version, version.strip('"'))):
+                try:
+                    resp = self._client.put_object(Bucket=self.bucket, Key=obj, Body=data,
+                                                   IfMatch=tag)
+                except ClientError as e:
+                    code = _code(e)
+                    if code in _NOT_FOUND:
+                        return None
+                    if code not in _PRECONDITION:
+                        raise
+                    continue
+                return str(resp["ETag"])
+            return self._written_by_us(obj, data)
+
+    def _written_by_us(self, obj: str, data: bytes) -> str | None:
+        """The ETag of ``obj`` if it holds exactly ``data`` (our own retried put), else None."""
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=obj)
+        except ClientError as e:
+            if _code(e) in _NOT_FOUND:
+                return None
+            raise
+        with resp["Body"] as body:
+            return str(resp["ETag"]) if body.read() == data else None
 
     def get(self, key: str) -> bytes:
         """GetObject; NotFoundError for a missing key."""

@@ -235,11 +235,19 @@ class BackupStore:
             await self._run(lock.check)
             await self._publish(doc, {
                 "name": volume, "size": size, "last_backup": name, "last_snapshot": snapshot,
-                "last_snapshot_id": snapshot_id, "updated": doc["created"]})
+                "last_snapshot_id": snapshot_id, "updated": doc["created"]}, lock)
         return mf.summary(doc)
 
-    async def _publish(self, doc: dict[str, Any], cfg: dict[str, Any]) -> None:
-        """Put the manifest and volume.cfg; all or nothing, even if cancelled meanwhile."""
+    async def _publish(self, doc: dict[str, Any], cfg: dict[str, Any], lock: Lock) -> None:
+        """Put the manifest and volume.cfg, then check ``lock`` again; all or nothing.
+
+        The check after the manifest is visible closes the last gap: a gc that removed our
+        lock as stale and listed the manifests before ours appeared may have deleted
+        blocks it names.  Our lock file still being there (refreshes never recreate it)
+        proves no gc has started since it; otherwise the backup fails and its manifest
+        and volume.cfg are taken back, so it is never trusted.  The same happens when the
+        publication fails or is cancelled (the lock's watchdog cancels it too).
+        """
         volume, name = doc["volume"], doc["name"]
         try:
             previous = await self.volume_config(volume)
@@ -250,6 +258,7 @@ class BackupStore:
             await self._put_json(mf.manifest_key(volume, name), doc)
             await self._put_json(mf.volume_key(volume), cfg)
             await self._run(self.target.sync)
+            await self._run(lock.check)
 
         async def unpublish() -> None:
             await self._run(self.target.delete, mf.manifest_key(volume, name))
@@ -269,8 +278,10 @@ class BackupStore:
             undo = asyncio.ensure_future(unpublish())
             await asyncio.wait([undo])
             if not undo.cancelled() and undo.exception() is not None:
-                log.warning("cannot remove the manifest of failed backup %s: %s", name,
-                            undo.exception())
+                # Left behind, it may name blocks a gc removed: say so loudly.
+                log.error("cannot remove the manifest of failed backup %s (%s): %s; verify "
+                          "it or delete it", name, mf.manifest_key(volume, name),
+                          undo.exception())
             raise
 
     async def _base_blocks(self, base: str, volume: str, size: int,

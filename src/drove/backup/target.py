@@ -54,6 +54,15 @@ class Target(ABC):
         for key in self.list(prefix):
             yield key, 0
 
+    def replace(self, key: str, data: bytes, version: str | None = None) -> str | None:
+        """Overwrite ``key`` in one atomic step only if it still exists (and, where the
+        target tracks versions, still is ``version``, a tag an earlier call returned).
+
+        Returns the new version tag ('' where none is tracked), or None when nothing was
+        written because ``key`` is gone; it never creates ``key`` (lock refresh relies on it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot replace objects atomically")
+
     def delete_many(self, keys: Iterable[str]) -> None:
         """Delete several keys (in batches where the target supports it)."""
         for key in keys:
