@@ -138,8 +138,11 @@ class ControlServer:
     """Serves an API app on an already-bound socket inside the running loop.
 
     A :class:`drove.web.App` (the replica's and the engine's control APIs) is
-    served by :class:`drove.web.HttpServer`; any other ASGI app (the manager's
-    FastAPI one) by uvicorn, imported only then.
+    served by :class:`drove.web.HttpServer`, which no client can stall: a
+    connection cap, per-route body limits, read and write timeouts, and a
+    :meth:`stop` that returns within :data:`drove.web.SHUTDOWN_GRACE` (see
+    drove.web).  Any other ASGI app (the manager's FastAPI one) is served by
+    uvicorn, imported only then.
     """
 
     def __init__(self, app: Any, host: str, port: int) -> None:
@@ -172,7 +175,7 @@ class ControlServer:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Stop serving."""
+        """Stop serving: idle connections close at once, running requests get a grace."""
         if isinstance(self._server, HttpServer):
             await self._server.stop()
             self.sock.close()

@@ -28,8 +28,10 @@ No client can stall it or make it hold unbounded memory:
 * the request line and headers are at most :data:`MAX_HEAD` bytes (431); a body
   at most its route's ``max_body`` (:data:`MAX_BODY` unless the route says
   otherwise; 413, checked against ``Content-Length`` before reading and while
-  reading a chunked body); a malformed request (request line, header, chunk
-  framing, a truncated body) gets 400; all of these close the connection;
+  reading a chunked body); the bodies held at once, received or being
+  handled, at most :data:`MAX_BUFFERED` bytes (503); a malformed request
+  (request line, header, chunk framing, a truncated body) gets 400; all of
+  these close the connection;
 * read timeouts: an idle connection closes after :data:`KEEP_ALIVE` seconds,
   a request's headers must arrive within :data:`HEADER_TIMEOUT` of its first
   byte and its body within :data:`BODY_TIMEOUT` of its headers;
@@ -59,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import PurePath
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import h11
@@ -93,6 +95,9 @@ MAX_HEAD = 64 * 1024
 
 MAX_BODY = 64 * 1024
 """A route's largest request body unless it sets its own ``max_body``."""
+
+MAX_BUFFERED = 64 * 1024 * 1024
+"""Request bodies one server holds at once, all connections together (503 beyond)."""
 
 _REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
             307: "Temporary Redirect", 400: "Bad Request", 404: "Not Found",
@@ -710,6 +715,7 @@ class _Pool:
         self.limit = limit
         self.open: dict[_Connection, None] = {}  # insertion-ordered set
         self.tasks: set[asyncio.Task[None]] = set()
+        self.buffered = 0  # bytes of request bodies held (see MAX_BUFFERED)
         self.closing = False
         self._emptied: asyncio.Event | None = None
 
@@ -790,8 +796,7 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection in (or refuse it) and wait for a request."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
         # pause_writing as soon as any byte waits in our buffer, resume_writing once none
         # does: an answer is sent when the kernel has all of it, and nothing piles up here
         transport.set_write_buffer_limits(high=0, low=0)
@@ -825,6 +830,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; a running handler finishes (its answer is dropped)."""
+        self._drop_body()
         self.state = _CLOSED
         self._wait(None)
         self.pool.forget(self)
@@ -849,6 +855,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection (dropping unsent output)."""
+        self._drop_body()
         self.state = _CLOSED
         self._wait(None)
         self.pool.forget(self)
@@ -886,17 +893,25 @@ class _Connection(asyncio.Protocol):
                 if not self._begin(event):
                     return
             elif isinstance(event, h11.Data):
-                self.size += len(event.data)
-                if self.size > self.limit:
+                if self.size + len(event.data) > self.limit:
                     self._refuse(413, "Request body too large")
                     return
+                if self.pool.buffered + len(event.data) > MAX_BUFFERED:
+                    self._refuse(503, "Too many request bodies in flight")
+                    return
+                self.size += len(event.data)
+                self.pool.buffered += len(event.data)
                 self.chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self.state = _BUSY
                 self._wait(None)
-                assert self.transport is not None
+                assert self.transport is not None and self.request is not None
                 self.transport.pause_reading()  # one request at a time: pipelined ones wait
-                self.pool.run(self._respond())
+                # the handler holds the body now, and releases it from MAX_BUFFERED
+                body, held = b"".join(self.chunks), self.size
+                self.chunks, self.size = [], 0
+                self.pool.run(self._respond(self.request, body, held))
+                self.request = None
                 return
             else:  # ConnectionClosed: the client left between requests
                 self.close()
@@ -915,19 +930,22 @@ class _Connection(asyncio.Protocol):
         if length > self.limit:
             self._refuse(413, "Request body too large")
             return False
+        if self.pool.buffered + length > MAX_BUFFERED:
+            self._refuse(503, "Too many request bodies in flight")
+            return False
         if self.h11.they_are_waiting_for_100_continue:
             self._send(h11.InformationalResponse(status_code=100, headers=[],
                                                  reason=_reason(100)))
         self.state = _BODY
-        self.chunks, self.size = [], 0
         self._wait(BODY_TIMEOUT)
         return True
 
-    async def _respond(self) -> None:
-        """Answer the request that arrived, send it, then read the next one."""
-        request, self.request = self.request, None
-        assert request is not None and self.transport is not None
-        body, self.chunks = b"".join(self.chunks), []
+    async def _respond(self, request: h11.Request, body: bytes, held: int) -> None:
+        """Answer ``request``, send the answer, then read the next request.
+
+        ``held`` bytes of the server's MAX_BUFFERED are released once the handler is done.
+        """
+        assert self.transport is not None
         headers: dict[str, str] = {}
         for name, value in request.headers:
             key, text = name.decode("latin-1"), value.decode("latin-1")
@@ -935,6 +953,9 @@ class _Connection(asyncio.Protocol):
         try:
             resp = await self.pool.app.handle(request.method.decode("ascii"),
                                               request.target.decode("latin-1"), headers, body)
+            del body
+            self.pool.buffered -= held
+            held = 0
             if self.state == _CLOSED:
                 return  # the client left, or the server cut the connection
             close = self.pool.closing
@@ -947,6 +968,8 @@ class _Connection(asyncio.Protocol):
             log.exception("answering %s %s failed", request.method, request.target)
             self.cut()
             return
+        finally:
+            self.pool.buffered -= held
         if self.state != _WRITING:
             return  # cut: WRITE_TIMEOUT, or shutdown
         if close or self.h11.our_state is not h11.DONE:
@@ -981,10 +1004,16 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(b"".join(self.h11.send(e) or b"" for e in events if e))
 
+    def _drop_body(self) -> None:
+        """The request body is no longer held."""
+        self.pool.buffered -= self.size
+        self.chunks, self.size = [], 0
+
     def _refuse(self, status: int, detail: str) -> None:
         """Answer an error and close; what else the client sends is not read."""
         assert self.transport is not None
         self.state = _CLOSING
+        self._drop_body()
         body = json.dumps({"detail": detail}).encode()
         head = [("content-type", b"application/json"),
                 ("content-length", str(len(body)).encode()), ("connection", b"close")]

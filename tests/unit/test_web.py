@@ -7,12 +7,12 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
-from drove import web
+from drove import service, web
 from drove.web import MAX_BODY, App, Body, Field, HttpServer, Request, Response, json_response
 from drove.webclient import ConnectError, HttpClient, RemoteProtocolError, Timeout
 
@@ -91,6 +91,14 @@ def make_app(gate: asyncio.Event | None = None) -> App:
         """8 MiB."""
         return Response(200, b"x" * (8 << 20), {"content-type": "application/octet-stream"})
 
+    @app.post("/hold", body=Body("Held"), max_body=1 << 20)
+    async def hold(body: dict[str, Any]) -> dict[str, Any]:
+        """Takes up to 1 MiB and holds it until the gate opens."""
+        assert gate is not None
+        app.state["waiting"] += 1
+        await gate.wait()
+        return {"size": len(body["blob"])}
+
     @app.post("/upload", body=Body("Upload"), max_body=1 << 20)
     async def upload(body: dict[str, Any]) -> dict[str, Any]:
         """Takes up to 1 MiB."""
@@ -145,6 +153,21 @@ def test_routes_validation_and_errors() -> None:
     assert spec["paths"]["/things"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]["required"] == ["name", "size"]
     assert "swagger" in call(app, "GET", "/docs")[1]
+
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test's coroutine on uvloop (as drove's processes do) or asyncio's own loop."""
+    factory = service.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(coro: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(coro)
+
+    return run
 
 
 def serve(app: App, **kw: Any) -> tuple[HttpServer, str]:
@@ -211,7 +234,7 @@ def status_of(out: bytes) -> int:
     return int(out[9:12])
 
 
-def test_server_and_client() -> None:
+def test_server_and_client(run: Runner) -> None:
     async def main() -> None:
         app = make_app()
         server, url = serve(app)
@@ -264,7 +287,7 @@ def test_server_and_client() -> None:
             await client.aclose()
             await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
 CHUNKED = b"PUT /state HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -290,7 +313,8 @@ CHUNKED = b"PUT /state HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n
     (b"PUT /state HTTP/1.1\r\nhost: x\r\ncontent-length: 65537\r\n\r\n", False, 413),
     (CHUNKED + b"8000\r\n" + b" " * 0x8000 + b"\r\n" + b"8001\r\n" + b" " * 0x8001, False, 413),
 ])
-def test_malformed_requests_are_refused_and_closed(data: bytes, eof: bool, status: int) -> None:
+def test_malformed_requests_are_refused_and_closed(data: bytes, eof: bool, status: int,
+                                                   run: Runner) -> None:
     async def main() -> None:
         server, url = serve(make_app())
         await server.start()
@@ -305,10 +329,10 @@ def test_malformed_requests_are_refused_and_closed(data: bytes, eof: bool, statu
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_route_body_limits() -> None:
+def test_route_body_limits(run: Runner) -> None:
     async def main() -> None:
         app = make_app()
         assert app.body_limit("PUT", "/state") == MAX_BODY
@@ -354,10 +378,41 @@ def test_route_body_limits() -> None:
             await client.aclose()
             await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_connection_cap_closes_the_longest_idle_then_refuses() -> None:
+def test_bodies_held_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
+    monkeypatch.setattr(web, "MAX_BUFFERED", 150_000)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        app = make_app(gate)
+        server, url = serve(app)
+        await server.start()
+        blob = {"blob": "x" * 80_000}
+        try:
+            held = asyncio.ensure_future(HttpClient(url).request("POST", "/hold", json=blob))
+            await until(lambda: app.state["waiting"] == 1)
+            r = await HttpClient(url).request("POST", "/upload", json=blob)  # by its length
+            assert r.status_code == 503 and "in flight" in r.json()["detail"]
+            body = json.dumps(blob).encode()
+            out = await exchange(url, b"POST /upload HTTP/1.1\r\nhost: x\r\n"
+                                      b"transfer-encoding: chunked\r\n\r\n"
+                                      + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            assert status_of(out) == 503  # while it arrives
+            r = await HttpClient(url).request("POST", "/upload", json={"blob": "small"})
+            assert r.status_code == 200
+            gate.set()
+            assert (await held).json() == {"size": 80_000}
+            r = await HttpClient(url).request("POST", "/upload", json=blob)  # released
+            assert r.json() == {"size": 80_000}
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_connection_cap_closes_the_longest_idle_then_refuses(run: Runner) -> None:
     async def main() -> None:
         gate = asyncio.Event()
         app = make_app(gate)
@@ -387,10 +442,10 @@ def test_connection_cap_closes_the_longest_idle_then_refuses() -> None:
                 peer.close()
             await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_timeouts_close_stalled_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timeouts_close_stalled_connections(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
     for name in ("KEEP_ALIVE", "HEADER_TIMEOUT", "BODY_TIMEOUT", "WRITE_TIMEOUT"):
         monkeypatch.setattr(web, name, 0.3)
 
@@ -429,10 +484,10 @@ def test_timeouts_close_stalled_connections(monkeypatch: pytest.MonkeyPatch) -> 
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_stop_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_is_bounded(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
     monkeypatch.setattr(web, "SHUTDOWN_GRACE", 1.5)
 
     async def main() -> None:
@@ -469,10 +524,10 @@ def test_stop_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         for peer in (idle, half, stuck):
             peer.close()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_client_retries_when_a_reused_connection_was_closed() -> None:
+def test_client_retries_when_a_reused_connection_was_closed(run: Runner) -> None:
     """A server may close an idle connection as the next request goes out: sent again."""
     async def main() -> None:
         seen: list[tuple[int, bytes]] = []
@@ -501,10 +556,10 @@ def test_client_retries_when_a_reused_connection_was_closed() -> None:
             await client.aclose()
             srv.close()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_client_errors() -> None:
+def test_client_errors(run: Runner) -> None:
     async def main() -> None:
         with pytest.raises(ConnectError):
             await HttpClient("not-a-url").request("GET", "/")
@@ -532,39 +587,4 @@ def test_client_errors() -> None:
                 await HttpClient(f"http://127.0.0.1:{port}").request("GET", "/")
             srv.close()
 
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("kind", ["replica", "engine"])
-def test_lean_serve_parser_takes_the_cli_options(kind: str, monkeypatch) -> None:
-    """`python -m drove KIND serve` parses with argparse: the typer command's options, alike."""
-    import typer.main
-
-    from drove import launch
-    from drove.cli.main import app
-
-    command = typer.main.get_command(app).commands[kind].commands["serve"]  # type: ignore
-    cli_opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)
-                if o.startswith("--") and o != "--help"}
-    parser, _ = launch.COMMANDS[kind]
-    assert {o for a in parser()._actions for o in a.option_strings} == cli_opts
-    argv, expected = [], {}
-    for p in command.params:
-        if p.param_type_name == "argument":
-            argv.insert(0, "arg")
-            expected[p.name] = "arg"
-        elif p.is_flag:
-            flag = p.secondary_opts[0] if p.default else p.opts[0]
-            argv.append(flag)
-            expected[p.name] = not p.default
-        else:
-            value = "2.5" if p.name == "timeout" else "v"
-            argv += [p.opts[0], value]
-            expected[p.name] = [value] if p.multiple else value
-    seen: dict[str, Any] = {}
-    monkeypatch.setitem(launch.COMMANDS, kind, (parser, lambda **kw: seen.update(kw)))
-    launch.serve(kind, argv)
-    assert {k: str(v) if not isinstance(v, bool | list) else v for k, v in seen.items()} == \
-        expected
-    with pytest.raises(launch.Unparsed):
-        parser().parse_args([*argv, "--bogus"])
+    run(main())

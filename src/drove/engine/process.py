@@ -57,6 +57,7 @@ async def serve_engine(
     """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
                     auto_rebuild=auto_rebuild)
+    stopped = False
     try:
         await engine.start()
         server = NbdServer(VolumeExports(engine), tls=tls, tls_required=tls_required,
@@ -74,8 +75,14 @@ async def serve_engine(
             log.info("stopping on signal %s", sig)
         finally:
             sampler.cancel()
-            await server.close()
+            await server.close()  # no more client I/O
+            # flush and mark the replicas clean before the control server stops: a stalled
+            # control client can delay the end by its grace, never the clean stop
+            stopped = True
+            with contextlib.suppress(Exception):
+                await engine.stop()
             await ctl.stop()
     finally:
-        with contextlib.suppress(Exception):
-            await engine.stop()
+        if not stopped:
+            with contextlib.suppress(Exception):
+                await engine.stop()

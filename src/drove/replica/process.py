@@ -71,10 +71,13 @@ async def serve_replica(
             sig = await stop()
             log.info("stopping on signal %s", sig)
         finally:
+            # No more client I/O or background sync, then the chain is made durable, and only
+            # then the control server stops: a stalled control client cannot delay the flush.
             await server.close()
-            await ctl.stop()
             await rc.close()
             await gate.drain()
             replica.flush()
+            await ctl.stop()
+            await rc.close()  # a sync started over the control API meanwhile
     finally:
         replica.close()
