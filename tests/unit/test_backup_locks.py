@@ -122,8 +122,8 @@ def test_unreadable_lock_file_blocks_with_advice(target):
         pass
 
 
-def test_margin_follows_restic():
-    lock = Lock(FaultyTarget(FileTarget("/")), "shared", "x", stale_after=300)
+def test_margin_follows_restic(target):
+    lock = Lock(target, "shared", "x", stale_after=300)
     assert lock.refresh_interval == 60 and lock.give_up_after == 300 - 1.5 * 60
 
 
