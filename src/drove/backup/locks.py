@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,11 @@ EXCLUSIVE = "exclusive"
 
 OnWait = Callable[[str], None]
 LostCallback = Callable[[str], None]
+
+# Lock ages count time the machine spent suspended (CLOCK_BOOTTIME), unlike
+# time.monotonic(): other machines' clocks ran on meanwhile and judge staleness by them.
+_clock = functools.partial(time.clock_gettime, getattr(time, "CLOCK_BOOTTIME",
+                                                         time.CLOCK_MONOTONIC))
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class Lock:
         self._cond = threading.Condition()
         self._held = False
         self._lost: str | None = None
-        self._last_refresh = 0.0  # time.monotonic() when the last successful write began
+        self._last_refresh = 0.0  # _clock() when the last successful write began
         self._last_error: str | None = None
         self._version: str | None = None  # the target's tag of our last write, if any
         self._callbacks: list[LostCallback] = []
@@ -192,7 +198,7 @@ class Lock:
 
     def _write(self) -> None:
         """Put our lock file (acquiring: it does not exist yet)."""
-        started = time.monotonic()
+        started = _clock()
         self.target.put(self.key, self._document())
         with self._cond:
             self._last_refresh = started
@@ -207,11 +213,11 @@ class Lock:
             due = self._last_refresh + self.refresh_interval
         while True:
             with self._cond:
-                while self._active() and (left := due - time.monotonic()) > 0:
+                while self._active() and (left := due - _clock()) > 0:
                     self._cond.wait(left)
                 if not self._active():
                     return
-            started = time.monotonic()
+            started = _clock()
             ok = self._refresh()
             due = started + self.refresh_interval * (1 if ok else 0.25)
 
@@ -221,19 +227,26 @@ class Lock:
             if not self._active():
                 return False
             version = self._version
-        started = time.monotonic()
+            age = _clock() - self._last_refresh
+        if age > self.give_up_after:  # woken late (a suspended machine): too late to write
+            self._lose(self._stale_reason(age))
+            return False
+        started = _clock()
         try:
             new = self.target.replace(self.key, self._document(), version)
-        except BackupError as e:
-            log.warning("cannot refresh %s lock %s: %s", self.kind, self.key, e)
+        except Exception as e:
+            if isinstance(e, BackupError):
+                log.warning("cannot refresh %s lock %s: %s", self.kind, self.key, e)
+            else:  # a bug, not an outage: keep the traceback, and let the watchdog decide
+                log.exception("cannot refresh %s lock %s", self.kind, self.key)
             with self._cond:
-                self._last_error = str(e)
+                self._last_error = str(e) or type(e).__name__
             return False
         if new is None:
             self._lose("its lock file was removed (declared stale by another holder?)")
             return False
         with self._cond:
-            age = time.monotonic() - self._last_refresh
+            age = _clock() - self._last_refresh
             in_time = age <= self.give_up_after
             if in_time:
                 self._last_refresh, self._version, self._last_error = started, new, None
@@ -247,14 +260,14 @@ class Lock:
     def _watch_loop(self) -> None:
         """Declare the lock lost once no refresh has succeeded for ``give_up_after`` s."""
         with self._cond:
-            while self._active():
-                age = time.monotonic() - self._last_refresh
+            while True:
+                if not self._active():
+                    return
+                age = _clock() - self._last_refresh
                 if age >= self.give_up_after:
+                    reason = self._stale_reason(age)
                     break
                 self._cond.wait(self.give_up_after - age)
-            else:
-                return
-            reason = self._stale_reason(age)
         self._lose(reason)
 
     def _stale_reason(self, age: float) -> str:
@@ -314,7 +327,7 @@ class Lock:
             if not self._held:
                 raise LockError(f"lock {self.key} is not held")
             reason = self._lost
-            age = time.monotonic() - self._last_refresh
+            age = _clock() - self._last_refresh
         if reason is None and age > self.give_up_after:
             reason = self._stale_reason(age)
         if reason is None and not self.target.exists(self.key):
