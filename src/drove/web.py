@@ -44,6 +44,10 @@ No client can stall it or make it hold unbounded memory:
   running requests finish and send their answers (then closes those connections)
   for at most :data:`SHUTDOWN_GRACE` seconds, then cuts the rest and cancels
   their handlers.
+
+A handler's own running time is not bounded here: the control operations bound
+their work themselves, and a client that gives up leaves the handler to finish
+(its answer is dropped) rather than stopping a chain operation midway.
 """
 
 from __future__ import annotations
