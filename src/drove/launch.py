@@ -5,11 +5,11 @@ serves with: typer, click and rich (the CLI's tables, colours and help) would
 stay resident in every replica and engine process for nothing.  So
 ``python -m drove replica serve ...`` and ``python -m drove engine serve ...``
 (and ``python -m drove.replica ...``, ``python -m drove.engine ...``) parse
-their options here with argparse -- the same options, defaults and checks as
-the typer commands in :mod:`drove.cli.replica` and :mod:`drove.cli.engine`,
-which call the same functions below.  Anything this parser does not take as
-it is (``--help``, a bad option, a missing argument) goes to the full CLI,
-which prints its usual help or usage error.
+their options here with argparse, built from the same table
+(:mod:`drove.serve_options`) as the typer commands in :mod:`drove.cli.replica`
+and :mod:`drove.cli.engine`, which call the same functions below.  ``--help``
+and usage errors are argparse's, generated from that table; this module never
+loads the full CLI.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, NoReturn
 
+from drove.serve_options import COMMANDS, Command, Opt
 from drove.units import parse_address, parse_size
+
+MAX_EPOCH = 10**18 - 1
+"""The largest epoch a replica takes (18 digits)."""
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -91,8 +96,8 @@ def parse_replica(spec: str, index: int) -> tuple[str, str]:
 
 def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
                  nbd_unix: str | None, control: str, timeout: float, state_file: Path | None,
-                 rebuild: bool, tls_cert: Any, tls_key: Any, tls_ca: Any, tls_required: bool,
-                 log_level: str) -> None:
+                 rebuild: bool, epoch: int | None, tls_cert: Any, tls_key: Any, tls_ca: Any,
+                 tls_required: bool, log_level: str) -> None:
     """Serve a volume over its replicas until SIGTERM/SIGINT (the body of `drove engine serve`)."""
     from drove.engine.generation import NoCurrentReplicaError
     from drove.engine.process import serve_engine
@@ -110,11 +115,14 @@ def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
         fail("replica names must be unique")
     if timeout <= 0:
         fail("--timeout must be positive")
+    if epoch is not None and not 1 <= epoch <= MAX_EPOCH:
+        fail(f"--epoch must be between 1 and {MAX_EPOCH}, not {epoch}")
     tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
     try:
         run(lambda: serve_engine(name, size_bytes, replicas, nbd=nbd_addr, unix=nbd_unix,
                                  control=ctl_addr, timeout=timeout, state_file=state_file,
-                                 auto_rebuild=rebuild, tls=tls, tls_required=tls_required))
+                                 auto_rebuild=rebuild, epoch=epoch, tls=tls,
+                                 tls_required=tls_required))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:
@@ -125,7 +133,7 @@ def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
 
 
 class Unparsed(Exception):
-    """The lean parser does not take these arguments as they are: the full CLI answers."""
+    """The arguments do not fit the command's options (the message says how)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,74 +141,57 @@ class _Parser(argparse.ArgumentParser):
         raise Unparsed(message)
 
 
-def _parser(prog: str) -> _Parser:
-    return _Parser(prog=prog, add_help=False, allow_abbrev=False)
+class _Help(argparse.HelpFormatter):
+    """Keeps the description's paragraphs; shows defaults that say something."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent,
+                                          subsequent_indent=indent)
+                            for p in text.split("\n\n"))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return f"{action.help} (default: %(default)s)" if shown else str(action.help)
 
 
-def _tls_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
-    p.add_argument("--tls-ca", type=Path)
-    p.add_argument("--tls-required", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--log-level", default="info")
+def _add(parser: argparse.ArgumentParser, opt: Opt) -> None:
+    if opt.positional:
+        parser.add_argument(opt.name, type=opt.kind, help=opt.help)
+    elif opt.kind is bool:
+        parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
+                            default=opt.default, help=opt.help)
+    elif opt.many:
+        parser.add_argument(opt.flag, type=opt.kind, action="append", required=opt.required,
+                            default=None if opt.required else opt.default, help=opt.help)
+    else:
+        parser.add_argument(opt.flag, type=opt.kind, required=opt.required,
+                            default=None if opt.required else opt.default, help=opt.help)
 
 
-def replica_parser() -> argparse.ArgumentParser:
-    """The options of `drove replica serve` (those of :func:`drove.cli.replica.serve`)."""
-    p = _parser("drove replica serve")
-    p.add_argument("directory", type=Path)
-    p.add_argument("--size")
-    p.add_argument("--nbd", default="127.0.0.1:10809")
-    p.add_argument("--nbd-unix")
-    p.add_argument("--control", default="127.0.0.1:10810")
-    _tls_args(p)
+def parser(command: Command, prog: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of ``command``'s options (its usage errors raise Unparsed)."""
+    p = _Parser(prog=prog or f"drove {command.name} serve", description=command.help,
+                formatter_class=_Help, allow_abbrev=False)
+    for opt in command.options:
+        _add(p, opt)
     return p
 
 
-def engine_parser() -> argparse.ArgumentParser:
-    """The options of `drove engine serve` (those of :func:`drove.cli.engine.serve`)."""
-    p = _parser("drove engine serve")
-    p.add_argument("name")
-    p.add_argument("--replica", action="append", required=True)
-    p.add_argument("--size")
-    p.add_argument("--nbd", default="127.0.0.1:10809")
-    p.add_argument("--nbd-unix")
-    p.add_argument("--control", default="127.0.0.1:10820")
-    p.add_argument("--timeout", type=float, default=8.0)
-    p.add_argument("--state-file", type=Path)
-    p.add_argument("--rebuild", action=argparse.BooleanOptionalAction, default=True)
-    _tls_args(p)
-    return p
-
-
-COMMANDS = {"replica": (replica_parser, serve_replica), "engine": (engine_parser, serve_engine)}
-"""kind -> (its argv parser, the function serving it)."""
+BODIES = {"replica": serve_replica, "engine": serve_engine}
+"""kind -> the function serving it, called with every option by name."""
 
 
 def serve(kind: str, argv: list[str], prog_name: str | None = None) -> None:
-    """Run ``drove KIND serve ARGV`` (kind: replica or engine), lean when the arguments allow.
+    """Run ``drove KIND serve ARGV`` (kind: replica or engine) with argparse.
 
-    ``prog_name`` is what usage messages call the program (click's guess by default).
+    ``--help`` prints the options and exits; arguments that do not fit print the
+    usage and the reason, and exit with status 2 (as the full CLI does).
+    ``prog_name`` is what help and usage call the program (``drove`` by default).
     """
-    parser, command = COMMANDS[kind]
+    p = parser(COMMANDS[kind], f"{prog_name or 'drove'} {kind} serve")
     try:
-        if any(a in ("-h", "--help") for a in argv) or "--" in argv:
-            raise Unparsed("help")
-        args = vars(parser().parse_args(argv))
-    except Unparsed:
-        from drove.cli.main import app
-
-        app([kind, "serve", *argv], prog_name=prog_name)
-        return
-    command(**args)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m drove``: the serve commands lean, everything else through the full CLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 2 and argv[0] in COMMANDS and argv[1] == "serve":
-        serve(argv[0], argv[2:])
-        return
-    from drove.cli.main import main as cli_main
-
-    cli_main()
+        args = p.parse_args(argv)
+    except Unparsed as exc:
+        p.print_usage(sys.stderr)
+        fail(f"{exc} (`{p.prog} --help` lists the options)", 2)
+    BODIES[kind](**vars(args))

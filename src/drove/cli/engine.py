@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import (
-    JsonOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
-    TlsRequiredOpt,
-    api_call,
-    emit,
-    fail,
-    parse_labels,
-    table,
-)
-from drove.launch import parse_replica as parse_replica  # re-exported
+from drove.cli.fromtable import command_from_table
+from drove.cli.output import JsonOpt, api_call, emit, fail, parse_labels, table
+from drove.launch import serve_engine
+from drove.serve_options import ENGINE
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Serve one volume (mirrored to its replicas) and operate it.",
@@ -34,38 +24,7 @@ def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
     return api_call(method, url, path, serve_hint="drove engine serve", **kwargs)
 
 
-@app.command()
-def serve(
-    name: Annotated[str, typer.Argument(help="volume name (also the NBD export name)")],
-    replica: Annotated[list[str], typer.Option(
-        help="a replica's control URL, or NAME=URL; repeat for each replica")],
-    size: Annotated[str | None, typer.Option(help="volume size, e.g. 10G (default: the replicas')")]
-        = None,
-    nbd: Annotated[str, typer.Option(help="NBD TCP address HOST:PORT ('none' to disable)")] =
-        "127.0.0.1:10809",
-    nbd_unix: Annotated[str | None, typer.Option(help="also serve NBD on this unix socket")] = None,
-    control: Annotated[str, typer.Option(help="control API address HOST:PORT")] = "127.0.0.1:10820",
-    timeout: Annotated[float, typer.Option(help="seconds before a silent replica is set to ERR")] =
-        8.0,
-    state_file: Annotated[Path | None, typer.Option(
-        help="file recording the highest generation written (refuses stale replicas)")] = None,
-    rebuild: Annotated[bool, typer.Option(help="rebuild stale replicas at start")] = True,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    tls_ca: TlsCaOpt = None,
-    tls_required: TlsRequiredOpt = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
-) -> None:
-    """Serve volume NAME over NBD, mirroring every write to each --replica.
-
-    Prints one JSON line with the bound addresses once it is ready. At start it
-    finds the replicas holding every acknowledged write (by generation) and
-    rebuilds the others online. Stops cleanly on SIGTERM or Ctrl-C.
-    """
-    from drove.launch import serve_engine
-
-    serve_engine(name, replica, size, nbd, nbd_unix, control, timeout, state_file, rebuild,
-                 tls_cert, tls_key, tls_ca, tls_required, log_level)
+app.command("serve")(command_from_table(ENGINE, serve_engine))
 
 
 @app.command()

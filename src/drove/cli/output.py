@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-# NBD TLS options shared by every serving command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 ReplicasOpt = Annotated[int | None, typer.Option(
     min=1, max=10, show_default=False,
     help="number of copies (default: the manager's default_replicas setting)")]
 PoolOpt = Annotated[str | None, typer.Option(
     show_default=False, help="place replicas only on disks with this tag")]
-TlsCertOpt = Annotated[Path | None, typer.Option(help="TLS certificate (PEM) for NBD")]
-TlsKeyOpt = Annotated[Path | None, typer.Option(help="TLS private key (PEM)")]
-TlsCaOpt = Annotated[Path | None, typer.Option(help="CA that client certificates must chain to")]
-TlsRequiredOpt = Annotated[bool, typer.Option(help="refuse NBD clients that do not start TLS")]
 
 console = Console()
 err_console = Console(stderr=True)

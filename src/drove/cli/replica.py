@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from drove.cli.output import (
-    JsonOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
-    TlsRequiredOpt,
-    api_call,
-    emit,
-    fail,
-    parse_labels,
-    table,
-)
+from drove.cli.fromtable import command_from_table
+from drove.cli.output import JsonOpt, api_call, emit, fail, parse_labels, table
+from drove.launch import serve_replica
+from drove.serve_options import REPLICA
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Serve one replica (a chain of sparse files) and operate it.",
@@ -28,29 +19,7 @@ UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_REPLICA_URL",
                                      help="control API of the replica, e.g. http://127.0.0.1:10810")]
 
 
-@app.command()
-def serve(
-    directory: Annotated[Path, typer.Argument(help="replica directory (made if --size is given)")],
-    size: Annotated[str | None, typer.Option(help="volume size to create, e.g. 10G")] = None,
-    nbd: Annotated[str, typer.Option(help="NBD TCP address HOST:PORT ('none' to disable)")] =
-        "127.0.0.1:10809",
-    nbd_unix: Annotated[str | None, typer.Option(help="also serve NBD on this unix socket")] = None,
-    control: Annotated[str, typer.Option(help="control API address HOST:PORT")] = "127.0.0.1:10810",
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    tls_ca: TlsCaOpt = None,
-    tls_required: TlsRequiredOpt = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
-) -> None:
-    """Serve DIR: the head as NBD export 'head' (and ''), snapshots as 'snapshot/NAME'.
-
-    Prints one JSON line with the bound addresses once it is ready. Stops cleanly on
-    SIGTERM or Ctrl-C (flushing the head).
-    """
-    from drove.launch import serve_replica
-
-    serve_replica(directory, size, nbd, nbd_unix, control, tls_cert, tls_key, tls_ca,
-                  tls_required, log_level)
+app.command("serve")(command_from_table(REPLICA, serve_replica))
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:

@@ -49,6 +49,7 @@ async def serve_engine(
     timeout: float = DEFAULT_TIMEOUT,
     state_file: Path | None = None,
     auto_rebuild: bool = True,
+    epoch: int | None = None,
     tls=None,
     tls_required: bool = False,
     ready: Callable[[dict[str, Any]], None] = print_ready,
