@@ -137,13 +137,15 @@ class S3Target(Target):
         write as one step, so a deleted object is never recreated (a missing object
         answers 404, or 412 on radosgw).
 
-        Why this cannot let two holders both believe they hold a lock: a lock key is
-        written only by its holder and removed only by a deleter that judged it stale.
-        If the delete is applied first, this put fails (None: the holder treats the lock
-        as lost); if the put is applied first, the deleter removes the refreshed object
-        and the holder's next refresh or check finds it gone.  The deleter only deletes
-        past the stale time, which the holder's give-up deadline precedes by a margin,
-        so in that second order the holder has already stopped its work.
+        Why two holders never both believe they hold a lock: a lock key is written only
+        by its holder and removed only by an exclusive acquirer that saw its ``refreshed``
+        time older than the stale time.  The holder gives up 1.5 refresh intervals before
+        that, and a refresh that lands after its deadline counts as lost, so with clocks
+        agreeing within that margin the holder has stopped before anyone deletes its lock.
+        The condition covers the rest (clocks further apart, a lock removed by hand): a
+        delete applied before this put makes it fail, so the holder learns of it at its
+        next refresh instead of resurrecting the lock unawares; a put applied before the
+        delete goes with it, and the next refresh or check finds the lock gone.
 
         Without ``version`` the ETag comes from a HEAD first (a 404 there: None).  The
         tag is sent as the server gave it (quoted) and, on 412, once unquoted: radosgw
