@@ -60,6 +60,14 @@ async def refreshes(target: FaultyTarget, count: int) -> None:
         30, f"{count} lock refreshes")
 
 
+async def until(predicate, what: str, timeout: float = 30) -> None:
+    """Poll ``predicate`` on the event loop until it holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 def test_backup_stops_when_its_lock_cannot_be_kept_fresh(inner):
     data = volume_data("RRRRRR")
     ft = FaultyTarget(inner)
@@ -196,3 +204,26 @@ def test_backup_and_delete_across_refreshes(any_inner):
     for i, (op, key, outcome) in enumerate(ft.calls):
         if op == "replace" and outcome == "None":
             assert ("delete", key, "None") in ft.calls[:i]
+
+
+def test_lock_lost_while_the_manifest_is_being_put_takes_it_back(inner):
+    data = volume_data("RR")
+    ft = FaultyTarget(inner)
+
+    async def main():
+        with make_store(ft, stale_after=STALE) as store:
+            gate = ft.gate("put", "volumes/v1/backups/a.cfg")
+            task = asyncio.create_task(backup(store, data, "a"))
+            await gate.entered_async()
+            ft.fail("replace", "locks/", times=10**6)
+            # The watchdog cancels the backup while its manifest put hangs; the put lands
+            # once let go, and is then taken back.
+            await until(lambda: task.cancelling() > 0, "the lock's watchdog to cancel")
+            gate.open()
+            with pytest.raises(LockError, match="could not keep it fresh"):
+                await asyncio.wait_for(task, 30)
+            return await store.list()
+
+    listing = asyncio.run(main())
+    assert listing == [] and list(inner.list("volumes/")) == []
+    assert list(inner.list("locks/")) == []

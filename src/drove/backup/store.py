@@ -275,6 +275,8 @@ class BackupStore:
             # A put already sent may still land: wait for the puts to end, then take the
             # manifest back, so that a failed or cancelled backup never leaves one behind.
             await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # seen (we were cancelled meanwhile): no "never retrieved"
             undo = asyncio.ensure_future(unpublish())
             await asyncio.wait([undo])
             if not undo.cancelled() and undo.exception() is not None:
