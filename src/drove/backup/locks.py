@@ -388,7 +388,11 @@ class _Waiter:
 @contextlib.contextmanager
 def _hold(kind: str, target: Target, owner: str, wait: float, stale_after: float,
           on_wait: OnWait | None, poll: float) -> Iterator[Lock]:
-    """Acquire a lock of ``kind``, yield it, release it."""
+    """Acquire a lock of ``kind``, yield it, release it.
+
+    Nothing interrupts a synchronous body when the lock is lost: it must ``check()`` the
+    lock before anything that needs it (or watch ``on_lost``).
+    """
     lock = Lock(target, kind, owner, stale_after=stale_after, poll=poll)
     lock.acquire(wait, on_wait)
     try:
