@@ -15,6 +15,7 @@ from drove.nbd import client as nbd_client
 from drove.nbd.server import NbdServer
 from drove.replica import Replica, chain, rebuild
 from drove.replica.exports import FlushGate, ReplicaExports
+from drove.replica.fence import Fence
 from drove.replica.rebuild import SyncJob, normalize_ranges
 
 BS = 4096
@@ -49,7 +50,7 @@ def source_layers(r: Replica) -> list[dict[str, Any]]:
 
 
 async def run_job(src: Replica, tgt: Replica, sock: Path, ranges: Any) -> SyncJob:
-    server = NbdServer(ReplicaExports(src, FlushGate()))
+    server = NbdServer(ReplicaExports(src, FlushGate(), Fence(src)))
     await server.listen_unix(sock)
     try:
         job = SyncJob(tgt, FILE, f"nbd+unix:///layer/{FILE}?socket={sock}", ranges)

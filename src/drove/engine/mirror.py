@@ -178,7 +178,7 @@ class _FanoutDone:
         self.left -= 1
         if not self.left:
             mirror = self.mirror
-            if self.failed or mirror._change_task is not None:
+            if self.failed or mirror._change_task is not None or mirror.faulted is not None:
                 eager.run(mirror._settle(self.targets, self.results), self.done)
             else:
                 mirror._leave()
@@ -206,6 +206,9 @@ class _ReadDone:
         mirror = self.mirror
         mirror._leave()
         if exc is None:
+            if mirror.faulted is not None:  # nothing is answered once the volume faulted
+                self.done(None, mirror.fault_error())
+                return
             self.done(value, None)
         else:
             eager.run(mirror._read_again(self.member, exc, self.offset, self.length), self.done)
@@ -331,11 +334,20 @@ class Mirror:
             self.faulted = why
             log.error("volume %s faulted: %s", self.name, why)
 
+    def fault_error(self) -> OSError:
+        """The error every request gets once the volume faulted."""
+        return OSError(errno.EIO, f"volume {self.name} is faulted: {self.faulted}")
+
     def _check(self) -> None:
         if self.faulted is not None:
-            raise OSError(errno.EIO, f"volume {self.name} is faulted: {self.faulted}")
+            raise self.fault_error()
 
     # ----------------------------------------------------------- pause
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether I/O is held for a structural change right now."""
+        return self._pause is not None
 
     async def _wait_resume(self) -> None:
         while self._pause is not None:
@@ -394,6 +406,7 @@ class Mirror:
             else:
                 if self._change_task is not None:
                     await self.settled()
+                self._check()  # nothing is acknowledged once the volume faulted
                 return
         else:
             results = await gather_eager([call(m) for m in targets])
@@ -441,10 +454,13 @@ class Mirror:
             self._rr += 1
             m = rw[self._rr % len(rw)]
             try:
-                return await call(m)
+                value = await call(m)
             except Exception as exc:
                 self.drop(m, exc)
                 await self.settled()
+                continue
+            self._check()  # nothing is answered once the volume faulted
+            return value
 
     # ----------------------------------------------------------- Export
 
@@ -503,6 +519,7 @@ class Mirror:
                                                          may_trim=may_trim))
         if self._change_task is not None:
             await self.settled()
+        self._check()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Trim on every replica (drove replicas then read zeros there)."""

@@ -57,7 +57,7 @@ async def serve_engine(
 ) -> None:
     """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
-                    auto_rebuild=auto_rebuild)
+                    auto_rebuild=auto_rebuild, epoch=epoch)
     stopped = False
     try:
         await engine.start()

@@ -20,15 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from drove.engine.mirror import Mode
+from drove.engine.generation import parse_state
+from drove.engine.mirror import Mirror, Mode
 from drove.engine.replicas import ReplicaHandle
 from drove.replica.meta import parents_first
-
-if TYPE_CHECKING:
-    from drove.engine.volume import Engine
 
 log = logging.getLogger("drove.engine")
 
@@ -67,10 +66,33 @@ class RebuildError(Exception):
     """The rebuild could not finish; the target stays out of the volume."""
 
 
+class Volume(Protocol):
+    """What a rebuild needs of its volume (drove.engine.volume.Engine provides it)."""
+
+    name: str
+    mirror: Mirror
+    generation: int
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        """Record what happened and why."""
+
+    def exclusive(self) -> asyncio.Lock:
+        """The lock of structural operations."""
+
+    async def on_all(self, what: str, call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+        """Run ``call`` on every RW/WO replica, dropping those that fail."""
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background."""
+
+    async def delete_snapshot(self, name: str) -> dict[str, Any]:
+        """Delete a snapshot on every replica."""
+
+
 class Rebuild:
     """One rebuild of ``target``; its progress is what the control API shows."""
 
-    def __init__(self, engine: Engine, target: ReplicaHandle) -> None:
+    def __init__(self, engine: Volume, target: ReplicaHandle) -> None:
         self.engine = engine
         self.target = target
         self.source: ReplicaHandle | None = None
@@ -163,7 +185,7 @@ class Rebuild:
         else:
             t.error = t.error or why
         t.disconnect()
-        self.engine._spawn(self._cancel_sync())
+        self.engine.spawn(self._cancel_sync())
 
     async def _cancel_sync(self) -> None:
         with contextlib.suppress(Exception):
@@ -188,7 +210,15 @@ class Rebuild:
     async def _run(self) -> None:
         eng, target, mirror = self.engine, self.target, self.engine.mirror
         old = {la["file"]: la for la in await self._target_layers()}
-        async with eng._lock:
+        state = parse_state(target.name, target.info)
+        if state.generation > eng.generation and not state.rebuilding:
+            # It may hold acknowledged writes the serving replicas lack (they may be the
+            # stale ones): never overwrite it; a person must look.
+            raise RebuildError(
+                f"replica {target.name} holds generation {state.generation}, above this "
+                f"volume's {eng.generation}: it may be newer than the replicas serving; "
+                "not overwriting it")
+        async with eng.exclusive():
             self.state = "preparing"
             sources = mirror.rw_members()
             if not sources:
@@ -198,7 +228,7 @@ class Rebuild:
             self.snapshot = "rebuild-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             started = time.perf_counter()
             async with mirror.paused():
-                await eng._on_all(f"snapshot {self.snapshot}", lambda r: r.snapshot(
+                await eng.on_all(f"snapshot {self.snapshot}", lambda r: r.snapshot(
                     self.snapshot, {"drove.io/system": "rebuild"}))
                 layers = await source.layers()  # type: ignore[attr-defined]
                 head = next(la for la in layers if la["head"])
@@ -222,7 +252,7 @@ class Rebuild:
             self.layers_done += 1
         self._check_target()
         self.state = "joining"
-        async with eng._lock:
+        async with eng.exclusive():
             self._check_target()
             mirror.set_mode(target, Mode.RW)
             mirror.membership_changed()

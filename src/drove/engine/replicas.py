@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from drove.engine.mirror import Member, Mode, ReplicaIO
+from drove.nbd import proto
+from drove.nbd.errors import OptionError
+from drove.replica.fence import EPOCH_HEADER, head_export_name
 from drove.webclient import HttpClient, RequestError
 
 SLOW_CALL_TIMEOUT = 600.0
@@ -15,9 +19,15 @@ SLOW_CALL_TIMEOUT = 600.0
 class ReplicaControlError(OSError):
     """A replica's control API refused or failed a call (message has its answer)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, error: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.error = error  # the replica's error class name, when it answered one
+
+    @property
+    def stale_epoch(self) -> bool:
+        """The replica refused the call because a newer engine owns it."""
+        return self.error == "StaleEpochError"
 
 
 class _Disconnected:
@@ -42,6 +52,23 @@ class ReplicaHandle(Member):
         self.arena = arena  # drove.nbd.arena.Arena offered to a same-host replica
         self.http = HttpClient(self.url, timeout=timeout)
         self.info: dict[str, Any] = {}
+        self.epoch: int | None = None  # the engine's, once it has one
+        # Called with the reason when the replica says a newer engine owns it.
+        self.on_fenced: Callable[[str], None] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Send ``epoch`` with every control call and head connection from now on."""
+        self.epoch = epoch
+        self.http.headers[EPOCH_HEADER] = str(epoch)
+
+    def _fenced(self, why: str) -> None:
+        if self.on_fenced is not None:
+            self.on_fenced(why)
+
+    @property
+    def connected(self) -> bool:
+        """Whether an NBD connection is in use (not the placeholder)."""
+        return not isinstance(self.io, _Disconnected)
 
     def to_json(self) -> dict[str, Any]:
         """What the engine's API says about this replica."""
@@ -62,12 +89,22 @@ class ReplicaHandle(Member):
             raise ReplicaControlError(0, f"replica {self.name} ({self.url}): {exc!r}") from exc
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ReplicaControlError(
-                r.status_code, f"replica {self.name}: {method} {path}: {r.status_code} {detail}")
+                answer = r.json()
+                detail, error = answer.get("detail", r.text), answer.get("error")
+            except (ValueError, AttributeError):
+                detail, error = r.text, None
+            exc = ReplicaControlError(
+                r.status_code, f"replica {self.name}: {method} {path}: {r.status_code} {detail}",
+                error)
+            if exc.stale_epoch:
+                self._fenced(f"replica {self.name}: {detail}")
+            raise exc
         return r.json() if r.content else None
+
+    async def claim(self, epoch: int) -> dict[str, Any]:
+        """Take the replica for this engine's new epoch (409 if it is not above the replica's)."""
+        self.info = await self.call("POST", "/v1/epoch", json={"epoch": epoch})
+        return self.info
 
     async def refresh(self) -> dict[str, Any]:
         """Fetch the replica's info (size, addresses, engine state, rebuild flags)."""
@@ -87,11 +124,17 @@ class ReplicaHandle(Member):
         raise ReplicaControlError(0, f"replica {self.name} announces no NBD address")
 
     async def connect(self) -> ReplicaIO:
-        """Open a fresh NBD connection to the head and use it for I/O."""
+        """Open a fresh NBD connection to the head (of our epoch) and use it for I/O."""
         from drove.nbd.client import connect_uri
 
-        client = await connect_uri(self.nbd_uri("head"), request_timeout=self.timeout,
-                                   arena=self.arena)
+        export = "head" if self.epoch is None else head_export_name(self.epoch)
+        try:
+            client = await connect_uri(self.nbd_uri(export), request_timeout=self.timeout,
+                                       arena=self.arena)
+        except OptionError as exc:
+            if exc.reply == proto.NBD_REP_ERR_POLICY:
+                self._fenced(f"replica {self.name} refused the head: {exc.message}")
+            raise
         old, self.io = self.io, client
         old.abort()
         return client
@@ -119,7 +162,10 @@ class ReplicaHandle(Member):
         return await self.call("GET", "/v1/layers", params={"removed": "true"})
 
     async def set_engine_state(self, state: dict[str, Any]) -> None:
-        """Persist the engine's state (generation, clean flag, members) on the replica."""
+        """Persist the engine's state (generation, clean flag, members) on the replica.
+
+        The replica refuses a generation lower than the one it holds (409).
+        """
         await self.call("PUT", "/v1/engine-state", json=state)
 
     async def snapshot(self, name: str, labels: dict[str, str]) -> dict[str, Any]:

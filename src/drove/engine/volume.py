@@ -19,6 +19,7 @@ from drove.engine.generation import (
     parse_state,
 )
 from drove.engine.mirror import Mirror, Mode
+from drove.engine.rebuild import Rebuild
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
 from drove.nbd.arena import SLOT, Arena
@@ -30,6 +31,13 @@ DEFAULT_TIMEOUT = 8.0
 """Seconds a replica may take to answer before it is set to ERR."""
 
 SYSTEM_LABEL = "drove.io/system"
+
+CLAIM_ATTEMPTS = 5
+"""Tries of an engine run without --epoch to claim its replicas (another raced it)."""
+
+
+class FencedError(NoCurrentReplicaError):
+    """A newer engine owns this volume's replicas: this one must not serve."""
 
 
 class EngineError(Exception):
@@ -56,14 +64,16 @@ class Engine:
 
     def __init__(self, name: str, size: int, replicas: list[tuple[str, str]], *,
                  timeout: float = DEFAULT_TIMEOUT, state_file: Path | None = None,
-                 auto_rebuild: bool = True) -> None:
+                 auto_rebuild: bool = True, epoch: int | None = None) -> None:
         self.name = name
+        self.epoch = epoch  # the fencing epoch (drove.replica.fence); chosen at start if None
+        self.fenced: str | None = None  # why a newer engine took this volume over
         self.requested_size = size  # --size; 0: whatever the replicas hold
         self.timeout = timeout
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
         self.arena = _new_arena()
-        self.replicas = [ReplicaHandle(n, url, timeout, self.arena) for n, url in replicas]
+        self.replicas = [self._handle(n, url) for n, url in replicas]
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
         self.stats = StatsLayer(self.mirror)
@@ -101,6 +111,7 @@ class Engine:
         return {
             "name": self.name, "size": self.mirror.size, "health": self.health(),
             "faulted": self.mirror.faulted, "generation": self.generation,
+            "epoch": self.epoch, "fenced": self.fenced,
             "replicas": [r.to_json() for r in self.replicas],
             "rebuild": self.rebuild.to_json() if self.rebuild is not None else None,
             "last_pause": self.last_pause,
@@ -110,6 +121,26 @@ class Engine:
                 "retired": self.arena.retired},
         }
 
+    def _handle(self, name: str, url: str) -> ReplicaHandle:
+        handle = ReplicaHandle(name, url, self.timeout, self.arena)
+        handle.on_fenced = self._fenced
+        if self.epoch is not None:
+            handle.set_epoch(self.epoch)
+        return handle
+
+    def _fenced(self, why: str) -> None:
+        """A replica says a newer engine owns it: stop serving at once, never write again."""
+        if self.fenced is not None:
+            return
+        self.fenced = why
+        self.event("fenced", f"a newer engine took the volume over ({why}); I/O now fails",
+                   reason=why)
+        self.mirror.fault(f"fenced by a newer engine: {why}")
+        for r in self.replicas:
+            r.disconnect()
+        if self.rebuild is not None and self.rebuild.running:
+            self.spawn(self.rebuild.cancel())
+
     def replica(self, name: str) -> ReplicaHandle:
         """The replica called ``name`` (EngineError 404 if none)."""
         for r in self.replicas:
@@ -117,7 +148,12 @@ class Engine:
                 return r
         raise EngineError(f"no replica {name!r} in volume {self.name}", 404)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def exclusive(self) -> asyncio.Lock:
+        """The lock structural operations hold (snapshot, delete, revert, expand, rebuild)."""
+        return self._lock
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; cancelled when the engine stops."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -126,17 +162,8 @@ class Engine:
     # ----------------------------------------------------------- start / stop
 
     async def start(self) -> None:
-        """Reach the replicas, choose the current ones (see generation.py), connect, persist."""
-        results = await asyncio.gather(*(r.refresh() for r in self.replicas),
-                                       return_exceptions=True)
-        states: list[ReplicaState] = []
-        for r, res in zip(self.replicas, results, strict=True):
-            if isinstance(res, BaseException):
-                r.error = f"unreachable at start: {res}"
-                self.event("replica-unreachable", f"replica {r.name} unreachable at start: {res}",
-                           replica=r.name)
-            else:
-                states.append(parse_state(r.name, res))
+        """Claim the replicas for this epoch, choose the current ones (generation.py), connect."""
+        states = await self._claim()
         if not states:
             raise NoCurrentReplicaError("no replica is reachable")
         sel = choose(states, self.name, self._min_generation())
@@ -157,34 +184,91 @@ class Engine:
         for r in self.replicas:
             if r not in self.mirror.members:
                 self.mirror.add(r)  # as ERR: listed, receives nothing
-        self.generation = sel.generation
+        # Generations only grow on every replica: start above all of them.
+        self.generation = max(s.generation for s in states)
         await self._persist_membership()
         await self.mirror.settled()
         if self.mirror.faulted is not None:
             raise NoCurrentReplicaError(f"could not mark any replica current: "
                                         f"{self.mirror.faulted}")
         self.event("started", f"serving with {len(self.mirror.rw_members())} RW replica(s) at "
-                              f"generation {self.generation}", generation=self.generation)
-        self._spawn(self._monitor())
+                              f"generation {self.generation}, epoch {self.epoch}",
+                   generation=self.generation, epoch=self.epoch)
+        self.spawn(self._monitor())
         if self.auto_rebuild:
             to_rebuild = [self.replica(n) for n in sel.rebuild]
             if to_rebuild:
-                self._spawn(self._rebuild_all(to_rebuild))
+                self.spawn(self._rebuild_all(to_rebuild))
+
+    async def _claim(self) -> list[ReplicaState]:
+        """Take every reachable replica for this engine's epoch; their states after the claim.
+
+        Without an epoch given, take one above the highest the replicas report,
+        and try again with a higher one when another engine claimed it first.
+        The states are read by the claim itself, after the replica cut the old
+        engine's connections: nothing the old engine does can change them later.
+        """
+        given = self.epoch is not None
+        for _attempt in range(1 if given else CLAIM_ATTEMPTS):
+            infos = await asyncio.gather(*(r.refresh() for r in self.replicas),
+                                         return_exceptions=True)
+            highest = max((int(i.get("epoch", 0)) for i in infos if isinstance(i, dict)),
+                          default=0)
+            if given and highest >= self.epoch:  # type: ignore[operator]
+                raise FencedError(
+                    f"epoch {self.epoch} is not above the replicas' epoch {highest}: a newer "
+                    "engine owns this volume (the manager issues a new epoch at every start)")
+            epoch = self.epoch if given else highest + 1
+            assert epoch is not None
+            reachable = [r for r, i in zip(self.replicas, infos, strict=True)
+                         if isinstance(i, dict)]
+            claims = await asyncio.gather(*(r.claim(epoch) for r in reachable),
+                                          return_exceptions=True)
+            if any(isinstance(c, ReplicaControlError) and c.stale_epoch for c in claims):
+                if given:
+                    raise FencedError(f"epoch {epoch}: a newer engine claimed the replicas "
+                                      "first; this one must not serve")
+                continue  # raced with another engine run by hand: try a higher epoch
+            self.epoch = epoch
+            for r in self.replicas:
+                r.set_epoch(epoch)
+            states: list[ReplicaState] = []
+            answers = dict(zip((r.name for r in reachable), claims, strict=True))
+            for r in self.replicas:
+                res = answers.get(r.name)
+                if res is None:
+                    res = next(i for rr, i in zip(self.replicas, infos, strict=True)
+                               if rr is r)
+                if isinstance(res, BaseException):
+                    r.error = f"unreachable at start: {res}"
+                    self.event("replica-unreachable",
+                               f"replica {r.name} unreachable at start: {res}", replica=r.name)
+                else:
+                    states.append(parse_state(r.name, res))
+            return states
+        raise FencedError(f"could not claim the replicas in {CLAIM_ATTEMPTS} tries: other "
+                          "engines keep starting on them")
 
     async def _monitor(self) -> None:
         """Ping every member now and then, so a dead or hung replica is noticed without I/O.
 
         The ping is an NBD CACHE of one block: cheap, answered by a rebuilding
-        replica too, and bounded by the connection's request timeout.
+        replica too, and bounded by the connection's request timeout.  A failed
+        ping drops the member only if the connection pinged is still the one it
+        uses: a member dropped and re-added meanwhile (a rebuild made it WO on a
+        new connection) is not dropped again for its old connection.
         """
         interval = max(0.5, min(5.0, self.timeout / 4))
         while True:
             await asyncio.sleep(interval)
-            members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
-            results = await asyncio.gather(*(r.io.cache(0, 4096) for r in members),
+            if self.mirror.is_paused or self.mirror.faulted is not None:
+                continue  # structural work swaps connections while paused
+            pinged = [(r, r.io) for r in self.replicas
+                      if r.mode in (Mode.RW, Mode.WO) and r.connected]
+            results = await asyncio.gather(*(io.cache(0, 4096) for _, io in pinged),
                                            return_exceptions=True)
-            for r, res in zip(members, results, strict=True):
-                if isinstance(res, Exception) and r.mode is not Mode.ERR:
+            for (r, io), res in zip(pinged, results, strict=True):
+                if isinstance(res, Exception) and r.io is io and r.mode is not Mode.ERR:
                     self.mirror.drop(r, f"health check failed: {res!r}")
 
     async def _rebuild_all(self, replicas: list[ReplicaHandle]) -> None:
@@ -288,7 +372,7 @@ class Engine:
         if self.mirror.faulted is not None:
             raise EngineError(f"volume {self.name} is faulted: {self.mirror.faulted}", 409)
 
-    async def _on_all(self, what: str, call: Any) -> list[Any]:
+    async def on_all(self, what: str, call: Any) -> list[Any]:
         """Run ``call(replica)`` on every RW/WO replica; drop those that fail."""
         members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
         results = await asyncio.gather(*(call(r) for r in members), return_exceptions=True)
@@ -329,7 +413,7 @@ class Engine:
         started = time.perf_counter()
         async with self.mirror.paused() as drain:
             t1 = time.perf_counter()
-            await self._on_all(f"snapshot {name}", lambda r: r.snapshot(name, labels))
+            await self.on_all(f"snapshot {name}", lambda r: r.snapshot(name, labels))
             t2 = time.perf_counter()
         pause = {"snapshot": name, "pause_ms": round((t2 - started) * 1e3, 2),
                  "drain_ms": round(drain * 1e3, 2), "snapshot_ms": round((t2 - t1) * 1e3, 2)}
@@ -349,12 +433,17 @@ class Engine:
             self._no_rebuild("delete a snapshot")
             if name not in await self._snapshot_names():
                 raise EngineError(f"no snapshot {name!r}", 404)
-            await self._on_all(f"delete {name}", lambda r: r.delete_snapshot(name))
+            await self.on_all(f"delete {name}", lambda r: r.delete_snapshot(name))
             self.event("snapshot-deleted", f"snapshot {name} deleted", snapshot=name)
             return {"deleted": name}
 
     async def revert(self, name: str, force: bool = False) -> dict[str, Any]:
-        """Start a new head on snapshot ``name`` on every replica (no client connected)."""
+        """Start a new head on snapshot ``name`` on every replica (no client connected).
+
+        A replica cuts every head connection when it reverts (nothing queued may
+        land in the new head), so the engine lets go of its own first, while
+        I/O is paused, and connects again before resuming.
+        """
         async with self._lock:
             self._no_rebuild("revert")
             if self.nbd_connections() and not force:
@@ -363,7 +452,11 @@ class Engine:
             if name not in await self._snapshot_names():
                 raise EngineError(f"no snapshot {name!r}", 404)
             async with self.mirror.paused():
-                await self._on_all(f"revert to {name}", lambda r: r.revert(name))
+                members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
+                for r in members:
+                    r.disconnect()
+                await self.on_all(f"revert to {name}", lambda r: r.revert(name))
+                await self.on_all("reconnect after the revert", lambda r: r.connect())
             self.event("reverted", f"reverted to snapshot {name}", snapshot=name)
             return {"reverted": name}
 
@@ -378,7 +471,7 @@ class Engine:
             if size == self.mirror.size:
                 return {"size": size}
             async with self.mirror.paused():
-                await self._on_all("expand", lambda r: r.expand(size))
+                await self.on_all("expand", lambda r: r.expand(size))
                 self.mirror.size = size
             self.event("expanded", f"expanded to {size} bytes", size=size)
             return {"size": size}
@@ -388,8 +481,6 @@ class Engine:
     async def add_replica(self, name: str, url: str | None = None,
                           wait: bool = False) -> dict[str, Any]:
         """Rebuild replica ``name`` (new when ``url`` is given) online; returns its progress."""
-        from drove.engine.rebuild import Rebuild
-
         self._check_not_faulted()
         if self.rebuild is not None and self.rebuild.running:
             raise EngineError(f"replica {self.rebuild.target.name} is rebuilding already; "
@@ -397,7 +488,7 @@ class Engine:
         if url is not None:
             if any(r.name == name for r in self.replicas):
                 raise EngineError(f"replica {name!r} exists; remove it first", 409)
-            target = ReplicaHandle(name, url, self.timeout, self.arena)
+            target = self._handle(name, url)
             self.replicas.append(target)
             self.mirror.add(target)
         else:
@@ -405,7 +496,7 @@ class Engine:
             if target.mode is not Mode.ERR:
                 raise EngineError(f"replica {name} is {target.mode}, not ERR", 409)
         self.rebuild = Rebuild(self, target)
-        task = self._spawn(self.rebuild.run())
+        task = self.spawn(self.rebuild.run())
         if wait:
             await task
         return self.rebuild.to_json()

@@ -23,6 +23,14 @@ class HandshakeError(NbdError):
     """The handshake could not be completed (no usable export, TLS refused, ...)."""
 
 
+class ExportRefused(HandshakeError):
+    """An export exists but this client may not open it now (e.g. a fenced, stale epoch).
+
+    Raised by an export provider's ``open_export``; the server answers
+    ``NBD_REP_ERR_POLICY`` with the message.
+    """
+
+
 class TLSError(HandshakeError):
     """TLS negotiation or the TLS handshake failed."""
 

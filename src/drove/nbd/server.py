@@ -40,12 +40,12 @@ import ssl
 import stat
 import struct
 import types
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from drove.nbd import arena as arenas
 from drove.nbd import eager, proto
-from drove.nbd.errors import ConnectionClosed, HandshakeError, ProtocolError
+from drove.nbd.errors import ConnectionClosed, ExportRefused, HandshakeError, ProtocolError
 from drove.nbd.export import Capabilities, Export, ExportProvider, Extent
 
 log = logging.getLogger(__name__)
@@ -551,8 +551,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._opt_reply(option, proto.NBD_REP_ACK)
 
     def _open(self, name: str) -> Export | None:
+        """The export called ``name``, None if there is none; ExportRefused passes through."""
         try:
             return self._server.provider.open_export(name)
+        except ExportRefused:
+            raise
         except Exception:
             log.exception("opening NBD export %r failed", name)
             return None
@@ -590,7 +593,12 @@ class _Connection(asyncio.BufferedProtocol):
         except UnicodeDecodeError:
             self._opt_error(option, proto.NBD_REP_ERR_INVALID, "export name is not UTF-8")
             return False
-        export = self._open(name)
+        try:
+            export = self._open(name)
+        except ExportRefused as exc:
+            log.info("NBD connection %s: export %r refused: %s", self._peer, name, exc)
+            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
+            return False
         if export is None:
             self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
             return False
@@ -659,7 +667,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._opt_error(option, proto.NBD_REP_ERR_INVALID, "malformed metadata query")
             return
         name, queries = parsed
-        export = self._open(name)
+        try:
+            export = self._open(name)
+        except ExportRefused as exc:
+            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
+            return
         if export is None:
             self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
             return
@@ -1541,6 +1553,28 @@ class _Connection(asyncio.BufferedProtocol):
         elif self._phase == _TRANSMISSION and self._inflight == 0:
             self._close()
 
+    @property
+    def export(self) -> Export | None:
+        """The export this connection chose (None during the handshake)."""
+        return self._export
+
+    def cut(self) -> None:
+        """Drop the connection now and discard every request it has not started.
+
+        Nothing buffered is parsed and nothing more is read: requests still in
+        the receive buffer or in the socket are never executed.  Calls already
+        running finish, but their replies are not sent.
+        """
+        self._phase = _CLOSED
+        self._blocked = True
+        self._rstart = self._rend = 0
+        self._skip = 0
+        self._out.clear()
+        task = self._handshake_task
+        if task is not None:
+            task.cancel()
+        self.abort()
+
     def abort(self) -> None:
         """Drop the connection at once (after the shutdown grace period)."""
         for task in list(self._tasks):
@@ -1596,6 +1630,20 @@ class NbdServer:
     def connections(self) -> int:
         """Number of open client connections."""
         return len(self._connections)
+
+    def cut_connections(self, which: Callable[[Export], bool]) -> int:
+        """Cut at once every connection whose export ``which`` selects (see _Connection.cut).
+
+        Used to fence stale writers: their queued requests are discarded unexecuted.
+        Returns how many connections were cut.
+        """
+        cut = 0
+        for conn in list(self._connections):
+            export = conn.export
+            if export is not None and which(export):
+                conn.cut()
+                cut += 1
+        return cut
 
     def _factory(self) -> _Connection:
         return _Connection(self)

@@ -40,11 +40,13 @@ from typing import Any
 from drove.replica import meta
 from drove.replica.errors import (
     ChecksumMismatchError,
+    InvalidRequestError,
     LayerNotFoundError,
     RebuildingError,
     ReplicaError,
     SnapshotExistsError,
     SnapshotNotFoundError,
+    StaleGenerationError,
 )
 from drove.replica.index import CHUNK_BLOCKS, HOLE, MAX_LAYERS, ReadIndex
 from drove.replica.meta import (
@@ -239,7 +241,7 @@ def _check_fs_block(path: Path) -> None:
 def _check_range(offset: int, length: int, size: int) -> None:
     """ValueError unless [offset, offset + length) lies within ``size``."""
     if offset < 0 or length < 0 or offset + length > size:
-        raise ValueError(f"range {offset}+{length} is outside the volume (size {size})")
+        raise InvalidRequestError(f"range {offset}+{length} is outside the volume (size {size})")
 
 
 class _Files:
@@ -370,7 +372,7 @@ class Replica:
 
     def __init__(self, dirpath: Path, dirfd: int, lockfd: int, vol: VolumeMeta,
                  metas: dict[str, LayerMeta], chunk_blocks: int, max_open_files: int,
-                 engine_state: dict[str, Any] | None = None) -> None:
+                 engine_state: dict[str, Any] | None = None, epoch: int = 0) -> None:
         """Wrap an already validated, locked directory; use :meth:`create` or :meth:`open`."""
         self._dir = dirpath
         self._dirfd = dirfd
@@ -408,6 +410,7 @@ class Replica:
         # Bumped whenever layer data changes under the views' feet (rebuild writes).
         self._epoch = 0
         self._engine_state: dict[str, Any] = dict(engine_state or {})
+        self._owner_epoch = epoch  # the highest engine epoch seen (drove.replica.fence)
         self._chain: list[str] = []
         self._index = self._new_index(top_empty=False)
 
@@ -419,7 +422,7 @@ class Replica:
                max_open_files: int = DEFAULT_MAX_OPEN_FILES) -> Replica:
         """Create an empty replica of ``size`` bytes (a multiple of 4096) in ``path``; open it."""
         if not isinstance(size, int) or size <= 0 or size % BLOCK:
-            raise ValueError(f"size must be a positive multiple of {BLOCK}, got {size!r}")
+            raise InvalidRequestError(f"size must be a positive multiple of {BLOCK}, got {size!r}")
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         if (d / VOLUME_META).exists():
@@ -497,7 +500,7 @@ class Replica:
             metas[f] = LayerMeta.from_json(meta.read_json(mp), str(mp))
         meta.check_tree(vol, metas, sizes, d)
         _check_fs_block(d)
-        engine_state = _read_engine_state(d)
+        engine_state, epoch = _read_engine_state(d)
         # Everything listed is consistent.  Only now touch the disk: what is not
         # listed was written by an operation that never reached its commit.
         keep = {VOLUME_META, LOCK_FILE, *vol.layers, *(meta_file(f) for f in vol.layers)}
@@ -541,7 +544,7 @@ class Replica:
             os.ftruncate(lockfd, 0)
             os.pwrite(lockfd, f"{os.getpid()}\n".encode(), 0)
             return cls(d, dirfd, lockfd, vol, metas, chunk_blocks, max_open_files,
-                       engine_state)
+                       engine_state, epoch)
         except BaseException:
             os.close(dirfd)
             raise
@@ -812,7 +815,7 @@ class Replica:
         if self._snapshot_meta(name) is not None:
             raise SnapshotExistsError(f"snapshot {name!r} already exists in {self._dir}")
         if len(self._chain) >= MAX_LAYERS:
-            raise ValueError(f"the chain already holds {MAX_LAYERS} layers")
+            raise InvalidRequestError(f"the chain already holds {MAX_LAYERS} layers")
         vol = self._vol
         old_head = vol.head
         snap = meta.snapshot_file(name, taken=self._metas.keys())
@@ -876,9 +879,9 @@ class Replica:
         self._refuse_if_rebuilding("expand")
         old = self._vol.size
         if not isinstance(new_size, int) or new_size % BLOCK:
-            raise ValueError(f"size must be a multiple of {BLOCK}, got {new_size!r}")
+            raise InvalidRequestError(f"size must be a multiple of {BLOCK}, got {new_size!r}")
         if new_size < old:
-            raise ValueError(f"cannot shrink the volume from {old} to {new_size}")
+            raise InvalidRequestError(f"cannot shrink the volume from {old} to {new_size}")
         if new_size == old:
             return
         new_vol = replace(self._vol, size=new_size)
@@ -978,7 +981,8 @@ class Replica:
             self._check_usable()
             m = self._layer_meta(file)
             if file == self._vol.head:
-                raise ValueError(f"{file} is the head: only snapshot layers have checksums")
+                raise InvalidRequestError(
+                    f"{file} is the head: only snapshot layers have checksums")
             if m.incomplete:
                 raise RebuildingError(f"layer {file} is incomplete: its rebuild has not been "
                                       "verified yet")
@@ -1009,21 +1013,53 @@ class Replica:
         return json.loads(json.dumps(self._engine_state))
 
     def set_engine_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """Store the engine's state (a JSON object of at most 64 KiB) atomically and durably."""
+        """Store the engine's state (a JSON object of at most 64 KiB) atomically and durably.
+
+        Its ``generation`` only grows: a lower one than stored is refused
+        (StaleGenerationError), so a late or reordered update never steps back.
+        """
         self._check_usable()
         if not isinstance(state, Mapping):
-            raise ValueError(f"the engine state must be a JSON object, not {type(state).__name__}")
+            raise InvalidRequestError(
+                f"the engine state must be a JSON object, not {type(state).__name__}")
         try:
             text = json.dumps(dict(state), separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"the engine state is not plain JSON: {e}") from None
+            raise InvalidRequestError(f"the engine state is not plain JSON: {e}") from None
         if len(text.encode()) > meta.ENGINE_STATE_MAX:
-            raise ValueError(f"the engine state is {len(text.encode())} bytes as JSON; at most "
-                             f"{meta.ENGINE_STATE_MAX} are stored")
+            raise InvalidRequestError(
+                f"the engine state is {len(text.encode())} bytes as JSON; at most "
+                f"{meta.ENGINE_STATE_MAX} are stored")
         obj = json.loads(text)
-        self._install_json(ENGINE_META, {"format": meta.FORMAT_VERSION, "engine_state": obj})
+        new, old = _generation(obj), _generation(self._engine_state)
+        if new is None and "generation" in obj:
+            raise InvalidRequestError(f"generation must be a non-negative integer, not "
+                                      f"{obj['generation']!r}")
+        if new is not None and old is not None and new < old:
+            raise StaleGenerationError(
+                f"generation {new} is older than the stored generation {old}: refused "
+                "(generations only grow)")
+        self._write_engine_meta(obj, self._owner_epoch)
         self._engine_state = obj
         return self.engine_state
+
+    @property
+    def epoch(self) -> int:
+        """The highest engine epoch this replica has seen (0: none)."""
+        return self._owner_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Store a higher engine epoch durably (ValueError if it is not higher)."""
+        self._check_usable()
+        if not isinstance(epoch, int) or epoch <= self._owner_epoch:
+            raise ValueError(f"epoch {epoch!r} is not above the current epoch "
+                             f"{self._owner_epoch}")
+        self._write_engine_meta(self._engine_state, epoch)
+        self._owner_epoch = epoch
+
+    def _write_engine_meta(self, state: dict[str, Any], epoch: int) -> None:
+        self._install_json(ENGINE_META, {"format": meta.FORMAT_VERSION, "epoch": epoch,
+                                         "engine_state": state})
 
     # ------------------------------------------------------------ rebuild
 
@@ -1052,13 +1088,14 @@ class Replica:
             raise RebuildingError("cannot prepare a rebuild while a purge is running")
         vol = self._vol
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % BLOCK:
-            raise ValueError(f"size must be a positive multiple of {BLOCK}, got {size!r}")
+            raise InvalidRequestError(f"size must be a positive multiple of {BLOCK}, got {size!r}")
         if size < vol.size:
-            raise ValueError(f"cannot shrink the volume from {vol.size} to {size} for a rebuild")
+            raise InvalidRequestError(
+                f"cannot shrink the volume from {vol.size} to {size} for a rebuild")
         new_metas = _parse_source_layers(layers)
         for what, f in (("head_parent", head_parent), ("reuse_head_as", reuse_head_as)):
             if f is not None and f not in new_metas:
-                raise ValueError(f"{what} {f!r} is not among the given layers")
+                raise InvalidRequestError(f"{what} {f!r} is not among the given layers")
         new_head = meta.head_file(vol.next_head)
         head_meta = LayerMeta(file=new_head, name=None, parent=head_parent,
                               created=meta.now_iso(), size=size)
@@ -1078,14 +1115,14 @@ class Replica:
         try:
             meta.check_tree(new_vol, all_metas, sizes, self._dir)
         except ReplicaError as e:
-            raise ValueError(f"the layers do not form a valid tree: {e}") from None
+            raise InvalidRequestError(f"the layers do not form a valid tree: {e}") from None
         depth, cur = 0, head_meta.parent
         while cur is not None:
             depth += 1
             cur = all_metas[cur].parent
         if depth + 1 > MAX_LAYERS:
-            raise ValueError(f"the head's chain would hold {depth + 1} layers; at most "
-                             f"{MAX_LAYERS} are supported")
+            raise InvalidRequestError(f"the head's chain would hold {depth + 1} layers; at most "
+                                      f"{MAX_LAYERS} are supported")
         new_fd = -1
         made: list[str] = []
         try:
@@ -1176,15 +1213,16 @@ class Replica:
         """
         if (not isinstance(range_size, int) or range_size < BLOCK
                 or range_size > MAX_DIGEST_RANGE or range_size & (range_size - 1)):
-            raise ValueError(f"range_size must be a power of two from {BLOCK} to "
-                             f"{MAX_DIGEST_RANGE}, got {range_size!r}")
+            raise InvalidRequestError(f"range_size must be a power of two from {BLOCK} to "
+                                      f"{MAX_DIGEST_RANGE}, got {range_size!r}")
         with self._meta_lock:
             self._check_usable()
             m = self._layer_meta(file)
             size = self._vol.size if file == self._vol.head else m.size
             if -(-size // range_size) > MAX_DIGESTS:
-                raise ValueError(f"{size} bytes in ranges of {range_size} would be more than "
-                                 f"{MAX_DIGESTS} digests: use a larger range_size")
+                raise InvalidRequestError(
+                    f"{size} bytes in ranges of {range_size} would be more than "
+                    f"{MAX_DIGESTS} digests: use a larger range_size")
             fd = os.open(self._dir / file, _O_RO)
         try:
             return _range_digests(fd, size, range_size)
@@ -1200,7 +1238,7 @@ class Replica:
             self._check_usable()
             m = self._layer_meta(file)
             if file == self._vol.head:
-                raise ValueError(f"{file} is the head: only snapshot layers are rebuilt")
+                raise InvalidRequestError(f"{file} is the head: only snapshot layers are rebuilt")
             inc, version = self._layer_inc[file], self._versions[file]
             if not m.incomplete and m.checksum is not None:
                 return VerifiedLayer(file, inc, version, m.checksum)
@@ -1223,7 +1261,7 @@ class Replica:
         """
         self._check_usable()
         if not isinstance(checksum, str) or not checksum:
-            raise ValueError("checksum must be the source layer's sha256 hex string")
+            raise InvalidRequestError("checksum must be the source layer's sha256 hex string")
         if verified is None:
             verified = self.verify_layer(file)
         with self._meta_lock:
@@ -1559,7 +1597,7 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     """A plain dict of labels, or ValueError unless it maps strings to strings."""
     out = dict(labels or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in out.items()):
-        raise ValueError("labels must map strings to strings")
+        raise InvalidRequestError("labels must map strings to strings")
     return out
 
 
@@ -1676,27 +1714,28 @@ class VerifiedLayer:
 def _parse_source_layers(layers: Any) -> dict[str, LayerMeta]:
     """The source's layers (dicts as its control API lists them) as incomplete LayerMetas."""
     if not isinstance(layers, list | tuple):
-        raise ValueError("layers must be a list of the source's layers")
+        raise InvalidRequestError("layers must be a list of the source's layers")
     out: dict[str, LayerMeta] = {}
     for i, d in enumerate(layers):
         if not isinstance(d, Mapping):
-            raise ValueError(f"layers[{i}] is not an object")
+            raise InvalidRequestError(f"layers[{i}] is not an object")
         missing = [k for k in _SOURCE_KEYS if k not in d]
         if missing:
-            raise ValueError(f"layers[{i}] lacks {', '.join(missing)}")
+            raise InvalidRequestError(f"layers[{i}] lacks {', '.join(missing)}")
         if d.get("head"):
-            raise ValueError(f"layers[{i}] ({d['file']!r}) is the source's head: leave it out")
+            raise InvalidRequestError(
+                f"layers[{i}] ({d['file']!r}) is the source's head: leave it out")
         obj = {k: d[k] for k in _SOURCE_KEYS}
         obj["format"] = meta.FORMAT_VERSION
         obj["checksum"] = None
         try:
             m = LayerMeta.from_json(obj, f"layers[{i}]")
         except ReplicaError as e:
-            raise ValueError(str(e)) from None
+            raise InvalidRequestError(str(e)) from None
         if m.name is None or not meta.SNAP_RE.match(m.file):
-            raise ValueError(f"layers[{i}]: {m.file!r} is not a named snapshot layer")
+            raise InvalidRequestError(f"layers[{i}]: {m.file!r} is not a named snapshot layer")
         if m.file in out:
-            raise ValueError(f"layers[{i}]: layer {m.file!r} is listed twice")
+            raise InvalidRequestError(f"layers[{i}]: layer {m.file!r} is listed twice")
         out[m.file] = replace(m, incomplete=True)
     return out
 
@@ -1716,16 +1755,24 @@ def _install_metas(d: Path, dirfd: int, metas: Mapping[str, LayerMeta]) -> None:
     meta.fs.fsync(dirfd)
 
 
-def _read_engine_state(d: Path) -> dict[str, Any]:
-    """The engine state stored in ``d`` ({} when none was ever stored)."""
+def _read_engine_state(d: Path) -> tuple[dict[str, Any], int]:
+    """The engine state and epoch stored in ``d`` (({}, 0) when none was ever stored)."""
     path = d / ENGINE_META
     if not path.exists():
-        return {}
+        return {}, 0
     obj = meta.read_json(path)
+    epoch = obj.get("epoch", 0) if isinstance(obj, dict) else None
     if (not isinstance(obj, dict) or obj.get("format") != meta.FORMAT_VERSION
-            or not isinstance(obj.get("engine_state"), dict)):
+            or not isinstance(obj.get("engine_state"), dict)
+            or not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
         raise ReplicaError(f"{path}: not an engine state file of format {meta.FORMAT_VERSION}")
-    return obj["engine_state"]
+    return obj["engine_state"], epoch
+
+
+def _generation(state: Mapping[str, Any]) -> int | None:
+    """The ``generation`` of an engine state, None when absent or not a plain integer."""
+    g = state.get("generation")
+    return g if isinstance(g, int) and not isinstance(g, bool) and g >= 0 else None
 
 
 def _file_extents(fd: int, start: int, end: int, max_extents: int) -> list[tuple[int, bool]]:

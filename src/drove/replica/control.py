@@ -5,11 +5,17 @@ Structural operations are serialised by one lock and run their chain calls
 inline on the event loop, so each is atomic with respect to I/O requests.
 Operations that replace the head (snapshot, revert) first let running flushes
 finish, because a flush holds the head's file descriptor in a worker thread.
+
+Every call passes the epoch fence first (:mod:`drove.replica.fence`): a caller
+whose ``Drove-Epoch`` is stale gets 409.  A mutating call checks the fence
+again right before it changes anything, after its waits (the lock, running
+flushes), so a newer engine that claimed the replica meanwhile wins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -17,9 +23,18 @@ from typing import Any
 
 from drove import __version__
 from drove.replica.chain import LayerInfo
-from drove.replica.errors import ChecksumMismatchError, RebuildingError
+from drove.replica.errors import (
+    ChecksumMismatchError,
+    InvalidRequestError,
+    LayerNotFoundError,
+    RebuildingError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    StaleGenerationError,
+)
 from drove.replica.exports import FlushGate
 from drove.replica.meta import ENGINE_STATE_MAX
+from drove.replica.fence import EPOCH_HEADER, Fence, StaleEpochError, parse_epoch_header
 from drove.replica.rebuild import SyncJob
 from drove.web import App, Body, Field, Request, Response, json_response
 
@@ -66,6 +81,13 @@ ENGINE_STATE = Body("EngineState", None, "The engine's opaque state (at most 64 
 REBUILD_BODY_MAX = 32 << 20
 """Largest prepare or sync body: a layer tree of thousands of snapshots, or the differing
 ranges of a large volume (1 TiB in 1 MiB ranges, every other one differing: ~12 MiB)."""
+CLAIM = Body("EpochClaim", {
+    "epoch": Field("int", gt=0, description="the starting engine's epoch: above the replica's"),
+}, "Take this replica for an engine of a new epoch: cuts the head connections of older ones.")
+
+# The epoch the current request carries (None: no Drove-Epoch header), set by the guard.
+_request_epoch: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "drove_request_epoch", default=None)
 
 
 def layer_json(info: LayerInfo) -> dict[str, Any]:
@@ -76,12 +98,48 @@ def layer_json(info: LayerInfo) -> dict[str, Any]:
 class ReplicaControl:
     """Runs structural operations on one open replica, one at a time."""
 
-    def __init__(self, replica, gate: FlushGate, addresses: dict[str, Any] | None = None):
+    def __init__(self, replica, gate: FlushGate, fence: Fence,
+                 addresses: dict[str, Any] | None = None):
         self.replica = replica
         self.gate = gate
+        self.fence = fence
         self.addresses = addresses if addresses is not None else {}
         self._lock = asyncio.Lock()
         self.sync_job: SyncJob | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        fence.on_advance(self._stale_work)
+
+    def _stale_work(self, epoch: int) -> None:
+        """A newer engine took over: a sync started by the old one stops."""
+        job = self.sync_job
+        if job is not None and job.running:
+            log.warning("epoch %d: cancelling the sync of %s started by an older engine",
+                        epoch, job.file)
+            task = asyncio.ensure_future(job.cancel())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def admit(self, method: str, path: str, header: str | None) -> None:
+        """The fence for one control call (see the module docstring); remembers its epoch."""
+        epoch = None
+        if header is not None:
+            try:
+                epoch = parse_epoch_header(header)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from None
+        _request_epoch.set(epoch)
+        if epoch is None and method in ("GET", "HEAD"):
+            return  # reading needs no epoch
+        self.fence.admit(epoch, f"{method} {path}")
+
+    def _recheck(self, what: str) -> None:
+        """Check the fence again right before a change (the request may have waited)."""
+        self.fence.admit(_request_epoch.get(), what)
+
+    def claim(self, epoch: int) -> dict[str, Any]:
+        """Take the replica for a starting engine of ``epoch`` (above the current one)."""
+        self.fence.claim(epoch)
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         """What this replica is and where it listens."""
@@ -90,6 +148,7 @@ class ReplicaControl:
         head = next(layer for layer in layers if layer.name is None)
         return {
             "version": __version__,
+            "epoch": self.replica.epoch,
             "dir": str(self.replica.dir),
             "size": self.replica.size,
             "head": head.file,
@@ -105,6 +164,7 @@ class ReplicaControl:
         """Snapshot the head under ``name``."""
         async with self._lock:
             await self.gate.drain()
+            self._recheck(f"snapshot {name}")
             started = time.perf_counter()
             info = self.replica.snapshot(name, labels=labels)
             log.info("snapshot %s created in %.1f ms", name, (time.perf_counter() - started) * 1e3)
@@ -113,6 +173,7 @@ class ReplicaControl:
     async def delete(self, name: str, purge: bool) -> dict[str, Any]:
         """Mark snapshot ``name`` removed, then purge removed layers when asked."""
         async with self._lock:
+            self._recheck(f"delete snapshot {name}")
             self.replica.delete_snapshot(name)
             log.info("snapshot %s marked removed", name)
             purged = await self._purge() if purge else 0
@@ -121,6 +182,7 @@ class ReplicaControl:
     async def purge(self) -> dict[str, Any]:
         """Fold or prune every removed snapshot that can be."""
         async with self._lock:
+            self._recheck("purge")
             return {"purge_steps": await self._purge()}
 
     async def _purge(self) -> int:
@@ -138,6 +200,11 @@ class ReplicaControl:
         """Start a new head on ``snapshot``; unsnapshotted head data is dropped."""
         async with self._lock:
             await self.gate.drain()
+            self._recheck(f"revert to {snapshot}")
+            if not any(la.name == snapshot and not la.removed for la in self.replica.layers()):
+                raise SnapshotNotFoundError(f"no snapshot {snapshot!r}")
+            # Requests queued on any head connection were meant for the old head.
+            self.fence.cut_all(f"revert to {snapshot}")
             self.replica.revert(snapshot)
             log.info("reverted head to snapshot %s", snapshot)
             return self.info()
@@ -146,6 +213,7 @@ class ReplicaControl:
         """Grow the volume to ``size`` bytes."""
         async with self._lock:
             await self.gate.drain()
+            self._recheck("expand")
             old = self.replica.size
             self.replica.expand(size)
             log.info("expanded from %d to %d bytes", old, size)
@@ -179,7 +247,8 @@ class ReplicaControl:
         return {"file": file, "range_size": range_size, "digests": digests}
 
     def set_engine_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Store the engine's state durably; returns it."""
+        """Store the engine's state durably (its generation only grows); returns it."""
+        self._recheck("store the engine state")
         return self.replica.set_engine_state(state)
 
     def _refuse_while_syncing(self, what: str, file: str | None = None) -> None:
@@ -193,6 +262,9 @@ class ReplicaControl:
         async with self._lock:
             self._refuse_while_syncing("prepare a rebuild")
             await self.gate.drain()
+            self._recheck("prepare a rebuild")
+            # No request queued before the prepare may land in the new head.
+            self.fence.cut_all("rebuild prepare")
             started = time.perf_counter()
             self.replica.prepare_rebuild(req.layers, req.head_parent, req.size,
                                          reuse_head_as=req.reuse_head_as)
@@ -209,6 +281,7 @@ class ReplicaControl:
         )
         # Back on the loop: a sync started meanwhile would have changed the layer, and
         # complete_layer refuses a layer changed since it was hashed.
+        self._recheck(f"complete layer {file}")
         digest = self.replica.complete_layer(file, checksum, verified)
         return {"file": file, "checksum": digest, "incomplete": self.replica.incomplete,
                 "seconds": round(time.perf_counter() - started, 3)}
@@ -216,6 +289,7 @@ class ReplicaControl:
     def start_sync(self, req: Any) -> dict[str, Any]:
         """Start pulling a layer from the source in the background."""
         self._refuse_while_syncing("start another sync")
+        self._recheck(f"sync layer {req.file}")
         job = SyncJob(self.replica, req.file, req.source, req.ranges)
         job.start()
         self.sync_job = job
@@ -251,22 +325,34 @@ def build_app(control: ReplicaControl) -> App:
     app = App(title="drove replica", version=__version__,
               description="Control API of one drove replica process.")
 
-    # Chain errors become 4xx with a message; the data is untouched by a refused call.
-    @app.exception_handler(LookupError)
+    # What the caller got wrong becomes 4xx with a message; the data is untouched by a
+    # refused call.  Anything else (a KeyError or ValueError from a bug) is a 500, logged
+    # with its traceback by drove.web.
+    @app.exception_handler(SnapshotNotFoundError)
+    @app.exception_handler(LayerNotFoundError)
     def _not_found(request: Request, exc: LookupError) -> Response:
         return _error(404, exc)
 
-    @app.exception_handler(FileExistsError)
-    def _exists(request: Request, exc: FileExistsError) -> Response:
+    @app.exception_handler(SnapshotExistsError)
+    def _exists(request: Request, exc: SnapshotExistsError) -> Response:
         return _error(409, exc)
 
-    @app.exception_handler(ValueError)
-    def _bad(request: Request, exc: ValueError) -> Response:
+    @app.exception_handler(InvalidRequestError)
+    def _bad(request: Request, exc: InvalidRequestError) -> Response:
         return _error(400, exc)
 
     @app.exception_handler(RebuildingError)
     def _rebuilding(request: Request, exc: RebuildingError) -> Response:
         return _error(409, exc)
+
+    @app.exception_handler(StaleGenerationError)
+    def _stale_generation(request: Request, exc: StaleGenerationError) -> Response:
+        return _error(409, exc)
+
+    @app.exception_handler(StaleEpochError)
+    def _stale_epoch(request: Request, exc: StaleEpochError) -> Response:
+        return json_response(409, {"error": type(exc).__name__, "detail": str(exc),
+                                   "epoch": exc.epoch})
 
     @app.exception_handler(ChecksumMismatchError)
     def _mismatch(request: Request, exc: ChecksumMismatchError) -> Response:
@@ -277,7 +363,20 @@ def build_app(control: ReplicaControl) -> App:
 
     @app.exception_handler(OSError)
     def _os(request: Request, exc: OSError) -> Response:
-        return _error(507 if exc.errno == 28 else 500, exc)
+        if exc.errno == 28:
+            return _error(507, exc)
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
+        return _error(500, exc)
+
+    @app.guard
+    async def _fence(request: Request) -> None:
+        if request.path != "/v1/epoch":  # a claim is judged by its own rule
+            control.admit(request.method, request.path, request.headers.get(EPOCH_HEADER))
+
+    @app.post("/v1/epoch", body=CLAIM)
+    async def claim(body: Any) -> dict[str, Any]:
+        """Take the replica for an engine of a newer epoch (409 unless above the current)."""
+        return control.claim(body.epoch)
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

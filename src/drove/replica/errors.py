@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+class InvalidRequestError(ValueError):
+    """The caller asked for something invalid (bad size, name, range, tree): a 400, not a bug.
+
+    A plain ValueError or LookupError raised inside the replica is a bug and
+    answers 500; only this and the named errors below are the caller's fault.
+    """
+
+
 class ReplicaError(Exception):
     """A replica directory cannot be used as found: corrupt, inconsistent or locked."""
 
@@ -40,3 +48,7 @@ class LayerNotFoundError(LookupError):
     def __str__(self) -> str:
         """Show the message as given."""
         return str(self.args[0]) if self.args else "layer not found"
+
+
+class StaleGenerationError(Exception):
+    """An engine state update carries a lower generation than the stored one (refused)."""

@@ -20,7 +20,9 @@ import asyncio
 import errno
 from collections.abc import Sequence
 
+from drove.nbd.errors import ExportRefused
 from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Capabilities, Extent
+from drove.replica.fence import Fence, StaleEpochError, parse_head_epoch
 
 HEAD_EXPORT = "head"
 SNAPSHOT_PREFIX = "snapshot/"
@@ -102,15 +104,34 @@ class FlushGate:
 
 
 class HeadExport:
-    """The replica's live volume (the chain's head) as a read-write export."""
+    """The replica's live volume (the chain's head) as a read-write export.
 
-    description = "drove replica head (read-write)"
-    caps = _RW_CAPS
+    One per connection, carrying the epoch it was opened with (0: none), so
+    the fence can revoke the connections of a stale engine.  ``readonly``: a
+    plain ``head`` opened once an engine owns the replica, for people and tools
+    that only look (qemu-img compare, nbdinfo); writes are refused.
+    """
 
-    def __init__(self, replica, gate: FlushGate, name: str = HEAD_EXPORT) -> None:
+    def __init__(self, replica, gate: FlushGate, name: str = HEAD_EXPORT,
+                 epoch: int = 0, readonly: bool = False) -> None:
         self.name = name
+        self.epoch = epoch
+        self.caps = _RO_CAPS if readonly else _RW_CAPS
+        self.description = ("drove replica head (read-only: an engine owns this replica)"
+                            if readonly else "drove replica head (read-write)")
         self._replica = replica
         self._gate = gate
+        self._revoked = readonly
+
+    def revoke(self) -> None:
+        """Refuse every change from now on (its connection is being cut)."""
+        self._revoked = True
+
+    def _check(self) -> None:
+        if self._revoked:
+            if self.caps.readonly:
+                raise OSError(errno.EPERM, "this head export is read-only")
+            raise OSError(errno.ESHUTDOWN, "fenced: a newer engine owns this replica")
 
     @property
     def size(self) -> int:
@@ -127,6 +148,8 @@ class HeadExport:
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write into the head."""
+        if self._revoked:
+            self._check()
         self._replica.write(offset, data, fua=fua)
 
     async def zero(
@@ -134,10 +157,12 @@ class HeadExport:
         fast: bool = False,
     ) -> None:
         """Make the range read zeros (punching where no older layer shows through)."""
+        self._check()
         self._replica.zero(offset, length, fua=fua, fast=fast)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard the range; drove reads discarded ranges as zeros."""
+        self._check()
         self._replica.trim(offset, length, fua=fua)
 
     async def flush(self) -> None:
@@ -256,12 +281,13 @@ class LayerExport:
 
 
 class ReplicaExports:
-    """Names the replica's exports: ``head`` (also ``""``), ``snapshot/NAME``, ``layer/FILE``."""
+    """Names the replica's exports: ``head`` (also ``""``), ``head@epoch=N`` (an engine's),
+    ``snapshot/NAME``, ``layer/FILE``."""
 
-    def __init__(self, replica, gate: FlushGate) -> None:
+    def __init__(self, replica, gate: FlushGate, fence: Fence) -> None:
         self._replica = replica
-        self._head = HeadExport(replica, gate)
-        self._default = HeadExport(replica, gate, name="")
+        self._gate = gate
+        self._fence = fence
 
     def _live_snapshots(self) -> list[str]:
         return [
@@ -272,7 +298,9 @@ class ReplicaExports:
     def list_exports(self) -> list[tuple[str, str]]:
         """The head, every live snapshot and every layer file."""
         layers = self._replica.layers()
-        names = [(HEAD_EXPORT, self._head.description)]
+        names = [(HEAD_EXPORT, "drove replica head" + (
+            " (read-only: an engine owns this replica)" if self._fence.epoch
+            else " (read-write)"))]
         names += [
             (SNAPSHOT_PREFIX + layer.name, f"drove snapshot {layer.name} (read-only)")
             for layer in layers if layer.name is not None and not layer.removed
@@ -285,11 +313,19 @@ class ReplicaExports:
         return names
 
     def open_export(self, name: str):
-        """The export called ``name`` or None."""
-        if name == "":
-            return self._default
-        if name == HEAD_EXPORT:
-            return self._head
+        """The export called ``name`` or None; ExportRefused for a fenced head."""
+        if name in ("", HEAD_EXPORT):
+            # Writable until an engine owns the replica; then for looking only.
+            return self._fence.track(HeadExport(self._replica, self._gate, name=name,
+                                                readonly=self._fence.epoch > 0))
+        epoch = parse_head_epoch(name)
+        if epoch is not None:
+            try:
+                self._fence.admit(epoch, f"export {name!r}")
+            except StaleEpochError as exc:
+                raise ExportRefused(str(exc)) from None
+            return self._fence.track(HeadExport(self._replica, self._gate, name=name,
+                                                epoch=epoch))
         if name.startswith(SNAPSHOT_PREFIX):
             snap = name[len(SNAPSHOT_PREFIX):]
             if snap in self._live_snapshots():

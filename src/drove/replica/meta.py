@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from drove.replica.errors import ReplicaError
+from drove.replica.errors import InvalidRequestError, ReplicaError
 
 FORMAT_VERSION = 1
 BLOCK = 4096
@@ -197,7 +197,7 @@ def head_number(file: str) -> int | None:
 def validate_snapshot_name(name: object) -> str:
     """Return ``name`` if it is a valid snapshot name, else raise ValueError."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(
+        raise InvalidRequestError(
             f"invalid snapshot name {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )

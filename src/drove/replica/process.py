@@ -11,6 +11,7 @@ from drove.nbd.server import NbdServer
 from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
+from drove.replica.fence import Fence
 from drove.service import ControlServer, default_signals, listen_nbd, print_ready
 from drove.units import format_size
 
@@ -58,10 +59,12 @@ async def serve_replica(
     replica = open_or_create(directory, size)
     try:
         gate = FlushGate()
-        exports = ReplicaExports(replica, gate)
+        fence = Fence(replica)
+        exports = ReplicaExports(replica, gate, fence)
         server = NbdServer(exports, tls=tls, tls_required=tls_required, accept_arena=True)
+        fence.bind(server.cut_connections)
         addresses = await listen_nbd(server, nbd, unix)
-        rc = ReplicaControl(replica, gate, addresses)
+        rc = ReplicaControl(replica, gate, fence, addresses)
         ctl = ControlServer(build_app(rc), *control)
         await ctl.start()
         addresses["control"] = ctl.url

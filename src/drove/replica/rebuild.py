@@ -33,7 +33,7 @@ from typing import Any
 from drove.nbd.client import extents
 from drove.replica import meta
 from drove.replica.chain import _PREALLOCATE_MIN, BLOCK, LayerHandle, Replica
-from drove.replica.errors import RebuildingError
+from drove.replica.errors import InvalidRequestError, RebuildingError
 
 log = logging.getLogger("drove.replica")
 
@@ -72,12 +72,12 @@ def normalize_ranges(ranges: Sequence[Sequence[int]] | None, size: int) -> list[
     for r in ranges:
         if (not isinstance(r, list | tuple) or len(r) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
-            raise ValueError(f"range {r!r} is not [offset, length]")
+            raise InvalidRequestError(f"range {r!r} is not [offset, length]")
         off, n = r
         if off < 0 or n < 0 or off + n > size:
-            raise ValueError(f"range {off}+{n} is outside the layer (size {size})")
+            raise InvalidRequestError(f"range {off}+{n} is outside the layer (size {size})")
         if (off | n) % BLOCK:
-            raise ValueError(f"range {off}+{n} is not aligned to {BLOCK} bytes")
+            raise InvalidRequestError(f"range {off}+{n} is not aligned to {BLOCK} bytes")
         if n:
             spans.append((off, off + n))
     spans.sort()
@@ -141,7 +141,8 @@ class SyncJob:
                 raise RebuildingError(f"layer {file} is not incomplete: nothing to sync")
             if not isinstance(source, str) or not source.startswith(("nbd://", "nbd+unix://",
                                                                      "nbds://", "nbds+unix://")):
-                raise ValueError(f"source must be an NBD URI of the source layer, got {source!r}")
+                raise InvalidRequestError(
+                    f"source must be an NBD URI of the source layer, got {source!r}")
             self.ranges = normalize_ranges(ranges, handle.size)
         except BaseException:
             handle.close()
