@@ -79,6 +79,9 @@ def imports_in(
     module: str, source: str, is_package: bool, modules: dict[str, Path]
 ) -> list[Edge]:
     """Every import of a drove module in ``module``'s source, wherever it stands."""
+    # Only the module an import names counts, not the parent packages Python runs first
+    # (importing drove.a.b runs drove/a/__init__.py): those edges would make every package
+    # whose __init__ re-exports a submodule a "cycle" with each sibling of it.
     tree = ast.parse(source, filename=module)
     lazy = _lazy_lines(tree)
     edges: list[Edge] = []
@@ -189,11 +192,6 @@ def describe(component: list[str], graph: dict[str, dict[str, Edge]]) -> str:
         for edge in cycle_through(component, graph)
     ]
     return "  {" + ", ".join(component) + "}\n" + "\n".join(steps)
-
-
-def cycles() -> list[list[str]]:
-    """Every strongly connected component of more than one module."""
-    return [c for c in strongly_connected(import_graph()) if len(c) > 1]
 
 
 def test_graph_sees_the_kinds_of_import() -> None:

@@ -53,7 +53,8 @@ EventFn = Callable[..., None]
 
 
 class VolumeGuard(Protocol):
-    """What else holds a volume now: asked before it is detached, reverted or snapshots go."""
+    """What else holds a volume now: asked before it is attached, detached, deleted or
+    loses a snapshot (the backups' tasks, wired in drove.manager.app)."""
 
     def busy(self, volume: str) -> str | None:
         """Why ``volume`` must not be detached or lose snapshots now (None: it may)."""
