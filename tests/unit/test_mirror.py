@@ -43,6 +43,7 @@ class FaultyIO:
         self.calls: list[str] = []
         self.aborted = False
         self.reads = 0
+        self.on_write = None  # called inside every write, before it succeeds
 
     def _check(self, op: str, offset: int = 0, length: int = 0) -> None:
         if self.aborted:
@@ -61,6 +62,8 @@ class FaultyIO:
 
     async def write(self, offset: int, data, *, fua: bool = False) -> None:
         self._check("write", offset, len(data))
+        if self.on_write is not None:
+            self.on_write()
         await self.mem.write(offset, memoryview(bytes(data)), fua)
 
     async def zero(self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True,
@@ -404,4 +407,65 @@ def test_a_connection_lost_while_idle_drops_only_the_current_one():
         assert members[3].mode is Mode.ERR and members[3].error == "gone early"
         await mirror.settled()
         assert changes == [1, 1]
+    run(main())
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_nothing_is_acknowledged_once_the_volume_faulted(replicas):
+    """A write every replica applied fails if the volume faulted (fenced) meanwhile."""
+    async def main():
+        mirror, _members, ios = make(replicas)
+        ios[-1].on_write = lambda: mirror.fault("fenced by a newer engine")
+        with pytest.raises(OSError) as err:
+            await mirror.write(0, memoryview(b"w" * 4096))
+        assert err.value.errno == errno.EIO
+        assert all(io.mem.data[:4096] == b"w" * 4096 for io in ios)  # applied, not acked
+        ios[-1].on_write = None
+        for call in (lambda: mirror.read(0, 4096), mirror.flush,
+                     lambda: mirror.write(0, memoryview(b"x" * 4096))):
+            with pytest.raises(OSError):
+                await call()
+    run(main())
+
+
+def test_failed_ping_drops_only_the_connection_it_pinged():
+    """A ping on a connection the member no longer uses (dropped, then re-added as WO on a
+    new one) does not drop the member again; a failed ping on the current one does."""
+    from drove.engine.volume import Engine
+
+    class SlowPing(FaultyIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+            self.pinged = asyncio.Event()
+
+        async def cache(self, offset: int, length: int) -> None:
+            self.pinged.set()
+            await self.release.wait()
+            raise ConnectionError("ping timed out")
+
+    async def main():
+        engine = Engine("vol", SIZE, [("r0", "http://127.0.0.1:9"), ("r1", "http://127.0.0.1:9")])
+        engine.mirror.on_change = None  # no replica processes to persist generations on
+        old = SlowPing()
+        for r, io in zip(engine.replicas, (FaultyIO(), old), strict=True):
+            r.io, r.mode = io, Mode.RW
+            engine.mirror.add(r)
+        r1 = engine.replicas[1]
+        check = asyncio.ensure_future(engine.health_check())
+        await old.pinged.wait()
+        engine.mirror.drop(r1, "lost")  # meanwhile: dropped, rebuilt, back as WO
+        await engine.mirror.settled()
+        r1.io = FaultyIO()
+        engine.mirror.set_mode(r1, Mode.WO)
+        old.release.set()
+        await check
+        assert r1.mode is Mode.WO, r1.error
+        failing = SlowPing()
+        failing.release.set()
+        r1.io = failing
+        await engine.health_check()
+        assert r1.mode is Mode.ERR and "health check failed" in r1.error
+        for r in engine.replicas:
+            await r.http.aclose()
     run(main())

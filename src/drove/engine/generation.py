@@ -3,38 +3,70 @@
 Longhorn writes a revision counter to every replica synchronously with every
 write.  drove persists nothing per write.  Each replica stores a small engine
 state (``engine.meta``, written atomically and fsynced):
-``{"volume", "generation", "clean", "members"}``.
+``{"volume", "generation", "clean", "members"}``, beside the highest engine
+epoch it has seen (:mod:`drove.replica.fence`).
+
+The argument below rests on two assumptions.  Both are enforced by the
+replicas, not hoped for:
+
+A. **One writer per epoch, and only the newest epoch writes.**  An engine
+   claims every reachable replica for its epoch before it reads any state
+   (``POST /v1/epoch``, which demands an epoch above the replica's, so two
+   engines never share one).  From then on the replica refuses every control
+   call, generation update and head connection of a lower epoch, and it cut the
+   old engine's head connections at the claim, discarding the requests they had
+   queued.  So once an engine has claimed a replica, nothing an older engine
+   sends — in flight, queued behind a frozen process, or sent after a
+   partition heals — changes that replica.
+B. **Generations only grow on a replica.**  A state update with a lower
+   generation than the stored one is refused (409): a late or reordered update
+   cannot step a replica back and make it look staler or newer than it is.
 
 Rules the engine follows:
 
-1. **Start.**  Read every reachable replica's state.  Candidates are replicas
-   with no incomplete layer (not mid-rebuild) at the highest generation ``G``
-   found.  Before serving any request, write ``generation = G + 1``,
-   ``clean = false`` to the replicas chosen as RW.  The others are rebuilt.
+1. **Start.**  Claim the replicas, then read their states (the claim answers
+   with them, after the cut: by A no older engine changes them later).
+   Candidates are replicas with no incomplete layer (not mid-rebuild) at the
+   highest generation ``G`` found.  Before serving any request, write
+   ``generation = max(all generations seen) + 1``, ``clean = false`` to the
+   replicas chosen as RW (B: always above what any of them holds).  The
+   others are rebuilt.
 2. **Write.**  A write is acknowledged only after every RW and WO replica
    acknowledged it (the mirror), so at that moment every member holds it.
+   Nothing is acknowledged once the volume faulted (a fenced engine faults).
 3. **Drop.**  When a member fails it is set to ERR, and the new generation is
    persisted on every remaining member *before* any request completes
    (:meth:`Mirror.settled` gates every acknowledgement).  If persisting fails
-   on a member, that member is dropped too and the bump repeats.
+   on a member, that member is dropped too and the bump repeats; a member
+   that refuses because a newer engine owns it fences this engine.
 4. **Join.**  A rebuilt replica becomes RW only after each of its layers was
    verified against the source's checksum; then the generation is bumped on
-   all members, including it.
+   all members, including it.  A target that holds a *higher* generation than
+   the volume is never overwritten: it may be the current one.
 5. **Clean stop.**  After a final flush on every member, ``clean = true`` is
    written (same generation).
 6. **Flush.**  A FLUSH is acknowledged only when every member flushed.
 
-Why it is safe: take any acknowledged write ``W``, acknowledged at a moment
-when the members were ``M`` at generation ``g``.  Every replica in ``M`` holds
-``W`` (rule 2; after a process kill the page cache keeps it; after a power
-loss it is kept if it was followed by an acknowledged FLUSH, rule 6).  A
-replica that misses ``W`` either was not in ``M`` — then it left before ``W``
-was acknowledged, and by rule 3 the members that stayed recorded a higher
-generation than it has before ``W`` could be acknowledged — or it joined
-later, which by rule 4 means it was verified to hold everything first.  So no
-replica with the highest generation misses an acknowledged write, and no
-replica that lags can have the highest generation: dropping it always raised
-the others above it, durably, before anything more was acknowledged.
+Why it is safe: take any acknowledged write ``W``, acknowledged by the engine
+of epoch ``e`` at a moment when the members were ``M`` at generation ``g``.
+Every replica in ``M`` holds ``W`` (rule 2; after a process kill the page
+cache keeps it; after a power loss it is kept if it was followed by an
+acknowledged FLUSH, rule 6).  A replica that misses ``W`` either was not in
+``M`` — then it left before ``W`` was acknowledged, and by rule 3 the members
+that stayed recorded a higher generation than it has before ``W`` could be
+acknowledged — or it joined later, which by rule 4 means it was verified to
+hold everything first.  By B no later update lowers those generations.  So
+among the replicas that engine ``e`` left behind, none with the highest
+generation misses an acknowledged write, and none that lags has the highest
+generation.
+
+A newer engine ``e' > e`` reads states only after claiming, and by A engine
+``e`` can neither acknowledge anything that depends on a claimed replica nor
+change its state afterwards: a write of ``e`` that reached only unclaimed
+replicas is persisted there with a generation bump (rule 3) that ``e'`` reads
+when it claims them.  So ``e'`` starts from a consistent picture.  Without A,
+two engines would each bump generations and acknowledge writes on their own
+subsets (split brain), and no rule about generations could reconcile them.
 
 Among the replicas at the highest generation, the only differences are
 writes that were in flight (never acknowledged) at the crash; ``clean``

@@ -250,7 +250,14 @@ class Engine:
                           "engines keep starting on them")
 
     async def _monitor(self) -> None:
-        """Ping every member now and then, so a dead or hung replica is noticed without I/O.
+        """Run :meth:`health_check` every quarter of the timeout (0.5 to 5 s)."""
+        interval = max(0.5, min(5.0, self.timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.health_check()
+
+    async def health_check(self) -> None:
+        """Ping every member once, so a dead or hung replica is noticed without I/O.
 
         The ping is an NBD CACHE of one block: cheap, answered by a rebuilding
         replica too, and bounded by the connection's request timeout.  A failed
@@ -258,18 +265,15 @@ class Engine:
         uses: a member dropped and re-added meanwhile (a rebuild made it WO on a
         new connection) is not dropped again for its old connection.
         """
-        interval = max(0.5, min(5.0, self.timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
-            if self.mirror.is_paused or self.mirror.faulted is not None:
-                continue  # structural work swaps connections while paused
-            pinged = [(r, r.io) for r in self.replicas
-                      if r.mode in (Mode.RW, Mode.WO) and r.connected]
-            results = await asyncio.gather(*(io.cache(0, 4096) for _, io in pinged),
-                                           return_exceptions=True)
-            for (r, io), res in zip(pinged, results, strict=True):
-                if isinstance(res, Exception) and r.io is io and r.mode is not Mode.ERR:
-                    self.mirror.drop(r, f"health check failed: {res!r}")
+        if self.mirror.is_paused or self.mirror.faulted is not None:
+            return  # structural work swaps connections while paused
+        pinged = [(r, r.io) for r in self.replicas
+                  if r.mode in (Mode.RW, Mode.WO) and r.connected]
+        results = await asyncio.gather(*(io.cache(0, 4096) for _, io in pinged),
+                                       return_exceptions=True)
+        for (r, io), res in zip(pinged, results, strict=True):
+            if isinstance(res, Exception) and r.io is io and r.mode is not Mode.ERR:
+                self.mirror.drop(r, f"health check failed: {res!r}")
 
     async def _rebuild_all(self, replicas: list[ReplicaHandle]) -> None:
         for r in replicas:
