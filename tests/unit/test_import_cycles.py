@@ -15,11 +15,6 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 ROOT = "drove"
 
-# Each entry is one exact strongly connected component that may exist for now.
-ALLOWED: set[frozenset[str]] = {
-    # removed by the epoch work (Rebuild gets a narrow interface to the volume)
-    frozenset({"drove.engine.rebuild", "drove.engine.volume"}),
-}
 
 
 @dataclass(frozen=True)
@@ -229,7 +224,6 @@ def test_no_import_cycles() -> None:
     """No module of drove reaches itself through its imports."""
     graph = import_graph()
     found = [c for c in strongly_connected(graph) if len(c) > 1]
-    unexpected = [c for c in found if frozenset(c) not in ALLOWED]
-    assert not unexpected, "import cycles in src/drove:\n" + "\n".join(
-        describe(c, graph) for c in unexpected
+    assert not found, "import cycles in src/drove:\n" + "\n".join(
+        describe(c, graph) for c in found
     )
