@@ -87,14 +87,31 @@ class Module:
         self.path = path
         self.stem = path.stem  # how other modules import it: ``from ...stem import f``
         self.tree = ast.parse(source, str(path))
-        self.parent: dict[ast.AST, ast.AST] = {
-            child: node for node in ast.walk(self.tree) for child in ast.iter_child_nodes(node)
-        }
         self._bindings: dict[ast.AST, dict[str, list[Binding]]] = {}
+        # One walk collects what the scan asks for again and again.
+        self.parent: dict[ast.AST, ast.AST] = {}
+        self.calls: list[ast.Call] = []
+        self.assignments: list[ast.Assign | ast.AnnAssign] = []
         # Local name -> (module, name in it), or (module, None) for a module itself.
         self.imports: dict[str, tuple[str, str | None]] = {}
-        for node in ast.walk(self.tree):
-            if isinstance(node, ast.Import):
+        # The calls made in each function, also from functions nested in it.
+        self.calls_in: dict[ast.FunctionDef | ast.AsyncFunctionDef, list[ast.Call]] = {}
+        todo: list[tuple[ast.AST, tuple[ast.FunctionDef | ast.AsyncFunctionDef, ...]]] = [
+            (self.tree, ())]
+        while todo:
+            node, functions = todo.pop()
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                functions = (*functions, node)
+            for child in ast.iter_child_nodes(node):
+                self.parent[child] = node
+                todo.append((child, functions))
+            if isinstance(node, ast.Call):
+                self.calls.append(node)
+                for f in functions:
+                    self.calls_in.setdefault(f, []).append(node)
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                self.assignments.append(node)
+            elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.asname:
                         self.imports[a.asname] = (a.name.rsplit(".", 1)[-1], None)
@@ -121,12 +138,6 @@ class Module:
                 module, name = self.imports[receiver.id]
                 return (name or module, func.attr)  # ``from pkg import module``: name
         return (None, func.attr)
-
-    def functions(self) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
-        """Every function and method defined in the module."""
-        for node in ast.walk(self.tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                yield node
 
     def _scopes(self, node: ast.AST) -> Iterator[ast.AST]:
         """The function scopes enclosing ``node``, innermost first, then the module."""
@@ -257,8 +268,8 @@ class Runners:
         while changed:
             changed = False
             for module in modules:
-                for func in module.functions():
-                    specs = self._wrapper_specs(func, module)
+                for func, calls in module.calls_in.items():
+                    specs = self._wrapper_specs(func, calls, module)
                     key = (module.stem, func.name)
                     if not specs - self.functions.get(key, set()):
                         continue
@@ -268,7 +279,7 @@ class Runners:
                         self.methods.setdefault(func.name, set()).update(specs)
 
     def _wrapper_specs(self, func: ast.FunctionDef | ast.AsyncFunctionDef,
-                       module: Module) -> set[Spec]:
+                       calls: list[ast.Call], module: Module) -> set[Spec]:
         """How ``func`` takes a command it hands on to a known runner (empty if it does not)."""
         params, vararg = _parameters(func, module)
         keyword_only = [a.arg for a in func.args.kwonlyargs]
@@ -282,7 +293,7 @@ class Runners:
             elif name == vararg and kind == "argv":
                 specs.add(("name", len(params), None))  # f(*argv): the command comes first
 
-        for call in (n for n in ast.walk(func) if isinstance(n, ast.Call)):
+        for call in calls:
             for kind, pos, keyword in self.of(module, call):
                 arg = _argument(call, pos, keyword)
                 if isinstance(arg, ast.Name):
@@ -328,27 +339,29 @@ def _collection_uses(module: Module, node: ast.Assign | ast.AnnAssign) -> Iterat
             yield Use(command, module.path, member.lineno)
 
 
-def scan(files: Iterable[Path], root: Path) -> list[Use]:
-    """Every command the given Python files run or look up, with where (relative to root)."""
-    modules = [Module(p.relative_to(root), p.read_text()) for p in files]
+def parse(files: Iterable[Path], root: Path) -> list[Module]:
+    """The given Python files, parsed, named by their path relative to ``root``."""
+    return [Module(p.relative_to(root), p.read_text()) for p in files]
+
+
+def scan(modules: list[Module]) -> list[Use]:
+    """Every command the given modules run or look up, with where."""
     runners = Runners()
     runners.learn(modules)
     uses: set[Use] = set()
     for module in modules:
-        for node in ast.walk(module.tree):
-            if isinstance(node, ast.Call):
-                uses.update(_call_uses(module, node, runners.of(module, node)))
-            elif isinstance(node, ast.Assign | ast.AnnAssign):
-                uses.update(_collection_uses(module, node))
+        for call in module.calls:
+            uses.update(_call_uses(module, call, runners.of(module, call)))
+        for assignment in module.assignments:
+            uses.update(_collection_uses(module, assignment))
     return sorted(uses, key=lambda u: (str(u.path), u.line, u.command))
 
 
-def tool_packages(files: Iterable[Path], root: Path) -> list[tuple[Use, str]]:
+def tool_packages(modules: list[Module]) -> list[tuple[Use, str]]:
     """Each command -> package pair a dict named like ``TOOL_PACKAGE`` states in the code."""
     out: list[tuple[Use, str]] = []
-    for p in files:
-        module = Module(p.relative_to(root), p.read_text())
-        for node in ast.walk(module.tree):
+    for module in modules:
+        for node in module.assignments:
             if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)):
                 continue
             if not any(isinstance(t, ast.Name) and TOOL_COLLECTION.search(t.id)

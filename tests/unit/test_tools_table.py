@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import textwrap
@@ -18,14 +19,15 @@ SCANNED = ("src", "tests", "bench")
 BIN_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 
 
-def python_files() -> list[Path]:
-    """Every Python file under src/, tests/ and bench/."""
-    return sorted(p for d in SCANNED for p in (REPO / d).rglob("*.py"))
+@functools.cache
+def modules() -> list[commandscan.Module]:
+    """Every Python file under src/, tests/ and bench/, parsed (once for all the tests)."""
+    return commandscan.parse(sorted(p for d in SCANNED for p in (REPO / d).rglob("*.py")), REPO)
 
 
 def test_every_command_the_code_runs_is_in_the_table():
     tools = toolstable.load()
-    uses = commandscan.scan(python_files(), REPO)
+    uses = commandscan.scan(modules())
     missing = [str(u) for u in uses if u.command not in tools]
     assert not missing, (
         "commands run but not in tools.tsv (add 'command<TAB>Debian package<TAB>serve|test'):\n"
@@ -77,7 +79,8 @@ def test_the_scan_reads_every_way_of_running_a_command(tmp_path):
             sp.run([f"mkfs.{d}"])
             not_a_runner(["kappa"])
     """))
-    uses = commandscan.scan([tmp_path / "runner.py", tmp_path / "user.py"], tmp_path)
+    uses = commandscan.scan(commandscan.parse([tmp_path / "runner.py", tmp_path / "user.py"],
+                                              tmp_path))
     assert {u.command for u in uses} == {
         "alpha", "beta", "nbdkit", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
         "iota", "mkfs.xfs", "blkid", "losetup"}
@@ -123,7 +126,7 @@ def test_each_row_names_the_package_that_provides_its_command():
 
 def test_package_hints_in_the_code_agree_with_the_table():
     tools = toolstable.load()
-    stated = commandscan.tool_packages(python_files(), REPO)
+    stated = commandscan.tool_packages(modules())
     assert stated, "the scan finds no TOOL_PACKAGE table in the code"
     wrong = [f"{use}: says {package}, tools.tsv says {tools[use.command].package}"
              for use, package in stated
