@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# A real `drove serve` per test, and Ceph radosgw for the s3 half.
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 BLOCK = 2 * MiB
 

@@ -154,6 +154,7 @@ def test_cli_reports_and_refuses_clearly(cluster):
     assert res.returncode != 0 and b"control URL" in res.stderr
 
 
+@pytest.mark.slow
 def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_path):
     eng = cluster.start(3, "64M")
     eng.ok("POST", "/v1/snapshots", json={"name": "base"})
@@ -194,6 +195,7 @@ def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_pa
     compare(eng.uri(), live[2].uri("head"))
 
 
+@pytest.mark.slow
 def test_stopped_replica_is_dropped_within_the_timeout(cluster):
     eng = cluster.start(2, "32M", "--timeout", "2")
     job = subprocess.Popen(
@@ -255,6 +257,7 @@ def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
     assert eng.info()["health"] == "faulted"
 
 
+@pytest.mark.slow
 def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishes(cluster):
     eng = cluster.start(2, "256M", "--timeout", "2")
     run(["nbdcopy", "--", "[", "nbdkit", "random", "256M", "]", eng.uri()])
@@ -374,6 +377,7 @@ def test_engine_refuses_a_size_the_replicas_do_not_have(cluster, tmp_path):
     assert eng.info()["size"] == 8 << 20
 
 
+@pytest.mark.slow
 def test_large_writes_go_through_the_shared_arena_and_a_stale_replica_is_rebuilt(cluster):
     """Large writes reach same-host replicas by arena offset (drove.nbd.arena).
 
@@ -417,6 +421,7 @@ def test_large_writes_go_through_the_shared_arena_and_a_stale_replica_is_rebuilt
     assert arena["retired"] == 0
 
 
+@pytest.mark.slow
 def test_reads_cut_off_by_a_stopped_replica_retire_slots_until_its_process_exits(cluster):
     """A large read into the arena that times out leaves its slot retired: the stopped
     replica may still write there.  Once that process is gone the slots come back."""

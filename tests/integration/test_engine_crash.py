@@ -40,6 +40,7 @@ def restart(cluster) -> None:
 
 
 @pytest.mark.parametrize("scenario", ["all-at-once", "one-first"])
+@pytest.mark.slow
 def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario):
     seed = random.randrange(1 << 30)
     print("seed", seed)

@@ -53,6 +53,7 @@ async def one_round(client, oracle: bytearray, rnd: random.Random) -> None:
 
 
 @pytest.mark.parametrize("round_", range(2))
+@pytest.mark.slow
 def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_):
     seed = random.randrange(1 << 30)
     print("seed", seed)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 MiB = 1 << 20
 
 
@@ -33,6 +35,7 @@ def _write(uri: str, offset: int, pattern: int) -> None:
                    check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_snapshot_job_keeps_the_newest_n(manager):
     manager.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
     uri = manager.cli_json("volume", "attach", "v")["nbd_uri"]
@@ -51,6 +54,7 @@ def test_snapshot_job_keeps_the_newest_n(manager):
     manager.cli("volume", "detach", "v")
 
 
+@pytest.mark.slow
 def test_backup_job_by_label_with_retention(manager, tmp_path):
     _set_target(manager, tmp_path)
     for v in ("g1", "g2", "other"):
@@ -77,6 +81,7 @@ def test_backup_job_by_label_with_retention(manager, tmp_path):
         manager.cli("volume", "detach", v)
 
 
+@pytest.mark.slow
 def test_missed_run_runs_once_at_start(manager):
     manager.cli("volume", "create", "v", "--size", "64M", "--replicas", "1")
     manager.cli_json("volume", "attach", "v")
@@ -114,6 +119,7 @@ def test_job_refuses_bad_input(manager):
     assert manager.ok("GET", "/v1/jobs") == []
 
 
+@pytest.mark.slow
 def test_restore_cancelled_or_interrupted_leaves_no_volume(manager, tmp_path):
     _set_target(manager, tmp_path)
     manager.cli("volume", "create", "v", "--size", "1G", "--replicas", "1")

@@ -93,6 +93,7 @@ def test_volume_lifecycle_and_bad_input(manager, tmp_path):
         assert kind in kinds
 
 
+@pytest.mark.slow
 def test_replica_killed_heals_by_itself_and_restart_keeps_everything(manager, tmp_path):
     _disks(manager, tmp_path, 2)
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "128M", "replicas": 3})
@@ -120,6 +121,7 @@ def test_replica_killed_heals_by_itself_and_restart_keeps_everything(manager, tm
                        check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_gone_replica_replaced_elsewhere(manager, tmp_path):
     disks = _disks(manager, tmp_path, 3)
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
@@ -146,6 +148,7 @@ def test_disk_gone_replica_replaced_elsewhere(manager, tmp_path):
                    check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_replica_count_changes_live_and_settings(manager, tmp_path):
     _disks(manager, tmp_path, 2)
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 1})
@@ -188,6 +191,7 @@ def test_second_manager_on_same_data_dir_refused(manager, sig):
     assert r.returncode != 0 and "another drove manager" in r.stderr
 
 
+@pytest.mark.slow
 def test_disk_back_after_outage_gets_a_delta_rebuild_in_place(manager, tmp_path):
     (disk,) = _disks(manager, tmp_path, 1)
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
@@ -214,6 +218,7 @@ def test_disk_back_after_outage_gets_a_delta_rebuild_in_place(manager, tmp_path)
                    check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_engine_killed_is_restarted(manager, tmp_path):
     _disks(manager, tmp_path, 1)
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(manager, tmp_path):
     # Some objects to reach past the 404s: a volume attached (snapshots, export), one not.
     manager.ok("POST", "/v1/volumes", json={"name": "a", "size": "64M", "replicas": 1})

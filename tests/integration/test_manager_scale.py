@@ -8,6 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from drove.agent.processes import rss_bytes
 
 VOLUMES = 20
@@ -21,6 +23,7 @@ def _kind(pid: int) -> str:
     return "other"
 
 
+@pytest.mark.slow
 def test_twenty_volumes_at_once(manager, tmp_path):
     manager.ok("POST", "/v1/disks", json={"path": str(tmp_path / "d1")})
     names = [f"v{i:02d}" for i in range(VOLUMES)]

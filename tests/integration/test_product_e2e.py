@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 
 def _write_files(root: Path, n: int = 8) -> dict[str, str]:
     sums = {}
@@ -24,6 +26,7 @@ def _check_files(root: Path, sums: dict[str, str]) -> None:
         assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
 
 
+@pytest.mark.slow
 def test_three_replicas_mounted_survive_a_kill_and_a_restart(manager, tmp_path):
     for d in ("d1", "d2"):
         manager.cli("disk", "add", str(tmp_path / d), "--tag", "ssd")

@@ -51,6 +51,7 @@ def snapshot_churn(r: ReplicaProc, stop: threading.Event, hashes: dict[str, str]
 
 
 @pytest.mark.parametrize("round_", range(4))
+@pytest.mark.slow
 def test_sigkill_under_writes_and_snapshots(replicas, tmp_path, round_):
     seed = random.randrange(1 << 30)
     print("seed", seed)
@@ -94,6 +95,7 @@ def test_sigkill_under_writes_and_snapshots(replicas, tmp_path, round_):
     r2.ok("POST", "/v1/snapshots", json={"name": "after-crash"})
 
 
+@pytest.mark.slow
 def test_sigkill_during_revert(replicas, tmp_path):
     r = replicas("vol", "4M")
     nbdsh(r.uri(), "h.pwrite(b'S' * (1 << 20), 0)")

@@ -82,6 +82,7 @@ def compare_all(tgt: ReplicaProc, src: ReplicaProc) -> None:
         compare(src.uri(f"snapshot/{name}"), tgt.uri(f"snapshot/{name}"))
 
 
+@pytest.mark.slow
 def test_rebuild_full_then_delta(replicas) -> None:
     src = replicas("src", "32M")
     qemu_io(src.uri(), "write -P 0x11 0 2M", "write -P 0x12 5M 512k")

@@ -28,7 +28,7 @@ def inner(request, tmp_path):
     t.close()
 
 
-@pytest.fixture(params=["file", "moto", "radosgw"])
+@pytest.fixture(params=["file", "moto", pytest.param("radosgw", marks=pytest.mark.slow)])
 def any_inner(request, tmp_path):
     """An empty target of each kind, real S3 (Ceph radosgw) included."""
     t = make_target(request.param, request, tmp_path)

@@ -26,7 +26,7 @@ def target(tmp_path):
     return FileTarget(tmp_path)
 
 
-@pytest.fixture(params=["file", "moto", "radosgw"])
+@pytest.fixture(params=["file", "moto", pytest.param("radosgw", marks=pytest.mark.slow)])
 def any_target(request, tmp_path):
     """An empty target of each kind: a directory, moto, and real S3 (Ceph radosgw)."""
     t = make_target(request.param, request, tmp_path)

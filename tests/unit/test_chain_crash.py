@@ -149,6 +149,7 @@ CASES: dict[str, tuple[Callable[[Replica], None], Callable[[Replica], Any]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_crash_points(tmp_path: Path, case: str) -> None:
     setup, op = CASES[case]
     points = run_crash_points(tmp_path, setup, op)

@@ -201,6 +201,7 @@ def check_status(status: list[tuple[int, bool]], oracle: bytes | bytearray) -> N
     assert pos == len(oracle)
 
 
+@pytest.mark.slow
 def test_chain_model(monkeypatch: pytest.MonkeyPatch) -> None:
     # The model checks data, not durability (the crash tests do): skip the fsyncs.
     monkeypatch.setattr(meta.fs, "fsync", lambda fd: None)

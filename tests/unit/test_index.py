@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -87,6 +88,7 @@ def test_index_matches_newest_layer_model(layers, n, chunk, queries):
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 80), chunk=st.integers(1, 17), data=st.data())
+@pytest.mark.slow
 def test_runmap_assign_and_invalidate_vs_model(n, chunk, data):
     model = [HOLE] * n
 

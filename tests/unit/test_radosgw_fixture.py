@@ -23,6 +23,7 @@ def _error_code(exc: pytest.ExceptionInfo[ClientError]) -> str:
     return exc.value.response["Error"]["Code"]
 
 
+@pytest.mark.slow
 def test_s3_round_trip(radosgw: RadosGW) -> None:  # noqa: F811 (the fixture)
     s3 = radosgw.client()
     bucket = radosgw.make_bucket("fixture-roundtrip")
@@ -80,6 +81,7 @@ def test_s3_round_trip(radosgw: RadosGW) -> None:  # noqa: F811 (the fixture)
     assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
 
 
+@pytest.mark.slow
 def test_own_instance_starts_idempotently_and_stops_everything(tmp_path: Path) -> None:
     with RadosGW(tmp_path / "rgw") as gw:
         pids = gw.pids()

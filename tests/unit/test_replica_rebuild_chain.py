@@ -490,6 +490,7 @@ def older_copy(d: Path) -> Replica:
 
 
 @pytest.mark.parametrize("reuse", [None, "volume-snap-rb.img"])
+@pytest.mark.slow
 def test_prepare_crash_points(src: Replica, tmp_path: Path, reuse: str | None) -> None:
     layers = source_layers(src)
 
