@@ -167,3 +167,15 @@ def test_stopped_replica_queued_writes_never_land_after_its_rebuild_starts(
     eng.wait_rebuilt(120)
     eng.wait_for(lambda i: i["health"] == "healthy", 60, "the volume to be healthy")
     heads_hold(cluster.replicas, 0x22, 32 * MiB, 0)
+
+
+def test_an_engine_with_an_old_epoch_refuses_to_start(cluster: Cluster, tmp_path: Path) -> None:
+    """The manager's epochs: an engine given one not above the replicas' never serves."""
+    a = cluster.start(2, "64M", "--epoch", "5")
+    assert a.info()["epoch"] == 5
+    for epoch in ("5", "4"):
+        with pytest.raises(RuntimeError, match="not above the replicas' epoch 5"):
+            start_engine(tmp_path / f"engine-{epoch}", "vol", cluster.replicas, "--epoch", epoch,
+                         names=[r.dir.name for r in cluster.replicas])
+    assert a.info()["health"] == "healthy" and not a.info()["fenced"]
+    write(a.uri(), 0x5A, 4096, 0)

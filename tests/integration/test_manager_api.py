@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from replicatools import nbdinfo_json
@@ -231,3 +232,12 @@ def test_engine_killed_is_restarted(manager, tmp_path):
     subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x31 0 8M", v["nbd_uri"]],
                    check=True, capture_output=True)
     assert "engine-failed" in [e["kind"] for e in manager.events("v")]
+    # Every engine start got a new epoch, and the replicas now refuse anything older.
+    assert v["engine"]["epoch"] == att["engine"]["epoch"] + 1
+    info = httpx.get(v["engine"]["control_url"] + "/v1/info").json()
+    assert info["epoch"] == v["engine"]["epoch"]
+    for r in info["replicas"]:
+        assert httpx.get(r["url"] + "/v1/info").json()["epoch"] == v["engine"]["epoch"]
+        stale = httpx.post(r["url"] + "/v1/snapshots", json={"name": "x"},
+                           headers={"Drove-Epoch": str(att["engine"]["epoch"])})
+        assert stale.status_code == 409 and "stale" in stale.json()["detail"]

@@ -62,14 +62,18 @@ class NodeAgent:
         return self.run_dir / f"{volume}.nbd.sock"
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
-                     state_file: Path) -> Proc:
-        """Start the engine of ``volume`` over ``replicas`` (name, control URL)."""
+                     state_file: Path, epoch: int) -> Proc:
+        """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``.
+
+        The epoch is the manager's, persisted before this call: the replicas
+        refuse every older engine from the moment this one claims them.
+        """
         sock = self.engine_socket(volume)
         sock.unlink(missing_ok=True)
         argv = self._drove("engine", "serve", volume, "--nbd", "127.0.0.1:0",
                            "--nbd-unix", str(sock), "--control", "127.0.0.1:0",
                            "--timeout", str(timeout), "--state-file", str(state_file),
-                           "--log-level", "warning")
+                           "--epoch", str(epoch), "--log-level", "warning")
         for name, url in replicas:
             argv += ["--replica", f"{name}={url}"]
         state_file.parent.mkdir(parents=True, exist_ok=True)

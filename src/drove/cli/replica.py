@@ -19,10 +19,17 @@ UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_REPLICA_URL",
                                      help="control API of the replica, e.g. http://127.0.0.1:10810")]
 
 
+EpochOpt = Annotated[int | None, typer.Option(
+    "--epoch", envvar="DROVE_EPOCH", min=1,
+    help="the epoch of the engine that owns the replica (`drove replica info` shows it); "
+         "changes are refused without it once an engine has served the replica")]
+
 app.command("serve")(command_from_table(REPLICA, serve_replica))
 
 
-def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
+def _call(method: str, url: str, path: str, epoch: int | None = None, **kwargs: Any) -> Any:
+    if epoch is not None:
+        kwargs["headers"] = {"Drove-Epoch": str(epoch)}
     return api_call(method, url, path, serve_hint="drove replica serve", **kwargs)
 
 
@@ -31,7 +38,7 @@ def info(url: UrlOpt, json_out: JsonOpt = False) -> None:
     """Show the replica's size, head and addresses."""
     data = _call("GET", url, "/v1/info")
     if not emit(data, json_out):
-        for key in ("dir", "size", "head", "layers", "snapshots"):
+        for key in ("dir", "size", "head", "layers", "snapshots", "epoch"):
             value = format_size(data[key]) if key == "size" else data[key]
             typer.echo(f"{key:10} {value}")
         if data.get("rebuilding"):
@@ -57,9 +64,10 @@ def layers(url: UrlOpt, removed: Annotated[bool, typer.Option(help="include remo
 @app.command()
 def snapshot(url: UrlOpt, name: str,
              label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
-             json_out: JsonOpt = False) -> None:
+             epoch: EpochOpt = None, json_out: JsonOpt = False) -> None:
     """Snapshot the head as NAME."""
-    data = _call("POST", url, "/v1/snapshots", json={"name": name, "labels": parse_labels(label)})
+    data = _call("POST", url, "/v1/snapshots", epoch,
+                 json={"name": name, "labels": parse_labels(label)})
     if not emit(data, json_out):
         typer.echo(f"snapshot {name} created")
 
@@ -67,37 +75,37 @@ def snapshot(url: UrlOpt, name: str,
 @app.command()
 def delete(url: UrlOpt, name: str,
            purge: Annotated[bool, typer.Option(help="purge removed layers now")] = True,
-           json_out: JsonOpt = False) -> None:
+           epoch: EpochOpt = None, json_out: JsonOpt = False) -> None:
     """Delete snapshot NAME (its data is folded into its child)."""
-    data = _call("DELETE", url, f"/v1/snapshots/{name}", params={"purge": purge})
+    data = _call("DELETE", url, f"/v1/snapshots/{name}", epoch, params={"purge": purge})
     if not emit(data, json_out):
         typer.echo(f"snapshot {name} removed")
 
 
 @app.command()
-def purge(url: UrlOpt, json_out: JsonOpt = False) -> None:
+def purge(url: UrlOpt, epoch: EpochOpt = None, json_out: JsonOpt = False) -> None:
     """Fold or prune removed snapshots."""
-    data = _call("POST", url, "/v1/purge")
+    data = _call("POST", url, "/v1/purge", epoch)
     if not emit(data, json_out):
         typer.echo(f"purge done ({data['purge_steps']} steps)")
 
 
 @app.command()
-def revert(url: UrlOpt, name: str, json_out: JsonOpt = False) -> None:
+def revert(url: UrlOpt, name: str, epoch: EpochOpt = None, json_out: JsonOpt = False) -> None:
     """Start a new head on snapshot NAME (data written since is dropped)."""
-    data = _call("POST", url, "/v1/revert", json={"snapshot": name})
+    data = _call("POST", url, "/v1/revert", epoch, json={"snapshot": name})
     if not emit(data, json_out):
         typer.echo(f"reverted to {name}")
 
 
 @app.command()
-def expand(url: UrlOpt, size: str, json_out: JsonOpt = False) -> None:
+def expand(url: UrlOpt, size: str, epoch: EpochOpt = None, json_out: JsonOpt = False) -> None:
     """Grow the volume to SIZE (e.g. 20G)."""
     try:
         size_bytes = parse_size(size)
     except ValueError as exc:
         fail(str(exc))
-    data = _call("POST", url, "/v1/expand", json={"size": size_bytes})
+    data = _call("POST", url, "/v1/expand", epoch, json={"size": size_bytes})
     if not emit(data, json_out):
         typer.echo(f"expanded to {format_size(data['size'])}")
 

@@ -73,7 +73,9 @@ class Engine:
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
         self.arena = _new_arena()
-        self.replicas = [self._handle(n, url) for n, url in replicas]
+        # The epoch travels only after start() claimed the replicas with it: an epoch in
+        # the first reads would claim them before the check that it is newer.
+        self.replicas = [self._handle(n, url, claimed=False) for n, url in replicas]
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
         self.stats = StatsLayer(self.mirror)
@@ -121,10 +123,11 @@ class Engine:
                 "retired": self.arena.retired},
         }
 
-    def _handle(self, name: str, url: str) -> ReplicaHandle:
+    def _handle(self, name: str, url: str, claimed: bool = True) -> ReplicaHandle:
+        """A replica handle; once the start claimed the replicas, it sends our epoch."""
         handle = ReplicaHandle(name, url, self.timeout, self.arena)
         handle.on_fenced = self._fenced
-        if self.epoch is not None:
+        if claimed and self.epoch is not None:
             handle.set_epoch(self.epoch)
         return handle
 

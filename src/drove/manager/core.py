@@ -249,7 +249,8 @@ class Manager:
             "nbd_unix": (engine or {}).get("ready", {}).get("nbd_unix") if engine else None,
             "device": host.get("device"), "mountpoint": host.get("mountpoint"),
             "fs": host.get("fs"),
-            "engine": {"pid": engine["pid"], "control_url": engine["ready"].get("control")}
+            "engine": {"pid": engine["pid"], "control_url": engine["ready"].get("control"),
+                       "epoch": doc.get("epoch")}
             if engine else None,
             "rebuild": ({"replica": running["replica"], "done": running["bytes_done"],
                          "total": running["bytes_total"]} if running else None),
@@ -482,9 +483,14 @@ class Manager:
                            + "); `drove event list` tells more")
         timeout = self.settings()["replica_timeout"]
         state_file = self._volume_dir(name) / "engine.state"
+        # Every engine start gets a new epoch, stored before the engine runs: its replicas
+        # then refuse every older engine of this volume (drove.replica.fence).
+        doc["epoch"] = int(doc.get("epoch", 0)) + 1
+        self.save(doc)
         try:
             proc = await asyncio.to_thread(self.agent.start_engine, name, started,
-                                           timeout=timeout, state_file=state_file)
+                                           timeout=timeout, state_file=state_file,
+                                           epoch=doc["epoch"])
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         doc["engine"] = proc.to_json()

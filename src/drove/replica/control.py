@@ -33,8 +33,8 @@ from drove.replica.errors import (
     StaleGenerationError,
 )
 from drove.replica.exports import FlushGate
-from drove.replica.meta import ENGINE_STATE_MAX
 from drove.replica.fence import EPOCH_HEADER, Fence, StaleEpochError, parse_epoch_header
+from drove.replica.meta import ENGINE_STATE_MAX
 from drove.replica.rebuild import SyncJob
 from drove.web import App, Body, Field, Request, Response, json_response
 
