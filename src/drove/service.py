@@ -222,6 +222,18 @@ async def default_signals() -> int:
     return await wait_for_signal(signal.SIGTERM, signal.SIGINT)
 
 
+async def armed(stop: Callable[[], Awaitable[int]]) -> asyncio.Future[int]:
+    """Start waiting for ``stop`` now; the wait to await once serving.
+
+    A process announces itself ready only after its signal handlers are in:
+    a SIGTERM sent the moment the ready line appears must stop it cleanly
+    (flush, mark clean), not kill it with the default action.
+    """
+    waiting = asyncio.ensure_future(stop())
+    await asyncio.sleep(0)  # one step: wait_for_signal installs its handlers synchronously
+    return waiting
+
+
 async def listen_nbd(server: Any, nbd: tuple[str, int] | None, unix: str | None,
                      export: str = "") -> dict[str, Any]:
     """Start ``server`` listening on TCP and/or a unix socket; the addresses to announce."""

@@ -112,7 +112,6 @@ def test_stalled_clients_do_not_delay_sigterm_of_a_replica(replicas) -> None:
 def test_stalled_clients_do_not_delay_sigterm_of_an_engine(cluster) -> None:
     engine = cluster.start(n=2, size="64M")
     stalled = stall(engine.control)
-    # an answer also shows the process is past installing its signal handlers
     assert set(engine.modes().values()) == {"RW"}
     took = sigterm(engine)
     print(f"engine: SIGTERM -> exit in {took:.2f} s")
@@ -205,3 +204,14 @@ def _sockets(pid: int) -> int:
         except OSError:
             continue
     return count
+
+
+def test_sigterm_right_at_the_ready_line_stops_cleanly(cluster) -> None:
+    """Signal handlers are in before a process says it is ready: no kill by default action."""
+    engine = cluster.start(n=2, size="64M")
+    took = sigterm(engine)  # at once: no API call first
+    assert took < 5
+    for r in cluster.replicas:
+        assert r.ok("GET", "/v1/info")["engine_state"]["clean"] is True
+    for r in cluster.replicas:
+        sigterm(r)

@@ -12,7 +12,7 @@ from typing import Any
 from drove.engine.control import build_app
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
-from drove.service import ControlServer, default_signals, listen_nbd, print_ready
+from drove.service import ControlServer, armed, default_signals, listen_nbd, print_ready
 
 log = logging.getLogger("drove.engine")
 
@@ -70,11 +70,13 @@ async def serve_engine(
         addresses["control"] = ctl.url
         sampler = asyncio.ensure_future(_sample(engine))
         log.info("volume %s serving: %s", name, addresses)
+        stopping = await armed(stop)
         ready(addresses)
         try:
-            sig = await stop()
+            sig = await stopping
             log.info("stopping on signal %s", sig)
         finally:
+            stopping.cancel()  # if serving ended another way
             sampler.cancel()
             await server.close()  # no more client I/O
             # flush and mark the replicas clean before the control server stops: a stalled

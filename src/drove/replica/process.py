@@ -12,7 +12,7 @@ from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
 from drove.replica.fence import Fence
-from drove.service import ControlServer, default_signals, listen_nbd, print_ready
+from drove.service import ControlServer, armed, default_signals, listen_nbd, print_ready
 from drove.units import format_size
 
 log = logging.getLogger("drove.replica")
@@ -69,11 +69,13 @@ async def serve_replica(
         await ctl.start()
         addresses["control"] = ctl.url
         log.info("replica %s serving: %s", directory, addresses)
+        stopping = await armed(stop)
         ready(addresses)
         try:
-            sig = await stop()
+            sig = await stopping
             log.info("stopping on signal %s", sig)
         finally:
+            stopping.cancel()  # if serving ended another way
             # No more client I/O or background sync, then the chain is made durable, and only
             # then the control server stops: a stalled control client cannot delay the flush.
             await server.close()
