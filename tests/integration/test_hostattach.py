@@ -402,6 +402,7 @@ def test_detach_refuses_to_drop_writes_when_the_server_went_away(replicas, host,
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_detach_refuses_while_the_mount_is_in_use(replicas, host, tmp_path):
     r = replicas("vol", "32M")
     mnt = tmp_path / "mnt"

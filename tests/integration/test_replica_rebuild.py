@@ -217,6 +217,7 @@ def test_rebuild_api(replicas) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["full", "alternating"])
+@pytest.mark.slow
 def test_sync_patterns(replicas, pattern: str) -> None:
     """A layer of one 24 MiB extent, or with 4 KiB data / 4 KiB holes, copies exactly."""
     src = replicas("src", "32M")
