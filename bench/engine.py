@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from drove.replica.fence import head_export_name
 from drove.units import parse_size
 from fiobench import (
     STANDARD_JOBS,
@@ -68,15 +69,19 @@ def hop_floor(scratch: Path, jobs: tuple[Job, ...], size: int, runtime: int, bas
 
 
 def qemu_mirror(scratch: Path, reps: list[ReplicaProc], jobs: tuple[Job, ...],
-                drove_rows: list[tuple[str, Result, Result]], size: int, runtime: int) -> None:
+                drove_rows: list[tuple[str, Result, Result]], size: int, runtime: int,
+                epoch: int) -> None:
     """The same jobs through qemu-nbd's quorum mirror (C) over the same replicas.
 
     Printed beside drove's figures from the table before; the ratio is drove /
     qemu.  nbdkit's figures of that table give both their ratio to the baseline.
+    qemu writes as the next engine would, through ``head@epoch=`` one above the
+    stopped engine's ``epoch`` (plain ``head`` is read-only once an engine ran).
     """
     rows, vs_base = [], []
     targets = [Path(r.addresses["nbd_unix"]) for r in reps]
-    with qemu_quorum(targets, scratch / "quorum.sock") as (uri, pid):
+    with qemu_quorum(targets, scratch / "quorum.sock",
+                     head_export_name(epoch + 1)) as (uri, pid):
         for job, (_, d, b) in zip(jobs, drove_rows, strict=True):
             q = run_fio(uri, job, size, runtime, pid)
             rows.append((job.name, d, q))
@@ -138,8 +143,9 @@ def main() -> None:
                     print_table(f"drove volume, {n} replica(s), {args.size}; cpu is the "
                                 "engine's alone", rows, "nbdkit")
                     if not args.no_qemu:
+                        epoch = eng.info()["epoch"]
                         eng.stop()
-                        qemu_mirror(scratch, reps, jobs, rows, size, args.runtime)
+                        qemu_mirror(scratch, reps, jobs, rows, size, args.runtime, epoch)
                 finally:
                     for p in reversed(procs):
                         p.stop()

@@ -147,9 +147,10 @@ def socat_hop(target: Path, sock: Path) -> contextlib.AbstractContextManager[tup
                     f"UNIX-CONNECT:{target}"], sock)
 
 
-def qemu_quorum(targets: list[Path], sock: Path) -> contextlib.AbstractContextManager[
-        tuple[str, int]]:
-    """qemu-nbd mirroring to the NBD servers on the unix sockets ``targets``: (uri, pid).
+def qemu_quorum(targets: list[Path], sock: Path, export: str = ""
+                ) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    """qemu-nbd mirroring to ``export`` of the NBD servers on the unix sockets ``targets``:
+    (uri, pid).
 
     qemu's quorum driver (C) with vote-threshold=1 and read-pattern=fifo writes
     to every child and reads from the first, which is what drove's mirror does:
@@ -159,6 +160,8 @@ def qemu_quorum(targets: list[Path], sock: Path) -> contextlib.AbstractContextMa
     for i, target in enumerate(targets):
         opts += [f"children.{i}.driver=raw", f"children.{i}.file.driver=nbd",
                  f"children.{i}.file.server.type=unix", f"children.{i}.file.server.path={target}"]
+        if export:
+            opts.append(f"children.{i}.file.export={export}")
     return serving(["qemu-nbd", "--image-opts", ",".join(opts), "-k", str(sock), "-t"], sock)
 
 
