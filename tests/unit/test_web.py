@@ -14,7 +14,7 @@ import pytest
 
 from drove import service
 from drove.web import MAX_BODY, App, Body, Field, HttpServer, Request, Response, json_response
-from drove.web import app as web_app
+from drove.web import server as web_server
 from drove.webclient import ConnectError, HttpClient, RemoteProtocolError, Timeout
 
 
@@ -383,7 +383,7 @@ def test_route_body_limits(run: Runner) -> None:
 
 
 def test_bodies_held_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
-    monkeypatch.setattr(web_app, "MAX_BUFFERED", 150_000)
+    monkeypatch.setattr(web_server, "MAX_BUFFERED", 150_000)
 
     async def main() -> None:
         gate = asyncio.Event()
@@ -448,7 +448,7 @@ def test_connection_cap_closes_the_longest_idle_then_refuses(run: Runner) -> Non
 
 def test_timeouts_close_stalled_connections(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
     for name in ("KEEP_ALIVE", "HEADER_TIMEOUT", "BODY_TIMEOUT", "WRITE_TIMEOUT"):
-        monkeypatch.setattr(web_app, name, 0.3)
+        monkeypatch.setattr(web_server, name, 0.3)
 
     async def main() -> None:
         server, url = serve(make_app())
@@ -489,7 +489,7 @@ def test_timeouts_close_stalled_connections(monkeypatch: pytest.MonkeyPatch, run
 
 
 def test_stop_is_bounded(monkeypatch: pytest.MonkeyPatch, run: Runner) -> None:
-    monkeypatch.setattr(web_app, "SHUTDOWN_GRACE", 1.5)
+    monkeypatch.setattr(web_server, "SHUTDOWN_GRACE", 1.5)
 
     async def main() -> None:
         gate = asyncio.Event()
