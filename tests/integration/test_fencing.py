@@ -77,7 +77,9 @@ def test_second_engine_fences_the_first(cluster: Cluster, tmp_path: Path) -> Non
     res = nbdsh(a.uri(), "h.pwrite(bytes([0xCC]) * 65536, 0)\nh.flush()", check=False)
     assert res.returncode != 0, "the fenced engine acknowledged a write"
     wait_until(lambda: a.info()["health"] == "faulted", 30, "the old engine to fault")
-    assert a.info()["fenced"], a.info()
+    # It learns why: its replicas say a newer engine owns them.
+    wait_until(lambda: a.info()["fenced"], 30, "the old engine to know it was fenced")
+    assert f"epoch {b.info()['epoch']})" in a.info()["fenced"], a.info()["fenced"]
 
     assert holds(b.uri(), 0xBB, 64 * 1024, 0)
     # What A acknowledged before B started is kept.

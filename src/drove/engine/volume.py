@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -372,6 +373,17 @@ class Engine:
                    replica=member.name)
         if self.rebuild is not None and self.rebuild.target is member:
             self.rebuild.target_dropped(why)
+        if self.fenced is None:
+            self.spawn(self._ask_why(member))
+
+    async def _ask_why(self, member: ReplicaHandle) -> None:
+        """Ask a dropped replica whether a newer engine took it (its connections were cut).
+
+        The call carries our epoch, so a fenced replica answers 409 StaleEpochError,
+        which fences this engine with the reason; any other failure says nothing.
+        """
+        with contextlib.suppress(Exception):
+            await member.refresh()
 
     # ----------------------------------------------------------- snapshots
 
