@@ -67,16 +67,15 @@ class Engine:
                  timeout: float = DEFAULT_TIMEOUT, state_file: Path | None = None,
                  auto_rebuild: bool = True, epoch: int | None = None) -> None:
         self.name = name
-        self.epoch = epoch  # the fencing epoch (drove.replica.fence); chosen at start if None
+        self.requested_epoch = epoch  # --epoch; None: one above the replicas' at start
+        self.epoch: int | None = None  # the fencing epoch (drove.replica.fence), once claimed
         self.fenced: str | None = None  # why a newer engine took this volume over
         self.requested_size = size  # --size; 0: whatever the replicas hold
         self.timeout = timeout
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
         self.arena = _new_arena()
-        # The epoch travels only after start() claimed the replicas with it: an epoch in
-        # the first reads would claim them before the check that it is newer.
-        self.replicas = [self._handle(n, url, claimed=False) for n, url in replicas]
+        self.replicas = [self._handle(n, url) for n, url in replicas]
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
         self.stats = StatsLayer(self.mirror)
@@ -124,11 +123,15 @@ class Engine:
                 "retired": self.arena.retired},
         }
 
-    def _handle(self, name: str, url: str, claimed: bool = True) -> ReplicaHandle:
-        """A replica handle; once the start claimed the replicas, it sends our epoch."""
+    def _handle(self, name: str, url: str) -> ReplicaHandle:
+        """A replica handle; once the start claimed the replicas, it sends our epoch.
+
+        Not before: an epoch in the first reads would claim the replicas before the
+        check that it is newer than theirs.
+        """
         handle = ReplicaHandle(name, url, self.timeout, self.arena)
         handle.on_fenced = self._fenced
-        if claimed and self.epoch is not None:
+        if self.epoch is not None:
             handle.set_epoch(self.epoch)
         return handle
 
@@ -212,37 +215,34 @@ class Engine:
         The states are read by the claim itself, after the replica cut the old
         engine's connections: nothing the old engine does can change them later.
         """
-        given = self.epoch is not None
-        for _attempt in range(1 if given else CLAIM_ATTEMPTS):
+        requested = self.requested_epoch
+        for _attempt in range(1 if requested is not None else CLAIM_ATTEMPTS):
             infos = await asyncio.gather(*(r.refresh() for r in self.replicas),
                                          return_exceptions=True)
             highest = max((int(i.get("epoch", 0)) for i in infos if isinstance(i, dict)),
                           default=0)
-            if given and highest >= self.epoch:  # type: ignore[operator]
+            if requested is not None and highest >= requested:
                 raise FencedError(
-                    f"epoch {self.epoch} is not above the replicas' epoch {highest}: a newer "
+                    f"epoch {requested} is not above the replicas' epoch {highest}: a newer "
                     "engine owns this volume (the manager issues a new epoch at every start)")
-            epoch = self.epoch if given else highest + 1
-            assert epoch is not None
+            epoch = highest + 1 if requested is None else requested
             reachable = [r for r, i in zip(self.replicas, infos, strict=True)
                          if isinstance(i, dict)]
             claims = await asyncio.gather(*(r.claim(epoch) for r in reachable),
                                           return_exceptions=True)
             if any(isinstance(c, ReplicaControlError) and c.stale_epoch for c in claims):
-                if given:
+                if requested is not None:
                     raise FencedError(f"epoch {epoch}: a newer engine claimed the replicas "
                                       "first; this one must not serve")
                 continue  # raced with another engine run by hand: try a higher epoch
             self.epoch = epoch
             for r in self.replicas:
                 r.set_epoch(epoch)
+            # What each replica answered last: its claim, or the failed read before it.
+            answers = dict(zip(self.replicas, infos, strict=True))
+            answers.update(zip(reachable, claims, strict=True))
             states: list[ReplicaState] = []
-            answers = dict(zip((r.name for r in reachable), claims, strict=True))
-            for r in self.replicas:
-                res = answers.get(r.name)
-                if res is None:
-                    res = next(i for rr, i in zip(self.replicas, infos, strict=True)
-                               if rr is r)
+            for r, res in answers.items():
                 if isinstance(res, BaseException):
                     r.error = f"unreachable at start: {res}"
                     self.event("replica-unreachable",

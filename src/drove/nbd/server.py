@@ -560,6 +560,19 @@ class _Connection(asyncio.BufferedProtocol):
             log.exception("opening NBD export %r failed", name)
             return None
 
+    def _open_for(self, option: int, name: str) -> Export | None:
+        """The export called ``name`` for ``option``; None once the option was answered with
+        an error (no such export, or the provider refused it)."""
+        try:
+            export = self._open(name)
+        except ExportRefused as exc:
+            log.info("NBD connection %s: export %r refused: %s", self._peer, name, exc)
+            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
+            return None
+        if export is None:
+            self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
+        return export
+
     def _export_name(self, data: bytes, no_zeroes: bool) -> None:
         try:
             name = data.decode("utf-8")
@@ -593,14 +606,8 @@ class _Connection(asyncio.BufferedProtocol):
         except UnicodeDecodeError:
             self._opt_error(option, proto.NBD_REP_ERR_INVALID, "export name is not UTF-8")
             return False
-        try:
-            export = self._open(name)
-        except ExportRefused as exc:
-            log.info("NBD connection %s: export %r refused: %s", self._peer, name, exc)
-            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
-            return False
+        export = self._open_for(option, name)
         if export is None:
-            self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
             return False
         caps = export.caps
         tflags = proto.transmission_flags(caps, self._structured)
@@ -667,13 +674,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._opt_error(option, proto.NBD_REP_ERR_INVALID, "malformed metadata query")
             return
         name, queries = parsed
-        try:
-            export = self._open(name)
-        except ExportRefused as exc:
-            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
-            return
+        export = self._open_for(option, name)
         if export is None:
-            self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
             return
         available = export.caps.block_status
         if setting:

@@ -103,6 +103,11 @@ class FlushGate:
             await self._idle.wait()
 
 
+def _head_description(readonly: bool) -> str:
+    return "drove replica head " + ("(read-only: an engine owns this replica)" if readonly
+                                    else "(read-write)")
+
+
 class HeadExport:
     """The replica's live volume (the chain's head) as a read-write export.
 
@@ -117,8 +122,7 @@ class HeadExport:
         self.name = name
         self.epoch = epoch
         self.caps = _RO_CAPS if readonly else _RW_CAPS
-        self.description = ("drove replica head (read-only: an engine owns this replica)"
-                            if readonly else "drove replica head (read-write)")
+        self.description = _head_description(readonly)
         self._replica = replica
         self._gate = gate
         self._revoked = readonly
@@ -298,9 +302,7 @@ class ReplicaExports:
     def list_exports(self) -> list[tuple[str, str]]:
         """The head, every live snapshot and every layer file."""
         layers = self._replica.layers()
-        names = [(HEAD_EXPORT, "drove replica head" + (
-            " (read-only: an engine owns this replica)" if self._fence.epoch
-            else " (read-write)"))]
+        names = [(HEAD_EXPORT, _head_description(self._fence.epoch > 0))]
         names += [
             (SNAPSHOT_PREFIX + layer.name, f"drove snapshot {layer.name} (read-only)")
             for layer in layers if layer.name is not None and not layer.removed
