@@ -50,8 +50,12 @@ class EngineProc(ReplicaProc):
 
 def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra: str,
                  size: str | int | None = None, timeout: float = 30,
-                 names: list[str] | None = None) -> EngineProc:
-    """Start `drove engine serve NAME` over ``replicas`` on free ports."""
+                 names: list[str] | None = None,
+                 local: tuple[str, Path] | None = None) -> EngineProc:
+    """Start `drove engine serve NAME` over ``replicas`` on free ports.
+
+    ``local``: (name, directory) of a replica the engine serves itself (data locality).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     args = ["engine", "serve", name, "--nbd", "127.0.0.1:0", "--control", "127.0.0.1:0",
             "--nbd-unix", str(directory / f"{name}.sock"), "--log-level", "info",
@@ -59,6 +63,8 @@ def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra
     for i, r in enumerate(replicas):
         label = names[i] if names else f"r{i}"
         args += ["--replica", f"{label}={r.control}"]
+    if local is not None:
+        args += ["--local-replica", f"{local[0]}={local[1]}"]
     if size is not None:
         args += ["--size", str(size)]
     args += list(extra)

@@ -94,7 +94,16 @@ def parse_replica(spec: str, index: int) -> tuple[str, str]:
     return name, url
 
 
-def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
+def parse_local(spec: str) -> tuple[str, Path]:
+    """NAME=DIR -> (name, directory)."""
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise ValueError(f"--local-replica {spec!r}: give NAME=DIR, e.g. r0=/var/lib/drove/r0")
+    return name, Path(directory)
+
+
+def serve_engine(name: str, replica: list[str] | None, local_replica: str | None,
+                 local_nbd: str, local_control: str, size: str | None, nbd: str,
                  nbd_unix: str | None, control: str, timeout: float, state_file: Path | None,
                  rebuild: bool, epoch: int | None, tls_cert: Any, tls_key: Any, tls_ca: Any,
                  tls_required: bool, log_level: str) -> None:
@@ -108,10 +117,17 @@ def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
         nbd_addr = None if nbd == "none" else parse_address(nbd)
         ctl_addr = parse_address(control)
         size_bytes = parse_size(size) if size is not None else 0
-        replicas = [parse_replica(spec, i) for i, spec in enumerate(replica)]
+        replicas = [parse_replica(spec, i) for i, spec in enumerate(replica or [])]
+        local = parse_local(local_replica) if local_replica is not None else None
+        local_nbd_addr = None if local_nbd == "none" else parse_address(local_nbd)
+        local_ctl_addr = parse_address(local_control)
     except ValueError as exc:
         fail(str(exc))
-    if len({n for n, _ in replicas}) != len(replicas):
+    names = [n for n, _ in replicas] + ([local[0]] if local else [])
+    if not names:
+        fail("no replica: give --replica URL (repeat for each) and/or --local-replica NAME=DIR",
+             2)
+    if len(set(names)) != len(names):
         fail("replica names must be unique")
     if timeout <= 0:
         fail("--timeout must be positive")
@@ -122,7 +138,8 @@ def serve_engine(name: str, replica: list[str], size: str | None, nbd: str,
         run(lambda: serve_engine(name, size_bytes, replicas, nbd=nbd_addr, unix=nbd_unix,
                                  control=ctl_addr, timeout=timeout, state_file=state_file,
                                  auto_rebuild=rebuild, epoch=epoch, tls=tls,
-                                 tls_required=tls_required))
+                                 tls_required=tls_required, local=local,
+                                 local_nbd=local_nbd_addr, local_control=local_ctl_addr))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:
@@ -161,8 +178,10 @@ def _add(parser: argparse.ArgumentParser, opt: Opt) -> None:
         parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
                             default=opt.default, help=opt.help)
     elif opt.many:
+        # Not given: an empty list, as typer says.
         parser.add_argument(opt.flag, type=opt.kind, action="append", required=opt.required,
-                            default=None if opt.required else opt.default, help=opt.help)
+                            default=None if opt.required else list(opt.default or ()),
+                            help=opt.help)
     else:
         parser.add_argument(opt.flag, type=opt.kind, required=opt.required,
                             default=None if opt.required else opt.default, help=opt.help)

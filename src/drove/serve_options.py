@@ -83,14 +83,22 @@ REPLICA = Command(
 
 ENGINE = Command(
     "engine",
-    "Serve volume NAME over NBD, mirroring every write to each --replica.\n\n"
+    "Serve volume NAME over NBD, mirroring every write to each --replica (and to the "
+    "--local-replica it serves itself).\n\n"
     "Prints one JSON line with the bound addresses once it is ready. At start it finds "
     "the replicas holding every acknowledged write (by generation) and rebuilds the "
     "others online. Stops cleanly on SIGTERM or Ctrl-C.",
     (
         Opt("name", str, REQUIRED, "volume name (also the NBD export name)", positional=True),
-        Opt("replica", str, REQUIRED,
+        Opt("replica", str, None,
             "a replica's control URL, or NAME=URL; repeat for each replica", many=True),
+        Opt("local_replica", str, None,
+            "NAME=DIR: a replica this engine serves itself from DIR (data locality: no "
+            "replica process, reads stay in-process); made when DIR holds none"),
+        Opt("local_nbd", str, "127.0.0.1:0",
+            "NBD TCP address of the local replica's snapshot and layer exports "
+            "(rebuilds of other replicas, backups)"),
+        Opt("local_control", str, "127.0.0.1:0", "control API address of the local replica"),
         Opt("size", str, None, "volume size, e.g. 10G (default: the replicas')"),
         NBD,
         NBD_UNIX,

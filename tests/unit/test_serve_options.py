@@ -112,7 +112,10 @@ def test_lean_bad_arguments_say_what_is_wrong() -> None:
     assert "`drove replica serve --help` lists the options" in r.stderr
     r = lean("engine", "serve", "vol", "--epoch", "3")
     assert r.returncode == 2
-    assert "the following arguments are required: --replica" in r.stderr
+    assert "no replica: give --replica URL" in r.stderr
+    r = lean("engine", "serve", "vol", "--local-replica", "r0")
+    assert r.returncode == 1
+    assert "--local-replica 'r0': give NAME=DIR" in r.stderr
     r = lean("engine", "serve", "vol", "--replica", "http://127.0.0.1:1", "--epoch", "x")
     assert r.returncode == 2
     assert "argument --epoch: invalid int value: 'x'" in r.stderr

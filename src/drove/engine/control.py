@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from drove import __version__
@@ -29,6 +30,9 @@ ADD_REPLICA = Body("AddReplicaRequest", {
     "name": Field("str", pattern=r"^[A-Za-z0-9._-]{1,64}$"),
     "url": Field("str", nullable=True, default=None,
                  description="control API URL of a new replica process"),
+    "directory": Field("str", nullable=True, default=None,
+                       description="directory of a new replica the engine serves itself "
+                                   "(data locality; made when it holds none)"),
 }, "Add a replica (rebuilt online) or rebuild an existing ERR one.")
 
 
@@ -76,7 +80,8 @@ def build_app(engine: Engine) -> App:
     @app.post("/v1/replicas", status=202, body=ADD_REPLICA)
     async def add_replica(body: Any) -> dict[str, Any]:
         """Start rebuilding a replica; poll GET /v1/rebuild for progress."""
-        return await engine.add_replica(body.name, body.url)
+        directory = None if body.directory is None else Path(body.directory)
+        return await engine.add_replica(body.name, body.url, directory=directory)
 
     @app.delete("/v1/replicas/{name}")
     async def remove_replica(name: str) -> dict[str, Any]:

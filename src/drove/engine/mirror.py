@@ -64,6 +64,9 @@ class ReplicaIO(Protocol):
 class Member:
     """One replica as the mirror sees it."""
 
+    local = False
+    """Served in this process (data locality): it serves the reads while it is RW."""
+
     def __init__(self, name: str, io: ReplicaIO, mode: Mode = Mode.RW) -> None:
         self.name = name
         self.mode = mode
@@ -231,6 +234,7 @@ class Mirror:
         self.faulted: str | None = None
         self._targets: list[Member] = []  # RW + WO, the write fan-out
         self._rw: list[Member] = []
+        self._readers: list[Member] = []  # the local RW member if any, else every RW one
         self._has_wo = False
         self._rr = 0
         self._inflight = 0
@@ -276,12 +280,19 @@ class Mirror:
         self._recompute()
 
     def rw_members(self) -> list[Member]:
-        """Members serving reads."""
+        """Members holding every acknowledged write."""
         return list(self._rw)
+
+    def readers(self) -> list[Member]:
+        """Members serving reads: the local one while it is RW, else every RW member."""
+        return list(self._readers)
 
     def _recompute(self) -> None:
         self._rw = [m for m in self.members if m.mode is Mode.RW]
-        self._targets = [m for m in self.members if m.mode in (Mode.RW, Mode.WO)]
+        self._readers = [m for m in self._rw if m.local] or self._rw
+        # Remote members first: their requests leave before a local member's inline I/O runs.
+        self._targets = sorted((m for m in self.members if m.mode in (Mode.RW, Mode.WO)),
+                               key=lambda m: m.local)
         self._has_wo = len(self._targets) != len(self._rw)
         if not self._rw and self.members and self.faulted is None:
             self.faulted = "no RW replica left"
@@ -447,7 +458,7 @@ class Mirror:
     async def _from_rw(self, call: Callable[[Member], Awaitable[Any]]) -> Any:
         """Run ``call`` on one RW member, failing over to the next on error."""
         while True:
-            rw = self._rw
+            rw = self._readers
             if not rw:
                 self._check()
                 raise OSError(errno.EIO, f"volume {self.name} has no RW replica")
@@ -544,7 +555,7 @@ class Mirror:
 
     async def cache(self, offset: int, length: int) -> None:
         """Pass the hint to one RW replica; errors are ignored (it is only a hint)."""
-        rw = self._rw
+        rw = self._readers
         if rw:
             with contextlib.suppress(Exception):
                 await rw[self._rr % len(rw)].io.cache(offset, length)
@@ -573,7 +584,7 @@ class Mirror:
             eager.run(self._coroutine(cmd, offset, length, data, fua), done)
             return
         if cmd == eager.READ:
-            rw = self._rw
+            rw = self._readers
             if not rw:
                 eager.run(self.read(offset, length), done)
                 return

@@ -50,6 +50,9 @@ async def serve_engine(
     state_file: Path | None = None,
     auto_rebuild: bool = True,
     epoch: int | None = None,
+    local: tuple[str, Path] | None = None,
+    local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
+    local_control: tuple[str, int] = ("127.0.0.1", 0),
     tls=None,
     tls_required: bool = False,
     ready: Callable[[dict[str, Any]], None] = print_ready,
@@ -57,7 +60,8 @@ async def serve_engine(
 ) -> None:
     """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
-                    auto_rebuild=auto_rebuild, epoch=epoch)
+                    auto_rebuild=auto_rebuild, epoch=epoch, local=local,
+                    local_nbd=local_nbd, local_control=local_control)
     stopped = False
     try:
         await engine.start()
@@ -68,6 +72,10 @@ async def serve_engine(
         ctl = ControlServer(build_app(engine), *control)
         await ctl.start()
         addresses["control"] = ctl.url
+        local_replica = engine.local_replica()
+        if local_replica is not None and local_replica.opened:
+            addresses["local_replica"] = {"name": local_replica.name,
+                                          **local_replica.service.addresses}
         sampler = asyncio.ensure_future(_sample(engine))
         log.info("volume %s serving: %s", name, addresses)
         stopping = await armed(stop)

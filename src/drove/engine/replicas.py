@@ -30,7 +30,7 @@ class ReplicaControlError(OSError):
         return self.error == "StaleEpochError"
 
 
-class _Disconnected:
+class Disconnected:
     """Placeholder I/O for a replica the engine is not connected to: every call fails."""
 
     async def _fail(self, *args: Any, **kwargs: Any) -> Any:
@@ -46,7 +46,7 @@ class ReplicaHandle(Member):
     """A mirror member that also knows how to reach its replica's control API."""
 
     def __init__(self, name: str, url: str, timeout: float, arena: Any = None) -> None:
-        super().__init__(name, _Disconnected(), Mode.ERR)
+        super().__init__(name, Disconnected(), Mode.ERR)
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.arena = arena  # drove.nbd.arena.Arena offered to a same-host replica
@@ -68,7 +68,7 @@ class ReplicaHandle(Member):
     @property
     def connected(self) -> bool:
         """Whether an NBD connection is in use (not the placeholder)."""
-        return not isinstance(self.io, _Disconnected)
+        return not isinstance(self.io, Disconnected)
 
     def to_json(self) -> dict[str, Any]:
         """What the engine's API says about this replica."""
@@ -141,13 +141,13 @@ class ReplicaHandle(Member):
 
     def disconnect(self) -> None:
         """Cut the NBD connection."""
-        old, self.io = self.io, _Disconnected()
+        old, self.io = self.io, Disconnected()
         old.abort()
 
     async def close(self) -> None:
         """Close the NBD connection (flushing nothing) and the HTTP client."""
         io = self.io
-        self.io = _Disconnected()
+        self.io = Disconnected()
         close = getattr(io, "close", None)
         if close is not None:
             try:

@@ -19,6 +19,7 @@ from drove.engine.generation import (
     choose,
     parse_state,
 )
+from drove.engine.local import LocalReplica
 from drove.engine.mirror import Mirror, Mode
 from drove.engine.rebuild import Rebuild
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
@@ -65,7 +66,10 @@ class Engine:
 
     def __init__(self, name: str, size: int, replicas: list[tuple[str, str]], *,
                  timeout: float = DEFAULT_TIMEOUT, state_file: Path | None = None,
-                 auto_rebuild: bool = True, epoch: int | None = None) -> None:
+                 auto_rebuild: bool = True, epoch: int | None = None,
+                 local: tuple[str, Path] | None = None,
+                 local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
+                 local_control: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.name = name
         self.requested_epoch = epoch  # --epoch; None: one above the replicas' at start
         self.epoch: int | None = None  # the fencing epoch (drove.replica.fence), once claimed
@@ -76,6 +80,9 @@ class Engine:
         self.auto_rebuild = auto_rebuild
         self.arena = _new_arena()
         self.replicas = [self._handle(n, url) for n, url in replicas]
+        self._local_nbd, self._local_control = local_nbd, local_control
+        if local is not None:
+            self.replicas.append(self._local_handle(*local))
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
         self.stats = StatsLayer(self.mirror)
@@ -135,6 +142,22 @@ class Engine:
             handle.set_epoch(self.epoch)
         return handle
 
+    def _local_handle(self, name: str, directory: Path) -> LocalReplica:
+        """The handle of the replica this engine serves itself (data locality)."""
+        if self.local_replica() is not None:
+            raise EngineError(f"volume {self.name} has a local replica already "
+                              f"({self.local_replica().name}); one per engine", 409)
+        handle = LocalReplica(name, directory, self.requested_size or None, self.timeout,
+                              nbd=self._local_nbd, control=self._local_control)
+        handle.on_fenced = self._fenced
+        if self.epoch is not None:
+            handle.set_epoch(self.epoch)
+        return handle
+
+    def local_replica(self) -> LocalReplica | None:
+        """The replica served in this process, if any."""
+        return next((r for r in self.replicas if isinstance(r, LocalReplica)), None)
+
     def _fenced(self, why: str) -> None:
         """A replica says a newer engine owns it: stop serving at once, never write again."""
         if self.fenced is not None:
@@ -170,6 +193,9 @@ class Engine:
 
     async def start(self) -> None:
         """Claim the replicas for this epoch, choose the current ones (generation.py), connect."""
+        local = self.local_replica()
+        if local is not None:
+            await self._open_local(local)
         states = await self._claim()
         if not states:
             raise NoCurrentReplicaError("no replica is reachable")
@@ -206,6 +232,19 @@ class Engine:
             to_rebuild = [self.replica(n) for n in sel.rebuild]
             if to_rebuild:
                 self.spawn(self._rebuild_all(to_rebuild))
+
+    async def _open_local(self, local: LocalReplica) -> bool:
+        """Open the local replica's chain here; False (recorded) when it cannot be."""
+        try:
+            addresses = await local.open()
+        except Exception as exc:  # its disk is gone, it is locked, it is damaged
+            local.error = f"cannot open {local.directory}: {exc}"
+            self.event("replica-unreachable", f"local replica {local.name}: {local.error}",
+                       replica=local.name)
+            return False
+        self.event("local-replica", f"replica {local.name} served in the engine process from "
+                                    f"{local.directory}", replica=local.name, **addresses)
+        return True
 
     async def _claim(self) -> list[ReplicaState]:
         """Take every reachable replica for this engine's epoch; their states after the claim.
@@ -497,23 +536,39 @@ class Engine:
 
     # ----------------------------------------------------------- replicas
 
-    async def add_replica(self, name: str, url: str | None = None,
-                          wait: bool = False) -> dict[str, Any]:
-        """Rebuild replica ``name`` (new when ``url`` is given) online; returns its progress."""
+    async def add_replica(self, name: str, url: str | None = None, wait: bool = False,
+                          directory: Path | None = None) -> dict[str, Any]:
+        """Rebuild replica ``name`` online; returns its progress.
+
+        A new replica is given by its control ``url``, or by its ``directory``
+        for one this engine serves itself (made when missing).
+        """
         self._check_not_faulted()
         if self.rebuild is not None and self.rebuild.running:
             raise EngineError(f"replica {self.rebuild.target.name} is rebuilding already; "
                               "one rebuild per volume at a time", 409)
-        if url is not None:
+        if url is not None and directory is not None:
+            raise EngineError("give a new replica's url or its local directory, not both", 400)
+        if url is not None or directory is not None:
             if any(r.name == name for r in self.replicas):
                 raise EngineError(f"replica {name!r} exists; remove it first", 409)
-            target = self._handle(name, url)
+            if directory is not None:
+                target: ReplicaHandle = self._local_handle(name, directory)
+                target.service.set_size(self.mirror.size)
+                if not await self._open_local(target):
+                    await target.close()
+                    raise EngineError(f"local replica {name}: {target.error}", 409)
+            else:
+                target = self._handle(name, url)
             self.replicas.append(target)
             self.mirror.add(target)
         else:
             target = self.replica(name)
             if target.mode is not Mode.ERR:
                 raise EngineError(f"replica {name} is {target.mode}, not ERR", 409)
+            if (isinstance(target, LocalReplica) and not target.opened
+                    and not await self._open_local(target)):
+                raise EngineError(f"local replica {name}: {target.error}", 409)
         self.rebuild = Rebuild(self, target)
         task = self.spawn(self.rebuild.run())
         if wait:

@@ -146,6 +146,16 @@ class HeadExport:
         """Read through the chain."""
         return self._replica.read(offset, length)
 
+    def read_now(self, offset: int, length: int) -> bytes:
+        """Read through the chain, synchronously (an engine's in-process head)."""
+        return self._replica.read(offset, length)
+
+    def write_now(self, offset: int, data: memoryview) -> None:
+        """Write into the head, synchronously and not durably (an engine's in-process head)."""
+        if self._revoked:
+            self._check()
+        self._replica.write(offset, data)
+
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Read through the chain straight into ``buf`` (an engine's arena slot)."""
         self._replica.readinto(offset, buf)

@@ -17,7 +17,8 @@ from drove.units import format_size
 
 log = logging.getLogger("drove.replica")
 
-__all__ = ["ReplicaSetupError", "open_or_create", "print_ready", "serve_replica"]
+__all__ = ["ReplicaService", "ReplicaSetupError", "open_or_create", "print_ready",
+           "serve_replica"]
 
 
 class ReplicaSetupError(Exception):
@@ -43,6 +44,90 @@ def open_or_create(directory: Path, size: int | None) -> Replica:
     return Replica.create(directory, size)
 
 
+class ReplicaService:
+    """One replica served: its chain, NBD exports, epoch fence and control API.
+
+    The replica process runs one; an engine runs one for its local replica
+    (data locality), whose head it also opens in-process with :meth:`open_head`.
+    """
+
+    def __init__(self, directory: Path, size: int | None, *, nbd: tuple[str, int] | None,
+                 unix: str | None, control: tuple[str, int], tls=None,
+                 tls_required: bool = False, size_to_create_only: bool = False) -> None:
+        self.directory = directory
+        self._size = size
+        self._size_to_create_only = size_to_create_only  # an existing replica opens as it is
+        self._nbd, self._unix, self._control = nbd, unix, control
+        self._tls, self._tls_required = tls, tls_required
+        self.replica: Replica | None = None
+        self.addresses: dict[str, Any] = {}
+        self._cut_hooks: list[Callable[[Callable[[Any], bool]], int]] = []
+
+    async def start(self) -> dict[str, Any]:
+        """Open (or create) the chain and start serving; the addresses to announce."""
+        size = self._size
+        if self._size_to_create_only and (self.directory / "volume.meta").exists():
+            size = None
+        replica = self.replica = open_or_create(self.directory, size)
+        try:
+            self.gate = FlushGate()
+            self.fence = Fence(replica)
+            self.exports = ReplicaExports(replica, self.gate, self.fence)
+            self.server = NbdServer(self.exports, tls=self._tls,
+                                    tls_required=self._tls_required, accept_arena=True)
+            self.fence.bind(self._cut)
+            addresses = await listen_nbd(self.server, self._nbd, self._unix)
+            self.control = ReplicaControl(replica, self.gate, self.fence, addresses)
+            self.ctl = ControlServer(build_app(self.control), *self._control)
+            await self.ctl.start()
+        except BaseException:
+            self.replica = None
+            replica.close()
+            raise
+        addresses["control"] = self.ctl.url
+        self.addresses = addresses
+        return addresses
+
+    def set_size(self, size: int) -> None:
+        """The size to create the replica with when its directory holds none yet."""
+        self._size = size
+
+    def _cut(self, which: Callable[[Any], bool]) -> int:
+        """Cut the NBD connections ``which`` picks, and in-process heads it picks."""
+        return self.server.cut_connections(which) + sum(hook(which) for hook in self._cut_hooks)
+
+    def on_cut(self, hook: Callable[[Callable[[Any], bool]], int]) -> None:
+        """Also call ``hook(which)`` when the fence cuts heads (for in-process heads)."""
+        self._cut_hooks.append(hook)
+
+    def open_head(self, export: str) -> Any:
+        """Open head export ``export`` in-process, as a connection would (fenced)."""
+        head = self.exports.open_export(export)
+        if head is None:
+            raise ReplicaSetupError(f"replica in {self.directory} has no export {export!r}")
+        return head
+
+    async def stop(self) -> None:
+        """Stop serving, make the chain durable, close it.
+
+        No more client I/O or background sync first, then the chain is made durable,
+        and only then the control server stops: a stalled control client cannot
+        delay the flush.
+        """
+        replica, self.replica = self.replica, None
+        if replica is None:
+            return
+        try:
+            await self.server.close()
+            await self.control.close()
+            await self.gate.drain()
+            replica.flush()
+            await self.ctl.stop()
+            await self.control.close()  # a sync started over the control API meanwhile
+        finally:
+            replica.close()
+
+
 async def serve_replica(
     directory: Path,
     size: int | None,
@@ -56,18 +141,10 @@ async def serve_replica(
     stop=default_signals,
 ) -> None:
     """Serve the replica until ``stop`` returns (SIGTERM/SIGINT by default)."""
-    replica = open_or_create(directory, size)
+    service = ReplicaService(directory, size, nbd=nbd, unix=unix, control=control, tls=tls,
+                             tls_required=tls_required)
+    addresses = await service.start()
     try:
-        gate = FlushGate()
-        fence = Fence(replica)
-        exports = ReplicaExports(replica, gate, fence)
-        server = NbdServer(exports, tls=tls, tls_required=tls_required, accept_arena=True)
-        fence.bind(server.cut_connections)
-        addresses = await listen_nbd(server, nbd, unix)
-        rc = ReplicaControl(replica, gate, fence, addresses)
-        ctl = ControlServer(build_app(rc), *control)
-        await ctl.start()
-        addresses["control"] = ctl.url
         log.info("replica %s serving: %s", directory, addresses)
         stopping = await armed(stop)
         ready(addresses)
@@ -76,13 +153,5 @@ async def serve_replica(
             log.info("stopping on signal %s", sig)
         finally:
             stopping.cancel()  # if serving ended another way
-            # No more client I/O or background sync, then the chain is made durable, and only
-            # then the control server stops: a stalled control client cannot delay the flush.
-            await server.close()
-            await rc.close()
-            await gate.drain()
-            replica.flush()
-            await ctl.stop()
-            await rc.close()  # a sync started over the control API meanwhile
     finally:
-        replica.close()
+        await service.stop()
