@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from replicatools import ReplicaProc, kill_all, launch, start_replica
 
 
@@ -74,14 +76,72 @@ def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra
     return EngineProc(proc, directory, addresses, log, list(extra))
 
 
+class LocalReplicaView:
+    """The replica an engine serves itself, with a replica process's handles (uri, control).
+
+    Its addresses are the running engine's (its ready line's ``local_replica``), so
+    the view stays valid across engine restarts.  It has no process of its own:
+    killing it is refused, a test that means to stop the engine stops the engine.
+    """
+
+    local = True
+
+    def __init__(self, cluster: Cluster, name: str, directory: Path) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.dir = directory
+
+    @property
+    def addresses(self) -> dict[str, Any]:
+        """The local replica's addresses, as the current engine announced them."""
+        engine = self.cluster.engine
+        assert engine is not None and "local_replica" in engine.addresses, \
+            "the engine serves no local replica"
+        return engine.addresses["local_replica"]
+
+    @property
+    def control(self) -> str:
+        """Base URL of the local replica's control API (served by the engine)."""
+        return self.addresses["control"]
+
+    def uri(self, export: str = "") -> str:
+        """NBD URI of an export of the local replica (served by the engine)."""
+        return f"nbd://{self.addresses['nbd_host']}:{self.addresses['nbd_port']}/{export}"
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Call the local replica's control API."""
+        return httpx.request(method, self.control + path, timeout=120, **kwargs)
+
+    def ok(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the local replica's control API and insist on success."""
+        resp = self.api(method, path, **kwargs)
+        assert resp.status_code < 300, (resp.status_code, resp.text)
+        return resp.json()
+
+    def kill(self, sig: int = 9) -> int:
+        """Refused: the local replica lives and dies with its engine."""
+        raise AssertionError(f"local replica {self.name} has no process; stop the engine")
+
+
 class Cluster:
-    """N replica processes and one engine over them, in one directory; killed at teardown."""
+    """N replicas and one engine over them, in one directory; killed at teardown.
+
+    With ``local``, ``replicas[0]`` is a :class:`LocalReplicaView`: the engine
+    serves that replica itself (``--local-replica``), the others are processes.
+    """
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.replicas: list[ReplicaProc] = []
+        self.replicas: list[Any] = []  # ReplicaProc, and LocalReplicaView first if local
         self.engine: EngineProc | None = None
+        self.local: LocalReplicaView | None = None
+        self._size: str | int | None = None
         self._all: list[ReplicaProc] = []
+
+    @property
+    def remote(self) -> list[ReplicaProc]:
+        """The replicas that run as processes of their own."""
+        return [r for r in self.replicas if not getattr(r, "local", False)]
 
     def replica(self, name: str, size: str | int | None = "64M") -> ReplicaProc:
         """Start (or restart) replica ``name``."""
@@ -90,16 +150,29 @@ class Cluster:
         return r
 
     def start(self, n: int = 3, size: str = "64M", *extra: str,
-              names: list[str] | None = None) -> EngineProc:
-        """Start ``n`` fresh replicas and an engine over them."""
+              names: list[str] | None = None, local: bool = False) -> EngineProc:
+        """Start ``n`` fresh replicas and an engine over them.
+
+        ``local``: the first of the ``n`` is served by the engine itself.
+        """
         names = names or [f"r{i}" for i in range(n)]
-        self.replicas = [self.replica(nm, size) for nm in names]
-        return self.start_engine(*extra, names=names)
+        self.replicas = []
+        if local:
+            self.local = LocalReplicaView(self, names[0], self.tmp / names[0])
+            self.replicas.append(self.local)
+            self._size = size  # the engine creates the local replica at this size
+        self.replicas += [self.replica(nm, size) for nm in names[1 if local else 0:]]
+        return self.start_engine(*extra)
 
     def start_engine(self, *extra: str, names: list[str] | None = None) -> EngineProc:
-        """Start the engine over the current replicas."""
-        self.engine = start_engine(self.tmp / "engine", "vol", self.replicas, *extra,
-                                   names=names or [r.dir.name for r in self.replicas])
+        """Start the engine over the current replicas (and the local one, if any)."""
+        remote = self.remote
+        local = None if self.local is None else (self.local.name, self.local.dir)
+        size = self._size if self.local is not None and not (self.local.dir / "volume.meta"
+                                                               ).exists() else None
+        self.engine = start_engine(self.tmp / "engine", "vol", remote, *extra,
+                                   names=names or [r.dir.name for r in remote],
+                                   local=local, size=size)
         self._all.append(self.engine)
         return self.engine
 

@@ -16,6 +16,13 @@ from replicatools import drove_cmd, nbdinfo_json, nbdsh, run
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(300)
 
+# Run a test over remote replicas only, and again with the first replica served by the
+# engine itself (--local-replica: reads from it, writes to it in-process).
+LOCAL = pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
+# The same, with the local variant among the slow tests (a long test).
+LOCAL_SLOW = pytest.mark.parametrize(
+    "local", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["remote", "local"])
+
 
 def random_image(path: Path, size: int, seed: int) -> bytes:
     """A raw image with random data, some holes and some zero runs."""
@@ -46,8 +53,10 @@ def compare(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
 
 
-def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_path):
-    eng = cluster.start(3, "32M")
+@LOCAL
+def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_path, local):
+    eng = cluster.start(3, "32M", local=local)
+    assert [r.get("local", False) for r in eng.info()["replicas"]] == [False] * 2 + [local]
     info = nbdinfo_json(eng.uri())
     assert info["exports"][0]["export-size"] == 32 * MiB
     assert info["exports"][0]["can_multi_conn"] is True
@@ -66,8 +75,9 @@ def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_pat
     assert stats["ops"]["write"]["p99_us"] is not None
 
 
-def test_multi_conn_flushed_write_is_seen_on_another_connection(cluster):
-    eng = cluster.start(2, "8M")
+@LOCAL
+def test_multi_conn_flushed_write_is_seen_on_another_connection(cluster, local):
+    eng = cluster.start(2, "8M", local=local)
     script = (
         "h2 = nbd.NBD()\n"
         f"h2.connect_uri({eng.uri()!r})\n"
@@ -81,8 +91,9 @@ def test_multi_conn_flushed_write_is_seen_on_another_connection(cluster):
     nbdsh(eng.uri(), script)
 
 
-def test_nbdsh_edge_cases(cluster):
-    eng = cluster.start(2, "4M")
+@LOCAL
+def test_nbdsh_edge_cases(cluster, local):
+    eng = cluster.start(2, "4M", local=local)
     script = (
         "import errno\n"
         "size = h.get_size()\n"
@@ -116,8 +127,9 @@ def test_nbdsh_edge_cases(cluster):
         compare(eng.uri(), r.uri("head"))
 
 
-def test_snapshot_delete_revert_expand_through_the_engine(cluster, tmp_path):
-    eng = cluster.start(2, "8M")
+@LOCAL
+def test_snapshot_delete_revert_expand_through_the_engine(cluster, tmp_path, local):
+    eng = cluster.start(2, "8M", local=local)
     nbdsh(eng.uri(), "h.pwrite(b'1' * 65536, 0)")
     snap = eng.ok("POST", "/v1/snapshots", json={"name": "one", "labels": {"k": "v"}})
     assert snap["pause_ms"] < 1000
@@ -154,9 +166,10 @@ def test_cli_reports_and_refuses_clearly(cluster):
     assert res.returncode != 0 and b"control URL" in res.stderr
 
 
+@LOCAL
 @pytest.mark.slow
-def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_path):
-    eng = cluster.start(3, "64M")
+def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_path, local):
+    eng = cluster.start(3, "64M", local=local)
     eng.ok("POST", "/v1/snapshots", json={"name": "base"})
     verify = ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=48M",
               "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0"]
@@ -195,9 +208,10 @@ def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_pa
     compare(eng.uri(), live[2].uri("head"))
 
 
+@LOCAL
 @pytest.mark.slow
-def test_stopped_replica_is_dropped_within_the_timeout(cluster):
-    eng = cluster.start(2, "32M", "--timeout", "2")
+def test_stopped_replica_is_dropped_within_the_timeout(cluster, local):
+    eng = cluster.start(2, "32M", "--timeout", "2", local=local)
     job = subprocess.Popen(
         ["fio", "--name=job", "--ioengine=nbd", f"--uri={eng.uri()}", "--rw=randrw",
          "--bs=4k", "--iodepth=8", "--size=16M", "--time_based", "--runtime=8",
@@ -221,18 +235,20 @@ def test_stopped_replica_is_dropped_within_the_timeout(cluster):
     assert result["write"]["total_ios"] > 0 and result["job_runtime"] >= 7000
 
 
-def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster):
+@LOCAL
+def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster, local):
     # A long timeout spaces the health pings 5 s apart: the drop must come sooner, from
     # the closed socket alone (no I/O at all).
-    eng = cluster.start(2, "8M", "--timeout", "60")
+    eng = cluster.start(2, "8M", "--timeout", "60", local=local)
     assert eng.info()["health"] == "healthy"
     cluster.replicas[1].kill()
     t0 = time.monotonic()
     info = eng.wait_for(lambda i: i["health"] == "degraded", timeout=10, what="degraded")
     assert time.monotonic() - t0 < 2.5
-    gone = info["replicas"][1]
+    by_name = {r["name"]: r for r in info["replicas"]}
+    gone = by_name["r1"]
     assert gone["mode"] == "ERR" and "lost" in gone["error"], gone
-    assert info["replicas"][0]["mode"] == "RW"
+    assert by_name["r0"]["mode"] == "RW"
     kinds = [e["kind"] for e in eng.ok("GET", "/v1/events")]
     assert "replica-failed" in kinds, kinds
     nbdsh(eng.uri(), "h.pwrite(b'z' * 4096, 8192)\nassert h.pread(4096, 8192) == b'z' * 4096\n")
@@ -257,9 +273,13 @@ def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
     assert eng.info()["health"] == "faulted"
 
 
+@LOCAL
 @pytest.mark.slow
-def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishes(cluster):
-    eng = cluster.start(2, "256M", "--timeout", "2")
+def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishes(
+        cluster, local):
+    # With a local replica, r0 (the rebuild source) is served by the engine: the victim
+    # pulls its layers from the engine's own NBD server.
+    eng = cluster.start(2, "256M", "--timeout", "2", local=local)
     run(["nbdcopy", "--", "[", "nbdkit", "random", "256M", "]", eng.uri()])
     eng.ok("POST", "/v1/snapshots", json={"name": "s1"})
     nbdsh(eng.uri(), "h.pwrite(b'x' * (1 << 20), 0)")
@@ -287,6 +307,7 @@ def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishe
     assert victim.ok("GET", "/v1/info")["rebuilding"] is True  # never half-in
     eng.ok("POST", "/v1/replicas", json={"name": "r1"})
     rb = eng.wait_rebuilt()
+    assert rb["source"] == "r0", rb  # the only RW replica (the local one in [local])
     assert rb["bytes_copied"] < 128 << 20, rb["layers"]  # a delta: most ranges matched already
     assert eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")
     compare(cluster.replicas[0].uri("head"), victim.uri("head"))

@@ -1,4 +1,8 @@
-"""SIGKILL the engine and every replica under a flushing write load; restart; check the data."""
+"""SIGKILL the engine and every replica under a flushing write load; restart; check the data.
+
+With a local replica the engine's SIGKILL is that replica's crash too: its chain
+must reopen consistent in the restarted engine.
+"""
 
 from __future__ import annotations
 
@@ -33,19 +37,27 @@ def flushed_writes(log: Path) -> dict[int, int]:
 
 
 def restart(cluster) -> None:
-    """Start every replica again on its old directory, then the engine."""
-    cluster.replicas = [start_replica(r.dir, None) for r in cluster.replicas]
-    cluster._all.extend(cluster.replicas)
+    """Start every replica process again on its old directory, then the engine.
+
+    The local replica, if any, has no process: the engine reopens its directory.
+    """
+    cluster.replicas = [r if getattr(r, "local", False) else start_replica(r.dir, None)
+                        for r in cluster.replicas]
+    cluster._all.extend(cluster.remote)
     cluster.start_engine()
 
 
-@pytest.mark.parametrize("scenario", ["all-at-once", "one-first"])
+@pytest.mark.parametrize("scenario, local", [
+    ("all-at-once", False), ("one-first", False),
+    ("all-at-once", True), ("one-first", True), ("local-first", True)],
+    ids=["all-at-once-remote", "one-first-remote", "all-at-once-local", "one-first-local",
+         "local-first"])
 @pytest.mark.slow
-def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario):
+def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario, local):
     seed = random.randrange(1 << 30)
     print("seed", seed)
     rnd = random.Random(seed)
-    eng = cluster.start(3, str(BLOCKS * BS))
+    eng = cluster.start(3, str(BLOCKS * BS), local=local)
     log = tmp_path / "writes.log"
     writer = subprocess.Popen(
         ["/usr/bin/python3", str(WRITER), eng.unix_uri("vol"), str(log), str(BLOCKS), str(seed),
@@ -54,10 +66,18 @@ def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario):
     if scenario == "one-first":
         # A replica dies first: the engine drops it and keeps acknowledging writes, so
         # after the crash that replica is stale and must be rebuilt, never served.
-        cluster.replicas[0].kill()
+        first = cluster.remote[0]
+        first.kill()
         eng.wait_for(lambda i: i["health"] == "degraded", what="degraded")
         time.sleep(0.5 + rnd.random())
-    victims = [eng, *cluster.replicas]
+    elif scenario == "local-first":
+        # The local replica leaves first (taken out, its chain closed in the directory):
+        # the remote ones go on acknowledging writes, so at restart the local one is
+        # stale and must be rebuilt from them, never served.
+        first = cluster.local
+        eng.ok("DELETE", f"/v1/replicas/{first.name}")
+        time.sleep(0.5 + rnd.random())
+    victims = [eng, *cluster.remote]
     rnd.shuffle(victims)
     for v in victims:
         v.proc.send_signal(signal.SIGKILL)
@@ -73,8 +93,9 @@ def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario):
     eng = cluster.engine
     info = eng.wait_for(lambda i: i["health"] == "healthy", timeout=120, what="healthy")
     events = eng.ok("GET", "/v1/events")
-    if scenario == "one-first":
-        stale = [e for e in events if e["kind"] == "replica-excluded" and e["replica"] == "r0"]
+    if scenario != "all-at-once":
+        stale = [e for e in events
+                 if e["kind"] == "replica-excluded" and e["replica"] == first.dir.name]
         assert stale and "stale" in stale[0]["message"], events
     data = read_volume(eng.uri(), tmp_path / "volume.img")
     check_blocks(data, acked, issued, BLOCKS)
@@ -84,4 +105,7 @@ def test_sigkill_everything_under_flushing_writes(cluster, tmp_path, scenario):
     # Every replica agrees with the volume once the reconcile/rebuild is done.
     for r in cluster.replicas:
         assert read_volume(r.uri("head"), tmp_path / f"{r.dir.name}.img") == data
+    if local:
+        assert {r["name"]: r.get("local", False) for r in info["replicas"]}[
+            cluster.local.name] is True
     print("generation", info["generation"], "events", [e["kind"] for e in events])

@@ -6,7 +6,9 @@ round issues many concurrent requests on disjoint ranges (overlapping
 concurrent writes have no defined order), checks reads against the oracle,
 and now and then snapshots the volume, SIGKILLs a replica, or rebuilds one
 onto a fresh process while the I/O goes on.  At the end every replica's head
-and every snapshot must equal the oracle's copy of it.
+and every snapshot must equal the oracle's copy of it.  The ``local`` rounds
+run with the first replica served by the engine itself (never killed: it has
+no process of its own), so reads come from it and rebuilds copy from it.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ async def one_round(client, oracle: bytearray, rnd: random.Random) -> None:
     assert await client.read(lo, hi - lo) == oracle[lo:hi]
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
 @pytest.mark.parametrize("round_", range(2))
 @pytest.mark.slow
-def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_):
+def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_, local):
     seed = random.randrange(1 << 30)
     print("seed", seed)
     rnd = random.Random(seed)
-    eng = cluster.start(3, str(SIZE))
+    eng = cluster.start(3, str(SIZE), local=local)
+    killable = {r.dir.name for r in cluster.remote}
     snapshots: dict[str, bytes] = {}
     spares = iter(f"s{i}" for i in range(10))
 
@@ -76,9 +80,9 @@ def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_)
                 elif event < 0.20:
                     info = await asyncio.to_thread(eng.info)
                     rw = [r["name"] for r in info["replicas"] if r["mode"] == "RW"]
-                    if len(rw) > 1 and not (info["rebuild"] and
+                    if len(rw) > 1 and set(rw) & killable and not (info["rebuild"] and
                                             info["rebuild"]["state"] not in ("done", "failed")):
-                        pick = rnd.choice(rw)
+                        pick = rnd.choice(sorted(set(rw) & killable))
                         next(r for r in cluster.replicas if r.dir.name == pick).kill()
                 elif event < 0.30:
                     info = await asyncio.to_thread(eng.info)
@@ -89,6 +93,7 @@ def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_)
                         await asyncio.to_thread(eng.ok, "DELETE", f"/v1/replicas/{dead[0]}")
                         fresh = cluster.replica(next(spares), SIZE)
                         cluster.replicas.append(fresh)
+                        killable.add(fresh.dir.name)
                         await asyncio.to_thread(eng.ok, "POST", "/v1/replicas", json={
                             "name": fresh.dir.name, "url": fresh.control})
             assert await client.read(0, SIZE) == oracle
