@@ -1,6 +1,7 @@
 """fio against a drove volume with 1, 2 and 3 replicas, beside nbdkit's file plugin.
 
     .venv/bin/python bench/engine.py [--size 1G] [--runtime 10] [--replicas 1,2,3] [--warm]
+        [--local 1,2,3]
 
 Every replica is its own process on this machine, as is the engine; fio talks
 to the engine over a unix socket, the engine to its replicas over theirs.
@@ -11,6 +12,13 @@ ratio drove / nbdkit.  Targets (issue 3): 1 replica >= 0.75 of nbdkit's IOPS;
 First, unless ``--no-hop``, the same jobs run through a bare byte-forwarding
 hop (socat, in C) in front of that nbdkit: what one extra process costs on this
 machine before any engine work, the floor for any engine in front of replicas.
+
+``--local N,...`` adds volumes with a local replica (data locality): N
+replicas of which one is served inside the engine process and N - 1 are
+replica processes (targets, issue 15: 1 local >= 0.90 randread, 0.75 randrw,
+randwrite and 1M seq write, 0.90 1M seq read; 3 with 1 local >= 0.90
+randread, 0.35 randrw, 0.30 randwrite and 1M seq write, 0.90 1M seq read).
+The 1 MiB jobs also run at iodepth 4 there.
 
 After each volume's table, unless ``--no-qemu``, the engine stops and the same
 jobs run through qemu-nbd's quorum driver (the field's mirror, in C) over the
@@ -27,10 +35,12 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from drove.replica.fence import head_export_name
 from drove.units import parse_size
 from fiobench import (
+    SEQ_QD4_JOBS,
     STANDARD_JOBS,
     Job,
     Result,
@@ -91,14 +101,54 @@ def qemu_mirror(scratch: Path, reps: list[ReplicaProc], jobs: tuple[Job, ...],
     print("qemu quorum / nbdkit: " + ", ".join(vs_base))
 
 
-def main() -> None:
-    """Run the benchmark and print one table per replica count."""
+def bench_volume(scratch: Path, n: int, local: bool, jobs: tuple[Job, ...], args: Any,
+                 size: int, base_uri: str, base_pid: int) -> None:
+    """One volume of ``n`` replicas (one of them local when ``local``) against nbdkit."""
     from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
 
+    tag = f"v{n}{'l' if local else ''}"
+    procs = []
+    try:
+        reps = [start_replica(scratch / f"{tag}-r{i}", size) for i in range(n - local)]
+        procs.extend(reps)
+        eng = start_engine(scratch / f"{tag}-engine", "vol", reps, "--log-level", "warning",
+                           size=size,
+                           local=("loc", scratch / f"{tag}-loc") if local else None)
+        procs.append(eng)
+        uri = eng.unix_uri("vol")
+        fill(uri, size)
+        rows = []
+        for job in jobs:
+            if args.warm:
+                run_fio(uri, job, size, args.runtime)
+                run_fio(base_uri, job, size, args.runtime)
+            d = run_fio(uri, job, size, args.runtime, eng.proc.pid)
+            b = run_fio(base_uri, job, size, args.runtime, base_pid)
+            rows.append((job.name, d, b))
+        what = (f"{n} replica(s), 1 local in the engine + {n - 1} process(es)" if local
+                else f"{n} replica(s)")
+        print_table(f"drove volume, {what}, {args.size}; cpu is the engine's alone", rows,
+                    "nbdkit")
+        if not args.no_qemu and reps and not local:
+            epoch = eng.info()["epoch"]
+            eng.stop()
+            qemu_mirror(scratch, reps, jobs, rows, size, args.runtime, epoch)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        kill_all(procs)
+
+
+def main() -> None:
+    """Run the benchmark and print one table per replica count."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
     ap.add_argument("--runtime", type=int, default=10)
-    ap.add_argument("--replicas", default="1,2,3")
+    ap.add_argument("--replicas", default="1,2,3",
+                    help="replica counts of volumes whose replicas are all processes "
+                         "('' for none)")
+    ap.add_argument("--local", default="",
+                    help="replica counts of volumes with one local replica, e.g. 1,2,3")
     ap.add_argument("--dir", default=None, help="scratch directory (on the disk to measure)")
     ap.add_argument("--jobs", default=None, help="comma-separated job numbers to run (1-5)")
     ap.add_argument("--warm", action="store_true",
@@ -122,34 +172,11 @@ def main() -> None:
             fill(base_uri, size)
             if not args.no_hop:
                 hop_floor(scratch, jobs, size, args.runtime, base_uri, base_pid)
-            for n in (int(x) for x in args.replicas.split(",")):
-                procs = []
-                try:
-                    reps = [start_replica(scratch / f"v{n}-r{i}", size) for i in range(n)]
-                    procs.extend(reps)
-                    eng = start_engine(scratch / f"v{n}-engine", "vol", reps,
-                                       "--log-level", "warning")
-                    procs.append(eng)
-                    uri = eng.unix_uri("vol")
-                    fill(uri, size)
-                    rows = []
-                    for job in jobs:
-                        if args.warm:
-                            run_fio(uri, job, size, args.runtime)
-                            run_fio(base_uri, job, size, args.runtime)
-                        d = run_fio(uri, job, size, args.runtime, eng.proc.pid)
-                        b = run_fio(base_uri, job, size, args.runtime, base_pid)
-                        rows.append((job.name, d, b))
-                    print_table(f"drove volume, {n} replica(s), {args.size}; cpu is the "
-                                "engine's alone", rows, "nbdkit")
-                    if not args.no_qemu:
-                        epoch = eng.info()["epoch"]
-                        eng.stop()
-                        qemu_mirror(scratch, reps, jobs, rows, size, args.runtime, epoch)
-                finally:
-                    for p in reversed(procs):
-                        p.stop()
-                    kill_all(procs)
+            volumes = [(int(x), False) for x in args.replicas.split(",") if x]
+            volumes += [(int(x), True) for x in args.local.split(",") if x]
+            for n, local in volumes:
+                vol_jobs = jobs + (SEQ_QD4_JOBS if local and not args.jobs else ())
+                bench_volume(scratch, n, local, vol_jobs, args, size, base_uri, base_pid)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -39,6 +39,11 @@ STANDARD_JOBS = (
     Job("1M seq read qd16", "read", "1M", key="seqread-1m"),
 )
 
+SEQ_QD4_JOBS = (
+    Job("1M seq write qd4", "write", "1M", iodepth=4, key="seqwrite-1m-qd4"),
+    Job("1M seq read qd4", "read", "1M", iodepth=4, key="seqread-1m-qd4"),
+)
+
 
 @dataclass
 class Result:
