@@ -134,8 +134,8 @@ class LocalReplica(ReplicaHandle):
     def _cut(self, which: Any) -> int:
         """The fence cut heads (a newer engine, a revert, a rebuild): ours leaves if picked."""
         io = self.io
-        if not isinstance(io, LocalIO) or not which(io.head):
-            return 0
+        if not isinstance(io, LocalIO) or io.aborted or not which(io.head):
+            return 0  # already out of the volume (dropped, reverting): nothing to report
         self.io = Disconnected()
         io.abort()
         if self.on_lost is not None:
