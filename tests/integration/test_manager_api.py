@@ -60,7 +60,10 @@ def test_volume_lifecycle_and_bad_input(manager, tmp_path):
 
     att = manager.ok("POST", "/v1/volumes/db/attach", json={})
     assert att["state"] == "attached" and att["health"] == "healthy"
-    assert all(r["mode"] == "RW" and r["pid"] for r in att["replicas"])
+    # best-effort by default: one replica is served by the engine (no process), the rest
+    # each by its own process.
+    assert all(r["mode"] == "RW" and bool(r["pid"]) != r["local"] for r in att["replicas"])
+    assert att["data_locality"] == "best-effort" and sum(r["local"] for r in att["replicas"]) == 1
     assert nbdinfo_json(att["nbd_uri"])["exports"][0]["export-size"] == 256 << 20
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 3M", att["nbd_uri"]],
                    check=True, capture_output=True)
@@ -81,7 +84,7 @@ def test_volume_lifecycle_and_bad_input(manager, tmp_path):
 
     det = manager.ok("POST", "/v1/volumes/db/detach", json={})
     assert det["state"] == "detached" and det["nbd_uri"] is None
-    pids = [r["pid"] for r in att["replicas"]] + [att["engine"]["pid"]]
+    pids = [r["pid"] for r in att["replicas"] if r["pid"]] + [att["engine"]["pid"]]
     time.sleep(0.2)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
     # Offline: the snapshot list still answers (read from a replica's files).
@@ -102,7 +105,7 @@ def test_replica_killed_heals_by_itself_and_restart_keeps_everything(manager, tm
     uri = att["nbd_uri"]
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 32M", uri], check=True,
                    capture_output=True)
-    victim = att["replicas"][1]
+    victim = next(r for r in att["replicas"] if not r["local"])
     os.kill(victim["pid"], signal.SIGKILL)
     manager.wait_volume("v", lambda v: v["health"] == "degraded", 30, "degraded")
     healed = manager.wait_volume("v", lambda v: v["health"] == "healthy", 60, "healthy again")
@@ -130,7 +133,7 @@ def test_disk_gone_replica_replaced_elsewhere(manager, tmp_path):
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 8M", att["nbd_uri"]],
                    check=True, capture_output=True)
     # Take away a disk holding a replica: its marker goes, then its process dies.
-    victim = next(r for r in att["replicas"] if r["disk"] != "default")
+    victim = next(r for r in att["replicas"] if r["disk"] != "default" and not r["local"])
     disk = next(d for d in disks if d["name"] == victim["disk"])
     (Path(disk["path"]) / ".drove-disk").rename(Path(disk["path"]) / ".gone")
     os.kill(victim["pid"], signal.SIGKILL)
@@ -200,6 +203,7 @@ def test_disk_back_after_outage_gets_a_delta_rebuild_in_place(manager, tmp_path)
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x21 0 16M", att["nbd_uri"]],
                    check=True, capture_output=True)
     victim = next(r for r in att["replicas"] if r["disk"] == disk["name"])
+    assert not victim["local"]  # the local one is on the first disk, "default"
     marker = Path(disk["path"]) / ".drove-disk"
     marker.rename(marker.with_suffix(".away"))
     os.kill(victim["pid"], signal.SIGKILL)

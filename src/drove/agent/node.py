@@ -62,11 +62,15 @@ class NodeAgent:
         return self.run_dir / f"{volume}.nbd.sock"
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
-                     state_file: Path, epoch: int) -> Proc:
+                     state_file: Path, epoch: int, local: tuple[str, str] | None = None,
+                     size: int | None = None) -> Proc:
         """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``.
 
         The epoch is the manager's, persisted before this call: the replicas
         refuse every older engine from the moment this one claims them.
+        ``local`` (name, directory) is the replica the engine serves itself (data
+        locality: no replica process for it); ``size`` creates it when its
+        directory holds none yet.
         """
         sock = self.engine_socket(volume)
         sock.unlink(missing_ok=True)
@@ -76,6 +80,11 @@ class NodeAgent:
                            "--epoch", str(epoch), "--log-level", "warning")
         for name, url in replicas:
             argv += ["--replica", f"{name}={url}"]
+        if local is not None:
+            name, directory = local
+            argv += ["--local-replica", f"{name}={directory}"]
+            if size is not None and not (Path(directory) / "volume.meta").exists():
+                argv += ["--size", str(size)]
         state_file.parent.mkdir(parents=True, exist_ok=True)
         return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
                                self.logs / f"{volume}.engine.log", timeout=120)

@@ -45,6 +45,21 @@ class Fs(StrEnum):
     xfs = "xfs"
 
 
+class Locality(StrEnum):
+    """Data locality: where a volume's data lives relative to its attach node."""
+
+    disabled = "disabled"
+    best_effort = "best-effort"
+    strict_local = "strict-local"
+
+
+LocalityOpt = Annotated[Locality | None, typer.Option(
+    "--data-locality", show_default=False,
+    help="disabled (every replica its own process), best-effort (one replica on the attach "
+         "node, served by the engine itself) or strict-local (exactly one replica, there); "
+         "default: the setting default_data_locality (best-effort)")]
+
+
 def styled(value: str | None, styles: dict[str, str]) -> str:
     """``value`` in its colour (escaped)."""
     text = escape(value or "")
@@ -77,6 +92,7 @@ def create(
     replicas: ReplicasOpt = None,
     pool: PoolOpt = None,
     label: LabelOpt = None,
+    data_locality: LocalityOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create volume NAME and place its replicas (nothing runs until it is attached).
@@ -86,18 +102,23 @@ def create(
         drove volume create db --size 10G
 
         drove volume create logs --size 2G --replicas 2 --pool ssd --label app=pg
+
+        drove volume create cache --size 1G --data-locality strict-local
     """
     body: dict[str, Any] = {"name": name, "size": size, "labels": parse_labels(label)}
     if replicas is not None:
         body["replicas"] = replicas
     if pool is not None:
         body["pool"] = pool
+    if data_locality is not None:
+        body["data_locality"] = data_locality.value
     v = mgr.post("/v1/volumes", body)
     if emit(v, json_out):
         return
     disks = ", ".join(r["disk"] for r in v.get("replicas", []))
     console.print(f"volume [bold]{escape(v['name'])}[/] created: {format_size(v['size'])}, "
-                  f"{v['replica_count']} replica(s) on {escape(disks) or '(none yet)'}",
+                  f"{v['replica_count']} replica(s) on {escape(disks) or '(none yet)'}, "
+                  f"data locality {escape(v.get('data_locality') or '?')}",
                   highlight=False)
     console.print(f"attach it with `drove volume attach {v['name']}` "
                   "(add --mount PATH for a filesystem)", style="dim", highlight=False)
@@ -115,10 +136,11 @@ def list_volumes(mgr: Manager, json_out: JsonOpt = False) -> None:
                       highlight=False)
         return
     rows = [[escape(v["name"]), format_size(v["size"]), v["replica_count"],
-             escape(v.get("pool") or ""), v["state"], styled(v["health"], HEALTH_STYLE),
-             escape(_where(v)), escape(labels_text(v.get("labels")))] for v in volumes]
-    show_table("volumes", ["name", "size>", "replicas>", "pool", "state", "health",
-                           "attached at", "labels"], rows)
+             escape(v.get("data_locality") or ""), escape(v.get("pool") or ""), v["state"],
+             styled(v["health"], HEALTH_STYLE), escape(_where(v)),
+             escape(labels_text(v.get("labels")))] for v in volumes]
+    show_table("volumes", ["name", "size>", "replicas>", "locality", "pool", "state",
+                           "health", "attached at", "labels"], rows)
 
 
 @app.command()
@@ -140,7 +162,8 @@ def show_volume(v: dict[str, Any]) -> None:
     """A summary of the volume and a table of its replicas."""
     console.print(f"[bold]{escape(v['name'])}[/]  {format_size(v['size'])}  {v['state']}  "
                   f"{styled(v['health'], HEALTH_STYLE)}", highlight=False)
-    facts: list[tuple[str, str]] = [("replica count", str(v["replica_count"]))]
+    facts: list[tuple[str, str]] = [("replica count", str(v["replica_count"])),
+                                    ("data locality", v.get("data_locality") or "")]
     if v.get("pool"):
         facts.append(("pool", v["pool"]))
     if v.get("labels"):
@@ -172,12 +195,16 @@ def show_volume(v: dict[str, Any]) -> None:
     errors = any(r.get("error") for r in replicas)
     rows = []
     for r in replicas:
-        row = [escape(r["name"]), escape(r.get("disk") or ""), styled(r.get("mode"), MODE_STYLE),
-               r.get("state"), r.get("pid"), _rebuild_percent(r.get("rebuild"))]
+        # A local replica has no process: the engine serves it (its pid is the engine's).
+        row = [escape(r["name"]), escape(r.get("node") or ""), escape(r.get("disk") or ""),
+               styled(r.get("mode"), MODE_STYLE), r.get("state"),
+               "local" if r.get("local") else "", r.get("pid"),
+               _rebuild_percent(r.get("rebuild"))]
         if errors:
             row.append(escape(r.get("error") or ""))
         rows.append(row)
-    columns = ["name", "disk", "mode", "state", "pid>", "rebuild>"] + (["error"] if errors else [])
+    columns = (["name", "node", "disk", "mode", "state", "local", "pid>", "rebuild>"]
+               + (["error"] if errors else []))
     show_table("replicas", columns, rows)
 
 
@@ -291,28 +318,34 @@ def update(
         help="set label KEY=VALUE (other labels stay), repeatable")] = None,
     remove_label: Annotated[list[str] | None, typer.Option(
         show_default=False, help="remove label KEY, repeatable")] = None,
+    data_locality: LocalityOpt = None,
     wait: Annotated[bool, typer.Option(
         help="follow the rebuild until the volume is healthy")] = True,
     timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change the replica count of volume NAME (live) or its labels.
+    """Change the replica count or data locality of volume NAME (live), or its labels.
 
-    With a new replica count it then shows the rebuild's progress until the
-    volume is healthy with that many replicas (Ctrl-C stops watching, not the
+    With a new replica count or data locality it then shows the rebuild's
+    progress until the volume is healthy again (Ctrl-C stops watching, not the
     rebuild; --no-wait returns at once).
 
     Examples:
 
         drove volume update db --replicas 3
 
+        drove volume update db --data-locality disabled
+
         drove volume update db --label tier=gold --remove-label old
     """
-    if replicas is None and not label and not remove_label:
-        fail("nothing to change: give --replicas N, --label KEY=VALUE or --remove-label KEY")
+    if replicas is None and not label and not remove_label and data_locality is None:
+        fail("nothing to change: give --replicas N, --data-locality X, --label KEY=VALUE or "
+             "--remove-label KEY")
     body: dict[str, Any] = {}
     if replicas is not None:
         body["replicas"] = replicas
+    if data_locality is not None:
+        body["data_locality"] = data_locality.value
     if label or remove_label:
         labels = dict(mgr.get(_path(name)).get("labels") or {})
         labels.update(parse_labels(label))
@@ -320,16 +353,18 @@ def update(
             labels.pop(key, None)
         body["labels"] = labels
     v = mgr.patch(_path(name), body)
-    if replicas is not None and wait and v.get("state") != "detached":
+    live = replicas is not None or data_locality is not None
+    if live and wait and v.get("state") != "detached":
         v = watch(mgr, name, timeout=timeout, quiet=json_out)
     if emit(v, json_out):
         return
     console.print(f"volume {escape(v['name'])}: {v['replica_count']} replica(s), "
+                  f"data locality {escape(v.get('data_locality') or '?')}, "
                   f"{styled(v['health'], HEALTH_STYLE)}"
                   + (f", labels {escape(labels_text(v['labels']))}" if v.get("labels") else ""),
                   highlight=False)
-    if replicas is not None and v.get("state") == "detached":
-        console.print("it is detached: new replicas are built when it is attached",
+    if live and v.get("state") == "detached":
+        console.print("it is detached: the change applies when it is attached",
                       style="dim", highlight=False)
 
 

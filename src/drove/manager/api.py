@@ -17,6 +17,10 @@ from drove.manager.errors import ApiError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
+Locality = Annotated[str, Field(description="data locality: disabled, best-effort (one "
+                                           "replica on the attach node, served by the "
+                                           "engine) or strict-local (exactly one, there)",
+                                examples=["best-effort"])]
 Labels = dict[Annotated[str, Field(min_length=1, max_length=63)],
               Annotated[str, Field(max_length=253)]]
 
@@ -35,13 +39,16 @@ class VolumeCreate(Strict):
     replicas: int | None = Field(None, ge=1, le=10, description="default: the setting")
     pool: str | None = Field(None, description="place replicas only on disks with this tag")
     labels: Labels = Field(default_factory=dict)
+    data_locality: Locality | None = Field(None, description="default: the setting "
+                                                             "default_data_locality")
 
 
 class VolumeUpdate(Strict):
-    """Change the replica count (live) or the labels."""
+    """Change the replica count or the data locality (live), or the labels."""
 
     replicas: int | None = Field(None, ge=1, le=10)
     labels: Labels | None = None
+    data_locality: Locality | None = None
 
 
 class Expand(Strict):
@@ -93,6 +100,7 @@ class SettingsUpdate(Strict):
     replica_timeout: float | None = None
     heal_interval: float | None = None
     failed_replica_retry_seconds: float | None = None
+    default_data_locality: str | None = None
 
 
 Codec = Literal["zstd", "lz4", "none"]
@@ -202,7 +210,8 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
     @app.post("/v1/volumes", dependencies=secured, status_code=201)
     async def create_volume(req: VolumeCreate) -> dict[str, Any]:
         """Create a volume and place its replicas."""
-        return manager.create_volume(req.name, req.size, req.replicas, req.pool, req.labels)
+        return manager.create_volume(req.name, req.size, req.replicas, req.pool, req.labels,
+                                     req.data_locality)
 
     @app.get("/v1/volumes/{name}", dependencies=secured)
     async def volume(name: str) -> dict[str, Any]:
@@ -211,8 +220,8 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
 
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:
-        """Change the replica count (rebuilt online) or labels."""
-        return await manager.update_volume(name, req.replicas, req.labels)
+        """Change the replica count or data locality (both online) or labels."""
+        return await manager.update_volume(name, req.replicas, req.labels, req.data_locality)
 
     @app.delete("/v1/volumes/{name}", dependencies=secured)
     async def delete_volume(name: str, force: bool = False) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class Volumes(Protocol):
     async def refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
         """What the volume's engine reports now (None when it does not answer)."""
 
+    async def replica_endpoints(self, doc: dict[str, Any],
+                                rep: dict[str, Any]) -> dict[str, str] | None:
+        """Where a replica is served now: ``nbd`` base URI and ``control`` URL (or None)."""
+
     def volume(self, name: str) -> dict[str, Any]:
         """A volume as the API shows it."""
 
@@ -316,8 +320,7 @@ class Backups:
     async def _backup(self, ctx: TaskContext, store: BackupStore, volume: str, snap: str,
                       name: str, labels: dict[str, str], codec: str) -> dict[str, Any]:
         doc = self.m.record(volume)
-        rep = await self._healthy_replica(doc)
-        ready = rep["proc"]["ready"]
+        rep, ready = await self._healthy_replica(doc)
         layers = await self._layers(ready["control"])
         by_file = {la["file"]: la for la in layers}
         target = next((la for la in layers if la["name"] == snap and not la["removed"]), None)
@@ -373,12 +376,15 @@ class Backups:
             la = by_file.get(la["parent"]) if la.get("parent") else None
         return None, []
 
-    async def _healthy_replica(self, doc: dict[str, Any]) -> dict[str, Any]:
+    async def _healthy_replica(self, doc: dict[str, Any]
+                               ) -> tuple[dict[str, Any], dict[str, str]]:
+        """An RW replica to read from, and where it is served (its NBD base and control URL)."""
         info = await self.m.refresh(doc) or {}
         rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
         for r in doc["replicas"]:
-            if r["name"] in rw and r.get("proc"):
-                return r
+            ends = await self.m.replica_endpoints(doc, r) if r["name"] in rw else None
+            if ends is not None:
+                return r, ends
         raise TaskFailed(f"volume {doc['name']} has no healthy replica to read from")
 
     async def _layers(self, control: str) -> list[dict[str, Any]]:

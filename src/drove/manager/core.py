@@ -5,6 +5,11 @@ healer never act on one volume at once.  Stored documents say what *should*
 be (``desired``) and what was last done; the healer's loop closes the gap:
 failed replicas are restarted in place (a delta rebuild) or, when their disk is
 gone, replaced on another disk (a full rebuild).
+
+With data locality (``drove.manager.locality``) one replica on the attach node
+is served by the engine itself: it has no process of its own, so its "process"
+is the engine, and its NBD and control addresses are the engine's to tell
+(:meth:`Manager.replica_endpoints`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import httpx
 from drove.agent import disks as disklib
 from drove.agent.node import NodeAgent
 from drove.agent.processes import ProcessStartError
+from drove.manager import locality
 from drove.manager.errors import ApiError, to_size, validate_name
 from drove.manager.labels import SNAPSHOT_ID_LABEL
+from drove.manager.locality import DISABLED, STRICT_LOCAL
 from drove.manager.placement import PlacementError, place
 from drove.manager.store import Store, now_iso
 from drove.units import parse_size
@@ -38,6 +45,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "replica_timeout": 8.0,
     "heal_interval": 1.0,
     "failed_replica_retry_seconds": 5.0,
+    "default_data_locality": locality.DEFAULT_LOCALITY,
+}
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {
+    "default_data_locality": locality.LOCALITIES,
 }
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "over_provisioning_percent": (10, 10000),
@@ -79,6 +90,7 @@ class Manager:
         self._heal_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_health: dict[str, str] = {}
+        self._locality_notes: dict[str, str] = {}  # volume -> why its locality is unmet
 
     # ------------------------------------------------------------ basics
 
@@ -110,6 +122,12 @@ class Manager:
             if key not in DEFAULT_SETTINGS:
                 raise ApiError(422, f"unknown setting {key!r}; settings are: "
                                     + ", ".join(DEFAULT_SETTINGS))
+            if key in SETTING_CHOICES:
+                if value not in SETTING_CHOICES[key]:
+                    raise ApiError(422, f"setting {key} must be one of "
+                                        f"{', '.join(SETTING_CHOICES[key])}, not {value!r}")
+                current[key] = value
+                continue
             lo, hi = SETTING_LIMITS[key]
             kind = type(DEFAULT_SETTINGS[key])
             try:
@@ -217,6 +235,10 @@ class Manager:
         """One volume as the API shows it."""
         return self.view(self.record(name))
 
+    def locality(self, doc: dict[str, Any]) -> str:
+        """The volume's data locality (stored before the setting existed: the default)."""
+        return locality.locality_of(doc, self.settings()["default_data_locality"])
+
     def view(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A stored volume merged with what its engine reports now."""
         info = self.engine_info.get(doc["name"]) if doc["state"] == "attached" else None
@@ -234,6 +256,7 @@ class Manager:
                 prog = {"done": running["bytes_done"], "total": running["bytes_total"]}
             replicas.append({"name": r["name"], "disk": r["disk"], "node": r["node"],
                              "path": r["path"], "mode": mode, "state": r["state"],
+                             "local": bool(r.get("local")),
                              "pid": (r.get("proc") or {}).get("pid")
                              if r["state"] == "running" else None,
                              "error": r.get("error") or (live or {}).get("error"),
@@ -243,7 +266,9 @@ class Manager:
         return {
             "name": doc["name"], "size": doc["size"], "replica_count": doc["replica_count"],
             "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
+            "data_locality": self.locality(doc),
             "state": "restoring" if doc.get("restoring") else doc["state"],
+            "node": doc.get("node") if doc["state"] == "attached" else None,
             "health": self._health(doc, info),
             "nbd_uri": (engine or {}).get("ready", {}).get("nbd") if engine else None,
             "nbd_unix": (engine or {}).get("ready", {}).get("nbd_unix") if engine else None,
@@ -273,14 +298,25 @@ class Manager:
         ok = good >= doc["replica_count"] and all(r["state"] != "failed" for r in live)
         return "healthy" if ok else "degraded"
 
-    def _new_replicas(self, doc: dict[str, Any], count: int) -> list[dict[str, Any]]:
-        """Place ``count`` more replicas of ``doc`` (PlacementError says why not)."""
+    def _new_replicas(self, doc: dict[str, Any], count: int,
+                      only_node: str | None = None) -> list[dict[str, Any]]:
+        """Place ``count`` more replicas of ``doc`` (PlacementError says why not).
+
+        With data locality the node the volume is (or will be) attached on is
+        preferred; ``only_node`` restricts the choice to that node's disks.
+        """
         all_disks = self.disks()
         used_names = {r["disk"] for r in doc["replicas"]
                       if r["state"] not in ("abandoned",)}
         used = [d for d in all_disks if d["name"] in used_names]
+        if only_node is not None:
+            all_disks = [d for d in all_disks if d["node"] == only_node]
+            if not all_disks:
+                raise PlacementError(f"node {only_node} has no disk")
+        prefer = self.attach_node(doc) if self.locality(doc) != DISABLED else None
         chosen = place(count, doc["size"], all_disks, pool=doc["pool"], used=used,
-                       overprovision_percent=self.settings()["over_provisioning_percent"])
+                       overprovision_percent=self.settings()["over_provisioning_percent"],
+                       prefer_node=prefer)
         out = []
         for d in chosen:
             doc["next_replica"] = doc.get("next_replica", 0) + 1
@@ -291,14 +327,25 @@ class Manager:
         return out
 
     def create_volume(self, name: str, size: int | str, replicas: int | None = None,
-                      pool: str | None = None,
-                      labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """Create a volume and place its replicas (nothing runs until it is attached)."""
+                      pool: str | None = None, labels: dict[str, str] | None = None,
+                      data_locality: str | None = None) -> dict[str, Any]:
+        """Create a volume and place its replicas (nothing runs until it is attached).
+
+        ``data_locality`` defaults to the ``default_data_locality`` setting; a
+        strict-local volume has exactly one replica (the default count then).
+        """
         validate_name("volume", name)
         size_bytes = to_size(size)
-        count = self.settings()["default_replicas"] if replicas is None else replicas
+        settings = self.settings()
+        where = locality.check_locality(data_locality if data_locality is not None
+                                        else settings["default_data_locality"])
+        if replicas is None:
+            count = 1 if where == STRICT_LOCAL else settings["default_replicas"]
+        else:
+            count = replicas
         if not isinstance(count, int) or not 1 <= count <= 10:
             raise ApiError(422, f"replicas must be between 1 and 10, not {count!r}")
+        locality.check_count(where, count, name)
         if pool is not None:
             validate_name("pool", pool)
         if self.store.get("volumes", name) is not None:
@@ -308,6 +355,7 @@ class Manager:
             "labels": dict(labels or {}), "created": now_iso(), "desired": "detached",
             "state": "detached", "mount": None, "engine": None, "host": None,
             "replicas": [], "next_replica": 0, "initialized": False,
+            "data_locality": where,
         }
         try:
             doc["replicas"] = self._new_replicas(doc, count)
@@ -315,7 +363,8 @@ class Manager:
             raise ApiError(409, str(exc)) from exc
         self.store.put("volumes", name, doc, expect_version=0)
         self.event("volume-created", f"volume {name} created: {size_bytes} bytes, {count} "
-                   f"replica(s) on {', '.join(r['disk'] for r in doc['replicas'])}", name)
+                   f"replica(s) on {', '.join(r['disk'] for r in doc['replicas'])}, "
+                   f"data locality {where}", name)
         return self.view(doc)
 
     async def delete_volume(self, name: str, force: bool = False,
@@ -343,20 +392,65 @@ class Manager:
         return self.data_dir / "volumes" / name
 
     async def update_volume(self, name: str, replicas: int | None = None,
-                            labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """Change labels or the replica count (live: new replicas rebuild online)."""
+                            labels: dict[str, str] | None = None,
+                            data_locality: str | None = None) -> dict[str, Any]:
+        """Change labels, the replica count or the data locality (live, online rebuilds)."""
         async with self.lock(name):
             doc = self.record(name)
+            if replicas is not None and not 1 <= replicas <= 10:
+                raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
+            before = self.locality(doc)
+            after = before if data_locality is None else locality.check_locality(data_locality)
+            self._check_locality_change(doc, before, after, replicas)
             if labels is not None:
                 doc["labels"] = dict(labels)
             if replicas is not None and replicas != doc["replica_count"]:
-                if not 1 <= replicas <= 10:
-                    raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
                 await self._set_replica_count(doc, replicas)
+            if after != before or data_locality is not None:
+                doc["data_locality"] = after
             self.save(doc)
+            if after != before:
+                await self._locality_changed(doc, before, after)
             if doc["state"] == "attached":
                 await self.refresh(doc)
             return self.view(doc)
+
+    def _check_locality_change(self, doc: dict[str, Any], before: str, after: str,
+                               replicas: int | None) -> None:
+        """Refuse a change that breaks strict-local's one replica on the attach node."""
+        if after != STRICT_LOCAL:
+            return
+        name = doc["name"]
+        live = locality.live(doc)
+        node = self.attach_node(doc)
+        if replicas is not None:
+            # Switching with another count in the same request contradicts itself (422);
+            # another count for a volume that is strict-local already conflicts (409).
+            locality.check_count(after, replicas, name, status=422 if before != after else 409)
+            if doc["state"] == "attached" and not any(r["node"] == node for r in live):
+                raise ApiError(409, f"volume {name} is attached on node {node}, which holds "
+                                    "none of its replicas: it cannot be strict-local there")
+            return
+        if before != after and len(live) != 1:
+            raise ApiError(409, f"volume {name} has {len(live)} replicas; strict-local keeps "
+                                f"exactly one: lower them first (`drove volume update {name} "
+                                f"--replicas 1`) or give --replicas 1 with the change")
+        if doc["state"] == "attached":
+            locality.check_attach_node(doc, node, after)
+
+    async def _locality_changed(self, doc: dict[str, Any], before: str, after: str) -> None:
+        """Say what a locality change does now; on an attached volume, start doing it."""
+        name = doc["name"]
+        if doc["state"] != "attached":
+            self.event("data-locality", f"volume {name}: data locality {before} -> {after}; "
+                       "it applies at the next attach", name)
+            return
+        self.event("data-locality", f"volume {name}: data locality {before} -> {after}, "
+                   "applied online now", name)
+        info = await self.refresh(doc)
+        if info is None or _rebuild_running(info.get("rebuild")):
+            return  # the healer applies it once the engine answers and no rebuild runs
+        await self._keep_locality(doc, {r["name"]: r for r in info["replicas"]})
 
     async def _set_replica_count(self, doc: dict[str, Any], count: int) -> None:
         live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
@@ -369,8 +463,11 @@ class Manager:
             order = {"failed": 0, "pending": 1, "stopped": 2, "running": 3}
             modes = {r["name"]: r["mode"] for r in
                      (self.engine_info.get(doc["name"]) or {}).get("replicas", [])}
+            node = self.attach_node(doc)
+            # The local replica (and others on the attach node) go last: data locality.
             victims = sorted(live, key=lambda r: (order.get(r["state"], 0),
-                                                  modes.get(r["name"]) == "RW"))
+                                                  modes.get(r["name"]) == "RW",
+                                                  r["node"] == node, bool(r.get("local"))))
             for r in victims[:len(live) - count]:
                 await self._remove_replica(doc, r)
         old = doc["replica_count"]
@@ -439,9 +536,29 @@ class Manager:
             raise ApiError(409, f"cannot {what} volume {doc['name']} now: {why}; wait for the "
                                 "task or cancel it (`drove task cancel ID`)")
 
+    def attach_node(self, doc: dict[str, Any]) -> str:
+        """The node ``doc`` is attached on, or would be by default (this manager's own)."""
+        return doc.get("node") or self.agent.name
+
+    def check_attach_node(self, doc: dict[str, Any], node: str | None) -> str:
+        """The node to attach ``doc`` on (default: this manager's), or ApiError 409 why not.
+
+        A strict-local volume attaches only where its replica lives; and this
+        manager starts engines only on its own node.
+        """
+        node = node or self.agent.name
+        locality.check_attach_node(doc, node, self.locality(doc))
+        if node != self.agent.name:
+            raise ApiError(409, f"volume {doc['name']}: cannot attach on node {node}: this "
+                                f"manager starts engines on its own node ({self.agent.name}) "
+                                "only")
+        return node
+
     async def attach(self, name: str, mount: str | None = None,
-                     fs: str = "ext4", _internal: bool = False) -> dict[str, Any]:
-        """Start replicas and engine (and give the host a device, mounted at ``mount``)."""
+                     fs: str = "ext4", _internal: bool = False,
+                     node: str | None = None) -> dict[str, Any]:
+        """Start replicas and engine on ``node`` (default: this manager's) and give the host
+        a device, mounted at ``mount``."""
         if fs not in ("ext4", "xfs"):
             raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
         if mount is not None:
@@ -455,6 +572,7 @@ class Manager:
                                         f"(mounted at {(doc.get('host') or {}).get('mountpoint')})"
                                         "; detach it first")
                 return self.view(doc)
+            doc["node"] = self.check_attach_node(doc, node)
             doc["desired"], doc["mount"] = "attached", ({"path": mount, "fs": fs}
                                                         if mount else None)
             doc["state"] = "attaching"
@@ -469,15 +587,22 @@ class Manager:
 
     async def _attach(self, doc: dict[str, Any]) -> None:
         name = doc["name"]
+        node = doc["node"] = self.attach_node(doc)
         first = not doc.get("initialized")
-        starters = [r for r in doc["replicas"]
-                    if r["state"] == "stopped" or (first and r["state"] == "pending")]
+        usable = {"stopped", "pending"} if first else {"stopped"}
+        for r in doc["replicas"]:
+            if r["state"] in usable and (why := self._disk_problem(r)):
+                self._fail(doc, r, why)
+        local = (locality.choose_local(doc, node, usable)
+                 if self.locality(doc) != DISABLED else None)
+        for r in doc["replicas"]:
+            r["local"] = r is local
         started: list[tuple[str, str]] = []
-        for r in starters:
-            if not await self._start_replica(doc, r):
+        for r in doc["replicas"]:
+            if r["state"] not in usable or r is local or not await self._start_replica(doc, r):
                 continue
-            started.append((r["name"], r["proc"]["ready"]["control"]))
-        if not started:
+            started.append((r["name"], (_process_endpoints(r) or {})["control"]))
+        if not started and local is None:
             raise ApiError(409, f"volume {name}: no replica could be started ("
                            + "; ".join(f"{r['name']}: {r.get('error')}" for r in doc["replicas"])
                            + "); `drove event list` tells more")
@@ -488,11 +613,16 @@ class Manager:
         doc["epoch"] = int(doc.get("epoch", 0)) + 1
         self.save(doc)
         try:
-            proc = await asyncio.to_thread(self.agent.start_engine, name, started,
-                                           timeout=timeout, state_file=state_file,
-                                           epoch=doc["epoch"])
+            proc = await asyncio.to_thread(
+                self.agent.start_engine, name, started, timeout=timeout, state_file=state_file,
+                epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
+                size=doc["size"])
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
+        if local is not None:
+            # Its process is the engine: running while the engine runs (the healer marks it
+            # failed if the engine reports it ERR, e.g. when it could not open its chain).
+            local.update(state="running", proc=None, error=None)
         doc["engine"] = proc.to_json()
         doc["initialized"] = True
         self.save(doc)
@@ -507,16 +637,25 @@ class Manager:
         self.save(doc)
         await self.refresh(doc)
         where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
-        self.event("volume-attached", f"volume {name} attached: {proc.ready.get('nbd')}{where}",
-                   name)
+        served = (f"; replica {local['name']} is local (served by the engine)" if local
+                  else "")
+        self.event("volume-attached", f"volume {name} attached on node {node}: "
+                   f"{proc.ready.get('nbd')}{where}{served}", name)
 
-    async def _start_replica(self, doc: dict[str, Any], rep: dict[str, Any]) -> bool:
-        """Start ``rep``'s process; False (recorded as failed) if its disk or process fails."""
+    def _disk_problem(self, rep: dict[str, Any]) -> str | None:
+        """Why ``rep``'s disk cannot hold it now (None: it is ready)."""
         disk = self.store.get("disks", rep["disk"])
         status = disklib.disk_status(disk["path"], disk["id"]) if disk else {
             "state": "unavailable", "error": "disk removed"}
         if status["state"] != "ready":
-            self._fail(doc, rep, f"disk {rep['disk']} unavailable: {status['error']}")
+            return f"disk {rep['disk']} unavailable: {status['error']}"
+        return None
+
+    async def _start_replica(self, doc: dict[str, Any], rep: dict[str, Any]) -> bool:
+        """Start ``rep``'s process; False (recorded as failed) if its disk or process fails."""
+        why = self._disk_problem(rep)
+        if why:
+            self._fail(doc, rep, why)
             return False
         try:
             proc = await asyncio.to_thread(self.agent.start_replica, doc["name"], rep,
@@ -578,7 +717,7 @@ class Manager:
                 r.update(state="failed", error="was not RW when the volume was detached")
         doc["state"] = "detached"
         if not keep_desired:
-            doc["desired"], doc["mount"] = "detached", None
+            doc["desired"], doc["mount"], doc["node"] = "detached", None, None
         self.save(doc)
         self.event("volume-detached", f"volume {name} detached", name)
 
@@ -704,11 +843,36 @@ class Manager:
         info = await self.refresh(doc) or {}
         rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
         for r in doc["replicas"]:
-            if r["name"] in rw and r.get("proc"):
-                base = r["proc"]["ready"]["nbd"]
+            ends = await self.replica_endpoints(doc, r) if r["name"] in rw else None
+            if ends is not None:
                 return {"volume": name, "snapshot": snapshot,
-                        "nbd_uri": f"{base}/snapshot/{snapshot}", "read_only": True}
+                        "nbd_uri": f"{ends['nbd']}/snapshot/{snapshot}", "read_only": True}
         raise ApiError(409, f"volume {name} has no healthy replica to serve {snapshot} from")
+
+    async def replica_endpoints(self, doc: dict[str, Any],
+                                rep: dict[str, Any]) -> dict[str, str] | None:
+        """Where replica ``rep`` of ``doc`` is served now: ``nbd`` (the base URI of its
+        exports: ``/snapshot/NAME``, ``/layer/FILE``) and ``control`` (its API URL).
+
+        A replica process announced both when it started.  The local replica is
+        served by the engine, whose info gives its control URL (it changes when
+        the engine re-opens it), and that API its NBD address.  None when it is
+        not served.
+        """
+        if not rep.get("local"):
+            return _process_endpoints(rep)
+        info = await self.refresh(doc) or {}
+        entry = next((r for r in info.get("replicas", [])
+                      if r["name"] == rep["name"] and r.get("local")), None)
+        if entry is None or not entry.get("url"):
+            return None
+        try:
+            r = await self._http.get(f"{entry['url']}/v1/info", timeout=10)
+            r.raise_for_status()
+            nbd = r.json()["addresses"]["nbd"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return {"nbd": nbd, "control": entry["url"]}
 
     # ------------------------------------------------------------- healer
 
@@ -794,6 +958,17 @@ class Manager:
             if r["state"] != "running":
                 continue
             live = modes.get(r["name"])
+            if r.get("local"):
+                # Its process is the engine, alive (checked above): only its mode counts.
+                if live is None or live["mode"] == "ERR":
+                    why = (live or {}).get("error") or "not in the engine"
+                    self._fail(doc, r, f"engine set its local replica to ERR: {why}")
+                elif live["mode"] == "RW" and r.get("rebuilding"):
+                    r.update(rebuilding=False, failures=0)
+                    self.save(doc)
+                    self.event("rebuild-finished", f"replica {r['name']} rebuilt, now RW "
+                               "(local: served by the engine)", name)
+                continue
             if not self.agent.alive(r.get("proc")):
                 self._fail(doc, r, "process exited")
             elif live is None or live["mode"] == "ERR":
@@ -807,7 +982,7 @@ class Manager:
         self._note_health(doc, info)
         if _rebuild_running(info.get("rebuild")):
             return
-        if await self._repair_one(doc, modes):
+        if await self._repair_one(doc, modes) or await self._keep_locality(doc, modes):
             await self.refresh(doc)
         await self._drop_abandoned(doc)
 
@@ -826,14 +1001,22 @@ class Manager:
                     return await self._rebuild(doc, r, modes, why="delta rebuild in place")
                 # Its disk is gone: replace it elsewhere if possible; keep it for when the
                 # disk returns if not.
+                # A strict-local volume's replica may only live on its attach node.
+                strict = self.locality(doc) == STRICT_LOCAL
                 try:
-                    (new,) = self._new_replicas(doc, 1)
+                    (new,) = self._new_replicas(doc, 1, only_node=self.attach_node(doc)
+                                                if strict else None)
                 except PlacementError as exc:
                     r["retry_at"] = now + self.settings()["failed_replica_retry_seconds"]
                     self.save(doc)
                     log.info("volume %s: cannot replace %s yet: %s", doc["name"], r["name"], exc)
                     continue
                 r["state"] = "abandoned"
+                if r["name"] in modes:
+                    # Out of the engine too: a local one would hold the engine's one local
+                    # place (and its chain) otherwise.
+                    with contextlib.suppress(ApiError):
+                        await self._forget(doc, r["name"])
                 doc["replicas"].append(new)
                 self.event("replica-replaced", f"replica {r['name']} (disk {r['disk']} "
                            f"unavailable) replaced by {new['name']} on disk {new['disk']}",
@@ -846,17 +1029,35 @@ class Manager:
 
     async def _rebuild(self, doc: dict[str, Any], rep: dict[str, Any], modes: dict[str, Any],
                        why: str) -> bool:
+        """Rebuild ``rep`` online: by its own process, or as the engine's local replica.
+
+        True if the engine's membership changed.
+        """
         # Marked before the process starts (and saved with it): between the start and the
         # engine taking it in WO mode, the cached engine info may still list the old process
         # as RW, and the volume must not be reported healthy in that window.
         rep["rebuilding"] = True
+        if locality.wants_local(doc, rep, self.attach_node(doc), self.locality(doc)):
+            return await self._rebuild_local(doc, rep, modes, why)
+        rep["local"] = False
+        listed = modes.get(rep["name"])
+        forgotten = False
+        if listed is not None and listed.get("local"):
+            # The engine holds its chain (and its directory's lock): released first.
+            try:
+                await self._forget(doc, rep["name"])
+            except ApiError as exc:
+                self._fail(doc, rep, f"rebuild could not start: {exc}")
+                return True
+            listed, forgotten = None, True
         if not await self._start_replica(doc, rep):
-            return False
+            return forgotten
+        ends = _process_endpoints(rep) or {}
         try:
-            if rep["name"] in modes:
-                await self._engine_call(doc, "DELETE", f"/v1/replicas/{rep['name']}")
+            if listed is not None:
+                await self._forget(doc, rep["name"])
             await self._engine_call(doc, "POST", "/v1/replicas", json={
-                "name": rep["name"], "url": rep["proc"]["ready"]["control"]})
+                "name": rep["name"], "url": ends.get("control")})
         except ApiError as exc:
             await asyncio.to_thread(self.agent.stop, rep.get("proc"), 5.0)
             self._fail(doc, rep, f"rebuild could not start: {exc}")
@@ -864,6 +1065,120 @@ class Manager:
         self.event("rebuild-started", f"replica {rep['name']} on disk {rep['disk']}: {why}",
                    doc["name"])
         return True
+
+    async def _rebuild_local(self, doc: dict[str, Any], rep: dict[str, Any],
+                             modes: dict[str, Any], why: str) -> bool:
+        """Rebuild ``rep`` as the replica the engine serves itself, in place (by delta)."""
+        problem = self._disk_problem(rep)
+        if problem:
+            self._fail(doc, rep, problem)
+            return False
+        listed = modes.get(rep["name"])
+        body: dict[str, Any] = {"name": rep["name"], "directory": rep["path"]}
+        try:
+            if listed is not None and listed.get("local") and listed["mode"] == "ERR":
+                body = {"name": rep["name"]}  # the engine re-opens its chain if it must
+            elif listed is not None:
+                await self._forget(doc, rep["name"])
+            # A process that served it must be gone before the engine takes its directory.
+            await asyncio.to_thread(self.agent.stop, rep.get("proc"))
+            rep.update(local=True, proc=None, state="running", error=None)
+            self.save(doc)
+            await self._engine_call(doc, "POST", "/v1/replicas", json=body)
+        except ApiError as exc:
+            self._fail(doc, rep, f"rebuild could not start: {exc}")
+            return True
+        self.event("rebuild-started", f"replica {rep['name']} on disk {rep['disk']}: {why} "
+                   "(local: served by the engine, no process)", doc["name"])
+        return True
+
+    async def _forget(self, doc: dict[str, Any], replica: str) -> None:
+        """Take ``replica`` out of the engine (a local one: its chain closes, its lock goes)."""
+        try:
+            await self._engine_call(doc, "DELETE", f"/v1/replicas/{replica}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def _keep_locality(self, doc: dict[str, Any], modes: dict[str, Any]) -> bool:
+        """One step towards the volume's data locality on its attach node, online.
+
+        Called when no rebuild runs.  True if the engine's membership changed.
+        """
+        name, node, where = doc["name"], self.attach_node(doc), self.locality(doc)
+        live = locality.live(doc)
+        rw = {r["name"] for r in live if (modes.get(r["name"]) or {}).get("mode") == "RW"}
+        for r in live:
+            if (r.get("replaces_remote") and r["name"] in rw and r["state"] == "running"
+                    and not r.get("rebuilding")):
+                return await self._drop_remote(doc, r, modes)
+        if where == DISABLED:
+            served = [r for r in live
+                      if r.get("local") and r["name"] in rw and r["state"] == "running"]
+            if not served:
+                return False
+            if len(rw) < 2:
+                return self._locality_note(doc, f"replica {served[0]['name']} stays in the "
+                                           "engine while it is the only RW replica; data "
+                                           "locality disabled applies at the next attach")
+            r = served[0]
+            self.event("data-locality", f"volume {name}: replica {r['name']} leaves the "
+                       "engine for its own process (delta rebuild in place)", name)
+            return await self._rebuild(doc, r, modes, why="data locality disabled")
+        if any(r.get("local") for r in live):
+            self._locality_notes.pop(name, None)
+            return False  # served already, or failed and the repair rebuilds it locally
+        on_node = [r for r in live if r["node"] == node]
+        ready = [r for r in on_node if r["name"] in rw and r["state"] == "running"]
+        if ready:
+            if len(rw) < 2:
+                return self._locality_note(doc, f"replica {ready[0]['name']} cannot leave the "
+                                           "engine's mirror while it is the only RW replica; "
+                                           f"data locality {where} applies at the next attach")
+            r = ready[0]
+            self.event("data-locality", f"volume {name}: replica {r['name']} on node {node} "
+                       "becomes local: its process stops and the engine serves it (delta "
+                       "rebuild in place, its data is reused)", name)
+            return await self._rebuild(doc, r, modes, why=f"data locality {where}")
+        if on_node or where != locality.BEST_EFFORT:
+            return False  # one there is still rebuilding: it becomes local when rebuilt
+        try:
+            (new,) = self._new_replicas(doc, 1, only_node=node)
+        except PlacementError as exc:
+            return self._locality_note(doc, f"node {node} holds none of its replicas and "
+                                       f"none can be placed there: {exc}")
+        new["replaces_remote"] = True
+        doc["replicas"].append(new)
+        self.save(doc)
+        self.event("data-locality", f"volume {name} is attached on node {node}, which holds "
+                   f"none of its replicas: building {new['name']} on disk {new['disk']} as its "
+                   "local replica (online rebuild); a remote replica goes once it is RW", name)
+        return await self._rebuild(doc, new, modes, why="local replica for data locality")
+
+    async def _drop_remote(self, doc: dict[str, Any], rep: dict[str, Any],
+                           modes: dict[str, Any]) -> bool:
+        """The local replica ``rep`` built for locality is RW: one remote replica goes."""
+        rep.pop("replaces_remote", None)
+        live = locality.live(doc)
+        victim = locality.remote_victim(doc, self.attach_node(doc), modes)
+        if victim is None or len(live) <= doc["replica_count"]:
+            self.save(doc)
+            return False
+        self.event("data-locality", f"volume {doc['name']}: local replica {rep['name']} is "
+                   f"RW; remote replica {victim['name']} (node {victim['node']}, disk "
+                   f"{victim['disk']}) goes", doc["name"])
+        await self._remove_replica(doc, victim)
+        self.save(doc)
+        return True
+
+    def _locality_note(self, doc: dict[str, Any], message: str) -> bool:
+        """An event (once, not every heal pass) saying why the locality is not met; False."""
+        name = doc["name"]
+        if self._locality_notes.get(name) != message:
+            self._locality_notes[name] = message
+            self.event("data-locality-unmet", f"volume {name}: {message}", name,
+                       level="warning")
+        return False
 
     def _note_health(self, doc: dict[str, Any], info: dict[str, Any]) -> None:
         """An event when the volume's health changes."""
@@ -889,6 +1204,14 @@ class Manager:
             elif disk is None:
                 doc["replicas"].remove(r)
                 self.save(doc)
+
+
+def _process_endpoints(rep: dict[str, Any]) -> dict[str, str] | None:
+    """The NBD base URI and control URL a replica's process announced (None: no process)."""
+    ready = (rep.get("proc") or {}).get("ready") or {}
+    if "nbd" not in ready or "control" not in ready:
+        return None
+    return {"nbd": ready["nbd"], "control": ready["control"]}
 
 
 def _rebuild_running(rebuild: dict[str, Any] | None) -> bool:

@@ -5,7 +5,8 @@ no replica of the volume yet, and has room: the sizes of the replicas scheduled
 on it plus this one fit in its capacity less its reserved space, scaled by the
 over-provisioning setting (100% = no more than the space there is; replicas are
 sparse, so operators raise it knowingly).  Among those, a disk on a node the
-volume does not use yet wins; ties go to the disk with the most room left.
+volume does not use yet wins, then one on the preferred node (where the volume
+is attached, for data locality); ties go to the disk with the most room left.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def room(disk: dict[str, Any], overprovision_percent: int) -> int:
 
 
 def place(count: int, size: int, disks: list[dict[str, Any]], *, pool: str | None,
-          used: list[dict[str, Any]], overprovision_percent: int) -> list[dict[str, Any]]:
+          used: list[dict[str, Any]], overprovision_percent: int,
+          prefer_node: str | None = None) -> list[dict[str, Any]]:
     """Choose ``count`` disks for new replicas of ``size`` bytes (PlacementError if impossible).
 
-    ``used`` are the disks already holding replicas of this volume.
+    ``used`` are the disks already holding replicas of this volume; a disk on
+    ``prefer_node`` wins among those on nodes the volume does not use yet.
     """
     used_disks = {d["name"] for d in used}
     used_nodes = {d["node"] for d in used}
@@ -49,6 +52,7 @@ def place(count: int, size: int, disks: list[dict[str, Any]], *, pool: str | Non
                 + ". Add disks with `drove disk add PATH`, lower --replicas, or raise the "
                   "over_provisioning_percent setting")
         best = max(candidates, key=lambda d: (d["node"] not in used_nodes,
+                                              d["node"] == prefer_node,
                                               room(d, overprovision_percent)))
         chosen.append(best)
         used_nodes.add(best["node"])
