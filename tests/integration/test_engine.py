@@ -53,7 +53,7 @@ def compare(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
 
 
-@LOCAL
+@LOCAL_SLOW  # test_local_replica.py checks the same quickly
 def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_path, local):
     eng = cluster.start(3, "32M", local=local)
     assert [r.get("local", False) for r in eng.info()["replicas"]] == [False] * 2 + [local]
@@ -75,7 +75,7 @@ def test_volume_serves_clients_and_every_replica_holds_the_data(cluster, tmp_pat
     assert stats["ops"]["write"]["p99_us"] is not None
 
 
-@LOCAL
+@LOCAL_SLOW
 def test_multi_conn_flushed_write_is_seen_on_another_connection(cluster, local):
     eng = cluster.start(2, "8M", local=local)
     script = (
