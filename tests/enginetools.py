@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -79,9 +81,10 @@ def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra
 class LocalReplicaView:
     """The replica an engine serves itself, with a replica process's handles (uri, control).
 
-    Its addresses are the running engine's (its ready line's ``local_replica``), so
-    the view stays valid across engine restarts.  It has no process of its own:
-    killing it is refused, a test that means to stop the engine stops the engine.
+    Its addresses are asked of the running engine each time (they change when the
+    engine restarts or opens the replica again), so the view stays valid.  It has no
+    process of its own: killing it is refused, a test that means to stop the engine
+    stops the engine.
     """
 
     local = True
@@ -93,11 +96,14 @@ class LocalReplicaView:
 
     @property
     def addresses(self) -> dict[str, Any]:
-        """The local replica's addresses, as the current engine announced them."""
+        """The local replica's control URL and NBD address, as the engine reports them now."""
         engine = self.cluster.engine
-        assert engine is not None and "local_replica" in engine.addresses, \
-            "the engine serves no local replica"
-        return engine.addresses["local_replica"]
+        assert engine is not None, "no engine"
+        mine = next((r for r in engine.info()["replicas"] if r["name"] == self.name), None)
+        assert mine is not None and mine.get("local") and mine["nbd"], \
+            f"the engine serves no local replica {self.name}: {mine}"
+        nbd = urlsplit(mine["nbd"])
+        return {"control": mine["url"], "nbd_host": nbd.hostname, "nbd_port": nbd.port}
 
     @property
     def control(self) -> str:
@@ -106,7 +112,8 @@ class LocalReplicaView:
 
     def uri(self, export: str = "") -> str:
         """NBD URI of an export of the local replica (served by the engine)."""
-        return f"nbd://{self.addresses['nbd_host']}:{self.addresses['nbd_port']}/{export}"
+        addresses = self.addresses
+        return f"nbd://{addresses['nbd_host']}:{addresses['nbd_port']}/{export}"
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Call the local replica's control API."""
@@ -118,7 +125,7 @@ class LocalReplicaView:
         assert resp.status_code < 300, (resp.status_code, resp.text)
         return resp.json()
 
-    def kill(self, sig: int = 9) -> int:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
         """Refused: the local replica lives and dies with its engine."""
         raise AssertionError(f"local replica {self.name} has no process; stop the engine")
 
@@ -149,6 +156,14 @@ class Cluster:
         self._all.append(r)
         return r
 
+    def add_local(self, name: str, directory: Path, size: str | int) -> LocalReplicaView:
+        """Have the next engine serve replica ``name`` from ``directory`` itself (made at
+        ``size`` when it holds none); it becomes ``replicas[0]``."""
+        self.local = LocalReplicaView(self, name, directory)
+        self.replicas.insert(0, self.local)
+        self._size = size
+        return self.local
+
     def start(self, n: int = 3, size: str = "64M", *extra: str,
               names: list[str] | None = None, local: bool = False) -> EngineProc:
         """Start ``n`` fresh replicas and an engine over them.
@@ -156,12 +171,9 @@ class Cluster:
         ``local``: the first of the ``n`` is served by the engine itself.
         """
         names = names or [f"r{i}" for i in range(n)]
-        self.replicas = []
+        self.replicas = [self.replica(nm, size) for nm in names[1 if local else 0:]]
         if local:
-            self.local = LocalReplicaView(self, names[0], self.tmp / names[0])
-            self.replicas.append(self.local)
-            self._size = size  # the engine creates the local replica at this size
-        self.replicas += [self.replica(nm, size) for nm in names[1 if local else 0:]]
+            self.add_local(names[0], self.tmp / names[0], size)
         return self.start_engine(*extra)
 
     def start_engine(self, *extra: str, names: list[str] | None = None) -> EngineProc:

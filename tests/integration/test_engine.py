@@ -347,13 +347,18 @@ def test_enospc_drops_a_full_replica_then_reaches_the_client_when_all_are_full(
     compare(eng.uri(), cluster.replicas[0].uri("head"))
 
 
+@LOCAL_SLOW
 def test_enospc_on_every_replica_is_returned_and_the_volume_stays_readable(
-        cluster, small_fs):
+        cluster, small_fs, local):
     from replicatools import start_replica
 
-    cluster.replicas = [start_replica(small_fs(f"fs{i}") / f"r{i}", "32M") for i in range(2)]
-    cluster._all.extend(cluster.replicas)
-    eng = cluster.start_engine(names=["r0", "r1"])
+    # With a local replica, r0 is served by the engine from its full filesystem.
+    if local:
+        cluster.add_local("r0", small_fs("fs0") / "r0", "32M")
+    cluster.replicas += [start_replica(small_fs(f"fs{i}") / f"r{i}", "32M")
+                         for i in range(1 if local else 0, 2)]
+    cluster._all.extend(cluster.remote)
+    eng = cluster.start_engine()
     nbdsh(eng.uri(), "h.pwrite(b'k' * 65536, 0)")
     script = (
         "import errno, os\n"

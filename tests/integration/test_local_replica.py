@@ -193,6 +193,31 @@ def test_local_replica_added_and_refusals(cluster, tmp_path):
     compare(cluster.replicas[0].uri("snapshot/s1"), head.replace("/head", "/snapshot/s1"))
 
 
+@pytest.mark.slow
+def test_local_replica_that_cannot_be_opened_at_start_is_opened_and_rebuilt_later(cluster):
+    """The local directory is locked by another process when the engine starts: the
+    volume serves from the remote replica, and a later rebuild opens it in place."""
+    eng = cluster.start(2, "8M", local=True)
+    qemu_io(eng.uri(), "write -P 0x21 0 4M")
+    assert eng.stop() == 0
+    squatter = cluster.replica(cluster.local.name, None)  # holds the directory's lock
+    eng = cluster.start_engine()
+    info = eng.info()
+    r0 = by_name(info)["r0"]
+    assert r0["mode"] == "ERR" and "cannot open" in r0["error"], r0
+    assert info["health"] == "degraded"
+    qemu_io(eng.uri(), "write -P 0x22 1M 2M")  # r0 misses this
+    res = eng.api("POST", "/v1/replicas", json={"name": "r0"})
+    assert res.status_code == 409 and "cannot open" in res.json()["detail"], res.text
+    assert squatter.stop() == 0
+    eng.ok("POST", "/v1/replicas", json={"name": "r0"})
+    eng.wait_rebuilt()
+    info = eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")
+    assert by_name(info)["r0"]["local"] is True
+    qemu_io(eng.uri(), "read -P 0x21 0 1M", "read -P 0x22 1M 2M", "read -P 0x21 3M 1M")
+    compare(cluster.local.uri("head"), cluster.replicas[1].uri("head"))
+
+
 def test_local_replica_is_the_rebuild_source_of_a_remote_one(cluster, tmp_path):
     """A volume whose only RW replica is local: a new remote replica pulls its layers
     from the engine's own NBD server."""
