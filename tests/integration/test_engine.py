@@ -235,7 +235,7 @@ def test_stopped_replica_is_dropped_within_the_timeout(cluster, local):
     assert result["write"]["total_ios"] > 0 and result["job_runtime"] >= 7000
 
 
-@LOCAL
+@LOCAL_SLOW
 def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster, local):
     # A long timeout spaces the health pings 5 s apart: the drop must come sooner, from
     # the closed socket alone (no I/O at all).

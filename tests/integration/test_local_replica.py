@@ -193,6 +193,29 @@ def test_local_replica_added_and_refusals(cluster, tmp_path):
     compare(cluster.replicas[0].uri("snapshot/s1"), head.replace("/head", "/snapshot/s1"))
 
 
+def test_a_directory_holding_another_volumes_replica_is_never_overwritten(cluster, tmp_path):
+    """A mistyped directory (or URL) naming another volume's replica: the rebuild refuses."""
+    other = start_engine(tmp_path / "other", "other", [], size="8M",
+                         local=("o0", tmp_path / "o0"))
+    cluster._all.append(other)
+    qemu_io(other.uri(), "write -P 0x4f 0 1M", "flush")
+    assert other.stop() == 0
+    eng = cluster.start(1, "8M")
+    qemu_io(eng.uri(), "write -P 0x01 0 2M")
+    eng.ok("POST", "/v1/replicas", json={"name": "x", "directory": str(tmp_path / "o0")})
+    rb = eng.wait_for(lambda i: i["rebuild"]["state"] not in ("starting", "preparing",
+                                                              "copying", "joining"),
+                      what="the rebuild to end")["rebuild"]
+    assert rb["state"] == "failed" and "holds volume 'other'" in rb["error"], rb
+    assert by_name(eng.info())["x"]["mode"] == "ERR"
+    eng.ok("DELETE", "/v1/replicas/x")  # closes the directory again
+    replica = Replica.open(tmp_path / "o0")
+    try:
+        assert replica.read(0, MiB) == b"\x4f" * MiB and len(replica.layers()) == 1
+    finally:
+        replica.close()
+
+
 @pytest.mark.slow
 def test_local_replica_that_cannot_be_opened_at_start_is_opened_and_rebuilt_later(cluster):
     """The local directory is locked by another process when the engine starts: the

@@ -211,6 +211,10 @@ class Rebuild:
         eng, target, mirror = self.engine, self.target, self.engine.mirror
         old = {la["file"]: la for la in await self._target_layers()}
         state = parse_state(target.name, target.info)
+        if state.volume not in (None, eng.name):
+            # A wrong URL or directory: that replica is another volume's copy.
+            raise RebuildError(f"replica {target.name} holds volume {state.volume!r}, not "
+                               f"{eng.name!r}: not overwriting it")
         if state.generation > eng.generation and not state.rebuilding:
             # It may hold acknowledged writes the serving replicas lack (they may be the
             # stale ones): never overwrite it; a person must look.
