@@ -267,6 +267,52 @@ def test_live_locality_changes_under_io(manager, tmp_path):
     check_blocks(read_volume(v["nbd_uri"], tmp_path / "vol2.img"), acked, issued, BLOCKS)
 
 
+def test_a_lone_replica_changes_at_the_next_attach(manager, tmp_path):
+    manager.ok("POST", "/v1/volumes", json={"name": "one", "size": "16M", "replicas": 1,
+                                            "data_locality": "disabled"})
+    att = manager.ok("POST", "/v1/volumes/one/attach", json={})
+    _qemu_io(att["nbd_uri"], "write -P 0x19 0 1M")
+    # Its only replica cannot leave the engine's mirror while it serves: the change waits
+    # for the next attach, and an event says so.
+    v = manager.ok("PATCH", "/v1/volumes/one", json={"data_locality": "strict-local"})
+    assert v["data_locality"] == "strict-local" and not _local(v)
+    assert v["replicas"][0]["pid"] == att["replicas"][0]["pid"]
+    unmet = [e["message"] for e in manager.events("one") if e["kind"] == "data-locality-unmet"]
+    assert unmet and "next attach" in unmet[0], unmet
+    manager.ok("POST", "/v1/volumes/one/detach", json={})
+    v = manager.ok("POST", "/v1/volumes/one/attach", json={})
+    (rep,) = v["replicas"]
+    assert rep["local"] and rep["pid"] is None and v["health"] == "healthy"
+    _qemu_io(v["nbd_uri"], "read -P 0x19 0 1M")
+
+
+@pytest.mark.slow
+def test_local_replica_on_a_lost_disk_is_replaced_by_a_local_one(manager, tmp_path):
+    manager.ok("POST", "/v1/disks", json={"path": str(tmp_path / "d1"), "name": "d1"})
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    manager.ok("POST", "/v1/disks", json={"path": str(tmp_path / "d2"), "name": "d2"})
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    _qemu_io(att["nbd_uri"], "write -P 0x2d 0 8M")
+    (local,) = _local(att)
+    # Its disk goes away, and the engine drops it.
+    disk = {d["name"]: d for d in manager.ok("GET", "/v1/disks")}[local["disk"]]
+    marker = Path(disk["path"]) / ".drove-disk"
+    marker.rename(marker.with_suffix(".away"))
+    try:
+        r = httpx.delete(f"{att['engine']['control_url']}/v1/replicas/{local['name']}",
+                         timeout=30)
+        assert r.status_code == 200, r.text
+        v = manager.wait_volume("v", lambda x: _settled(x) and local["name"] not in
+                                {r["name"] for r in x["replicas"]}, 60, "replaced")
+    finally:
+        marker.with_suffix(".away").rename(marker)
+    (new,) = _local(v)
+    assert new["name"] != local["name"] and new["disk"] not in (local["disk"],)
+    assert new["pid"] is None and _engine_replicas(v)[new["name"]]["local"] is True
+    assert "replica-replaced" in [e["kind"] for e in manager.events("v")]
+    _qemu_io(v["nbd_uri"], "read -P 0x2d 0 8M")
+
+
 @pytest.mark.slow
 def test_best_effort_builds_a_local_replica_on_a_node_without_one(manager, tmp_path):
     # Two disks of "node-b" in pool t; the volume lands there, then this node gets a

@@ -54,7 +54,9 @@ def test_twenty_volumes_at_once(manager, tmp_path):
         r = rss_bytes(pid)
         if r:
             rss.setdefault(_kind(pid), []).append(r)
-    assert len(rss.get("engine", [])) == VOLUMES and len(rss.get("replica", [])) == 2 * VOLUMES
+    # best-effort data locality (the default): each engine serves one of its two replicas
+    # itself, the other has its own process.
+    assert len(rss.get("engine", [])) == VOLUMES and len(rss.get("replica", [])) == VOLUMES
     summary = {k: {"count": len(v), "max_mib": round(max(v) / 2**20, 1),
                    "mean_mib": round(sum(v) / len(v) / 2**20, 1)} for k, v in rss.items()}
     (tmp_path.parent / "rss-summary.json").write_text(json.dumps(summary))

@@ -50,7 +50,11 @@ def test_three_replicas_mounted_survive_a_kill_and_a_restart(manager, tmp_path):
     vol = manager.cli_json("volume", "get", "db")
     assert vol["health"] == "healthy" and len(vol["replicas"]) == 3
     assert {r["mode"] for r in vol["replicas"]} == {"RW"}
-    victim = vol["replicas"][0]
+    # best-effort (the default): one replica is served by the engine, the others each by
+    # a process of their own; a process is killed.
+    assert vol["data_locality"] == "best-effort"
+    assert [bool(r["pid"]) for r in vol["replicas"]].count(False) == 1
+    victim = next(r for r in vol["replicas"] if not r["local"])
     os.kill(victim["pid"], signal.SIGKILL)
     # The volume notices, keeps taking writes while degraded, and heals by itself.
     deadline = time.monotonic() + 30

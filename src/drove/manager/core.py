@@ -588,6 +588,7 @@ class Manager:
     async def _attach(self, doc: dict[str, Any]) -> None:
         name = doc["name"]
         node = doc["node"] = self.attach_node(doc)
+        self._locality_notes.pop(name, None)  # said again if still true after this attach
         first = not doc.get("initialized")
         usable = {"stopped", "pending"} if first else {"stopped"}
         for r in doc["replicas"]:
