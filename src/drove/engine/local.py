@@ -10,12 +10,18 @@ Chain I/O runs inline on the event loop, as in a replica process: a pread or
 pwrite against the page cache costs microseconds, less than a hop to a worker
 thread, and running between awaits keeps every request atomic with respect to
 snapshot and purge steps.  What waits on the disk does not: FLUSH and FUA
-requests run their fdatasync in a worker thread (``bench/local_io.py``
-measures both sides of that line).
+requests run their fdatasync in a worker thread, and a read first asks the page
+cache alone (preadv2 with RWF_NOWAIT); what is not cached is read by a worker
+thread through duplicated file descriptors (so a purge meanwhile cannot pull the
+file away), after which the read is served inline from the now warm cache
+(``bench/local_io.py`` measures both sides of that line).  Writes into the page
+cache do not wait for the disk unless memory is short of clean pages.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,24 @@ class LocalIO:
     def __init__(self, head: Any, flush_in_thread: Any) -> None:
         self._head = head  # drove.replica.exports.HeadExport, tracked by the fence
         self._flush = flush_in_thread  # FlushGate.run bound to the replica's flush
-        self.read = head.read
         self.cache = head.cache
         self.block_status = head.block_status
         self.aborted = False
+        self.cold_reads = 0  # reads that had to wait for the disk (in a worker thread)
+
+    async def read(self, offset: int, length: int) -> Any:
+        """Read from the page cache inline, or from the disk through a worker thread."""
+        try:
+            return self._head.read_cached(offset, length)
+        except BlockingIOError:
+            return await self._cold_read(offset, length)
+
+    async def _cold_read(self, offset: int, length: int) -> Any:
+        """Bring the range into the page cache in a worker thread, then read it inline."""
+        self.cold_reads += 1
+        sources = self._head.read_sources(offset, length)
+        await asyncio.get_running_loop().run_in_executor(None, warm_cache, sources)
+        return self._head.read_now(offset, length)
 
     @property
     def head(self) -> Any:
@@ -74,7 +94,9 @@ class LocalIO:
         """READ and plain WRITE inline (done before returning); FLUSH and FUA via a thread."""
         if cmd == eager.READ:
             try:
-                value = self._head.read_now(offset, length)
+                value = self._head.read_cached(offset, length)
+            except BlockingIOError:
+                eager.run(self._cold_read(offset, length), done)
             except Exception as exc:
                 done(None, exc)
             else:
@@ -95,6 +117,27 @@ class LocalIO:
         """Refuse every further change through this head (the member left the volume)."""
         self.aborted = True
         self._head.revoke()
+
+
+_WARM_CHUNK = 1 << 20
+
+
+def warm_cache(sources: list[tuple[int, int, int]]) -> None:
+    """Read the (fd, offset, length) ranges into the page cache, then close the fds."""
+    try:
+        if not sources:
+            return
+        buf = memoryview(bytearray(min(_WARM_CHUNK, max(n for _, _, n in sources))))
+        for fd, offset, length in sources:
+            end = offset + length
+            while offset < end:
+                got = os.preadv(fd, [buf[:min(len(buf), end - offset)]], offset)
+                if got <= 0:
+                    break  # past the end of the file: holes read as zeros anyway
+                offset += got
+    finally:
+        for fd, _, _ in sources:
+            os.close(fd)
 
 
 class LocalReplica(ReplicaHandle):
@@ -144,7 +187,9 @@ class LocalReplica(ReplicaHandle):
 
     def to_json(self) -> dict[str, Any]:
         """What the engine's API says about this replica: also that it is local, and where."""
-        return {**super().to_json(), "local": True, "directory": str(self.directory)}
+        io = self.io
+        return {**super().to_json(), "local": True, "directory": str(self.directory),
+                "cold_reads": io.cold_reads if isinstance(io, LocalIO) else None}
 
     async def connect(self) -> Any:
         """Open the head in-process for this engine's epoch and use it for I/O."""
@@ -164,4 +209,4 @@ class LocalReplica(ReplicaHandle):
         await self.service.stop()
 
 
-__all__ = ["LocalIO", "LocalReplica"]
+__all__ = ["LocalIO", "LocalReplica", "warm_cache"]

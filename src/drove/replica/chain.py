@@ -175,10 +175,14 @@ def _read_buffer(n: int) -> bytearray:
     return _bytearray_uninit(None, n) if n >= _UNINIT_MIN else bytearray(n)
 
 
-def _pread_full(fd: int, mv: memoryview, offset: int) -> None:
-    """Fill ``mv`` from ``fd`` at ``offset``; past the end of the file reads as zeros."""
+def _pread_full(fd: int, mv: memoryview, offset: int, flags: int = 0) -> None:
+    """Fill ``mv`` from ``fd`` at ``offset``; past the end of the file reads as zeros.
+
+    With ``os.RWF_NOWAIT`` in ``flags``, BlockingIOError when the data is not in
+    the page cache (the kernel returns what is cached, then EAGAIN).
+    """
     while len(mv):
-        n = os.preadv(fd, [mv], offset)
+        n = os.preadv(fd, [mv], offset, flags)
         if n == 0:
             _fill_zero(mv)
             return
@@ -312,10 +316,11 @@ class _LayerSource:
 
 
 def _chain_readinto(index: ReadIndex, files: _Files, offset: int, mv: memoryview,
-                    zeroed: bool) -> None:
+                    zeroed: bool, flags: int = 0) -> None:
     """Read ``len(mv)`` bytes at ``offset`` through the chain ``index`` describes.
 
-    One preadv per run of blocks held by one layer, straight into ``mv``.
+    One preadv per run of blocks held by one layer, straight into ``mv``
+    (``flags``: preadv2's, e.g. RWF_NOWAIT).
     """
     end = offset + len(mv)
     layers = index.layers
@@ -326,7 +331,7 @@ def _chain_readinto(index: ReadIndex, files: _Files, offset: int, mv: memoryview
             if not zeroed:
                 _fill_zero(mv[a - offset:b - offset])
         else:
-            _pread_full(files.get(layers[lid].file), mv[a - offset:b - offset], a)  # type: ignore[attr-defined]
+            _pread_full(files.get(layers[lid].file), mv[a - offset:b - offset], a, flags)  # type: ignore[attr-defined]
 
 
 def _chain_read(index: ReadIndex, files: _Files, offset: int, length: int) -> bytes | bytearray:
@@ -601,6 +606,45 @@ class Replica:
             if len(data) == length:
                 return data
         return _chain_read(self._index, self._files, offset, length)
+
+    def read_cached(self, offset: int, length: int) -> bytearray:
+        """Like :meth:`read`, but only from the page cache: BlockingIOError if it would wait.
+
+        An engine serving this replica in its own event loop reads so first
+        (preadv2 with RWF_NOWAIT), and has what is not cached read elsewhere.
+        """
+        self._check_usable()
+        _check_range(offset, length, self._vol.size)
+        if self._chain_incomplete:
+            self._refuse_rebuilding_read()
+        buf = _read_buffer(length)
+        mv = memoryview(buf)
+        if self._index.top == 0:
+            _pread_full(self._head_fd, mv, offset, os.RWF_NOWAIT)
+        else:
+            _chain_readinto(self._index, self._files, offset, mv, zeroed=False,
+                            flags=os.RWF_NOWAIT)
+        return buf
+
+    def read_sources(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(fd, offset, length) of every layer file range a read of the volume range touches.
+
+        Each fd is a duplicate the caller must close: it keeps the file open
+        even if the chain closes or deletes it meanwhile (a purge), so another
+        thread can read there to bring the data into the page cache.
+        """
+        self._check_usable()
+        _check_range(offset, length, self._vol.size)
+        if self._index.top == 0:
+            return [(os.dup(self._head_fd), offset, length)]
+        end = offset + length
+        out = []
+        for s, e, lid in self._index.runs(offset // BLOCK, -(-end // BLOCK)):
+            if lid != HOLE:
+                a, b = max(s * BLOCK, offset), min(e * BLOCK, end)
+                fd = self._files.get(self._index.layers[lid].file)
+                out.append((os.dup(fd), a, b - a))
+        return out
 
     def readinto(self, offset: int, buf: Any) -> int:
         """Fill the writable buffer ``buf`` from ``offset``; return its length."""

@@ -150,6 +150,14 @@ class HeadExport:
         """Read through the chain, synchronously (an engine's in-process head)."""
         return self._replica.read(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> bytearray:
+        """Read from the page cache only: BlockingIOError where the disk would be read."""
+        return self._replica.read_cached(offset, length)
+
+    def read_sources(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(duplicated fd, offset, length) of the file ranges a read touches (close the fds)."""
+        return self._replica.read_sources(offset, length)
+
     def write_now(self, offset: int, data: memoryview) -> None:
         """Write into the head, synchronously and not durably (an engine's in-process head)."""
         if self._revoked:

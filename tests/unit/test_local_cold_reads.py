@@ -1,0 +1,90 @@
+"""Reads of the engine's local replica that are not in the page cache go to a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from drove.engine.local import LocalIO, warm_cache
+from drove.nbd import eager
+from drove.replica.chain import Replica
+from drove.replica.process import ReplicaService
+
+
+def _drop_cache(directory: Path) -> None:
+    """Evict the replica's files from the page cache (they were flushed first)."""
+    for f in directory.glob("*.img"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_read_cached_refuses_what_the_disk_must_serve(tmp_path: Path) -> None:
+    """read_cached: data from the cache, holes at once, EAGAIN for evicted data."""
+    r = Replica.create(tmp_path / "r", 16 << 20)
+    try:
+        data = os.urandom(1 << 20)
+        r.write(0, data)
+        r.flush()
+        assert r.read_cached(4096, 8192) == data[4096:12288]
+        _drop_cache(tmp_path / "r")
+        with pytest.raises(BlockingIOError):
+            r.read_cached(4096, 8192)
+        assert r.read_cached(8 << 20, 4096) == bytes(4096)  # a hole never waits
+        warm_cache(r.read_sources(4096, 8192))
+        assert r.read_cached(4096, 8192) == data[4096:12288]
+    finally:
+        r.close()
+
+
+def test_read_sources_follow_the_chain(tmp_path: Path) -> None:
+    """One (fd, offset, length) per run held by one layer; holes are left out; fds are dups."""
+    r = Replica.create(tmp_path / "r", 16 << 20)
+    try:
+        r.write(0, b"a" * 16384)
+        r.snapshot("s1")
+        r.write(4096, b"b" * 4096)
+        sources = r.read_sources(0, 65536)
+        assert [(off, n) for _, off, n in sources] == [(0, 4096), (4096, 4096), (8192, 8192)]
+        files = {os.readlink(f"/proc/self/fd/{fd}") for fd, _, _ in sources}
+        assert len(files) == 2  # the snapshot's layer and the head
+        warm_cache(sources)
+        for fd, _, _ in sources:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # warm_cache closed its duplicates
+    finally:
+        r.close()
+
+
+def test_local_io_reads_evicted_data_through_a_thread(tmp_path: Path) -> None:
+    """LocalIO's submit and coroutine reads serve evicted data right, counted as cold."""
+    async def main() -> None:
+        service = ReplicaService(tmp_path / "r", 16 << 20, nbd=None, unix=None,
+                                 control=("127.0.0.1", 0))
+        await service.start()
+        try:
+            io = LocalIO(service.open_head("head"),
+                         lambda: service.gate.run(service.replica.flush))
+            data = os.urandom(65536)
+            await io.write(0, memoryview(data), fua=True)
+            _drop_cache(tmp_path / "r")
+            loop = asyncio.get_running_loop()
+            got: asyncio.Future = loop.create_future()
+            io.submit(eager.READ, 0, 8192, None, False,
+                      lambda v, e: got.set_exception(e) if e else got.set_result(v))
+            assert not got.done()  # it waits for the thread, not the loop
+            assert bytes(await got) == data[:8192]
+            _drop_cache(tmp_path / "r")
+            assert bytes(await io.read(8192, 4096)) == data[8192:12288]
+            assert io.cold_reads == 2
+            assert bytes(await io.read(8192, 4096)) == data[8192:12288]  # warm now: inline
+            assert io.cold_reads == 2
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
