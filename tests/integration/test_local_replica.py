@@ -393,6 +393,9 @@ def test_local_disk_full_under_fio_verify_then_rebuilt_in_place(cluster, tmpfs):
     for r in cluster.replicas[1:]:
         compare(cluster.local.uri("head"), r.uri("head"))
     compare(eng.uri(), cluster.local.uri("head"))
+    # Reads came from the local replica on its tmpfs again, and it served them all.
+    info = eng.info()
+    assert info["health"] == "healthy", info
 
 
 def test_second_engine_claims_the_local_replica_and_fences_the_first(cluster, tmp_path):

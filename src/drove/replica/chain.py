@@ -179,10 +179,17 @@ def _pread_full(fd: int, mv: memoryview, offset: int, flags: int = 0) -> None:
     """Fill ``mv`` from ``fd`` at ``offset``; past the end of the file reads as zeros.
 
     With ``os.RWF_NOWAIT`` in ``flags``, BlockingIOError when the data is not in
-    the page cache (the kernel returns what is cached, then EAGAIN).
+    the page cache (the kernel returns what is cached, then EAGAIN), and also
+    where the filesystem cannot read without waiting at all (tmpfs: EOPNOTSUPP).
     """
     while len(mv):
-        n = os.preadv(fd, [mv], offset, flags)
+        try:
+            n = os.preadv(fd, [mv], offset, flags)
+        except OSError as exc:
+            if flags and exc.errno == errno.EOPNOTSUPP:
+                raise BlockingIOError(errno.EAGAIN, "this filesystem has no RWF_NOWAIT "
+                                                    "reads") from exc
+            raise
         if n == 0:
             _fill_zero(mv)
             return
