@@ -188,6 +188,11 @@ class Cluster:
         self._all.append(self.engine)
         return self.engine
 
+    def track(self, proc: ReplicaProc) -> ReplicaProc:
+        """Kill ``proc`` (started by the test) with the rest at teardown."""
+        self._all.append(proc)
+        return proc
+
     def close(self) -> None:
         """Kill everything still running."""
         kill_all(self._all)

@@ -339,7 +339,7 @@ def test_enospc_drops_a_full_replica_then_reaches_the_client_when_all_are_full(
     # r0 on the real disk, r1 on a 12 MiB filesystem: a 32 MiB volume overflows r1 only.
     cluster.replicas = [cluster.replica("r0", "32M"),
                         start_replica(small_fs("fs1") / "r1", "32M")]
-    cluster._all.append(cluster.replicas[1])
+    cluster.track(cluster.replicas[1])
     eng = cluster.start_engine(names=["r0", "r1"])
     run(["nbdcopy", "--", "[", "nbdkit", "random", "24M", "]", eng.uri()])
     assert eng.modes() == {"r0": "RW", "r1": "ERR"}
@@ -357,7 +357,8 @@ def test_enospc_on_every_replica_is_returned_and_the_volume_stays_readable(
         cluster.add_local("r0", small_fs("fs0") / "r0", "32M")
     cluster.replicas += [start_replica(small_fs(f"fs{i}") / f"r{i}", "32M")
                          for i in range(1 if local else 0, 2)]
-    cluster._all.extend(cluster.remote)
+    for r in cluster.remote:
+        cluster.track(r)
     eng = cluster.start_engine()
     nbdsh(eng.uri(), "h.pwrite(b'k' * 65536, 0)")
     script = (
@@ -399,7 +400,7 @@ def test_engine_refuses_a_size_the_replicas_do_not_have(cluster, tmp_path):
     with pytest.raises(RuntimeError, match="not 16777216"):
         start_engine(tmp_path / "e", "vol", [r], size="16M", timeout=15)
     eng = start_engine(tmp_path / "e2", "vol", [r], size="8M")
-    cluster._all.append(eng)
+    cluster.track(eng)
     assert eng.info()["size"] == 8 << 20
 
 

@@ -43,7 +43,8 @@ def restart(cluster) -> None:
     """
     cluster.replicas = [r if getattr(r, "local", False) else start_replica(r.dir, None)
                         for r in cluster.replicas]
-    cluster._all.extend(cluster.remote)
+    for r in cluster.remote:
+        cluster.track(r)
     cluster.start_engine()
 
 

@@ -69,7 +69,7 @@ def test_second_engine_fences_the_first(cluster: Cluster, tmp_path: Path) -> Non
     a = cluster.start(3, "64M")
     write(a.uri(), 0xAA, MiB, 0)  # acknowledged and flushed by A
     b = second_engine(tmp_path, cluster.replicas)
-    cluster._all.append(b)
+    cluster.track(b)
     assert b.info()["epoch"] > a.info()["epoch"]
 
     write(b.uri(), 0xBB, 64 * 1024, 0)
@@ -127,7 +127,7 @@ def test_writes_queued_behind_a_stopped_engine_never_land(cluster: Cluster,
         assert client.stdout.readline().strip() == "queued"
 
         b = second_engine(tmp_path, cluster.replicas)
-        cluster._all.append(b)
+        cluster.track(b)
         write(b.uri(), 0xBB, MiB, 0)
 
         a.proc.send_signal(signal.SIGCONT)

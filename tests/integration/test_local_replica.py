@@ -197,7 +197,7 @@ def test_a_directory_holding_another_volumes_replica_is_never_overwritten(cluste
     """A mistyped directory (or URL) naming another volume's replica: the rebuild refuses."""
     other = start_engine(tmp_path / "other", "other", [], size="8M",
                          local=("o0", tmp_path / "o0"))
-    cluster._all.append(other)
+    cluster.track(other)
     qemu_io(other.uri(), "write -P 0x4f 0 1M", "flush")
     assert other.stop() == 0
     eng = cluster.start(1, "8M")
@@ -407,7 +407,7 @@ def test_second_engine_claims_the_local_replica_and_fences_the_first(cluster, tm
     local, remote = cluster.local, cluster.replicas[1]
     b = start_engine(tmp_path / "engine-b", "vol", [remote, local], "--epoch", str(epoch + 5),
                      names=["r1", "r0"])
-    cluster._all.append(b)
+    cluster.track(b)
     # A never stopped cleanly: B reconciles (rebuilds) one replica from the other, here
     # maybe the one A's process serves, which B reaches like any remote replica.
     info = b.wait_for(lambda i: i["health"] == "healthy", what="B healthy")
@@ -429,3 +429,48 @@ def test_second_engine_claims_the_local_replica_and_fences_the_first(cluster, tm
                 readonly=True)
     assert b.info()["health"] == "healthy"
     assert a.info()["fenced"] == fenced["fenced"]
+
+
+@pytest.mark.slow
+def test_a_frozen_engine_woken_after_a_takeover_acknowledges_nothing(cluster, tmp_path):
+    """Engine A (local r0 + remote r1) is frozen; B takes r1 (A's process, and so r0, does
+    not answer it) and writes.  A, woken, loses r1: it must learn that B owns r1 before it
+    acknowledges anything on r0 alone.  At the next start, B's replica wins over r0 even
+    if r0's generation were higher: the newer writer's state comes first."""
+    a = cluster.start(2, "16M", local=True)
+    qemu_io(a.uri(), "write -P 0xaa 0 1M", "flush")
+    epoch, local_control = a.info()["epoch"], cluster.local.control
+    local_dir, remote = cluster.local.dir, cluster.replicas[1]
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b = start_engine(tmp_path / "engine-b", "vol", [remote], "--epoch", str(epoch + 5),
+                         "--replica", f"r0={local_control}", "--timeout", "2",
+                         names=["r1"])
+        cluster.track(b)
+        assert {r["name"]: r["mode"] for r in b.info()["replicas"]} == {"r1": "RW",
+                                                                        "r0": "ERR"}
+        qemu_io(b.uri(), "write -P 0xbb 0 64k", "flush")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    res = nbdsh(a.uri(), "h.pwrite(b'\\xcc' * 4096, 0)\nh.flush()", check=False)
+    assert res.returncode != 0, "the engine B fenced acknowledged a write on its local replica"
+    info = a.wait_for(lambda i: i["fenced"] is not None, timeout=30, what="A fenced")
+    assert "r1" in info["fenced"], info
+
+    # Restart on both replicas: r1 (written by B's epoch) is current, r0 is rebuilt from it.
+    a.kill()
+    b.stop()
+    c = start_engine(tmp_path / "engine-c", "vol", [remote], names=["r1"],
+                     local=("r0", local_dir))
+    cluster.track(c)
+    c.wait_for(lambda i: i["health"] == "healthy", what="r0 rebuilt from r1")
+    events = c.ok("GET", "/v1/events")
+    assert any(e["kind"] == "replica-excluded" and e.get("replica") == "r0" for e in events)
+    qemu_io(c.uri(), "read -P 0xbb 0 64k", "read -P 0xaa 64k 960k")
+    c.stop()
+    r0 = Replica.open(local_dir)
+    try:
+        assert r0.read(0, 65536) == b"\xbb" * 65536
+        assert r0.read(65536, MiB - 65536) == b"\xaa" * (MiB - 65536)
+    finally:
+        r0.close()

@@ -52,3 +52,27 @@ def test_replica_that_missed_an_expand_is_rebuilt():
 def test_parse_state_defaults_for_a_fresh_replica():
     s = parse_state("a", {"size": 4096})
     assert (s.generation, s.clean, s.rebuilding, s.volume) == (0, True, False, None)
+
+
+def test_the_newest_engine_wins_over_a_higher_generation_of_an_older_one():
+    """A replica an old engine kept writing after a takeover loses to the newer writer's."""
+    old = ReplicaState("local", 12, False, False, "v", 100, epoch=3)
+    new = ReplicaState("remote", 8, False, False, "v", 100, epoch=4)
+    sel = choose([old, new], "v")
+    assert sel.rw == ["remote"] and sel.generation == 8
+    assert sel.rebuild == ["local"]
+    assert "epoch 3" in sel.reason["local"] and "epoch 4" in sel.reason["local"]
+
+
+def test_a_tie_of_generations_is_broken_by_the_epoch_not_the_order():
+    a = ReplicaState("a", 2, True, False, "v", 100, epoch=5)
+    b = ReplicaState("b", 2, True, False, "v", 100, epoch=6)
+    assert choose([a, b], "v").rw == ["b"]
+    assert choose([b, a], "v").rw == ["b"]
+
+
+def test_parse_state_reads_the_writer_epoch():
+    info = {"engine_state": {"volume": "v", "generation": 4, "clean": True, "epoch": 9},
+            "size": 100}
+    assert parse_state("a", info).order == (9, 4)
+    assert parse_state("a", {"engine_state": {"generation": 4}}).order == (0, 4)

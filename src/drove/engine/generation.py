@@ -26,8 +26,9 @@ Rules the engine follows:
 
 1. **Start.**  Claim the replicas, then read their states (the claim answers
    with them, after the cut: by A no older engine changes them later).
-   Candidates are replicas with no incomplete layer (not mid-rebuild) at the
-   highest generation ``G`` found.  Before serving any request, write
+   Candidates are replicas with no incomplete layer (not mid-rebuild) whose
+   state was written by the newest engine (the highest epoch recorded in the
+   states), at the highest generation ``G`` that engine wrote.  Before serving any request, write
    ``generation = max(all generations seen) + 1``, ``clean = false`` to the
    replicas chosen as RW (B: always above what any of them holds).  The
    others are rebuilt.
@@ -36,7 +37,9 @@ Rules the engine follows:
    Nothing is acknowledged once the volume faulted (a fenced engine faults).
 3. **Drop.**  When a member fails it is set to ERR, and the new generation is
    persisted on every remaining member *before* any request completes
-   (:meth:`Mirror.settled` gates every acknowledgement).  If persisting fails
+   (:meth:`Mirror.settled` gates every acknowledgement).  Before that, the
+   dropped member is asked (briefly) whether a newer engine claimed it: if so
+   this engine is fenced and acknowledges nothing more.  If persisting fails
    on a member, that member is dropped too and the bump repeats; a member
    that refuses because a newer engine owns it fences this engine.
 4. **Join.**  A rebuilt replica becomes RW only after each of its layers was
@@ -76,6 +79,17 @@ digests differ are copied), so all replicas agree before reads are spread
 over them.  The cost is nothing per write and one small fsynced file write per
 replica at start, stop and membership change.
 
+Why the epoch comes before the generation: an old engine that woke up after a
+newer one took over cannot write to any replica the newer one claimed, but it
+may still reach one the newer one could not (its local replica, on a host the
+newer engine could not reach) and bump the generation there as it drops the
+claimed ones (if none of them answers its question in time).  The two
+generations are unrelated counters then; what the newer engine acknowledged
+is on the replicas whose state it wrote, so those win, and the old engine's
+replica is rebuilt from them.  (What the old engine acknowledged after the
+takeover is lost: node-level fencing, a lease the host must hold to serve, is
+what closes that window, see the cluster issue.)
+
 One case the replicas alone cannot decide: if only stale replicas are
 reachable, they look current.  The engine therefore also records the highest
 generation it wrote in a local state file (and the manager records it in its
@@ -98,6 +112,12 @@ class ReplicaState:
     rebuilding: bool
     volume: str | None = None
     size: int = 0
+    epoch: int = 0  # of the engine that wrote the state (0: written before epochs)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """How current the state is: the newer writer first, then its generation."""
+        return (self.epoch, self.generation)
 
 
 @dataclass
@@ -124,6 +144,7 @@ def parse_state(name: str, info: dict[str, Any]) -> ReplicaState:
         rebuilding=bool(info.get("rebuilding", False)),
         volume=st.get("volume"),
         size=int(info.get("size", 0)),
+        epoch=int(st.get("epoch") or 0),
     )
 
 
@@ -142,12 +163,13 @@ def choose(states: list[ReplicaState], volume: str, min_generation: int = 0) -> 
     if not complete:
         raise NoCurrentReplicaError(
             "no reachable replica is complete: every one is mid-rebuild or belongs elsewhere")
-    top = max(s.generation for s in complete)
-    if top < min_generation:
+    top_order = max(s.order for s in complete)
+    top = top_order[1]
+    if max(s.generation for s in complete) < min_generation:
         raise NoCurrentReplicaError(
             f"the reachable replicas are at generation {top}, but generation {min_generation} "
             "was reached before: the current replicas are unreachable; start them")
-    current = [s for s in complete if s.generation == top]
+    current = [s for s in complete if s.order == top_order]
     # A volume's size only grows; a replica smaller than the largest current one missed
     # an expand and cannot serve.
     size = max(s.size for s in current)
@@ -163,6 +185,9 @@ def choose(states: list[ReplicaState], volume: str, min_generation: int = 0) -> 
     for s in complete:
         if s.name not in sel.rw and s.name not in sel.rebuild:
             sel.rebuild.append(s.name)
-            sel.reason[s.name] = f"stale (generation {s.generation} < {top})" \
-                if s.generation < top else "missed an expand"
+            sel.reason[s.name] = (
+                "missed an expand" if s.order == top_order
+                else f"stale (generation {s.generation} < {top})" if s.epoch == top_order[0]
+                else f"stale (written by engine epoch {s.epoch}, generation {s.generation}; "
+                     f"epoch {top_order[0]} wrote generation {top} since)")
     return sel

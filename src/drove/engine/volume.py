@@ -34,6 +34,9 @@ DEFAULT_TIMEOUT = 8.0
 
 SYSTEM_LABEL = "drove.io/system"
 
+ASK_WHY_TIMEOUT = 2.0
+"""Seconds a dropped replica has to say whether a newer engine took it."""
+
 CLAIM_ATTEMPTS = 5
 """Tries of an engine run without --epoch to claim its replicas (another raced it)."""
 
@@ -93,6 +96,7 @@ class Engine:
         self.last_pause: dict[str, Any] | None = None
         self.nbd_connections = lambda: 0
         self._lock = asyncio.Lock()  # structural operations, one at a time
+        self._unasked: list[ReplicaHandle] = []  # dropped, not yet asked whether fenced
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------- events, health
@@ -355,7 +359,8 @@ class Engine:
 
     def _state(self, clean: bool = False) -> dict[str, Any]:
         return {
-            "volume": self.name, "generation": self.generation, "clean": clean,
+            "volume": self.name, "epoch": self.epoch, "generation": self.generation,
+            "clean": clean,
             "members": [r.name for r in self.replicas if r.mode is Mode.RW],
             "rebuilding": [r.name for r in self.replicas if r.mode is Mode.WO],
             "updated": time.time(),
@@ -390,6 +395,15 @@ class Engine:
         A member that cannot store it is dropped, which makes the mirror call
         this again, so the loop ends with every remaining member agreeing.
         """
+        # A replica that left may have left because a newer engine claimed it: ask the
+        # ones dropped since the last change before anything is acknowledged without
+        # them, so that a fenced engine does not go on alone on the replicas the new one
+        # could not reach (its local one, typically).
+        asked, self._unasked = self._unasked, []
+        if asked:
+            await asyncio.gather(*(self._ask_why(r) for r in asked))
+            if self.fenced is not None:
+                return  # the mirror faulted: nothing more is acknowledged
         members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
         if not members:
             return
@@ -413,16 +427,17 @@ class Engine:
         if self.rebuild is not None and self.rebuild.target is member:
             self.rebuild.target_dropped(why)
         if self.fenced is None:
-            self.spawn(self._ask_why(member))
+            self._unasked.append(member)  # asked by the membership change it causes
 
     async def _ask_why(self, member: ReplicaHandle) -> None:
         """Ask a dropped replica whether a newer engine took it (its connections were cut).
 
         The call carries our epoch, so a fenced replica answers 409 StaleEpochError,
-        which fences this engine with the reason; any other failure says nothing.
+        which fences this engine with the reason; any other failure (or no answer
+        within :data:`ASK_WHY_TIMEOUT`) says nothing.
         """
         with contextlib.suppress(Exception):
-            await member.refresh()
+            await asyncio.wait_for(member.refresh(), min(self.timeout, ASK_WHY_TIMEOUT))
 
     # ----------------------------------------------------------- snapshots
 
