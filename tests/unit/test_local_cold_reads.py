@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,28 @@ def test_local_io_reads_evicted_data_through_a_thread(tmp_path: Path) -> None:
             await service.stop()
 
     asyncio.run(main())
+
+
+def test_a_filesystem_without_nowait_reads_is_read_inline(tmp_path: Path) -> None:
+    """On tmpfs (no RWF_NOWAIT reads) the first read finds out; none goes to a thread."""
+    async def main(directory: Path) -> None:
+        service = ReplicaService(directory, 1 << 20, nbd=None, unix=None,
+                                 control=("127.0.0.1", 0))
+        await service.start()
+        try:
+            io = LocalIO(service.open_head("head"),
+                         lambda: service.gate.run(service.replica.flush))
+            await io.write(0, memoryview(b"t" * 8192))
+            try:
+                service.replica.read_cached(0, 4096)
+                supported = True
+            except BlockingIOError:
+                supported = False
+            assert bytes(await io.read(0, 8192)) == b"t" * 8192
+            assert io.nowait is supported
+            assert io.cold_reads == 0
+        finally:
+            await service.stop()
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        asyncio.run(main(Path(shm) / "r"))

@@ -27,6 +27,7 @@ from typing import Any
 
 from drove.engine.replicas import Disconnected, ReplicaControlError, ReplicaHandle
 from drove.nbd import eager
+from drove.replica.chain import NoWaitUnsupportedError
 from drove.replica.fence import head_export_name
 from drove.replica.process import ReplicaService
 from drove.webclient import HttpClient
@@ -46,11 +47,22 @@ class LocalIO:
         self.block_status = head.block_status
         self.aborted = False
         self.cold_reads = 0  # reads that had to wait for the disk (in a worker thread)
+        self.nowait = True  # False where the filesystem cannot say (tmpfs: it never waits)
+
+    def _read_cached(self, offset: int, length: int) -> Any:
+        """Read from the page cache only; BlockingIOError where the disk must be read."""
+        if not self.nowait:
+            return self._head.read_now(offset, length)
+        try:
+            return self._head.read_cached(offset, length)
+        except NoWaitUnsupportedError:
+            self.nowait = False
+            return self._head.read_now(offset, length)
 
     async def read(self, offset: int, length: int) -> Any:
         """Read from the page cache inline, or from the disk through a worker thread."""
         try:
-            return self._head.read_cached(offset, length)
+            return self._read_cached(offset, length)
         except BlockingIOError:
             return await self._cold_read(offset, length)
 
@@ -94,7 +106,7 @@ class LocalIO:
         """READ and plain WRITE inline (done before returning); FLUSH and FUA via a thread."""
         if cmd == eager.READ:
             try:
-                value = self._head.read_cached(offset, length)
+                value = self._read_cached(offset, length)
             except BlockingIOError:
                 eager.run(self._cold_read(offset, length), done)
             except Exception as exc:

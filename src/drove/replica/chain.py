@@ -175,6 +175,10 @@ def _read_buffer(n: int) -> bytearray:
     return _bytearray_uninit(None, n) if n >= _UNINIT_MIN else bytearray(n)
 
 
+class NoWaitUnsupportedError(BlockingIOError):
+    """The filesystem cannot tell whether a read would wait (tmpfs): read the plain way."""
+
+
 def _pread_full(fd: int, mv: memoryview, offset: int, flags: int = 0) -> None:
     """Fill ``mv`` from ``fd`` at ``offset``; past the end of the file reads as zeros.
 
@@ -187,8 +191,8 @@ def _pread_full(fd: int, mv: memoryview, offset: int, flags: int = 0) -> None:
             n = os.preadv(fd, [mv], offset, flags)
         except OSError as exc:
             if flags and exc.errno == errno.EOPNOTSUPP:
-                raise BlockingIOError(errno.EAGAIN, "this filesystem has no RWF_NOWAIT "
-                                                    "reads") from exc
+                raise NoWaitUnsupportedError(errno.EAGAIN, "this filesystem has no "
+                                                           "RWF_NOWAIT reads") from exc
             raise
         if n == 0:
             _fill_zero(mv)
