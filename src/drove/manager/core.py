@@ -756,6 +756,11 @@ class Manager:
                            f"volume {doc['name']}: {detail}")
         return r.json() if r.content else None
 
+    async def engine_stats(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The I/O statistics of an attached volume's engine (ApiError when unavailable)."""
+        stats: dict[str, Any] = await self._engine_call(doc, "GET", "/v1/stats", timeout=2)
+        return stats
+
     async def refresh(self, doc: dict[str, Any]) -> dict[str, Any] | None:
         """What the volume's engine reports now (None when it does not answer)."""
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -13,7 +13,24 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from drove.manager.store import Store
+
 HEALTH = ("healthy", "degraded", "faulted")
+
+
+class Volumes(Protocol):
+    """What metrics need of the manager's volumes (drove.manager.core.Manager)."""
+
+    store: Store
+
+    def view(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A stored volume as the API shows it."""
+
+    def disks(self) -> list[dict[str, Any]]:
+        """Every disk with its live state, capacity, free and scheduled space."""
+
+    async def engine_stats(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The I/O statistics of an attached volume's engine."""
 
 
 class _Snapshot:
@@ -27,14 +44,15 @@ class _Snapshot:
         yield from self.families
 
 
-async def _engine_stats(manager: Any, doc: dict[str, Any]) -> dict[str, Any] | None:
+async def _engine_stats(manager: Volumes, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The engine's statistics, or None when it does not answer (its figures are left out)."""
     try:
-        return await manager._engine_call(doc, "GET", "/v1/stats", timeout=2)
+        return await manager.engine_stats(doc)
     except Exception:
         return None
 
 
-async def render(manager: Any) -> tuple[bytes, str]:
+async def render(manager: Volumes) -> tuple[bytes, str]:
     """The metrics text and its content type."""
     docs = manager.store.list("volumes")
     attached = [d for d in docs if d["state"] == "attached"]
