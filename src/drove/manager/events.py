@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from drove.manager.store import Store
 
 log = logging.getLogger("drove.manager")
+
+
+class EventFn(Protocol):
+    """What records an event (an :class:`EventLog`): the parts of the manager are handed one."""
+
+    def __call__(self, kind: str, message: str, volume: str | None = None,
+                 level: str = "info") -> None:
+        """Record what the system did and why."""
 
 
 class EventLog:

@@ -1,0 +1,241 @@
+"""Attaching and detaching volumes: starting a volume's replica processes and its engine,
+giving the host a device, and stopping them all again; adopting or restarting what a
+previous manager left running.
+
+With data locality (:mod:`drove.manager.locality`) one replica on the attach node is
+served by the engine itself: it has no process of its own, so its "process" is the
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from drove.agent.node import NodeAgent
+from drove.agent.processes import ProcessStartError
+from drove.manager import locality
+from drove.manager.disks import Disks
+from drove.manager.engines import Engines, process_endpoints
+from drove.manager.errors import ApiError
+from drove.manager.events import EventFn
+from drove.manager.guard import VolumeGuard, check_not_busy, check_not_restoring
+from drove.manager.locality import DISABLED
+from drove.manager.records import Records
+from drove.manager.replicas import Replicas
+from drove.manager.settings import Settings
+
+
+class Attacher:
+    """Brings volumes up on this node and down again."""
+
+    def __init__(self, *, records: Records, replicas: Replicas, engines: Engines, disks: Disks,
+                 agent: NodeAgent, settings: Settings, event: EventFn,
+                 guard: VolumeGuard) -> None:
+        self._records = records
+        self._replicas = replicas
+        self._engines = engines
+        self._disks = disks
+        self._agent = agent
+        self._settings = settings
+        self._event = event
+        self._guard = guard
+
+    def check_node(self, doc: dict[str, Any], node: str | None) -> str:
+        """The node to attach ``doc`` on (default: this manager's), or ApiError 409 why not.
+
+        A strict-local volume attaches only where its replica lives; and this
+        manager starts engines only on its own node.
+        """
+        node = node or self._agent.name
+        locality.check_attach_node(doc, node, self._records.locality(doc))
+        if node != self._agent.name:
+            raise ApiError(409, f"volume {doc['name']}: cannot attach on node {node}: this "
+                                f"manager starts engines on its own node ({self._agent.name}) "
+                                "only")
+        return node
+
+    async def attach(self, name: str, mount: str | None = None,
+                     fs: str = "ext4", internal: bool = False,
+                     node: str | None = None) -> dict[str, Any]:
+        """Start replicas and engine on ``node`` (default: this manager's) and give the host
+        a device, mounted at ``mount``; the volume's stored document after."""
+        if fs not in ("ext4", "xfs"):
+            raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
+        if mount is not None:
+            _check_mount_path(mount)
+        async with self._records.lock(name):
+            doc = self._records.get(name)
+            if not internal:
+                check_not_restoring(self._guard, doc)
+            if doc["state"] == "attached":
+                if mount and (doc.get("host") or {}).get("mountpoint") != mount:
+                    raise ApiError(409, f"volume {name} is attached already "
+                                        f"(mounted at {(doc.get('host') or {}).get('mountpoint')})"
+                                        "; detach it first")
+                return doc
+            doc["node"] = self.check_node(doc, node)
+            doc["desired"], doc["mount"] = "attached", ({"path": mount, "fs": fs}
+                                                        if mount else None)
+            doc["state"] = "attaching"
+            self._records.save(doc)
+            try:
+                await self._bring_up(doc)
+            except BaseException:
+                doc["desired"] = "detached"
+                await self.bring_down(doc, keep_desired=False)
+                raise
+            return doc
+
+    async def detach(self, name: str, force: bool = False,
+                     internal: bool = False) -> dict[str, Any]:
+        """Unmount, release devices, stop engine and replicas; the volume's document after."""
+        async with self._records.lock(name):
+            doc = self._records.get(name)
+            if doc["state"] == "detached":
+                return doc
+            if not internal:
+                check_not_busy(self._guard, doc, "detach")
+            await self.bring_down(doc, keep_desired=False, force=force)
+            return doc
+
+    async def recover(self, doc: dict[str, Any]) -> None:
+        """After a (clean or crashed) manager stop, or when its engine exited: adopt or
+        restart the volume's processes (its lock held)."""
+        name = doc["name"]
+        engine_ok = self._agent.alive(doc.get("engine"))
+        if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"
+                and await self._engines.refresh(doc) is not None):
+            self._event("volume-adopted", f"volume {name}: engine still running, adopted", name)
+            return
+        # Anything left of an earlier run goes; then attach afresh if it should be.
+        await asyncio.to_thread(self._agent.detach_host, name, doc.get("host"), force=True)
+        doc["host"] = None
+        await self._stop_processes(doc)
+        doc["state"] = "detached"
+        self._records.save(doc)
+        if doc["desired"] == "attached":
+            doc["state"] = "attaching"
+            try:
+                await self._bring_up(doc)
+            except Exception as exc:
+                doc["state"] = "detached"
+                self._records.save(doc)
+                self._event("attach-failed",
+                            f"volume {name} could not be attached again: {exc}",
+                            name, level="error")
+
+    async def _bring_up(self, doc: dict[str, Any]) -> None:
+        """Start the replicas (one of them in the engine, with data locality), the engine
+        and the host attachment of ``doc`` (its lock held)."""
+        name = doc["name"]
+        node = doc["node"] = self._records.attach_node(doc)
+        first = not doc.get("initialized")
+        usable = {"stopped", "pending"} if first else {"stopped"}
+        for r in doc["replicas"]:
+            if r["state"] in usable and (why := self._disks.problem(r)):
+                self._replicas.fail(doc, r, why)
+        local = (locality.choose_local(doc, node, usable)
+                 if self._records.locality(doc) != DISABLED else None)
+        for r in doc["replicas"]:
+            r["local"] = r is local
+        started: list[tuple[str, str]] = []
+        for r in doc["replicas"]:
+            if (r["state"] not in usable or r is local
+                    or not await self._replicas.start(doc, r)):
+                continue
+            started.append((r["name"], (process_endpoints(r) or {})["control"]))
+        if not started and local is None:
+            raise ApiError(409, f"volume {name}: no replica could be started ("
+                           + "; ".join(f"{r['name']}: {r.get('error')}" for r in doc["replicas"])
+                           + "); `drove event list` tells more")
+        timeout = self._settings.get("replica_timeout")
+        state_file = self._records.volume_dir(name) / "engine.state"
+        # Every engine start gets a new epoch, stored before the engine runs: its replicas
+        # then refuse every older engine of this volume (drove.replica.fence).
+        doc["epoch"] = int(doc.get("epoch", 0)) + 1
+        self._records.save(doc)
+        try:
+            proc = await asyncio.to_thread(
+                self._agent.start_engine, name, started, timeout=timeout, state_file=state_file,
+                epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
+                size=doc["size"])
+        except ProcessStartError as exc:
+            raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
+        if local is not None:
+            # Its process is the engine: running while the engine runs (the healer marks it
+            # failed if the engine reports it ERR, e.g. when it could not open its chain).
+            local.update(state="running", proc=None, error=None)
+        doc["engine"] = proc.to_json()
+        doc["initialized"] = True
+        self._records.save(doc)
+        if doc.get("mount"):
+            m = doc.get("mount") or {}
+            try:
+                doc["host"] = await asyncio.to_thread(self._agent.attach_host, name,
+                                                      m.get("path"), m.get("fs", "ext4"))
+            except Exception as exc:
+                raise ApiError(409, f"volume {name}: host attach failed: {exc}") from exc
+        doc["state"] = "attached"
+        self._records.save(doc)
+        await self._engines.refresh(doc)
+        where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
+        served = (f"; replica {local['name']} is local (served by the engine)" if local
+                  else "")
+        self._event("volume-attached", f"volume {name} attached on node {node}: "
+                    f"{proc.ready.get('nbd')}{where}{served}", name)
+
+    async def bring_down(self, doc: dict[str, Any], *, keep_desired: bool,
+                         force: bool = False) -> None:
+        """Release the host device, stop the engine and the replicas of ``doc`` (its lock
+        held); ``keep_desired`` remembers it should be attached again at the next start."""
+        name = doc["name"]
+        doc["state"] = "detaching"
+        self._records.save(doc)
+        try:
+            await asyncio.to_thread(self._agent.detach_host, name, doc.get("host"))
+        except Exception as exc:
+            if not force:
+                doc["state"] = "attached"
+                self._records.save(doc)
+                raise ApiError(409, f"volume {name}: cannot release the host device: {exc}; "
+                                    "stop what uses the mount, or detach with --force") from exc
+            self._event("detach-forced", f"volume {name}: host device not released: {exc}",
+                        name, level="warning")
+        doc["host"] = None
+        await self._stop_processes(doc)
+        # A replica the engine had dropped holds stale data: it must be rebuilt, never
+        # started as a peer of the good ones.
+        info = self._engines.drop(name) or {}
+        bad = {r["name"] for r in info.get("replicas", []) if r["mode"] != "RW"}
+        for r in doc["replicas"]:
+            if r["name"] in bad and r["state"] == "stopped":
+                r.update(state="failed", error="was not RW when the volume was detached")
+        doc["state"] = "detached"
+        if not keep_desired:
+            doc["desired"], doc["mount"], doc["node"] = "detached", None, None
+        self._records.save(doc)
+        self._event("volume-detached", f"volume {name} detached", name)
+
+    async def _stop_processes(self, doc: dict[str, Any]) -> None:
+        """Stop the engine (it flushes to every replica first), then the replicas at once."""
+        await asyncio.to_thread(self._agent.stop, doc.get("engine"))
+        doc["engine"] = None
+        await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]))
+        for r in doc["replicas"]:
+            r["proc"] = None
+            if r["state"] == "running":
+                r["state"] = "stopped"
+
+
+def _check_mount_path(mount: str) -> None:
+    """Refuse a mount path that would hide something: it must be new or an empty directory."""
+    p = Path(mount)
+    if not p.is_absolute() or ".." in p.parts:
+        raise ApiError(422, f"mount path {mount!r} must be absolute, without '..'")
+    if p.is_mount():
+        raise ApiError(409, f"{mount} is a mount point already; choose an empty directory")
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise ApiError(409, f"{mount} exists and is not an empty directory; mounting there "
+                            "would hide what it holds")

@@ -1,0 +1,111 @@
+"""This node and its disks: registration, the disk list with live state and use, add, remove."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from drove.agent import disks as disklib
+from drove.agent.node import NodeAgent
+from drove.manager.errors import ApiError, validate_name
+from drove.manager.events import EventFn
+from drove.manager.store import Store
+from drove.units import parse_size
+
+
+class Disks:
+    """The node this manager runs on and the disks its replicas live on."""
+
+    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path, event: EventFn) -> None:
+        self._store = store
+        self._agent = agent
+        self._data_dir = data_dir
+        self._event = event
+
+    def ensure_node(self) -> None:
+        """Register this node and its default disk (the data directory)."""
+        self._store.put("nodes", self._agent.name, {"name": self._agent.name,
+                                                    "address": self._agent.address})
+        if not self._store.list("disks"):
+            self.add(str(self._data_dir), tags=[], reserved=0, name="default")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node with its disks."""
+        all_disks = self.all()
+        return [{"name": n["name"], "address": n["address"], "state": "up",
+                 "disks": [d for d in all_disks if d["node"] == n["name"]]}
+                for n in self._store.list("nodes")]
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every disk with its live state, capacity, free and scheduled space."""
+        volumes = self._store.list("volumes")
+        out = []
+        for d in self._store.list("disks"):
+            status = disklib.disk_status(d["path"], d["id"])
+            reps = [(v, r) for v in volumes for r in v["replicas"]
+                    if r["disk"] == d["name"] and r["state"] != "abandoned"]
+            out.append({"name": d["name"], "node": d["node"], "path": d["path"],
+                        "tags": d["tags"], "reserved": d["reserved"], **status,
+                        "scheduled": sum(v["size"] for v, _ in reps), "replicas": len(reps)})
+        return out
+
+    def get(self, name: str) -> dict[str, Any]:
+        """One disk with its live state (ApiError 404)."""
+        for d in self.all():
+            if d["name"] == name:
+                return d
+        raise ApiError(404, f"no disk {name!r}; `drove disk list` shows them")
+
+    def add(self, path: str, *, tags: list[str], reserved: int | str = 0,
+            name: str | None = None) -> dict[str, Any]:
+        """Add a directory as a disk of this node."""
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            raise ApiError(422, f"disk path {path!r} must be absolute")
+        p = p.resolve()
+        existing = self._store.list("disks")
+        for d in existing:
+            if Path(d["path"]) == p:
+                raise ApiError(409, f"{p} is disk {d['name']} already")
+        name = validate_name("disk", name or f"disk{len(existing)}")
+        if self._store.get("disks", name):
+            raise ApiError(409, f"disk {name!r} exists; choose another --name")
+        for t in tags:
+            validate_name("tag", t)
+        reserved_bytes = parse_size(reserved) if reserved else 0
+        try:
+            disk_id = disklib.init_disk(p, name)
+        except disklib.DiskError as exc:
+            raise ApiError(422, str(exc)) from exc
+        self._store.put("disks", name, {"name": name, "node": self._agent.name, "path": str(p),
+                                        "tags": sorted(set(tags)), "reserved": reserved_bytes,
+                                        "id": disk_id})
+        self._event("disk-added",
+                    f"disk {name} added at {p} (tags: {', '.join(tags) or 'none'})")
+        return self.get(name)
+
+    def remove(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Forget a disk (refused while replicas live there unless ``force``)."""
+        d = self.get(name)
+        if d["replicas"] and not force:
+            raise ApiError(409, f"disk {name} holds {d['replicas']} replica(s); move them first "
+                                "(lower and raise the volumes' replica counts) or use --force")
+        self._store.delete("disks", name)
+        self._event("disk-removed", f"disk {name} ({d['path']}) removed")
+        return {"deleted": name}
+
+    def state(self, name: str) -> str | None:
+        """The live state of disk ``name`` ("ready" when usable; None: it was removed)."""
+        disk = self._store.get("disks", name)
+        if disk is None:
+            return None
+        return str(disklib.disk_status(disk["path"], disk["id"])["state"])
+
+    def problem(self, rep: dict[str, Any]) -> str | None:
+        """Why replica ``rep``'s disk cannot hold it now (None: it is ready)."""
+        disk = self._store.get("disks", rep["disk"])
+        status = disklib.disk_status(disk["path"], disk["id"]) if disk else {
+            "state": "unavailable", "error": "disk removed"}
+        if status["state"] != "ready":
+            return f"disk {rep['disk']} unavailable: {status['error']}"
+        return None

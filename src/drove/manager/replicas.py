@@ -1,0 +1,106 @@
+"""A volume's replicas one at a time: placing new ones, starting a replica's process,
+recording its failure (with back-off), and removing one with its data."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from drove.agent.node import NodeAgent
+from drove.agent.processes import ProcessStartError
+from drove.manager.disks import Disks
+from drove.manager.engines import Engines
+from drove.manager.events import EventFn
+from drove.manager.locality import DISABLED
+from drove.manager.placement import PlacementError, place
+from drove.manager.records import Records
+from drove.manager.settings import Settings
+
+
+class Replicas:
+    """Places, starts, fails and removes the replicas of volumes."""
+
+    def __init__(self, *, records: Records, disks: Disks, engines: Engines, agent: NodeAgent,
+                 settings: Settings, event: EventFn) -> None:
+        self._records = records
+        self._disks = disks
+        self._engines = engines
+        self._agent = agent
+        self._settings = settings
+        self._event = event
+
+    def place(self, doc: dict[str, Any], count: int,
+              only_node: str | None = None) -> list[dict[str, Any]]:
+        """Place ``count`` more replicas of ``doc`` (PlacementError says why not).
+
+        With data locality the node the volume is (or will be) attached on is
+        preferred; ``only_node`` restricts the choice to that node's disks.
+        """
+        all_disks = self._disks.all()
+        used_names = {r["disk"] for r in doc["replicas"]
+                      if r["state"] not in ("abandoned",)}
+        used = [d for d in all_disks if d["name"] in used_names]
+        if only_node is not None:
+            all_disks = [d for d in all_disks if d["node"] == only_node]
+            if not all_disks:
+                raise PlacementError(f"node {only_node} has no disk")
+        prefer = (self._records.attach_node(doc)
+                  if self._records.locality(doc) != DISABLED else None)
+        chosen = place(count, doc["size"], all_disks, pool=doc["pool"], used=used,
+                       overprovision_percent=self._settings.get("over_provisioning_percent"),
+                       prefer_node=prefer)
+        out = []
+        for d in chosen:
+            doc["next_replica"] = doc.get("next_replica", 0) + 1
+            name = f"{doc['name']}-r{doc['next_replica']}"
+            path = Path(d["path"]) / "replicas" / f"{name}-{secrets.token_hex(3)}"
+            out.append({"name": name, "disk": d["name"], "node": d["node"], "path": str(path),
+                        "state": "pending", "proc": None, "error": None, "retry_at": 0})
+        return out
+
+    async def start(self, doc: dict[str, Any], rep: dict[str, Any]) -> bool:
+        """Start ``rep``'s process; False (recorded as failed) if its disk or process fails."""
+        why = self._disks.problem(rep)
+        if why:
+            self.fail(doc, rep, why)
+            return False
+        try:
+            proc = await asyncio.to_thread(self._agent.start_replica, doc["name"], rep,
+                                           doc["size"])
+        except ProcessStartError as exc:
+            self.fail(doc, rep, f"process did not start: {exc}")
+            return False
+        rep.update(proc=proc.to_json(), state="running", error=None)
+        self._records.save(doc)
+        return True
+
+    async def stop(self, rep: dict[str, Any], timeout: float = 30.0) -> None:
+        """Stop ``rep``'s process, if it has one."""
+        await asyncio.to_thread(self._agent.stop, rep.get("proc"), timeout)
+
+    def fail(self, doc: dict[str, Any], rep: dict[str, Any], why: str) -> None:
+        """Record ``rep`` as failed because ``why``; the healer retries it, backing off."""
+        # The first retry is immediate; a replica failing again and again backs off.
+        failures = rep.get("failures", 0)
+        delay = min(300.0, self._settings.get("failed_replica_retry_seconds") * (2 ** failures)
+                    if failures else 0.0)
+        if rep["state"] != "failed":
+            self._event("replica-failed", f"replica {rep['name']} on disk {rep['disk']} "
+                        f"failed: {why}", doc["name"], level="warning")
+        rep.update(state="failed", error=why, retry_at=time.time() + delay,
+                   failures=failures + 1, rebuilding=False)
+        self._records.save(doc)
+
+    async def remove(self, doc: dict[str, Any], rep: dict[str, Any]) -> None:
+        """Take ``rep`` out of the engine (when attached), stop it and delete its data."""
+        if doc["state"] == "attached" and doc.get("engine"):
+            await self._engines.forget(doc, rep["name"])
+        await self.stop(rep)
+        await asyncio.to_thread(shutil.rmtree, rep["path"], True)
+        doc["replicas"].remove(rep)
+        self._event("replica-removed", f"replica {rep['name']} removed from disk {rep['disk']}",
+                    doc["name"])

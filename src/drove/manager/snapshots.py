@@ -1,0 +1,141 @@
+"""A volume's snapshots: the tree (from the engine, or from a replica's files while
+detached), creating, deleting, reverting to and exporting one."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from drove.manager.engines import Engines
+from drove.manager.errors import ApiError
+from drove.manager.events import EventFn
+from drove.manager.guard import VolumeGuard, check_not_busy
+from drove.manager.labels import SNAPSHOT_ID_LABEL
+from drove.manager.records import Records
+
+
+class Snapshots:
+    """The snapshot operations on volumes."""
+
+    def __init__(self, *, records: Records, engines: Engines, guard: VolumeGuard,
+                 event: EventFn) -> None:
+        self._records = records
+        self._engines = engines
+        self._guard = guard
+        self._event = event
+
+    async def tree(self, name: str) -> list[dict[str, Any]]:
+        """The volume's snapshot tree (the head included, marked ``head``)."""
+        doc = self._records.get(name)
+        if doc["state"] != "attached":
+            layers = await asyncio.to_thread(_layers_offline, doc)
+        else:
+            layers = await self._engines.call(doc, "GET", "/v1/snapshots")
+        return snapshot_tree(layers)
+
+    async def create(self, name: str, snapshot: str | None = None,
+                     labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Snapshot the volume (it must be attached)."""
+        snap = snapshot or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
+        # An identity all replicas share: what backups recognise their base by.
+        labels = {SNAPSHOT_ID_LABEL: secrets.token_hex(8), **(labels or {})}
+        async with self._records.lock(name):
+            doc = self._records.get(name)
+            res = await self._engines.call(doc, "POST", "/v1/snapshots",
+                                           json={"name": snap, "labels": labels})
+        pause = (res or {}).get("pause_ms")
+        self._event("snapshot-created", f"snapshot {snap} of volume {name} created"
+                    + (f" (I/O paused {pause} ms)" if pause is not None else ""), name)
+        for s in await self.tree(name):
+            if s["name"] == snap:
+                return s
+        raise ApiError(500, f"snapshot {snap} was created but is not listed")
+
+    async def delete(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Delete a snapshot (its data folds into its child)."""
+        async with self._records.lock(name):
+            doc = self._records.get(name)
+            check_not_busy(self._guard, doc, f"delete snapshot {snapshot} of")
+            await self._engines.call(doc, "DELETE", f"/v1/snapshots/{snapshot}")
+        self._event("snapshot-deleted", f"snapshot {snapshot} of volume {name} deleted", name)
+        return {"deleted": snapshot}
+
+    async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Revert the volume to a snapshot (attached, with no client connected); the
+        volume's stored document after."""
+        async with self._records.lock(name):
+            doc = self._records.get(name)
+            if doc.get("host"):
+                raise ApiError(409, f"volume {name} is in use by the host "
+                                    f"({doc['host'].get('mountpoint') or doc['host']['device']}); "
+                                    f"detach it and attach without --mount, then revert")
+            await self._engines.call(doc, "POST", "/v1/revert", json={"snapshot": snapshot})
+            self._event("volume-reverted", f"volume {name} reverted to snapshot {snapshot}",
+                        name)
+            return doc
+
+    async def export(self, name: str, snapshot: str) -> dict[str, Any]:
+        """A read-only NBD URI serving ``snapshot`` (from a healthy replica)."""
+        doc = self._records.get(name)
+        if not any(s["name"] == snapshot and not s.get("head")
+                   for s in await self.tree(name)):
+            raise ApiError(404, f"volume {name} has no snapshot {snapshot!r}; "
+                                f"`drove snapshot list {name}` shows them")
+        info = await self._engines.refresh(doc) or {}
+        rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
+        for r in doc["replicas"]:
+            ends = await self._engines.replica_endpoints(doc, r) if r["name"] in rw else None
+            if ends is not None:
+                return {"volume": name, "snapshot": snapshot,
+                        "nbd_uri": f"{ends['nbd']}/snapshot/{snapshot}", "read_only": True}
+        raise ApiError(409, f"volume {name} has no healthy replica to serve {snapshot} from")
+
+
+def _layers_offline(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layers of a detached volume, read from the first stopped replica that opens."""
+    from drove.replica.chain import Replica
+    from drove.replica.control import layer_json
+    from drove.replica.errors import ReplicaError
+
+    for r in doc["replicas"]:
+        if r["state"] == "stopped" and (Path(r["path"]) / "volume.meta").exists():
+            try:
+                rep = Replica.open(r["path"])
+            except ReplicaError:
+                continue
+            try:
+                return [layer_json(la) for la in rep.layers() if not la.removed]
+            finally:
+                rep.close()
+    return []
+
+
+def snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers keyed by file -> snapshots keyed by name (the head is ``volume-head``).
+
+    Removed layers (deleted snapshots whose data is not folded yet) are left out:
+    their children hang from the nearest ancestor that is still there.
+    """
+    by_file = {la["file"]: la for la in layers}
+
+    def visible_parent(la: dict[str, Any]) -> dict[str, Any] | None:
+        parent = by_file.get(la.get("parent") or "")
+        while parent is not None and parent.get("removed"):
+            parent = by_file.get(parent.get("parent") or "")
+        return parent
+
+    def name(la: dict[str, Any]) -> str:
+        return "volume-head" if la.get("head") else la["name"]
+
+    shown = [la for la in layers if not la.get("removed")]
+    parents = {la["file"]: visible_parent(la) for la in shown}
+    return [{"name": name(la), "head": bool(la.get("head")),
+             "parent": name(parents[la["file"]]) if parents[la["file"]] else None,
+             "children": [name(c) for c in shown if parents[c["file"]] is la],
+             "created": la.get("created"), "size": la.get("allocated", 0),
+             "id": (la.get("labels") or {}).get(SNAPSHOT_ID_LABEL),
+             "labels": {k: v for k, v in (la.get("labels") or {}).items()
+                        if k != SNAPSHOT_ID_LABEL}} for la in shown]
