@@ -11,7 +11,8 @@ node it is attached on (Longhorn's names and meanings):
   engine; attaching anywhere else is refused.
 
 This module holds the decisions only (pure functions over the stored volume
-document); :mod:`drove.manager.core` carries them out.
+document); :mod:`drove.manager.attach` (at attach) and :mod:`drove.manager.localize`
+(on a live volume) carry them out.
 """
 
 from __future__ import annotations
