@@ -24,10 +24,12 @@ _MAX_SOCKET_DIR = 80
 class NodeAgent:
     """One node's processes and host attachments, under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, name: str | None = None) -> None:
+    def __init__(self, data_dir: Path, name: str | None = None,
+                 address: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
         self.name = name or socket.gethostname()
-        self.address = "127.0.0.1"
+        # Where this node's processes listen: other hosts reach its replicas there.
+        self.address = address
         self.logs = data_dir / "logs"
         self.run_dir = self._socket_dir(data_dir / "run")
         self.python = sys.executable
@@ -47,11 +49,15 @@ class NodeAgent:
     def _drove(self, *args: str) -> list[str]:
         return [self.python, "-m", "drove", *args]
 
+    def _any_port(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:0"
+
     def start_replica(self, volume: str, replica: dict[str, Any], size: int) -> Proc:
         """Start the process serving ``replica`` (creating its directory on first start)."""
         path = Path(replica["path"])
-        argv = self._drove("replica", "serve", str(path), "--nbd", "127.0.0.1:0",
-                           "--control", "127.0.0.1:0", "--log-level", "warning")
+        argv = self._drove("replica", "serve", str(path), "--nbd", self._any_port(),
+                           "--control", self._any_port(), "--log-level", "warning")
         if not (path / "volume.meta").exists():
             argv += ["--size", str(size)]
         return processes.spawn(argv, self.run_dir / f"{replica['name']}.ready",
@@ -74,8 +80,8 @@ class NodeAgent:
         """
         sock = self.engine_socket(volume)
         sock.unlink(missing_ok=True)
-        argv = self._drove("engine", "serve", volume, "--nbd", "127.0.0.1:0",
-                           "--nbd-unix", str(sock), "--control", "127.0.0.1:0",
+        argv = self._drove("engine", "serve", volume, "--nbd", self._any_port(),
+                           "--nbd-unix", str(sock), "--control", self._any_port(),
                            "--timeout", str(timeout), "--state-file", str(state_file),
                            "--epoch", str(epoch), "--log-level", "warning")
         for name, url in replicas:

@@ -6,6 +6,7 @@ import typer
 
 from drove import __version__
 from drove.cli import (
+    agent,
     backup,
     disk,
     engine,
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(replica.app, name="replica")
 app.add_typer(engine.app, name="engine")
 app.command()(serve.serve)
+app.command()(agent.agent)
 app.add_typer(volume.app, name="volume")
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(disk.app, name="disk")

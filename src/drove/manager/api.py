@@ -51,6 +51,23 @@ class VolumeUpdate(Strict):
     data_locality: Locality | None = None
 
 
+class Heartbeat(BaseModel):
+    """An agent's heartbeat: who its node is, where its API is, its disks' state."""
+
+    id: str = Field(min_length=1, max_length=64, description="the node's stable id")
+    name: str = Field(description="the node's name (a-z 0-9 . _ -)")
+    address: str = Field(description="the host's address its processes listen on")
+    agent_url: str = Field(description="the agent's API")
+    zone: str | None = None
+    role: Literal["storage", "compute", "both"] = "both"
+    version: str | None = None
+    started: float | None = Field(None, description="when the agent process started")
+    default_disk: dict[str, str] | None = Field(None, description="{name, path, id} of the "
+                                                                  "agent's data directory")
+    disks: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                             description="disk name: its state")
+
+
 class Expand(Strict):
     """Grow a volume."""
 
@@ -186,6 +203,11 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
     async def nodes() -> list[dict[str, Any]]:
         """Every node with its disks."""
         return manager.nodes()
+
+    @app.post("/v1/cluster/heartbeat", dependencies=secured)
+    async def heartbeat(req: Heartbeat) -> dict[str, Any]:
+        """A node agent's heartbeat; registers its node the first time."""
+        return manager.heartbeat(req.model_dump())
 
     @app.get("/v1/disks", dependencies=secured)
     async def disks() -> list[dict[str, Any]]:

@@ -113,6 +113,10 @@ class Manager:
         """Every node with its disks."""
         return self._disks.nodes()
 
+    def heartbeat(self, beat: dict[str, Any]) -> dict[str, Any]:
+        """An agent's heartbeat (registering its node); the disks it should report on."""
+        return self._disks.health.heartbeat(beat)
+
     def disks(self) -> list[dict[str, Any]]:
         """Every disk with its live state, capacity, free and scheduled space."""
         return self._disks.all()

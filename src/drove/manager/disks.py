@@ -9,6 +9,7 @@ from drove.agent import disks as disklib
 from drove.agent.node import NodeAgent
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.events import EventFn
+from drove.manager.heartbeats import NodeHealth
 from drove.manager.store import Store
 from drove.units import parse_size
 
@@ -21,6 +22,11 @@ class Disks:
         self._agent = agent
         self._data_dir = data_dir
         self._event = event
+        self.health = NodeHealth(store, agent.name, event)
+
+    def _status(self, disk: dict[str, Any]) -> dict[str, Any]:
+        """A disk's live state: checked here, or as its node's agent last reported it."""
+        return self.health.disk_status(disk) or disklib.disk_status(disk["path"], disk["id"])
 
     def ensure_node(self) -> None:
         """Register this node and its default disk (the data directory)."""
@@ -32,7 +38,8 @@ class Disks:
     def nodes(self) -> list[dict[str, Any]]:
         """Every node with its disks."""
         all_disks = self.all()
-        return [{"name": n["name"], "address": n["address"], "state": "up",
+        return [{"name": n["name"], "address": n["address"], "state": self.health.state(n),
+                 "last_seen": n.get("last_seen"), "agent_url": n.get("agent_url"),
                  "disks": [d for d in all_disks if d["node"] == n["name"]]}
                 for n in self._store.list("nodes")]
 
@@ -41,7 +48,7 @@ class Disks:
         volumes = self._store.list("volumes")
         out = []
         for d in self._store.list("disks"):
-            status = disklib.disk_status(d["path"], d["id"])
+            status = self._status(d)
             reps = [(v, r) for v in volumes for r in v["replicas"]
                     if r["disk"] == d["name"] and r["state"] != "abandoned"]
             out.append({"name": d["name"], "node": d["node"], "path": d["path"],
@@ -99,12 +106,12 @@ class Disks:
         disk = self._store.get("disks", name)
         if disk is None:
             return None
-        return str(disklib.disk_status(disk["path"], disk["id"])["state"])
+        return str(self._status(disk)["state"])
 
     def problem(self, rep: dict[str, Any]) -> str | None:
         """Why replica ``rep``'s disk cannot hold it now (None: it is ready)."""
         disk = self._store.get("disks", rep["disk"])
-        status = disklib.disk_status(disk["path"], disk["id"]) if disk else {
+        status = self._status(disk) if disk else {
             "state": "unavailable", "error": "disk removed"}
         if status["state"] != "ready":
             return f"disk {rep['disk']} unavailable: {status['error']}"

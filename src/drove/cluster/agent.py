@@ -1,0 +1,153 @@
+"""The node agent process (`drove agent`): this host's processes, served to the managers.
+
+It serves :mod:`drove.cluster.agentapi` on the host's address and heartbeats to
+the managers: who it is (a node id kept in its data directory, so a renamed or
+re-addressed host stays the same node), where its API is, its zone and role,
+and the state of the disks the manager says are on this node.  Heartbeats go to
+the first manager that answers; while none does the agent keeps serving (the
+engines and replicas it started never depend on a manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from drove import __version__
+from drove.agent import disks as disklib
+from drove.agent.node import NodeAgent
+from drove.cluster.agentapi import build_app
+from drove.service import ControlServer, armed, default_signals
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between heartbeats; the manager calls a node down after a few missed ones."""
+
+ROLES = ("storage", "compute", "both")
+
+
+class AgentConfigError(Exception):
+    """The agent cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class AgentConfig:
+    """How `drove agent` was started."""
+
+    managers: list[str]
+    node: str
+    listen: tuple[str, int]
+    data_dir: Path
+    token: str
+    zone: str | None = None
+    role: str = "both"
+
+
+def node_id(data_dir: Path) -> str:
+    """This host's stable node id, made at first start."""
+    path = data_dir / "node-id"
+    with contextlib.suppress(OSError):
+        known = path.read_text().strip()
+        if known:
+            return known
+    new = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new + "\n")
+    os.replace(tmp, path)
+    return new
+
+
+class Heartbeat:
+    """Tells the managers this node is alive, and learns which of its disks to report."""
+
+    def __init__(self, cfg: AgentConfig, identity: dict[str, Any]) -> None:
+        self._cfg = cfg
+        self._identity = identity
+        self._disks: list[dict[str, Any]] = []
+        self._http = httpx.AsyncClient(headers={"Authorization": f"Bearer {cfg.token}"},
+                                       timeout=3.0)
+        self.manager: str | None = None  # the manager that answered last
+
+    async def once(self) -> bool:
+        """One heartbeat to the first manager that answers; False if none did."""
+        statuses = {d["name"]: await asyncio.to_thread(disklib.disk_status, d["path"], d["id"])
+                    for d in self._disks}
+        body = {**self._identity, "disks": statuses}
+        order = ([self.manager] if self.manager else []) + [
+            m for m in self._cfg.managers if m != self.manager]
+        for url in order:
+            try:
+                resp = await self._http.post(url.rstrip("/") + "/v1/cluster/heartbeat",
+                                             json=body)
+            except httpx.HTTPError as exc:
+                log.debug("manager %s: %s", url, exc)
+                continue
+            if resp.status_code == 200:
+                self.manager = url
+                self._disks = resp.json().get("disks", [])
+                return True
+            log.warning("manager %s refused the heartbeat: %s %s", url, resp.status_code,
+                        resp.text[:200])
+        self.manager = None
+        return False
+
+    async def run(self) -> None:
+        """Heartbeat forever."""
+        while True:
+            await self.once()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def close(self) -> None:
+        """Release the HTTP client."""
+        await self._http.aclose()
+
+
+async def serve(cfg: AgentConfig) -> None:
+    """Run the agent until SIGTERM/SIGINT; its engines and replicas keep running after it."""
+    if cfg.role not in ROLES:
+        raise AgentConfigError(f"unknown role {cfg.role!r}: use one of {', '.join(ROLES)}")
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host = cfg.listen[0]
+    agent = NodeAgent(cfg.data_dir, cfg.node, address=host)
+    try:
+        server = ControlServer(build_app(agent, cfg.token), *cfg.listen)
+    except OSError as exc:
+        raise AgentConfigError(f"cannot listen on {host}:{cfg.listen[1]}: {exc.strerror}; "
+                               "give another --listen HOST:PORT") from exc
+    stopping = await armed(default_signals)
+    await server.start()
+    # The data directory is the node's first disk, as `drove serve`'s is.
+    default = f"{cfg.node}-default"
+    try:
+        disk_id = disklib.init_disk(cfg.data_dir, default)
+    except disklib.DiskError as exc:
+        raise AgentConfigError(str(exc)) from exc
+    identity = {"id": node_id(cfg.data_dir), "name": cfg.node, "address": host,
+                "agent_url": server.url, "zone": cfg.zone, "role": cfg.role,
+                "version": __version__, "started": time.time(),
+                "default_disk": {"name": default, "path": str(cfg.data_dir.resolve()),
+                                 "id": disk_id}}
+    beat = Heartbeat(cfg, identity)
+    registered = await beat.once()
+    print(json.dumps({**identity, "manager": beat.manager, "registered": registered}),
+          flush=True)
+    task = asyncio.create_task(beat.run())
+    try:
+        await stopping
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await beat.close()
+        await server.stop()

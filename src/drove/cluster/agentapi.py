@@ -1,0 +1,141 @@
+"""The node agent's HTTP API: the manager starts, watches and stops this host's processes.
+
+Every route maps to one :class:`drove.agent.node.NodeAgent` call, run in a
+worker thread (they wait for processes and mount tools).  Every route but
+``/v1/health`` needs the cluster token.  Failures answer with
+``{"error": <exception name>, "detail": <message>}`` so the manager's
+:class:`drove.cluster.remoteagent.RemoteAgent` raises the same exception the
+in-process agent would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Any
+
+from drove import __version__
+from drove.agent import disks as disklib
+from drove.agent.hostattach import HostAttachError
+from drove.agent.node import NodeAgent
+from drove.agent.processes import ProcessStartError
+from drove.web import App, Body, Field, HTTPError, Request, Response, json_response
+
+START_REPLICA = Body("StartReplica", {
+    "volume": Field("str"),
+    "replica": Field("dict", description="the replica's record: name, path"),
+    "size": Field("int", gt=0),
+}, "Start the process serving one replica.")
+
+START_ENGINE = Body("StartEngine", {
+    "volume": Field("str"),
+    "replicas": Field("list[dict]", description="[{name, url}] of the replica processes"),
+    "timeout_ms": Field("int", gt=0),
+    "state_file": Field("str"),
+    "epoch": Field("int"),
+    "local": Field("dict", nullable=True, default=None,
+                   description="{name, directory} of the replica the engine serves itself"),
+    "size": Field("int", nullable=True, default=None),
+}, "Start a volume's engine.")
+
+PROC = Body("Process", {
+    "proc": Field("dict", nullable=True, description="a process as start_* returned it"),
+    "timeout_ms": Field("int", default=30_000),
+}, "One supervised process.")
+
+ATTACH = Body("HostAttach", {
+    "volume": Field("str"),
+    "mount": Field("str", nullable=True, default=None),
+    "fs": Field("str", default="ext4"),
+}, "Give this host a block device (and a mount) for a volume.")
+
+DETACH = Body("HostDetach", {
+    "volume": Field("str"),
+    "attachment": Field("dict", nullable=True, default=None),
+    "force": Field("bool", default=False),
+}, "Release a volume's host attachment.")
+
+DISKS = Body("DiskStatus", {
+    "disks": Field("list[dict]", description="[{path, id}] of this node's disks"),
+}, "Capacity, free space and state of disks on this host.")
+
+_ERRORS: dict[type[Exception], int] = {ProcessStartError: 502, HostAttachError: 409,
+                                       OSError: 500}
+
+
+def build_app(agent: NodeAgent, token: str) -> App:
+    """The agent's API over ``agent``, guarded by the cluster ``token``."""
+    app = App(title="drove agent", version=__version__,
+              description="The node agent of one drove host.")
+
+    @app.guard
+    async def _auth(request: Request) -> None:
+        if request.path == "/v1/health":
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPError(401, "missing or wrong cluster token: send 'Authorization: "
+                                 "Bearer TOKEN' with the manager's token")
+
+    for exc_type, status in _ERRORS.items():
+        app.exception_handler(exc_type)(_answer(status))
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        """Liveness; needs no token."""
+        return {"status": "ok", "node": agent.name, "version": __version__}
+
+    @app.post("/v1/replicas", status=201, body=START_REPLICA)
+    async def start_replica(body: Any) -> dict[str, Any]:
+        """Start a replica process; the process record."""
+        proc = await asyncio.to_thread(agent.start_replica, body.volume, body.replica,
+                                       body.size)
+        return proc.to_json()
+
+    @app.post("/v1/engines", status=201, body=START_ENGINE)
+    async def start_engine(body: Any) -> dict[str, Any]:
+        """Start an engine; the process record."""
+        local = None if body.local is None else (body.local["name"], body.local["directory"])
+        proc = await asyncio.to_thread(
+            agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
+            timeout=body.timeout_ms / 1000, state_file=Path(body.state_file),
+            epoch=body.epoch, local=local, size=body.size)
+        return proc.to_json()
+
+    @app.post("/v1/processes/stop", body=PROC)
+    async def stop(body: Any) -> dict[str, Any]:
+        """Stop a process (SIGTERM, then SIGKILL)."""
+        await asyncio.to_thread(agent.stop, body.proc, body.timeout_ms / 1000)
+        return {"alive": agent.alive(body.proc)}
+
+    @app.post("/v1/processes/alive", body=PROC)
+    async def alive(body: Any) -> dict[str, Any]:
+        """Whether a process still runs."""
+        return {"alive": agent.alive(body.proc)}
+
+    @app.post("/v1/host/attach", body=ATTACH)
+    async def attach(body: Any) -> dict[str, Any]:
+        """Attach a volume to this host; the attachment."""
+        return await asyncio.to_thread(agent.attach_host, body.volume, body.mount, body.fs)
+
+    @app.post("/v1/host/detach", body=DETACH)
+    async def detach(body: Any) -> dict[str, Any]:
+        """Detach a volume from this host."""
+        await asyncio.to_thread(agent.detach_host, body.volume, body.attachment,
+                                force=body.force)
+        return {}
+
+    @app.post("/v1/disks/status", body=DISKS)
+    async def disk_status(body: Any) -> list[dict[str, Any]]:
+        """State, capacity and free space of each disk."""
+        return [await asyncio.to_thread(disklib.disk_status, d["path"], d["id"])
+                for d in body.disks]
+
+    return app
+
+
+def _answer(status: int) -> Any:
+    def handler(request: Request, exc: Exception) -> Response:
+        return json_response(status, {"error": type(exc).__name__, "detail": str(exc)})
+    return handler

@@ -1,0 +1,113 @@
+"""The manager's handle on the agent of another host: NodeAgent's calls over its HTTP API.
+
+Blocking, like :class:`drove.agent.node.NodeAgent` (the manager calls both from
+worker threads), and raising the same exceptions: a process that does not start
+is a :class:`ProcessStartError`, a failed host attach a :class:`HostAttachError`.
+An agent that does not answer is an :class:`AgentUnreachableError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from drove.agent.hostattach import HostAttachError
+from drove.agent.processes import Proc, ProcessStartError
+
+# Process starts wait for the process's ready line (an engine may open a big chain).
+_START_TIMEOUT = 150.0
+_CALL_TIMEOUT = 10.0
+
+
+class AgentUnreachableError(Exception):
+    """The node's agent did not answer (host down, cut off, or the agent stopped)."""
+
+
+class AgentError(Exception):
+    """The agent answered with an error it has no better exception for."""
+
+
+_RAISE: dict[str, type[Exception]] = {"ProcessStartError": ProcessStartError,
+                                      "HostAttachError": HostAttachError}
+
+
+class RemoteAgent:
+    """The agent of node ``name``, reached at ``url`` with the cluster ``token``."""
+
+    def __init__(self, name: str, url: str, address: str, token: str) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.address = address
+        self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"},
+                                  timeout=_CALL_TIMEOUT)
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any], timeout: float = _CALL_TIMEOUT) -> Any:
+        try:
+            resp = self._http.post(self.url + path, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise AgentUnreachableError(f"the agent of node {self.name} ({self.url}) does not "
+                                        f"answer: {exc}") from exc
+        if resp.status_code < 300:
+            return resp.json()
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = {"detail": resp.text}
+        exc_type = _RAISE.get(doc.get("error", ""), AgentError)
+        raise exc_type(f"node {self.name}: {doc.get('detail')}")
+
+    def start_replica(self, volume: str, replica: dict[str, Any], size: int) -> Proc:
+        """Start the process serving ``replica`` on that node."""
+        return Proc.from_json(self._post("/v1/replicas", {
+            "volume": volume, "replica": replica, "size": size}, _START_TIMEOUT))
+
+    def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
+                     state_file: Path, epoch: int, local: tuple[str, str] | None = None,
+                     size: int | None = None) -> Proc:
+        """Start the engine of ``volume`` on that node (see NodeAgent.start_engine)."""
+        return Proc.from_json(self._post("/v1/engines", {
+            "volume": volume, "replicas": [{"name": n, "url": u} for n, u in replicas],
+            "timeout_ms": max(1, int(timeout * 1000)), "state_file": str(state_file),
+            "epoch": epoch, "size": size,
+            "local": None if local is None else {"name": local[0], "directory": local[1]},
+        }, _START_TIMEOUT))
+
+    def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
+        """Stop a process on that node cleanly (SIGTERM, then SIGKILL)."""
+        if proc is None:
+            return
+        doc = proc.to_json() if isinstance(proc, Proc) else proc
+        self._post("/v1/processes/stop", {"proc": doc, "timeout_ms": int(timeout * 1000)},
+                   timeout + 10)
+
+    def alive(self, proc: Proc | dict[str, Any] | None) -> bool:
+        """True while the process runs; False also when its node does not answer."""
+        if proc is None:
+            return False
+        doc = proc.to_json() if isinstance(proc, Proc) else proc
+        try:
+            return bool(self._post("/v1/processes/alive", {"proc": doc})["alive"])
+        except AgentUnreachableError:
+            return False
+
+    def attach_host(self, volume: str, mount: str | None, fs: str) -> dict[str, Any]:
+        """Give that host a block device for ``volume`` (and mount it)."""
+        return self._post("/v1/host/attach", {"volume": volume, "mount": mount, "fs": fs},
+                          _START_TIMEOUT)
+
+    def detach_host(self, volume: str, attachment: dict[str, Any] | None, *,
+                    force: bool = False) -> None:
+        """Release ``volume``'s host attachment on that host."""
+        self._post("/v1/host/detach", {"volume": volume, "attachment": attachment,
+                                       "force": force}, _START_TIMEOUT)
+
+    def disk_status(self, disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """State, capacity and free space of that node's ``disks`` ({path, id})."""
+        return self._post("/v1/disks/status", {"disks": [
+            {"path": d["path"], "id": d["id"]} for d in disks]})

@@ -1,0 +1,91 @@
+"""Nodes that run their own agent: registration by heartbeat, up or down, their disks' state.
+
+An agent (`drove agent`) heartbeats every second with who it is and the state
+of its disks; a node whose last heartbeat is older than ``NODE_DOWN_AFTER`` is
+``down``.  The manager's own node (the in-process agent) is always up.  A node
+name belongs to the host that registered it first (its node id): another host
+heartbeating under the same name is refused, so two hosts can never be mixed up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from drove.manager.errors import ApiError, validate_name
+from drove.manager.events import EventFn
+from drove.manager.store import Store, now_iso
+
+NODE_DOWN_AFTER = 5.0
+"""Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
+
+ROLES = ("storage", "compute", "both")
+
+
+class NodeHealth:
+    """Heartbeats of the agents, and the state they give each node and disk."""
+
+    def __init__(self, store: Store, local_node: str, event: EventFn) -> None:
+        self._store = store
+        self._local = local_node
+        self._event = event
+
+    def heartbeat(self, beat: dict[str, Any]) -> dict[str, Any]:
+        """Record a heartbeat (registering the node the first time); the node's disks."""
+        name = validate_name("node", beat["name"])
+        if name == self._local:
+            raise ApiError(409, f"node {name!r} is the manager's own node; start the agent "
+                                "with another --node")
+        if beat.get("role", "both") not in ROLES:
+            raise ApiError(422, f"unknown role {beat.get('role')!r}: use one of "
+                                f"{', '.join(ROLES)}")
+        doc = self._store.get("nodes", name)
+        if doc and doc.get("id") and doc["id"] != beat["id"]:
+            raise ApiError(409, f"node {name!r} is another host (node id {doc['id']}); give "
+                                "this agent another --node, or `drove node remove` the old one")
+        was_up = doc is not None and self.state(doc) == "up"
+        doc = dict(doc or {"name": name})
+        if doc.get("agent_started") != beat.get("started"):
+            # A (re)started agent states its zone and role; later `drove node update` wins.
+            doc.update(zone=beat.get("zone"), role=beat.get("role", "both"),
+                       agent_started=beat.get("started"))
+        doc.update(id=beat["id"], address=beat["address"], agent_url=beat["agent_url"],
+                   version=beat.get("version"), last_seen=now_iso(),
+                   last_seen_ts=time.time(), disk_status=beat.get("disks") or {})
+        doc.pop("_version", None)
+        self._store.put("nodes", name, doc)
+        self._ensure_default_disk(name, beat.get("default_disk"))
+        if not was_up:
+            self._event("node-up", f"node {name} is up: its agent at {beat['agent_url']} "
+                                   "heartbeats", None, "info")
+        return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]}
+                          for d in self._store.list("disks") if d["node"] == name]}
+
+    def _ensure_default_disk(self, node: str, disk: dict[str, Any] | None) -> None:
+        if not disk or any(d["node"] == node for d in self._store.list("disks")):
+            return
+        name = validate_name("disk", disk["name"])
+        if self._store.get("disks", name):
+            return
+        self._store.put("disks", name, {"name": name, "node": node, "path": disk["path"],
+                                        "tags": [], "reserved": 0, "id": disk["id"]})
+        self._event("disk-added", f"disk {name} added at {disk['path']} on node {node} "
+                                  "(the agent's data directory)", None, "info")
+
+    def state(self, node: dict[str, Any]) -> str:
+        """``up`` or ``down``: the manager's own node is up; others while they heartbeat."""
+        if node["name"] == self._local or "last_seen_ts" not in node:
+            return "up"
+        return "up" if time.time() - node["last_seen_ts"] <= NODE_DOWN_AFTER else "down"
+
+    def disk_status(self, disk: dict[str, Any]) -> dict[str, Any] | None:
+        """The state another node's agent last reported for ``disk`` (None: a local disk)."""
+        if disk["node"] == self._local:
+            return None
+        node = self._store.get("nodes", disk["node"])
+        if node is None or self.state(node) != "up":
+            return {"state": "unavailable", "capacity": 0, "available": 0,
+                    "error": f"node {disk['node']} is down"}
+        status = (node.get("disk_status") or {}).get(disk["name"])
+        return status or {"state": "unavailable", "capacity": 0, "available": 0,
+                          "error": f"node {disk['node']} has not reported it yet"}

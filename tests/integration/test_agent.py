@@ -1,0 +1,163 @@
+"""The node agent as its own process (`drove agent`): registration, heartbeats, processes.
+
+A real `drove serve` and real `drove agent` processes on loopback addresses of
+their own (127.0.0.x stands in for another host's address here; the cluster
+tests put agents in network namespaces).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from drove.cluster.remoteagent import AgentUnreachableError, RemoteAgent
+from drove.manager.heartbeats import NODE_DOWN_AFTER
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns a truthy value (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class AgentProc:
+    """One `drove agent` process and the JSON line it printed when ready."""
+
+    def __init__(self, manager, name: str, data_dir: Path, address: str = "127.0.0.2",
+                 extra: tuple[str, ...] = ()) -> None:
+        self.out = data_dir.with_suffix(".out")
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "drove", "agent", "--manager", manager.url,
+                 "--node", name, "--listen", f"{address}:0", "--data-dir", str(data_dir),
+                 "--token-file", str(manager.data_dir / "token"), "--log-level", "warning",
+                 *extra], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.info: dict[str, Any] = wait_for(self._ready, 60, f"agent {name} to serve")
+
+    def _ready(self) -> dict[str, Any] | None:
+        text = self.out.read_text()
+        for line in text.splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        if self.proc.poll() is not None:
+            raise AssertionError(f"drove agent exited {self.proc.returncode}: {text[-2000:]}")
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL the agent (its engines and replicas go on)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def agents(manager):
+    started: list[AgentProc] = []
+
+    def start(*args: Any, **kwargs: Any) -> AgentProc:
+        a = AgentProc(manager, *args, **kwargs)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        if a.proc.poll() is None:
+            a.proc.terminate()
+            a.proc.wait(30)
+
+
+def node(manager, name: str) -> dict[str, Any]:
+    return next(n for n in manager.cli_json("node", "list") if n["name"] == name)
+
+
+def test_an_agent_registers_its_node_and_disk_and_goes_down_when_killed(manager, agents,
+                                                                          tmp_path):
+    a = agents("n2", tmp_path / "n2", extra=("--zone", "z2", "--role", "storage"))
+    assert a.info["registered"] is True and a.info["manager"] == manager.url
+    assert a.info["agent_url"].startswith("http://127.0.0.2:")
+
+    # The agent reports the disks the manager lists for it: its data directory first.
+    def disk_ready() -> dict[str, Any] | None:
+        n = node(manager, "n2")
+        disks = [d for d in n["disks"] if d["state"] == "ready" and d["capacity"] > 0]
+        return n if disks else None
+
+    n = wait_for(disk_ready, 15, "n2's disk to be reported ready")
+    assert n["state"] == "up" and n["address"] == "127.0.0.2"
+    assert n["agent_url"] == a.info["agent_url"] and n["last_seen"]
+    assert [d["name"] for d in n["disks"]] == ["n2-default"]
+    assert n["disks"][0]["path"] == str((tmp_path / "n2").resolve())
+    doc = manager.ok("GET", "/v1/nodes")
+    assert {x["name"] for x in doc} >= {"n2"}
+    assert any(e["kind"] == "node-up" and "n2" in e["message"] for e in manager.events())
+
+    a.kill()
+    t0 = time.monotonic()
+    down = wait_for(lambda: node(manager, "n2")["state"] == "down", NODE_DOWN_AFTER + 10,
+                    "n2 to be down")
+    assert down and time.monotonic() - t0 <= NODE_DOWN_AFTER + 10
+    assert node(manager, "n2")["disks"][0]["state"] == "unavailable"
+
+    # Restarted on the same data directory, it is the same node again.
+    b = agents("n2", tmp_path / "n2")
+    assert b.info["id"] == a.info["id"] and b.info["registered"] is True
+    wait_for(lambda: node(manager, "n2")["state"] == "up", 15, "n2 to be up again")
+
+
+def test_a_second_host_cannot_take_a_registered_node_name(manager, agents, tmp_path):
+    agents("n2", tmp_path / "n2")
+    other = agents("n2", tmp_path / "elsewhere", address="127.0.0.3")
+    assert other.info["registered"] is False
+    assert node(manager, "n2")["address"] == "127.0.0.2"
+    r = manager.api("POST", "/v1/cluster/heartbeat", json={
+        "id": "x", "name": "n3", "address": "127.0.0.3", "agent_url": "http://127.0.0.3:1",
+        "role": "bogus"})
+    assert r.status_code == 422 and "role" in r.text
+    assert "n3" not in {n["name"] for n in manager.cli_json("node", "list")}
+
+
+def test_the_agent_starts_and_supervises_processes_that_outlive_it(manager, agents, tmp_path):
+    a = agents("n2", tmp_path / "n2")
+    remote = RemoteAgent("n2", a.info["agent_url"], "127.0.0.2", manager.token)
+    # Without the cluster token the agent refuses.
+    r = httpx.post(a.info["agent_url"] + "/v1/processes/alive", json={"proc": None})
+    assert r.status_code == 401 and "token" in r.text
+
+    rep = {"name": "vol-r0", "path": str(tmp_path / "n2" / "replicas" / "vol-r0")}
+    proc = remote.start_replica("vol", rep, 64 << 20)
+    assert proc.ready["nbd"].startswith("nbd://127.0.0.2:")
+    info = subprocess.run(["nbdinfo", "--size", proc.ready["nbd"] + "/"],
+                          capture_output=True, text=True, timeout=30)
+    assert info.returncode == 0 and int(info.stdout) == 64 << 20, info.stderr
+    assert remote.alive(proc)
+
+    # The replica keeps serving with its agent dead; a restarted agent adopts it.
+    a.kill()
+    with pytest.raises(AgentUnreachableError):
+        remote.stop(proc)
+    assert subprocess.run(["nbdinfo", "--size", proc.ready["nbd"] + "/"],
+                          capture_output=True, timeout=30).returncode == 0
+    b = agents("n2", tmp_path / "n2")
+    again = RemoteAgent("n2", b.info["agent_url"], "127.0.0.2", manager.token)
+    assert again.alive(proc)
+    again.stop(proc)
+    assert not again.alive(proc)
+
+    # A bad request changes nothing and says what is wrong.
+    r = httpx.post(b.info["agent_url"] + "/v1/replicas", json={"volume": "v"},
+                   headers={"Authorization": f"Bearer {manager.token}"})
+    assert r.status_code == 422 and "replica" in r.text
