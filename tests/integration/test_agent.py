@@ -161,3 +161,58 @@ def test_the_agent_starts_and_supervises_processes_that_outlive_it(manager, agen
     r = httpx.post(b.info["agent_url"] + "/v1/replicas", json={"volume": "v"},
                    headers={"Authorization": f"Bearer {manager.token}"})
     assert r.status_code == 422 and "replica" in r.text
+
+
+def qemu_io(uri: str, cmd: str, read_only: bool = False) -> None:
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + ["-c", cmd, uri]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path):
+    agents("n2", tmp_path / "n2")
+    wait_for(lambda: any(d["state"] == "ready" for d in node(manager, "n2")["disks"]), 15,
+             "n2's disk")
+    (own,) = [n["name"] for n in manager.ok("GET", "/v1/nodes") if n["name"] != "n2"]
+    v = manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    assert sorted(r["node"] for r in v["replicas"]) == sorted([own, "n2"])
+
+    # On the manager's node: the n2 replica is a process its agent started, on n2's address.
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    assert att["health"] == "healthy" and att["node"] == own
+    (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
+    assert not there["local"] and there["pid"]
+    engine = httpx.get(att["engine"]["control_url"] + "/v1/replicas", timeout=10).json()
+    assert any("127.0.0.2" in str(r) for r in engine)
+    qemu_io(att["nbd_uri"], "write -P 0x44 0 8M")
+    manager.ok("POST", "/v1/volumes/v/detach", json={})
+
+    # On n2: its agent runs the engine there, which serves n2's replica itself.
+    att = manager.cli_json("volume", "attach", "v", "--node", "n2")
+    assert att["node"] == "n2" and att["health"] == "healthy"
+    assert att["nbd_uri"].startswith("nbd://127.0.0.2:")
+    (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
+    assert there["local"] and there["mode"] == "RW"
+    qemu_io(att["nbd_uri"], "read -P 0x44 0 8M", read_only=True)
+    qemu_io(att["nbd_uri"], "write -P 0x55 8M 1M")
+    manager.ok("POST", "/v1/volumes/v/detach", json={})
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    qemu_io(att["nbd_uri"], "read -P 0x55 8M 1M", read_only=True)
+    manager.ok("POST", "/v1/volumes/v/detach", json={})
+
+    # Nowhere the engine cannot run: an unknown node, a storage-only one, a down one.
+    r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "nope"})
+    assert r.status_code == 404 and "nope" in r.text
+    manager.ok("POST", "/v1/cluster/heartbeat", json={
+        "id": "id3", "name": "n3", "address": "127.0.0.3", "agent_url": "http://127.0.0.3:9",
+        "role": "storage"})
+    r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "n3"})
+    assert r.status_code == 409 and "role is storage" in r.text
+    assert manager.volume("v")["state"] == "detached"
+    manager.ok("POST", "/v1/cluster/heartbeat", json={
+        "id": "id4", "name": "n4", "address": "127.0.0.4", "agent_url": "http://127.0.0.4:9"})
+    # n4 never heartbeats again: down after NODE_DOWN_AFTER, and attach there is refused.
+    wait_for(lambda: node(manager, "n4")["state"] == "down", NODE_DOWN_AFTER + 10, "n4 down")
+    r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "n4"})
+    assert r.status_code == 409 and "n4" in r.text and "down" in r.text
+    assert manager.volume("v")["state"] == "detached"

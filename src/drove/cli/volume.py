@@ -254,6 +254,9 @@ def attach(
         help="also give the host a block device with a filesystem mounted here "
              "(made on first use)")] = None,
     fs: Annotated[Fs, typer.Option(help="filesystem to make with --mount")] = Fs.ext4,
+    node: Annotated[str | None, typer.Option(
+        show_default=False,
+        help="run the engine (and mount) on this node (default: the manager's own)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Attach volume NAME: start its replicas and engine, serve it over NBD.
@@ -267,9 +270,11 @@ def attach(
         drove volume attach db
 
         drove volume attach db --mount /mnt/db --fs xfs
+
+        drove volume attach db --node host2
     """
     body = {"mount": os.path.abspath(os.path.expanduser(mount)) if mount else None,
-            "fs": fs.value}
+            "fs": fs.value, "node": node}
     with nullcontext() if json_out else err_console.status(f"attaching {name}…"):
         v = mgr.post(_path(name) + "/attach", body)
     if emit(v, json_out):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 from typing import Any
 
 from drove import __version__
@@ -97,9 +96,11 @@ def build_app(agent: NodeAgent, token: str) -> App:
     async def start_engine(body: Any) -> dict[str, Any]:
         """Start an engine; the process record."""
         local = None if body.local is None else (body.local["name"], body.local["directory"])
+        # A relative state file lives under this agent's data directory.
+        state_file = agent.data_dir / body.state_file
         proc = await asyncio.to_thread(
             agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
-            timeout=body.timeout_ms / 1000, state_file=Path(body.state_file),
+            timeout=body.timeout_ms / 1000, state_file=state_file,
             epoch=body.epoch, local=local, size=body.size)
         return proc.to_json()
 

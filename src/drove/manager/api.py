@@ -79,6 +79,9 @@ class Attach(Strict):
 
     mount: str | None = Field(None, description="absolute mount path")
     fs: Literal["ext4", "xfs"] = "ext4"
+    node: str | None = Field(None, description="the node to run the engine on (default: the "
+                                               "manager's own; another needs its agent up "
+                                               "and the compute or both role)")
 
 
 class Detach(Strict):
@@ -259,7 +262,7 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
     async def attach(name: str, req: Attach | None = None) -> dict[str, Any]:
         """Start the volume's engine and replicas; optionally mount a filesystem."""
         req = req or Attach()
-        return await manager.attach(name, req.mount, req.fs)
+        return await manager.attach(name, req.mount, req.fs, node=req.node)
 
     @app.post("/v1/volumes/{name}/detach", dependencies=secured)
     async def detach(name: str, req: Detach | None = None) -> dict[str, Any]:

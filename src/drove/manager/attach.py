@@ -13,9 +13,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from drove.agent.node import NodeAgent
 from drove.agent.processes import ProcessStartError
 from drove.manager import locality
+from drove.manager.agents import Agents
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines, process_endpoints
 from drove.manager.errors import ApiError
@@ -31,13 +31,13 @@ class Attacher:
     """Brings volumes up on this node and down again."""
 
     def __init__(self, *, records: Records, replicas: Replicas, engines: Engines, disks: Disks,
-                 agent: NodeAgent, settings: Settings, event: EventFn,
+                 agents: Agents, settings: Settings, event: EventFn,
                  guard: VolumeGuard) -> None:
         self._records = records
         self._replicas = replicas
         self._engines = engines
         self._disks = disks
-        self._agent = agent
+        self._agents = agents
         self._settings = settings
         self._event = event
         self._guard = guard
@@ -45,15 +45,13 @@ class Attacher:
     def check_node(self, doc: dict[str, Any], node: str | None) -> str:
         """The node to attach ``doc`` on (default: this manager's), or ApiError 409 why not.
 
-        A strict-local volume attaches only where its replica lives; and this
-        manager starts engines only on its own node.
+        A strict-local volume attaches only where its replica lives; another node
+        must be up, run an agent and have the compute role.
         """
-        node = node or self._agent.name
+        node = node or self._agents.local.name
         locality.check_attach_node(doc, node, self._records.locality(doc))
-        if node != self._agent.name:
-            raise ApiError(409, f"volume {doc['name']}: cannot attach on node {node}: this "
-                                f"manager starts engines on its own node ({self._agent.name}) "
-                                "only")
+        if node != self._agents.local.name:
+            self._disks.health.check_compute_node(node, doc["name"])
         return node
 
     async def attach(self, name: str, mount: str | None = None,
@@ -104,13 +102,14 @@ class Attacher:
         """After a (clean or crashed) manager stop, or when its engine exited: adopt or
         restart the volume's processes (its lock held)."""
         name = doc["name"]
-        engine_ok = self._agent.alive(doc.get("engine"))
+        agent = self._agents.for_node(doc.get("node"))
+        engine_ok = await asyncio.to_thread(agent.alive, doc.get("engine"))
         if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"
                 and await self._engines.refresh(doc) is not None):
             self._event("volume-adopted", f"volume {name}: engine still running, adopted", name)
             return
         # Anything left of an earlier run goes; then attach afresh if it should be.
-        await asyncio.to_thread(self._agent.detach_host, name, doc.get("host"), force=True)
+        await asyncio.to_thread(agent.detach_host, name, doc.get("host"), force=True)
         doc["host"] = None
         await self._stop_processes(doc)
         doc["state"] = "detached"
@@ -151,14 +150,15 @@ class Attacher:
                            + "; ".join(f"{r['name']}: {r.get('error')}" for r in doc["replicas"])
                            + "); `drove event list` tells more")
         timeout = self._settings.get("replica_timeout")
-        state_file = self._records.volume_dir(name) / "engine.state"
+        state_file = self._agents.engine_state_file(node, self._records.volume_dir(name), name)
         # Every engine start gets a new epoch, stored before the engine runs: its replicas
         # then refuse every older engine of this volume (drove.replica.fence).
         doc["epoch"] = int(doc.get("epoch", 0)) + 1
         self._records.save(doc)
         try:
             proc = await asyncio.to_thread(
-                self._agent.start_engine, name, started, timeout=timeout, state_file=state_file,
+                self._agents.for_node(node).start_engine, name, started, timeout=timeout,
+                state_file=state_file,
                 epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
                 size=doc["size"])
         except ProcessStartError as exc:
@@ -173,7 +173,7 @@ class Attacher:
         if doc.get("mount"):
             m = doc.get("mount") or {}
             try:
-                doc["host"] = await asyncio.to_thread(self._agent.attach_host, name,
+                doc["host"] = await asyncio.to_thread(self._agents.for_node(node).attach_host, name,
                                                       m.get("path"), m.get("fs", "ext4"))
             except Exception as exc:
                 raise ApiError(409, f"volume {name}: host attach failed: {exc}") from exc
@@ -194,7 +194,8 @@ class Attacher:
         doc["state"] = "detaching"
         self._records.save(doc)
         try:
-            await asyncio.to_thread(self._agent.detach_host, name, doc.get("host"))
+            await asyncio.to_thread(self._agents.for_node(doc.get("node")).detach_host, name,
+                                    doc.get("host"))
         except Exception as exc:
             if not force:
                 doc["state"] = "attached"
@@ -220,7 +221,7 @@ class Attacher:
 
     async def _stop_processes(self, doc: dict[str, Any]) -> None:
         """Stop the engine (it flushes to every replica first), then the replicas at once."""
-        await asyncio.to_thread(self._agent.stop, doc.get("engine"))
+        await asyncio.to_thread(self._agents.for_node(doc.get("node")).stop, doc.get("engine"))
         doc["engine"] = None
         await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]))
         for r in doc["replicas"]:

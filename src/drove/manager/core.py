@@ -33,6 +33,7 @@ import httpx
 
 from drove.agent.node import NodeAgent
 from drove.manager import locality, views
+from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines
@@ -65,11 +66,12 @@ class Manager:
         self._records = Records(store, self._settings, agent.name, data_dir)
         self._disks = Disks(store, agent, data_dir, event)
         self._engines = Engines()
+        self.agents = Agents(store, agent, data_dir / "token")
         self._replicas = Replicas(records=self._records, disks=self._disks,
-                                  engines=self._engines, agent=agent, settings=self._settings,
-                                  event=event)
+                                  engines=self._engines, agents=self.agents,
+                                  settings=self._settings, event=event)
         self._attacher = Attacher(records=self._records, replicas=self._replicas,
-                                  engines=self._engines, disks=self._disks, agent=agent,
+                                  engines=self._engines, disks=self._disks, agents=self.agents,
                                   settings=self._settings, event=event, guard=guard)
         self._snapshots = Snapshots(records=self._records, engines=self._engines, guard=guard,
                                     event=event)
@@ -80,7 +82,7 @@ class Manager:
         self._healer = Healer(records=self._records, attacher=self._attacher,
                               replicas=self._replicas, rebuilds=rebuilds,
                               localizer=self._localizer, engines=self._engines,
-                              disks=self._disks, agent=agent, settings=self._settings,
+                              disks=self._disks, agents=self.agents, settings=self._settings,
                               event=event)
 
     # ------------------------------------------------------------ basics

@@ -13,7 +13,7 @@ import shutil
 import time
 from typing import Any
 
-from drove.agent.node import NodeAgent
+from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines, rebuild_running
@@ -36,7 +36,7 @@ class Healer:
 
     def __init__(self, *, records: Records, attacher: Attacher, replicas: Replicas,
                  rebuilds: Rebuilds, localizer: Localizer, engines: Engines, disks: Disks,
-                 agent: NodeAgent, settings: Settings, event: EventFn) -> None:
+                 agents: Agents, settings: Settings, event: EventFn) -> None:
         self._records = records
         self._attacher = attacher
         self._replicas = replicas
@@ -44,7 +44,7 @@ class Healer:
         self._localizer = localizer
         self._engines = engines
         self._disks = disks
-        self._agent = agent
+        self._agents = agents
         self._settings = settings
         self._event = event
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +82,8 @@ class Healer:
     async def heal(self, doc: dict[str, Any]) -> None:
         """One pass of self-healing over an attached volume (its lock held)."""
         name = doc["name"]
-        if not self._agent.alive(doc.get("engine")):
+        engine_agent = self._agents.for_node(doc.get("node"))
+        if not await asyncio.to_thread(engine_agent.alive, doc.get("engine")):
             self._event("engine-failed", f"engine of volume {name} exited; restarting it",
                         name, level="error")
             await self._attacher.recover(doc)
@@ -106,7 +107,7 @@ class Healer:
                     self._event("rebuild-finished", f"replica {r['name']} rebuilt, now RW "
                                 "(local: served by the engine)", name)
                 continue
-            if not self._agent.alive(r.get("proc")):
+            if not await asyncio.to_thread(self._agents.for_replica(r).alive, r.get("proc")):
                 self._replicas.fail(doc, r, "process exited")
             elif live is None or live["mode"] == "ERR":
                 why = (live or {}).get("error") or "not in the engine"

@@ -45,7 +45,7 @@ class NodeHealth:
                                 "this agent another --node, or `drove node remove` the old one")
         was_up = doc is not None and self.state(doc) == "up"
         doc = dict(doc or {"name": name})
-        if doc.get("agent_started") != beat.get("started"):
+        if "role" not in doc or doc.get("agent_started") != beat.get("started"):
             # A (re)started agent states its zone and role; later `drove node update` wins.
             doc.update(zone=beat.get("zone"), role=beat.get("role", "both"),
                        agent_started=beat.get("started"))
@@ -78,11 +78,28 @@ class NodeHealth:
             return "up"
         return "up" if time.time() - node["last_seen_ts"] <= NODE_DOWN_AFTER else "down"
 
+    def check_compute_node(self, node: str, volume: str) -> None:
+        """ApiError 409 unless ``node`` can run ``volume``'s engine: up, with an agent, compute."""
+        doc = self._store.get("nodes", node)
+        if doc is None:
+            raise ApiError(404, f"no node {node!r}; `drove node list` shows them")
+        why = None
+        if self.state(doc) != "up":
+            why = f"it is down (last seen {doc.get('last_seen')})"
+        elif not doc.get("agent_url"):
+            why = "it runs no agent"
+        elif doc.get("role", "both") == "storage":
+            why = "its role is storage (set `drove node update --role both` to attach there)"
+        if why:
+            raise ApiError(409, f"volume {volume}: cannot attach on node {node}: {why}")
+
     def disk_status(self, disk: dict[str, Any]) -> dict[str, Any] | None:
-        """The state another node's agent last reported for ``disk`` (None: a local disk)."""
+        """The state another node's agent last reported for ``disk`` (None: check it here)."""
         if disk["node"] == self._local:
             return None
         node = self._store.get("nodes", disk["node"])
+        if node is not None and not node.get("agent_url"):
+            return None  # a node without an agent of its own: its disks are checked here
         if node is None or self.state(node) != "up":
             return {"state": "unavailable", "capacity": 0, "available": 0,
                     "error": f"node {disk['node']} is down"}

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drove.agent.node import NodeAgent
 from drove.agent.processes import ProcessStartError
+from drove.cluster.remoteagent import AgentError, AgentUnreachableError
+from drove.manager.agents import Agents
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines
 from drove.manager.events import EventFn
@@ -24,12 +25,12 @@ from drove.manager.settings import Settings
 class Replicas:
     """Places, starts, fails and removes the replicas of volumes."""
 
-    def __init__(self, *, records: Records, disks: Disks, engines: Engines, agent: NodeAgent,
+    def __init__(self, *, records: Records, disks: Disks, engines: Engines, agents: Agents,
                  settings: Settings, event: EventFn) -> None:
         self._records = records
         self._disks = disks
         self._engines = engines
-        self._agent = agent
+        self._agents = agents
         self._settings = settings
         self._event = event
 
@@ -69,10 +70,13 @@ class Replicas:
             self.fail(doc, rep, why)
             return False
         try:
-            proc = await asyncio.to_thread(self._agent.start_replica, doc["name"], rep,
-                                           doc["size"])
-        except ProcessStartError as exc:
+            agent = self._agents.for_replica(rep)
+            proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep, doc["size"])
+        except (ProcessStartError, AgentError) as exc:
             self.fail(doc, rep, f"process did not start: {exc}")
+            return False
+        except AgentUnreachableError as exc:
+            self.fail(doc, rep, str(exc))
             return False
         rep.update(proc=proc.to_json(), state="running", error=None)
         self._records.save(doc)
@@ -80,7 +84,13 @@ class Replicas:
 
     async def stop(self, rep: dict[str, Any], timeout: float = 30.0) -> None:
         """Stop ``rep``'s process, if it has one."""
-        await asyncio.to_thread(self._agent.stop, rep.get("proc"), timeout)
+        try:
+            await asyncio.to_thread(self._agents.for_replica(rep).stop, rep.get("proc"), timeout)
+        except AgentUnreachableError as exc:
+            # Its host is down or cut off: its process cannot write for an engine that is
+            # gone, nor for a newer one (fenced by epoch); its agent stops it later.
+            self._event("replica-stop-unreachable", f"replica {rep['name']}: {exc}", None,
+                        "warning")
 
     def fail(self, doc: dict[str, Any], rep: dict[str, Any], why: str) -> None:
         """Record ``rep`` as failed because ``why``; the healer retries it, backing off."""

@@ -1,0 +1,72 @@
+"""The agent of each node: this manager's own (in-process) or a remote one over HTTP.
+
+Every call that starts, watches or stops a process, or attaches a host, goes to
+the agent of the node it concerns: a replica's node is its disk's; an engine's
+is the node the volume is attached on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from drove.agent.node import NodeAgent
+from drove.cluster.remoteagent import RemoteAgent
+from drove.manager.errors import ApiError
+from drove.manager.store import Store
+
+
+class Agents:
+    """Finds the agent for a node, a replica or a volume's engine."""
+
+    def __init__(self, store: Store, local: NodeAgent, token_file: Path) -> None:
+        self._store = store
+        self.local = local
+        self._token_file = token_file
+        self._remote: dict[str, RemoteAgent] = {}
+
+    def for_node(self, node: str | None) -> NodeAgent | RemoteAgent:
+        """The agent of ``node`` (None: this manager's own); ApiError 409 if it has none."""
+        if node is None or node == self.local.name:
+            return self.local
+        doc = self._store.get("nodes", node)
+        if doc is None:
+            raise ApiError(409, f"node {node} is unknown; start `drove agent --node {node}` "
+                                "on it")
+        if not doc.get("agent_url"):
+            # A node entered in the store without an agent of its own (the data-locality
+            # tests fake a second node so): this machine's agent serves it.
+            return self.local
+        known = self._remote.get(node)
+        if known is None or known.url != doc["agent_url"].rstrip("/"):
+            if known is not None:
+                known.close()
+            known = RemoteAgent(node, doc["agent_url"], doc["address"],
+                                self._token_file.read_text().strip())
+            self._remote[node] = known
+        return known
+
+    def node_of_replica(self, rep: dict[str, Any]) -> str | None:
+        """The node whose disk holds ``rep`` (None: the disk was removed)."""
+        disk = self._store.get("disks", rep["disk"])
+        return disk["node"] if disk else None
+
+    def for_replica(self, rep: dict[str, Any]) -> NodeAgent | RemoteAgent:
+        """The agent of the node holding ``rep``."""
+        return self.for_node(self.node_of_replica(rep))
+
+    def engine_state_file(self, node: str | None, volume_dir: Path, volume: str) -> Path:
+        """Where the engine of ``volume`` on ``node`` keeps its state.
+
+        Under this manager's data directory for its own node; for another node a
+        path relative to that agent's data directory (the agent resolves it).
+        """
+        if node is None or node == self.local.name:
+            return volume_dir / "engine.state"
+        return Path("volumes") / volume / "engine.state"
+
+    def close(self) -> None:
+        """Release the connections to remote agents."""
+        for a in self._remote.values():
+            a.close()
+        self._remote.clear()
