@@ -111,11 +111,17 @@ def test_an_agent_registers_its_node_and_disk_and_goes_down_when_killed(manager,
                     "n2 to be down")
     assert down and time.monotonic() - t0 <= NODE_DOWN_AFTER + 10
     assert node(manager, "n2")["disks"][0]["state"] == "unavailable"
+    # The healer's pass says so once, with the time the node was last seen.
+    downs = wait_for(lambda: [e for e in manager.events() if e["kind"] == "node-down"], 15,
+                     "a node-down event")
+    assert len(downs) == 1 and "n2" in downs[0]["message"] and "since" in downs[0]["message"]
 
     # Restarted on the same data directory, it is the same node again.
     b = agents("n2", tmp_path / "n2")
     assert b.info["id"] == a.info["id"] and b.info["registered"] is True
     wait_for(lambda: node(manager, "n2")["state"] == "up", 15, "n2 to be up again")
+    ups = [e for e in manager.events() if e["kind"] == "node-up" and "n2" in e["message"]]
+    assert len(ups) == 2
 
 
 def test_a_second_host_cannot_take_a_registered_node_name(manager, agents, tmp_path):

@@ -65,6 +65,10 @@ class Healer:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            try:
+                self._disks.health.sweep()
+            except Exception:
+                log.exception("checking the nodes' heartbeats")
             for doc in self._records.all():
                 lock = self._records.lock(doc["name"])
                 if doc["state"] != "attached" or lock.locked():

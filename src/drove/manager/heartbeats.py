@@ -14,7 +14,7 @@ from typing import Any
 
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.events import EventFn
-from drove.manager.store import Store, now_iso
+from drove.manager.store import ConflictError, Store, now_iso
 
 NODE_DOWN_AFTER = 5.0
 """Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
@@ -43,7 +43,7 @@ class NodeHealth:
         if doc and doc.get("id") and doc["id"] != beat["id"]:
             raise ApiError(409, f"node {name!r} is another host (node id {doc['id']}); give "
                                 "this agent another --node, or `drove node remove` the old one")
-        was_up = doc is not None and self.state(doc) == "up"
+        was_up = doc is not None and self.state(doc) == "up" and not doc.get("down_since")
         doc = dict(doc or {"name": name})
         if "role" not in doc or doc.get("agent_started") != beat.get("started"):
             # A (re)started agent states its zone and role; later `drove node update` wins.
@@ -53,6 +53,7 @@ class NodeHealth:
                    version=beat.get("version"), last_seen=now_iso(),
                    last_seen_ts=time.time(), disk_status=beat.get("disks") or {})
         doc.pop("_version", None)
+        doc.pop("down_since", None)
         self._store.put("nodes", name, doc)
         self._ensure_default_disk(name, beat.get("default_disk"))
         if not was_up:
@@ -71,6 +72,25 @@ class NodeHealth:
                                         "tags": [], "reserved": 0, "id": disk["id"]})
         self._event("disk-added", f"disk {name} added at {disk['path']} on node {node} "
                                   "(the agent's data directory)", None, "info")
+
+    def sweep(self) -> list[str]:
+        """Say once of each node that stopped heartbeating that it is down; their names."""
+        gone = []
+        for doc in self._store.list("nodes"):
+            if doc.get("down_since") or self.state(doc) == "up":
+                continue
+            version = doc.pop("_version")
+            doc["down_since"] = now_iso()
+            try:
+                self._store.put("nodes", doc["name"], doc, expect_version=version)
+            except ConflictError:
+                continue  # it heartbeated meanwhile
+            gone.append(doc["name"])
+            self._event("node-down", f"node {doc['name']} is down: no heartbeat from its agent "
+                                     f"since {doc.get('last_seen')} (more than "
+                                     f"{NODE_DOWN_AFTER:.0f} s); its replicas cannot serve",
+                        None, "error")
+        return gone
 
     def state(self, node: dict[str, Any]) -> str:
         """``up`` or ``down``: the manager's own node is up; others while they heartbeat."""
