@@ -291,6 +291,51 @@ def test_connection_refused_names_the_url_option(tmp_path):
         m.get("/v1/volumes")
 
 
+def test_several_managers_the_first_that_answers_serves(tmp_path):
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            body = b'{"name": "db"}'
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dead = f"http://127.0.0.1:{closed_port()}"
+        live = f"127.0.0.1:{server.server_address[1]}"
+        env = {"DROVE_URL": f"{dead}, {live}", "DROVE_TOKEN": "t"}
+        t = resolve(data_dir=tmp_path, env=env)
+        assert t.url == dead and t.others == (f"http://{live}",)
+        with Manager(t) as m:
+            # A refused connection sent nothing: the POST goes to the next manager, once.
+            assert m.post("/v1/volumes", {"name": "db"}) == {"name": "db"}
+            assert m.url == f"http://{live}"
+            m.post("/v1/volumes", {"name": "db"})
+        assert [h[0] for h in hits] == ["/v1/volumes", "/v1/volumes"]
+        both_dead = {"DROVE_URL": f"{dead},http://127.0.0.1:{closed_port()}"}
+        with Manager(resolve(data_dir=tmp_path, env=both_dead)) as m, \
+                pytest.raises(ManagerError) as err:
+            m.get("/v1/volumes")
+        assert f"at {dead} nor at http://127.0.0.1:" in str(err.value)
+        with pytest.raises(ManagerNotFound, match="holds no URL"):
+            resolve(data_dir=tmp_path, env={"DROVE_URL": " , "})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ------------------------------------------------------- the typer glue
 
 

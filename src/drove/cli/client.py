@@ -9,6 +9,9 @@ Where the manager is, in this order:
   (``{"url": ..., "pid": ...}``, written by ``drove serve`` while it runs) and its
   ``token`` file.
 
+A URL may list several managers, comma-separated (a cluster): a call goes to the
+first that accepts the connection, and that one goes first from then on.
+
 URL and token are looked up separately, so ``--url`` with no token still takes
 the token of the local data directory.
 
@@ -69,6 +72,7 @@ class Target:
     url_source: str               # "--url", "DROVE_URL" or the manager.json path
     token_source: str | None      # "--token", "DROVE_TOKEN", the token file path, or None
     pid: int | None = None        # of the local manager, from manager.json
+    others: tuple[str, ...] = ()  # more managers to try when ``url`` does not answer
 
     @property
     def token_file(self) -> Path:
@@ -125,9 +129,13 @@ def resolve(url: str | None = None, token: str | None = None,
         token_file = directory / "token"
         token = _read_token(token_file)
         token_source = str(token_file) if token else None
-    return Target(url=normalize_url(url), token=token, data_dir=directory,
+    # Several managers (a cluster): "u1,u2,..."; the first that answers serves.
+    urls = [normalize_url(u) for u in url.split(",") if u.strip()]
+    if not urls:
+        raise ManagerNotFound(f"{NOT_FOUND} ({url_source} holds no URL)")
+    return Target(url=urls[0], token=token, data_dir=directory,
                   url_source=url_source, token_source=token_source,
-                  pid=pid if isinstance(pid, int) else None)
+                  pid=pid if isinstance(pid, int) else None, others=tuple(urls[1:]))
 
 
 def _read_manager_json(path: Path) -> dict[str, Any] | None:
@@ -182,7 +190,8 @@ class Manager:
 
         self.target = target
         headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
-        self._http = httpx.Client(base_url=target.url, headers=headers, transport=transport,
+        self._urls = [target.url, *target.others]
+        self._http = httpx.Client(headers=headers, transport=transport,
                                   timeout=httpx.Timeout(timeout, connect=10.0))
 
     @classmethod
@@ -193,8 +202,8 @@ class Manager:
 
     @property
     def url(self) -> str:
-        """The manager's base URL."""
-        return self.target.url
+        """The base URL of the manager that answered last (else the first one)."""
+        return self._urls[0]
 
     def __enter__(self) -> Manager:
         return self
@@ -229,7 +238,7 @@ class Manager:
 
         query = {k: _query_value(v) for k, v in (params or {}).items() if v is not None}
         try:
-            resp = self._http.request(method, path, params=query, json=json)
+            resp = self._send(method, path, query, json)
         except httpx.ConnectError as exc:
             raise ManagerError(self._not_running(exc)) from exc
         except httpx.TimeoutException as exc:
@@ -249,12 +258,33 @@ class Manager:
         except ValueError:
             return resp.text
 
+    def _send(self, method: str, path: str, query: dict[str, Any], json: Any) -> Any:
+        """The request to the first manager that accepts the connection (it goes first then).
+
+        Only a refused or failed connect moves on: the request was not sent, so even a
+        POST is safe to send to the next manager.
+        """
+        import httpx
+
+        for i, base in enumerate(self._urls):
+            try:
+                resp = self._http.request(method, base + path, params=query, json=json)
+            except httpx.ConnectError:
+                if i == len(self._urls) - 1:
+                    raise
+                continue
+            if i:
+                self._urls.insert(0, self._urls.pop(i))
+            return resp
+        raise AssertionError("unreachable: there is always one URL")
+
     def _not_running(self, exc: Exception) -> str:
         t = self.target
         refused = isinstance(exc.__context__, ConnectionRefusedError) or "refused" in str(exc)
         why = "connection refused" if refused else str(exc)
         if t.url_source in ("--url", "DROVE_URL"):
-            return (f"the drove manager at {t.url} is not running or not reachable ({why}): "
+            where = " nor at ".join(self._urls)
+            return (f"the drove manager at {where} is not running or not reachable ({why}): "
                     f"start it with `drove serve`, or check {t.url_source}")
         stale = ""
         if t.pid is not None and not _pid_alive(t.pid):
@@ -310,9 +340,10 @@ def _connection_parameters() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
         inspect.Parameter("manager_url", kw, default=None, annotation=Annotated[
-            str | None, option("--url", "manager API URL, e.g. http://127.0.0.1:10800 "
-                                        "(env DROVE_URL; default: the running manager of "
-                                        "--data-dir)")]),
+            str | None, option("--url", "manager API URL, e.g. http://127.0.0.1:10800, or "
+                                        "several comma-separated (the first that answers "
+                                        "serves) (env DROVE_URL; default: the running "
+                                        "manager of --data-dir)")]),
         inspect.Parameter("manager_token", kw, default=None, annotation=Annotated[
             str | None, option("--token", "API token (env DROVE_TOKEN; default: the token "
                                           "file in --data-dir)")]),
