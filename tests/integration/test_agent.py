@@ -222,3 +222,48 @@ def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path)
     r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "n4"})
     assert r.status_code == 409 and "n4" in r.text and "down" in r.text
     assert manager.volume("v")["state"] == "detached"
+
+
+def test_a_dead_host_is_waited_for_then_replaced(manager, agents, tmp_path):
+    import os
+
+    a = agents("n2", tmp_path / "n2")
+    wait_for(lambda: any(d["state"] == "ready" for d in node(manager, "n2")["disks"]), 15,
+             "n2's disk")
+    manager.ok("PATCH", "/v1/settings", json={"replica_replenish_wait": 600})
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    att = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
+    qemu_io(att["nbd_uri"], "write -P 0x61 0 4M")
+
+    def kill_host() -> None:
+        v = manager.volume("v")
+        (rep,) = [r for r in v["replicas"] if r["node"] == "n2" and r["state"] != "abandoned"]
+        a.kill()
+        if rep["pid"]:
+            os.kill(rep["pid"], signal.SIGKILL)
+
+    # n2 dies (agent and replica): the volume goes on degraded, and waits for the node.
+    kill_host()
+    qemu_io(att["nbd_uri"], "write -P 0x62 4M 4M")
+    manager.wait_volume("v", lambda x: x["health"] == "degraded", 60, "degraded")
+    wait_for(lambda: [e for e in manager.events("v") if e["kind"] == "replica-replenish-wait"],
+             30, "a replenish-wait event")
+    # Back in time: the same replica is rebuilt in place by delta.
+    a = agents("n2", tmp_path / "n2")
+    v = manager.wait_volume("v", lambda x: x["health"] == "healthy", 120, "healthy again")
+    assert there["name"] in {r["name"] for r in v["replicas"] if r["node"] == "n2"}
+    assert not [e for e in manager.events("v") if e["kind"] == "replica-replaced"]
+
+    # Gone for longer than the wait: replaced on another disk, data intact.
+    manager.ok("POST", "/v1/disks", json={"path": str(tmp_path / "d1"), "name": "d1"})
+    manager.ok("PATCH", "/v1/settings", json={"replica_replenish_wait": 1})
+    kill_host()
+    v = manager.wait_volume(
+        "v", lambda x: x["health"] == "healthy" and any(
+            r["disk"] == "d1" and r["state"] == "running" for r in x["replicas"]), 120,
+        "a replacement on d1")
+    replaced = [e for e in manager.events("v") if e["kind"] == "replica-replaced"]
+    assert replaced and there["name"] in replaced[0]["message"]
+    qemu_io(v["nbd_uri"], "read -P 0x61 0 4M", read_only=True)
+    qemu_io(v["nbd_uri"], "read -P 0x62 4M 4M", read_only=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -62,6 +63,14 @@ class NodeAgent:
             argv += ["--size", str(size)]
         return processes.spawn(argv, self.run_dir / f"{replica['name']}.ready",
                                self.logs / f"{replica['name']}.log")
+
+    @staticmethod
+    def remove_replica_data(path: str) -> None:
+        """Delete the directory of a replica that was replaced (only a replica's directory)."""
+        p = Path(path)
+        if p.parent.name != "replicas" or not p.is_absolute():
+            raise ValueError(f"{path} is not a replica directory (DISK/replicas/NAME)")
+        shutil.rmtree(p, ignore_errors=True)
 
     def engine_socket(self, volume: str) -> Path:
         """The unix socket the engine of ``volume`` serves NBD on."""

@@ -59,8 +59,12 @@ DISKS = Body("DiskStatus", {
     "disks": Field("list[dict]", description="[{path, id}] of this node's disks"),
 }, "Capacity, free space and state of disks on this host.")
 
+REMOVE = Body("RemoveReplicaData", {
+    "path": Field("str", description="DISK/replicas/NAME"),
+}, "Delete the directory of a replaced replica.")
+
 _ERRORS: dict[type[Exception], int] = {ProcessStartError: 502, HostAttachError: 409,
-                                       OSError: 500}
+                                       ValueError: 422, OSError: 500}
 
 
 def build_app(agent: NodeAgent, token: str) -> App:
@@ -125,6 +129,12 @@ def build_app(agent: NodeAgent, token: str) -> App:
         """Detach a volume from this host."""
         await asyncio.to_thread(agent.detach_host, body.volume, body.attachment,
                                 force=body.force)
+        return {}
+
+    @app.post("/v1/replicas/remove-data", body=REMOVE)
+    async def remove_data(body: Any) -> dict[str, Any]:
+        """Delete a replaced replica's directory."""
+        await asyncio.to_thread(agent.remove_replica_data, body.path)
         return {}
 
     @app.post("/v1/disks/status", body=DISKS)

@@ -107,6 +107,10 @@ class RemoteAgent:
         self._post("/v1/host/detach", {"volume": volume, "attachment": attachment,
                                        "force": force}, _START_TIMEOUT)
 
+    def remove_replica_data(self, path: str) -> None:
+        """Delete a replaced replica's directory on that node."""
+        self._post("/v1/replicas/remove-data", {"path": path})
+
     def disk_status(self, disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """State, capacity and free space of that node's ``disks`` ({path, id})."""
         return self._post("/v1/disks/status", {"disks": [

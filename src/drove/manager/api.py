@@ -120,6 +120,9 @@ class SettingsUpdate(Strict):
     replica_timeout: float | None = None
     heal_interval: float | None = None
     failed_replica_retry_seconds: float | None = None
+    replica_replenish_wait: float | None = Field(
+        None, description="seconds a down node's replicas are waited for before they are "
+                          "rebuilt elsewhere")
     default_data_locality: str | None = None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from typing import Any
 
@@ -139,8 +138,11 @@ class Healer:
         for r in live:
             if r["state"] == "failed" and r.get("retry_at", 0) <= now:
                 if self._disks.state(r["disk"]) == "ready":
+                    r.pop("replenish_noted", None)
                     return await self._rebuilds.rebuild(doc, r, modes,
                                                         why="delta rebuild in place")
+                if self._wait_for_node(doc, r):
+                    continue
                 # Its disk is gone: replace it elsewhere if possible; keep it for when the
                 # disk returns if not.
                 # A strict-local volume's replica may only live on its attach node.
@@ -169,6 +171,25 @@ class Healer:
                 return await self._rebuilds.rebuild(doc, r, modes, why="new replica")
         return False
 
+    def _wait_for_node(self, doc: dict[str, Any], rep: dict[str, Any]) -> bool:
+        """True while ``rep``'s node is down for less than ``replica_replenish_wait``.
+
+        A node that returns in time gets its replicas rebuilt in place by delta; only
+        one gone for longer has them rebuilt elsewhere in full.
+        """
+        node = self._agents.node_of_replica(rep)
+        down = self._disks.health.down_for(node)
+        wait = self._settings.get("replica_replenish_wait")
+        if down is None or down >= wait:
+            return False
+        if not rep.get("replenish_noted"):
+            rep["replenish_noted"] = True
+            self._records.save(doc)
+            self._event("replica-replenish-wait", f"replica {rep['name']}: node {node} is "
+                        f"down; it is rebuilt elsewhere in {wait - down:.0f} s unless the node "
+                        "returns (then in place, by delta)", doc["name"], level="warning")
+        return True
+
     def _note_health(self, doc: dict[str, Any], info: dict[str, Any]) -> None:
         """An event when the volume's health changes."""
         now = health(doc, info)
@@ -185,7 +206,8 @@ class Healer:
                 continue
             state = self._disks.state(r["disk"])
             if state == "ready":
-                await asyncio.to_thread(shutil.rmtree, r["path"], True)
+                agent = self._agents.for_replica(r)
+                await asyncio.to_thread(agent.remove_replica_data, r["path"])
                 doc["replicas"].remove(r)
                 self._records.save(doc)
                 self._event("replica-cleaned", f"disk {r['disk']} is back: data of replaced "

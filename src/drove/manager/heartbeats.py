@@ -92,6 +92,13 @@ class NodeHealth:
                         None, "error")
         return gone
 
+    def down_for(self, node: str | None) -> float | None:
+        """Seconds since ``node`` last heartbeated if it is down (None: up or no agent)."""
+        doc = self._store.get("nodes", node) if node else None
+        if doc is None or "last_seen_ts" not in doc or self.state(doc) == "up":
+            return None
+        return time.time() - doc["last_seen_ts"]
+
     def state(self, node: dict[str, Any]) -> str:
         """``up`` or ``down``: the manager's own node is up; others while they heartbeat."""
         if node["name"] == self._local or "last_seen_ts" not in node:

@@ -15,6 +15,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "replica_timeout": 8.0,
     "heal_interval": 1.0,
     "failed_replica_retry_seconds": 5.0,
+    # A replica on a node that is down is rebuilt elsewhere only after this many seconds;
+    # a node back sooner gets its replicas rebuilt in place by delta (a reboot must not
+    # cost full rebuilds: Longhorn #1940).
+    "replica_replenish_wait": 300.0,
     "default_data_locality": locality.DEFAULT_LOCALITY,
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {
@@ -26,6 +30,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "replica_timeout": (0.5, 600),
     "heal_interval": (0.1, 60),
     "failed_replica_retry_seconds": (0.5, 3600),
+    "replica_replenish_wait": (0.0, 86400),
 }
 
 
