@@ -68,6 +68,16 @@ class Heartbeat(BaseModel):
                                              description="disk name: its state")
 
 
+class NodeUpdate(Strict):
+    """Change a node's placement attributes (absent fields stay; "" or null clears)."""
+
+    zone: str | None = Field(None, max_length=63, description="the node's zone")
+    fault_set: str | None = Field(None, max_length=63, description="nodes that fail "
+                                  "together; never two replicas of a volume in one")
+    role: Literal["storage", "compute", "both"] | None = Field(
+        None, description="storage holds replicas, compute attaches volumes, both does both")
+
+
 class Expand(Strict):
     """Grow a volume."""
 
@@ -209,6 +219,21 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
     async def nodes() -> list[dict[str, Any]]:
         """Every node with its disks."""
         return manager.nodes()
+
+    @app.patch("/v1/nodes/{name}", dependencies=secured)
+    async def update_node(name: str, req: NodeUpdate) -> dict[str, Any]:
+        """Set a node's zone, fault set or role (placement uses them from then on)."""
+        return manager.update_node(name, req.model_dump(exclude_unset=True))
+
+    @app.post("/v1/nodes/{name}/cordon", dependencies=secured)
+    async def cordon_node(name: str) -> dict[str, Any]:
+        """No new replicas on this node (those there stay)."""
+        return manager.update_node(name, {"cordoned": True})
+
+    @app.post("/v1/nodes/{name}/uncordon", dependencies=secured)
+    async def uncordon_node(name: str) -> dict[str, Any]:
+        """New replicas may go to this node again."""
+        return manager.update_node(name, {"cordoned": False})
 
     @app.post("/v1/cluster/heartbeat", dependencies=secured)
     async def heartbeat(req: Heartbeat) -> dict[str, Any]:

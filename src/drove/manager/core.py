@@ -115,6 +115,10 @@ class Manager:
         """Every node with its disks."""
         return self._disks.nodes()
 
+    def update_node(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Set a node's zone, fault_set, role or cordoned; the node."""
+        return self._disks.update_node(name, changes)
+
     def heartbeat(self, beat: dict[str, Any]) -> dict[str, Any]:
         """An agent's heartbeat (registering its node); the disks it should report on."""
         return self._disks.health.heartbeat(beat)

@@ -10,7 +10,8 @@ from drove.agent.node import NodeAgent
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.events import EventFn
 from drove.manager.heartbeats import NodeHealth
-from drove.manager.store import Store
+from drove.manager.placement import ROLES, node_attrs
+from drove.manager.store import ConflictError, Store
 from drove.units import parse_size
 
 
@@ -30,8 +31,11 @@ class Disks:
 
     def ensure_node(self) -> None:
         """Register this node and its default disk (the data directory)."""
-        self._store.put("nodes", self._agent.name, {"name": self._agent.name,
-                                                    "address": self._agent.address})
+        # Keep what `drove node update` / `cordon` set on this node across restarts.
+        doc = dict(self._store.get("nodes", self._agent.name) or {})
+        doc.pop("_version", None)
+        doc.update(name=self._agent.name, address=self._agent.address)
+        self._store.put("nodes", self._agent.name, doc)
         if not self._store.list("disks"):
             self.add(str(self._data_dir), tags=[], reserved=0, name="default")
 
@@ -40,8 +44,57 @@ class Disks:
         all_disks = self.all()
         return [{"name": n["name"], "address": n["address"], "state": self.health.state(n),
                  "last_seen": n.get("last_seen"), "agent_url": n.get("agent_url"),
+                 **node_attrs(n),
                  "disks": [d for d in all_disks if d["node"] == n["name"]]}
                 for n in self._store.list("nodes")]
+
+    def node_docs(self) -> dict[str, dict[str, Any]]:
+        """Node name -> its placement attributes and live state (no disks: cheap)."""
+        return {n["name"]: {**node_attrs(n), "state": self.health.state(n),
+                            "last_seen": n.get("last_seen")}
+                for n in self._store.list("nodes")}
+
+    def node(self, name: str) -> dict[str, Any]:
+        """One node with its disks (ApiError 404)."""
+        for n in self.nodes():
+            if n["name"] == name:
+                return n
+        raise ApiError(404, f"no node {name!r}; `drove node list` shows them")
+
+    def update_node(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Set a node's zone, fault_set, role or cordoned (keys absent stay; "" clears)."""
+        self.node(name)
+        bad = set(changes) - {"zone", "fault_set", "role", "cordoned"}
+        if bad:
+            raise ApiError(422, f"cannot change {', '.join(sorted(bad))} of a node")
+        if "role" in changes and changes["role"] not in ROLES:
+            raise ApiError(422, f"unknown role {changes['role']!r}: use one of "
+                                f"{', '.join(ROLES)}")
+        if "cordoned" in changes and not isinstance(changes["cordoned"], bool):
+            raise ApiError(422, "cordoned must be true or false")
+        clean = dict(changes)
+        for key in ("zone", "fault_set"):
+            if clean.get(key):
+                validate_name(key.replace("_", " "), clean[key])
+            elif key in clean:
+                clean[key] = None  # "" or null clears it
+        for _ in range(10):  # a heartbeat may rewrite the document meanwhile: retry
+            doc = dict(self._store.get("nodes", name) or {"name": name})
+            version = doc.pop("_version", None)
+            before = node_attrs(doc)
+            doc.update(clean)
+            try:
+                self._store.put("nodes", name, doc, expect_version=version)
+                break
+            except ConflictError:
+                continue
+        else:
+            raise ApiError(409, f"node {name!r} changed too often to update; try again")
+        after = node_attrs(doc)
+        what = [f"{k} {before[k]} -> {after[k]}" for k in after if before[k] != after[k]]
+        if what:
+            self._event("node-updated", f"node {name}: {', '.join(what)}", None, "info")
+        return self.node(name)
 
     def all(self) -> list[dict[str, Any]]:
         """Every disk with its live state, capacity, free and scheduled space."""

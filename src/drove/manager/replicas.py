@@ -42,8 +42,12 @@ class Replicas:
         preferred; ``only_node`` restricts the choice to that node's disks.
         """
         all_disks = self._disks.all()
+        # A failed replica on a disk that is gone is what is being replaced: its disk's
+        # node, zone and fault set must not keep the replacement out.
         used_names = {r["disk"] for r in doc["replicas"]
-                      if r["state"] not in ("abandoned",)}
+                      if r["state"] not in ("abandoned",)
+                      and not (r["state"] == "failed"
+                               and self._disks.state(r["disk"]) != "ready")}
         used = [d for d in all_disks if d["name"] in used_names]
         if only_node is not None:
             all_disks = [d for d in all_disks if d["node"] == only_node]
@@ -53,7 +57,8 @@ class Replicas:
                   if self._records.locality(doc) != DISABLED else None)
         chosen = place(count, doc["size"], all_disks, pool=doc["pool"], used=used,
                        overprovision_percent=self._settings.get("over_provisioning_percent"),
-                       prefer_node=prefer)
+                       prefer_node=prefer,
+                       nodes=self._disks.node_docs())
         out = []
         for d in chosen:
             doc["next_replica"] = doc.get("next_replica", 0) + 1
