@@ -66,6 +66,15 @@ def manager(tmp_path: Path):
     m.kill_everything()
 
 
+@pytest.fixture
+def hosts(tmp_path: Path):
+    """Hosts made of network namespaces on a bridge (tests/hosts.py); all removed at teardown."""
+    from hosts import Hosts
+
+    with Hosts(tmp_path / "hosts") as h:
+        yield h
+
+
 @pytest.fixture(scope="module")
 def moto():
     """One moto S3 server (a light stand-in for quick unit tests) for the module."""
