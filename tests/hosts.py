@@ -1,4 +1,16 @@
-"""Hosts made of network namespaces on one bridge, and an etcd cluster on them, for tests."""
+"""Hosts made of network namespaces on one bridge, and an etcd cluster on them, for tests.
+
+Usage (the `hosts` fixture of conftest.py gives a Hosts already entered)::
+
+    a = hosts.add("a")                      # 10.213.0.11, data dir tmp/hosts/a
+    etcd = EtcdCluster([a, b, c]).start()   # etcd.store_url == "etcd://A:2379,B:2379,C:2379"
+    p = a.run(["drove", "serve", "--store", etcd.store_url, "--listen", f"{a.address}:7000"],
+              env={**os.environ, "DROVE_URL": ...}, stdout=log, stderr=log)
+    a.kill()        # SIGKILL everything of host a; a.cut() / a.restore() for its link
+
+Processes share the machine's filesystem and mounts (nsenter enters only the network
+namespace); bind every listener to the host's address, never 0.0.0.0.
+"""
 
 from __future__ import annotations
 
@@ -200,9 +212,11 @@ class Hosts:
         return host
 
     def __getitem__(self, name: str) -> Host:
+        """The host called name."""
         return self.hosts[name]
 
     def __iter__(self):
+        """Every host, in the order added."""
         return iter(self.hosts.values())
 
     def __exit__(self, *exc: object) -> None:

@@ -86,3 +86,37 @@ def test_etcd_cluster_survives_one_member(hosts):
     etcd.restart(members[0])
     assert etcd.etcdctl(client, "get", "k2", "--print-value-only",
                         endpoints=f"http://{members[0].address}:2379").strip() == "v2"
+
+
+def test_leftovers_of_a_crashed_run_are_removed(tmp_path):
+    # what a run killed mid-test leaves: a namespace with a process in it, its veth, the bridge
+    subprocess.run(["ip", "link", "add", "drv-br0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", "drv-old"], check=True)
+    subprocess.run(["ip", "link", "add", "drvv9", "type", "veth", "peer", "name", "eth0",
+                    "netns", "drv-old"], check=True)
+    orphan = subprocess.Popen(["nsenter", "--net=/run/netns/drv-old", "sleep", "300"],
+                              start_new_session=True)
+    try:
+        with Hosts(tmp_path) as h:
+            assert leftover_namespaces() == []
+            assert leftover_links() == ["drv-br0"]  # only the new run's bridge
+            assert orphan.wait(timeout=10) == -9
+            assert h.add("a").address.startswith("10.213.0.")
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert leftover_namespaces() == [] and leftover_links() == []
+
+
+def test_mounts_are_shared_between_hosts_and_the_test(hosts, tmp_path):
+    # an agent's mount on a host must be seen by fio started later there and by the test
+    a, b = hosts.add("a"), hosts.add("b")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("mounted")
+    (tmp_path / "dst").mkdir()
+    a.check_call(["mount", "--bind", str(tmp_path / "src"), str(tmp_path / "dst")])
+    try:
+        assert (tmp_path / "dst" / "f").read_text() == "mounted"
+        assert b.check_output(["cat", str(tmp_path / "dst" / "f")]) == "mounted"
+    finally:
+        subprocess.run(["umount", str(tmp_path / "dst")], check=True)
