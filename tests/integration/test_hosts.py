@@ -62,6 +62,14 @@ def test_nothing_left_after_exit(tmp_path):
     assert leftover_links() == []
 
 
+def test_nothing_left_when_the_test_fails(tmp_path):
+    with pytest.raises(ZeroDivisionError), Hosts(tmp_path) as h:
+        h.add("x").run(["sleep", "300"])
+        h.add("y").cut()
+        1 / 0  # noqa: B018  (a test failing midway)
+    assert leftover_namespaces() == [] and leftover_links() == []
+
+
 def test_bad_host_name_refused(hosts):
     with pytest.raises(ValueError):
         hosts.add("a b")
