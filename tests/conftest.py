@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import toolstable
+from etcd import etcd_server  # noqa: F401  (fixture: a real single-member etcd)
 from radosgw import radosgw  # noqa: F401  (session fixture: real S3 from Ceph radosgw)
 from replicatools import ReplicaProc, kill_all, start_replica
 
