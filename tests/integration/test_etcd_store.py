@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +170,36 @@ def test_parse_url() -> None:
     assert parse_etcd_url("etcd://h1:2379,h2:12379/drove/prod") == (
         [("h1", 2379), ("h2", 12379)], "/drove/prod")
     assert parse_etcd_url("etcd://h1") == ([("h1", 2379)], "/drove")
+
+
+def test_serve_keeps_its_state_in_etcd(tmp_path: Path, etcd_server: EtcdServer,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from managertools import ManagerProc
+
+    # ManagerProc starts `drove serve` with this environment: --store's envvar.
+    monkeypatch.setenv("DROVE_STORE", etcd_server.url + "/serve-test")
+    m = ManagerProc(tmp_path / "data", tmp_path / "manager.log", root=tmp_path)
+    try:
+        m.start()
+        m.cli("volume", "create", "v1", "--size", "16M", "--replicas", "1")
+        assert m.volume("v1")["name"] == "v1"
+        m.stop()
+        assert not (m.data_dir / "drove.db").exists()  # nothing went to SQLite
+        seen = EtcdStore(etcd_server.endpoints, prefix="/serve-test")
+        assert [v["name"] for v in seen.list("volumes")] == ["v1"]
+        assert any(e["volume"] == "v1" for e in seen.events())
+        m.start()
+        assert m.cli_json("volume", "get", "v1")["name"] == "v1"
+    finally:
+        m.kill_everything()
+
+
+def test_serve_refuses_a_bad_store(tmp_path: Path) -> None:
+    (dead,) = free_ports(1)
+    for url, message in [("etcd://h:x", "'h:x' is not HOST:PORT"),
+                         (f"etcd://127.0.0.1:{dead}", f"etcd unreachable at 127.0.0.1:{dead}")]:
+        r = subprocess.run([sys.executable, "-m", "drove", "serve", "--data-dir",
+                            str(tmp_path / "data"), "--listen", "127.0.0.1:0", "--store", url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and message in r.stderr + r.stdout, r.stderr
+        assert not (tmp_path / "data" / "drove.db").exists()

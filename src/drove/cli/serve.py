@@ -18,6 +18,10 @@ def serve(
         = None,
     listen: Annotated[str, typer.Option(help="API address HOST:PORT")] = "127.0.0.1:10800",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    store: Annotated[str | None, typer.Option(
+        "--store", envvar="DROVE_STORE",
+        help="where the manager's state lives: etcd://HOST:PORT[,HOST:PORT...][/prefix] "
+             "(default: the SQLite file DATA_DIR/drove.db)")] = None,
 ) -> None:
     """Start drove: the manager with its REST API and this node's agent.
 
@@ -42,6 +46,6 @@ def serve(
         data_dir = default_data_dir()
     directory = data_dir.expanduser().resolve()
     try:
-        run(lambda: run_manager(directory, address))
+        run(lambda: run_manager(directory, address, store))
     except ServeError as exc:
         fail(str(exc))

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import IO
 
 from drove.agent.node import NodeAgent
+from drove.cluster.etcdstore import from_url
 from drove.manager.api import build_app
 from drove.manager.app import ManagerApp
-from drove.manager.store import SqliteStore
+from drove.manager.store import StoreError
 from drove.service import ControlServer, default_signals
 
 log = logging.getLogger("drove.manager")
@@ -51,12 +52,17 @@ def _lock(data_dir: Path) -> IO[str]:
     return f
 
 
-async def serve(data_dir: Path, listen: tuple[str, int]) -> None:
+async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None = None) -> None:
     """Run the manager until SIGTERM/SIGINT; volumes attached now come back at the next start."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = _lock(data_dir)
     token = ensure_token(data_dir)
-    store = SqliteStore(data_dir / "drove.db")
+    try:
+        # None: the SQLite file in data_dir; etcd://H1:2379,H2:2379[/prefix]: shared state.
+        store = from_url(store_url, data_dir)
+    except StoreError as exc:
+        lock.close()
+        raise ServeError(f"cannot open the store: {exc}") from exc
     parts = ManagerApp(store, NodeAgent(data_dir), data_dir)
     try:
         server = ControlServer(build_app(parts, token), *listen)
