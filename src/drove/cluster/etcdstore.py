@@ -84,10 +84,9 @@ class Endpoints:
             try:
                 result = fn(self._clients[index])
             except (ConnectionFailedError, ConnectionTimeoutError) as exc:
-                # Nothing was applied by an endpoint we could not reach or that timed out
-                # before answering... except a timeout after the request was sent; etcd's
-                # transactions are idempotent-or-CAS here, so a retry is safe for puts
-                # with expect_version and harmless for plain puts.
+                # A refused connection applied nothing. A timeout after sending may have
+                # applied it: the retry elsewhere then repeats a plain put or an event, or
+                # reports a CAS put as a conflict (the caller re-reads, as for any conflict).
                 errors.append(f"{self._describe(index)}: {type(exc).__name__}")
                 continue
             except Etcd3Exception as exc:
