@@ -27,15 +27,13 @@ from drove import __version__
 from drove.agent import disks as disklib
 from drove.agent.node import NodeAgent
 from drove.cluster.agentapi import build_app
+from drove.manager.placement import ROLES
 from drove.service import ControlServer, armed, default_signals
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0
 """Seconds between heartbeats; the manager calls a node down after a few missed ones."""
-
-ROLES = ("storage", "compute", "both")
-
 
 class AgentConfigError(Exception):
     """The agent cannot start as configured; the message says what to change."""

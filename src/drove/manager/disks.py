@@ -7,10 +7,10 @@ from typing import Any
 
 from drove.agent import disks as disklib
 from drove.agent.node import NodeAgent
-from drove.manager.errors import ApiError, validate_name
+from drove.manager.errors import ApiError, validate_name, validate_role
 from drove.manager.events import EventFn
 from drove.manager.heartbeats import NodeHealth
-from drove.manager.placement import ROLES, node_attrs
+from drove.manager.placement import node_attrs
 from drove.manager.store import ConflictError, Store
 from drove.units import parse_size
 
@@ -67,9 +67,8 @@ class Disks:
         bad = set(changes) - {"zone", "fault_set", "role", "cordoned"}
         if bad:
             raise ApiError(422, f"cannot change {', '.join(sorted(bad))} of a node")
-        if "role" in changes and changes["role"] not in ROLES:
-            raise ApiError(422, f"unknown role {changes['role']!r}: use one of "
-                                f"{', '.join(ROLES)}")
+        if "role" in changes:
+            validate_role(changes["role"])
         if "cordoned" in changes and not isinstance(changes["cordoned"], bool):
             raise ApiError(422, "cordoned must be true or false")
         clean = dict(changes)

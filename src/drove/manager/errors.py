@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from drove.manager.placement import ROLES
 from drove.units import parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -28,6 +29,13 @@ def validate_name(kind: str, name: str) -> str:
         raise ApiError(422, f"invalid {kind} name {name!r}: use 1-63 characters of "
                             "a-z 0-9 . _ -, starting with a letter or digit")
     return name
+
+
+def validate_role(role: str) -> str:
+    """``role`` if it is a node role (storage, compute, both), else ApiError 422."""
+    if role not in ROLES:
+        raise ApiError(422, f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    return role
 
 
 def to_size(value: int | str, what: str = "size") -> int:

@@ -12,15 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from drove.manager.errors import ApiError, validate_name
+from drove.manager.errors import ApiError, validate_name, validate_role
 from drove.manager.events import EventFn
 from drove.manager.store import ConflictError, Store, now_iso
 
 NODE_DOWN_AFTER = 5.0
 """Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
-
-ROLES = ("storage", "compute", "both")
-
 
 class NodeHealth:
     """Heartbeats of the agents, and the state they give each node and disk."""
@@ -36,9 +33,7 @@ class NodeHealth:
         if name == self._local:
             raise ApiError(409, f"node {name!r} is the manager's own node; start the agent "
                                 "with another --node")
-        if beat.get("role", "both") not in ROLES:
-            raise ApiError(422, f"unknown role {beat.get('role')!r}: use one of "
-                                f"{', '.join(ROLES)}")
+        validate_role(beat.get("role", "both"))
         doc = self._store.get("nodes", name)
         if doc and doc.get("id") and doc["id"] != beat["id"]:
             raise ApiError(409, f"node {name!r} is another host (node id {doc['id']}); give "
@@ -55,23 +50,27 @@ class NodeHealth:
         doc.pop("_version", None)
         doc.pop("down_since", None)
         self._store.put("nodes", name, doc)
-        self._ensure_default_disk(name, beat.get("default_disk"))
+        disks = [d for d in self._store.list("disks") if d["node"] == name]
+        if not disks:
+            disks = self._add_default_disk(name, beat.get("default_disk"))
         if not was_up:
             self._event("node-up", f"node {name} is up: its agent at {beat['agent_url']} "
                                    "heartbeats", None, "info")
-        return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]}
-                          for d in self._store.list("disks") if d["node"] == name]}
+        return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]} for d in disks]}
 
-    def _ensure_default_disk(self, node: str, disk: dict[str, Any] | None) -> None:
-        if not disk or any(d["node"] == node for d in self._store.list("disks")):
-            return
+    def _add_default_disk(self, node: str, disk: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Make the agent's data directory the first disk of a node that has none; [it]."""
+        if not disk:
+            return []
         name = validate_name("disk", disk["name"])
         if self._store.get("disks", name):
-            return
-        self._store.put("disks", name, {"name": name, "node": node, "path": disk["path"],
-                                        "tags": [], "reserved": 0, "id": disk["id"]})
+            return []
+        doc = {"name": name, "node": node, "path": disk["path"], "tags": [], "reserved": 0,
+               "id": disk["id"]}
+        self._store.put("disks", name, doc)
         self._event("disk-added", f"disk {name} added at {disk['path']} on node {node} "
                                   "(the agent's data directory)", None, "info")
+        return [doc]
 
     def sweep(self) -> list[str]:
         """Say once of each node that stopped heartbeating that it is down; their names."""
