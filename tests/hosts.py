@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,20 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(p) for p in res.stdout.split()] if res.returncode == 0 else []
 
 
-def _kill_netns(ns: str, timeout: float = 10) -> None:
-    """SIGKILL every process in ns until none is left (raise after timeout)."""
-    deadline = time.monotonic() + timeout
-    while pids := _netns_pids(ns):
-        for pid in pids:
+def _kill_until_gone(pids: Callable[[], list[int]], deadline: float, what: str) -> None:
+    """SIGKILL what ``pids()`` lists until it lists nothing (raise after ``deadline``)."""
+    while left := pids():
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"processes left in {ns}: {pids}")
+            raise RuntimeError(f"{what}: processes left {left}")
         time.sleep(0.02)  # poll interval while the kernel reaps them
+
+
+def _kill_netns(ns: str, timeout: float = 10) -> None:
+    """SIGKILL every process in ns until none is left (raise after timeout)."""
+    _kill_until_gone(lambda: _netns_pids(ns), time.monotonic() + timeout, ns)
 
 
 def _alive(pid: int) -> bool:
@@ -158,13 +163,7 @@ class Host:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        while left := self.pids():
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"host {self.name}: processes left {left}")
-            time.sleep(0.02)  # poll interval while the kernel reaps them
+        _kill_until_gone(self.pids, deadline, f"host {self.name}")
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -18,20 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from backuptools import wait_for
 from drove.cluster.remoteagent import AgentUnreachableError, RemoteAgent
 from drove.manager.heartbeats import NODE_DOWN_AFTER
-
-
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns a truthy value (AssertionError after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class AgentProc:
