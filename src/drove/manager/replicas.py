@@ -74,6 +74,10 @@ class Replicas:
         if why:
             self.fail(doc, rep, why)
             return False
+        if rep["state"] == "failed" and rep.get("proc"):
+            # Its host was cut off when it failed, so the stop never reached it: that
+            # process still holds the replica's directory, and goes before a new one starts.
+            await self.stop(rep, 5.0)
         try:
             agent = self._agents.for_replica(rep)
             proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep, doc["size"])

@@ -1,0 +1,155 @@
+"""End to end on a cluster of namespace hosts, through the CLI only (issue 16, "How it is
+checked").
+
+Hosts (tests/hosts.py): m1, m2, m3 run the 3-member etcd and the manager(s); ``ops`` is the
+operator's machine where the CLI runs; ``a`` is a compute node (the engine's), ``b``..``e``
+storage nodes with an agent each. fio runs on ``a`` against the engine's NBD export.
+
+Stages, each passing on what exists when it was committed:
+
+* Stage 1 (here): one manager on m1 (it still runs its own in-process agent, whose node is
+  cordoned: its processes would listen on m1's loopback). A 3-replica volume on b, c, d
+  attached on a; fio verify runs while host c is killed: no fio error, degraded, rebuilt on e
+  after the shortened replenish wait, healthy; then host b's link is cut for less than the
+  wait and restored: b's replica is rebuilt in place by delta (bytes copied, from the
+  engine's rebuild-finished event, far below the volume size, while e's full rebuild copied
+  about all of it). Prints the time to detect a dead host.
+* Stage 2 (awaits part (a): several managers, leader election, ``drove serve --no-agent``,
+  DATA_DIR/cluster-token): two ``--no-agent`` managers on m1 and m2, the CLI with
+  DROVE_URL=m1,m2; the leader's host killed mid-run: the other takes over (time printed),
+  the API answers, the volume keeps serving, the healer finishes its work.
+* Stage 3 (awaits part (b): ``drove volume attach V --node OTHER --force`` and the returning
+  host's agent stopping a fenced engine): host a killed; attach on b with ``--force``; every
+  flushed write is there; when a comes back its old engine's writes never reach the replicas.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from cluster import AgentOnHost, Cli, FioLoop, ManagerOnHost, poll
+from hosts import EtcdCluster, Host
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+FIO_REGION = "8M"  # fio rounds write here; the rest of the volume is written once at start
+STORAGE = ("b", "c", "d", "e")
+
+
+def _start_cluster(hosts) -> tuple[dict[str, Host], ManagerOnHost, Cli, dict[str, AgentOnHost]]:
+    """Hosts, etcd on m1..m3, a manager on m1, agents on a..e (a compute, others storage)."""
+    h = {n: hosts.add(n) for n in ("m1", "m2", "m3", "ops", "a", *STORAGE)}
+    etcd = EtcdCluster([h["m1"], h["m2"], h["m3"]]).start()
+    mgr = ManagerOnHost(h["m1"], etcd.store_url).start()
+    cli = Cli(h["ops"], [mgr.url], mgr.token)
+    agents = {n: AgentOnHost(h[n], [mgr.url], mgr.cluster_token_file,
+                             role="compute" if n == "a" else "storage").start(wait=False)
+              for n in ("a", *STORAGE)}
+    for agent in agents.values():
+        agent.wait_ready()
+
+    def all_up() -> list[dict] | None:
+        nodes = {n["name"]: n for n in cli.json("node", "list")}
+        ok = all(n in nodes and nodes[n]["state"] == "up"
+                 and any(d["state"] == "ready" for d in nodes[n]["disks"]) for n in agents)
+        return list(nodes.values()) if ok else None
+
+    nodes = poll(all_up, 60, "every agent's node up with a ready disk")
+    # The manager's own node (its in-process agent) serves on m1's loopback: no replicas there.
+    for n in nodes:
+        if n["name"] not in agents:
+            cli.run("node", "cordon", n["name"])
+    return h, mgr, cli, agents
+
+
+def _replica_nodes(v: dict) -> dict[str, str]:
+    """Replica name -> node of the volume's replicas."""
+    return {r["name"]: r["node"] for r in v["replicas"]}
+
+
+def _healthy_on(nodes: set[str]):
+    """A predicate: healthy, every replica RW and running, on exactly ``nodes``."""
+    def check(v: dict) -> bool:
+        return (v["health"] == "healthy" and {r["node"] for r in v["replicas"]} == nodes
+                and all(r["mode"] == "RW" and r["state"] == "running" for r in v["replicas"]))
+    return check
+
+
+def _rebuild_copied(cli: Cli, control_url: str, replica: str) -> list[int]:
+    """Bytes copied by each finished rebuild of ``replica``, from the engine's events."""
+    events = cli.json("engine", "events", "--url", control_url)
+    out = []
+    for e in events:
+        if e["kind"] == "rebuild-finished" and f"replica {replica} " in e["message"]:
+            m = re.search(r"\((\d+) bytes copied\)", e["message"])
+            assert m, e
+            out.append(int(m.group(1)))
+    return out
+
+
+@pytest.mark.slow
+def test_a_volume_outlives_a_dead_host_and_a_cut_link(hosts):
+    h, mgr, cli, _agents = _start_cluster(hosts)
+    a, b, c = h["a"], h["b"], h["c"]
+
+    # Placement: with e cordoned, the three replicas can only go to b, c, d.
+    cli.run("node", "cordon", "e")
+    v = cli.json("volume", "create", "v", "--size", str(SIZE), "--replicas", "3",
+                 "--data-locality", "disabled")
+    assert sorted(_replica_nodes(v).values()) == ["b", "c", "d"], v
+    cli.run("node", "uncordon", "e")
+    cli.run("settings", "set", "replica_replenish_wait", "3")
+
+    att = cli.json("volume", "attach", "v", "--node", "a")
+    assert att["node"] == "a" and att["health"] == "healthy", att
+    uri, control = att["nbd_uri"], att["engine"]["control_url"]
+    assert uri.startswith(f"nbd://{a.address}:"), uri
+    # Every block written once: a rebuild in full copies the whole volume, a delta far less.
+    a.check_call(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
+                  "--bs=1M", "--iodepth=4", f"--size={SIZE}"], timeout=300,
+                 capture_output=True)
+
+    # Host c dies under fio verify.
+    fio = FioLoop(a, uri, FIO_REGION).start()
+    fio.wait_rounds(1, 120)
+    c_replica = next(n for n, node in _replica_nodes(v).items() if node == "c")
+    c.kill()
+    killed = time.monotonic()
+    poll(lambda: cli.node("c")["state"] == "down", 60, "node c down")
+    detect = time.monotonic() - killed
+    print(f"\ntime to detect a dead host: {detect:.1f} s")
+    assert cli.node("c")["last_seen"]
+    v = cli.wait_volume("v", _healthy_on({"b", "d", "e"}), 180, "rebuilt on e, healthy")
+    e_replica = next(n for n, node in _replica_nodes(v).items() if node == "e")
+    events = cli.json("event", "list", "--volume", "v")
+    kinds = [e["kind"] for e in events]
+    assert "replica-replaced" in kinds and "volume-degraded" in kinds, kinds
+    assert any(c_replica in e["message"] for e in events if e["kind"] == "replica-replaced")
+    fio.wait_rounds(1, 120)  # a whole round after the rebuild too
+    fio.stop()
+    assert not fio.failures, fio.failures
+    (full,) = _rebuild_copied(cli, control, e_replica)
+    assert full >= SIZE * 0.9, full  # e held nothing: everything was copied
+
+    # Host b's link cut for less than the wait: b's replica is rebuilt in place, by delta.
+    cli.run("settings", "set", "replica_replenish_wait", "120")
+    b_replica = next(n for n, node in _replica_nodes(v).items() if node == "b")
+    fio = FioLoop(a, uri, FIO_REGION).start()
+    fio.wait_rounds(1, 120)
+    b.cut()
+    cli.wait_volume("v", lambda x: x["health"] == "degraded", 60, "degraded with b cut off")
+    poll(lambda: cli.node("b")["state"] == "down", 60, "node b down")
+    b.restore()
+    v = cli.wait_volume("v", _healthy_on({"b", "d", "e"}), 180, "b's replica rebuilt, healthy")
+    assert b_replica in _replica_nodes(v), v  # the same replica, not a replacement
+    fio.wait_rounds(1, 120)
+    fio.stop()
+    assert not fio.failures, fio.failures
+    copied = _rebuild_copied(cli, control, b_replica)
+    assert copied, "no finished rebuild of b's replica"
+    print(f"delta rebuild of b copied {copied[-1]} bytes (full rebuild of e: {full})")
+    assert copied[-1] <= SIZE // 4, copied
+    assert mgr.alive()
