@@ -54,15 +54,27 @@ class NodeAgent:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{host}:0"
 
-    def start_replica(self, volume: str, replica: dict[str, Any], size: int) -> Proc:
-        """Start the process serving ``replica`` (creating its directory on first start)."""
+    @staticmethod
+    def _env(key: str | None) -> dict[str, str] | None:
+        """The environment handing a process its volume's NBD access key (not its argv,
+        which ``ps`` shows every user)."""
+        if key is None:
+            return None
+        from drove.replica.access import KEY_ENV
+
+        return {**os.environ, KEY_ENV: key}
+
+    def start_replica(self, volume: str, replica: dict[str, Any], size: int,
+                      key: str | None = None) -> Proc:
+        """Start the process serving ``replica`` (creating its directory on first start);
+        ``key``: the volume's access key its NBD exports demand (drove.replica.access)."""
         path = Path(replica["path"])
         argv = self._drove("replica", "serve", str(path), "--nbd", self._any_port(),
                            "--control", self._any_port(), "--log-level", "warning")
         if not (path / "volume.meta").exists():
             argv += ["--size", str(size)]
         return processes.spawn(argv, self.run_dir / f"{replica['name']}.ready",
-                               self.logs / f"{replica['name']}.log")
+                               self.logs / f"{replica['name']}.log", env=self._env(key))
 
     @staticmethod
     def remove_replica_data(path: str) -> None:
@@ -78,8 +90,9 @@ class NodeAgent:
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
-                     size: int | None = None) -> Proc:
-        """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``.
+                     size: int | None = None, key: str | None = None) -> Proc:
+        """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``
+        (and ``key``, the volume's NBD access key its replicas demand).
 
         The epoch is the manager's, persisted before this call: the replicas
         refuse every older engine from the moment this one claims them.
@@ -102,7 +115,8 @@ class NodeAgent:
                 argv += ["--size", str(size)]
         state_file.parent.mkdir(parents=True, exist_ok=True)
         return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
-                               self.logs / f"{volume}.engine.log", timeout=120)
+                               self.logs / f"{volume}.engine.log", timeout=120,
+                               env=self._env(key))
 
     def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
         """Stop a process cleanly (SIGTERM, then SIGKILL after ``timeout``)."""

@@ -25,6 +25,8 @@ START_REPLICA = Body("StartReplica", {
     "volume": Field("str"),
     "replica": Field("dict", description="the replica's record: name, path"),
     "size": Field("int", gt=0),
+    "key": Field("str", nullable=True, default=None,
+                 description="the volume's NBD access key (drove.replica.access)"),
 }, "Start the process serving one replica.")
 
 START_ENGINE = Body("StartEngine", {
@@ -36,6 +38,8 @@ START_ENGINE = Body("StartEngine", {
     "local": Field("dict", nullable=True, default=None,
                    description="{name, directory} of the replica the engine serves itself"),
     "size": Field("int", nullable=True, default=None),
+    "key": Field("str", nullable=True, default=None,
+                 description="the volume's NBD access key (drove.replica.access)"),
 }, "Start a volume's engine.")
 
 PROC = Body("Process", {
@@ -93,7 +97,7 @@ def build_app(agent: NodeAgent, token: str) -> App:
     async def start_replica(body: Any) -> dict[str, Any]:
         """Start a replica process; the process record."""
         proc = await asyncio.to_thread(agent.start_replica, body.volume, body.replica,
-                                       body.size)
+                                       body.size, body.key)
         return proc.to_json()
 
     @app.post("/v1/engines", status=201, body=START_ENGINE)
@@ -105,7 +109,7 @@ def build_app(agent: NodeAgent, token: str) -> App:
         proc = await asyncio.to_thread(
             agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
             timeout=body.timeout_ms / 1000, state_file=state_file,
-            epoch=body.epoch, local=local, size=body.size)
+            epoch=body.epoch, local=local, size=body.size, key=body.key)
         return proc.to_json()
 
     @app.post("/v1/processes/stop", body=PROC)

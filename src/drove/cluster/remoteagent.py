@@ -62,19 +62,20 @@ class RemoteAgent:
         exc_type = _RAISE.get(doc.get("error", ""), AgentError)
         raise exc_type(f"node {self.name}: {doc.get('detail')}")
 
-    def start_replica(self, volume: str, replica: dict[str, Any], size: int) -> Proc:
-        """Start the process serving ``replica`` on that node."""
+    def start_replica(self, volume: str, replica: dict[str, Any], size: int,
+                      key: str | None = None) -> Proc:
+        """Start the process serving ``replica`` on that node (see NodeAgent.start_replica)."""
         return Proc.from_json(self._post("/v1/replicas", {
-            "volume": volume, "replica": replica, "size": size}, _START_TIMEOUT))
+            "volume": volume, "replica": replica, "size": size, "key": key}, _START_TIMEOUT))
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
-                     size: int | None = None) -> Proc:
+                     size: int | None = None, key: str | None = None) -> Proc:
         """Start the engine of ``volume`` on that node (see NodeAgent.start_engine)."""
         return Proc.from_json(self._post("/v1/engines", {
             "volume": volume, "replicas": [{"name": n, "url": u} for n, u in replicas],
             "timeout_ms": max(1, int(timeout * 1000)), "state_file": str(state_file),
-            "epoch": epoch, "size": size,
+            "epoch": epoch, "size": size, "key": key,
             "local": None if local is None else {"name": local[0], "directory": local[1]},
         }, _START_TIMEOUT))
 

@@ -9,6 +9,7 @@ from typing import Any
 from drove.engine.mirror import Member, Mode, ReplicaIO
 from drove.nbd import proto
 from drove.nbd.errors import OptionError
+from drove.replica.access import keyed_export, process_key
 from drove.replica.fence import EPOCH_HEADER, head_export_name
 from drove.webclient import HttpClient, RequestError
 
@@ -53,6 +54,8 @@ class ReplicaHandle(Member):
         self.http = HttpClient(self.url, timeout=timeout)
         self.info: dict[str, Any] = {}
         self.epoch: int | None = None  # the engine's, once it has one
+        # The volume's access key, which the replica's NBD exports demand (replica.access).
+        self.key = process_key()
         # Called with the reason when the replica says a newer engine owns it.
         self.on_fenced: Callable[[str], None] | None = None
 
@@ -73,7 +76,8 @@ class ReplicaHandle(Member):
     def to_json(self) -> dict[str, Any]:
         """What the engine's API says about this replica."""
         return {"name": self.name, "url": self.url, "mode": str(self.mode),
-                "error": self.error, "nbd": self.nbd_uri("head") if self.info else None,
+                "error": self.error,
+                "nbd": self.nbd_uri("head", keyed=False) if self.info else None,
                 "arena": getattr(self.io, "arena", None) is not None}
 
     async def call(self, method: str, path: str, *, slow: bool = False, **kwargs: Any) -> Any:
@@ -111,8 +115,14 @@ class ReplicaHandle(Member):
         self.info = await self.call("GET", "/v1/info")
         return self.info
 
-    def nbd_uri(self, export: str) -> str:
-        """URI of ``export`` on this replica: its unix socket when local, else TCP."""
+    def nbd_uri(self, export: str, *, keyed: bool = True) -> str:
+        """URI of ``export`` on this replica: its unix socket when local, else TCP.
+
+        ``keyed``: with the volume's access key in the export name (what opens it);
+        without, for showing (the engine's API must not hand the key out).
+        """
+        if keyed:
+            export = keyed_export(self.key, export)
         addresses = self.info.get("addresses", {})
         unix = addresses.get("nbd_unix")
         if unix and os.path.exists(unix):

@@ -25,6 +25,7 @@ from drove.manager.locality import DISABLED
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
+from drove.manager.volumekey import volume_key
 
 
 class Attacher:
@@ -160,7 +161,7 @@ class Attacher:
                 self._agents.for_node(node).start_engine, name, started, timeout=timeout,
                 state_file=state_file,
                 epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
-                size=doc["size"])
+                size=doc["size"], key=volume_key(doc))
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         if local is not None:

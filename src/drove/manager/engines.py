@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from drove.manager.errors import ApiError
+from drove.manager.volumekey import keyed_base
 
 
 def process_endpoints(rep: dict[str, Any]) -> dict[str, str] | None:
@@ -97,7 +98,8 @@ class Engines:
     async def replica_endpoints(self, doc: dict[str, Any],
                                 rep: dict[str, Any]) -> dict[str, str] | None:
         """Where replica ``rep`` of ``doc`` is served now: ``nbd`` (the base URI of its
-        exports: ``/snapshot/NAME``, ``/layer/FILE``) and ``control`` (its API URL).
+        exports, with the volume's access key: ``/snapshot/NAME``, ``/layer/FILE``) and
+        ``control`` (its API URL).
 
         A replica process announced both when it started.  The local replica is
         served by the engine, whose info gives its control URL (it changes when
@@ -105,7 +107,8 @@ class Engines:
         not served.
         """
         if not rep.get("local"):
-            return process_endpoints(rep)
+            ends = process_endpoints(rep)
+            return None if ends is None else {**ends, "nbd": keyed_base(doc, ends["nbd"])}
         info = await self.refresh(doc) or {}
         entry = next((r for r in info.get("replicas", [])
                       if r["name"] == rep["name"] and r.get("local")), None)
@@ -117,4 +120,4 @@ class Engines:
             nbd = r.json()["addresses"]["nbd"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
-        return {"nbd": nbd, "control": entry["url"]}
+        return {"nbd": keyed_base(doc, nbd), "control": entry["url"]}

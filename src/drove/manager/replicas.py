@@ -20,6 +20,7 @@ from drove.manager.locality import DISABLED
 from drove.manager.placement import PlacementError, place
 from drove.manager.records import Records
 from drove.manager.settings import Settings
+from drove.manager.volumekey import volume_key
 
 
 class Replicas:
@@ -80,7 +81,8 @@ class Replicas:
             await self.stop(rep, 5.0)
         try:
             agent = self._agents.for_replica(rep)
-            proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep, doc["size"])
+            proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep, doc["size"],
+                                           volume_key(doc))
         except (ProcessStartError, AgentError) as exc:
             self.fail(doc, rep, f"process did not start: {exc}")
             return False

@@ -26,9 +26,16 @@ class HandshakeError(NbdError):
 class ExportRefused(HandshakeError):
     """An export exists but this client may not open it now (e.g. a fenced, stale epoch).
 
-    Raised by an export provider's ``open_export``; the server answers
-    ``NBD_REP_ERR_POLICY`` with the message.
+    Raised by an export provider's ``open_export``; the server answers ``reply``
+    (``NBD_REP_ERR_POLICY`` unless told otherwise) with the message, and with
+    ``disconnect`` ends the connection once it refused ``NBD_OPT_GO``.
     """
+
+    def __init__(self, message: str, *, reply: int = proto.NBD_REP_ERR_POLICY,
+                 disconnect: bool = False) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.disconnect = disconnect
 
 
 class TLSError(HandshakeError):

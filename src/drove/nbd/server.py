@@ -557,7 +557,7 @@ class _Connection(asyncio.BufferedProtocol):
         except ExportRefused:
             raise
         except Exception:
-            log.exception("opening NBD export %r failed", name)
+            log.exception("opening an NBD export failed (%d-byte name)", len(name))
             return None
 
     def _open_for(self, option: int, name: str) -> Export | None:
@@ -566,8 +566,12 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             export = self._open(name)
         except ExportRefused as exc:
-            log.info("NBD connection %s: export %r refused: %s", self._peer, name, exc)
-            self._opt_error(option, proto.NBD_REP_ERR_POLICY, str(exc))
+            # The name may carry a secret (drove.replica.access): the reason says enough.
+            log.info("NBD connection %s: export refused: %s", self._peer, exc)
+            self._opt_error(option, exc.reply, str(exc))
+            if exc.disconnect and option == proto.NBD_OPT_GO:
+                # Nothing more to say to this client: the reply goes out, then we close.
+                raise HandshakeError(f"export refused: {exc}") from None
             return None
         if export is None:
             self._opt_error(option, proto.NBD_REP_ERR_UNKNOWN, f"no export {name!r}")
@@ -647,6 +651,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         try:
             exports = self._server.provider.list_exports()
+        except ExportRefused as exc:
+            self._opt_error(option, exc.reply, str(exc))
+            return
         except Exception:
             log.exception("listing NBD exports failed")
             self._opt_error(option, proto.NBD_REP_ERR_POLICY, "cannot list exports")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from drove.nbd.errors import ExportRefused
 from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Capabilities, Extent
+from drove.replica.access import Gate
 from drove.replica.fence import Fence, StaleEpochError, parse_head_epoch
 
 HEAD_EXPORT = "head"
@@ -304,12 +305,15 @@ class LayerExport:
 
 class ReplicaExports:
     """Names the replica's exports: ``head`` (also ``""``), ``head@epoch=N`` (an engine's),
-    ``snapshot/NAME``, ``layer/FILE``."""
+    ``snapshot/NAME``, ``layer/FILE``; each behind ``key=KEY/`` when ``access`` demands a
+    key (drove.replica.access)."""
 
-    def __init__(self, replica, gate: FlushGate, fence: Fence) -> None:
+    def __init__(self, replica, gate: FlushGate, fence: Fence,
+                 access: Gate | None = None) -> None:
         self._replica = replica
         self._gate = gate
         self._fence = fence
+        self._access = access or Gate(None)
 
     def _live_snapshots(self) -> list[str]:
         return [
@@ -318,7 +322,8 @@ class ReplicaExports:
         ]
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """The head, every live snapshot and every layer file."""
+        """The head, every live snapshot and every layer file (refused behind a key)."""
+        self._access.check_listing()
         layers = self._replica.layers()
         names = [(HEAD_EXPORT, _head_description(self._fence.epoch > 0))]
         names += [
@@ -333,7 +338,12 @@ class ReplicaExports:
         return names
 
     def open_export(self, name: str):
-        """The export called ``name`` or None; ExportRefused for a fenced head."""
+        """The export called ``name`` or None; ExportRefused for a fenced head, AccessDenied
+        (whatever the name) without the volume's key."""
+        return self.open_local(self._access.admit(name))
+
+    def open_local(self, name: str):
+        """The export called ``name`` for this process itself (no key: it is the volume's)."""
         if name in ("", HEAD_EXPORT):
             # Writable until an engine owns the replica; then for looking only.
             return self._fence.track(HeadExport(self._replica, self._gate, name=name,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from drove.nbd.server import NbdServer
+from drove.replica import access
 from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
@@ -53,8 +54,13 @@ class ReplicaService:
 
     def __init__(self, directory: Path, size: int | None, *, nbd: tuple[str, int] | None,
                  unix: str | None, control: tuple[str, int], tls=None,
-                 tls_required: bool = False, size_to_create_only: bool = False) -> None:
+                 tls_required: bool = False, size_to_create_only: bool = False,
+                 access_key: str | None = access.FROM_ENV) -> None:
+        """``access_key``: the volume's key its NBD clients must name (None: none; by
+        default the process's, from ``DROVE_NBD_KEY``; see drove.replica.access)."""
         self.directory = directory
+        self._access = access.Gate(access.process_key() if access_key is access.FROM_ENV
+                                   else access_key)
         self._size = size
         self._size_to_create_only = size_to_create_only  # an existing replica opens as it is
         self._nbd, self._unix, self._control = nbd, unix, control
@@ -72,7 +78,7 @@ class ReplicaService:
         try:
             self.gate = FlushGate()
             self.fence = Fence(replica)
-            self.exports = ReplicaExports(replica, self.gate, self.fence)
+            self.exports = ReplicaExports(replica, self.gate, self.fence, self._access)
             self.server = NbdServer(self.exports, tls=self._tls,
                                     tls_required=self._tls_required, accept_arena=True)
             self.fence.bind(self._cut)
@@ -102,7 +108,7 @@ class ReplicaService:
 
     def open_head(self, export: str) -> Any:
         """Open head export ``export`` in-process, as a connection would (fenced)."""
-        head = self.exports.open_export(export)
+        head = self.exports.open_local(export)
         if head is None:
             raise ReplicaSetupError(f"replica in {self.directory} has no export {export!r}")
         return head

@@ -32,6 +32,7 @@ from typing import Any
 
 from drove.nbd.client import extents
 from drove.replica import meta
+from drove.replica.access import redact
 from drove.replica.chain import _PREALLOCATE_MIN, BLOCK, LayerHandle, Replica
 from drove.replica.errors import InvalidRequestError, RebuildingError
 
@@ -142,7 +143,7 @@ class SyncJob:
             if not isinstance(source, str) or not source.startswith(("nbd://", "nbd+unix://",
                                                                      "nbds://", "nbds+unix://")):
                 raise InvalidRequestError(
-                    f"source must be an NBD URI of the source layer, got {source!r}")
+                    f"source must be an NBD URI of the source layer, got {redact(str(source))!r}")
             self.ranges = normalize_ranges(ranges, handle.size)
         except BaseException:
             handle.close()
@@ -166,7 +167,7 @@ class SyncJob:
         """The job as the control API reports it."""
         end = self.finished if self.finished is not None else time.monotonic()
         return {
-            "state": self.state, "file": self.file, "source": self.source,
+            "state": self.state, "file": self.file, "source": redact(self.source),
             "delta": self.delta, "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total, "bytes_written": self.bytes_written,
             "seconds": round(end - self.started, 3), "error": self.error,
@@ -204,8 +205,9 @@ class SyncJob:
             raise
         except Exception as e:
             self.state = "failed"
-            self.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            log.warning("sync of %s from %s failed: %s", self.file, self.source, self.error)
+            self.error = redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            log.warning("sync of %s from %s failed: %s", self.file, redact(self.source),
+                        self.error)
         else:
             self.state = "done"
             secs = time.monotonic() - self.started
