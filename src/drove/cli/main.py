@@ -8,6 +8,7 @@ from drove import __version__
 from drove.cli import (
     agent,
     backup,
+    cluster,
     disk,
     engine,
     event,
@@ -36,6 +37,7 @@ app.add_typer(volume.app, name="volume")
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(disk.app, name="disk")
 app.add_typer(node.app, name="node")
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(event.app, name="event")
 app.add_typer(settings.app, name="settings")
 app.add_typer(backup.app, name="backup")

@@ -22,12 +22,20 @@ def serve(
         "--store", envvar="DROVE_STORE",
         help="where the manager's state lives: etcd://HOST:PORT[,HOST:PORT...][/prefix] "
              "(default: the SQLite file DATA_DIR/drove.db)")] = None,
+    no_agent: Annotated[bool, typer.Option(
+        "--no-agent", help="run no node agent here: every node runs `drove agent` "
+                           "(needs --store etcd://...)")] = False,
 ) -> None:
     """Start drove: the manager with its REST API and this node's agent.
 
     The data directory is also the first disk. Prints the API address and where
     the token is; stop with Ctrl-C or SIGTERM (attached volumes are detached and
     come back attached at the next start).
+
+    With --store etcd://... any number of managers share the state: one leads (healer,
+    scheduler, jobs), the others answer the API and take over within 10 s of its death.
+    Stopping one then leaves every volume attached and serving. The API token
+    (DATA_DIR/token) and the agents' cluster token (DATA_DIR/cluster-token) live in etcd.
     """
     from drove.manager.server import ServeError
     from drove.manager.server import serve as run_manager
@@ -46,6 +54,6 @@ def serve(
         data_dir = default_data_dir()
     directory = data_dir.expanduser().resolve()
     try:
-        run(lambda: run_manager(directory, address, store))
+        run(lambda: run_manager(directory, address, store, no_agent=no_agent))
     except ServeError as exc:
         fail(str(exc))

@@ -44,6 +44,7 @@ class Leadership:
         self._lease: int | None = None
         self._last_refresh = 0.0  # monotonic time a successful refresh was *sent*
         self._leading = False
+        self._seen: str | None = None  # the holder the last look at the key found
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -56,7 +57,13 @@ class Leadership:
     def leader(self) -> str | None:
         """The current holder's name, or None when nobody leads (StoreError: etcd down)."""
         kvs = self.etcd.post("kv/range", {"key": _b64(self.key)}).get("kvs", [])
-        return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        self._seen = base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        return self._seen
+
+    @property
+    def known_leader(self) -> str | None:
+        """The leader as this candidate last saw it (no etcd call; at most ``ttl / 3`` s old)."""
+        return self.name if self.is_leader else None if self._leading else self._seen
 
     def start(self) -> Leadership:
         """Start campaigning (and, once leading, keeping the lease alive) in the background."""
@@ -105,7 +112,7 @@ class Leadership:
                                          "lease": lease}}],
             "failure": []})
         if result.get("succeeded"):
-            self._lease, self._last_refresh = lease, sent
+            self._lease, self._last_refresh, self._seen = lease, sent, self.name
             log.info("%s leads", self.name)
             self._set_leading(True)
         else:  # someone else was quicker: our lease has nothing to keep
@@ -124,7 +131,7 @@ class Leadership:
         self._last_refresh = sent
 
     def _lost(self) -> None:
-        self._lease = None
+        self._lease, self._seen = None, None
         self._set_leading(False)
 
     def _set_leading(self, leading: bool) -> None:

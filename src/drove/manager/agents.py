@@ -19,15 +19,28 @@ from drove.manager.store import Store
 class Agents:
     """Finds the agent for a node, a replica or a volume's engine."""
 
-    def __init__(self, store: Store, local: NodeAgent, token_file: Path) -> None:
+    def __init__(self, store: Store, local: NodeAgent | None, token_file: Path) -> None:
         self._store = store
-        self.local = local
+        self._local = local
         self._token_file = token_file
         self._remote: dict[str, RemoteAgent] = {}
 
+    @property
+    def local(self) -> NodeAgent:
+        """This manager's own agent (ApiError 409 when it runs none: `serve --no-agent`)."""
+        if self._local is None:
+            raise ApiError(409, "this manager runs no node agent of its own (drove serve "
+                                "--no-agent): name the node (--node NAME; `drove node list` "
+                                "shows them)")
+        return self._local
+
+    def is_local(self, node: str | None) -> bool:
+        """Whether ``node`` (None: the default) is this manager's own, in-process agent's."""
+        return self._local is not None and (node is None or node == self._local.name)
+
     def for_node(self, node: str | None) -> NodeAgent | RemoteAgent:
         """The agent of ``node`` (None: this manager's own); ApiError 409 if it has none."""
-        if node is None or node == self.local.name:
+        if node is None or self.is_local(node):
             return self.local
         doc = self._store.get("nodes", node)
         if doc is None:
@@ -61,7 +74,7 @@ class Agents:
         Under this manager's data directory for its own node; for another node a
         path relative to that agent's data directory (the agent resolves it).
         """
-        if node is None or node == self.local.name:
+        if self.is_local(node):
             return volume_dir / "engine.state"
         return Path("volumes") / volume / "engine.state"
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from drove import __version__
 from drove.manager.app import ManagerApp
 from drove.manager.errors import ApiError
+from drove.manager.store import StoreError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
@@ -183,21 +185,57 @@ class JobCreate(Strict):
 _bearer = HTTPBearer(auto_error=False)
 
 
+def _is(creds: HTTPAuthorizationCredentials | None, token: str) -> bool:
+    return creds is not None and secrets.compare_digest(creds.credentials.encode(),
+                                                        token.encode())
+
+
 def auth(request: Request,
          creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Refuse a request without the API token (401)."""
+    """Refuse a request without the API token (401; 403 for the cluster token)."""
     token: str = request.app.state.token
-    if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
-        raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer "
-                            "TOKEN' with the token from DATA_DIR/token")
+    if _is(creds, token):
+        return
+    if _is(creds, request.app.state.cluster_token):
+        raise ApiError(403, "this is the cluster token: it opens only the cluster endpoints "
+                            "(agents' heartbeats); call the API with the API token from "
+                            "DATA_DIR/token")
+    raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer "
+                        "TOKEN' with the token from DATA_DIR/token")
 
 
-def build_app(parts: ManagerApp, token: str) -> FastAPI:
-    """The API over the manager's ``parts``; every route but /v1/health needs ``token``."""
+def cluster_auth(request: Request,
+                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                 ) -> None:
+    """Refuse a cluster call (an agent's) without the cluster token (401; 403 for the API
+    token when the cluster has its own)."""
+    token: str = request.app.state.cluster_token
+    if _is(creds, token):
+        return
+    if _is(creds, request.app.state.token):
+        raise ApiError(403, "this is the API token: agents call the managers with the "
+                            "cluster token (the manager's DATA_DIR/cluster-token)")
+    raise ApiError(401, "missing or wrong cluster token: an agent sends 'Authorization: "
+                        "Bearer TOKEN' with the manager's DATA_DIR/cluster-token (DATA_DIR/"
+                        "token when the manager keeps its state in SQLite)")
+
+
+class ClusterStatus(Protocol):
+    """The managers of a cluster and which one leads."""
+
+    def status(self) -> dict[str, Any]:
+        """The managers, the leader, since when (blocking: called in a thread)."""
+
+
+def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None,
+              cluster: ClusterStatus | None = None) -> FastAPI:
+    """The API over the manager's ``parts``; every route but /v1/health needs ``token``,
+    the agents' heartbeat ``cluster_token`` (the same as ``token`` unless given)."""
     manager = parts.manager
     app = FastAPI(title="drove", version=__version__,
                   description="Replicated block storage for containers: the manager's API.")
     app.state.token = token
+    app.state.cluster_token = cluster_token or token
     secured = [Depends(auth)]
 
     @app.exception_handler(ApiError)
@@ -235,10 +273,21 @@ def build_app(parts: ManagerApp, token: str) -> FastAPI:
         """New replicas may go to this node again."""
         return manager.update_node(name, {"cordoned": False})
 
-    @app.post("/v1/cluster/heartbeat", dependencies=secured)
+    @app.post("/v1/cluster/heartbeat", dependencies=[Depends(cluster_auth)])
     async def heartbeat(req: Heartbeat) -> dict[str, Any]:
-        """A node agent's heartbeat; registers its node the first time."""
+        """A node agent's heartbeat (cluster token); registers its node the first time."""
         return manager.heartbeat(req.model_dump())
+
+    @app.get("/v1/cluster", dependencies=secured)
+    async def cluster_status() -> dict[str, Any]:
+        """The managers, which one leads and since when (one SQLite manager: none listed)."""
+        if cluster is None:
+            return {"store": "sqlite", "leader": None, "since": None, "self": None,
+                    "managers": []}
+        try:
+            return await asyncio.to_thread(cluster.status)
+        except StoreError as exc:
+            raise ApiError(503, f"the store does not answer: {exc}") from exc
 
     @app.get("/v1/disks", dependencies=secured)
     async def disks() -> list[dict[str, Any]]:

@@ -23,12 +23,14 @@ from drove.manager.tasks import Tasks
 class ManagerApp:
     """Volumes, tasks, backups and jobs over one store, started and stopped together."""
 
-    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path) -> None:
+    def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
+                 cluster_token_file: Path | None = None) -> None:
         self.store = store
         self.events = EventLog(store)
         self.tasks = Tasks(store, self.events)
         activity = BackupActivity(self.tasks)
-        self.manager = Manager(store, agent, data_dir, event=self.events, guard=activity)
+        self.manager = Manager(store, agent, data_dir, event=self.events, guard=activity,
+                               cluster_token_file=cluster_token_file)
         self.backups = Backups(self.manager, self.tasks, activity)
         self.jobs = Jobs(self.manager, self.backups, self.tasks)
 
@@ -46,3 +48,29 @@ class ManagerApp:
         await self.tasks.stop()
         self.backups.close()
         await self.manager.stop()
+
+    # ------------------------------------------------ several managers (etcd)
+
+    def register(self) -> None:
+        """What every manager of a cluster does at start: register its own node (if any)."""
+        self.manager.register()
+
+    async def lead(self) -> None:
+        """Take up the leader's work: settle tasks and restores a dead leader left, adopt
+        the attached volumes, heal, run the jobs."""
+        self.tasks.recover()
+        await self.backups.abandon_restores()
+        await self.manager.lead()
+        self.jobs.start()
+
+    async def step_down(self) -> None:
+        """Stop the leader's work (scheduler, tasks, healer); volumes stay attached."""
+        await self.jobs.stop()
+        await self.tasks.stop()
+        await self.manager.step_down()
+
+    async def close(self) -> None:
+        """Stop a cluster manager: its work stops, every volume stays attached and serving."""
+        await self.step_down()
+        self.backups.close()
+        await self.manager.close()

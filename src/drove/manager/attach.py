@@ -51,7 +51,7 @@ class Attacher:
         """
         node = node or self._agents.local.name
         locality.check_attach_node(doc, node, self._records.locality(doc))
-        if node != self._agents.local.name:
+        if not self._agents.is_local(node):
             self._disks.health.check_compute_node(node, doc["name"])
         return node
 

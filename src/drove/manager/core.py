@@ -55,18 +55,20 @@ from drove.manager.store import Store, now_iso
 class Manager:
     """Volumes, disks and settings of a one-node drove."""
 
-    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path, *, event: EventFn,
-                 guard: VolumeGuard) -> None:
+    def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
+                 event: EventFn, guard: VolumeGuard,
+                 cluster_token_file: Path | None = None) -> None:
         self.store = store
-        self.agent = agent
+        self.agent = agent  # None: every node runs its own `drove agent` (serve --no-agent)
         self.data_dir = data_dir
         self._event = event
         self._guard = guard
         self._settings = Settings(store, event)
-        self._records = Records(store, self._settings, agent.name, data_dir)
+        self._records = Records(store, self._settings, agent.name if agent else None, data_dir)
         self._disks = Disks(store, agent, data_dir, event)
         self._engines = Engines()
-        self.agents = Agents(store, agent, data_dir / "token")
+        # Remote agents are called with the cluster token (the API token's file on one host).
+        self.agents = Agents(store, agent, cluster_token_file or data_dir / "token")
         self._replicas = Replicas(records=self._records, disks=self._disks,
                                   engines=self._engines, agents=self.agents,
                                   settings=self._settings, event=event)
@@ -359,11 +361,29 @@ class Manager:
 
     async def start(self) -> None:
         """Register the node, bring back what was attached, start healing."""
+        self.register()
+        await self.lead()
+
+    def register(self) -> None:
+        """Register this manager's own node and its first disk (none without an agent)."""
         self._disks.ensure_node()
+
+    async def lead(self) -> None:
+        """The leader's work: adopt or bring back what was attached, then heal."""
         for doc in self._records.all():
             async with self.lock(doc["name"]):
                 await self._attacher.recover(doc)
         self._healer.start()
+
+    async def step_down(self) -> None:
+        """Stop healing; every volume stays attached and serving (the next leader adopts it)."""
+        await self._healer.stop()
+
+    async def close(self) -> None:
+        """Stop healing and release connections, leaving every volume attached and serving."""
+        await self.step_down()
+        self.agents.close()
+        await self._engines.close()
 
     async def stop(self) -> None:
         """Stop healing; detach every volume but remember which were attached."""

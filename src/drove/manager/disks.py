@@ -18,12 +18,13 @@ from drove.units import parse_size
 class Disks:
     """The node this manager runs on and the disks its replicas live on."""
 
-    def __init__(self, store: Store, agent: NodeAgent, data_dir: Path, event: EventFn) -> None:
+    def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path,
+                 event: EventFn) -> None:
         self._store = store
-        self._agent = agent
+        self._agent = agent  # None: the manager runs no agent (serve --no-agent)
         self._data_dir = data_dir
         self._event = event
-        self.health = NodeHealth(store, agent.name, event)
+        self.health = NodeHealth(store, agent.name if agent else None, event)
 
     def _status(self, disk: dict[str, Any]) -> dict[str, Any]:
         """A disk's live state: checked here, or as its node's agent last reported it."""
@@ -31,6 +32,8 @@ class Disks:
 
     def ensure_node(self) -> None:
         """Register this node and its default disk (the data directory)."""
+        if self._agent is None:
+            return
         # Keep what `drove node update` / `cordon` set on this node across restarts.
         doc = dict(self._store.get("nodes", self._agent.name) or {})
         doc.pop("_version", None)
@@ -118,6 +121,10 @@ class Disks:
     def add(self, path: str, *, tags: list[str], reserved: int | str = 0,
             name: str | None = None) -> dict[str, Any]:
         """Add a directory as a disk of this node."""
+        if self._agent is None:
+            raise ApiError(409, "this manager runs no node agent (drove serve --no-agent), so "
+                                "it has no disks of its own; a `drove agent`'s data directory "
+                                "is its node's disk")
         p = Path(path).expanduser()
         if not p.is_absolute():
             raise ApiError(422, f"disk path {path!r} must be absolute")

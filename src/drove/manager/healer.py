@@ -51,7 +51,8 @@ class Healer:
         self._last_health: dict[str, str] = {}
 
     def start(self) -> None:
-        """Start the healing loop."""
+        """Start the healing loop (again, after a stop: a manager that leads once more)."""
+        self._stopping = False
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:

@@ -20,7 +20,8 @@ class Records:
     the healer never act on one volume at once.
     """
 
-    def __init__(self, store: Store, settings: Settings, node: str, data_dir: Path) -> None:
+    def __init__(self, store: Store, settings: Settings, node: str | None,
+                 data_dir: Path) -> None:
         self._store = store
         self._settings = settings
         self._node = node
@@ -66,8 +67,9 @@ class Records:
         """The volume's data locality (stored before the setting existed: the default)."""
         return locality.locality_of(doc, self._settings.get("default_data_locality"))
 
-    def attach_node(self, doc: dict[str, Any]) -> str:
-        """The node ``doc`` is attached on, or would be by default (this manager's own)."""
+    def attach_node(self, doc: dict[str, Any]) -> str | None:
+        """The node ``doc`` is attached on, or would be by default (this manager's own;
+        None when it runs no agent and ``doc`` was never attached)."""
         return doc.get("node") or self._node
 
     def volume_dir(self, name: str) -> Path:

@@ -1,0 +1,135 @@
+"""A follower manager's API: what needs the leader is forwarded to it, the rest served here.
+
+Every manager answers the API. A follower serves the reads that come straight from the
+store (nodes, disks, events, settings, the backup target, the cluster's state) and the
+agents' heartbeats (they only write their node's document). Everything else goes to the
+leader as it came (method, path, query, body, token) and the leader's answer comes back
+as it is: every write, and the reads that need the leader's own state (what each engine
+reported last, running tasks and jobs, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import httpx
+
+log = logging.getLogger("drove.cluster.follower")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+LOCAL_READS = ("/v1/health", "/v1/cluster", "/v1/nodes", "/v1/disks", "/v1/events",
+               "/v1/settings", "/v1/backup-target", "/docs", "/redoc", "/openapi.json")
+"""GET paths (and those below them) a follower answers from the store itself."""
+LOCAL_WRITES = ("/v1/cluster/heartbeat",)
+"""Non-GET paths every manager serves itself."""
+FORWARDED = "x-drove-forwarded-by"
+"""Header naming the manager that forwarded a request (a request is forwarded once)."""
+FORWARD_TIMEOUT = httpx.Timeout(600.0, connect=3.0)
+"""As long as the CLI waits for an answer (an attach may take minutes)."""
+_PASS_REQUEST = (b"authorization", b"content-type", b"accept")
+_PASS_RESPONSE = ("content-type", "www-authenticate")
+
+
+class Leaders(Protocol):
+    """What the proxy asks of this manager's place in the cluster."""
+
+    url: str
+
+    @property
+    def leading(self) -> bool:
+        """True while this manager leads."""
+
+    def leader_url(self) -> str | None:
+        """The leader's API URL as last seen (None: no leader known)."""
+
+
+def served_here(method: str, path: str) -> bool:
+    """Whether a follower answers ``method path`` itself rather than the leader."""
+    under = tuple(p + "/" for p in LOCAL_READS)
+    if method in ("GET", "HEAD"):
+        return path in LOCAL_READS or path.startswith(under)
+    return path in LOCAL_WRITES
+
+
+class FollowerProxy:
+    """ASGI middleware over the manager's API: forwards to the leader while following."""
+
+    def __init__(self, app: Any, cluster: Leaders) -> None:
+        self._app = app
+        self._cluster = cluster
+        self._http: httpx.AsyncClient | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve here, or forward to the leader (503 when none is known or it is away)."""
+        if (scope["type"] != "http" or self._cluster.leading
+                or served_here(scope["method"], scope["path"])):
+            await self._app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        leader = self._cluster.leader_url()
+        if leader is None or leader == self._cluster.url:
+            await _answer(send, 503, "no manager leads right now (an election is under way, "
+                                     "it takes up to 10 s); try again")
+            return
+        if FORWARDED.encode() in headers:
+            # Sent here by a manager that thought this one led: do not bounce it on.
+            await _answer(send, 503, f"manager {self._cluster.url} does not lead (any more); "
+                                     f"the leader is {leader}: try again")
+            return
+        body = await _read_body(receive)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=FORWARD_TIMEOUT)
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = leader.rstrip("/") + scope["path"] + (f"?{query}" if query else "")
+        pass_on = {k.decode(): v.decode("latin-1") for k, v in headers.items()
+                   if k in _PASS_REQUEST}
+        pass_on[FORWARDED] = self._cluster.url
+        try:
+            resp = await self._http.request(scope["method"], url, content=body,
+                                            headers=pass_on)
+        except httpx.HTTPError as exc:
+            log.warning("forwarding %s %s to %s: %r", scope["method"], scope["path"], leader,
+                        exc)
+            await _answer(send, 503, f"the leader manager {leader} does not answer ({exc!r}); "
+                                     "a new one is elected within 10 s of its death: try again")
+            return
+        out = [(k.encode(), resp.headers[k].encode("latin-1")) for k in _PASS_RESPONSE
+               if k in resp.headers]
+        out.append((b"x-drove-leader", leader.encode()))
+        await _respond(send, resp.status_code, out, resp.content)
+
+    async def aclose(self) -> None:
+        """Release the connections to the leader."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]],
+                   body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    await _respond(send, status, [(b"content-type", b"application/json")],
+                   json.dumps({"detail": detail}).encode())

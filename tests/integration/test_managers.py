@@ -1,0 +1,315 @@
+"""Several managers on one real etcd: one leads, the others forward to it and take over.
+
+Real `drove serve --store etcd://... --no-agent` processes and real `drove agent`s on
+loopback addresses of their own (127.0.0.x stands in for another host's address; the
+cluster end-to-end test puts them in network namespaces), a real etcd, and nbdsh doing
+I/O through a volume's engine while the leader is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from backuptools import wait_for
+from etcd import EtcdServer
+from managertools import ManagerProc
+from nbdtools import have, tool_env
+
+pytestmark = pytest.mark.skipif(not have("nbdsh"), reason="needs nbdsh")
+
+
+class ClusterManager:
+    """One `drove serve --store etcd://... --no-agent` process."""
+
+    def __init__(self, root: Path, name: str, store: str) -> None:
+        self.data_dir = root / name
+        self.log = root / f"{name}.log"
+        self.store = store
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 60) -> ClusterManager:
+        """Start it on a free port; wait until it serves."""
+        return self.launch().ready(timeout)
+
+    def launch(self) -> ClusterManager:
+        """Start the process (``ready`` waits for it)."""
+        (self.data_dir / "manager.json").unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "drove", "serve", "--data-dir", str(self.data_dir),
+                 "--listen", "127.0.0.1:0", "--store", self.store, "--no-agent"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return self
+
+    def ready(self, timeout: float = 60) -> ClusterManager:
+        """Wait until it serves."""
+        assert self.proc is not None
+        info = self.data_dir / "manager.json"
+        wait_for(lambda: info.exists() or self.proc.poll() is not None, timeout,
+                 f"{self.data_dir.name} to serve")
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        self.url = json.loads(info.read_text())["url"]
+        return self
+
+    @property
+    def token(self) -> str:
+        """The API token in its data directory."""
+        return (self.data_dir / "token").read_text().strip()
+
+    @property
+    def cluster_token(self) -> str:
+        """The cluster token in its data directory."""
+        return (self.data_dir / "cluster-token").read_text().strip()
+
+    def api(self, method: str, path: str, *, token: str | None = None,
+            **kwargs: Any) -> httpx.Response:
+        """One API call (with the API token unless ``token`` is given)."""
+        return httpx.request(method, self.url + path, timeout=120,
+                             headers={"Authorization": f"Bearer {token or self.token}"},
+                             **kwargs)
+
+    def ok(self, method: str, path: str, **kwargs: Any) -> Any:
+        """An API call that must succeed; its JSON."""
+        r = self.api(method, path, **kwargs)
+        assert r.status_code < 300, f"{method} {path} on {self.url}: {r.status_code} {r.text}"
+        return r.json()
+
+    def cluster(self) -> dict[str, Any]:
+        """GET /v1/cluster."""
+        return self.ok("GET", "/v1/cluster")
+
+    def kill(self) -> None:
+        """SIGKILL it: no goodbye, no lease revoked."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+class Agent:
+    """One `drove agent` heartbeating to ``managers`` (in that order) with the cluster token."""
+
+    def __init__(self, root: Path, name: str, address: str, managers: list[ClusterManager],
+                 token_file: Path) -> None:
+        data_dir = root / name
+        self.out = root / f"{name}.out"
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "drove", "agent",
+                 "--manager", ",".join(m.url for m in managers), "--node", name,
+                 "--listen", f"{address}:0", "--data-dir", str(data_dir),
+                 "--token-file", str(token_file), "--log-level", "warning"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.info: dict[str, Any] = wait_for(self._ready, 60, f"agent {name} to serve")
+
+    def _ready(self) -> dict[str, Any] | None:
+        text = self.out.read_text()
+        for line in text.splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        assert self.proc.poll() is None, f"drove agent exited: {text[-2000:]}"
+        return None
+
+
+@pytest.fixture
+def cleanup(tmp_path: Path):
+    """Every process whose command line names a path under tmp_path is killed at the end."""
+    yield
+    ManagerProc(tmp_path / "none", tmp_path / "none.log", root=tmp_path).kill_everything()
+
+
+def leader_of(m: ClusterManager) -> str | None:
+    """The leader as ``m`` says."""
+    return m.cluster()["leader"]
+
+
+WRITER = """
+import os, time
+h.connect_uri({uri!r})
+stop, out = {stop!r}, {out!r}
+size = h.get_size()
+block = 65536
+n = 0
+last = time.monotonic()
+worst = 0.0
+while not os.path.exists(stop):
+    off = (n * block) % size
+    data = (b"%08d" % n) * (block // 8)
+    h.pwrite(data, off)
+    h.flush()
+    assert h.pread(block, off) == data, f"block {{n}} read back wrong"
+    now = time.monotonic()
+    worst, last = max(worst, now - last), now
+    n += 1
+    with open(out, "w") as f:
+        f.write(f"{{n}} {{worst:.3f}}")
+"""
+
+
+class Writer:
+    """nbdsh writing, flushing and reading back 64 KiB blocks until told to stop."""
+
+    def __init__(self, uri: str, root: Path) -> None:
+        self.stop_file, self.progress = root / "writer.stop", root / "writer.progress"
+        script = WRITER.format(uri=uri, stop=str(self.stop_file), out=str(self.progress))
+        self.proc = subprocess.Popen(["nbdsh", "-c", script], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=tool_env())
+
+    def count(self) -> int:
+        """Blocks written and verified so far."""
+        text = self.progress.read_text() if self.progress.exists() else ""
+        return int(text.split()[0]) if text else 0
+
+    def finish(self) -> tuple[int, float]:
+        """Stop it; (blocks written and verified, the longest wait for one) — it must not
+        have failed."""
+        self.stop_file.touch()
+        out, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, f"nbdsh writer failed: {out.decode()[-2000:]}"
+        n, worst = self.progress.read_text().split()
+        return int(n), float(worst)
+
+
+def test_two_managers_one_leads_the_follower_forwards_and_takes_over(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None) -> None:
+    store = etcd_server.url + "/managers-test"
+    m1 = ClusterManager(tmp_path, "m1", store).start()
+    m2 = ClusterManager(tmp_path, "m2", store).start()
+    managers = {m1.url: m1, m2.url: m2}
+    wait_for(lambda: leader_of(m1) is not None, 15, "a leader")
+    status = m2.cluster()
+    leader, follower = managers[status["leader"]], managers[
+        next(u for u in managers if u != status["leader"])]
+    assert status["store"] == "etcd" and status["self"] == m2.url and status["since"]
+    assert {m["url"]: (m["state"], m["leader"]) for m in status["managers"]} == {
+        leader.url: ("up", True), follower.url: ("up", False)}
+    assert leader_of(follower) == leader.url  # both see the same one
+
+    # Agents heartbeat to either manager: n1 to the follower first, n2 to the leader first.
+    token_file = follower.data_dir / "cluster-token"
+    n1 = Agent(tmp_path, "n1", "127.0.0.2", [follower, leader], token_file)
+    n2 = Agent(tmp_path, "n2", "127.0.0.3", [leader, follower], token_file)
+    assert n1.info["registered"] and n1.info["manager"] == follower.url
+    assert n2.info["registered"] and n2.info["manager"] == leader.url
+
+    def nodes_up(m: ClusterManager) -> bool:
+        nodes = {n["name"]: n for n in m.ok("GET", "/v1/nodes")}
+        return all(nodes.get(x, {}).get("state") == "up" and
+                   any(d["state"] == "ready" for d in nodes[x]["disks"]) for x in ("n1", "n2"))
+
+    wait_for(lambda: nodes_up(follower) and nodes_up(leader), 20, "n1 and n2 up and ready")
+
+    # A write through the follower: forwarded to the leader, which does it.
+    r = follower.api("POST", "/v1/volumes", json={"name": "v1", "size": "64M", "replicas": 2})
+    assert r.status_code == 201, r.text
+    assert r.headers["x-drove-leader"] == leader.url
+    assert {x["node"] for x in r.json()["replicas"]} == {"n1", "n2"}
+    r = follower.api("POST", "/v1/volumes/v1/attach", json={"node": "n1"})
+    assert r.status_code == 200 and r.json()["state"] == "attached", r.text
+    assert r.headers["x-drove-leader"] == leader.url
+    # A read of the leader's own state (the engine's report) is forwarded too.
+    v = wait_for(lambda: (lambda v: v if v["health"] == "healthy" else None)(
+        follower.ok("GET", "/v1/volumes/v1")), 30, "v1 healthy")
+    assert v["nbd_uri"]
+    # A follower refuses nothing it should forward: errors come back as the leader said.
+    r = follower.api("POST", "/v1/volumes", json={"name": "v1", "size": "64M"})
+    assert r.status_code == 409 and "exists" in r.json()["detail"]
+
+    writer = Writer(v["nbd_uri"], tmp_path)
+    wait_for(lambda: writer.count() > 20, 30, "the writer to get going")
+
+    # kill -9 the leader: the follower leads within 10 s, the volume keeps serving.
+    leader.kill()
+    t0 = time.monotonic()
+    before = writer.count()
+    wait_for(lambda: leader_of(follower) == follower.url, 15, "the follower to lead")
+    took = time.monotonic() - t0
+    print(f"\ntakeover after kill -9 of the leader: {took:.2f} s")
+    assert took < 10
+    assert writer.count() > before  # I/O went on while nobody led
+
+    # The new leader answers the API: the volume is attached and healthy, adopted as it ran.
+    v = wait_for(lambda: (lambda v: v if v["health"] == "healthy" else None)(
+        follower.ok("GET", "/v1/volumes/v1")), 30, "v1 healthy under the new leader")
+    assert v["state"] == "attached" and v["node"] == "n1"
+    events = follower.ok("GET", "/v1/events", params={"limit": 1000})
+    kinds = [e["kind"] for e in events]
+    assert any(e["kind"] == "manager-leads" and f"after {leader.url}" in e["message"]
+               and follower.url in e["message"] for e in events)
+    adopted = [e for e in events if e["kind"] == "volume-adopted"]
+    assert len(adopted) >= 1, kinds
+    assert "engine-failed" not in kinds and "attach-failed" not in kinds
+    status = follower.cluster()
+    assert status["leader"] == follower.url and status["since"]
+    # Work goes on: a new volume, and n2 (whose leader died) heartbeats to the survivor.
+    follower.ok("POST", "/v1/volumes", json={"name": "v2", "size": "16M", "replicas": 1})
+    wait_for(lambda: nodes_up(follower), 10, "n1 and n2 still up")
+    assert "node-down" not in [e["kind"] for e in follower.ok("GET", "/v1/events",
+                                                              params={"limit": 1000})]
+    mid = writer.count()
+    wait_for(lambda: writer.count() > mid + 20, 30, "I/O after the handover")
+    n, worst = writer.finish()
+    print(f"I/O through the handover: {n} blocks written and verified, longest wait "
+          f"{worst:.3f} s")
+    gone = {m["url"]: m["state"] for m in status["managers"]}
+    assert gone[follower.url] == "up"
+
+
+def test_tokens_are_shared_through_etcd_and_each_opens_only_its_door(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None) -> None:
+    store = etcd_server.url
+    # Two managers starting at once agree on both tokens.
+    m1, m2 = ClusterManager(tmp_path, "m1", store), ClusterManager(tmp_path, "m2", store)
+    for m in (m1, m2):
+        m.launch()
+    for m in (m1, m2):
+        m.ready()
+    assert m1.token == m2.token and m1.cluster_token == m2.cluster_token
+    assert m1.token != m1.cluster_token and len(m1.cluster_token) >= 32
+    for m in (m1, m2):
+        for name in ("token", "cluster-token"):
+            assert stat.S_IMODE((m.data_dir / name).stat().st_mode) == 0o600
+    agent = Agent(tmp_path, "n1", "127.0.0.2", [m2], m2.data_dir / "cluster-token")
+    assert agent.info["registered"]
+
+    # The cluster token does not open the user API (on the leader or a follower).
+    for m in (m1, m2):
+        r = m.api("GET", "/v1/volumes", token=m.cluster_token)
+        assert r.status_code == 403 and "cluster token" in r.json()["detail"]
+        r = m.api("POST", "/v1/volumes", token=m.cluster_token,
+                  json={"name": "x", "size": "1M"})
+        assert r.status_code == 403
+    # The API token does not open the cluster endpoints, nor the agent's API.
+    beat = {"id": "x", "name": "intruder", "address": "127.0.0.9",
+            "agent_url": "http://127.0.0.9:1"}
+    r = m1.api("POST", "/v1/cluster/heartbeat", token=m1.token, json=beat)
+    assert r.status_code == 403 and "cluster token" in r.json()["detail"]
+    r = m1.api("POST", "/v1/cluster/heartbeat", token="nonsense", json=beat)
+    assert r.status_code == 401
+    r = httpx.post(agent.info["agent_url"] + "/v1/processes/alive", json={"proc": None},
+                   headers={"Authorization": f"Bearer {m1.token}"})
+    assert r.status_code == 401 and "cluster token" in r.text
+    r = httpx.post(agent.info["agent_url"] + "/v1/processes/alive", json={"proc": None},
+                   headers={"Authorization": f"Bearer {m1.cluster_token}"})
+    assert r.status_code == 200
+    assert "intruder" not in {n["name"] for n in m1.ok("GET", "/v1/nodes")}
+
+    # A restarted manager keeps the tokens, and --no-agent needs etcd.
+    m1.proc.terminate()
+    m1.proc.wait(60)
+    m1.start()
+    assert m1.token == m2.token
+    r = subprocess.run([sys.executable, "-m", "drove", "serve", "--data-dir",
+                        str(tmp_path / "lone"), "--listen", "127.0.0.1:0", "--no-agent"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--no-agent needs a shared store" in r.stderr + r.stdout
