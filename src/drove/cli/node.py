@@ -9,11 +9,13 @@ from urllib.parse import quote
 import typer
 from rich.markup import escape
 
+from drove.cli import task as tasks
 from drove.cli.client import Manager, show_table, with_manager
 from drove.cli.output import JsonOpt, console, emit
 from drove.units import format_size
 
-app = typer.Typer(help="Nodes: the machines whose disks hold replicas.", no_args_is_help=True)
+app = typer.Typer(help="Nodes: the machines whose disks hold replicas (list, update, cordon, "
+                       "drain, remove).", no_args_is_help=True)
 
 
 class Role(StrEnum):
@@ -117,3 +119,61 @@ def cordon(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
 def uncordon(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
     """Let new replicas go to node NAME again."""
     _say(mgr.post(_path(name) + "/uncordon"), json_out)
+
+
+@app.command()
+@with_manager
+def drain(
+    mgr: Manager,
+    name: NameArg,
+    wait: Annotated[bool, typer.Option(
+        help="follow the drain with a progress bar (Ctrl-C cancels it); --no-wait returns "
+             "at once (`drove task wait ID` follows it later)")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cordon node NAME and move every replica off it, then remove the old ones.
+
+    Each replica is rebuilt on another node (online: its volume keeps serving,
+    never with fewer RW copies than before), then the one on NAME is stopped and
+    its data deleted. A detached volume is attached for its move and detached
+    after. Refused while volumes are attached on NAME (their engines run there):
+    detach them or attach them elsewhere first. `drove event list` tells each
+    step; `drove node remove NAME` forgets the node once its agent is stopped.
+    With --json prints the final Task (its result lists what moved).
+    """
+    task = mgr.post(_path(name) + "/drain")
+    if not wait:
+        if not emit({"task": task["id"], "node": name}, json_out):
+            console.print(f"drain of node {escape(name)} started: task {escape(task['id'])}; "
+                          f"`drove task wait {escape(task['id'])}` follows it", highlight=False)
+        return
+    final = tasks.wait(mgr, task, quiet=json_out)
+    if json_out:
+        emit(final, True)
+        if final.get("state") != "succeeded":
+            raise typer.Exit(1)
+        return
+    res = tasks.check(final) or {}
+    moved = res.get("moved") or []
+    console.print(f"node {escape(name)} drained: {len(moved)} replica(s) moved"
+                  + "".join(f"\n  {escape(m['volume'])}: {escape(m['replica'])} -> "
+                            f"{escape(m.get('by') or '-')} on node "
+                            f"{escape(m.get('to_node') or '-')}" for m in moved),
+                  highlight=False)
+
+
+@app.command()
+@with_manager
+def remove(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Forget node NAME and its disks.
+
+    Refused while it holds replicas or runs engines (the refusal lists them:
+    `drove node drain NAME` moves them), and while its agent still runs (it would
+    register the node again): stop the agent, wait until `drove node list` shows
+    it down, then remove it.
+    """
+    res = mgr.delete(_path(name))
+    if emit(res, json_out):
+        return
+    console.print(f"node {escape(name)} removed, with disk(s) "
+                  f"{escape(', '.join(res.get('disks') or []) or '-')}", highlight=False)

@@ -58,6 +58,8 @@ def describe(task: dict[str, Any]) -> str:
         return f"verify of {backup}"
     if kind == "backup-delete":
         return f"delete of {backup}"
+    if kind == "node-drain" and task.get("node"):
+        return f"drain of node {task['node']}"
     return f"{kind} {task.get('id')}"
 
 

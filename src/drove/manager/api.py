@@ -273,6 +273,19 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         """New replicas may go to this node again."""
         return manager.update_node(name, {"cordoned": False})
 
+    @app.post("/v1/nodes/{name}/drain", dependencies=secured, status_code=202)
+    async def drain_node(name: str) -> dict[str, Any]:
+        """Cordon a node and move every replica off it by online rebuild (a task; 409 while
+        engines run there, listing them)."""
+        manager.drainer.check_drain(name)
+        manager.update_node(name, {"cordoned": True})
+        return parts.tasks.start("node-drain", manager.drainer.task(name))
+
+    @app.delete("/v1/nodes/{name}", dependencies=secured)
+    async def remove_node(name: str) -> dict[str, Any]:
+        """Forget a node and its disks (409 listing what it still holds, or while it is up)."""
+        return await manager.drainer.remove(name)
+
     @app.post("/v1/cluster/heartbeat", dependencies=[Depends(cluster_auth)])
     async def heartbeat(req: Heartbeat) -> dict[str, Any]:
         """A node agent's heartbeat (cluster token); registers its node the first time."""

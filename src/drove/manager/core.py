@@ -36,6 +36,7 @@ from drove.manager import locality, views
 from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
 from drove.manager.disks import Disks
+from drove.manager.drain import Drainer
 from drove.manager.engines import Engines
 from drove.manager.errors import ApiError, to_size, validate_name
 from drove.manager.events import EventFn
@@ -81,6 +82,9 @@ class Manager:
                             engines=self._engines, disks=self._disks, event=event)
         self._localizer = Localizer(records=self._records, replicas=self._replicas,
                                     rebuilds=rebuilds, engines=self._engines, event=event)
+        self.drainer = Drainer(records=self._records, replicas=self._replicas,
+                               rebuilds=rebuilds, engines=self._engines, disks=self._disks,
+                               attacher=self._attacher, event=event)
         self._healer = Healer(records=self._records, attacher=self._attacher,
                               replicas=self._replicas, rebuilds=rebuilds,
                               localizer=self._localizer, engines=self._engines,

@@ -160,6 +160,15 @@ class Disks:
         self._event("disk-removed", f"disk {name} ({d['path']}) removed")
         return {"deleted": name}
 
+    def remove_node(self, name: str) -> list[str]:
+        """Delete node ``name`` and its disks from the store; the disks' names (the caller
+        checked that nothing lives there)."""
+        disks = sorted(d["name"] for d in self._store.list("disks") if d["node"] == name)
+        for disk in disks:
+            self._store.delete("disks", disk)
+        self._store.delete("nodes", name)
+        return disks
+
     def state(self, name: str) -> str | None:
         """The live state of disk ``name`` ("ready" when usable; None: it was removed)."""
         disk = self._store.get("disks", name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from drove.cluster.remoteagent import AgentError, AgentUnreachableError
 from drove.manager.agents import Agents
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines
+from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.locality import DISABLED
 from drove.manager.placement import PlacementError, place
@@ -121,7 +121,17 @@ class Replicas:
         if doc["state"] == "attached" and doc.get("engine"):
             await self._engines.forget(doc, rep["name"])
         await self.stop(rep)
-        await asyncio.to_thread(shutil.rmtree, rep["path"], True)
+        try:
+            # By its own node's agent: the directory is on that host, not necessarily here.
+            agent = self._agents.for_replica(rep)
+            await asyncio.to_thread(agent.remove_replica_data, rep["path"])
+        except (AgentUnreachableError, ApiError) as exc:
+            # Its node is down: the healer deletes the data when the disk is back.
+            rep["state"] = "abandoned"
+            self._event("replica-removed", f"replica {rep['name']} removed from disk "
+                        f"{rep['disk']}; its data goes when the disk is back ({exc})",
+                        doc["name"], "warning")
+            return
         doc["replicas"].remove(rep)
         self._event("replica-removed", f"replica {rep['name']} removed from disk {rep['disk']}",
                     doc["name"])
