@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from drove.agent.processes import rss_bytes
 from hosts import Host
 
 T = TypeVar("T")
@@ -41,6 +42,12 @@ def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float 
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)  # poll interval: each try runs a process or an API call
     return result
+
+
+def rss_mib(proc: subprocess.Popen[Any] | None) -> float:
+    """Resident memory of a process started with Host.run, in MiB (0 when it is gone)."""
+    # nsenter execs the command in place: the Popen's pid is the drove process itself.
+    return (rss_bytes(proc.pid) or 0) / (1 << 20) if proc is not None else 0.0
 
 
 def drove_argv(*args: str) -> list[str]:
