@@ -104,7 +104,8 @@ def parse_local(spec: str) -> tuple[str, Path]:
 
 def serve_engine(name: str, replica: list[str] | None, local_replica: str | None,
                  local_nbd: str, local_control: str, size: str | None, nbd: str,
-                 nbd_unix: str | None, control: str, timeout: float, state_file: Path | None,
+                 nbd_unix: str | None, control: str, timeout: float, quorum_wait: float,
+                 state_file: Path | None,
                  rebuild: bool, epoch: int | None, tls_cert: Any, tls_key: Any, tls_ca: Any,
                  tls_required: bool, log_level: str) -> None:
     """Serve a volume over its replicas until SIGTERM/SIGINT (the body of `drove engine serve`)."""
@@ -131,6 +132,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
         fail("replica names must be unique")
     if timeout <= 0:
         fail("--timeout must be positive")
+    if quorum_wait < 0:
+        fail("--quorum-wait must be 0 or more seconds")
     if epoch is not None and not 1 <= epoch <= MAX_EPOCH:
         fail(f"--epoch must be between 1 and {MAX_EPOCH}, not {epoch}")
     tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
@@ -139,7 +142,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                                  control=ctl_addr, timeout=timeout, state_file=state_file,
                                  auto_rebuild=rebuild, epoch=epoch, tls=tls,
                                  tls_required=tls_required, local=local,
-                                 local_nbd=local_nbd_addr, local_control=local_ctl_addr))
+                                 local_nbd=local_nbd_addr, local_control=local_ctl_addr,
+                                 quorum_wait=quorum_wait))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:

@@ -104,6 +104,9 @@ ENGINE = Command(
         NBD_UNIX,
         Opt("control", str, "127.0.0.1:10820", "control API address HOST:PORT"),
         Opt("timeout", float, 8.0, "seconds before a silent replica is set to ERR"),
+        Opt("quorum_wait", float, 15.0,
+            "with a --local-replica and others: seconds a write waits for a replica outside "
+            "this process (the local one alone never acknowledges it) before failing"),
         Opt("state_file", Path, None,
             "file recording the highest generation written (refuses stale replicas)"),
         Opt("rebuild", bool, True, "rebuild stale replicas at start"),

@@ -220,7 +220,10 @@ def test_a_dead_host_is_waited_for_then_replaced(manager, agents, tmp_path):
     wait_for(lambda: any(d["state"] == "ready" for d in node(manager, "n2")["disks"]), 15,
              "n2's disk")
     manager.ok("PATCH", "/v1/settings", json={"replica_replenish_wait": 600})
-    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    # Both replicas as processes: with a local one the engine would not acknowledge writes
+    # on it alone once n2 is gone (write quorum, test_write_quorum.py).
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2,
+                                            "data_locality": "disabled"})
     att = manager.ok("POST", "/v1/volumes/v/attach", json={})
     (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
     qemu_io(att["nbd_uri"], "write -P 0x61 0 4M")

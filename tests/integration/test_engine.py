@@ -211,7 +211,9 @@ def test_replica_killed_under_fio_verify_then_rebuilt_under_load(cluster, tmp_pa
 @LOCAL
 @pytest.mark.slow
 def test_stopped_replica_is_dropped_within_the_timeout(cluster, local):
-    eng = cluster.start(2, "32M", "--timeout", "2", local=local)
+    # With a local replica, a third one: the local one alone acknowledges nothing (write
+    # quorum, test_write_quorum.py), the other remote carries on.
+    eng = cluster.start(3 if local else 2, "32M", "--timeout", "2", local=local)
     job = subprocess.Popen(
         ["fio", "--name=job", "--ioengine=nbd", f"--uri={eng.uri()}", "--rw=randrw",
          "--bs=4k", "--iodepth=8", "--size=16M", "--time_based", "--runtime=8",
@@ -239,7 +241,7 @@ def test_stopped_replica_is_dropped_within_the_timeout(cluster, local):
 def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster, local):
     # A long timeout spaces the health pings 5 s apart: the drop must come sooner, from
     # the closed socket alone (no I/O at all).
-    eng = cluster.start(2, "8M", "--timeout", "60", local=local)
+    eng = cluster.start(2, "8M", "--timeout", "60", "--quorum-wait", "1", local=local)
     assert eng.info()["health"] == "healthy"
     cluster.replicas[1].kill()
     t0 = time.monotonic()
@@ -251,6 +253,13 @@ def test_a_replica_that_dies_while_the_volume_is_idle_leaves_at_once(cluster, lo
     assert by_name["r0"]["mode"] == "RW"
     kinds = [e["kind"] for e in eng.ok("GET", "/v1/events")]
     assert "replica-failed" in kinds, kinds
+    if local:
+        # The local replica alone acknowledges nothing (write quorum, test_write_quorum.py);
+        # reads go on.
+        res = nbdsh(eng.uri(), "h.pwrite(b'z' * 4096, 8192)", check=False)
+        assert res.returncode != 0 and b"Input/output error" in res.stderr, res
+        nbdsh(eng.uri(), "assert h.pread(4096, 8192) == bytes(4096)")
+        return
     nbdsh(eng.uri(), "h.pwrite(b'z' * 4096, 8192)\nassert h.pread(4096, 8192) == b'z' * 4096\n")
 
 
@@ -277,9 +286,9 @@ def test_losing_every_replica_fails_io_with_eio_not_a_hang(cluster):
 @pytest.mark.slow
 def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishes(
         cluster, local):
-    # With a local replica, r0 (the rebuild source) is served by the engine: the victim
-    # pulls its layers from the engine's own NBD server.
-    eng = cluster.start(2, "256M", "--timeout", "2", local=local)
+    # With a local replica, r0 is served by the engine, and r2 joins it: the local replica
+    # alone acknowledges no write (write quorum) while r1 is out.
+    eng = cluster.start(3 if local else 2, "256M", "--timeout", "2", local=local)
     run(["nbdcopy", "--", "[", "nbdkit", "random", "256M", "]", eng.uri()])
     eng.ok("POST", "/v1/snapshots", json={"name": "s1"})
     nbdsh(eng.uri(), "h.pwrite(b'x' * (1 << 20), 0)")
@@ -307,7 +316,7 @@ def test_interrupted_rebuild_leaves_the_replica_out_then_a_delta_rebuild_finishe
     assert victim.ok("GET", "/v1/info")["rebuilding"] is True  # never half-in
     eng.ok("POST", "/v1/replicas", json={"name": "r1"})
     rb = eng.wait_rebuilt()
-    assert rb["source"] == "r0", rb  # the only RW replica (the local one in [local])
+    assert rb["source"] in (("r0", "r2") if local else ("r0",)), rb  # an RW replica
     assert rb["bytes_copied"] < 128 << 20, rb["layers"]  # a delta: most ranges matched already
     assert eng.wait_for(lambda i: i["health"] == "healthy", what="healthy")
     compare(cluster.replicas[0].uri("head"), victim.uri("head"))

@@ -80,8 +80,13 @@ def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_,
                 elif event < 0.20:
                     info = await asyncio.to_thread(eng.info)
                     rw = [r["name"] for r in info["replicas"] if r["mode"] == "RW"]
-                    if len(rw) > 1 and set(rw) & killable and not (info["rebuild"] and
-                                            info["rebuild"]["state"] not in ("done", "failed")):
+                    # A local replica alone acknowledges no write (write quorum): with one,
+                    # keep a member outside the engine process.
+                    outside = [r for r in info["replicas"]
+                               if r["mode"] in ("RW", "WO") and not r.get("local")]
+                    if (len(rw) > 1 and set(rw) & killable and (not local or len(outside) > 1)
+                            and not (info["rebuild"] and
+                                     info["rebuild"]["state"] not in ("done", "failed"))):
                         pick = rnd.choice(sorted(set(rw) & killable))
                         next(r for r in cluster.replicas if r.dir.name == pick).kill()
                 elif event < 0.30:

@@ -14,6 +14,18 @@ the engine persists the new membership (a generation bump) on the remaining
 replicas there, so a dropped replica can never be mistaken for a current one
 after a crash (see :mod:`drove.engine.generation`).
 
+**Write quorum.**  A member served inside the engine process (``local``, data
+locality) shares the engine's host: an acknowledgement resting on it alone is
+lost if the host is cut off and the volume is taken over elsewhere (the new
+engine cannot reach it).  So when the volume also has replicas outside the
+process (:meth:`Mirror.require_outside`), a write, zero, trim or flush is
+acknowledged only when at least one member outside the process (RW or WO)
+has it as well.  While no such member is in the volume, those requests wait,
+outside the in-flight count (a rebuild's pause can bring a replica back
+meanwhile), up to ``quorum_wait`` seconds, then fail with EIO; a request that
+reached only the local member is sent again once an outside one is back
+(writes, zeros, trims and flushes are idempotent).  Reads are served as ever.
+
 A WO replica's lower layers are still being copied, so it cannot
 read-modify-write a partial block itself: for it, the mirror reads the edge
 blocks from an RW member and sends whole blocks, serialising writes that share
@@ -28,6 +40,7 @@ import enum
 import errno
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -37,6 +50,9 @@ from drove.nbd.export import Capabilities, Extent
 log = logging.getLogger("drove.engine")
 
 BLOCK = 4096
+
+DEFAULT_QUORUM_WAIT = 15.0
+"""Seconds a write waits for a replica outside the engine's process before failing (EIO)."""
 
 
 class Mode(enum.StrEnum):
@@ -102,6 +118,10 @@ class Member:
         return f"<Member {self.name} {self.mode}>"
 
 
+class _NotOutside(Exception):
+    """No member outside the engine process has the request: it is not acknowledged."""
+
+
 def _errno_of(exc: BaseException) -> int | None:
     return exc.errno if isinstance(exc, OSError) else None
 
@@ -163,12 +183,14 @@ def _step(coro: Any, fut: Any, i: int, results: list[Any],
 class _FanoutDone:
     """Completion of a write or flush submitted to every target: waits for all."""
 
-    __slots__ = ("done", "failed", "left", "mirror", "results", "targets")
+    __slots__ = ("done", "failed", "left", "mirror", "request", "results", "targets")
 
-    def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done) -> None:
+    def __init__(self, mirror: Mirror, targets: list[Member], done: eager.Done,
+                 request: tuple[int, int, int, Any, bool]) -> None:
         self.mirror = mirror
         self.targets = targets
         self.done = done
+        self.request = request  # (cmd, offset, length, data, fua): sent again if unacknowledged
         self.results: list[BaseException | None] = [None] * len(targets)
         self.left = len(targets)
         self.failed = False
@@ -182,7 +204,7 @@ class _FanoutDone:
         if not self.left:
             mirror = self.mirror
             if self.failed or mirror._change_task is not None or mirror.faulted is not None:
-                eager.run(mirror._settle(self.targets, self.results), self.done)
+                eager.run(mirror._settle(self), self.done)
             else:
                 mirror._leave()
                 self.done(None, None)
@@ -243,6 +265,14 @@ class Mirror:
         self._change_pending = False
         self._change_task: asyncio.Task[None] | None = None
         self._edges: dict[int, asyncio.Future[None]] = {}
+        # Write quorum (see the module docstring).
+        self.outside_required = False
+        self.quorum_wait = DEFAULT_QUORUM_WAIT
+        self.on_quorum: Callable[[bool], None] | None = None  # told when it is lost/met
+        self.quorum_lost_since: float | None = None  # wall clock, while lost
+        self.waiting_for_quorum = 0  # requests waiting for an outside member now
+        self._alone = False  # outside members required, none receives writes
+        self._quorum_back: asyncio.Future[None] | None = None
 
     # ----------------------------------------------------------- membership
 
@@ -297,6 +327,85 @@ class Mirror:
         if not self._rw and self.members and self.faulted is None:
             self.faulted = "no RW replica left"
             log.error("volume %s faulted: no RW replica left", self.name)
+            self._wake_quorum_waiters()
+        alone = self.outside_required and not any(not m.local for m in self._targets)
+        if alone != self._alone:
+            self._alone = alone
+            self.quorum_lost_since = time.time() if alone else None
+            if not alone:
+                self._wake_quorum_waiters()
+            if self.on_quorum is not None:
+                self.on_quorum(not alone)
+
+    def require_outside(self, required: bool) -> None:
+        """Whether writes need a member outside this process (the volume has such replicas)."""
+        self.outside_required = required
+        self._recompute()
+
+    @property
+    def quorum_met(self) -> bool:
+        """False while writes wait because no member outside this process receives them."""
+        return not self._alone
+
+    def _wake_quorum_waiters(self) -> None:
+        fut, self._quorum_back = self._quorum_back, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _quorum_error(self) -> OSError:
+        return OSError(errno.EIO, f"volume {self.name}: no replica outside the engine's "
+                       f"process took the request within {self.quorum_wait:g} s (the local "
+                       "replica alone cannot acknowledge a write: it would be lost if this "
+                       "host were taken over)")
+
+    async def _wait_outside(self, give_up: float | None) -> float:
+        """Wait (not in flight) until a member outside this process receives writes.
+
+        ``give_up`` is the loop time after which the request fails (EIO); returns it.
+        """
+        loop = asyncio.get_running_loop()
+        if give_up is None:
+            give_up = loop.time() + self.quorum_wait
+        self.waiting_for_quorum += 1
+        try:
+            while self._alone and self.faulted is None:
+                left = give_up - loop.time()
+                if left <= 0:
+                    raise self._quorum_error()
+                if self._quorum_back is None:
+                    self._quorum_back = loop.create_future()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._quorum_back), left)
+        finally:
+            self.waiting_for_quorum -= 1
+        self._check()
+        return give_up
+
+    async def _acknowledged(self, op: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run write-type ``op`` until a member outside this process has it (write quorum)."""
+        give_up: float | None = None
+        while True:
+            if self._alone:
+                give_up = await self._wait_outside(give_up)
+            if (waiting := self._enter()) is not None:
+                await waiting
+            try:
+                await op(*args)
+                return
+            except _NotOutside:
+                now = asyncio.get_running_loop().time()
+                if give_up is None:
+                    give_up = now + self.quorum_wait
+                elif now >= give_up:
+                    raise self._quorum_error() from None
+            finally:
+                self._leave()
+
+    def _outside_ok(self, targets: Sequence[Member], results: Sequence[Any]) -> bool:
+        """Whether quorum holds for one fan-out: not required, or an outside member succeeded."""
+        return not self.outside_required or any(
+            not m.local and not isinstance(r, BaseException)
+            for m, r in zip(targets, results, strict=True))
 
     def drop(self, member: Member, exc: BaseException | str) -> None:
         """Set ``member`` to ERR, cut its connection and persist the new membership."""
@@ -344,6 +453,7 @@ class Mirror:
         if self.faulted is None:
             self.faulted = why
             log.error("volume %s faulted: %s", self.name, why)
+            self._wake_quorum_waiters()
 
     def fault_error(self) -> OSError:
         """The error every request gets once the volume faulted."""
@@ -406,8 +516,12 @@ class Mirror:
     # ----------------------------------------------------------- fan-out
 
     async def _fanout(self, targets: Sequence[Member],
-                      call: Callable[[Member], Awaitable[Any]]) -> None:
-        """Run ``call`` on every target; drop failures; raise if no RW member succeeded."""
+                      call: Callable[[Member], Awaitable[Any]], outside: bool = True) -> None:
+        """Run ``call`` on every target; drop failures; raise if no RW member succeeded.
+
+        With ``outside`` (and the write quorum required), _NotOutside when no
+        target outside this process succeeded.
+        """
         if len(targets) == 1:
             m = targets[0]
             try:
@@ -418,6 +532,8 @@ class Mirror:
                 if self._change_task is not None:
                     await self.settled()
                 self._check()  # nothing is acknowledged once the volume faulted
+                if outside and m.local and self.outside_required:
+                    raise _NotOutside
                 return
         else:
             results = await gather_eager([call(m) for m in targets])
@@ -425,6 +541,8 @@ class Mirror:
         if self._change_task is not None:
             await self.settled()
         self._check()
+        if outside and not self._outside_ok(targets, results):
+            raise _NotOutside
 
     def _judge(self, targets: Sequence[Member], results: Sequence[Any]) -> None:
         """Apply the failure rules to one fan-out's results."""
@@ -486,34 +604,31 @@ class Mirror:
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write to every RW and WO replica."""
-        if (waiting := self._enter()) is not None:
-            await waiting
-        try:
-            if self._has_wo and (offset % BLOCK or (offset + len(data)) % BLOCK):
-                await self._edge_write(offset, len(data), data, fua)
-            else:
-                await self._fanout(self._targets, lambda m: m.io.write(offset, data, fua=fua))
-        finally:
-            self._leave()
+        await self._acknowledged(self._write, offset, data, fua)
+
+    async def _write(self, offset: int, data: memoryview, fua: bool) -> None:
+        if self._has_wo and (offset % BLOCK or (offset + len(data)) % BLOCK):
+            await self._edge_write(offset, len(data), data, fua)
+        else:
+            await self._fanout(self._targets, lambda m: m.io.write(offset, data, fua=fua))
 
     async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
                    fast: bool = False) -> None:
         """Zero on every replica; a fast zero only when all can do it fast."""
-        if (waiting := self._enter()) is not None:
-            await waiting
-        try:
-            if fast and self._has_wo:
-                # A rebuilding replica must write real zeros; refuse before anything changes.
-                raise OSError(errno.ENOTSUP, "fast zero unavailable while a replica rebuilds")
-            if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
-                await self._edge_write(offset, length, None, fua, may_trim=may_trim)
-            elif fast:
-                await self._fast_zero(offset, length, fua, may_trim)
-            else:
-                await self._fanout(self._targets, lambda m: m.io.zero(
-                    offset, length, fua=fua, may_trim=may_trim))
-        finally:
-            self._leave()
+        await self._acknowledged(self._zero, offset, length, fua, may_trim, fast)
+
+    async def _zero(self, offset: int, length: int, fua: bool, may_trim: bool,
+                    fast: bool) -> None:
+        if fast and self._has_wo:
+            # A rebuilding replica must write real zeros; refuse before anything changes.
+            raise OSError(errno.ENOTSUP, "fast zero unavailable while a replica rebuilds")
+        if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
+            await self._edge_write(offset, length, None, fua, may_trim=may_trim)
+        elif fast:
+            await self._fast_zero(offset, length, fua, may_trim)
+        else:
+            await self._fanout(self._targets, lambda m: m.io.zero(
+                offset, length, fua=fua, may_trim=may_trim))
 
     async def _fast_zero(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         targets = self._targets
@@ -524,34 +639,34 @@ class Mirror:
             raise OSError(errno.ENOTSUP, "fast zero not possible here")
         done = [(m, r) for m, r in zip(targets, results, strict=True) if m not in slow]
         self._judge([m for m, _ in done], [r for _, r in done])
+        outside_ok = self._outside_ok([m for m, _ in done], [r for _, r in done])
         if slow:
             # Some replicas zeroed already: the others must too, or they would differ.
             await self._fanout(slow, lambda m: m.io.zero(offset, length, fua=fua,
-                                                         may_trim=may_trim))
+                                                         may_trim=may_trim),
+                               outside=not outside_ok)
+        elif not outside_ok:
+            raise _NotOutside
         if self._change_task is not None:
             await self.settled()
         self._check()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Trim on every replica (drove replicas then read zeros there)."""
-        if (waiting := self._enter()) is not None:
-            await waiting
-        try:
-            if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
-                await self._edge_write(offset, length, None, fua, trim=True)
-            else:
-                await self._fanout(self._targets, lambda m: m.io.trim(offset, length, fua=fua))
-        finally:
-            self._leave()
+        await self._acknowledged(self._trim, offset, length, fua)
+
+    async def _trim(self, offset: int, length: int, fua: bool) -> None:
+        if self._has_wo and (offset % BLOCK or (offset + length) % BLOCK):
+            await self._edge_write(offset, length, None, fua, trim=True)
+        else:
+            await self._fanout(self._targets, lambda m: m.io.trim(offset, length, fua=fua))
 
     async def flush(self) -> None:
         """Acknowledged when every RW and WO replica flushed."""
-        if (waiting := self._enter()) is not None:
-            await waiting
-        try:
-            await self._fanout(self._targets, lambda m: m.io.flush())
-        finally:
-            self._leave()
+        await self._acknowledged(self._flush)
+
+    async def _flush(self) -> None:
+        await self._fanout(self._targets, lambda m: m.io.flush())
 
     async def cache(self, offset: int, length: int) -> None:
         """Pass the hint to one RW replica; errors are ignored (it is only a hint)."""
@@ -580,7 +695,8 @@ class Mirror:
         succeeding.  Anything else is handed to the coroutine methods above,
         which hold every rule; the two paths share :meth:`_judge`.
         """
-        if self._pause is not None or self.faulted is not None or self._change_task is not None:
+        if (self._pause is not None or self.faulted is not None or self._change_task is not None
+                or (self._alone and cmd != eager.READ)):
             eager.run(self._coroutine(cmd, offset, length, data, fua), done)
             return
         if cmd == eager.READ:
@@ -598,7 +714,7 @@ class Mirror:
             return
         targets = self._targets
         self._inflight += 1
-        fan = _FanoutDone(self, targets, done)
+        fan = _FanoutDone(self, targets, done, (cmd, offset, length, data, fua))
         if len(targets) == 1:
             targets[0].submit(cmd, offset, length, data, fua, fan)
         else:
@@ -613,14 +729,19 @@ class Mirror:
             return self.write(offset, data, fua)
         return self.flush()
 
-    async def _settle(self, targets: Sequence[Member], results: list[Any]) -> None:
+    async def _settle(self, fan: _FanoutDone) -> Any:
         try:
-            self._judge(targets, results)
+            self._judge(fan.targets, fan.results)
             if self._change_task is not None:
                 await self.settled()
             self._check()
+            if self._outside_ok(fan.targets, fan.results):
+                return None
         finally:
             self._leave()
+        # Only this process's replica has it: not acknowledged; sent again by the
+        # coroutine path once a replica outside is back (or EIO after quorum_wait).
+        return await self._coroutine(*fan.request)
 
     async def _read_again(self, failed: Member, exc: BaseException, offset: int,
                           length: int) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from drove.engine.control import build_app
+from drove.engine.mirror import DEFAULT_QUORUM_WAIT
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
 from drove.service import ControlServer, armed, default_signals, listen_nbd, print_ready
@@ -53,6 +54,7 @@ async def serve_engine(
     local: tuple[str, Path] | None = None,
     local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
     local_control: tuple[str, int] = ("127.0.0.1", 0),
+    quorum_wait: float = DEFAULT_QUORUM_WAIT,
     tls=None,
     tls_required: bool = False,
     ready: Callable[[dict[str, Any]], None] = print_ready,
@@ -61,7 +63,8 @@ async def serve_engine(
     """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
                     auto_rebuild=auto_rebuild, epoch=epoch, local=local,
-                    local_nbd=local_nbd, local_control=local_control)
+                    local_nbd=local_nbd, local_control=local_control,
+                    quorum_wait=quorum_wait)
     stopped = False
     try:
         await engine.start()

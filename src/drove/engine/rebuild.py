@@ -72,6 +72,7 @@ class Volume(Protocol):
     name: str
     mirror: Mirror
     generation: int
+    epoch: int | None
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """Record what happened and why."""
@@ -215,9 +216,11 @@ class Rebuild:
             # A wrong URL or directory: that replica is another volume's copy.
             raise RebuildError(f"replica {target.name} holds volume {state.volume!r}, not "
                                f"{eng.name!r}: not overwriting it")
-        if state.generation > eng.generation and not state.rebuilding:
+        if state.order > (eng.epoch or 0, eng.generation) and not state.rebuilding:
             # It may hold acknowledged writes the serving replicas lack (they may be the
-            # stale ones): never overwrite it; a person must look.
+            # stale ones): never overwrite it; a person must look.  A state an older engine
+            # wrote is never newer, whatever its generation (generation.py): the replica
+            # of a host that was taken over, say, whose old engine went on counting.
             raise RebuildError(
                 f"replica {target.name} holds generation {state.generation}, above this "
                 f"volume's {eng.generation}: it may be newer than the replicas serving; "

@@ -20,7 +20,7 @@ from drove.engine.generation import (
     parse_state,
 )
 from drove.engine.local import LocalReplica
-from drove.engine.mirror import Mirror, Mode
+from drove.engine.mirror import DEFAULT_QUORUM_WAIT, Mirror, Mode
 from drove.engine.rebuild import Rebuild
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
@@ -72,7 +72,8 @@ class Engine:
                  auto_rebuild: bool = True, epoch: int | None = None,
                  local: tuple[str, Path] | None = None,
                  local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
-                 local_control: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+                 local_control: tuple[str, int] = ("127.0.0.1", 0),
+                 quorum_wait: float = DEFAULT_QUORUM_WAIT) -> None:
         self.name = name
         self.requested_epoch = epoch  # --epoch; None: one above the replicas' at start
         self.epoch: int | None = None  # the fencing epoch (drove.replica.fence), once claimed
@@ -88,6 +89,8 @@ class Engine:
             self.replicas.append(self._local_handle(*local))
         self.mirror = Mirror(name, size, on_change=self._persist_membership,
                              on_drop=self._on_drop)
+        self.mirror.quorum_wait = quorum_wait
+        self.mirror.on_quorum = self._on_quorum
         self.stats = StatsLayer(self.mirror)
         self.export = self.stats  # what the NBD server serves: stats -> mirror
         self.generation = 0
@@ -125,6 +128,7 @@ class Engine:
             "name": self.name, "size": self.mirror.size, "health": self.health(),
             "faulted": self.mirror.faulted, "generation": self.generation,
             "epoch": self.epoch, "fenced": self.fenced,
+            "write_quorum": self.write_quorum(),
             "replicas": [r.to_json() for r in self.replicas],
             "rebuild": self.rebuild.to_json() if self.rebuild is not None else None,
             "last_pause": self.last_pause,
@@ -133,6 +137,29 @@ class Engine:
                 "slots": self.arena.size // SLOT, "in_use": self.arena.in_use,
                 "retired": self.arena.retired},
         }
+
+    def write_quorum(self) -> dict[str, Any]:
+        """Whether writes need a replica outside this process, and whether one takes them."""
+        m = self.mirror
+        return {"required": m.outside_required, "met": m.quorum_met,
+                "lost_since": m.quorum_lost_since, "waiting": m.waiting_for_quorum,
+                "wait_seconds": m.quorum_wait}
+
+    def _outside_required(self) -> bool:
+        """Writes need an outside replica when the volume has a local one and others."""
+        return self.local_replica() is not None and any(
+            not isinstance(r, LocalReplica) for r in self.replicas)
+
+    def _on_quorum(self, met: bool) -> None:
+        if met:
+            self.event("write-quorum-met", "a replica outside the engine's process takes "
+                                           "writes again: writes are acknowledged")
+        else:
+            self.event("write-quorum-lost",
+                       "no replica outside the engine's process is in the volume: writes "
+                       f"wait up to {self.mirror.quorum_wait:g} s for one, then fail (EIO); "
+                       "the local replica alone never acknowledges a write (it would be lost "
+                       "if this host were cut off and the volume taken over elsewhere)")
 
     def _handle(self, name: str, url: str) -> ReplicaHandle:
         """A replica handle; once the start claimed the replicas, it sends our epoch.
@@ -221,6 +248,7 @@ class Engine:
         for r in self.replicas:
             if r not in self.mirror.members:
                 self.mirror.add(r)  # as ERR: listed, receives nothing
+        self.mirror.require_outside(self._outside_required())
         # Generations only grow on every replica: start above all of them.
         self.generation = max(s.generation for s in states)
         await self._persist_membership()
@@ -577,6 +605,7 @@ class Engine:
                 target = self._handle(name, url)
             self.replicas.append(target)
             self.mirror.add(target)
+            self.mirror.require_outside(self._outside_required())
         else:
             target = self.replica(name)
             if target.mode is not Mode.ERR:
@@ -602,6 +631,7 @@ class Engine:
             await self.mirror.settled()
         self.mirror.remove(r)
         self.replicas.remove(r)
+        self.mirror.require_outside(self._outside_required())
         await r.close()
         self.event("replica-removed", f"replica {name} removed", replica=name)
         return {"removed": name}
