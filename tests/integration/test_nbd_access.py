@@ -7,6 +7,7 @@ the key.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
@@ -14,7 +15,7 @@ import pytest
 
 from drove.nbd import proto
 from drove.replica.access import KEY_ENV, keyed_export, new_key
-from replicatools import nbdinfo_json, nbdsh, run
+from replicatools import drove_cmd, nbdinfo_json, nbdsh, run
 
 KEY = new_key()
 PATTERN = "write -P 0x5a 1M 1M"
@@ -90,13 +91,24 @@ def test_replica_serves_only_clients_with_the_key(replicas, keyed_env, tmp_path)
 
     # The data did not change; the key opens every kind of export.
     assert read_all(keyed(base, "head"), tmp_path) == before
-    r.ok("POST", "/v1/snapshots", json={"name": "s1"})
+    # The control API answers only with the key too.
+    assert r.api("GET", "/v1/info").status_code == 401
+    assert r.api("POST", "/v1/snapshots", json={"name": "s0"}).status_code == 401
+    assert r.api("GET", "/v1/info", headers={"Authorization": f"Bearer {new_key()}"}
+                 ).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r.ok("POST", "/v1/snapshots", json={"name": "s1"}, headers=auth)
     assert nbdinfo_json(keyed(base, "snapshot/s1"))["exports"][0]["export-size"] == 16 << 20
-    layer = next(la["file"] for la in r.ok("GET", "/v1/layers") if la["name"] == "s1")
+    layers = r.ok("GET", "/v1/layers", headers=auth)
+    assert [la["name"] for la in layers if la["name"]] == ["s1"]  # s0 was never made
+    layer = next(la["file"] for la in layers if la["name"] == "s1")
     assert nbdinfo_json(keyed(base, f"layer/{layer}"))["exports"][0]["is_read_only"]
     assert nbdinfo_json(r.unix_uri(keyed_export(KEY, "head")))["exports"][0]["export-size"]
     # The key is never told back: not in the replica's info.
-    assert KEY not in r.api("GET", "/v1/info").text
+    assert KEY not in r.api("GET", "/v1/info", headers=auth).text
+    # `drove replica` finds the key where the agent puts it.
+    out = run(drove_cmd("replica", "info", "--url", r.control, "--json")).stdout
+    assert json.loads(out)["size"] == 16 << 20
 
 
 def test_a_replica_without_a_key_ignores_a_key_prefix(replicas) -> None:
@@ -123,10 +135,11 @@ def test_engine_with_the_key_writes_and_rebuilds_an_engine_without_is_refused(
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", eng.uri(), keyed(base, "head")])
     # The engine's API shows no key.
     assert KEY not in eng.api("GET", "/v1/info").text
-    assert KEY not in fresh.api("GET", "/v1/rebuild/sync").text
+    sync = fresh.ok("GET", "/v1/rebuild/sync", headers={"Authorization": f"Bearer {KEY}"})
+    assert sync["state"] == "done" and "key=***/" in sync["source"] and KEY not in str(sync)
 
     # An engine started without the key reaches no replica.
     eng.stop()
     monkeypatch.delenv(KEY_ENV)
-    with pytest.raises(RuntimeError, match="not found"):
+    with pytest.raises(RuntimeError, match=r"401.*\n.*no replica is reachable"):
         cluster.start_engine("--epoch", "100")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from drove.cli.fromtable import command_from_table
 from drove.cli.output import JsonOpt, api_call, emit, fail, parse_labels, table
 from drove.launch import serve_replica
+from drove.replica.access import KEY_ENV
 from drove.serve_options import REPLICA
 from drove.units import format_size, parse_size
 
@@ -28,9 +30,12 @@ app.command("serve")(command_from_table(REPLICA, serve_replica))
 
 
 def _call(method: str, url: str, path: str, epoch: int | None = None, **kwargs: Any) -> Any:
+    # A replica started with an access key answers only calls that carry it (DROVE_NBD_KEY).
+    headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(KEY_ENV)) else {}
     if epoch is not None:
-        kwargs["headers"] = {"Drove-Epoch": str(epoch)}
-    return api_call(method, url, path, serve_hint="drove replica serve", **kwargs)
+        headers["Drove-Epoch"] = str(epoch)
+    return api_call(method, url, path, serve_hint="drove replica serve", headers=headers,
+                    **kwargs)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from typing import Any
 from drove.engine.mirror import Member, Mode, ReplicaIO
 from drove.nbd import proto
 from drove.nbd.errors import OptionError
-from drove.replica.access import keyed_export, process_key
+from drove.replica.access import bearer, keyed_export, process_key
 from drove.replica.fence import EPOCH_HEADER, head_export_name
 from drove.webclient import HttpClient, RequestError
 
@@ -54,8 +54,10 @@ class ReplicaHandle(Member):
         self.http = HttpClient(self.url, timeout=timeout)
         self.info: dict[str, Any] = {}
         self.epoch: int | None = None  # the engine's, once it has one
-        # The volume's access key, which the replica's NBD exports demand (replica.access).
+        # The volume's access key, which the replica's NBD exports and control API demand
+        # (drove.replica.access).
         self.key = process_key()
+        self.http.headers.update(bearer(self.key))
         # Called with the reason when the replica says a newer engine owns it.
         self.on_fenced: Callable[[str], None] | None = None
 

@@ -63,7 +63,7 @@ class Volumes(Protocol):
         """What the volume's engine reports now (None when it does not answer)."""
 
     async def replica_endpoints(self, doc: dict[str, Any],
-                                rep: dict[str, Any]) -> dict[str, str] | None:
+                                rep: dict[str, Any]) -> dict[str, Any] | None:
         """Where a replica is served now: ``nbd`` base URI and ``control`` URL (or None)."""
 
     def volume(self, name: str) -> dict[str, Any]:
@@ -321,7 +321,7 @@ class Backups:
                       name: str, labels: dict[str, str], codec: str) -> dict[str, Any]:
         doc = self.m.record(volume)
         rep, ready = await self._healthy_replica(doc)
-        layers = await self._layers(ready["control"])
+        layers = await self._layers(ready["control"], ready.get("headers"))
         by_file = {la["file"]: la for la in layers}
         target = next((la for la in layers if la["name"] == snap and not la["removed"]), None)
         if target is None:
@@ -387,8 +387,10 @@ class Backups:
                 return r, ends
         raise TaskFailed(f"volume {doc['name']} has no healthy replica to read from")
 
-    async def _layers(self, control: str) -> list[dict[str, Any]]:
-        r = await self.m.http.get(f"{control}/v1/layers", params={"removed": "true"})
+    async def _layers(self, control: str,
+                      headers: dict[str, str] | None) -> list[dict[str, Any]]:
+        r = await self.m.http.get(f"{control}/v1/layers", params={"removed": "true"},
+                                  headers=headers)
         r.raise_for_status()
         return r.json()
 

@@ -333,7 +333,7 @@ class Manager:
         return await self._engines.stats(doc)
 
     async def replica_endpoints(self, doc: dict[str, Any],
-                                rep: dict[str, Any]) -> dict[str, str] | None:
+                                rep: dict[str, Any]) -> dict[str, Any] | None:
         """Where replica ``rep`` of ``doc`` is served now: ``nbd`` (the base URI of its
         exports) and ``control`` (its API URL); None when it is not served."""
         return await self._engines.replica_endpoints(doc, rep)

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from drove.manager.errors import ApiError
-from drove.manager.volumekey import keyed_base
+from drove.manager.volumekey import control_headers, keyed_base
 
 
 def process_endpoints(rep: dict[str, Any]) -> dict[str, str] | None:
@@ -96,10 +96,10 @@ class Engines:
         return stats
 
     async def replica_endpoints(self, doc: dict[str, Any],
-                                rep: dict[str, Any]) -> dict[str, str] | None:
+                                rep: dict[str, Any]) -> dict[str, Any] | None:
         """Where replica ``rep`` of ``doc`` is served now: ``nbd`` (the base URI of its
-        exports, with the volume's access key: ``/snapshot/NAME``, ``/layer/FILE``) and
-        ``control`` (its API URL).
+        exports, with the volume's access key: ``/snapshot/NAME``, ``/layer/FILE``),
+        ``control`` (its API URL) and ``headers`` (what a call to that API carries).
 
         A replica process announced both when it started.  The local replica is
         served by the engine, whose info gives its control URL (it changes when
@@ -108,16 +108,19 @@ class Engines:
         """
         if not rep.get("local"):
             ends = process_endpoints(rep)
-            return None if ends is None else {**ends, "nbd": keyed_base(doc, ends["nbd"])}
+            return None if ends is None else {**ends, "nbd": keyed_base(doc, ends["nbd"]),
+                                              "headers": control_headers(doc)}
         info = await self.refresh(doc) or {}
         entry = next((r for r in info.get("replicas", [])
                       if r["name"] == rep["name"] and r.get("local")), None)
         if entry is None or not entry.get("url"):
             return None
         try:
-            r = await self._http.get(f"{entry['url']}/v1/info", timeout=10)
+            r = await self._http.get(f"{entry['url']}/v1/info", timeout=10,
+                                     headers=control_headers(doc))
             r.raise_for_status()
             nbd = r.json()["addresses"]["nbd"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
-        return {"nbd": keyed_base(doc, nbd), "control": entry["url"]}
+        return {"nbd": keyed_base(doc, nbd), "control": entry["url"],
+                "headers": control_headers(doc)}

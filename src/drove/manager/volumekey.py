@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drove.replica.access import keyed_export, new_key, valid_key
+from drove.replica.access import bearer, keyed_export, new_key, valid_key
 
 FIELD = "nbd_key"
 """The volume document's field holding the key (never shown by the API's views)."""
@@ -22,3 +22,8 @@ def keyed_base(doc: dict[str, Any], nbd_base: str) -> str:
     """A replica's NBD base URI (``nbd://H:P``) with the volume's key: ``BASE/EXPORT`` then
     opens ``EXPORT`` on it."""
     return nbd_base.rstrip("/") + "/" + keyed_export(volume_key(doc), "").rstrip("/")
+
+
+def control_headers(doc: dict[str, Any]) -> dict[str, str]:
+    """The headers a call to a replica's control API of volume ``doc`` carries (its key)."""
+    return bearer(volume_key(doc))

@@ -20,6 +20,10 @@ nothing is learnt about the replica) and disconnected at ``NBD_OPT_GO``;
 listing the exports is refused.  A replica without a key (run by hand, or
 started before keys existed) serves every name and ignores a key prefix.
 Between hosts the key travels in clear unless the replica is served with TLS.
+
+The replica's control API demands the same key (``Authorization: Bearer KEY``;
+401 without it): its calls change the chain (revert, delete, rebuild) or tell
+what a stale engine would need (the epoch).
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def keyed_export(key: str | None, export: str) -> str:
     return export if key is None else f"{_PREFIX}{key}/{export}"
 
 
+def bearer(key: str | None) -> dict[str, str]:
+    """The header a client of a keyed replica's control API sends ({} without a key)."""
+    return {} if key is None else {"authorization": f"Bearer {key}"}
+
+
 def split_key(name: str) -> tuple[str | None, str]:
     """(key, export) of a requested export name; key None when the name carries none."""
     if name.startswith(_PREFIX):
@@ -118,6 +127,14 @@ class Gate:
                                "clients that name its volume's access key "
                                "(key=KEY/EXPORT)")
         return export
+
+    def admits_header(self, authorization: str | None) -> bool:
+        """Whether a control API request's ``Authorization`` header carries the key (always
+        without a key)."""
+        if self._key is None:
+            return True
+        given = (authorization or "").encode()
+        return secrets.compare_digest(given, bearer(self._key)["authorization"].encode())
 
     def check_listing(self) -> None:
         """Refuse NBD_OPT_LIST on a protected replica (it names no key)."""

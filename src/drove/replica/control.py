@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from drove import __version__
+from drove.replica.access import Gate
 from drove.replica.chain import LayerInfo
 from drove.replica.errors import (
     ChecksumMismatchError,
@@ -36,7 +37,7 @@ from drove.replica.exports import FlushGate
 from drove.replica.fence import EPOCH_HEADER, Fence, StaleEpochError, parse_epoch_header
 from drove.replica.meta import ENGINE_STATE_MAX
 from drove.replica.rebuild import SyncJob
-from drove.web import App, Body, Field, Request, Response, json_response
+from drove.web import App, Body, Field, HTTPError, Request, Response, json_response
 
 log = logging.getLogger("drove.replica")
 
@@ -320,10 +321,18 @@ def _error(status: int, exc: BaseException) -> Response:
     return json_response(status, {"error": type(exc).__name__, "detail": str(exc)})
 
 
-def build_app(control: ReplicaControl) -> App:
-    """The application of one replica's control API."""
+def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
+    """The application of one replica's control API (behind ``access``'s key, if any)."""
     app = App(title="drove replica", version=__version__,
               description="Control API of one drove replica process.")
+
+    if access is not None and access.protected:
+        @app.guard
+        async def _key(request: Request) -> None:
+            if not access.admits_header(request.headers.get("authorization")):
+                raise HTTPError(401, "this replica answers only its volume's engine and "
+                                     "manager: send 'Authorization: Bearer KEY' with the "
+                                     "volume's access key", {"WWW-Authenticate": "Bearer"})
 
     # What the caller got wrong becomes 4xx with a message; the data is untouched by a
     # refused call.  Anything else (a KeyError or ValueError from a bug) is a 500, logged

@@ -84,7 +84,7 @@ class ReplicaService:
             self.fence.bind(self._cut)
             addresses = await listen_nbd(self.server, self._nbd, self._unix)
             self.control = ReplicaControl(replica, self.gate, self.fence, addresses)
-            self.ctl = ControlServer(build_app(self.control), *self._control)
+            self.ctl = ControlServer(build_app(self.control, self._access), *self._control)
             await self.ctl.start()
         except BaseException:
             self.replica = None
