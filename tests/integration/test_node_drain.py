@@ -122,7 +122,11 @@ def test_drain_moves_replicas_off_a_node_under_io_then_remove_forgets_it(
 
     # Drain n2 while fio writes (and then verifies) through the engine.
     job = fio(v["nbd_uri"], "--rate_iops=600")
-    task = manager.cli_json("node", "drain", "n2")
+    started = manager.cli_json("node", "drain", "n2", "--no-wait")
+    assert started["node"] == "n2"
+    r = manager.api("POST", "/v1/nodes/n2/drain")
+    assert r.status_code == 409 and "being drained already" in r.text, r.text
+    task = manager.cli_json("task", "wait", started["task"])
     # The replicas moved while fio still wrote (it writes for some 10 s at this rate).
     assert job.poll() is None
     fio_ok(job)
@@ -153,7 +157,15 @@ def test_drain_moves_replicas_off_a_node_under_io_then_remove_forgets_it(
     qemu_io(w["nbd_uri"], "read -P 0 0 1M")
     manager.ok("POST", "/v1/volumes/w/detach", json={})
 
-    # Remove: refused while n2's agent runs; once it is down, n2 and its disk are gone.
+    # Drained again: nothing to move, said in words.
+    again = manager.cli("node", "drain", "n2").stdout
+    assert "node n2 drained: 0 replica(s) moved" in again, again
+
+    # Remove: refused for the manager's own node, and while n2's agent runs; once it is
+    # down, n2 and its disk are gone.
+    r = manager.api("DELETE", f"/v1/nodes/{own}")
+    assert r.status_code == 409 and "own" in r.json()["detail"], r.text
+    assert manager.api("POST", "/v1/nodes/nope/drain").status_code == 404
     r = manager.api("DELETE", "/v1/nodes/n2")
     assert r.status_code == 409 and "is up" in r.json()["detail"], r.text
     n2.kill()

@@ -160,6 +160,10 @@ class Disks:
         self._event("disk-removed", f"disk {name} ({d['path']}) removed")
         return {"deleted": name}
 
+    def is_own(self, name: str) -> bool:
+        """Whether ``name`` is the node of this manager's in-process agent."""
+        return self._agent is not None and self._agent.name == name
+
     def remove_node(self, name: str) -> list[str]:
         """Delete node ``name`` and its disks from the store; the disks' names (the caller
         checked that nothing lives there)."""

@@ -257,13 +257,16 @@ class Drainer:
     async def remove(self, node: str) -> dict[str, Any]:
         """Forget ``node`` and its disks (409 with what it holds, or while it is up)."""
         n = self._disks.node(node)
+        if self._disks.is_own(node):
+            raise ApiError(409, f"node {node} is this manager's own: it registers it at "
+                                "every start")
         held = self.holdings(node)
         if held["replicas"] or held["engines"]:
             what = [f"replica {h['replica']} of volume {h['volume']}" for h in held["replicas"]]
             what += [f"the engine of volume {v}" for v in held["engines"]]
             raise ApiError(409, f"node {node} holds {', '.join(what)}: drain it first "
                                 f"(`drove node drain {node}`)")
-        if n.get("state") == "up":
+        if n.get("state") == "up" and n.get("agent_url"):
             raise ApiError(409, f"node {node} is up: stop its agent first (a running agent "
                                 "registers its node again), then remove it once it is down")
         dropped = await self._forget_abandoned(node)
