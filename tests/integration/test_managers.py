@@ -29,12 +29,14 @@ pytestmark = pytest.mark.skipif(not have("nbdsh"), reason="needs nbdsh")
 
 
 class ClusterManager:
-    """One `drove serve --store etcd://... --no-agent` process."""
+    """One `drove serve --store etcd://...` process (``--no-agent`` unless ``args`` given)."""
 
-    def __init__(self, root: Path, name: str, store: str) -> None:
+    def __init__(self, root: Path, name: str, store: str,
+                 args: tuple[str, ...] = ("--no-agent",)) -> None:
         self.data_dir = root / name
         self.log = root / f"{name}.log"
         self.store = store
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -48,7 +50,7 @@ class ClusterManager:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "drove", "serve", "--data-dir", str(self.data_dir),
-                 "--listen", "127.0.0.1:0", "--store", self.store, "--no-agent"],
+                 "--listen", "127.0.0.1:0", "--store", self.store, *self.args],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         return self
 
@@ -312,4 +314,77 @@ def test_tokens_are_shared_through_etcd_and_each_opens_only_its_door(
     r = subprocess.run([sys.executable, "-m", "drove", "serve", "--data-dir",
                         str(tmp_path / "lone"), "--listen", "127.0.0.1:0", "--no-agent"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "--no-agent needs a shared store" in r.stderr + r.stdout
+    said = " ".join((r.stderr + r.stdout).split())
+    assert r.returncode != 0 and "--no-agent is for a manager in a cluster" in said
+    assert not (tmp_path / "lone").exists()  # refused before anything was made
+
+
+def test_managers_with_their_own_nodes_stop_and_die_without_touching_volumes(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None) -> None:
+    """Without --no-agent each manager serves its node's agent like `drove agent`: every
+    manager reaches every node, and a manager stopped or killed leaves volumes serving."""
+    store = etcd_server.url
+    m1 = ClusterManager(tmp_path, "m1", store, ("--node", "h1", "--agent-listen",
+                                                "127.0.0.2:0")).start()
+    m2 = ClusterManager(tmp_path, "m2", store, ("--node", "h2", "--agent-listen",
+                                                "127.0.0.3:0")).start()
+    wait_for(lambda: leader_of(m1) is not None, 15, "a leader")
+    leader, follower = (m1, m2) if leader_of(m2) == m1.url else (m2, m1)
+    own = {m1.url: "h1", m2.url: "h2"}
+
+    def node_states(m: ClusterManager) -> dict[str, str]:
+        return {n["name"]: n["state"] for n in m.ok("GET", "/v1/nodes")
+                if any(d["state"] == "ready" for d in n["disks"]) or n["state"] == "down"}
+
+    wait_for(lambda: node_states(m1) == node_states(m2) == {"h1": "up", "h2": "up"}, 20,
+             "h1 and h2 up with their disks")
+    disks = {d["node"]: d["name"] for d in follower.ok("GET", "/v1/disks")}
+    assert disks == {"h1": "h1-default", "h2": "h2-default"}
+
+    # Attach without a node: the leader's own node (whichever manager was asked).
+    follower.ok("POST", "/v1/volumes", json={"name": "v0", "size": "16M", "replicas": 2})
+    v0 = follower.ok("POST", "/v1/volumes/v0/attach")
+    assert v0["node"] == own[leader.url]
+    follower.ok("POST", "/v1/volumes/v0/detach")
+
+    # v1 lives on the follower's node only (the leader's is cordoned while it is placed);
+    # I/O runs while managers die and stop.
+    follower.ok("POST", f"/v1/nodes/{own[leader.url]}/cordon")
+    follower.ok("POST", "/v1/volumes", json={"name": "v1", "size": "64M", "replicas": 1,
+                                             "data_locality": "strict-local"})
+    follower.ok("POST", f"/v1/nodes/{own[leader.url]}/uncordon")
+    v1 = follower.ok("POST", "/v1/volumes/v1/attach", json={"node": own[follower.url]})
+    assert v1["state"] == "attached" and v1["replicas"][0]["node"] == own[follower.url]
+    writer = Writer(v1["nbd_uri"], tmp_path)
+    wait_for(lambda: writer.count() > 20, 30, "the writer to get going")
+
+    leader.kill()  # its node's agent dies with it: that node is down for the others
+    t0 = time.monotonic()
+    wait_for(lambda: leader_of(follower) == follower.url, 15, "the follower to lead")
+    took = time.monotonic() - t0
+    print(f"\ntakeover after kill -9 of the leader (with its node): {took:.2f} s")
+    assert took < 10
+    wait_for(lambda: node_states(follower) == {own[leader.url]: "down",
+                                               own[follower.url]: "up"}, 15,
+             "the dead manager's node down")
+    wait_for(lambda: follower.ok("GET", "/v1/volumes/v1")["health"] == "healthy", 30,
+             "v1 healthy under the new leader")
+
+    # The last manager stops cleanly: v1 stays attached and serving with no manager at all.
+    follower.proc.terminate()
+    follower.proc.wait(60)
+    mid = writer.count()
+    wait_for(lambda: writer.count() > mid + 20, 30, "I/O with every manager down")
+    # It comes back, leads again and adopts v1 as it runs.
+    follower.start()
+    wait_for(lambda: leader_of(follower) == follower.url, 15, "the restarted manager to lead")
+    events = wait_for(lambda: [e for e in follower.ok("GET", "/v1/events",
+                                                      params={"volume": "v1"})
+                               if e["kind"] == "volume-adopted"], 30, "v1 adopted")
+    assert len(events) == 2  # once per takeover, never restarted
+    kinds = {e["kind"] for e in follower.ok("GET", "/v1/events", params={"volume": "v1"})}
+    assert not kinds & {"engine-failed", "attach-failed", "volume-detached"}, kinds
+    mid = writer.count()
+    wait_for(lambda: writer.count() > mid + 20, 30, "I/O after the restart")
+    n, worst = writer.finish()
+    print(f"I/O through a kill, a stop and a restart: {n} blocks, longest wait {worst:.3f} s")

@@ -20,7 +20,8 @@ def agent(
         help="HOST:PORT of the agent's API; HOST is also where this host's engines and "
              "replicas listen, so give the address other hosts reach it at")],
     token_file: Annotated[Path, typer.Option(
-        help="file holding the cluster token (the manager's DATA_DIR/token)")],
+        help="file holding the cluster token (a manager's DATA_DIR/cluster-token when "
+             "the managers keep their state in etcd; DATA_DIR/token with SQLite)")],
     data_dir: Annotated[Path | None, typer.Option(
         envvar="DROVE_DATA_DIR",
         help="this host's state and first disk (default: ~/.local/share/drove-agent)")] = None,
@@ -51,10 +52,11 @@ def agent(
     except ValueError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"cannot read the cluster token from {token_file}: {exc.strerror}; copy the "
-             "manager's DATA_DIR/token to this host")
+        fail(f"cannot read the cluster token from {token_file}: {exc.strerror}; copy a "
+             "manager's DATA_DIR/cluster-token (DATA_DIR/token with SQLite) to this host")
     if not token:
-        fail(f"{token_file} is empty; copy the manager's DATA_DIR/token into it")
+        fail(f"{token_file} is empty; copy a manager's DATA_DIR/cluster-token (DATA_DIR/"
+             "token with SQLite) into it")
     cfg = AgentConfig(managers=managers, node=node, listen=address, token=token,
                       data_dir=data_dir or Path.home() / ".local/share/drove-agent",
                       zone=zone, role=role)

@@ -25,6 +25,11 @@ def serve(
     no_agent: Annotated[bool, typer.Option(
         "--no-agent", help="run no node agent here: every node runs `drove agent` "
                            "(needs --store etcd://...)")] = False,
+    node: Annotated[str | None, typer.Option(
+        help="with etcd: this host's node name (default: the host name)")] = None,
+    agent_listen: Annotated[str | None, typer.Option(
+        help="with etcd: HOST:PORT of this node's agent API; HOST is where its engines and "
+             "replicas listen (default: --listen's host, any port)")] = None,
 ) -> None:
     """Start drove: the manager with its REST API and this node's agent.
 
@@ -46,6 +51,7 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         address = parse_address(listen)
+        agent_address = parse_address(agent_listen) if agent_listen else None
     except ValueError as exc:
         fail(str(exc))
     if data_dir is None:
@@ -54,6 +60,7 @@ def serve(
         data_dir = default_data_dir()
     directory = data_dir.expanduser().resolve()
     try:
-        run(lambda: run_manager(directory, address, store, no_agent=no_agent))
+        run(lambda: run_manager(directory, address, store, no_agent=no_agent, node=node,
+                                agent_listen=agent_address))
     except ServeError as exc:
         fail(str(exc))

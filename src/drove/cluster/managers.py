@@ -65,9 +65,11 @@ class ClusterRole:
         self._want = False  # what the election thread last said
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._follow_task: asyncio.Task[None] | None = None
+        self._alive_task: asyncio.Task[None] | None = None
         self._work: asyncio.Task[None] | None = None
         self._active = False
+        self._closing = False
 
     @property
     def leading(self) -> bool:
@@ -83,8 +85,8 @@ class ClusterRole:
         self.url = url
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._alive)
-        self._tasks = [asyncio.create_task(self._follow(), name="leadership"),
-                       asyncio.create_task(self._keep_alive(), name="manager-alive")]
+        self._follow_task = asyncio.create_task(self._follow(), name="leadership")
+        self._alive_task = asyncio.create_task(self._keep_alive(), name="manager-alive")
         self._leadership = Leadership(self._store.etcd, url, prefix=self._store.prefix,
                                       ttl=self._ttl, on_change=self._changed).start()
 
@@ -93,10 +95,16 @@ class ClusterRole:
         stay attached and serving."""
         if self._leadership is not None:
             await asyncio.to_thread(self._leadership.close)
-        for t in self._tasks:
-            t.cancel()
+        # The follower loop ends by itself after the change under way: a cancel could land
+        # inside the leader's work stopping (which swallows cancels of its own tasks).
+        self._closing = True
+        self._wake.set()
+        if self._alive_task is not None:
+            self._alive_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await t
+                await self._alive_task
+        if self._follow_task is not None:
+            await self._follow_task
         await self._stop_work()
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self._store.delete, "managers", self._key)
@@ -111,9 +119,11 @@ class ClusterRole:
 
     async def _follow(self) -> None:
         """Start or stop the leader's work as the election goes, one change at a time."""
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            if self._closing:
+                break
             if self._want and not self._active:
                 self._active = True
                 self._work = asyncio.create_task(self._take_over(), name="take-over")
@@ -130,7 +140,11 @@ class ClusterRole:
         await asyncio.to_thread(self._event, "manager-leads", f"manager {self.url} leads"
                                 + (f" (after {previous})" if previous and previous != self.url
                                    else ""))
-        await self._duties.lead()
+        try:
+            await self._duties.lead()
+        except Exception:
+            log.exception("%s leads but could not start all of the leader's work", self.url)
+            return
         log.info("%s leads; its work started in %.2f s", self.url, time.monotonic() - t0)
 
     async def _stop_work(self) -> None:

@@ -19,19 +19,33 @@ from drove.manager.store import Store
 class Agents:
     """Finds the agent for a node, a replica or a volume's engine."""
 
-    def __init__(self, store: Store, local: NodeAgent | None, token_file: Path) -> None:
+    def __init__(self, store: Store, local: NodeAgent | None, token_file: Path,
+                 default_node: str | None = None) -> None:
         self._store = store
         self._local = local
+        # Where an engine runs when no node is named: this manager's own node, in-process
+        # or (in a cluster) served by its own agent over HTTP like any other.
+        self._default = local.name if local is not None else default_node
         self._token_file = token_file
         self._remote: dict[str, RemoteAgent] = {}
 
     @property
-    def local(self) -> NodeAgent:
-        """This manager's own agent (ApiError 409 when it runs none: `serve --no-agent`)."""
-        if self._local is None:
+    def default_node(self) -> str:
+        """The node an engine runs on when none is named (ApiError 409 when there is none)."""
+        if self._default is None:
             raise ApiError(409, "this manager runs no node agent of its own (drove serve "
                                 "--no-agent): name the node (--node NAME; `drove node list` "
                                 "shows them)")
+        return self._default
+
+    @property
+    def local(self) -> NodeAgent:
+        """This manager's in-process agent (ApiError 409 when it has none: in a cluster
+        every node, its own too, is reached through its agent's API)."""
+        if self._local is None:
+            raise ApiError(409, "this manager has no in-process node agent: a node is reached "
+                                "through its own agent (`drove agent`), and this one has none "
+                                "registered")
         return self._local
 
     def is_local(self, node: str | None) -> bool:
@@ -40,8 +54,10 @@ class Agents:
 
     def for_node(self, node: str | None) -> NodeAgent | RemoteAgent:
         """The agent of ``node`` (None: this manager's own); ApiError 409 if it has none."""
-        if node is None or self.is_local(node):
+        if self.is_local(node):
             return self.local
+        if node is None:
+            node = self.default_node
         doc = self._store.get("nodes", node)
         if doc is None:
             raise ApiError(409, f"node {node} is unknown; start `drove agent --node {node}` "

@@ -24,13 +24,13 @@ class ManagerApp:
     """Volumes, tasks, backups and jobs over one store, started and stopped together."""
 
     def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
-                 cluster_token_file: Path | None = None) -> None:
+                 cluster_token_file: Path | None = None, node: str | None = None) -> None:
         self.store = store
         self.events = EventLog(store)
         self.tasks = Tasks(store, self.events)
         activity = BackupActivity(self.tasks)
         self.manager = Manager(store, agent, data_dir, event=self.events, guard=activity,
-                               cluster_token_file=cluster_token_file)
+                               cluster_token_file=cluster_token_file, node=node)
         self.backups = Backups(self.manager, self.tasks, activity)
         self.jobs = Jobs(self.manager, self.backups, self.tasks)
 

@@ -49,7 +49,7 @@ class Attacher:
         A strict-local volume attaches only where its replica lives; another node
         must be up, run an agent and have the compute role.
         """
-        node = node or self._agents.local.name
+        node = node or self._agents.default_node
         locality.check_attach_node(doc, node, self._records.locality(doc))
         if not self._agents.is_local(node):
             self._disks.health.check_compute_node(node, doc["name"])

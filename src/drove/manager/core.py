@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,24 +53,28 @@ from drove.manager.settings import Settings
 from drove.manager.snapshots import Snapshots
 from drove.manager.store import Store, now_iso
 
+log = logging.getLogger("drove.manager")
+
 
 class Manager:
     """Volumes, disks and settings of a one-node drove."""
 
     def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
                  event: EventFn, guard: VolumeGuard,
-                 cluster_token_file: Path | None = None) -> None:
+                 cluster_token_file: Path | None = None, node: str | None = None) -> None:
         self.store = store
         self.agent = agent  # None: every node runs its own `drove agent` (serve --no-agent)
         self.data_dir = data_dir
         self._event = event
         self._guard = guard
         self._settings = Settings(store, event)
-        self._records = Records(store, self._settings, agent.name if agent else None, data_dir)
+        # This manager's own node: its in-process agent's, or ``node`` (served by an agent).
+        own = agent.name if agent is not None else node
+        self._records = Records(store, self._settings, own, data_dir)
         self._disks = Disks(store, agent, data_dir, event)
         self._engines = Engines()
         # Remote agents are called with the cluster token (the API token's file on one host).
-        self.agents = Agents(store, agent, cluster_token_file or data_dir / "token")
+        self.agents = Agents(store, agent, cluster_token_file or data_dir / "token", own)
         self._replicas = Replicas(records=self._records, disks=self._disks,
                                   engines=self._engines, agents=self.agents,
                                   settings=self._settings, event=event)
@@ -376,7 +381,13 @@ class Manager:
         """The leader's work: adopt or bring back what was attached, then heal."""
         for doc in self._records.all():
             async with self.lock(doc["name"]):
-                await self._attacher.recover(doc)
+                try:
+                    await self._attacher.recover(doc)
+                except Exception as exc:  # one volume (its node away) must not stop the rest
+                    log.exception("recovering volume %s", doc["name"])
+                    self.event("recover-failed", f"volume {doc['name']} could not be adopted "
+                               f"or brought back: {exc}; the healer tries again", doc["name"],
+                               level="error")
         self._healer.start()
 
     async def step_down(self) -> None:

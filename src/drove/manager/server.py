@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -15,10 +16,12 @@ from typing import IO, Any
 from drove.agent.node import NodeAgent
 from drove.cluster.etcdstore import EtcdStore, from_url
 from drove.cluster.follower import FollowerProxy
+from drove.cluster.localagent import LocalAgent, LocalAgentError
 from drove.cluster.managers import ClusterRole
 from drove.cluster.tokens import CLUSTER_FILE, cluster_tokens
 from drove.manager.api import build_app
 from drove.manager.app import ManagerApp
+from drove.manager.errors import ApiError, validate_name
 from drove.manager.store import Store, StoreError
 from drove.service import ControlServer, default_signals
 
@@ -57,13 +60,21 @@ def _lock(data_dir: Path) -> IO[str]:
 
 
 async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None = None, *,
-                no_agent: bool = False) -> None:
+                no_agent: bool = False, node: str | None = None,
+                agent_listen: tuple[str, int] | None = None) -> None:
     """Run the manager until SIGTERM/SIGINT.
 
     With SQLite (the default) volumes attached now come back at the next start. With
     etcd the manager is one of several: it leads or follows, and stopping it leaves
     every volume attached and serving.
     """
+    if not (store_url or "").startswith("etcd://"):
+        for given, option in ((no_agent, "--no-agent"), (node, "--node"),
+                              (agent_listen, "--agent-listen")):
+            if given:
+                raise ServeError(f"{option} is for a manager in a cluster (--store "
+                                 "etcd://...); a manager on SQLite runs its node's agent "
+                                 "in-process")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = _lock(data_dir)
     try:
@@ -74,16 +85,21 @@ async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None =
         raise ServeError(f"cannot open the store: {exc}") from exc
     if not isinstance(store, EtcdStore):
         try:
-            if no_agent:
-                raise ServeError("--no-agent needs a shared store (--store etcd://...): a "
-                                 "manager on SQLite runs its node's agent itself")
             await _serve_alone(data_dir, listen, store)
         finally:
             store.close()
             lock.close()
         return
     try:
-        await _serve_in_cluster(data_dir, listen, store, no_agent)
+        own = None
+        if not no_agent:
+            name = node or socket.gethostname()
+            try:
+                validate_name("node", name)
+            except ApiError as exc:
+                raise ServeError(f"{exc}; give another --node") from exc
+            own = (name, agent_listen or _agent_address(listen))
+        await _serve_in_cluster(data_dir, listen, store, own)
     finally:
         store.close()
         lock.close()
@@ -99,7 +115,9 @@ def _server(app: Any, listen: tuple[str, int]) -> ControlServer:
 
 def _announce(data_dir: Path, url: str, extra: str = "") -> Path:
     info_file = data_dir / "manager.json"
-    info_file.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    tmp = info_file.with_suffix(".tmp")  # whole or absent: scripts poll for it
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    os.replace(tmp, info_file)
     sys.stdout.write(f"drove {url} serving\n"
                      f"  API:   {url}/docs (OpenAPI: {url}/openapi.json)\n"
                      f"  token: {data_dir / 'token'}\n{extra}"
@@ -126,32 +144,51 @@ async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) ->
         await parts.stop()
 
 
+def _agent_address(listen: tuple[str, int]) -> tuple[str, int]:
+    """Where this manager's own agent listens by default: the API's host, any port."""
+    if listen[0] in ("0.0.0.0", "::", ""):
+        raise ServeError(f"--listen {listen[0]} is every address: give --agent-listen "
+                         "HOST:PORT with the address other hosts reach this node at (or "
+                         "--no-agent)")
+    return listen[0], 0
+
+
 async def _serve_in_cluster(data_dir: Path, listen: tuple[str, int], store: EtcdStore,
-                            no_agent: bool) -> None:
-    """One of several managers on an etcd store: it leads or follows."""
+                            own: tuple[str, tuple[str, int]] | None) -> None:
+    """One of several managers on an etcd store: it leads or follows; ``own`` is (name,
+    HOST:PORT) of its node's agent, served like `drove agent` (None: --no-agent)."""
     try:
         token, cluster_token = await asyncio.to_thread(cluster_tokens, store, data_dir)
     except StoreError as exc:
         raise ServeError(f"cannot agree on the tokens through the store: {exc}") from exc
-    agent = None if no_agent else NodeAgent(data_dir)
-    parts = ManagerApp(store, agent, data_dir, cluster_token_file=data_dir / CLUSTER_FILE)
-    role = ClusterRole(store, parts, event=parts.events, node=agent.name if agent else None)
+    local = None if own is None else LocalAgent(data_dir, own[0], own[1], cluster_token)
+    parts = ManagerApp(store, None, data_dir, cluster_token_file=data_dir / CLUSTER_FILE,
+                       node=local.node if local else None)
+    role = ClusterRole(store, parts, event=parts.events, node=local.node if local else None)
     proxy = FollowerProxy(build_app(parts, token, cluster_token=cluster_token, cluster=role),
                           role)
     server = _server(proxy, listen)
     info_file = data_dir / "manager.json"
     try:
-        parts.register()
         await server.start()
+        if local is not None:
+            # Before campaigning: a leader must find this node at its agent's new address.
+            try:
+                await local.start(server.url)
+            except LocalAgentError as exc:
+                raise ServeError(str(exc)) from exc
         await role.start(server.url)
+        node = f"  node:  {local.node} (agent {local.url})\n" if local else ""
         info_file = _announce(data_dir, server.url,
                               f"  cluster token: {data_dir / CLUSTER_FILE} (for agents)\n"
-                              f"  store: etcd {store.etcd.describe()} {store.prefix}\n")
+                              f"  store: etcd {store.etcd.describe()} {store.prefix}\n{node}")
         await default_signals()
         log.info("stopping: volumes stay attached and serving; another manager leads")
     finally:
         info_file.unlink(missing_ok=True)
         await role.close()
+        if local is not None:
+            await local.stop()
         await server.stop()
         await proxy.aclose()
         await parts.close()
