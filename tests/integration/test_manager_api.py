@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from accesstools import replica_headers
 from replicatools import nbdinfo_json
 
 
@@ -240,8 +241,12 @@ def test_engine_killed_is_restarted(manager, tmp_path):
     assert v["engine"]["epoch"] == att["engine"]["epoch"] + 1
     info = httpx.get(v["engine"]["control_url"] + "/v1/info").json()
     assert info["epoch"] == v["engine"]["epoch"]
+    # The replicas' control APIs want the volume's access key (drove.replica.access).
+    key = replica_headers(v["engine"]["pid"])
     for r in info["replicas"]:
-        assert httpx.get(r["url"] + "/v1/info").json()["epoch"] == v["engine"]["epoch"]
+        assert httpx.get(r["url"] + "/v1/info").status_code == 401
+        assert httpx.get(r["url"] + "/v1/info", headers=key
+                         ).json()["epoch"] == v["engine"]["epoch"]
         stale = httpx.post(r["url"] + "/v1/snapshots", json={"name": "x"},
-                           headers={"Drove-Epoch": str(att["engine"]["epoch"])})
+                           headers={"Drove-Epoch": str(att["engine"]["epoch"]), **key})
         assert stale.status_code == 409 and "stale" in stale.json()["detail"]

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 from test_agent import agents, node  # noqa: F401 - agents is a fixture
 
+from accesstools import engine_key
 from backuptools import wait_for
 from drove.manager.heartbeats import NODE_DOWN_AFTER
-from drove.replica.access import KEY_ENV, keyed_export
+from drove.replica.access import keyed_export
 
 FIO_JOB = ["--name=job", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8",
            "--size=24M", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
@@ -42,13 +43,6 @@ def qemu_io(uri: str, cmd: str) -> None:
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, uri], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
-
-
-def engine_key(v: dict[str, Any]) -> str:
-    """The volume's NBD access key, as its agent handed it to the engine (environment)."""
-    env = Path(f"/proc/{v['engine']['pid']}/environ").read_bytes().split(b"\0")
-    (key,) = [e.split(b"=", 1)[1].decode() for e in env if e.startswith(KEY_ENV.encode() + b"=")]
-    return key
 
 
 def replica_base(manager, v: dict[str, Any], replica: str) -> str:
@@ -107,7 +101,7 @@ def test_drain_moves_replicas_off_a_node_under_io_then_remove_forgets_it(
     # v attached on the manager's node; its replica processes demand the key.
     v = manager.ok("POST", "/v1/volumes/v/attach", json={})
     assert v["health"] == "healthy"
-    key = engine_key(v)
+    key = engine_key(v["engine"]["pid"])
     base = replica_base(manager, v, v_on_n2["name"])
     assert base.startswith("nbd://127.0.0.2:")
     refused = subprocess.run(["nbdinfo", base + "head"], capture_output=True, timeout=60)
