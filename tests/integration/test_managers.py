@@ -153,8 +153,9 @@ while not os.path.exists(stop):
     now = time.monotonic()
     worst, last = max(worst, now - last), now
     n += 1
-    with open(out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         f.write(f"{{n}} {{worst:.3f}}")
+    os.replace(out + ".tmp", out)  # whole for the reader, never half written
 """
 
 
@@ -388,3 +389,47 @@ def test_managers_with_their_own_nodes_stop_and_die_without_touching_volumes(
     wait_for(lambda: writer.count() > mid + 20, 30, "I/O after the restart")
     n, worst = writer.finish()
     print(f"I/O through a kill, a stop and a restart: {n} blocks, longest wait {worst:.3f} s")
+
+
+def health(m: ClusterManager) -> dict[str, Any]:
+    """GET /v1/health (served by the manager itself, no store call)."""
+    return httpx.get(m.url + "/v1/health", timeout=10).json()
+
+
+def test_etcd_away_the_leader_steps_down_and_volumes_serve_on(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None) -> None:
+    m = ClusterManager(tmp_path, "m1", etcd_server.url, ("--node", "h1", "--agent-listen",
+                                                         "127.0.0.2:0")).start()
+    wait_for(lambda: health(m)["leading"], 15, "m1 to lead")
+    m.ok("POST", "/v1/volumes", json={"name": "v", "size": "32M", "replicas": 1})
+    v = m.ok("POST", "/v1/volumes/v/attach")
+    writer = Writer(v["nbd_uri"], tmp_path)
+    wait_for(lambda: writer.count() > 20, 30, "the writer to get going")
+
+    etcd_server.stop()  # every manager loses the store: nobody may lead
+    t0 = time.monotonic()
+    wait_for(lambda: not health(m)["leading"], 10, "the leader to step down")
+    took = time.monotonic() - t0
+    print(f"\nstepped down {took:.2f} s after etcd died")
+    assert took < 5  # before its lease could expire in etcd (ttl 5 s)
+    for path, says in [("/v1/nodes", "store does not answer"),
+                       ("/v1/volumes", "no manager leads")]:
+        r = m.api("GET", path)
+        assert r.status_code == 503 and says in r.json()["detail"], (path, r.text)
+    mid = writer.count()
+    wait_for(lambda: writer.count() > mid + 20, 30, "I/O while etcd is away")
+
+    etcd_server.start()
+    wait_for(lambda: health(m)["leading"], 30, "m1 to lead again")
+    vol = wait_for(lambda: (lambda x: x if x["health"] == "healthy" else None)(
+        m.ok("GET", "/v1/volumes/v")), 30, "v healthy")
+    assert vol["state"] == "attached"
+    wait_for(lambda: [e for e in m.ok("GET", "/v1/events", params={"volume": "v"})
+                      if e["kind"] == "volume-adopted"], 30, "v adopted by the new lead")
+    kinds = [e["kind"] for e in m.ok("GET", "/v1/events", params={"volume": "v"})]
+    assert kinds.count("volume-adopted") == 1, kinds
+    assert not set(kinds) & {"engine-failed", "attach-failed", "recover-failed"}, kinds
+    mid = writer.count()
+    wait_for(lambda: writer.count() > mid + 20, 30, "I/O after etcd returned")
+    n, worst = writer.finish()
+    print(f"I/O through an etcd outage: {n} blocks, longest wait {worst:.3f} s")

@@ -35,6 +35,8 @@ ALIVE_EVERY = 2.0
 """Seconds between two refreshes of a manager's own document."""
 MANAGER_DOWN_AFTER = 10.0
 """A manager whose document is older than this is listed as down."""
+CHECK_EVERY = 0.5
+"""Seconds between two looks at whether this manager still leads."""
 LEADER_TTL = 5
 """Seconds of the leader's lease: a dead leader is replaced within about twice this."""
 
@@ -62,7 +64,6 @@ class ClusterRole:
         self.url = ""
         self._started = now_iso()
         self._leadership: Leadership | None = None
-        self._want = False  # what the election thread last said
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._follow_task: asyncio.Task[None] | None = None
@@ -112,40 +113,51 @@ class ClusterRole:
     # ------------------------------------------------------------ leading
 
     def _changed(self, leading: bool) -> None:
-        """The election thread's callback: hand the change to the loop, nothing more."""
-        self._want = leading
+        """The election thread's callback: wake the loop, nothing more."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _follow(self) -> None:
-        """Start or stop the leader's work as the election goes, one change at a time."""
+        """Start or stop the leader's work as the election goes, one change at a time.
+
+        Woken by the election thread, and every ``CHECK_EVERY`` s anyway: a leader whose
+        lease went unrefreshed too long stops its work at once, by the clock, even while
+        the thread still waits for etcd to answer (a new leader may start at lease expiry).
+        """
         while not self._closing:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), CHECK_EVERY)
             self._wake.clear()
             if self._closing:
                 break
-            if self._want and not self._active:
+            want = self.leading
+            if want and not self._active:
                 self._active = True
                 self._work = asyncio.create_task(self._take_over(), name="take-over")
-            elif not self._want and self._active:
+            elif not want and self._active:
                 log.warning("%s no longer leads: stopping the leader's work", self.url)
                 await self._stop_work()
 
     async def _take_over(self) -> None:
         t0 = time.monotonic()
-        before = await asyncio.to_thread(self._store.get, "cluster", "leader")
-        previous = (before or {}).get("name")
-        await asyncio.to_thread(self._store.put, "cluster", "leader",
-                                {"name": self.url, "since": now_iso(), "node": self._node})
-        await asyncio.to_thread(self._event, "manager-leads", f"manager {self.url} leads"
-                                + (f" (after {previous})" if previous and previous != self.url
-                                   else ""))
+        try:
+            await asyncio.to_thread(self._note_leading)
+        except StoreError as exc:  # the lease holds: lead anyway, the listing is only news
+            log.warning("%s leads but cannot record it: %s", self.url, exc)
         try:
             await self._duties.lead()
         except Exception:
             log.exception("%s leads but could not start all of the leader's work", self.url)
             return
         log.info("%s leads; its work started in %.2f s", self.url, time.monotonic() - t0)
+
+    def _note_leading(self) -> None:
+        """Record since when this manager leads, and say so (blocking: run in a thread)."""
+        previous = (self._store.get("cluster", "leader") or {}).get("name")
+        self._store.put("cluster", "leader",
+                        {"name": self.url, "since": now_iso(), "node": self._node})
+        after = f" (after {previous})" if previous and previous != self.url else ""
+        self._event("manager-leads", f"manager {self.url} leads{after}")
 
     async def _stop_work(self) -> None:
         if not self._active:
@@ -156,7 +168,10 @@ class ClusterRole:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._work
         self._work = None
-        await self._duties.step_down()
+        try:
+            await self._duties.step_down()
+        except Exception:  # etcd away, say: what could stop has stopped; keep following
+            log.exception("%s: stopping the leader's work", self.url)
 
     # ------------------------------------------------------------ listing
 

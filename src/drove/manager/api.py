@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from drove import __version__
 from drove.manager.app import ManagerApp
 from drove.manager.errors import ApiError
-from drove.manager.store import StoreError
+from drove.manager.store import ConflictError, StoreError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
@@ -223,6 +223,10 @@ def cluster_auth(request: Request,
 class ClusterStatus(Protocol):
     """The managers of a cluster and which one leads."""
 
+    @property
+    def leading(self) -> bool:
+        """True while this manager leads."""
+
     def status(self) -> dict[str, Any]:
         """The managers, the leader, since when (blocking: called in a thread)."""
 
@@ -243,6 +247,15 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        if isinstance(exc, ConflictError):  # another writer (a manager, the healer) won
+            return JSONResponse({"detail": f"changed meanwhile: {exc}; try again"},
+                                status_code=409)
+        # etcd unreachable or refusing: the manager is fine, its state is not at hand.
+        return JSONResponse({"detail": f"the manager's store does not answer: {exc}; try "
+                                       "again"}, status_code=503)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
@@ -250,7 +263,10 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        """Liveness; needs no token."""
+        """Liveness; needs no token. In a cluster, whether this manager leads (no store
+        call: it answers while etcd is away)."""
+        if cluster is not None:
+            return {"status": "ok", "version": __version__, "leading": cluster.leading}
         return {"status": "ok", "version": __version__}
 
     @app.get("/v1/nodes", dependencies=secured)

@@ -64,10 +64,19 @@ class ManagerApp:
         self.jobs.start()
 
     async def step_down(self) -> None:
-        """Stop the leader's work (scheduler, tasks, healer); volumes stay attached."""
-        await self.jobs.stop()
-        await self.tasks.stop()
-        await self.manager.step_down()
+        """Stop the leader's work (healer, scheduler, tasks); volumes stay attached.
+
+        Each part stops even when another fails to (etcd away, say); the first failure
+        is raised after.
+        """
+        failures: list[Exception] = []
+        for stop in (self.manager.step_down, self.jobs.stop, self.tasks.stop):
+            try:
+                await stop()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     async def close(self) -> None:
         """Stop a cluster manager: its work stops, every volume stays attached and serving."""

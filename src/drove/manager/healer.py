@@ -25,9 +25,13 @@ from drove.manager.rebuild import Rebuilds
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
+from drove.manager.store import StoreError
 from drove.manager.views import health
 
 log = logging.getLogger("drove.manager")
+
+STORE_RETRY = 1.0
+"""Seconds before the healer tries again when the store does not answer."""
 
 
 class Healer:
@@ -69,19 +73,28 @@ class Healer:
                 self._disks.health.sweep()
             except Exception:
                 log.exception("checking the nodes' heartbeats")
-            for doc in self._records.all():
-                lock = self._records.lock(doc["name"])
-                if doc["state"] != "attached" or lock.locked():
-                    continue
-                async with lock:
-                    fresh = self._records.find(doc["name"])
-                    if fresh is None or fresh["state"] != "attached":
-                        continue
-                    try:
-                        await self.heal(fresh)
-                    except Exception:
-                        log.exception("healing volume %s", doc["name"])
+            try:
+                await self._pass()
+            except StoreError as exc:  # etcd away for a moment: the next pass tries again
+                log.warning("healing: the store does not answer: %s", exc)
+                await asyncio.sleep(STORE_RETRY)
+                continue
             await asyncio.sleep(self._settings.get("heal_interval"))
+
+    async def _pass(self) -> None:
+        """One healing pass over every attached volume not busy with an operation."""
+        for doc in self._records.all():
+            lock = self._records.lock(doc["name"])
+            if doc["state"] != "attached" or lock.locked():
+                continue
+            async with lock:
+                fresh = self._records.find(doc["name"])
+                if fresh is None or fresh["state"] != "attached":
+                    continue
+                try:
+                    await self.heal(fresh)
+                except Exception:
+                    log.exception("healing volume %s", doc["name"])
 
     async def heal(self, doc: dict[str, Any]) -> None:
         """One pass of self-healing over an attached volume (its lock held)."""
