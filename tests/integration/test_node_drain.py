@@ -8,6 +8,8 @@ replicas move; the replicas' NBD ports refuse clients without the volume's key.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -170,3 +172,45 @@ def test_drain_moves_replicas_off_a_node_under_io_then_remove_forgets_it(
     assert "n2-default" not in {d["name"] for d in manager.ok("GET", "/v1/disks")}
     assert manager.api("DELETE", "/v1/nodes/n2").status_code == 404
     assert manager.volume("v")["health"] == "healthy"
+
+
+def test_a_dead_node_is_drained_and_removed(manager, agents, tmp_path):  # noqa: F811
+    n2 = agents("n2", tmp_path / "n2")
+    agents("n3", tmp_path / "n3", address="127.0.0.3")
+    for n in ("n2", "n3"):
+        wait_for(lambda n=n: any(d["state"] == "ready" for d in node(manager, n)["disks"]), 15,
+                 f"{n}'s disk")
+    manager.ok("PATCH", "/v1/settings", json={"replica_replenish_wait": 600})
+    manager.cli_json("node", "cordon", "n3")
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "32M", "replicas": 2,
+                                            "data_locality": "disabled"})
+    manager.cli_json("node", "uncordon", "n3")
+    v = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    (gone,) = [r for r in v["replicas"] if r["node"] == "n2"]
+    qemu_io(v["nbd_uri"], "write -P 0x3c 0 8M")
+
+    # n2 dies with its replica: the volume goes on degraded, waiting for the node.
+    n2.kill()
+    os.kill(gone["pid"], signal.SIGKILL)
+    qemu_io(v["nbd_uri"], "write -P 0x3d 8M 4M")
+    manager.wait_volume("v", lambda x: x["health"] == "degraded", 60, "degraded")
+    wait_for(lambda: node(manager, "n2")["state"] == "down", NODE_DOWN_AFTER + 10, "n2 down")
+
+    # Drained all the same: the replacement is built on n3, the dead replica forgotten
+    # (its data cannot be deleted now: it is recorded as abandoned, not lost track of).
+    task = manager.cli_json("node", "drain", "n2")
+    assert task["state"] == "succeeded", task
+    (m,) = task["result"]["moved"]
+    assert m["replica"] == gone["name"] and m["to_node"] == "n3"
+    v = manager.wait_volume("v", lambda x: x["health"] == "healthy", 60, "healthy")
+    assert sorted(r["node"] for r in v["replicas"]) == sorted([v["node"], "n3"])
+    qemu_io(v["nbd_uri"], "read -P 0x3c 0 8M")
+    qemu_io(v["nbd_uri"], "read -P 0x3d 8M 4M")
+
+    # n2 is down: remove forgets it, its disk and the abandoned replica's record.
+    assert manager.cli_json("node", "remove", "n2")["disks"] == ["n2-default"]
+    doc = manager.ok("GET", "/v1/volumes/v")
+    assert all(r["node"] != "n2" for r in doc["replicas"])
+    assert "n2" not in {n["name"] for n in manager.ok("GET", "/v1/nodes")}
+    (removed,) = [e for e in manager.events() if e["kind"] == "node-removed"]
+    assert "1 replaced replica(s) left there forgotten" in removed["message"], removed
