@@ -333,6 +333,15 @@ def test_tokens_are_shared_through_etcd_and_each_opens_only_its_door(
     said = " ".join((r.stderr + r.stdout).split())
     assert r.returncode != 0 and "--no-agent is for a manager in a cluster" in said
     assert not (tmp_path / "lone").exists()  # refused before anything was made
+    for args, says in [(("--listen", "0.0.0.0:0"), "--listen 0.0.0.0 is every address"),
+                       (("--node", "Bad Name"), "give another --node"),
+                       (("--agent-listen", "0.0.0.0:0"), "--agent-listen 0.0.0.0 is every")]:
+        r = subprocess.run([sys.executable, "-m", "drove", "serve", "--data-dir",
+                            str(tmp_path / "lone"), "--listen", "127.0.0.1:0", "--store", store,
+                            *args], capture_output=True, text=True, timeout=60)
+        said = " ".join((r.stderr + r.stdout).split())
+        assert r.returncode != 0 and says in said, (args, said)
+        assert not (tmp_path / "lone").exists()
 
 
 def test_managers_with_their_own_nodes_stop_and_die_without_touching_volumes(

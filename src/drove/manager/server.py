@@ -28,6 +28,10 @@ from drove.service import ControlServer, default_signals
 log = logging.getLogger("drove.manager")
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+"""Listen addresses that name no one address (no use as a URL another host calls)."""
+
+
 class ServeError(Exception):
     """The manager cannot start; the message says why and what to do."""
 
@@ -68,13 +72,20 @@ async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None =
     etcd the manager is one of several: it leads or follows, and stopping it leaves
     every volume attached and serving.
     """
-    if not (store_url or "").startswith("etcd://"):
+    clustered = (store_url or "").startswith("etcd://")
+    if not clustered:
         for given, option in ((no_agent, "--no-agent"), (node, "--node"),
                               (agent_listen, "--agent-listen")):
             if given:
                 raise ServeError(f"{option} is for a manager in a cluster (--store "
                                  "etcd://...); a manager on SQLite runs its node's agent "
                                  "in-process")
+    # Checked before anything is made: bad options change nothing.
+    if clustered and listen[0] in WILDCARDS:
+        raise ServeError(f"--listen {listen[0]} is every address, but the other managers "
+                         "and the agents must be told one: give --listen with the address "
+                         "they reach this host at")
+    own = _own_node(listen, node, agent_listen) if clustered and not no_agent else None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = _lock(data_dir)
     try:
@@ -91,18 +102,26 @@ async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None =
             lock.close()
         return
     try:
-        own = None
-        if not no_agent:
-            name = node or socket.gethostname()
-            try:
-                validate_name("node", name)
-            except ApiError as exc:
-                raise ServeError(f"{exc}; give another --node") from exc
-            own = (name, agent_listen or _agent_address(listen))
         await _serve_in_cluster(data_dir, listen, store, own)
     finally:
         store.close()
         lock.close()
+
+
+def _own_node(listen: tuple[str, int], node: str | None,
+              agent_listen: tuple[str, int] | None) -> tuple[str, tuple[str, int]]:
+    """(name, HOST:PORT) of a cluster manager's own node agent, or ServeError why not."""
+    name = node or socket.gethostname()
+    try:
+        validate_name("node", name)
+    except ApiError as exc:
+        raise ServeError(f"{exc}; give another --node") from exc
+    # By default the node's agent listens on the API's address, any port.
+    where = agent_listen or (listen[0], 0)
+    if where[0] in WILDCARDS:
+        raise ServeError(f"--agent-listen {where[0]} is every address: give the one other "
+                         "hosts reach this node at (its engines and replicas listen there)")
+    return name, where
 
 
 def _server(app: Any, listen: tuple[str, int]) -> ControlServer:
@@ -142,15 +161,6 @@ async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) ->
         info_file.unlink(missing_ok=True)
         await server.stop()
         await parts.stop()
-
-
-def _agent_address(listen: tuple[str, int]) -> tuple[str, int]:
-    """Where this manager's own agent listens by default: the API's host, any port."""
-    if listen[0] in ("0.0.0.0", "::", ""):
-        raise ServeError(f"--listen {listen[0]} is every address: give --agent-listen "
-                         "HOST:PORT with the address other hosts reach this node at (or "
-                         "--no-agent)")
-    return listen[0], 0
 
 
 async def _serve_in_cluster(data_dir: Path, listen: tuple[str, int], store: EtcdStore,
