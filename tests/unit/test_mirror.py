@@ -469,3 +469,74 @@ def test_failed_ping_drops_only_the_connection_it_pinged():
         for r in engine.replicas:
             await r.http.aclose()
     run(main())
+
+
+def make_with_local(n_remote: int, *, wait: float = 5.0, on_quorum=None):
+    """A mirror over one local member (r0, in the engine process) and ``n_remote`` others,
+    with the write quorum required."""
+    ios = [new_io() for _ in range(n_remote + 1)]
+    members = [Member(f"r{i}", io) for i, io in enumerate(ios)]
+    members[0].local = True
+    mirror = Mirror("vol", SIZE)
+    for m in members:
+        mirror.add(m)
+    mirror.quorum_wait = wait
+    mirror.on_quorum = on_quorum
+    mirror.require_outside(True)
+    if STYLE != "coroutine":
+        return SubmitFront(mirror), members, ios
+    return mirror, members, ios
+
+
+def test_the_local_replica_alone_acknowledges_nothing():
+    async def main():
+        changes: list[bool] = []
+        mirror, members, ios = make_with_local(1, wait=0.2, on_quorum=changes.append)
+        await mirror.write(0, memoryview(b"a" * 4096))
+        # The remote fails this write: only the local replica has it, so it is not
+        # acknowledged; it waits for an outside replica, then fails.
+        ios[1].fail_with = errno.EIO
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(OSError) as err:
+            await mirror.write(0, memoryview(b"b" * 4096))
+        assert err.value.errno == errno.EIO and "outside" in str(err.value)
+        assert loop.time() - t0 >= 0.2
+        assert members[1].mode is Mode.ERR and not mirror.quorum_met and changes == [False]
+        # Later writes and flushes wait and fail without touching the local replica.
+        ios[0].calls.clear()
+        for op in (lambda: mirror.write(8192, memoryview(b"c" * 4096)), mirror.flush):
+            with pytest.raises(OSError):
+                await op()
+        assert ios[0].calls == [] and ios[0].mem.data[8192:12288] == bytes(4096)
+        assert mirror.faulted is None and await mirror.read(0, 1) in (b"a", b"b")
+    run(main())
+
+
+def test_a_waiting_write_completes_when_an_outside_replica_joins():
+    async def main():
+        mirror, _, ios = make_with_local(1, wait=30)
+        ios[1].fail_with = errno.EIO
+        write = asyncio.ensure_future(mirror.write(0, memoryview(b"w" * 4096)))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert not write.done() and mirror.waiting_for_quorum == 1
+        # A pause (a rebuild bringing a replica in) is not held up by the waiting write.
+        async with mirror.paused():
+            fresh = new_io()
+            mirror.add(Member("r2", fresh, Mode.WO))
+        await asyncio.wait_for(write, 5)
+        assert fresh.mem.data[:4096] == b"w" * 4096 and ios[0].mem.data[:4096] == b"w" * 4096
+        assert mirror.quorum_met and mirror.waiting_for_quorum == 0
+    run(main())
+
+
+def test_one_outside_replica_of_two_is_enough():
+    async def main():
+        mirror, members, ios = make_with_local(2, wait=0.01)
+        ios[1].fail_with = errno.EIO
+        await mirror.write(0, memoryview(b"z" * 4096))
+        await mirror.flush()
+        assert members[1].mode is Mode.ERR and mirror.quorum_met
+        assert ios[2].mem.data[:4096] == b"z" * 4096
+    run(main())

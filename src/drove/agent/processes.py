@@ -58,6 +58,11 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot; with the pid, a process's identity)."""
+    return _start_time(pid)
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)

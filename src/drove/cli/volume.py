@@ -257,6 +257,11 @@ def attach(
     node: Annotated[str | None, typer.Option(
         show_default=False,
         help="run the engine (and mount) on this node (default: the manager's own)")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force",
+        help="take the volume over on --node while the node of its engine is down "
+             "(heartbeat lost): a new epoch fences every replica reached, the replicas on "
+             "the down node are rebuilt, its old engine is stopped when it returns")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Attach volume NAME: start its replicas and engine, serve it over NBD.
@@ -272,9 +277,11 @@ def attach(
         drove volume attach db --mount /mnt/db --fs xfs
 
         drove volume attach db --node host2
+
+        drove volume attach db --node host3 --force   # host2 (its engine's) is down
     """
     body = {"mount": os.path.abspath(os.path.expanduser(mount)) if mount else None,
-            "fs": fs.value, "node": node}
+            "fs": fs.value, "node": node, "force": force}
     with nullcontext() if json_out else err_console.status(f"attaching {name}…"):
         v = mgr.post(_path(name) + "/attach", body)
     if emit(v, json_out):

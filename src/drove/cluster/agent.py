@@ -6,6 +6,16 @@ re-addressed host stays the same node), where its API is, its zone and role,
 and the state of the disks the manager says are on this node.  Heartbeats go to
 the first manager that answers; while none does the agent keeps serving (the
 engines and replicas it started never depend on a manager).
+
+Each heartbeat also lists the engines running on this host (found in /proc:
+those started under this agent's run directory, with their volume and epoch).
+The manager answers with those that must stop: their volume was taken over on
+another node while this one was down or cut off, or detached, or restarted
+with a newer epoch.  The agent stops them (SIGTERM, then SIGKILL) and releases
+their host attachment; their replicas refuse them already (the epoch fence),
+this only ends them and frees their local replica's directory for its rebuild.
+Only engines seen before the heartbeat left are stopped: one started meanwhile
+was started by a manager that had recorded it first.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ import httpx
 
 from drove import __version__
 from drove.agent import disks as disklib
+from drove.agent import processes
 from drove.agent.node import NodeAgent
+from drove.agent.processes import Proc
 from drove.cluster.agentapi import build_app
 from drove.manager.placement import ROLES
 from drove.service import ControlServer, armed, default_signals
@@ -66,12 +78,69 @@ def node_id(data_dir: Path) -> str:
     return new
 
 
+@dataclass
+class RunningEngine:
+    """An engine process this agent started (or an earlier agent on this data dir)."""
+
+    volume: str
+    epoch: int | None
+    proc: Proc
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[i + 1]
+    return None
+
+
+def running_engines(agent: NodeAgent) -> list[RunningEngine]:
+    """The engines running on this host under ``agent``'s run directory (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if len(argv) < 6 or argv[1:5] != ["-m", "drove", "engine", "serve"]:
+            continue
+        volume = argv[5]
+        # Its NBD socket is in this agent's run directory: this agent's engine, not one a
+        # person or another agent (another data dir, in a test) runs on this host.
+        if _option(argv, "--nbd-unix") != str(agent.engine_socket(volume)):
+            continue
+        pid = int(entry.name)
+        started = processes.start_time(pid)
+        if started is None:
+            continue
+        epoch = _option(argv, "--epoch")
+        found.append(RunningEngine(volume, int(epoch) if epoch and epoch.isdigit() else None,
+                                   Proc(pid, started, argv, "")))
+    return found
+
+
+def stop_engine(agent: NodeAgent, engine: RunningEngine, reason: str) -> None:
+    """Stop a stale engine and release its volume's host attachment here."""
+    log.warning("stopping the engine of volume %s (epoch %s, pid %d): %s", engine.volume,
+                engine.epoch, engine.proc.pid, reason)
+    agent.stop(engine.proc, 10.0)
+    try:
+        agent.detach_host(engine.volume, None, force=True)
+    except Exception as exc:  # its mount may still be busy: say so, the engine is gone
+        log.warning("volume %s: releasing the host attachment failed: %s", engine.volume, exc)
+
+
 class Heartbeat:
     """Tells the managers this node is alive, and learns which of its disks to report."""
 
-    def __init__(self, cfg: AgentConfig, identity: dict[str, Any]) -> None:
+    def __init__(self, cfg: AgentConfig, identity: dict[str, Any],
+                 agent: NodeAgent | None = None) -> None:
         self._cfg = cfg
         self._identity = identity
+        self._agent = agent  # None: no engines are reported nor stopped
         self._disks: list[dict[str, Any]] = []
         self._http = httpx.AsyncClient(headers={"Authorization": f"Bearer {cfg.token}"},
                                        timeout=3.0)
@@ -81,7 +150,10 @@ class Heartbeat:
         """One heartbeat to the first manager that answers; False if none did."""
         statuses = {d["name"]: await asyncio.to_thread(disklib.disk_status, d["path"], d["id"])
                     for d in self._disks}
-        body = {**self._identity, "disks": statuses}
+        engines = ([] if self._agent is None
+                   else await asyncio.to_thread(running_engines, self._agent))
+        body = {**self._identity, "disks": statuses,
+                "engines": [{"volume": e.volume, "epoch": e.epoch} for e in engines]}
         order = ([self.manager] if self.manager else []) + [
             m for m in self._cfg.managers if m != self.manager]
         for url in order:
@@ -93,12 +165,25 @@ class Heartbeat:
                 continue
             if resp.status_code == 200:
                 self.manager = url
-                self._disks = resp.json().get("disks", [])
+                answer = resp.json()
+                self._disks = answer.get("disks", [])
+                await self._stop_stale(engines, answer.get("stop_engines") or [])
                 return True
             log.warning("manager %s refused the heartbeat: %s %s", url, resp.status_code,
                         resp.text[:200])
         self.manager = None
         return False
+
+    async def _stop_stale(self, seen: list[RunningEngine],
+                          stale: list[dict[str, Any]]) -> None:
+        """Stop the engines the manager named, among those seen before the heartbeat."""
+        if self._agent is None:
+            return
+        for s in stale:
+            for e in seen:
+                if e.volume == s.get("volume") and e.epoch == s.get("epoch"):
+                    await asyncio.to_thread(stop_engine, self._agent, e,
+                                            str(s.get("reason") or "the manager says so"))
 
     async def run(self) -> None:
         """Heartbeat forever."""
@@ -136,7 +221,7 @@ async def serve(cfg: AgentConfig) -> None:
                 "version": __version__, "started": time.time(),
                 "default_disk": {"name": default, "path": str(cfg.data_dir.resolve()),
                                  "id": disk_id}}
-    beat = Heartbeat(cfg, identity)
+    beat = Heartbeat(cfg, identity, agent)
     registered = await beat.once()
     print(json.dumps({**identity, "manager": beat.manager, "registered": registered}),
           flush=True)

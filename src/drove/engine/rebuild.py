@@ -62,6 +62,30 @@ def _differing(a: list[str], b: list[str], size: int, step: int) -> list[tuple[i
     return ranges
 
 
+def _reuse_head_as(source: list[dict[str, Any]],
+                   target_head: dict[str, Any] | None) -> str | None:
+    """The source layer that the target's old head becomes, to be copied by delta.
+
+    The target's head holds the writes it took since its head's parent, a layer the
+    source has too; on the source those writes sit in the layers above that parent,
+    the oldest of which holds most of them (the newer ones are the snapshots taken
+    since, by rebuilds of other replicas say).  So the oldest layer above it on the
+    source's head chain; the newest (the head's parent) when the parent is not there.
+    """
+    by_file = {la["file"]: la for la in source}
+    head = next(la for la in source if la["head"])
+    chain: list[str] = []  # the source head's ancestors, newest first
+    cur = head["parent"]
+    while cur is not None and cur in by_file and cur not in chain:
+        chain.append(cur)
+        cur = by_file[cur]["parent"]
+    base = target_head.get("parent") if target_head else None
+    if base is not None and base not in chain:
+        return head["parent"]
+    above = chain[:chain.index(base)] if base is not None else chain
+    return above[-1] if above else head["parent"]
+
+
 class RebuildError(Exception):
     """The rebuild could not finish; the target stays out of the volume."""
 
@@ -240,8 +264,16 @@ class Rebuild:
                 layers = await source.layers()  # type: ignore[attr-defined]
                 head = next(la for la in layers if la["head"])
                 snaps = [la for la in layers if not la["head"]]
+                old_head = next((la for la in old.values() if la.get("head")), None)
+                reuse = _reuse_head_as(layers, old_head)
                 await target.prepare_rebuild(snaps, head["parent"], mirror.size,
-                                             reuse_head_as=head["parent"])
+                                             reuse_head_as=reuse)
+                if (reuse is not None and reuse not in old and old_head is not None
+                        and old_head.get("allocated")):
+                    # Its old head is now that layer, an older copy: compared by digests,
+                    # only the ranges that differ are copied (where it holds writes no
+                    # other replica has, they are overwritten or punched out).
+                    old[reuse] = old_head
                 await target.refresh()
                 await target.connect()
                 mirror.set_mode(target, Mode.WO)

@@ -365,7 +365,12 @@ class Engine:
             await self.rebuild.cancel()
         members = [r for r in self.replicas if r.mode in (Mode.RW, Mode.WO)]
         clean = False
-        if self.mirror.faulted is None and members:
+        if not self.mirror.quorum_met:
+            # Only the local replica is left: a flush would wait for a replica outside the
+            # process that is not coming; the volume stays unclean (a start reconciles it).
+            log.warning("volume %s: stopping without a replica outside the engine process; "
+                        "not marked clean", self.name)
+        elif self.mirror.faulted is None and members:
             try:
                 await self.mirror.flush()
                 clean = True

@@ -68,6 +68,10 @@ class Heartbeat(BaseModel):
                                                                   "agent's data directory")
     disks: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                              description="disk name: its state")
+    engines: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=10_000,
+        description="[{volume, epoch}] of the engines running on the node; the answer's "
+                    "stop_engines lists those that must stop")
 
 
 class NodeUpdate(Strict):
@@ -94,6 +98,9 @@ class Attach(Strict):
     node: str | None = Field(None, description="the node to run the engine on (default: the "
                                                "manager's own; another needs its agent up "
                                                "and the compute or both role)")
+    force: bool = Field(False, description="take the volume over on ``node`` while the node "
+                                           "of its engine is down (no heartbeat): a new "
+                                           "epoch fences the old engine")
 
 
 class Detach(Strict):
@@ -368,7 +375,7 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
     async def attach(name: str, req: Attach | None = None) -> dict[str, Any]:
         """Start the volume's engine and replicas; optionally mount a filesystem."""
         req = req or Attach()
-        return await manager.attach(name, req.mount, req.fs, node=req.node)
+        return await manager.attach(name, req.mount, req.fs, node=req.node, force=req.force)
 
     @app.post("/v1/volumes/{name}/detach", dependencies=secured)
     async def detach(name: str, req: Detach | None = None) -> dict[str, Any]:

@@ -57,9 +57,13 @@ class Attacher:
 
     async def attach(self, name: str, mount: str | None = None,
                      fs: str = "ext4", internal: bool = False,
-                     node: str | None = None) -> dict[str, Any]:
+                     node: str | None = None, force: bool = False) -> dict[str, Any]:
         """Start replicas and engine on ``node`` (default: this manager's) and give the host
-        a device, mounted at ``mount``; the volume's stored document after."""
+        a device, mounted at ``mount``; the volume's stored document after.
+
+        ``force`` takes an attached volume over on ``node`` when the node of its engine
+        is down (see :meth:`_take_over`).
+        """
         if fs not in ("ext4", "xfs"):
             raise ApiError(422, f"unsupported filesystem {fs!r}: use ext4 or xfs")
         if mount is not None:
@@ -68,6 +72,11 @@ class Attacher:
             doc = self._records.get(name)
             if not internal:
                 check_not_restoring(self._guard, doc)
+            if doc["state"] == "attached" and node is not None and node != doc.get("node"):
+                self._check_take_over(doc, node, force)
+                self.check_node(doc, node)
+                await self._take_over(doc, node, mount, fs)
+                return doc
             if doc["state"] == "attached":
                 if mount and (doc.get("host") or {}).get("mountpoint") != mount:
                     raise ApiError(409, f"volume {name} is attached already "
@@ -87,6 +96,67 @@ class Attacher:
                 raise
             return doc
 
+    def _check_take_over(self, doc: dict[str, Any], node: str, force: bool) -> None:
+        """ApiError 409 unless ``doc`` may move to ``node`` now: its engine's node is down
+        and ``force`` says to take it over."""
+        name, old = doc["name"], doc.get("node")
+        down = self._disks.health.down_for(old)
+        if down is None:
+            raise ApiError(409, f"volume {name} is attached on node {old}, which is up: "
+                                f"detach it first (`drove volume detach {name}`), then attach "
+                                f"it on {node}")
+        if not force:
+            raise ApiError(409, f"volume {name} is attached on node {old}, which is down (no "
+                                f"heartbeat for {down:.0f} s): to start its engine on {node} "
+                                f"instead, `drove volume attach {name} --node {node} --force` "
+                                f"(the engine on {old}, should it still run, is fenced and "
+                                "stopped when its node returns)")
+
+    async def _take_over(self, doc: dict[str, Any], node: str, mount: str | None,
+                         fs: str) -> None:
+        """Start ``doc``'s engine on ``node`` while its old engine's node is down (lock held).
+
+        The new engine gets a new epoch, so every replica it reaches refuses the old
+        engine from then on (drove.replica.fence); the old engine, which cannot reach
+        them either, acknowledges nothing on its local replica alone (the write quorum).
+        The replicas on the down node are failed: rebuilt in place by delta if the node
+        returns within ``replica_replenish_wait``, elsewhere after.  The processes still
+        running for the old engine elsewhere are restarted for the new one; the old
+        engine itself is stopped by its node's agent when it heartbeats again (it is no
+        longer listed among the engines that node should run).
+        """
+        name, old = doc["name"], doc.get("node")
+        since = self._disks.health.last_seen(old)
+        failed = []
+        for r in doc["replicas"]:
+            if r["state"] == "abandoned":
+                continue
+            if self._agents.node_of_replica(r) == old:
+                if r["state"] != "failed":
+                    self._replicas.fail(doc, r, f"node {old} is down: volume {name} was taken "
+                                                f"over on node {node}")
+                r["local"] = False
+                failed.append(r["name"])
+            elif r["state"] == "running":
+                await self._replicas.stop(r)
+                r.update(state="stopped", proc=None)
+        self._engines.drop(name)
+        doc.update(engine=None, host=None, node=node, state="attaching", desired="attached",
+                   mount={"path": mount, "fs": fs} if mount else None)
+        self._records.save(doc)
+        self._event("volume-takeover",
+                    f"volume {name}: node {old}, its engine's, is down (last seen {since}); "
+                    f"starting its engine on node {node} with a new epoch, which fences every "
+                    f"replica it reaches; replicas on {old} failed: "
+                    f"{', '.join(failed) or 'none'}; the old engine is stopped by its agent "
+                    "if the node returns", name, level="warning")
+        try:
+            await self._bring_up(doc)
+        except BaseException:
+            doc["desired"] = "detached"
+            await self.bring_down(doc, keep_desired=False)
+            raise
+
     async def detach(self, name: str, force: bool = False,
                      internal: bool = False) -> dict[str, Any]:
         """Unmount, release devices, stop engine and replicas; the volume's document after."""
@@ -103,6 +173,10 @@ class Attacher:
         """After a (clean or crashed) manager stop, or when its engine exited: adopt or
         restart the volume's processes (its lock held)."""
         name = doc["name"]
+        if doc["state"] == "attached" and self._disks.health.silent(doc.get("node")):
+            # Its node does not heartbeat: nothing can be stopped or started there, and its
+            # engine may still run.  It comes back, or `attach --node OTHER --force`.
+            return
         agent = self._agents.for_node(doc.get("node"))
         engine_ok = await asyncio.to_thread(agent.alive, doc.get("engine"))
         if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"

@@ -317,10 +317,11 @@ class Manager:
 
     async def attach(self, name: str, mount: str | None = None,
                      fs: str = "ext4", _internal: bool = False,
-                     node: str | None = None) -> dict[str, Any]:
+                     node: str | None = None, force: bool = False) -> dict[str, Any]:
         """Start replicas and engine on ``node`` (default: this manager's) and give the host
-        a device, mounted at ``mount``."""
-        return self.view(await self._attacher.attach(name, mount, fs, _internal, node))
+        a device, mounted at ``mount``; ``force`` takes it over from a down node."""
+        return self.view(await self._attacher.attach(name, mount, fs, _internal, node,
+                                                     force=force))
 
     async def detach(self, name: str, force: bool = False,
                      _internal: bool = False) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Healer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_health: dict[str, str] = {}
+        self._engine_down_noted: set[str] = set()  # volumes an engine-node-down event named
 
     def start(self) -> None:
         """Start the healing loop (again, after a stop: a manager that leads once more)."""
@@ -99,8 +100,12 @@ class Healer:
     async def heal(self, doc: dict[str, Any]) -> None:
         """One pass of self-healing over an attached volume (its lock held)."""
         name = doc["name"]
+        if self._engine_node_silent(doc):
+            return
         engine_agent = self._agents.for_node(doc.get("node"))
         if not await asyncio.to_thread(engine_agent.alive, doc.get("engine")):
+            if self._engine_node_silent(doc):
+                return  # its agent stopped answering meanwhile: the node, not the engine
             self._event("engine-failed", f"engine of volume {name} exited; restarting it",
                         name, level="error")
             await self._attacher.recover(doc)
@@ -141,6 +146,27 @@ class Healer:
                 or await self._localizer.keep(doc, modes)):
             await self._engines.refresh(doc)
         await self._drop_abandoned(doc)
+
+    def _engine_node_silent(self, doc: dict[str, Any]) -> bool:
+        """True while the node of ``doc``'s engine misses heartbeats (an event once it is down).
+
+        Its engine cannot be reached, stopped or restarted there; it may still serve
+        clients on that host.  Taking the volume over is a person's decision (attach
+        --force), not the healer's.
+        """
+        name, node = doc["name"], doc.get("node")
+        health = self._disks.health
+        if not health.silent(node):
+            self._engine_down_noted.discard(name)
+            return False
+        down = health.down_for(node)
+        if down is not None and name not in self._engine_down_noted:
+            self._engine_down_noted.add(name)
+            self._event("engine-node-down", f"volume {name}: node {node}, where its engine "
+                        f"runs, is down (last seen {health.last_seen(node)}); it serves "
+                        f"again when the node returns, or `drove volume attach {name} --node "
+                        "OTHER --force` starts it elsewhere", name, level="error")
+        return True
 
     async def _repair_one(self, doc: dict[str, Any], modes: dict[str, Any]) -> bool:
         """Start one rebuild: a failed replica in place, else a replacement, else a pending one.

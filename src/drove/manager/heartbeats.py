@@ -5,6 +5,14 @@ of its disks; a node whose last heartbeat is older than ``NODE_DOWN_AFTER`` is
 ``down``.  The manager's own node (the in-process agent) is always up.  A node
 name belongs to the host that registered it first (its node id): another host
 heartbeating under the same name is refused, so two hosts can never be mixed up.
+
+A heartbeat lists the engines running on the node; the answer names those that must
+stop (``stop_engines``): an engine of a volume that is now attached on another node (a
+takeover while this one was down), detached, or running with an older epoch than the
+volume's.  The manager records a volume's node and epoch before it asks an agent to
+start its engine, so an engine the agent saw before its heartbeat left is never named
+while it is the current one.  An engine of a volume the manager does not know is left
+alone (a wrong store must not stop a cluster's engines).
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from drove.manager.store import ConflictError, Store, now_iso
 NODE_DOWN_AFTER = 5.0
 """Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
 
+NODE_SILENT_AFTER = 2.5
+"""Seconds without a heartbeat after which a node's agent is not called for slow work
+(it may be frozen or cut off: a call would wait for its timeout), before it is down."""
+
 class NodeHealth:
     """Heartbeats of the agents, and the state they give each node and disk."""
 
@@ -26,6 +38,7 @@ class NodeHealth:
         self._store = store
         self._local = local_node
         self._event = event
+        self._told: set[tuple[str, str, Any]] = set()  # stale engines an event named
 
     def heartbeat(self, beat: dict[str, Any]) -> dict[str, Any]:
         """Record a heartbeat (registering the node the first time); the node's disks."""
@@ -56,7 +69,32 @@ class NodeHealth:
         if not was_up:
             self._event("node-up", f"node {name} is up: its agent at {beat['agent_url']} "
                                    "heartbeats", None, "info")
-        return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]} for d in disks]}
+        return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]} for d in disks],
+                "stop_engines": self._stale_engines(name, beat.get("engines") or [])}
+
+    def _stale_engines(self, node: str, engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Of the engines running on ``node``, those that must stop, each with the reason."""
+        stale = []
+        for e in engines:
+            volume, epoch = e.get("volume"), e.get("epoch")
+            doc = self._store.get("volumes", volume) if isinstance(volume, str) else None
+            if doc is None:
+                continue
+            if doc.get("state") == "detached":
+                why = f"volume {volume} is detached"
+            elif doc.get("node") != node:
+                why = f"volume {volume} is attached on node {doc.get('node')} now"
+            elif not isinstance(epoch, int) or epoch < int(doc.get("epoch") or 0):
+                why = f"epoch {epoch} is not the volume's current epoch {doc.get('epoch')}"
+            else:
+                continue
+            stale.append({"volume": volume, "epoch": epoch, "reason": why})
+            if (node, volume, epoch) not in self._told:
+                self._told.add((node, volume, epoch))
+                self._event("engine-stale", f"node {node} runs an engine of volume {volume} "
+                            f"(epoch {epoch}) it must not: {why}; its agent stops it (the "
+                            "volume's replicas refuse it already)", volume, "warning")
+        return stale
 
     def _add_default_disk(self, node: str, disk: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Make the agent's data directory the first disk of a node that has none; [it]."""
@@ -97,6 +135,18 @@ class NodeHealth:
         if doc is None or "last_seen_ts" not in doc or self.state(doc) == "up":
             return None
         return time.time() - doc["last_seen_ts"]
+
+    def silent(self, node: str | None) -> bool:
+        """Whether ``node`` has an agent that missed its last heartbeats (down, or about to)."""
+        doc = self._store.get("nodes", node) if node else None
+        if doc is None or "last_seen_ts" not in doc or node == self._local:
+            return False
+        return time.time() - doc["last_seen_ts"] > NODE_SILENT_AFTER
+
+    def last_seen(self, node: str | None) -> str | None:
+        """When ``node``'s agent last heartbeated (ISO time; None: never, or no such node)."""
+        doc = self._store.get("nodes", node) if node else None
+        return None if doc is None else doc.get("last_seen")
 
     def state(self, node: dict[str, Any]) -> str:
         """``up`` or ``down``: the manager's own node is up; others while they heartbeat."""

@@ -56,6 +56,8 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "state": "restoring" if doc.get("restoring") else doc["state"],
         "node": doc.get("node") if doc["state"] == "attached" else None,
         "health": health(doc, info),
+        # With a local replica: whether writes find a replica outside the engine process.
+        "write_quorum": (info or {}).get("write_quorum"),
         "nbd_uri": (engine or {}).get("ready", {}).get("nbd") if engine else None,
         "nbd_unix": (engine or {}).get("ready", {}).get("nbd_unix") if engine else None,
         "device": host.get("device"), "mountpoint": host.get("mountpoint"),
