@@ -20,7 +20,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     store: Annotated[str | None, typer.Option(
         "--store", envvar="DROVE_STORE",
-        help="where the manager's state lives: etcd://HOST:PORT[,HOST:PORT...][/prefix] "
+        help="where the manager's state lives: etcd://HOST:PORT,HOST:PORT.../PREFIX "
              "(default: the SQLite file DATA_DIR/drove.db)")] = None,
     no_agent: Annotated[bool, typer.Option(
         "--no-agent", help="run no node agent here: every node runs `drove agent` "
@@ -37,10 +37,11 @@ def serve(
     the token is; stop with Ctrl-C or SIGTERM (attached volumes are detached and
     come back attached at the next start).
 
-    With --store etcd://... any number of managers share the state: one leads (healer,
-    scheduler, jobs), the others answer the API and take over within 10 s of its death.
-    Stopping one then leaves every volume attached and serving. The API token
-    (DATA_DIR/token) and the agents' cluster token (DATA_DIR/cluster-token) live in etcd.
+    With --store etcd://... any number of managers share the state: one leads
+    (healer, scheduler, jobs), the others answer the API and take over within
+    10 s of its death; stopping one leaves every volume attached and serving.
+    The API token (DATA_DIR/token) and the agents' cluster token
+    (DATA_DIR/cluster-token) then live in etcd.
     """
     from drove.manager.server import ServeError
     from drove.manager.server import serve as run_manager
