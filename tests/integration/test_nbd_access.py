@@ -138,6 +138,14 @@ def test_engine_with_the_key_writes_and_rebuilds_an_engine_without_is_refused(
     sync = fresh.ok("GET", "/v1/rebuild/sync", headers={"Authorization": f"Bearer {KEY}"})
     assert sync["state"] == "done" and "key=***/" in sync["source"] and KEY not in str(sync)
 
+    # A replica lost: the engine says why, without the key its connection named.
+    fresh.kill()
+    qemu_io(eng.uri(), "write -P 0x44 0 64k")
+    info = eng.wait_for(lambda i: {r["name"]: r["mode"] for r in i["replicas"]}["r2"] == "ERR",
+                        what="r2 dropped")
+    (r2,) = [r for r in info["replicas"] if r["name"] == "r2"]
+    assert "key=***/" in r2["error"] and KEY not in eng.api("GET", "/v1/info").text
+
     # An engine started without the key reaches no replica.
     eng.stop()
     monkeypatch.delenv(KEY_ENV)

@@ -9,7 +9,7 @@ from typing import Any
 from drove.engine.mirror import Member, Mode, ReplicaIO
 from drove.nbd import proto
 from drove.nbd.errors import OptionError
-from drove.replica.access import bearer, keyed_export, process_key
+from drove.replica.access import bearer, keyed_export, process_key, redact
 from drove.replica.fence import EPOCH_HEADER, head_export_name
 from drove.webclient import HttpClient, RequestError
 
@@ -60,6 +60,16 @@ class ReplicaHandle(Member):
         self.http.headers.update(bearer(self.key))
         # Called with the reason when the replica says a newer engine owns it.
         self.on_fenced: Callable[[str], None] | None = None
+
+    @property  # type: ignore[override]
+    def error(self) -> str | None:
+        """Why the replica is out of the volume (the engine's API shows it)."""
+        return self._error
+
+    @error.setter
+    def error(self, why: str | None) -> None:
+        # NBD errors name the export, which carries the volume's key: never shown.
+        self._error = None if why is None else redact(why)
 
     def set_epoch(self, epoch: int) -> None:
         """Send ``epoch`` with every control call and head connection from now on."""

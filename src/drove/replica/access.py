@@ -95,7 +95,8 @@ def split_key(name: str) -> tuple[str | None, str]:
     return None, name
 
 
-_IN_URI = re.compile(r"key=[^/?#]*/")
+# As written in an export name, or percent-encoded in a URI (key%3D...%2F).
+_IN_URI = re.compile(r"key(?:=|%3[dD])[^/?#%\s]*(?:/|%2[fF])")
 
 
 def redact(text: str) -> str:
