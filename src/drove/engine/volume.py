@@ -25,6 +25,7 @@ from drove.engine.rebuild import Rebuild
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
 from drove.nbd.arena import SLOT, Arena
+from drove.replica.access import redact
 from drove.replica.meta import validate_snapshot_name
 
 log = logging.getLogger("drove.engine")
@@ -106,6 +107,7 @@ class Engine:
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """Record what the engine did and why (also logged)."""
+        message = redact(message)  # an NBD error names an export with the volume's key
         self.events.append({"time": time.time(), "kind": kind, "message": message, **fields})
         log.info("volume %s: %s", self.name, message)
 
