@@ -92,10 +92,8 @@ class ClusterRole:
                                       ttl=self._ttl, on_change=self._changed).start()
 
     async def close(self) -> None:
-        """Stop campaigning (a leader hands over at once) and the leader's work; volumes
-        stay attached and serving."""
-        if self._leadership is not None:
-            await asyncio.to_thread(self._leadership.close)
+        """Stop the leader's work, then campaigning (a leader hands over at once, and no
+        two managers' work overlaps); volumes stay attached and serving."""
         # The follower loop ends by itself after the change under way: a cancel could land
         # inside the leader's work stopping (which swallows cancels of its own tasks).
         self._closing = True
@@ -107,6 +105,8 @@ class ClusterRole:
         if self._follow_task is not None:
             await self._follow_task
         await self._stop_work()
+        if self._leadership is not None:
+            await asyncio.to_thread(self._leadership.close)
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self._store.delete, "managers", self._key)
 
