@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_agent import agents, node  # noqa: F401 - agents is a fixture
 
 from accesstools import engine_key
@@ -60,6 +61,7 @@ def on_node(manager, volume: str, name: str) -> list[dict[str, Any]]:
     return [r for r in manager.volume(volume)["replicas"] if r["node"] == name]
 
 
+@pytest.mark.slow
 def test_drain_moves_replicas_off_a_node_under_io_then_remove_forgets_it(
         manager, agents, tmp_path):  # noqa: F811 - agents is the fixture
     n2 = agents("n2", tmp_path / "n2")
