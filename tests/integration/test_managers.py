@@ -464,3 +464,37 @@ def test_etcd_away_the_leader_steps_down_and_volumes_serve_on(
     wait_for(lambda: writer.count() > mid + 20, 30, "I/O after etcd returned")
     n, worst = writer.finish()
     print(f"I/O through an etcd outage: {n} blocks, longest wait {worst:.3f} s")
+
+
+def test_a_task_the_dead_leader_ran_is_failed_by_the_next(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None) -> None:
+    store = etcd_server.url
+    m1, m2 = ClusterManager(tmp_path, "m1", store).start(), \
+        ClusterManager(tmp_path, "m2", store).start()
+    wait_for(lambda: leader_of(m1) is not None, 15, "a leader")
+    leader, follower = (m1, m2) if leader_of(m2) == m1.url else (m2, m1)
+    Agent(tmp_path, "n1", "127.0.0.2", [follower, leader], follower.data_dir / "cluster-token")
+    wait_for(lambda: any(n["name"] == "n1" and n["state"] == "up"
+                         for n in follower.ok("GET", "/v1/nodes")), 20, "n1 up")
+    (tmp_path / "backups").mkdir()
+    follower.ok("PUT", "/v1/backup-target", json={"url": f"file://{tmp_path / 'backups'}"})
+    follower.ok("POST", "/v1/volumes", json={"name": "v", "size": "256M", "replicas": 1})
+    v = follower.ok("POST", "/v1/volumes/v/attach", json={"node": "n1"})
+    # Incompressible data, so that the backup still runs when its manager dies.
+    fill = subprocess.run(["nbdsh", "-u", v["nbd_uri"], "-c",
+                           "import os\nfor i in range(64):\n"
+                           "    h.pwrite(os.urandom(1 << 22), i << 22)\nh.flush()"],
+                          capture_output=True, text=True, timeout=120, env=tool_env())
+    assert fill.returncode == 0, fill.stderr
+    task = follower.ok("POST", "/v1/volumes/v/backups", json={})
+    assert task["state"] == "running"
+    leader.kill()
+    wait_for(lambda: leader_of(follower) == follower.url, 15, "the follower to lead")
+    done = wait_for(lambda: (lambda t: t if t["state"] != "running" else None)(
+        follower.ok("GET", f"/v1/tasks/{task['id']}")), 30, "the task settled")
+    assert done["state"] == "failed" and "manager stopped" in done["error"], done
+    # The new leader runs tasks of its own.
+    again = follower.ok("POST", "/v1/volumes/v/backups", json={})
+    finished = wait_for(lambda: (lambda t: t if t["state"] != "running" else None)(
+        follower.ok("GET", f"/v1/tasks/{again['id']}")), 120, "a backup by the new leader")
+    assert finished["state"] == "succeeded", finished
