@@ -18,14 +18,19 @@ Stages, each passing on what existed when it was committed:
   both URLs; while the volume waits for host c, the leader's host is killed (its etcd
   member with it): the other takes over (time printed), the API answers, fio goes on, and
   the new leader's healer does the replacement on e.
-* Stage 3 (awaits part (b): ``drove volume attach V --node OTHER --force`` and the returning
-  host's agent stopping a fenced engine): host a killed; attach on b with ``--force``; every
-  flushed write is there; when a comes back its old engine's writes never reach the replicas.
+* Stage 3 (part (b): ``drove volume attach V --node OTHER --force``, a returning host's
+  agent stopping its fenced engine): a byte pattern written and flushed on a; a's link cut
+  while a writer goes on giving its engine another pattern; attach on a down node refused
+  without ``--force``, then taken over on b with it (a newer epoch); a restored: its agent
+  stops the old engine; read through b's engine, every flushed block is there and not one
+  block of the cut-off engine's writes. Cut rather than killed: a killed engine writes
+  nothing anyway, a cut-off one goes on taking writes, which fencing must keep out.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 
 import pytest
@@ -37,6 +42,8 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 FIO_REGION = "8M"  # fio rounds write here; the rest of the volume is written once at start
 STORAGE = ("b", "c", "d", "e")
+PATTERN_OFFSET, PATTERN_SIZE = 32 * MiB, 16 * MiB  # stage 3 writes byte patterns here
+FLUSHED, STALE = 0x5A, 0xC3  # written and flushed before a's cut / by a's engine after it
 
 
 def _start_cluster(hosts) -> tuple[dict[str, Host], dict[str, ManagerOnHost], Cli,
@@ -51,8 +58,9 @@ def _start_cluster(hosts) -> tuple[dict[str, Host], dict[str, ManagerOnHost], Cl
     first = managers["m1"]
     assert first.token == managers["m2"].token  # agreed in etcd
     cli = Cli(h["ops"], urls, first.token)
+    roles = {"a": "compute", "b": "both"}  # b holds a replica and may run the engine
     agents = [AgentOnHost(h[n], urls, first.cluster_token_file,
-                          role="compute" if n == "a" else "storage").start(wait=False)
+                          role=roles.get(n, "storage")).start(wait=False)
               for n in ("a", *STORAGE)]
     for agent in agents:
         agent.wait_ready()
@@ -100,7 +108,7 @@ def _leader(cli: Cli) -> str | None:
 
 
 @pytest.mark.slow
-def test_a_volume_outlives_a_dead_host_a_dead_leader_and_a_cut_link(hosts):
+def test_a_volume_outlives_dead_hosts_a_dead_leader_and_cut_links(hosts, tmp_path):
     h, managers, cli, agents = _start_cluster(hosts)
     a, b, c = h["a"], h["b"], h["c"]
 
@@ -125,7 +133,7 @@ def test_a_volume_outlives_a_dead_host_a_dead_leader_and_a_cut_link(hosts):
 
     # Host c dies under fio verify; the leader's host dies while the volume waits for c.
     # The wait outlasts detection and takeover, so the replacement is the new leader's work.
-    cli.run("settings", "set", "replica_replenish_wait", "20")
+    cli.run("settings", "set", "replica_replenish_wait", "30")
     fio = FioLoop(a, uri, FIO_REGION).start()
     fio.wait_rounds(1, 120)
     c_replica = next(n for n, node in _replica_nodes(v).items() if node == "c")
@@ -175,3 +183,56 @@ def test_a_volume_outlives_a_dead_host_a_dead_leader_and_a_cut_link(hosts):
     print(f"delta rebuild of b copied {copied[-1]} bytes (full rebuild of e: {full})")
     assert copied[-1] <= SIZE // 4, copied
     assert other.alive()
+
+    _engine_host_lost(cli, a, b, att, tmp_path)
+
+
+def _write_pattern(host: Host, uri: str, pattern: int, *extra: str) -> list[str]:
+    """fio writing byte ``pattern`` over PATTERN_REGION of the export, once, then a flush."""
+    return ["fio", "--name=pattern", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
+            "--bs=64k", "--iodepth=4", f"--offset={PATTERN_OFFSET}", f"--size={PATTERN_SIZE}",
+            f"--buffer_pattern={pattern:#04x}", "--scramble_buffers=0", "--end_fsync=1",
+            *extra]
+
+
+def _engine_host_lost(cli: Cli, a: Host, b: Host, att: dict, tmp_path) -> None:
+    """Stage 3: a's link cut under its engine; the volume taken over on b with --force; the
+    flushed writes are there and the old engine's later ones never reach the replicas."""
+    uri, old_control = att["nbd_uri"], att["engine"]["control_url"]
+    a.check_call(_write_pattern(a, uri, FLUSHED), timeout=300, capture_output=True)
+    a.cut()
+    # The old engine takes writes it can no longer mirror; they are queued towards the
+    # replicas until it gives up on them.
+    stale = a.run(_write_pattern(a, uri, STALE, "--time_based", "--runtime=600"),
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poll(lambda: cli.node("a")["state"] == "down", 60, "node a down")
+    refused = cli.run("volume", "attach", "v", "--node", "b", check=False)
+    assert refused.returncode != 0 and "--force" in refused.stderr, refused
+    moved = cli.json("volume", "attach", "v", "--node", "b", "--force")
+    assert moved["node"] == "b" and moved["engine"]["epoch"] > att["engine"]["epoch"], moved
+    assert moved["nbd_uri"].startswith(f"nbd://{b.address}:"), moved
+    assert "volume-takeover" in [e["kind"] for e in cli.json("event", "list", "--volume", "v")]
+
+    a.restore()
+    # a's agent heartbeats again and stops the engine no longer wanted there.
+    poll(lambda: cli.run("engine", "info", "--url", old_control, check=False).returncode,
+         60, "the old engine on a stopped")
+    stale.kill()
+    stale.wait(30)
+    assert cli.node("a")["state"] == "up"
+    assert "engine-stale" in [e["kind"] for e in cli.json("event", "list", "--volume", "v")]
+    v = cli.wait_volume("v", _healthy_on({"b", "d", "e"}), 120, "healthy on b")
+    assert v["node"] == "b"
+
+    # Read the whole volume through the new engine: the flushed pattern everywhere it was
+    # written, not one block of what the old engine took after the cut.
+    image = tmp_path / "after-takeover.raw"
+    b.check_call(["nbdcopy", v["nbd_uri"], str(image)], timeout=300)
+    data = image.read_bytes()
+    assert len(data) == SIZE
+    region = data[PATTERN_OFFSET:PATTERN_OFFSET + PATTERN_SIZE]
+    blocks = [region[i:i + 4096] for i in range(0, PATTERN_SIZE, 4096)]
+    stale_blocks = sum(1 for blk in blocks if blk.count(STALE) > 2048)
+    assert stale_blocks == 0, f"{stale_blocks} blocks written by the fenced engine are there"
+    lost = sum(1 for blk in blocks if blk != bytes([FLUSHED]) * 4096)
+    assert lost == 0, f"{lost} of {len(blocks)} flushed blocks are not there"
