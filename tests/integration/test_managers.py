@@ -498,3 +498,11 @@ def test_a_task_the_dead_leader_ran_is_failed_by_the_next(
     finished = wait_for(lambda: (lambda t: t if t["state"] != "running" else None)(
         follower.ok("GET", f"/v1/tasks/{again['id']}")), 120, "a backup by the new leader")
     assert finished["state"] == "succeeded", finished
+    # Deleted through a follower-turned-leader: its node's agent deletes the replica's data.
+    path = Path(follower.ok("GET", "/v1/volumes/v")["replicas"][0]["path"])
+    assert path.is_dir() and path.is_relative_to(tmp_path / "n1")
+    follower.ok("POST", "/v1/volumes/v/detach")
+    follower.ok("DELETE", "/v1/volumes/v")
+    assert not path.exists()
+    kinds = [e["kind"] for e in follower.ok("GET", "/v1/events", params={"volume": "v"})]
+    assert "volume-deleted" in kinds and "replica-data-left" not in kinds

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from drove.agent.node import NodeAgent
+from drove.cluster.remoteagent import AgentError, AgentUnreachableError
 from drove.manager import locality, views
 from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
@@ -236,13 +237,24 @@ class Manager:
                                         "(`drove volume detach`) or use --force")
                 await self._attacher.bring_down(doc, keep_desired=False)
             for r in doc["replicas"]:
-                await asyncio.to_thread(shutil.rmtree, r["path"], True)
+                await self._delete_data(doc, r)
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._records.volume_dir(name))
             self._records.delete(name)
             self.event("volume-deleted", f"volume {name} deleted", name)
         self._records.drop_lock(name)
         return {"deleted": name}
+
+    async def _delete_data(self, doc: dict[str, Any], rep: dict[str, Any]) -> None:
+        """Delete ``rep``'s directory through its node's agent (it may be another host's);
+        an event says where data stays when that node cannot."""
+        try:
+            agent = self.agents.for_replica(rep)
+            await asyncio.to_thread(agent.remove_replica_data, rep["path"])
+        except (ApiError, AgentUnreachableError, AgentError, ValueError, OSError) as exc:
+            self.event("replica-data-left", f"volume {doc['name']}: the data of replica "
+                       f"{rep['name']} stays at {rep['path']} on node {rep.get('node')}: "
+                       f"{exc}; delete that directory by hand", doc["name"], level="warning")
 
     async def update_volume(self, name: str, replicas: int | None = None,
                             labels: dict[str, str] | None = None,
@@ -304,6 +316,12 @@ class Manager:
             if doc["state"] == "attached":
                 await self._engines.call(doc, "POST", "/v1/expand", json={"size": new})
             else:
+                elsewhere = [r["name"] for r in doc["replicas"] if r["state"] == "stopped"
+                             and not (Path(r["path"]) / "volume.meta").exists()]
+                if elsewhere:  # their files are on another host: its engine expands them
+                    raise ApiError(409, f"volume {name}: replica(s) {', '.join(elsewhere)} "
+                                        "are on another host; attach the volume to expand "
+                                        "it (online)")
                 await asyncio.to_thread(_expand_offline, doc, new)
             old, doc["size"] = doc["size"], new
             self.save(doc)
