@@ -32,6 +32,12 @@ class Snapshots:
         doc = self._records.get(name)
         if doc["state"] != "attached":
             layers = await asyncio.to_thread(_layers_offline, doc)
+            elsewhere = [r["name"] for r in doc["replicas"] if r["state"] == "stopped"
+                         and not (Path(r["path"]) / "volume.meta").exists()]
+            if not layers and elsewhere:  # their files are on another host: not readable here
+                raise ApiError(409, f"volume {name} is detached and its replicas "
+                                    f"({', '.join(elsewhere)}) are on another host; attach it "
+                                    "to list its snapshots")
         else:
             layers = await self._engines.call(doc, "GET", "/v1/snapshots")
         return snapshot_tree(layers)
