@@ -7,8 +7,8 @@ operator host, fio on the host of the engine it writes to.
 Usage::
 
     etcd = EtcdCluster([m1, m2, m3]).start()
-    mgr = ManagerOnHost(m1, etcd.store_url).start()
-    agents = [AgentOnHost(h, mgr.urls, mgr.cluster_token_file).start() for h in (a, b)]
+    mgr = ManagerOnHost(m1, etcd.store_url, "--no-agent").start()
+    agents = [AgentOnHost(h, [mgr.url], mgr.cluster_token_file).start() for h in (a, b)]
     cli = Cli(ops, [mgr.url], mgr.token)
     cli.json("node", "list")
 """
