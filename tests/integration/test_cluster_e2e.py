@@ -181,7 +181,9 @@ def test_a_volume_outlives_dead_hosts_a_dead_leader_and_cut_links(hosts, tmp_pat
     copied = _rebuild_copied(cli, control, b_replica)
     assert copied, "no finished rebuild of b's replica"
     print(f"delta rebuild of b copied {copied[-1]} bytes (full rebuild of e: {full})")
-    assert copied[-1] <= SIZE // 4, copied
+    # fio wrote only FIO_REGION (8 MiB) since b left; a delta may copy some of it in more
+    # than one layer (8 to 11 MiB seen), a full copy is all 64 MiB.
+    assert copied[-1] <= SIZE // 3, copied
     assert other.alive()
 
     _engine_host_lost(cli, a, b, att, tmp_path)
