@@ -34,7 +34,7 @@ class AgentProc:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "drove", "agent", "--manager", manager.url,
                  "--node", name, "--listen", f"{address}:0", "--data-dir", str(data_dir),
-                 "--token-file", str(manager.data_dir / "token"), "--log-level", "warning",
+                 "--token-file", str(manager.data_dir / "cluster-token"), "--log-level", "warning",
                  *extra], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.info: dict[str, Any] = wait_for(self._ready, 60, f"agent {name} to serve")
 
@@ -67,6 +67,11 @@ def agents(manager):
         if a.proc.poll() is None:
             a.proc.terminate()
             a.proc.wait(30)
+
+
+def cluster_token(manager) -> str:
+    """The token agents and the manager call each other with (not the API token)."""
+    return (manager.data_dir / "cluster-token").read_text().strip()
 
 
 def node(manager, name: str) -> dict[str, Any]:
@@ -118,7 +123,7 @@ def test_a_second_host_cannot_take_a_registered_node_name(manager, agents, tmp_p
     other = agents("n2", tmp_path / "elsewhere", address="127.0.0.3")
     assert other.info["registered"] is False
     assert node(manager, "n2")["address"] == "127.0.0.2"
-    r = manager.api("POST", "/v1/cluster/heartbeat", json={
+    r = manager.api("POST", "/v1/cluster/heartbeat", token=cluster_token(manager), json={
         "id": "x", "name": "n3", "address": "127.0.0.3", "agent_url": "http://127.0.0.3:1",
         "role": "bogus"})
     assert r.status_code == 422 and "role" in r.text
@@ -127,7 +132,7 @@ def test_a_second_host_cannot_take_a_registered_node_name(manager, agents, tmp_p
 
 def test_the_agent_starts_and_supervises_processes_that_outlive_it(manager, agents, tmp_path):
     a = agents("n2", tmp_path / "n2")
-    remote = RemoteAgent("n2", a.info["agent_url"], "127.0.0.2", manager.token)
+    remote = RemoteAgent("n2", a.info["agent_url"], "127.0.0.2", cluster_token(manager))
     # Without the cluster token the agent refuses.
     r = httpx.post(a.info["agent_url"] + "/v1/processes/alive", json={"proc": None})
     assert r.status_code == 401 and "token" in r.text
@@ -147,14 +152,14 @@ def test_the_agent_starts_and_supervises_processes_that_outlive_it(manager, agen
     assert subprocess.run(["nbdinfo", "--size", proc.ready["nbd"] + "/"],
                           capture_output=True, timeout=30).returncode == 0
     b = agents("n2", tmp_path / "n2")
-    again = RemoteAgent("n2", b.info["agent_url"], "127.0.0.2", manager.token)
+    again = RemoteAgent("n2", b.info["agent_url"], "127.0.0.2", cluster_token(manager))
     assert again.alive(proc)
     again.stop(proc)
     assert not again.alive(proc)
 
     # A bad request changes nothing and says what is wrong.
     r = httpx.post(b.info["agent_url"] + "/v1/replicas", json={"volume": "v"},
-                   headers={"Authorization": f"Bearer {manager.token}"})
+                   headers={"Authorization": f"Bearer {cluster_token(manager)}"})
     assert r.status_code == 422 and "replica" in r.text
 
 
@@ -198,13 +203,13 @@ def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path)
     # Nowhere the engine cannot run: an unknown node, a storage-only one, a down one.
     r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "nope"})
     assert r.status_code == 404 and "nope" in r.text
-    manager.ok("POST", "/v1/cluster/heartbeat", json={
+    manager.ok("POST", "/v1/cluster/heartbeat", token=cluster_token(manager), json={
         "id": "id3", "name": "n3", "address": "127.0.0.3", "agent_url": "http://127.0.0.3:9",
         "role": "storage"})
     r = manager.api("POST", "/v1/volumes/v/attach", json={"node": "n3"})
     assert r.status_code == 409 and "role is storage" in r.text
     assert manager.volume("v")["state"] == "detached"
-    manager.ok("POST", "/v1/cluster/heartbeat", json={
+    manager.ok("POST", "/v1/cluster/heartbeat", token=cluster_token(manager), json={
         "id": "id4", "name": "n4", "address": "127.0.0.4", "agent_url": "http://127.0.0.4:9"})
     # n4 never heartbeats again: down after NODE_DOWN_AFTER, and attach there is refused.
     wait_for(lambda: node(manager, "n4")["state"] == "down", NODE_DOWN_AFTER + 10, "n4 down")

@@ -506,3 +506,24 @@ def test_a_task_the_dead_leader_ran_is_failed_by_the_next(
     assert not path.exists()
     kinds = [e["kind"] for e in follower.ok("GET", "/v1/events", params={"volume": "v"})]
     assert "volume-deleted" in kinds and "replica-data-left" not in kinds
+
+
+def test_one_manager_on_sqlite_has_its_own_cluster_token_too(manager, tmp_path: Path) -> None:
+    api = manager.token
+    cluster = (manager.data_dir / "cluster-token").read_text().strip()
+    assert cluster != api and len(cluster) >= 32
+    assert stat.S_IMODE((manager.data_dir / "cluster-token").stat().st_mode) == 0o600
+    r = manager.api("GET", "/v1/volumes", token=cluster)
+    assert r.status_code == 403 and "cluster token" in r.json()["detail"]
+    beat = {"id": "x", "name": "n9", "address": "127.0.0.9", "agent_url": "http://127.0.0.9:1"}
+    r = manager.api("POST", "/v1/cluster/heartbeat", token=api, json=beat)
+    assert r.status_code == 403 and "cluster token" in r.json()["detail"]
+    r = manager.api("POST", "/v1/cluster/heartbeat", token=cluster, json=beat)
+    assert r.status_code == 200
+    assert manager.ok("GET", "/v1/cluster") == {"store": "sqlite", "leader": None,
+                                                "since": None, "self": None, "managers": []}
+    # Restarted, it keeps both.
+    manager.stop()
+    manager.start()
+    assert manager.token == api
+    assert (manager.data_dir / "cluster-token").read_text().strip() == cluster

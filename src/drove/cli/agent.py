@@ -20,8 +20,8 @@ def agent(
         help="HOST:PORT of the agent's API; HOST is also where this host's engines and "
              "replicas listen, so give the address other hosts reach it at")],
     token_file: Annotated[Path, typer.Option(
-        help="file holding the cluster token (a manager's DATA_DIR/cluster-token when "
-             "the managers keep their state in etcd; DATA_DIR/token with SQLite)")],
+        help="file holding the cluster token (a copy of a manager's "
+             "DATA_DIR/cluster-token; the API token does not open the managers to agents)")],
     data_dir: Annotated[Path | None, typer.Option(
         envvar="DROVE_DATA_DIR",
         help="this host's state and first disk (default: ~/.local/share/drove-agent)")] = None,
@@ -53,10 +53,9 @@ def agent(
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot read the cluster token from {token_file}: {exc.strerror}; copy a "
-             "manager's DATA_DIR/cluster-token (DATA_DIR/token with SQLite) to this host")
+             "manager's DATA_DIR/cluster-token to this host")
     if not token:
-        fail(f"{token_file} is empty; copy a manager's DATA_DIR/cluster-token (DATA_DIR/"
-             "token with SQLite) into it")
+        fail(f"{token_file} is empty; copy a manager's DATA_DIR/cluster-token into it")
     cfg = AgentConfig(managers=managers, node=node, listen=address, token=token,
                       data_dir=data_dir or Path.home() / ".local/share/drove-agent",
                       zone=zone, role=role)

@@ -84,8 +84,8 @@ def build_app(agent: NodeAgent, token: str) -> App:
         if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise HTTPError(401, "missing or wrong cluster token: send 'Authorization: "
                                  "Bearer TOKEN' with the cluster token (a manager's "
-                                 "DATA_DIR/cluster-token; DATA_DIR/token with SQLite); the "
-                                 "API token does not open an agent")
+                                 "DATA_DIR/cluster-token); the API token does not open an "
+                                 "agent")
 
     for exc_type, status in _ERRORS.items():
         app.exception_handler(exc_type)(_answer(status))

@@ -65,7 +65,9 @@ class LocalAgent:
         cfg = AgentConfig(managers=[manager_url], node=self.node,
                           listen=self._server.address, data_dir=self._data_dir,
                           token=self._token)
-        self._beat = Heartbeat(cfg, identity)
+        # With the agent: it reports this node's engines and stops those the answer names
+        # (a volume taken over elsewhere while this manager's host was down).
+        self._beat = Heartbeat(cfg, identity, self.agent)
         if not await self._beat.once():
             raise LocalAgentError(f"this manager refused its own node {self.node!r} (another "
                                   "host has that name?); give another --node")

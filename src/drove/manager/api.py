@@ -215,7 +215,7 @@ def cluster_auth(request: Request,
                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
                  ) -> None:
     """Refuse a cluster call (an agent's) without the cluster token (401; 403 for the API
-    token when the cluster has its own)."""
+    token)."""
     token: str = request.app.state.cluster_token
     if _is(creds, token):
         return
@@ -223,8 +223,7 @@ def cluster_auth(request: Request,
         raise ApiError(403, "this is the API token: agents call the managers with the "
                             "cluster token (the manager's DATA_DIR/cluster-token)")
     raise ApiError(401, "missing or wrong cluster token: an agent sends 'Authorization: "
-                        "Bearer TOKEN' with the manager's DATA_DIR/cluster-token (DATA_DIR/"
-                        "token when the manager keeps its state in SQLite)")
+                        "Bearer TOKEN' with the manager's DATA_DIR/cluster-token")
 
 
 class ClusterStatus(Protocol):
@@ -241,7 +240,7 @@ class ClusterStatus(Protocol):
 def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None,
               cluster: ClusterStatus | None = None) -> FastAPI:
     """The API over the manager's ``parts``; every route but /v1/health needs ``token``,
-    the agents' heartbeat ``cluster_token`` (the same as ``token`` unless given)."""
+    the agents' heartbeat ``cluster_token`` (``token`` when none is given)."""
     manager = parts.manager
     app = FastAPI(title="drove", version=__version__,
                   description="Replicated block storage for containers: the manager's API.")

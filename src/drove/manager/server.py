@@ -36,12 +36,13 @@ class ServeError(Exception):
     """The manager cannot start; the message says why and what to do."""
 
 
-def ensure_token(data_dir: Path) -> str:
-    """The API token, made at first start (file mode 0600)."""
-    path = data_dir / "token"
+def ensure_token(data_dir: Path, name: str = "token", unlike: str | None = None) -> str:
+    """The token in ``DATA_DIR/name`` (the API's by default), made at first start (file
+    mode 0600); never ``unlike`` (the cluster token is not the API token)."""
+    path = data_dir / name
     if path.exists():
         token = path.read_text().strip()
-        if token:
+        if token and token != unlike:
             return token
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -148,13 +149,17 @@ def _announce(data_dir: Path, url: str, extra: str = "") -> Path:
 async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) -> None:
     """The one manager of a SQLite store, with its node's agent in-process."""
     token = ensure_token(data_dir)
-    parts = ManagerApp(store, NodeAgent(data_dir), data_dir)
-    server = _server(build_app(parts, token), listen)
+    # Agents (`drove agent --token-file`) and this manager call each other with their own.
+    cluster_token = ensure_token(data_dir, CLUSTER_FILE, unlike=token)
+    parts = ManagerApp(store, NodeAgent(data_dir), data_dir,
+                       cluster_token_file=data_dir / CLUSTER_FILE)
+    server = _server(build_app(parts, token, cluster_token=cluster_token), listen)
     info_file = data_dir / "manager.json"
     try:
         await parts.start()
         await server.start()
-        info_file = _announce(data_dir, server.url)
+        info_file = _announce(data_dir, server.url,
+                              f"  cluster token: {data_dir / CLUSTER_FILE} (for agents)\n")
         await default_signals()
         log.info("stopping: detaching volumes (they come back at the next start)")
     finally:
