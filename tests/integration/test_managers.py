@@ -378,6 +378,13 @@ def test_managers_with_their_own_nodes_stop_and_die_without_touching_volumes(
              "h1 and h2 up with their disks")
     disks = {d["node"]: d["name"] for d in follower.ok("GET", "/v1/disks")}
     assert disks == {"h1": "h1-default", "h2": "h2-default"}
+    # A third manager claiming h1 from another data directory (another host) is refused.
+    m3 = ClusterManager(tmp_path, "m3", store, ("--node", "h1", "--agent-listen",
+                                                "127.0.0.4:0")).launch()
+    assert m3.proc is not None and m3.proc.wait(60) != 0
+    said = " ".join(m3.log.read_text().split())
+    assert "give another --node" in said and "is another host" in said, said[-2000:]
+    assert node_states(m1) == {"h1": "up", "h2": "up"}
 
     # Attach without a node: the leader's own node (whichever manager was asked).
     follower.ok("POST", "/v1/volumes", json={"name": "v0", "size": "16M", "replicas": 2})

@@ -69,8 +69,10 @@ class LocalAgent:
         # (a volume taken over elsewhere while this manager's host was down).
         self._beat = Heartbeat(cfg, identity, self.agent)
         if not await self._beat.once():
-            raise LocalAgentError(f"this manager refused its own node {self.node!r} (another "
-                                  "host has that name?); give another --node")
+            raise LocalAgentError(f"this manager refused the heartbeat of its own node "
+                                  f"{self.node!r} (the log says why: another host registered "
+                                  "that name, or the store did not answer); give another "
+                                  "--node, or start again")
         self._task = asyncio.create_task(self._beat.run(), name="local-agent-heartbeat")
 
     async def stop(self) -> None:

@@ -85,7 +85,10 @@ class ClusterRole:
         """Campaign as the manager serving at ``url`` (its API must answer already)."""
         self.url = url
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._alive)
+        try:
+            await asyncio.to_thread(self._alive)
+        except StoreError as exc:  # listed at the next refresh; the election waits for etcd
+            log.warning("cannot list this manager yet: %s", exc)
         self._follow_task = asyncio.create_task(self._follow(), name="leadership")
         self._alive_task = asyncio.create_task(self._keep_alive(), name="manager-alive")
         self._leadership = Leadership(self._store.etcd, url, prefix=self._store.prefix,
