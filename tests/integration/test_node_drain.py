@@ -216,3 +216,29 @@ def test_a_dead_node_is_drained_and_removed(manager, agents, tmp_path):  # noqa:
     assert "n2" not in {n["name"] for n in manager.ok("GET", "/v1/nodes")}
     (removed,) = [e for e in manager.events() if e["kind"] == "node-removed"]
     assert "1 replaced replica(s) left there forgotten" in removed["message"], removed
+
+
+def test_a_drain_with_nowhere_to_go_fails_and_leaves_the_replica(
+        manager, agents, tmp_path):  # noqa: F811 - agents is the fixture
+    agents("n2", tmp_path / "n2")
+    wait_for(lambda: any(d["state"] == "ready" for d in node(manager, "n2")["disks"]), 15,
+             "n2's disk")
+    v = manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "16M", "replicas": 2,
+                                                "data_locality": "disabled"})
+    (there,) = [r for r in v["replicas"] if r["node"] == "n2"]
+    v = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    qemu_io(v["nbd_uri"], "write -P 0x5e 0 4M")
+
+    # Two nodes, two replicas: the one on n2 has nowhere else to go.
+    r = manager.cli("node", "drain", "n2", check=False)
+    said = " ".join(r.stderr.split())  # rich wraps long lines
+    assert r.returncode == 1, r
+    assert "n2 is not drained" in said and "no other node can take replica" in said, said
+    v = manager.volume("v")
+    assert there["name"] in {x["name"] for x in v["replicas"] if x["node"] == "n2"}
+    assert v["health"] == "healthy" and len(v["replicas"]) == 2
+    qemu_io(v["nbd_uri"], "read -P 0x5e 0 4M")
+    kinds = [e["kind"] for e in manager.events()]
+    assert "node-drain-stuck" in kinds and "node-drain-failed" in kinds
+    r = manager.api("DELETE", "/v1/nodes/n2")
+    assert r.status_code == 409 and there["name"] in r.text
