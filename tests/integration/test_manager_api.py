@@ -199,12 +199,15 @@ def test_second_manager_on_same_data_dir_refused(manager, sig):
 @pytest.mark.slow
 def test_disk_back_after_outage_gets_a_delta_rebuild_in_place(manager, tmp_path):
     (disk,) = _disks(manager, tmp_path, 1)
-    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2})
+    # Both replicas as processes: with one local to the engine, the local one alone would
+    # acknowledge no write while the other waits for its disk (write quorum).
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "64M", "replicas": 2,
+                                            "data_locality": "disabled"})
     att = manager.ok("POST", "/v1/volumes/v/attach", json={})
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x21 0 16M", att["nbd_uri"]],
                    check=True, capture_output=True)
     victim = next(r for r in att["replicas"] if r["disk"] == disk["name"])
-    assert not victim["local"]  # the local one is on the first disk, "default"
+    assert not victim["local"]
     marker = Path(disk["path"]) / ".drove-disk"
     marker.rename(marker.with_suffix(".away"))
     os.kill(victim["pid"], signal.SIGKILL)

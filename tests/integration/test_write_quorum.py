@@ -8,6 +8,7 @@ link) or killed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -169,3 +170,34 @@ def test_the_quorum_needs_a_local_replica_and_others(cluster, tmp_path):
     cluster.track(lone)
     assert lone.info()["write_quorum"]["required"] is False
     qemu_io(lone.uri(), "write -P 0x55 0 1M", "flush", "read -P 0x55 0 1M")
+
+
+def test_the_manager_says_writes_wait_and_the_healer_ends_the_wait(manager, tmp_path):
+    """`drove serve` on one machine, a 2-replica volume (one local to the engine, one a
+    process): its process stops answering; the engine drops it and writes wait, the
+    manager's events and volume say so; the healer brings the replica back (a rebuild
+    in place) and a write issued meanwhile completes."""
+    manager.ok("POST", "/v1/disks", json={"path": str(tmp_path / "d1"), "name": "d1"})
+    manager.ok("PATCH", "/v1/settings", json={"replica_timeout": 2})
+    manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "16M", "replicas": 2})
+    v = manager.ok("POST", "/v1/volumes/v/attach", json={})
+    (remote,) = [r for r in v["replicas"] if not r["local"]]
+    assert v["write_quorum"]["required"] is True and v["write_quorum"]["met"] is True
+    qemu_io(v["nbd_uri"], "write -P 0x55 0 16M", "flush")
+    os.kill(remote["pid"], signal.SIGSTOP)
+    try:
+        manager.wait_volume("v", lambda x: x["write_quorum"]["met"] is False, 60,
+                            "writes waiting")
+        deadline = time.monotonic() + 30
+        while not [e for e in manager.events("v") if e["kind"] == "write-quorum-lost"]:
+            assert time.monotonic() < deadline, "no write-quorum-lost event"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the healer may have killed it
+            os.kill(remote["pid"], signal.SIGCONT)  # its SIGTERM then ends it at once
+    qemu_io(v["nbd_uri"], "write -P 0x66 4M 1M", "flush")  # waits for the rebuild to start
+    v = manager.wait_volume("v", lambda x: x["health"] == "healthy", 120, "healthy again")
+    assert v["write_quorum"]["met"] is True
+    assert [e for e in manager.events("v") if e["kind"] == "write-quorum-met"]
+    qemu_io(v["nbd_uri"], "read -P 0x55 0 4M", "read -P 0x66 4M 1M", "read -P 0x55 5M 11M",
+            readonly=True)

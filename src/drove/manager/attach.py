@@ -173,10 +173,6 @@ class Attacher:
         """After a (clean or crashed) manager stop, or when its engine exited: adopt or
         restart the volume's processes (its lock held)."""
         name = doc["name"]
-        if doc["state"] == "attached" and self._disks.health.silent(doc.get("node")):
-            # Its node does not heartbeat: nothing can be stopped or started there, and its
-            # engine may still run.  It comes back, or `attach --node OTHER --force`.
-            return
         agent = self._agents.for_node(doc.get("node"))
         engine_ok = await asyncio.to_thread(agent.alive, doc.get("engine"))
         if (doc["desired"] == "attached" and engine_ok and doc["state"] == "attached"

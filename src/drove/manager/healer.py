@@ -54,6 +54,7 @@ class Healer:
         self._stopping = False
         self._last_health: dict[str, str] = {}
         self._engine_down_noted: set[str] = set()  # volumes an engine-node-down event named
+        self._quorum_lost: set[str] = set()  # volumes whose writes wait for an outside replica
 
     def start(self) -> None:
         """Start the healing loop (again, after a stop: a manager that leads once more)."""
@@ -140,6 +141,7 @@ class Healer:
                 self._records.save(doc)
                 self._event("rebuild-finished", f"replica {r['name']} rebuilt, now RW", name)
         self._note_health(doc, info)
+        self._note_quorum(doc, info)
         if rebuild_running(info.get("rebuild")):
             return
         if (await self._repair_one(doc, modes)
@@ -238,6 +240,21 @@ class Healer:
         if before is not None and before != now:
             self._event(f"volume-{now}", f"volume {doc['name']} is {now} (was {before})",
                         doc["name"], level="info" if now == "healthy" else "warning")
+
+    def _note_quorum(self, doc: dict[str, Any], info: dict[str, Any]) -> None:
+        """An event when writes start or stop waiting for a replica outside the engine."""
+        name = doc["name"]
+        quorum = info.get("write_quorum") or {}
+        lost = bool(quorum.get("required")) and quorum.get("met") is False
+        if lost and name not in self._quorum_lost:
+            self._quorum_lost.add(name)
+            self._event("write-quorum-lost", f"volume {name}: no replica outside its engine's "
+                        "process is in the volume: writes wait for one (a rebuild), then fail "
+                        "(the local replica alone acknowledges none)", name, level="error")
+        elif not lost and name in self._quorum_lost:
+            self._quorum_lost.discard(name)
+            self._event("write-quorum-met", f"volume {name}: a replica outside its engine's "
+                        "process takes writes again", name)
 
     async def _drop_abandoned(self, doc: dict[str, Any]) -> None:
         """Delete the data of replaced replicas whose disk came back."""
