@@ -192,6 +192,8 @@ def test_the_manager_says_writes_wait_and_the_healer_ends_the_wait(manager, tmp_
         while not [e for e in manager.events("v") if e["kind"] == "write-quorum-lost"]:
             assert time.monotonic() < deadline, "no write-quorum-lost event"
             time.sleep(0.1)
+        shown = manager.cli("volume", "get", "v").stdout
+        assert "waiting" in shown and "no replica outside" in shown, shown
     finally:
         with contextlib.suppress(ProcessLookupError):  # the healer may have killed it
             os.kill(remote["pid"], signal.SIGCONT)  # its SIGTERM then ends it at once

@@ -178,6 +178,13 @@ def show_volume(v: dict[str, Any]) -> None:
         facts.append(("engine", f"pid {v['engine'].get('pid')}, "
                                 f"epoch {v['engine'].get('epoch')}, "
                                 f"control {v['engine'].get('control_url')}"))
+    quorum = v.get("write_quorum") or {}
+    if quorum.get("required") and quorum.get("met") is False:
+        facts.append(("writes", f"waiting (up to {quorum.get('wait_seconds')} s each, then "
+                                "EIO): no replica outside the engine's process takes them; "
+                                "since " + time.strftime(
+                                    "%Y-%m-%d %H:%M:%S",
+                                    time.localtime(quorum.get("lost_since") or 0))))
     rb = v.get("rebuild")
     if rb:
         facts.append(("rebuild", f"{rb.get('replica')}: {_rebuild_percent(rb)} "

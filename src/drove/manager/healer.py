@@ -198,7 +198,8 @@ class Healer:
                     log.info("volume %s: cannot replace %s yet: %s", doc["name"], r["name"], exc)
                     continue
                 r["state"] = "abandoned"
-                if r["name"] in modes:
+                listed = r["name"] in modes
+                if listed and r.get("local"):
                     # Out of the engine too: a local one would hold the engine's one local
                     # place (and its chain) otherwise.
                     with contextlib.suppress(ApiError):
@@ -207,7 +208,15 @@ class Healer:
                 self._event("replica-replaced", f"replica {r['name']} (disk {r['disk']} "
                             f"unavailable) replaced by {new['name']} on disk {new['disk']}",
                             doc["name"], level="warning")
-                return await self._rebuilds.rebuild(doc, new, modes, why="new replica")
+                changed = await self._rebuilds.rebuild(doc, new, modes, why="new replica")
+                if listed and not r.get("local"):
+                    # Only now: forgotten first, the last replica outside the engine would
+                    # leave a local one alone in the volume, acknowledging writes by itself
+                    # (the write quorum binds only while the volume has others).
+                    with contextlib.suppress(ApiError):
+                        await self._engines.forget(doc, r["name"])
+                    changed = True
+                return changed
         for r in live:
             if r["state"] == "pending":
                 return await self._rebuilds.rebuild(doc, r, modes, why="new replica")
