@@ -67,7 +67,7 @@ def hosts(manager, tmp_path):
 
 
 def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manager, hosts):
-    n2, _ = hosts
+    n2, n3 = hosts
     for name in ("n2", "n3"):
         wait_for(lambda n=name: any(d["state"] == "ready" for d in node(manager, n)["disks"]),
                  15, f"{name}'s disk")
@@ -76,7 +76,7 @@ def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manage
         "replica_timeout": 30})
     manager.ok("POST", "/v1/volumes", json={"name": "v", "size": "32M", "replicas": 3})
     a = manager.cli_json("volume", "attach", "v", "--node", "n2")
-    assert len({r["node"] for r in a["replicas"]}) == 3  # the manager's own, n2, n3
+    (own,) = {r["node"] for r in a["replicas"]} - {"n2", "n3"}  # the manager's node
     (on_n2,) = [r for r in a["replicas"] if r["node"] == "n2"]
     assert on_n2["local"] and a["node"] == "n2"
     qemu_io(a["nbd_uri"], "write -P 0x11 0 32M", "flush")
@@ -117,6 +117,15 @@ def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manage
         # Elsewhere without --force: refused, saying why and what to do.
         r = manager.cli("volume", "attach", "v", "--node", "n3", check=False)
         assert r.returncode != 0 and "down" in r.stderr and "--force" in r.stderr, r.stderr
+        # Nor while another replica's node is down too: the old engine might still reach it.
+        os.kill(n3.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: node(manager, "n3")["state"] == "down", 30, "n3 down")
+            r = manager.cli("volume", "attach", "v", "--node", own, "--force", check=False)
+            assert r.returncode != 0 and "partition" in r.stderr, r.stderr
+        finally:
+            os.kill(n3.proc.pid, signal.SIGCONT)
+        wait_for(lambda: node(manager, "n3")["state"] == "up", 30, "n3 up")
         b = manager.cli_json("volume", "attach", "v", "--node", "n3", "--force")
         assert b["node"] == "n3" and b["engine"]["epoch"] > epoch
         (took,) = [e for e in manager.events("v") if e["kind"] == "volume-takeover"]

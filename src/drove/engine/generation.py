@@ -86,9 +86,11 @@ newer engine could not reach) and bump the generation there as it drops the
 claimed ones (if none of them answers its question in time).  The two
 generations are unrelated counters then; what the newer engine acknowledged
 is on the replicas whose state it wrote, so those win, and the old engine's
-replica is rebuilt from them.  (What the old engine acknowledged after the
-takeover is lost: node-level fencing, a lease the host must hold to serve, is
-what closes that window, see the cluster issue.)
+replica is rebuilt from them.  The old engine acknowledged nothing there alone:
+with other replicas in the volume, a write is acknowledged only once a replica
+outside the engine's process has it (the write quorum, :mod:`drove.engine.mirror`),
+and the replicas the newer engine claimed refuse the old one.  So what is lost
+is only what was never acknowledged (a write in flight on the local replica).
 
 One case the replicas alone cannot decide: if only stale replicas are
 reachable, they look current.  The engine therefore also records the highest

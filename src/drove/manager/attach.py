@@ -111,6 +111,18 @@ class Attacher:
                                 f"instead, `drove volume attach {name} --node {node} --force` "
                                 f"(the engine on {old}, should it still run, is fenced and "
                                 "stopped when its node returns)")
+        # The old engine acknowledges a write only once a replica outside its process has
+        # it; the new one must fence every such replica it could still reach, or both could
+        # acknowledge writes, each on its side of a partition.
+        away = [f"{r['name']} (node {where})" for r in doc["replicas"]
+                if r["state"] not in ("abandoned", "failed")
+                and (where := self._agents.node_of_replica(r)) != old
+                and self._disks.health.down_for(where) is not None]
+        if away:
+            raise ApiError(409, f"volume {name}: cannot take it over while replica(s) "
+                                f"{', '.join(away)} are down too: the engine on {old} may "
+                                "still reach them (a partition) and write there; bring those "
+                                "nodes back first")
 
     async def _take_over(self, doc: dict[str, Any], node: str, mount: str | None,
                          fs: str) -> None:
