@@ -141,6 +141,8 @@ class Heartbeat:
         self._cfg = cfg
         self._identity = identity
         self._agent = agent  # None: no engines are reported nor stopped
+        # Stale engines being stopped (by pid), in tasks: the heartbeats go on meanwhile.
+        self._stopping: dict[int, asyncio.Task[None]] = {}
         self._disks: list[dict[str, Any]] = []
         self._http = httpx.AsyncClient(headers={"Authorization": f"Bearer {cfg.token}"},
                                        timeout=3.0)
@@ -176,14 +178,19 @@ class Heartbeat:
 
     async def _stop_stale(self, seen: list[RunningEngine],
                           stale: list[dict[str, Any]]) -> None:
-        """Stop the engines the manager named, among those seen before the heartbeat."""
-        if self._agent is None:
+        """Start stopping the engines the manager named, among those seen before the
+        heartbeat (a stop may take seconds; the next heartbeat must not wait for it)."""
+        agent = self._agent
+        if agent is None:
             return
         for s in stale:
             for e in seen:
-                if e.volume == s.get("volume") and e.epoch == s.get("epoch"):
-                    await asyncio.to_thread(stop_engine, self._agent, e,
-                                            str(s.get("reason") or "the manager says so"))
+                if (e.volume == s.get("volume") and e.epoch == s.get("epoch")
+                        and e.proc.pid not in self._stopping):
+                    reason = str(s.get("reason") or "the manager says so")
+                    task = asyncio.create_task(asyncio.to_thread(stop_engine, agent, e, reason))
+                    self._stopping[e.proc.pid] = task
+                    task.add_done_callback(lambda _, pid=e.proc.pid: self._stopping.pop(pid))
 
     async def run(self) -> None:
         """Heartbeat forever."""
@@ -192,7 +199,9 @@ class Heartbeat:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def close(self) -> None:
-        """Release the HTTP client."""
+        """Let the engine stops under way end; release the HTTP client."""
+        if self._stopping:
+            await asyncio.gather(*self._stopping.values(), return_exceptions=True)
         await self._http.aclose()
 
 
