@@ -66,7 +66,10 @@ def hosts(manager, tmp_path):
             a.proc.wait(30)
 
 
-def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manager, hosts):
+@pytest.mark.parametrize("back", ["wakes", "restarts"])
+def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manager, hosts,
+                                                                          tmp_path, back):
+    """``back``: n2's agent wakes up, or a new agent starts there (adopting what runs)."""
     n2, n3 = hosts
     for name in ("n2", "n3"):
         wait_for(lambda n=name: any(d["state"] == "ready" for d in node(manager, n)["disks"]),
@@ -140,9 +143,13 @@ def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manage
             client.kill()
             out, _ = client.communicate()
             assert b"acknowledged" not in out
+        if back == "restarts":
+            n2.kill()  # its engine lives on; a new agent finds it
         for pid in stopped:
             if alive(pid):
                 os.kill(pid, signal.SIGCONT)
+    if back == "restarts":
+        hosts.append(AgentProc(manager, "n2", tmp_path / "n2", address="127.0.0.2"))
 
     # n2 returns: its agent stops the old engine, whose replicas refuse it anyway.
     wait_for(lambda: not alive(engine_pid), 60, "the old engine stopped by n2's agent")
