@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -70,6 +71,8 @@ def test_a_cut_off_engine_acknowledges_nothing_on_its_local_replica_alone(cluste
         assert info["write_quorum"]["met"] is False and info["write_quorum"]["lost_since"]
         (lost,) = events(a, "write-quorum-lost")
         assert "local replica alone never acknowledges" in lost["message"]
+        shown = run([sys.executable, "-m", "drove", "engine", "info", "--url", a.control])
+        assert b"writes waiting" in shown.stdout, shown.stdout
         # Later requests wait and fail the same way; reads still work.
         for script in ("h.pwrite(b'\\xcd' * 4096, 1 << 20)", "h.zero(1 << 20, 0)",
                        "h.trim(65536, 65536)", "h.flush()"):

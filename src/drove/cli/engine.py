@@ -35,6 +35,10 @@ def info(url: UrlOpt, json_out: JsonOpt = False) -> None:
         return
     typer.echo(f"{data['name']}  {format_size(data['size'])}  {data['health']}  "
                f"generation {data['generation']}")
+    quorum = data.get("write_quorum") or {}
+    if quorum.get("required") and quorum.get("met") is False:
+        typer.echo(f"writes waiting (up to {quorum.get('wait_seconds')} s each, then EIO): no "
+                   f"replica outside the engine's process; {quorum.get('waiting')} waiting now")
     table("replicas", ["name", "mode", "url", "error"],
           [[r["name"], r["mode"], r["url"], r["error"]] for r in data["replicas"]])
     if data.get("rebuild"):
