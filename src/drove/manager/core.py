@@ -164,7 +164,10 @@ class Manager:
 
     def volumes(self) -> list[dict[str, Any]]:
         """Every volume as the API shows it."""
-        return [self.view(v) for v in self._records.all()]
+        # One read of the default for the whole list: on etcd each read is a round trip,
+        # and 1,000 of them held the loop for seconds.
+        default = self._settings.get("default_data_locality")
+        return [self.view(v, default) for v in self._records.all()]
 
     def volume(self, name: str) -> dict[str, Any]:
         """One volume as the API shows it."""
@@ -178,10 +181,13 @@ class Manager:
         """The node ``doc`` is attached on, or would be by default (this manager's own)."""
         return self._records.attach_node(doc)
 
-    def view(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """A stored volume merged with what its engine reported last."""
+    def view(self, doc: dict[str, Any], default_locality: str | None = None) -> dict[str, Any]:
+        """A stored volume merged with what its engine reported last (``default_locality``:
+        the setting, when the caller read it already)."""
         info = self._engines.cached(doc["name"]) if doc["state"] == "attached" else None
-        return views.view(doc, info, self.locality(doc))
+        where = (locality.locality_of(doc, default_locality) if default_locality is not None
+                 else self.locality(doc))
+        return views.view(doc, info, where)
 
     def create_volume(self, name: str, size: int | str, replicas: int | None = None,
                       pool: str | None = None, labels: dict[str, str] | None = None,
