@@ -306,7 +306,10 @@ def test_tokens_are_shared_through_etcd_and_each_opens_only_its_door(
     agent = Agent(tmp_path, "n1", "127.0.0.2", [m2], m2.data_dir / "cluster-token")
     assert agent.info["registered"]
 
-    # The cluster token does not open the user API (on the leader or a follower).
+    # The cluster token does not open the user API (on the leader or a follower). A
+    # follower forwards what it does not serve, so wait for the election to be over first.
+    wait_for(lambda: leader_of(m1) is not None and leader_of(m2) == leader_of(m1), 20,
+             "a leader both managers know")
     for m in (m1, m2):
         r = m.api("GET", "/v1/volumes", token=m.cluster_token)
         assert r.status_code == 403 and "cluster token" in r.json()["detail"]

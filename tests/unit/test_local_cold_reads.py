@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,34 @@ from drove.replica.chain import Replica
 from drove.replica.process import ReplicaService
 
 
+def _cached(fd: int, length: int = 65536) -> bool:
+    """Whether the start of ``fd`` is served from the page cache (a hole counts as cached)."""
+    try:
+        os.preadv(fd, [bytearray(length)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _drop_cache(directory: Path) -> None:
-    """Evict the replica's files from the page cache (they were flushed first)."""
+    """Evict the replica's files from the page cache, until the data they hold is gone from it.
+
+    DONTNEED is advice: a page still under writeback stays, which made this test flaky
+    under load. fsync first, and advise again until a no-wait read of a file that holds
+    data misses (or a deadline: the test's own asserts then say what went wrong).
+    """
+    deadline = time.monotonic() + 10
     for f in directory.glob("*.img"):
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            holds_data = os.lseek(fd, 0, os.SEEK_DATA) == 0 if os.fstat(fd).st_size else False
+            while holds_data and _cached(fd) and time.monotonic() < deadline:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # SEEK_DATA finds no data (ENXIO): nothing of it to evict
         finally:
             os.close(fd)
 
