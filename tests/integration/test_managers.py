@@ -231,6 +231,7 @@ def test_two_managers_one_leads_the_follower_forwards_and_takes_over(
                    headers={"Authorization": f"Bearer {follower.token}",
                             "X-Drove-Forwarded-By": leader.url}, timeout=30)
     assert r.status_code == 503 and "does not lead" in r.json()["detail"]
+    assert r.headers["retry-after"] == "1"  # nothing was done: the CLI sends it again
     # A follower refuses nothing it should forward: errors come back as the leader said.
     r = follower.api("POST", "/v1/volumes", json={"name": "v1", "size": "64M"})
     assert r.status_code == 409 and "exists" in r.json()["detail"]

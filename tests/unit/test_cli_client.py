@@ -421,3 +421,46 @@ def test_every_manager_command_takes_the_options():
         for name, command in group.commands.items():
             opts = {o for p in command.params for o in p.opts}
             assert {"--url", "--token", "--data-dir", "--json"} <= opts, (group.name, name)
+
+
+def test_a_call_waits_out_an_election_but_never_resends_what_may_be_done(tmp_path):
+    import http.server
+    import threading
+
+    answers: list[tuple[int, dict[str, str]]] = []
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.rfile.read(int(self.headers["Content-Length"])))
+            status, headers = answers.pop(0)
+            body = json.dumps({"detail": f"answer {status}"}).encode()
+            self.send_response(status)
+            for k, v in {**headers, "Content-Type": "application/json",
+                         "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"DROVE_URL": f"http://127.0.0.1:{server.server_address[1]}", "DROVE_TOKEN": "t"}
+        with Manager(resolve(data_dir=tmp_path, env=env)) as m:
+            # No leader yet, twice (the follower did nothing): sent again, then done once.
+            answers[:] = [(503, {"Retry-After": "0"}), (503, {"Retry-After": "0"}), (201, {})]
+            assert m.post("/v1/volumes", {"name": "db"}) == {"detail": "answer 201"}
+            assert len(hits) == 3 and not answers
+            # A 503 without the hint, or a 502 (the leader may have done it): not sent again.
+            for status, headers in [(503, {}), (502, {}), (503, {"Retry-After": "soon"})]:
+                hits.clear()
+                answers[:] = [(status, headers), (201, {})]
+                with pytest.raises(ManagerError) as err:
+                    m.post("/v1/volumes", {"name": "db"})
+                assert err.value.status == status and len(hits) == 1
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -31,6 +31,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+ELECTION_WAIT = 20.0
+"""Seconds a call waits out a manager's "retry after" answer (no leader during an election:
+the next one is elected within 10 s of the old one's death)."""
+
 NOT_FOUND = ("no drove manager found: start one with `drove serve` "
              "or set DROVE_URL and DROVE_TOKEN")
 
@@ -238,7 +242,7 @@ class Manager:
 
         query = {k: _query_value(v) for k, v in (params or {}).items() if v is not None}
         try:
-            resp = self._send(method, path, query, json)
+            resp = self._send_through_elections(method, path, query, json)
         except httpx.ConnectError as exc:
             raise ManagerError(self._not_running(exc)) from exc
         except httpx.TimeoutException as exc:
@@ -257,6 +261,23 @@ class Manager:
             return resp.json()
         except ValueError:
             return resp.text
+
+    def _send_through_elections(self, method: str, path: str, query: dict[str, Any],
+                                json: Any) -> Any:
+        """:meth:`_send`, sent again while a manager answers 503 with Retry-After.
+
+        A manager says so only for what it did not do (no leader known yet, or the
+        leader could not be reached), so even a POST is safe to send again.
+        """
+        import time
+
+        deadline = time.monotonic() + ELECTION_WAIT
+        while True:
+            resp = self._send(method, path, query, json)
+            wait = _retry_after(resp)
+            if wait is None or time.monotonic() + wait > deadline:
+                return resp
+            time.sleep(wait)  # the manager's own hint; the election has no event to wait on
 
     def _send(self, method: str, path: str, query: dict[str, Any], json: Any) -> Any:
         """The request to the first manager that accepts the connection (it goes first then).
@@ -434,3 +455,13 @@ def show_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         natural = Measurement.get(console, console.options.update(max_width=10_000), t).maximum
         out = Console(width=max(console.width, natural))
     out.print(t)
+
+
+def _retry_after(resp: Any) -> float | None:
+    """Seconds to wait before sending again, if ``resp`` is a 503 that asks for it."""
+    if resp.status_code != 503:
+        return None
+    try:
+        return min(max(float(resp.headers["retry-after"]), 0.1), 5.0)
+    except (KeyError, ValueError):
+        return None

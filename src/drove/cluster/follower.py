@@ -30,6 +30,8 @@ LOCAL_WRITES = ("/v1/cluster/heartbeat",)
 """Non-GET paths every manager serves itself."""
 FORWARDED = "x-drove-forwarded-by"
 """Header naming the manager that forwarded a request (a request is forwarded once)."""
+RETRY_AFTER = 1
+"""Seconds a client is told to wait before it sends again a request that was not done."""
 FORWARD_TIMEOUT = httpx.Timeout(600.0, connect=3.0)
 """As long as the CLI waits for an answer (an attach may take minutes)."""
 _PASS_REQUEST = (b"authorization", b"content-type", b"accept")
@@ -75,12 +77,12 @@ class FollowerProxy:
         leader = self._cluster.leader_url()
         if leader is None or leader == self._cluster.url:
             await _answer(send, 503, "no manager leads right now (an election is under way, "
-                                     "it takes up to 10 s); try again")
+                                     "it takes up to 10 s); try again", retry=True)
             return
         if FORWARDED.encode() in headers:
             # Sent here by a manager that thought this one led: do not bounce it on.
             await _answer(send, 503, f"manager {self._cluster.url} does not lead (any more); "
-                                     f"the leader is {leader}: try again")
+                                     f"the leader is {leader}: try again", retry=True)
             return
         body = await _read_body(receive)
         if self._http is None:
@@ -93,11 +95,22 @@ class FollowerProxy:
         try:
             resp = await self._http.request(scope["method"], url, content=body,
                                             headers=pass_on)
-        except httpx.HTTPError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Not sent: the request can go again, to whoever leads by then.
             log.warning("forwarding %s %s to %s: %r", scope["method"], scope["path"], leader,
                         exc)
             await _answer(send, 503, f"the leader manager {leader} does not answer ({exc!r}); "
-                                     "a new one is elected within 10 s of its death: try again")
+                                     "a new one is elected within 10 s of its death: try again",
+                          retry=True)
+            return
+        except httpx.HTTPError as exc:
+            # Sent, then the leader stopped answering: it may have done it, so no retry hint.
+            log.warning("forwarding %s %s to %s: %r", scope["method"], scope["path"], leader,
+                        exc)
+            await _answer(send, 502, f"the leader manager {leader} stopped answering after it "
+                                     f"got the request ({exc!r}): it may or may not have been "
+                                     "done; look (e.g. `drove volume get`, `drove task list`) "
+                                     "before you try again")
             return
         out = [(k.encode(), resp.headers[k].encode("latin-1")) for k in _PASS_RESPONSE
                if k in resp.headers]
@@ -130,6 +143,9 @@ async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]],
     await send({"type": "http.response.body", "body": body})
 
 
-async def _answer(send: Send, status: int, detail: str) -> None:
-    await _respond(send, status, [(b"content-type", b"application/json")],
-                   json.dumps({"detail": detail}).encode())
+async def _answer(send: Send, status: int, detail: str, *, retry: bool = False) -> None:
+    """An error of this manager's own; ``retry``: nothing was done, send it again soon."""
+    headers = [(b"content-type", b"application/json")]
+    if retry:
+        headers.append((b"retry-after", str(RETRY_AFTER).encode()))
+    await _respond(send, status, headers, json.dumps({"detail": detail}).encode())
