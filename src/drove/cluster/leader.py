@@ -5,15 +5,22 @@ revision with 0), attached to a lease of ``ttl`` seconds. The leader refreshes t
 every ``ttl / 3`` s; if it dies or is cut off, etcd expires the lease, deletes the key, and
 the next candidate to look creates it. A leader that cannot refresh steps down by itself
 before etcd could expire its lease, so two managers never both believe they lead.
+
+A follower does not poll the key: it watches it (from the revision it read, so no change
+is missed) and campaigns as soon as etcd deletes it, or looks again after ``ttl / 3`` s.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import WatchTimedOut
 
 from drove.cluster.etcdstore import DEFAULT_PREFIX, Endpoints
 from drove.manager.store import StoreError
@@ -45,6 +52,7 @@ class Leadership:
         self._last_refresh = 0.0  # monotonic time a successful refresh was *sent*
         self._leading = False
         self._seen: str | None = None  # the holder the last look at the key found
+        self._seen_revision: int | None = None  # etcd's revision at that look
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -56,8 +64,10 @@ class Leadership:
 
     def leader(self) -> str | None:
         """The current holder's name, or None when nobody leads (StoreError: etcd down)."""
-        kvs = self.etcd.post("kv/range", {"key": _b64(self.key)}).get("kvs", [])
+        answer = self.etcd.post("kv/range", {"key": _b64(self.key)})
+        kvs = answer.get("kvs", [])
         self._seen = base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        self._seen_revision = int(answer.get("header", {}).get("revision", 0)) or None
         return self._seen
 
     @property
@@ -97,7 +107,8 @@ class Leadership:
             if self._leading and not self.is_leader:
                 log.warning("%s: lease not refreshed in time; stepping down", self.name)
                 self._lost()
-            self._stop.wait(self.ttl / 3)
+            if self._leading or self._seen is None or not self._watch_leader():
+                self._stop.wait(self.ttl / 3)
 
     def _campaign(self) -> None:
         if self.leader() is not None:
@@ -117,6 +128,25 @@ class Leadership:
             self._set_leading(True)
         else:  # someone else was quicker: our lease has nothing to keep
             self.etcd.post("kv/lease/revoke", {"ID": lease})
+
+    def _watch_leader(self) -> bool:
+        """Follower: wait up to ``ttl / 3`` s for the leader key to change; False if the
+        watch could not be made (the caller then waits by the clock)."""
+        revision = self._seen_revision
+        if revision is None or self._stop.is_set():
+            return False
+        def watch(client: Etcd3Client) -> None:
+            # Inside the call: Endpoints.call would report the timeout (an Etcd3Exception)
+            # as a refusal.
+            with contextlib.suppress(WatchTimedOut):  # nothing changed: look again anyway
+                client.watch_once(self.key, timeout=self.ttl / 3, start_revision=revision + 1)
+
+        try:
+            self.etcd.call(watch)
+        except (StoreError, OSError) as exc:  # requests' errors are OSErrors
+            log.warning("watching the leader key: %s", exc)
+            return False
+        return True
 
     def _refresh(self) -> None:
         sent = time.monotonic()
