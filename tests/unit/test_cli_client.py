@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -291,19 +293,20 @@ def test_connection_refused_names_the_url_option(tmp_path):
         m.get("/v1/volumes")
 
 
-def test_several_managers_the_first_that_answers_serves(tmp_path):
+@contextlib.contextmanager
+def post_server(answer: Callable[[str, bytes], tuple[int, dict[str, str], bytes]]):
+    """A real HTTP server on loopback whose POSTs ``answer(path, body)`` gives; its port."""
     import http.server
     import threading
 
-    hits = []
-
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            hits.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
-            body = b'{"name": "db"}'
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            status, headers, body = answer(
+                self.path, self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Type": "application/json",
+                         "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
@@ -313,8 +316,22 @@ def test_several_managers_the_first_that_answers_serves(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_several_managers_the_first_that_answers_serves(tmp_path):
+    hits = []
+
+    def answer(path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        hits.append((path, body))
+        return 201, {}, b'{"name": "db"}'
+
+    with post_server(answer) as port:
         dead = f"http://127.0.0.1:{closed_port()}"
-        live = f"127.0.0.1:{server.server_address[1]}"
+        live = f"127.0.0.1:{port}"
         env = {"DROVE_URL": f"{dead}, {live}", "DROVE_TOKEN": "t"}
         t = resolve(data_dir=tmp_path, env=env)
         assert t.url == dead and t.others == (f"http://{live}",)
@@ -331,9 +348,6 @@ def test_several_managers_the_first_that_answers_serves(tmp_path):
         assert f"at {dead} nor at http://127.0.0.1:" in str(err.value)
         with pytest.raises(ManagerNotFound, match="holds no URL"):
             resolve(data_dir=tmp_path, env={"DROVE_URL": " , "})
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ------------------------------------------------------- the typer glue
@@ -424,31 +438,16 @@ def test_every_manager_command_takes_the_options():
 
 
 def test_a_call_waits_out_an_election_but_never_resends_what_may_be_done(tmp_path):
-    import http.server
-    import threading
-
     answers: list[tuple[int, dict[str, str]]] = []
     hits = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            hits.append(self.rfile.read(int(self.headers["Content-Length"])))
-            status, headers = answers.pop(0)
-            body = json.dumps({"detail": f"answer {status}"}).encode()
-            self.send_response(status)
-            for k, v in {**headers, "Content-Type": "application/json",
-                         "Content-Length": str(len(body))}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        hits.append(body)
+        status, headers = answers.pop(0)
+        return status, headers, json.dumps({"detail": f"answer {status}"}).encode()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        env = {"DROVE_URL": f"http://127.0.0.1:{server.server_address[1]}", "DROVE_TOKEN": "t"}
+    with post_server(answer) as port:
+        env = {"DROVE_URL": f"http://127.0.0.1:{port}", "DROVE_TOKEN": "t"}
         with Manager(resolve(data_dir=tmp_path, env=env)) as m:
             # No leader yet, twice (the follower did nothing): sent again, then done once.
             answers[:] = [(503, {"Retry-After": "0"}), (503, {"Retry-After": "0"}), (201, {})]
@@ -461,6 +460,3 @@ def test_a_call_waits_out_an_election_but_never_resends_what_may_be_done(tmp_pat
                 with pytest.raises(ManagerError) as err:
                     m.post("/v1/volumes", {"name": "db"})
                 assert err.value.status == status and len(hits) == 1
-    finally:
-        server.shutdown()
-        server.server_close()

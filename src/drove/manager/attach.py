@@ -88,12 +88,7 @@ class Attacher:
                                                         if mount else None)
             doc["state"] = "attaching"
             self._records.save(doc)
-            try:
-                await self._bring_up(doc)
-            except BaseException:
-                doc["desired"] = "detached"
-                await self.bring_down(doc, keep_desired=False)
-                raise
+            await self._bring_up_or_undo(doc)
             return doc
 
     def _check_take_over(self, doc: dict[str, Any], node: str, force: bool) -> None:
@@ -162,6 +157,11 @@ class Attacher:
                     f"replica it reaches; replicas on {old} failed: "
                     f"{', '.join(failed) or 'none'}; the old engine is stopped by its agent "
                     "if the node returns", name, level="warning")
+        await self._bring_up_or_undo(doc)
+
+    async def _bring_up_or_undo(self, doc: dict[str, Any]) -> None:
+        """Start what ``doc`` needs on its node; on any failure stop what started and leave
+        it detached (then re-raise)."""
         try:
             await self._bring_up(doc)
         except BaseException:
