@@ -27,14 +27,19 @@ class AgentProc:
     """One `drove agent` process and the JSON line it printed when ready."""
 
     def __init__(self, manager, name: str, data_dir: Path, address: str = "127.0.0.2",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), *, token_file: Path | None = None) -> None:
+        """``manager``: one manager, or a list of them to heartbeat to in that order;
+        ``token_file``: the cluster token (default the first manager's)."""
+        managers = manager if isinstance(manager, list) else [manager]
+        token_file = token_file or managers[0].data_dir / "cluster-token"
         self.out = data_dir.with_suffix(".out")
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "drove", "agent", "--manager", manager.url,
+                [sys.executable, "-m", "drove", "agent",
+                 "--manager", ",".join(m.url for m in managers),
                  "--node", name, "--listen", f"{address}:0", "--data-dir", str(data_dir),
-                 "--token-file", str(manager.data_dir / "cluster-token"), "--log-level", "warning",
+                 "--token-file", str(token_file), "--log-level", "warning",
                  *extra], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.info: dict[str, Any] = wait_for(self._ready, 60, f"agent {name} to serve")
 

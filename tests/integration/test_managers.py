@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from test_agent import AgentProc
 
 from backuptools import wait_for
 from etcd import EtcdServer
@@ -99,31 +100,6 @@ class ClusterManager:
         self.proc.wait(30)
 
 
-class Agent:
-    """One `drove agent` heartbeating to ``managers`` (in that order) with the cluster token."""
-
-    def __init__(self, root: Path, name: str, address: str, managers: list[ClusterManager],
-                 token_file: Path) -> None:
-        data_dir = root / name
-        self.out = root / f"{name}.out"
-        with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "drove", "agent",
-                 "--manager", ",".join(m.url for m in managers), "--node", name,
-                 "--listen", f"{address}:0", "--data-dir", str(data_dir),
-                 "--token-file", str(token_file), "--log-level", "warning"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.info: dict[str, Any] = wait_for(self._ready, 60, f"agent {name} to serve")
-
-    def _ready(self) -> dict[str, Any] | None:
-        text = self.out.read_text()
-        for line in text.splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-        assert self.proc.poll() is None, f"drove agent exited: {text[-2000:]}"
-        return None
-
-
 @pytest.fixture
 def cleanup(tmp_path: Path):
     """Every process whose command line names a path under tmp_path is killed at the end."""
@@ -201,8 +177,10 @@ def test_two_managers_one_leads_the_follower_forwards_and_takes_over(
 
     # Agents heartbeat to either manager: n1 to the follower first, n2 to the leader first.
     token_file = follower.data_dir / "cluster-token"
-    n1 = Agent(tmp_path, "n1", "127.0.0.2", [follower, leader], token_file)
-    n2 = Agent(tmp_path, "n2", "127.0.0.3", [leader, follower], token_file)
+    n1 = AgentProc([follower, leader], "n1", tmp_path / "n1", "127.0.0.2",
+                   token_file=token_file)
+    n2 = AgentProc([leader, follower], "n2", tmp_path / "n2", "127.0.0.3",
+                   token_file=token_file)
     assert n1.info["registered"] and n1.info["manager"] == follower.url
     assert n2.info["registered"] and n2.info["manager"] == leader.url
 
@@ -304,7 +282,7 @@ def test_tokens_are_shared_through_etcd_and_each_opens_only_its_door(
     for m in (m1, m2):
         for name in ("token", "cluster-token"):
             assert stat.S_IMODE((m.data_dir / name).stat().st_mode) == 0o600
-    agent = Agent(tmp_path, "n1", "127.0.0.2", [m2], m2.data_dir / "cluster-token")
+    agent = AgentProc(m2, "n1", tmp_path / "n1", "127.0.0.2")
     assert agent.info["registered"]
 
     # The cluster token does not open the user API (on the leader or a follower). A
@@ -491,7 +469,7 @@ def test_a_task_the_dead_leader_ran_is_failed_by_the_next(
         ClusterManager(tmp_path, "m2", store).start()
     wait_for(lambda: leader_of(m1) is not None, 15, "a leader")
     leader, follower = (m1, m2) if leader_of(m2) == m1.url else (m2, m1)
-    Agent(tmp_path, "n1", "127.0.0.2", [follower, leader], follower.data_dir / "cluster-token")
+    AgentProc([follower, leader], "n1", tmp_path / "n1", "127.0.0.2")
     wait_for(lambda: any(n["name"] == "n1" and n["state"] == "up"
                          for n in follower.ok("GET", "/v1/nodes")), 20, "n1 up")
     (tmp_path / "backups").mkdir()
