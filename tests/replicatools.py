@@ -116,6 +116,18 @@ def run(cmd: list[str], *, check: bool = True, timeout: float = 300,
     return res
 
 
+def qemu_io(uri: str, *commands: str, read_only: bool = False) -> str:
+    """Run qemu-io commands on ``uri``; its output. Any failed command fails the test:
+    qemu-io reports a failed command or pattern check in its output and still exits 0."""
+    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+    for c in commands:
+        args += ["-c", c]
+    out = run([*args, uri])
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert "failed" not in text and "Pattern verification" not in text, text
+    return text
+
+
 def kill_all(procs: list[ReplicaProc]) -> None:
     """Stop every process still running (test teardown)."""
     for p in procs:

@@ -21,6 +21,7 @@ import pytest
 from backuptools import wait_for
 from drove.cluster.remoteagent import AgentUnreachableError, RemoteAgent
 from drove.manager.heartbeats import NODE_DOWN_AFTER
+from replicatools import qemu_io
 
 
 class AgentProc:
@@ -166,12 +167,6 @@ def test_the_agent_starts_and_supervises_processes_that_outlive_it(manager, agen
     r = httpx.post(b.info["agent_url"] + "/v1/replicas", json={"volume": "v"},
                    headers={"Authorization": f"Bearer {cluster_token(manager)}"})
     assert r.status_code == 422 and "replica" in r.text
-
-
-def qemu_io(uri: str, cmd: str, read_only: bool = False) -> None:
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + ["-c", cmd, uri]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path):

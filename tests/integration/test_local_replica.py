@@ -21,7 +21,7 @@ import pytest
 
 from drove.replica.chain import Replica
 from enginetools import start_engine
-from replicatools import NBDSH, nbdsh, run
+from replicatools import NBDSH, nbdsh, qemu_io, run
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(300)
@@ -30,20 +30,6 @@ pytestmark = pytest.mark.timeout(300)
 def compare(a: str, b: str) -> None:
     """qemu-img compare two images or NBD exports (raises with the difference)."""
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
-
-
-def qemu_io(uri: str, *commands: str, readonly: bool = False) -> None:
-    """Run qemu-io commands against an NBD export (each command fails the test on error).
-
-    ``readonly`` for a replica's plain head, which is read-only once an engine owned it.
-    """
-    args = ["qemu-io", "-f", "raw", *(["-r"] if readonly else [])]
-    for c in commands:
-        args += ["-c", c]
-    out = run([*args, uri])
-    # qemu-io reports a failed command on stdout and still exits 0.
-    assert b"failed" not in out.stdout and b"Pattern verification" not in out.stdout, \
-        out.stdout.decode()
 
 
 def fill_random(uri: str, size: str) -> None:
@@ -426,7 +412,7 @@ def test_second_engine_claims_the_local_replica_and_fences_the_first(cluster, tm
     # A's first write, are on both replicas; nothing A tried after B took over is.
     for uri in (local.uri("head"), remote.uri("head"), b.uri()):
         qemu_io(uri, "read -P 0xbb 0 64k", "read -P 0xaa 64k 960k", "read -P 0 1M 1M",
-                readonly=True)
+                read_only=True)
     assert b.info()["health"] == "healthy"
     assert a.info()["fenced"] == fenced["fenced"]
 

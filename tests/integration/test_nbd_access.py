@@ -15,7 +15,7 @@ import pytest
 
 from drove.nbd import proto
 from drove.replica.access import KEY_ENV, keyed_export, new_key
-from replicatools import drove_cmd, nbdinfo_json, nbdsh, run
+from replicatools import drove_cmd, nbdinfo_json, nbdsh, qemu_io, run
 
 KEY = new_key()
 PATTERN = "write -P 0x5a 1M 1M"
@@ -24,16 +24,6 @@ PATTERN = "write -P 0x5a 1M 1M"
 def keyed(uri_base: str, export: str, key: str | None = KEY) -> str:
     """``nbd://H:P/`` + the export with ``key`` in front."""
     return uri_base + keyed_export(key, export)
-
-
-def qemu_io(uri: str, *commands: str) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    out = run([*args, uri], check=False)
-    text = (out.stdout + out.stderr).decode(errors="replace")
-    assert out.returncode == 0 and "failed" not in text, text
-    return text
 
 
 def go_without_key(host: str, port: int, name: str) -> tuple[int, bytes, bytes]:

@@ -22,6 +22,7 @@ from accesstools import engine_key
 from backuptools import wait_for
 from drove.manager.heartbeats import NODE_DOWN_AFTER
 from drove.replica.access import keyed_export
+from replicatools import qemu_io
 
 FIO_JOB = ["--name=job", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8",
            "--size=24M", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
@@ -40,12 +41,6 @@ def fio_ok(job: subprocess.Popen) -> None:
     assert "{" in text, err.decode()[-2000:]
     result = json.loads(text[text.index("{"):])["jobs"][0]
     assert result["error"] == 0, err.decode()[-2000:]
-
-
-def qemu_io(uri: str, cmd: str) -> None:
-    r = subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, uri], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def replica_base(manager, v: dict[str, Any], replica: str) -> str:

@@ -8,7 +8,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from replicatools import drove_cmd, nbdinfo_json, nbdsh, run
+from replicatools import drove_cmd, nbdinfo_json, nbdsh, qemu_io, run
 
 MiB = 1 << 20
 
@@ -22,16 +22,6 @@ def write_random_image(path: Path, size: int, seed: int, density: float = 0.5) -
             data[off:off + 64 * 1024] = rnd.randbytes(64 * 1024)
     path.write_bytes(data)
     return bytes(data)
-
-
-def qemu_io(uri: str, *commands: str, readonly: bool = False) -> None:
-    """Run qemu-io commands against ``uri``; any failed pattern check fails the test."""
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if readonly else [])
-    for command in commands:
-        args += ["-c", command]
-    out = run([*args, uri])
-    text = out.stdout + out.stderr
-    assert b"Pattern verification failed" not in text and b"failed" not in text, text
 
 
 def test_nbdinfo_flags_and_list(replicas):
@@ -93,7 +83,7 @@ def test_qemu_io_unaligned(replicas):
             "read -P 0x11 0 1000", "read -P 0x22 1000 3000", "read -P 0x11 4000 4190",
             "read -P 0x33 8190 5", "read -P 0x11 8195 1040375",
             "read -P 0x44 1048570 20", "read -P 0x00 1048590 1000")
-    qemu_io(r.uri("snapshot/s"), "read -P 0x11 0 1048576", readonly=True)
+    qemu_io(r.uri("snapshot/s"), "read -P 0x11 0 1048576", read_only=True)
 
 
 def test_fio_verify_pipelined(replicas, tmp_path):

@@ -19,19 +19,10 @@ import pytest
 from test_agent import AgentProc, node
 
 from backuptools import wait_for
-from replicatools import NBDSH, nbdsh
+from replicatools import NBDSH, nbdsh, qemu_io
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(600)
-
-
-def qemu_io(uri: str, *commands: str, read_only: bool = False) -> None:
-    """Run qemu-io commands on ``uri``; any failure fails the test."""
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
-    for c in commands:
-        args += ["-c", c]
-    r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def alive(pid: int) -> bool:

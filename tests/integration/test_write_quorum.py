@@ -18,20 +18,10 @@ import time
 import pytest
 
 from enginetools import start_engine
-from replicatools import NBDSH, nbdsh, run
+from replicatools import NBDSH, nbdsh, qemu_io, run
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(300)
-
-
-def qemu_io(uri: str, *commands: str, readonly: bool = False) -> None:
-    """Run qemu-io commands against an NBD export; any failed command fails the test."""
-    args = ["qemu-io", "-f", "raw", *(["-r"] if readonly else [])]
-    for c in commands:
-        args += ["-c", c]
-    out = run([*args, uri])
-    assert b"failed" not in out.stdout and b"Pattern verification" not in out.stdout, \
-        out.stdout.decode()
 
 
 def events(eng, kind: str) -> list[dict]:
@@ -78,7 +68,7 @@ def test_a_cut_off_engine_acknowledges_nothing_on_its_local_replica_alone(cluste
                        "h.trim(65536, 65536)", "h.flush()"):
             assert 2.5 <= timed_failure(a.uri(), script) < 30
         # None of them reached even the local replica.
-        qemu_io(a.uri(), "read -P 0xaa 0 2M", readonly=True)
+        qemu_io(a.uri(), "read -P 0xaa 0 2M", read_only=True)
         # While they wait, the engine says so.
         waiting = subprocess.Popen([*NBDSH, "-c", f"h.connect_uri({a.uri()!r})\n"
                                     "h.pwrite(b'\\xce' * 4096, 0)"],
@@ -94,11 +84,11 @@ def test_a_cut_off_engine_acknowledges_nothing_on_its_local_replica_alone(cluste
                      names=["r1"])
     cluster.track(b)
     assert b.info()["write_quorum"]["required"] is False  # no local replica: every ack is remote
-    qemu_io(b.uri(), "read -P 0xaa 0 2M", readonly=True)
+    qemu_io(b.uri(), "read -P 0xaa 0 2M", read_only=True)
     qemu_io(b.uri(), "write -P 0xbb 0 64k", "flush")
     # A still acknowledges nothing.
     timed_failure(a.uri(), "h.pwrite(b'\\xcf' * 4096, 0)")
-    qemu_io(b.uri(), "read -P 0xbb 0 64k", "read -P 0xaa 64k 1984k", readonly=True)
+    qemu_io(b.uri(), "read -P 0xbb 0 64k", "read -P 0xaa 64k 1984k", read_only=True)
 
 
 def test_writes_wait_for_an_outside_replica_and_go_on_when_one_joins(cluster):
@@ -141,7 +131,7 @@ print("written", flush=True)
     assert events(eng, "write-quorum-met")
     for uri in (eng.uri(), cluster.local.uri("head"), r2.uri("head")):
         qemu_io(uri, "read -P 0x11 0 3M", "read -P 0x22 3M 1M", "read -P 0x11 4M 12M",
-                readonly=True)
+                read_only=True)
 
 
 def test_the_quorum_needs_a_local_replica_and_others(cluster, tmp_path):
@@ -205,4 +195,4 @@ def test_the_manager_says_writes_wait_and_the_healer_ends_the_wait(manager, tmp_
     assert v["write_quorum"]["met"] is True
     assert [e for e in manager.events("v") if e["kind"] == "write-quorum-met"]
     qemu_io(v["nbd_uri"], "read -P 0x55 0 4M", "read -P 0x66 4M 1M", "read -P 0x55 5M 11M",
-            readonly=True)
+            read_only=True)
