@@ -311,7 +311,9 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
     @app.post("/v1/cluster/heartbeat", dependencies=[Depends(cluster_auth)])
     async def heartbeat(req: Heartbeat) -> dict[str, Any]:
         """A node agent's heartbeat (cluster token); registers its node the first time."""
-        return manager.heartbeat(req.model_dump())
+        # A few store calls per node every second: on etcd each is a round trip, which must
+        # not hold the loop that drives the engines and the healer.
+        return await asyncio.to_thread(manager.heartbeat, req.model_dump())
 
     @app.get("/v1/cluster", dependencies=secured)
     async def cluster_status() -> dict[str, Any]:
