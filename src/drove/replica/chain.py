@@ -88,6 +88,7 @@ class LayerInfo:
     checksum: str | None
     head: bool
     incomplete: bool = False
+    base: Mapping[str, str] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1161,6 +1162,10 @@ class Replica:
         # Layers this replica has under the same file name keep their data.
         keep = {f for f in new_metas if f in vol.layers and f != vol.head}
         reuse = reuse_head_as if reuse_head_as is not None and reuse_head_as not in keep else None
+        # A file shared with another replica (a clone's hard link) keeps its data only if
+        # it needs no resize: a resize would change it for the others too.
+        keep = {f for f in keep if os.stat(self._dir / f).st_nlink == 1
+                or os.stat(self._dir / f).st_size == new_metas[f].size}
         current = {f: os.stat(self._dir / f).st_size for f in keep}
         if reuse is not None:
             current[reuse] = os.fstat(self._head_fd).st_size
@@ -1257,6 +1262,8 @@ class Replica:
         self._check_usable()
         self._layer_meta(file)
         writable = file in self._incomplete
+        if writable:
+            self._make_private(file)  # a rebuild writes into it: never into a shared file
         path = self._dir / file
         fd = meta.fs.open_write(path, os.O_RDWR) if writable else os.open(path, _O_RO)
         return LayerHandle(self, file, self._layer_inc[file], fd, writable)
@@ -1367,8 +1374,9 @@ class Replica:
         """The next purge action (kind, removed layer, its child) or None when done."""
         children = self._children()
         for f in self._vol.layers:
-            if not self._metas[f].removed or f in self._incomplete:
-                continue  # an incomplete layer waits for its rebuild to finish
+            if (not self._metas[f].removed or f in self._incomplete
+                    or self._metas[f].base is not None):
+                continue  # an incomplete layer waits for its rebuild; a base one is not ours
             kids = children.get(f, [])
             if not kids:
                 return "remove", f, ""
@@ -1397,8 +1405,11 @@ class Replica:
         """Fold removed snapshot ``s`` into its only child ``c`` (a snapshot), in steps."""
         gen = self._gen
         sm = self._metas[s]
-        # Invalidate c's cached checksum before its data changes.
+        # Invalidate c's cached checksum before its data changes, then make sure no other
+        # replica shares c's file (a clone's hard link): in that order, so a clone made
+        # concurrently sees either the checksum gone or the link count (drove.replica.clone).
         self._changing(c)
+        self._make_private(c)
         src = os.open(self._dir / s, _O_RO)
         dst = meta.fs.open_write(self._dir / c, os.O_RDWR)
         try:
@@ -1440,6 +1451,10 @@ class Replica:
         """Punch removed snapshot ``s`` wherever its only child, the head, holds data."""
         gen = self._gen
         sm = self._metas[s]
+        if os.stat(self._dir / s).st_nlink > 1:
+            # Shared with a clone (a hard link): punching it would change what the clone
+            # reads.  Pruning only saves space, so leave s whole; a fold reclaims it later.
+            return
         self._changing(s)
         dst = meta.fs.open_write(self._dir / s, os.O_RDWR)
         try:
@@ -1478,6 +1493,70 @@ class Replica:
                 new = replace(m, checksum=None)
                 self._install_json(meta_file(file), new.to_json())
                 self._metas[file] = new
+
+    def _make_private(self, file: str) -> None:
+        """Give layer ``file`` a file of its own if it is shared (hard-linked) with another
+        replica: the format's rule is that a file with more than one link is never modified
+        in place, so nothing done here changes what another volume reads."""
+        path = self._dir / file
+        if os.stat(path).st_nlink <= 1:
+            return
+        tmp = self._dir / (file + meta.TMP_SUFFIX)  # an unlisted leftover if we crash
+        src = os.open(path, _O_RO)
+        try:
+            dst = meta.fs.open_write(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                size = os.fstat(src).st_size
+                meta.fs.ftruncate(dst, size)
+                for a, b in _block_extents(src, 0, -(-size // BLOCK)):
+                    _copy_range(src, dst, a * BLOCK, min(b * BLOCK, size))
+                meta.fs.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        meta.fs.replace(tmp, path)
+        try:
+            meta.fs.fsync(self._dirfd)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        self._files.drop(file)
+        log.info("%s: layer %s was shared with another replica: copied it to write it", self._dir,
+                 file)
+
+    def flatten(self) -> list[str]:
+        """Stop sharing: every base layer (a linked clone's) gets its own file and becomes a
+        removed snapshot of this replica, which :meth:`purge` then folds.  The files made
+        private, in chain order."""
+        self._check_usable()
+        self._refuse_if_rebuilding("flatten")
+        done = []
+        for f in list(self._vol.layers):
+            m = self._metas[f]
+            if m.base is None:
+                continue
+            self._make_private(f)
+            with self._meta_lock:
+                new = replace(self._metas[f], base=None, removed=True)
+                self._install_json(meta_file(f), new.to_json())
+                self._metas[f] = new
+                self._live.pop(f, None)
+            done.append(f)
+        self._gen += 1
+        return done
+
+    def shared(self) -> tuple[int, int]:
+        """(bytes allocated in layer files shared with another replica, bytes in our own)."""
+        self._check_usable()
+        shared = owned = 0
+        for f in self._vol.layers:
+            st = os.fstat(self._head_fd) if f == self._vol.head else os.stat(self._dir / f)
+            if st.st_nlink > 1:
+                shared += st.st_blocks * 512
+            else:
+                owned += st.st_blocks * 512
+        return shared, owned
 
     # ------------------------------------------------------------ internals
 
@@ -1622,9 +1701,9 @@ class Replica:
         return out
 
     def _snapshot_meta(self, name: str) -> LayerMeta | None:
-        """The live snapshot called ``name``, if any."""
+        """The live snapshot called ``name``, if any (a clone's base layers are not its own)."""
         for m in self._metas.values():
-            if m.name == name and not m.removed:
+            if m.name == name and not m.removed and m.base is None:
                 return m
         return None
 
@@ -1647,7 +1726,7 @@ class Replica:
             children=tuple(children.get(file, ())), created=m.created,
             labels=dict(m.labels), removed=m.removed, size=self._vol.size if head else m.size,
             allocated=st.st_blocks * 512, checksum=m.checksum, head=head,
-            incomplete=m.incomplete,
+            incomplete=m.incomplete, base=dict(m.base) if m.base is not None else None,
         )
 
 
@@ -1784,6 +1863,8 @@ def _parse_source_layers(layers: Any) -> dict[str, LayerMeta]:
             raise InvalidRequestError(
                 f"layers[{i}] ({d['file']!r}) is the source's head: leave it out")
         obj = {k: d[k] for k in _SOURCE_KEYS}
+        if d.get("base") is not None:  # a clone's base layer stays one on the copy
+            obj["base"] = d["base"]
         obj["format"] = meta.FORMAT_VERSION
         obj["checksum"] = None
         try:

@@ -298,16 +298,22 @@ class LayerMeta:
     checksum: str | None = None
     # Being rebuilt: the layer's data is still being copied from another replica.
     incomplete: bool = False
+    # A linked clone's base layer: {"volume", "snapshot"} the clone was made from.  Its
+    # file may be a hard link shared with other replicas: never a snapshot of this
+    # volume (not listed as one, not deletable, no revert to it), never written in place.
+    base: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to the layer's .meta file."""
-        out = {
+        out: dict[str, Any] = {
             "format": FORMAT_VERSION, "name": self.name, "file": self.file,
             "parent": self.parent, "created": self.created, "labels": dict(self.labels),
             "removed": self.removed, "size": self.size, "checksum": self.checksum,
         }
         if self.incomplete:
             out["incomplete"] = True
+        if self.base is not None:
+            out["base"] = dict(self.base)
         return out
 
     @classmethod
@@ -328,6 +334,7 @@ class LayerMeta:
                                f"({type(incomplete).__name__})")
         if incomplete and checksum is not None:
             raise ReplicaError(f"{where}: an incomplete layer cannot have a checksum")
+        base = parse_base(obj.get("base"), where)
         if name is not None and not NAME_RE.match(name):
             raise ReplicaError(f"{where}: invalid snapshot name {name!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
@@ -340,7 +347,18 @@ class LayerMeta:
             raise ReplicaError(f"{where}: 'created' is not an ISO-8601 time: {created!r}") from None
         return cls(file=file, name=name, parent=parent, created=created, size=size,
                    labels=dict(labels), removed=removed, checksum=checksum,
-                   incomplete=incomplete)
+                   incomplete=incomplete, base=base)
+
+
+def parse_base(raw: Any, where: str) -> dict[str, str] | None:
+    """A layer's ``base`` marker ({"volume", "snapshot"} strings) or None; ReplicaError."""
+    if raw is None:
+        return None
+    if (not isinstance(raw, dict) or set(raw) != {"volume", "snapshot"}
+            or not all(isinstance(v, str) and v for v in raw.values())):
+        raise ReplicaError(f"{where}: 'base' must be {{\"volume\": ..., \"snapshot\": ...}}, "
+                           f"not {raw!r}")
+    return {"volume": raw["volume"], "snapshot": raw["snapshot"]}
 
 
 def _check_format(obj: Any, where: str) -> None:
@@ -418,9 +436,10 @@ def check_tree(
             raise ReplicaError(f"{mpath}: layer is its own parent")
         is_head = file == vol.head
         if is_head:
-            if m.name is not None or m.removed or m.checksum is not None or m.incomplete:
-                raise ReplicaError(f"{mpath}: the head must have no name, checksum, removal "
-                                   "or incomplete flag")
+            if (m.name is not None or m.removed or m.checksum is not None or m.incomplete
+                    or m.base is not None):
+                raise ReplicaError(f"{mpath}: the head must have no name, checksum, removal, "
+                                   "incomplete flag or base marker")
             if file_sizes[file] < vol.size:
                 raise ReplicaError(f"{where / file}: file size {file_sizes[file]} is smaller "
                                    f"than the volume size {vol.size}")
@@ -435,7 +454,7 @@ def check_tree(
                                    f"match size {m.size} in {mpath.name}")
             if m.size > vol.size:
                 raise ReplicaError(f"{mpath}: size {m.size} exceeds the volume size {vol.size}")
-            if not m.removed:
+            if not m.removed and m.base is None:  # base layers are not this volume's
                 if m.name in live_names:
                     raise ReplicaError(f"{mpath}: snapshot name {m.name!r} is also used by "
                                        f"{live_names[m.name]}")
