@@ -22,7 +22,9 @@ import time
 from typing import Any
 
 from drove import __version__
+from drove.replica import diff
 from drove.replica.access import Gate
+from drove.replica.backingapi import add_routes as add_backing_routes
 from drove.replica.chain import LayerInfo
 from drove.replica.errors import (
     ChecksumMismatchError,
@@ -247,6 +249,17 @@ class ReplicaControl:
         )
         return {"file": file, "range_size": range_size, "digests": digests}
 
+    async def diff(self, since: str, to: str | None) -> dict[str, Any]:
+        """The extents that differ between snapshot ``since`` and ``to`` (None: the head).
+
+        Under the structural lock, so no purge step runs between the layers' scans;
+        the scan itself (SEEK_DATA over the layers) runs in a thread.
+        """
+        async with self._lock:
+            with diff.Delta.open(self.replica, since, to) as delta:
+                extents = await asyncio.get_running_loop().run_in_executor(None, delta.scan)
+                return diff.to_json(delta.plan, extents)
+
     def set_engine_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Store the engine's state durably (its generation only grows); returns it."""
         self._recheck("store the engine state")
@@ -438,6 +451,16 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
         """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
         return await control.layer_digests(file, range_size)
 
+    @app.get("/v1/diff", query={
+        "since": Field("str", description="the older snapshot (FROM)"),
+        "to": Field("str", nullable=True, default=None,
+                    description="the newer snapshot (TO); absent: the head"),
+    })
+    async def snapshot_diff(since: str, to: str | None) -> dict[str, Any]:
+        """The extents (offset, length) whose data may differ between two snapshots, from
+        the layers' allocation (no data is read); see drove.replica.diff."""
+        return await control.diff(since, to)
+
     # twice the stored limit: the chain itself refuses a larger state, with a clear message
     @app.put("/v1/engine-state", body=ENGINE_STATE, max_body=2 * ENGINE_STATE_MAX)
     async def put_engine_state(body: dict[str, Any]) -> dict[str, Any]:
@@ -469,4 +492,5 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
         """Verify a rebuilt layer against the source's checksum; then it is complete."""
         return await control.complete_layer(file, body.checksum)
 
+    add_backing_routes(app, control)
     return app

@@ -23,10 +23,14 @@ from collections.abc import Sequence
 from drove.nbd.errors import ExportRefused
 from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Capabilities, Extent
 from drove.replica.access import Gate
+from drove.replica.diff import Delta
+from drove.replica.errors import InvalidRequestError, RebuildingError
 from drove.replica.fence import Fence, StaleEpochError, parse_head_epoch
 
 HEAD_EXPORT = "head"
 SNAPSHOT_PREFIX = "snapshot/"
+SINCE_MARK = "@since="
+BACKING_MARK = "@holes=backing"
 LAYER_PREFIX = "layer/"
 
 # Bulk reads and block status of layer exports run in a worker thread from this
@@ -104,6 +108,26 @@ class FlushGate:
             await self._idle.wait()
 
 
+async def fetch_backing(replica, offset: int, length: int) -> None:
+    """Fetch the backup blocks a read of the range needs (an instant restore) without
+    blocking the loop; the chain would otherwise fetch them inline."""
+    if replica.backing is not None:
+        missing = replica.backing_missing(offset, length)
+        if missing:
+            await replica.backing.ensure(missing)
+
+
+async def fetch_backing_edges(replica, offset: int, length: int) -> None:
+    """:func:`fetch_backing` for the partly covered 4 KiB blocks a write reads to complete."""
+    if replica.backing is None or not length:
+        return
+    end = offset + length
+    if offset % 4096:
+        await fetch_backing(replica, offset - offset % 4096, 4096)
+    if end % 4096:
+        await fetch_backing(replica, end - end % 4096, 4096)
+
+
 def _head_description(readonly: bool) -> str:
     return "drove replica head " + ("(read-only: an engine owns this replica)" if readonly
                                     else "(read-write)")
@@ -145,6 +169,7 @@ class HeadExport:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read through the chain."""
+        await fetch_backing(self._replica, offset, length)
         return self._replica.read(offset, length)
 
     def read_now(self, offset: int, length: int) -> bytes:
@@ -167,12 +192,14 @@ class HeadExport:
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Read through the chain straight into ``buf`` (an engine's arena slot)."""
+        await fetch_backing(self._replica, offset, memoryview(buf).nbytes)
         self._replica.readinto(offset, buf)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write into the head."""
         if self._revoked:
             self._check()
+        await fetch_backing_edges(self._replica, offset, len(data))
         self._replica.write(offset, data, fua=fua)
 
     async def zero(
@@ -181,11 +208,13 @@ class HeadExport:
     ) -> None:
         """Make the range read zeros (punching where no older layer shows through)."""
         self._check()
+        await fetch_backing_edges(self._replica, offset, length)
         self._replica.zero(offset, length, fua=fua, fast=fast)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard the range; drove reads discarded ranges as zeros."""
         self._check()
+        await fetch_backing_edges(self._replica, offset, length)
         self._replica.trim(offset, length, fua=fua)
 
     async def flush(self) -> None:
@@ -243,6 +272,73 @@ class SnapshotExport:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation in the snapshot's chain."""
         return _chain_status(self._view.block_status, offset, length)
+
+
+def delta_export_name(snapshot: str, since: str, backing: bool = False) -> str:
+    """The name of the export of ``snapshot`` showing only what changed since ``since``
+    (``backing``: its unchanged extents are holes without ZERO; see DeltaExport)."""
+    return f"{SNAPSHOT_PREFIX}{snapshot}{SINCE_MARK}{since}{BACKING_MARK if backing else ''}"
+
+
+class DeltaExport(SnapshotExport):
+    """Snapshot TO as changed since snapshot FROM (``snapshot/TO@since=FROM``).
+
+    Block status reports the changed extents (drove.replica.diff) as data and the
+    rest as HOLE|ZERO; reads give TO's data on the changed extents and zeros
+    elsewhere, as that status promises.  A client that skips zero extents (nbdcopy
+    --destination-is-zero, qemu-img convert -n --target-is-zero) onto an image of
+    FROM so copies only the delta and leaves TO.  Changed extents are data even
+    where TO reads zeros: those zeros must reach the copy (hence also
+    ``--sparse=0`` on nbdcopy, which would skip zero data too).
+
+    With ``backing`` (``...@holes=backing``) the unchanged extents are holes
+    without the ZERO flag and read as TO's data: what a client writing an
+    image over a backing file of FROM wants (qemu-img convert -B leaves such
+    holes to the backing file, and writes zero data as zero clusters that hide
+    it), where HOLE|ZERO would make it write zeros over the backing file.
+    """
+
+    def __init__(self, name: str, since: str, view, delta: Delta,
+                 backing: bool = False) -> None:
+        super().__init__(name, view)
+        self.name = delta_export_name(name, since, backing)
+        self.description = f"drove snapshot {name}, changes since {since} (read-only)"
+        self._delta = delta
+        self._unchanged = NBD_STATE_HOLE if backing else _HOLE
+        self._backing = backing
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """TO's data where it changed, and elsewhere zeros (or TO's data with ``backing``)."""
+        if self._backing:
+            return self._view.read(offset, length)
+        changed = self._delta.extents(offset, offset + length)
+        if changed == [(offset, offset + length)]:
+            return self._view.read(offset, length)
+        self._view.size  # noqa: B018 - raises ESHUTDOWN once TO is deleted
+        buf = bytearray(length)
+        for s, e in changed:
+            buf[s - offset:e - offset] = self._view.read(s, e - s)
+        return bytes(buf)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Changed extents as data (flags 0), the rest as HOLE|ZERO (HOLE with ``backing``);
+        may cover less."""
+        self._view.size  # noqa: B018 - raises ESHUTDOWN once TO is deleted
+        return [e if e.flags == 0 else Extent(e.length, self._unchanged)
+                for e in _chain_status(self._changed_runs, offset, length)]
+
+    def _changed_runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, changed) runs covering [offset, offset + length)."""
+        out: list[tuple[int, bool]] = []
+        pos = offset
+        for s, e in self._delta.extents(offset, offset + length):
+            if s > pos:
+                out.append((s - pos, False))
+            out.append((e - s, True))
+            pos = e
+        if pos < offset + length:
+            out.append((offset + length - pos, False))
+        return out
 
 
 class LayerExport:
@@ -356,7 +452,18 @@ class ReplicaExports:
                 raise ExportRefused(str(exc)) from None
             return self._fence.track(HeadExport(self._replica, self._gate, name=name,
                                                 epoch=epoch))
-        if name.startswith(SNAPSHOT_PREFIX):
+        if name.startswith(SNAPSHOT_PREFIX) and SINCE_MARK in name:
+            snap, since = name[len(SNAPSHOT_PREFIX):].split(SINCE_MARK, 1)
+            backing = since.endswith(BACKING_MARK)
+            since = since.removesuffix(BACKING_MARK)
+            live = self._live_snapshots()
+            if snap in live and since in live:
+                try:
+                    delta = Delta.open(self._replica, since, snap)
+                except (InvalidRequestError, RebuildingError) as exc:
+                    raise ExportRefused(str(exc)) from None  # the client sees why
+                return DeltaExport(snap, since, self._replica.view(snap), delta, backing)
+        elif name.startswith(SNAPSHOT_PREFIX):
             snap = name[len(SNAPSHOT_PREFIX):]
             if snap in self._live_snapshots():
                 return SnapshotExport(snap, self._replica.view(snap))
