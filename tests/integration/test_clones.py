@@ -152,7 +152,7 @@ def test_deleted_snapshot_is_hidden_until_the_last_clone_goes(
 
 def test_flatten_makes_a_clone_stand_alone(source: tuple[ManagerProc, Path],
                                            tmp_path: Path) -> None:
-    m, s1 = source
+    m, _ = source
     m.cli("volume", "clone", "src", "c1", "--snapshot", "s1")
     u = attach(m, "c1")
     qemu_io(u, "write -P 0x77 40M 1M")
