@@ -4,10 +4,11 @@ and a qcow2 delta over a qcow2 of FROM written by qemu-img."""
 
 from __future__ import annotations
 
-import re
+import json
 import shutil
 from pathlib import Path
 
+from exporttools import delta_copy, same_image
 from replicatools import nbdinfo_json, qemu_io, run
 
 MiB = 1 << 20
@@ -21,29 +22,6 @@ def _image(uri: str, path: Path, fmt: str = "raw") -> Path:
     """A copy of the export at ``uri`` (qemu-img convert, sparse)."""
     run(["qemu-img", "convert", "-f", "raw", "-O", fmt, uri, str(path)])
     return path
-
-
-def _same(a: Path, b: Path, fmt_a: str = "raw") -> bool:
-    return run(["qemu-img", "compare", "-f", fmt_a, "-F", "raw", str(a), str(b)],
-               check=False).returncode == 0
-
-
-def delta_copy(uri: str, target: Path, stats: Path) -> int:
-    """Copy the delta export ``uri`` onto the raw image ``target`` with nbdcopy, through an
-    nbdkit stats filter; the bytes nbdcopy read.
-
-    nbdcopy truncates a plain file target, so the target is served by qemu-nbd.  It
-    skips the HOLE|ZERO extents (--destination-is-zero: the target holds FROM there),
-    writes zero data as data (--sparse=0) and, as libnbd 1.14 reads whole requests
-    around any data, asks in 4 KiB requests (the delta's granularity).
-    """
-    run(["nbdcopy", "--destination-is-zero", "--sparse=0", "--request-size=4096", "--",
-         "[", "nbdkit", "--filter=stats", "nbd", f"uri={uri}", f"statsfile={stats}", "]",
-         "[", "qemu-nbd", "-f", "raw", str(target), "]"])
-    text = stats.read_text()
-    m = re.search(r"^read: (\d+) ops", text, re.M)
-    assert m, text
-    return int(m.group(1)) * 4096
 
 
 def _volume(replicas):
@@ -114,7 +92,7 @@ def test_delta_export_map_and_nbdcopy_onto_from(replicas, tmp_path):
     target = tmp_path / "target.img"
     shutil.copy(a, target)
     read = delta_copy(uri, target, tmp_path / "stats.txt")
-    assert _same(target, b)
+    assert same_image(target, b)
     assert read == sum(n for _, n in A_TO_B)  # the delta, not the 1.3 MiB of a nor 32 MiB
 
 
@@ -125,14 +103,7 @@ def test_qcow2_delta_over_a_backing_file(replicas, tmp_path):
     delta = tmp_path / "b-since-a.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", "a.qcow2", "-F", "qcow2",
          r.uri("snapshot/b@since=a@holes=backing"), str(delta)])
-    assert _same(delta, b, "qcow2")
+    assert same_image(delta, b, "qcow2")
     # Only clusters around the changed extents are in the delta itself (64 KiB clusters).
-    own = [e for e in nbdinfo_json_map_qcow2(delta) if e["depth"] == 0]
-    assert sum(e["length"] for e in own) <= 4 * 64 * 1024 + MiB
-
-
-def nbdinfo_json_map_qcow2(path: Path) -> list[dict]:
-    """qemu-img map of a qcow2 image as JSON."""
-    import json
-
-    return json.loads(run(["qemu-img", "map", "--output=json", str(path)]).stdout)
+    mapped = json.loads(run(["qemu-img", "map", "--output=json", str(delta)]).stdout)
+    assert sum(e["length"] for e in mapped if e["depth"] == 0) <= 4 * 64 * 1024 + MiB

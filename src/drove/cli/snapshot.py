@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -9,11 +11,12 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from drove.cli.client import Manager, labels_text, local_time, with_manager
-from drove.cli.output import JsonOpt, console, emit, parse_labels
+from drove.cli.output import JsonOpt, console, emit, fail, parse_labels
 from drove.units import format_size
 
 app = typer.Typer(help="Snapshots of a volume: create, list (as a tree), delete, revert, "
-                       "export over NBD.", no_args_is_help=True)
+                       "diff, export over NBD or to qcow2 (whole or incremental).",
+                  no_args_is_help=True)
 
 VolumeArg = Annotated[str, typer.Argument(help="volume name", show_default=False)]
 SnapArg = Annotated[str, typer.Argument(help="snapshot name", show_default=False)]
@@ -137,13 +140,115 @@ def revert(mgr: Manager, volume: VolumeArg, name: SnapArg, json_out: JsonOpt = F
                       highlight=False)
 
 
+class ExportFormat(StrEnum):
+    """What `drove snapshot export` produces."""
+
+    nbd = "nbd"
+    qcow2 = "qcow2"
+
+
 @app.command()
 @with_manager
-def export(mgr: Manager, volume: VolumeArg, name: SnapArg, json_out: JsonOpt = False) -> None:
-    """Serve snapshot NAME of VOLUME read-only over NBD and print its URI.
+def export(
+    mgr: Manager,
+    volume: VolumeArg,
+    name: SnapArg,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="an older snapshot FROM: export only what changed since it",
+        show_default=False)] = None,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="nbd: print the NBD URI; qcow2: write --output")] = ExportFormat.nbd,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="the qcow2 file to write (--format qcow2)",
+        show_default=False)] = None,
+    backing: Annotated[Path | None, typer.Option(
+        "--backing", help="with --since and --format qcow2: a qcow2 (or raw) image of FROM, "
+                          "the backing file of the delta written", show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve snapshot NAME of VOLUME read-only over NBD and print its URI, or write it
+    to a qcow2 file.
 
-    Example: qemu-img convert -O qcow2 "$(drove snapshot export db s1)" s1.qcow2
+    With --since FROM the export's block status reports only what changed since
+    snapshot FROM as data, the rest as zero holes: copy it onto an image of FROM
+    with a client that leaves zero holes alone and writes zero data, e.g.
+
+        nbdcopy --destination-is-zero --sparse=0 --request-size=4096 URI TARGET
+
+    (TARGET an NBD URI or a block device holding FROM: nbdcopy empties plain files.)
+    With --format qcow2 --since FROM --backing FROM.qcow2 the file holds only the
+    changes, over FROM.qcow2.
+
+    Examples:
+
+        qemu-img convert -O qcow2 "$(drove snapshot export db s1)" s1.qcow2
+
+        drove snapshot export db s1 --format qcow2 -o s1.qcow2
+
+        drove snapshot export db s2 --since s1 --format qcow2 -o s2.qcow2 --backing s1.qcow2
     """
-    res = mgr.post(_path(volume, f"/snapshots/{name}/export"))
+    if fmt is ExportFormat.qcow2 and output is None:
+        fail("--format qcow2 needs --output FILE")
+    if fmt is ExportFormat.nbd and (output is not None or backing is not None):
+        fail("--output and --backing go with --format qcow2")
+    if backing is not None and since is None:
+        fail("--backing goes with --since FROM: it is the image of FROM the delta sits on")
+    if fmt is ExportFormat.qcow2 and since is not None and backing is None:
+        fail("--since with --format qcow2 needs --backing FROM.qcow2 (an image of FROM)")
+    if output is not None and output.exists():
+        fail(f"{output} exists: choose another --output or remove it")
+    if backing is not None and not backing.is_file():
+        fail(f"--backing {backing}: no such file")
+    body = {"since": since} if since is not None else None
+    res = mgr.post(_path(volume, f"/snapshots/{name}/export"), body)
+    if output is not None:
+        from drove.cli.imagefile import write_qcow2
+
+        uri = res["backing_nbd_uri"] if since is not None else res["nbd_uri"]
+        write_qcow2(uri, output, backing=backing, quiet=json_out)
+        res = {**res, "output": str(output), "backing": None if backing is None
+               else str(backing)}
+        if not emit(res, json_out):
+            what = f"changes of {name} since {since}" if since else f"snapshot {name}"
+            console.print(f"{escape(what)} of volume {escape(volume)} written to "
+                          f"{escape(str(output))}", highlight=False)
+        return
     if not emit(res, json_out):
         typer.echo(res["nbd_uri"])
+
+
+@app.command()
+@with_manager
+def diff(
+    mgr: Manager,
+    volume: VolumeArg,
+    since: Annotated[str, typer.Argument(help="the older snapshot", metavar="FROM",
+                                         show_default=False)],
+    to: Annotated[str | None, typer.Argument(help="the newer snapshot", metavar="[TO]",
+                                             show_default=False)] = None,
+    to_head: Annotated[bool, typer.Option(
+        "--to-head", help="compare FROM with the live head instead of a snapshot TO")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the extents of VOLUME that differ between snapshots FROM and TO (or the head).
+
+    Read from the chain's allocation, without reading data: a block written in any
+    layer after FROM up to TO counts, even if rewritten with the same bytes.  When
+    a revert made FROM and TO branches, the diff goes through their common ancestor
+    (what FROM holds there differs too).  --json prints since, to, head, ancestor,
+    branch, size, block_size, bytes and extents (offset and length pairs, in bytes).
+
+    Examples:
+
+        drove snapshot diff db s1 s2
+
+        drove snapshot diff db s1 --to-head --json
+    """
+    if (to is None) == (not to_head):
+        fail("give either TO or --to-head")
+    res = mgr.get(_path(volume, "/diff"), since=since, to=to)
+    if emit(res, json_out):
+        return
+    from drove.cli.imagefile import diff_table
+
+    console.print(diff_table(res))

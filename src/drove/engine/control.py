@@ -98,6 +98,21 @@ def build_app(engine: Engine) -> App:
         """The chain (every layer with parent, labels, size) as the replicas hold it."""
         return await engine.layers()
 
+    @app.get("/v1/diff", query={
+        "since": Field("str", description="the older snapshot (FROM)"),
+        "to": Field("str", nullable=True, default=None,
+                    description="the newer snapshot (TO); absent: the head"),
+    })
+    async def snapshot_diff(since: str, to: str | None) -> dict[str, Any]:
+        """The extents that may differ between two snapshots (or one and the head), from a
+        RW replica's layers (no data is read; see drove.replica.diff)."""
+        rw = engine.mirror.rw_members()
+        if not rw:
+            raise EngineError(f"volume {engine.name} has no RW replica", 409)
+        params = {"since": since} if to is None else {"since": since, "to": to}
+        return await rw[0].call("GET", "/v1/diff", slow=True,  # type: ignore[attr-defined]
+                                params=params)
+
     @app.post("/v1/snapshots", status=201, body=SNAPSHOT)
     async def snapshot(body: Any) -> dict[str, Any]:
         """Snapshot every replica; the answer reports how long I/O was paused."""

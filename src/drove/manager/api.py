@@ -116,6 +116,13 @@ class SnapshotCreate(Strict):
     labels: Labels = Field(default_factory=dict)
 
 
+class SnapshotExport(Strict):
+    """Export a snapshot over NBD; with ``since``, only what changed since an older one."""
+
+    since: str | None = Field(None, description="an older snapshot: the export's block "
+                                                "status shows only what changed since it")
+
+
 class Revert(Strict):
     """Revert a volume to a snapshot."""
 
@@ -405,9 +412,18 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         return await manager.revert(name, req.snapshot)
 
     @app.post("/v1/volumes/{name}/snapshots/{snapshot}/export", dependencies=secured)
-    async def export_snapshot(name: str, snapshot: str) -> dict[str, Any]:
-        """A read-only NBD URI serving the snapshot."""
-        return await manager.export_snapshot(name, snapshot)
+    async def export_snapshot(name: str, snapshot: str,
+                              req: SnapshotExport | None = None) -> dict[str, Any]:
+        """A read-only NBD URI serving the snapshot (with ``since``: its changes since an
+        older snapshot as data, the rest as holes; see docs/api.md)."""
+        return await manager.export_snapshot(name, snapshot, (req or SnapshotExport()).since)
+
+    @app.get("/v1/volumes/{name}/diff", dependencies=secured)
+    async def snapshot_diff(name: str, since: str,
+                            to: str | None = None) -> dict[str, Any]:
+        """The extents (offset, length) that may differ between snapshot ``since`` and ``to``
+        (absent: the live head), from the chain's allocation, without reading data."""
+        return await manager.snapshot_diff(name, since, to)
 
     @app.get("/v1/events", dependencies=secured)
     async def events(volume: str | None = None,

@@ -387,9 +387,15 @@ class Manager:
         """Revert the volume to a snapshot (attached, with no client connected)."""
         return self.view(await self._snapshots.revert(name, snapshot))
 
-    async def export_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
-        """A read-only NBD URI serving ``snapshot`` (from a healthy replica)."""
-        return await self._snapshots.export(name, snapshot)
+    async def export_snapshot(self, name: str, snapshot: str,
+                              since: str | None = None) -> dict[str, Any]:
+        """A read-only NBD URI serving ``snapshot`` (from a healthy replica); with ``since``,
+        only what changed since that older snapshot."""
+        return await self._snapshots.export(name, snapshot, since)
+
+    async def snapshot_diff(self, name: str, since: str, to: str | None) -> dict[str, Any]:
+        """The extents that may differ between snapshot ``since`` and ``to`` (None: head)."""
+        return await self._snapshots.diff(name, since, to)
 
     # ---------------------------------------------------------- lifecycle
 

@@ -83,20 +83,51 @@ class Snapshots:
                         name)
             return doc
 
-    async def export(self, name: str, snapshot: str) -> dict[str, Any]:
-        """A read-only NBD URI serving ``snapshot`` (from a healthy replica)."""
+    async def diff(self, name: str, since: str, to: str | None) -> dict[str, Any]:
+        """The extents that may differ between snapshot ``since`` and ``to`` (None: the
+        head), from the layers' allocation (drove.replica.diff); attached or not."""
         doc = self._records.get(name)
-        if not any(s["name"] == snapshot and not s.get("head")
-                   for s in await self.tree(name)):
-            raise ApiError(404, f"volume {name} has no snapshot {snapshot!r}; "
-                                f"`drove snapshot list {name}` shows them")
+        if doc["state"] == "attached":
+            params = {"since": since} if to is None else {"since": since, "to": to}
+            res = await self._engines.call(doc, "GET", "/v1/diff", params=params)
+        else:
+            res = await asyncio.to_thread(_diff_offline, doc, since, to)
+        return {"volume": name, **res}
+
+    async def export(self, name: str, snapshot: str, since: str | None = None
+                     ) -> dict[str, Any]:
+        """A read-only NBD URI serving ``snapshot`` (from a healthy replica); with ``since``,
+        of what changed since that older snapshot (drove.replica.exports.DeltaExport):
+        ``nbd_uri`` reports the rest as zero holes, ``backing_nbd_uri`` as plain holes."""
+        from drove.replica.diff import check_order
+        from drove.replica.errors import InvalidRequestError, SnapshotNotFoundError
+        from drove.replica.exports import delta_export_name
+
+        doc = self._records.get(name)
+        tree = await self.tree(name)
+        parents = {s["name"]: s["parent"] for s in tree if not s.get("head")}
+        for snap in (snapshot, since):
+            if snap is not None and snap not in parents:
+                raise ApiError(404, f"volume {name} has no snapshot {snap!r}; "
+                                    f"`drove snapshot list {name}` shows them")
+        if since is not None:
+            try:
+                check_order(parents, since, snapshot)
+            except (InvalidRequestError, SnapshotNotFoundError) as exc:
+                raise ApiError(400, f"volume {name}: {exc}") from None
         info = await self._engines.refresh(doc) or {}
         rw = {r["name"] for r in info.get("replicas", []) if r["mode"] == "RW"}
         for r in doc["replicas"]:
             ends = await self._engines.replica_endpoints(doc, r) if r["name"] in rw else None
-            if ends is not None:
+            if ends is None:
+                continue
+            if since is None:
                 return {"volume": name, "snapshot": snapshot,
                         "nbd_uri": f"{ends['nbd']}/snapshot/{snapshot}", "read_only": True}
+            return {"volume": name, "snapshot": snapshot, "since": since, "read_only": True,
+                    "nbd_uri": f"{ends['nbd']}/{delta_export_name(snapshot, since)}",
+                    "backing_nbd_uri":
+                        f"{ends['nbd']}/{delta_export_name(snapshot, since, backing=True)}"}
         raise ApiError(409, f"volume {name} has no healthy replica to serve {snapshot} from")
 
 
@@ -117,6 +148,38 @@ def _layers_offline(doc: dict[str, Any]) -> list[dict[str, Any]]:
             finally:
                 rep.close()
     return []
+
+
+def _diff_offline(doc: dict[str, Any], since: str, to: str | None) -> dict[str, Any]:
+    """:meth:`Snapshots.diff` of a detached volume, from the first stopped replica that
+    opens here (ApiError as the replica's control API would answer)."""
+    from drove.replica.chain import Replica
+    from drove.replica.diff import delta_json
+    from drove.replica.errors import (
+        InvalidRequestError,
+        RebuildingError,
+        ReplicaError,
+        SnapshotNotFoundError,
+    )
+
+    for r in doc["replicas"]:
+        if r["state"] == "stopped" and (Path(r["path"]) / "volume.meta").exists():
+            try:
+                rep = Replica.open(r["path"])
+            except ReplicaError:
+                continue
+            try:
+                return delta_json(rep, since, to)
+            except SnapshotNotFoundError as exc:
+                raise ApiError(404, f"volume {doc['name']}: {exc}") from None
+            except RebuildingError as exc:
+                raise ApiError(409, f"volume {doc['name']}: {exc}") from None
+            except InvalidRequestError as exc:
+                raise ApiError(400, f"volume {doc['name']}: {exc}") from None
+            finally:
+                rep.close()
+    raise ApiError(409, f"volume {doc['name']} is detached and none of its replicas can be "
+                        "read on this host; attach it to compare its snapshots")
 
 
 def snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
