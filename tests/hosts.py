@@ -177,6 +177,16 @@ class Host:
         """Plug the cable back in."""
         _ip("link", "set", self.veth, "up")
 
+    def block(self, other: Host) -> None:
+        """Cut the link between this host and ``other`` only (a partial partition): what
+        this host sends to ``other`` is dropped silently, so no connection between them
+        forms in either direction, while both still reach every other host."""
+        _ip("-n", self.netns, "route", "add", "blackhole", f"{other.address}/32")
+
+    def unblock(self, other: Host) -> None:
+        """Heal what block(other) cut."""
+        _ip("-n", self.netns, "route", "del", "blackhole", f"{other.address}/32")
+
 
 class Hosts:
     """A bridge and hosts on it; a context manager that removes everything at exit.

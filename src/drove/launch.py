@@ -106,8 +106,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                  local_nbd: str, local_control: str, size: str | None, nbd: str,
                  nbd_unix: str | None, control: str, timeout: float, quorum_wait: float,
                  state_file: Path | None,
-                 rebuild: bool, epoch: int | None, tls_cert: Any, tls_key: Any, tls_ca: Any,
-                 tls_required: bool, log_level: str) -> None:
+                 rebuild: bool, epoch: int | None, fence_all: bool, tls_cert: Any,
+                 tls_key: Any, tls_ca: Any, tls_required: bool, log_level: str) -> None:
     """Serve a volume over its replicas until SIGTERM/SIGINT (the body of `drove engine serve`)."""
     from drove.engine.generation import NoCurrentReplicaError
     from drove.engine.process import serve_engine
@@ -143,7 +143,7 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                                  auto_rebuild=rebuild, epoch=epoch, tls=tls,
                                  tls_required=tls_required, local=local,
                                  local_nbd=local_nbd_addr, local_control=local_ctl_addr,
-                                 quorum_wait=quorum_wait))
+                                 quorum_wait=quorum_wait, fence_all=fence_all))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:

@@ -113,6 +113,10 @@ ENGINE = Command(
         Opt("epoch", int, None,
             "fencing epoch issued by the manager; without it the engine takes one above "
             "the highest its replicas report"),
+        Opt("fence_all", bool, False,
+            "refuse to start unless every replica takes this engine's epoch (a forced "
+            "takeover: the engine replaced may still write to a replica not fenced); nothing "
+            "is claimed when one does not answer"),
         *TLS_AND_LOGGING,
     ),
 )

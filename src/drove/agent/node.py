@@ -90,7 +90,8 @@ class NodeAgent:
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
-                     size: int | None = None, key: str | None = None) -> Proc:
+                     size: int | None = None, key: str | None = None,
+                     fence_all: bool = False) -> Proc:
         """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``
         (and ``key``, the volume's NBD access key its replicas demand).
 
@@ -98,7 +99,8 @@ class NodeAgent:
         refuse every older engine from the moment this one claims them.
         ``local`` (name, directory) is the replica the engine serves itself (data
         locality: no replica process for it); ``size`` creates it when its
-        directory holds none yet.
+        directory holds none yet.  ``fence_all``: the engine exits, claiming nothing,
+        unless every replica answers (a forced takeover).
         """
         sock = self.engine_socket(volume)
         sock.unlink(missing_ok=True)
@@ -117,6 +119,8 @@ class NodeAgent:
         return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
                                self.logs / f"{volume}.engine.log", timeout=120,
                                env=self._env(key))
+        if fence_all:  # a forced takeover: serve only once every replica is fenced
+            argv.append("--fence-all")
 
     def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
         """Stop a process cleanly (SIGTERM, then SIGKILL after ``timeout``)."""

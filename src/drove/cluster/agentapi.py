@@ -41,6 +41,8 @@ START_ENGINE = Body("StartEngine", {
     "key": Field("str", nullable=True, default=None,
                  description="the volume's NBD access key (drove.replica.access)"),
 }, "Start a volume's engine.")
+    "fence_all": Field("bool", default=False,
+                       description="start only once every replica took the epoch (takeover)"),
 
 PROC = Body("Process", {
     "proc": Field("dict", nullable=True, description="a process as start_* returned it"),
@@ -111,7 +113,8 @@ def build_app(agent: NodeAgent, token: str) -> App:
         proc = await asyncio.to_thread(
             agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
             timeout=body.timeout_ms / 1000, state_file=state_file,
-            epoch=body.epoch, local=local, size=body.size, key=body.key)
+            epoch=body.epoch, local=local, size=body.size, key=body.key,
+            fence_all=body.fence_all)
         return proc.to_json()
 
     @app.post("/v1/processes/stop", body=PROC)

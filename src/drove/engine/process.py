@@ -55,6 +55,7 @@ async def serve_engine(
     local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
     local_control: tuple[str, int] = ("127.0.0.1", 0),
     quorum_wait: float = DEFAULT_QUORUM_WAIT,
+    fence_all: bool = False,
     tls=None,
     tls_required: bool = False,
     ready: Callable[[dict[str, Any]], None] = print_ready,
@@ -64,7 +65,7 @@ async def serve_engine(
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
                     auto_rebuild=auto_rebuild, epoch=epoch, local=local,
                     local_nbd=local_nbd, local_control=local_control,
-                    quorum_wait=quorum_wait)
+                    quorum_wait=quorum_wait, fence_all=fence_all)
     stopped = False
     try:
         await engine.start()

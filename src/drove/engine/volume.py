@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from drove.engine.replicas import ReplicaControlError, ReplicaHandle
 from drove.engine.stats import StatsLayer
 from drove.nbd.arena import SLOT, Arena
 from drove.replica.access import redact
+from drove.replica.fence import NOTHING_CLAIMED
 from drove.replica.meta import validate_snapshot_name
 
 log = logging.getLogger("drove.engine")
@@ -44,6 +46,10 @@ CLAIM_ATTEMPTS = 5
 
 class FencedError(NoCurrentReplicaError):
     """A newer engine owns this volume's replicas: this one must not serve."""
+
+
+class UnfencedReplicaError(NoCurrentReplicaError):
+    """With ``fence_all``: a replica did not take this engine's epoch, so it is not served."""
 
 
 class EngineError(Exception):
@@ -74,9 +80,12 @@ class Engine:
                  local: tuple[str, Path] | None = None,
                  local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
                  local_control: tuple[str, int] = ("127.0.0.1", 0),
-                 quorum_wait: float = DEFAULT_QUORUM_WAIT) -> None:
+                 quorum_wait: float = DEFAULT_QUORUM_WAIT, fence_all: bool = False) -> None:
         self.name = name
         self.requested_epoch = epoch  # --epoch; None: one above the replicas' at start
+        # A forced takeover: every replica must take our epoch before we serve, or the
+        # engine we replace (cut off, maybe alive) could still write to the one we missed.
+        self.fence_all = fence_all
         self.epoch: int | None = None  # the fencing epoch (drove.replica.fence), once claimed
         self.fenced: str | None = None  # why a newer engine took this volume over
         self.requested_size = size  # --size; 0: whatever the replicas hold
@@ -301,6 +310,9 @@ class Engine:
             epoch = highest + 1 if requested is None else requested
             reachable = [r for r, i in zip(self.replicas, infos, strict=True)
                          if isinstance(i, dict)]
+            if self.fence_all:
+                self._check_fenced(zip(self.replicas, infos, strict=True), epoch,
+                                   NOTHING_CLAIMED)
             claims = await asyncio.gather(*(r.claim(epoch) for r in reachable),
                                           return_exceptions=True)
             if any(isinstance(c, ReplicaControlError) and c.stale_epoch for c in claims):
@@ -308,6 +320,9 @@ class Engine:
                     raise FencedError(f"epoch {epoch}: a newer engine claimed the replicas "
                                       "first; this one must not serve")
                 continue  # raced with another engine run by hand: try a higher epoch
+            if self.fence_all:
+                self._check_fenced(zip(reachable, claims, strict=True), epoch,
+                                   "the others were claimed")
             self.epoch = epoch
             for r in self.replicas:
                 r.set_epoch(epoch)
@@ -325,6 +340,17 @@ class Engine:
             return states
         raise FencedError(f"could not claim the replicas in {CLAIM_ATTEMPTS} tries: other "
                           "engines keep starting on them")
+
+    def _check_fenced(self, answers: Iterable[tuple[ReplicaHandle, Any]], epoch: int,
+                      done: str) -> None:
+        """With fence_all: UnfencedReplicaError naming every replica whose answer failed."""
+        missing = [f"{r.name} ({redact(str(res)) or type(res).__name__})"
+                   for r, res in answers if isinstance(res, BaseException)]
+        if missing:
+            raise UnfencedReplicaError(
+                f"replica(s) {'; '.join(missing)} did not take epoch {epoch}, so not every "
+                f"replica is fenced: not serving ({done}); the engine this one replaces may "
+                "still write to a replica it did not fence")
 
     async def _monitor(self) -> None:
         """Run :meth:`health_check` every quarter of the timeout (0.5 to 5 s)."""
@@ -500,7 +526,9 @@ class Engine:
         return await rw[0].layers()  # type: ignore[attr-defined]
 
     async def _snapshot_names(self) -> set[str]:
-        return {la["name"] for la in await self.layers() if la["name"] and not la["removed"]}
+        # A linked clone's base layers are its source's snapshots, not its own names.
+        return {la["name"] for la in await self.layers()
+                if la["name"] and not la["removed"] and not la.get("base")}
 
     async def snapshot(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Pause I/O, snapshot every replica under ``name``, resume; reports the pause."""

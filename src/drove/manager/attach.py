@@ -10,6 +10,8 @@ engine.
 from __future__ import annotations
 
 import asyncio
+import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
 from drove.manager.volumekey import volume_key
+from drove.replica.fence import NOTHING_CLAIMED
 
 
 class Attacher:
@@ -123,41 +126,106 @@ class Attacher:
                          fs: str) -> None:
         """Start ``doc``'s engine on ``node`` while its old engine's node is down (lock held).
 
-        The new engine gets a new epoch, so every replica it reaches refuses the old
-        engine from then on (drove.replica.fence); the old engine, which cannot reach
-        them either, acknowledges nothing on its local replica alone (the write quorum).
-        The replicas on the down node are failed: rebuilt in place by delta if the node
-        returns within ``replica_replenish_wait``, elsewhere after.  The processes still
-        running for the old engine elsewhere are restarted for the new one; the old
-        engine itself is stopped by its node's agent when it heartbeats again (it is no
-        longer listed among the engines that node should run).
+        The new engine gets a new epoch and must fence every replica outside the old
+        node that is not failed (``--fence-all``): the old engine, should it run behind
+        a partition, acknowledges a write once one of them has it, so a replica the new
+        engine cannot reach (a partition between it and that replica's node only) may
+        hold writes the new side would never see.  If one cannot be started or fenced,
+        the takeover is refused (ApiError 409 naming it) and undone: what it started is
+        stopped and the volume stays recorded attached on the old node.
+
+        Once the new engine serves, the replicas on the down node are failed: rebuilt
+        in place by delta if the node returns within ``replica_replenish_wait``,
+        elsewhere after.  The processes still running for the old engine elsewhere are
+        restarted for the new one; the old engine itself is stopped by its node's agent
+        when it heartbeats again (its epoch is no longer the volume's).
         """
         name, old = doc["name"], doc.get("node")
         since = self._disks.health.last_seen(old)
-        failed = []
+        before = copy.deepcopy(doc)
+        # (A pending replica never started: it holds nothing the old engine acknowledged.)
+        fence = {r["name"]: self._agents.node_of_replica(r) for r in doc["replicas"]
+                 if r["state"] not in ("abandoned", "failed", "pending")
+                 and self._agents.node_of_replica(r) != old}
+        stopped = set()  # processes stopped here: restarted if the takeover is undone
         for r in doc["replicas"]:
-            if r["state"] == "abandoned":
-                continue
             if self._agents.node_of_replica(r) == old:
-                if r["state"] != "failed":
-                    self._replicas.fail(doc, r, f"node {old} is down: volume {name} was taken "
-                                                f"over on node {node}")
-                r["local"] = False
-                failed.append(r["name"])
-            elif r["state"] == "running":
-                await self._replicas.stop(r)
+                r["local"] = False  # the old engine's local replica is not the new one's
+            elif r["name"] in fence and r["state"] == "running":
+                if await self._replicas.stop(r):
+                    stopped.add(r["name"])
                 r.update(state="stopped", proc=None)
         self._engines.drop(name)
         doc.update(engine=None, host=None, node=node, state="attaching", desired="attached",
                    mount={"path": mount, "fs": fs} if mount else None)
         self._records.save(doc)
+        try:
+            await self._bring_up(doc, fence=fence)
+        except BaseException as exc:
+            why = await self._undo_take_over(doc, before, node, fence, stopped, exc)
+            if isinstance(exc, Exception):
+                raise ApiError(409, why) from exc
+            raise
+        failed = []
+        for r in doc["replicas"]:
+            if r["state"] != "abandoned" and self._agents.node_of_replica(r) == old:
+                if r["state"] != "failed":
+                    self._replicas.fail(doc, r, f"node {old} is down: volume {name} was taken "
+                                                f"over on node {node}")
+                failed.append(r["name"])
+        self._records.save(doc)
         self._event("volume-takeover",
                     f"volume {name}: node {old}, its engine's, is down (last seen {since}); "
-                    f"starting its engine on node {node} with a new epoch, which fences every "
-                    f"replica it reaches; replicas on {old} failed: "
-                    f"{', '.join(failed) or 'none'}; the old engine is stopped by its agent "
-                    "if the node returns", name, level="warning")
-        await self._bring_up_or_undo(doc)
+                    f"its engine now runs on node {node} with a new epoch, which fenced "
+                    f"every replica outside {old} ({', '.join(fence) or 'none'}); replicas "
+                    f"on {old} failed: {', '.join(failed) or 'none'}; the old engine is "
+                    "stopped by its agent if the node returns", name, level="warning")
+
+    async def _undo_take_over(self, doc: dict[str, Any], before: dict[str, Any], node: str,
+                              fence: dict[str, str | None], stopped: set[str],
+                              exc: BaseException) -> str:
+        """Stop what a refused takeover started on ``node`` and put ``doc`` back as
+        ``before`` (attached on the old node), the replica processes it had ``stopped``
+        running again; why it was refused (also an event)."""
+        name, old = doc["name"], before.get("node")
+        detail = str(exc)
+        # An engine that refused says why on the last line of its log (after its argv,
+        # which names every replica): that line alone names the replicas not fenced.
+        cut = detail.rfind(" | error: ")
+        if cut >= 0:
+            detail = detail[cut + len(" | error: "):]
+        named = [f"{r} (node {where})" for r, where in fence.items()
+                 if re.search(r"(?<![A-Za-z0-9._-])" + re.escape(r) + r"(?![A-Za-z0-9._-])",
+                              detail)]
+        why = (f"volume {name}: cannot take it over on node {node}: "
+               + (f"replica(s) {', '.join(named)} could not be fenced from there; "
+                  if named else "")
+               + f"{detail}. The volume stays attached on node {old}: the engine there, "
+               "should it still run behind a partition, may still write to a replica the new "
+               "engine cannot reach; restore the network between them and try again")
+        if doc.get("host"):
+            await asyncio.to_thread(self._agents.for_node(node).detach_host, name,
+                                    doc.get("host"), force=True)
+        await asyncio.to_thread(self._agents.for_node(node).stop, doc.get("engine"))
+        await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]
+                               if r["name"] in fence and r.get("proc")))
+        self._engines.drop(name)
+        # The epoch only grows once an engine may have claimed replicas with it; one that
+        # refused before it claimed any leaves the old engine's epoch the volume's (the old
+        # engine, when its node returns, is then not stopped as stale).
+        epoch = max(int(doc.get("epoch") or 0), int(before.get("epoch") or 0))
+        if NOTHING_CLAIMED in str(exc):
+            epoch = int(before.get("epoch") or 0)
+        doc.clear()
+        doc.update(copy.deepcopy(before), epoch=epoch)
+        # The processes the takeover stopped serve the old engine's volume again.
+        # (One whose agent did not answer the stop still runs: its record is right.)
+        for r in doc["replicas"]:
+            if r["name"] in stopped:
+                await self._replicas.start(doc, r)
+        self._records.save(doc)
+        self._event("volume-takeover-refused", why, name, level="warning")
+        return why
 
     async def _bring_up_or_undo(self, doc: dict[str, Any]) -> None:
         """Start what ``doc`` needs on its node; on any failure stop what started and leave
@@ -208,9 +276,14 @@ class Attacher:
                             f"volume {name} could not be attached again: {exc}",
                             name, level="error")
 
-    async def _bring_up(self, doc: dict[str, Any]) -> None:
+    async def _bring_up(self, doc: dict[str, Any],
+                        fence: dict[str, str | None] | None = None) -> None:
         """Start the replicas (one of them in the engine, with data locality), the engine
-        and the host attachment of ``doc`` (its lock held)."""
+        and the host attachment of ``doc`` (its lock held).
+
+        ``fence`` (replica name -> node; a takeover): every one of these replicas must
+        start and take the new engine's epoch, else ApiError 409 naming it.
+        """
         name = doc["name"]
         node = doc["node"] = self._records.attach_node(doc)
         first = not doc.get("initialized")
@@ -228,6 +301,13 @@ class Attacher:
                     or not await self._replicas.start(doc, r)):
                 continue
             started.append((r["name"], (process_endpoints(r) or {})["control"]))
+        if fence:
+            served = {n for n, _ in started} | ({local["name"]} if local else set())
+            missing = [f"{r['name']} (node {fence[r['name']]}: {r.get('error')})"
+                       for r in doc["replicas"] if r["name"] in fence and r["name"] not in served]
+            if missing:
+                raise ApiError(409, f"volume {name}: replica(s) {', '.join(missing)} did not "
+                                    "start, so the new engine cannot fence them")
         if not started and local is None:
             raise ApiError(409, f"volume {name}: no replica could be started ("
                            + "; ".join(f"{r['name']}: {r.get('error')}" for r in doc["replicas"])
@@ -243,7 +323,7 @@ class Attacher:
                 self._agents.for_node(node).start_engine, name, started, timeout=timeout,
                 state_file=state_file,
                 epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
-                size=doc["size"], key=volume_key(doc))
+                size=doc["size"], key=volume_key(doc), fence_all=bool(fence))
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         if local is not None:

@@ -93,8 +93,9 @@ class Replicas:
         self._records.save(doc)
         return True
 
-    async def stop(self, rep: dict[str, Any], timeout: float = 30.0) -> None:
-        """Stop ``rep``'s process, if it has one."""
+    async def stop(self, rep: dict[str, Any], timeout: float = 30.0) -> bool:
+        """Stop ``rep``'s process, if it has one; False when its node's agent did not answer
+        (the process may still run)."""
         try:
             await asyncio.to_thread(self._agents.for_replica(rep).stop, rep.get("proc"), timeout)
         except AgentUnreachableError as exc:
@@ -102,6 +103,8 @@ class Replicas:
             # gone, nor for a newer one (fenced by epoch); its agent stops it later.
             self._event("replica-stop-unreachable", f"replica {rep['name']}: {exc}", None,
                         "warning")
+            return False
+        return True
 
     def fail(self, doc: dict[str, Any], rep: dict[str, Any], why: str) -> None:
         """Record ``rep`` as failed because ``why``; the healer retries it, backing off."""

@@ -41,6 +41,10 @@ log = logging.getLogger("drove.replica")
 EPOCH_HEADER = "drove-epoch"
 """The control API request header carrying the caller's epoch (lower-case, as HTTP/1.1 sees it)."""
 
+NOTHING_CLAIMED = "nothing was claimed"
+"""What an engine that refused to start says when no replica saw its epoch (the
+manager may then issue that epoch again)."""
+
 _HEAD_EPOCH = re.compile(r"head@epoch=([0-9]{1,18})")
 
 
