@@ -186,9 +186,12 @@ class BackupStore:
                      base: str | None = None, labels: dict[str, str] | None = None,
                      compression: str = "zstd", name: str | None = None,
                      progress: Progress | None = None,
-                     on_wait: OnWait | None = None) -> dict[str, Any]:
+                     on_wait: OnWait | None = None,
+                     replicas: int | None = None) -> dict[str, Any]:
         """Back up the blocks of ``source`` overlapping ``ranges``; the rest comes from
         ``base`` (incremental) or is a hole (full).  Returns the manifest without blocks.
+
+        ``replicas``: the volume's replica count, recorded for restores to default to.
         """
         mf.check_name("volume", volume)
         name = mf.check_name("backup", name) if name is not None else mf.new_backup_name()
@@ -226,6 +229,7 @@ class BackupStore:
                 "snapshot_id": snapshot_id, "size": size, "block_size": BLOCK_SIZE,
                 "created": mf.now_iso(), "labels": labels, "compression": compression,
                 "parent": base, **asdict(stats),
+                **({"replicas": replicas} if replicas is not None else {}),
                 "data_size": sum(mf.block_length(o, size) for o in blocks),
                 "blocks": {str(o): blocks[o] for o in sorted(blocks)},
             }

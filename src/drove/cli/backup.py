@@ -22,7 +22,7 @@ from drove.cli.client import (
     with_manager,
 )
 from drove.cli.output import JsonOpt, PoolOpt, ReplicasOpt, console, emit, fail, parse_labels
-from drove.units import format_size
+from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Backups: copy volumes to a backup target (a directory or S3), list, "
                        "restore, verify, delete.", no_args_is_help=True)
@@ -303,18 +303,52 @@ def restore(
         "--to", help="name of the new volume to restore into", show_default=False)],
     replicas: ReplicasOpt = None,
     pool: PoolOpt = None,
-    wait: WaitOpt = True,
+    instant: Annotated[bool, typer.Option(
+        "--instant", help="attach the volume at once and serve it while its data is still "
+                          "in the backup (fetched as it is read); a task fills the rest")] = False,
+    fill_rate: Annotated[str | None, typer.Option(
+        "--fill-rate", show_default=False,
+        help="with --instant: most bytes per second each replica's background fill fetches, "
+             "e.g. 50M (default: no limit)")] = None,
+    wait: Annotated[bool | None, typer.Option(
+        "--wait/--no-wait", show_default=False,
+        help="follow the task with a progress bar (default: yes; with --instant: no, the "
+             "volume is usable before its fill ends)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Restore BACKUP into a new volume (--to); a failed or cancelled restore deletes it.
+
+    Without --replicas the volume gets the backed-up volume's replica count.
+    With --instant the volume is attached and usable when the command returns; the
+    background fill is a task (`drove task list`), not waited for unless --wait.
 
     With --json prints {"volume", "bytes_written"}; with --no-wait --json
     {"task": ID, "volume": NEWVOLUME}.
 
     Example: drove backup restore backup-1a2b --to db-copy --replicas 2
     """
-    body = {"volume": to, "replicas": replicas, "pool": pool}
-    res = _follow(mgr, mgr.post(_path(backup, "/restore"), body), wait, json_out, volume=to)
+    body: dict[str, Any] = {"volume": to, "replicas": replicas, "pool": pool}
+    if instant:
+        body["instant"] = True
+    if fill_rate is not None:
+        try:
+            body["fill_rate"] = parse_size(fill_rate)
+        except ValueError as exc:
+            fail(f"--fill-rate: {exc}")
+    if instant:
+        task = mgr.post(_path(backup, "/restore"), body)
+        if wait:
+            _follow(mgr, task, True, json_out, volume=to)
+            return
+        if emit({"task": task["id"], "volume": to}, json_out):
+            return
+        console.print(f"volume [bold]{escape(to)}[/] serves backup {escape(backup)} now "
+                      f"(attached: `drove volume get {escape(to)}`); the rest is filled by task "
+                      f"{escape(task['id'])} (`drove task wait {escape(task['id'])}`)",
+                      highlight=False)
+        return
+    res = _follow(mgr, mgr.post(_path(backup, "/restore"), body), wait is not False, json_out,
+                  volume=to)
     if res is None:
         return
     console.print(f"backup {escape(backup)} restored to volume [bold]{escape(to)}[/] "

@@ -56,6 +56,8 @@ def describe(task: dict[str, Any]) -> str:
         return f"restore of {backup} to {volume}"
     if kind == "backup-verify":
         return f"verify of {backup}"
+    if kind == "instant-restore":
+        return f"fill of {volume} from {backup}"
     if kind == "backup-delete":
         return f"delete of {backup}"
     if kind == "node-drain" and task.get("node"):

@@ -69,6 +69,7 @@ class LocalIO:
     async def _cold_read(self, offset: int, length: int) -> Any:
         """Bring the range into the page cache in a worker thread, then read it inline."""
         self.cold_reads += 1
+        await self._head.prepare_read(offset, length)  # an instant restore's data, fetched
         sources = self._head.read_sources(offset, length)
         await asyncio.get_running_loop().run_in_executor(None, warm_cache, sources)
         return self._head.read_now(offset, length)

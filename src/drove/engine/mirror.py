@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 from drove.nbd import eager
 from drove.nbd.export import Capabilities, Extent
+from drove.replica.backing import is_unavailable
 
 log = logging.getLogger("drove.engine")
 
@@ -562,8 +563,10 @@ class Mirror:
         # No RW member succeeded.  ENOSPC on every RW member that was asked is the
         # client's problem, not the replicas': report it and keep them.
         enospc = [m for m, r in failed if _errno_of(r) == errno.ENOSPC and m.mode is Mode.RW]
+        # Backup data an instant restore cannot fetch fails every RW member alike: keep them.
+        lacking = [m for m, r in failed if is_unavailable(r) and m.mode is Mode.RW]
         for m, r in failed:
-            if m not in enospc:
+            if m not in enospc and m not in lacking:
                 self.drop(m, r)
         for m, r in zip(targets, results, strict=True):
             if m.mode is Mode.WO and not isinstance(r, BaseException):
@@ -571,20 +574,37 @@ class Mirror:
                 self.drop(m, "diverged: a write failed on every RW replica but not on it")
         if enospc and self._rw:
             raise OSError(errno.ENOSPC, "no space left on the volume's replicas")
+        if lacking and self._rw:
+            raise OSError(errno.EIO, "the data this request needs is still in the backup and "
+                          "cannot be fetched now")
         raise OSError(errno.EIO, "every replica failed this request")
 
     async def _from_rw(self, call: Callable[[Member], Awaitable[Any]]) -> Any:
-        """Run ``call`` on one RW member, failing over to the next on error."""
+        """Run ``call`` on one RW member, failing over to the next on error.
+
+        A member that lacks the data because its instant restore cannot fetch it from
+        the backup (drove.replica.backing) is not broken: another may have it; when
+        none has, the request fails with EIO and every member stays.
+        """
+        lacking: set[str] = set()
+        lacking_error = ""
         while True:
-            rw = self._readers
+            rw = self._readers if not lacking else [
+                m for m in self._readers if m.name not in lacking]
             if not rw:
                 self._check()
+                if lacking:
+                    raise OSError(errno.EIO, f"volume {self.name}: {lacking_error}")
                 raise OSError(errno.EIO, f"volume {self.name} has no RW replica")
             self._rr += 1
             m = rw[self._rr % len(rw)]
             try:
                 value = await call(m)
             except Exception as exc:
+                if is_unavailable(exc):
+                    lacking.add(m.name)
+                    lacking_error = getattr(exc, "server_message", "") or str(exc)
+                    continue
                 self.drop(m, exc)
                 await self.settled()
                 continue
@@ -745,9 +765,12 @@ class Mirror:
 
     async def _read_again(self, failed: Member, exc: BaseException, offset: int,
                           length: int) -> Any:
-        """A submitted read failed on ``failed``: drop it and read from another."""
+        """A submitted read failed on ``failed``: drop it and read from another (unless it
+        lacks backup data, which is not its fault: see :meth:`_from_rw`)."""
         if not isinstance(exc, Exception):
             raise exc
+        if is_unavailable(exc):
+            return await self.read(offset, length)
         self.drop(failed, exc)
         await self.settled()
         return await self.read(offset, length)

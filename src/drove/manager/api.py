@@ -178,8 +178,13 @@ class BackupRestore(Strict):
     """Restore a backup into a new volume."""
 
     volume: str = Field(description="the new volume's name")
-    replicas: int | None = Field(None, ge=1, le=10)
+    replicas: int | None = Field(None, ge=1, le=10,
+                                 description="default: the backed-up volume's count")
     pool: str | None = None
+    instant: bool = Field(False, description="serve at once, fetching data as it is read; "
+                                             "the task follows the background fill")
+    fill_rate: int = Field(0, ge=0, description="with instant: bytes per second each "
+                                                "replica's fill fetches at most (0: no limit)")
 
 
 class JobCreate(Strict):
@@ -471,7 +476,8 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
     @app.post("/v1/backups/{name}/restore", dependencies=secured, status_code=202)
     async def restore_backup(name: str, req: BackupRestore) -> dict[str, Any]:
         """Start restoring a backup into a new volume (a task)."""
-        return await parts.backups.restore(name, req.volume, req.replicas, req.pool)
+        return await parts.backups.restore(name, req.volume, req.replicas, req.pool,
+                                           req.instant, req.fill_rate)
 
     @app.post("/v1/backups/{name}/verify", dependencies=secured, status_code=202)
     async def verify_backup(name: str) -> dict[str, Any]:

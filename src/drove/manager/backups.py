@@ -27,6 +27,7 @@ from drove.backup.blocks import CODECS
 from drove.backup.store import BackupStore
 from drove.backup.target import open_target
 from drove.manager.errors import ApiError
+from drove.manager.instantrestore import InstantRestores, depending_on
 from drove.manager.labels import snapshot_id
 from drove.manager.store import Store
 from drove.manager.tasks import TaskContext, TaskFailed, Tasks
@@ -182,6 +183,7 @@ class Backups:
         self.activity = activity
         self._store: BackupStore | None = None
         self._store_key: tuple[Any, ...] | None = None
+        self.instant = InstantRestores(volumes, tasks, self.target_config)
 
     # ------------------------------------------------------------ target
 
@@ -348,7 +350,7 @@ class Backups:
                     NbdSource(src), volume=volume, size=doc["size"], snapshot=snap,
                     snapshot_id=snapshot_id(target), ranges=ranges, base=base,
                     labels=labels, compression=codec, name=name, progress=ctx.progress,
-                    on_wait=ctx.message)
+                    on_wait=ctx.message, replicas=doc.get("replica_count"))
             except (berr.BackupError, ValueError) as exc:
                 raise TaskFailed(str(exc)) from exc
 
@@ -397,13 +399,26 @@ class Backups:
     # ------------------------------------------------------------ restore
 
     async def restore(self, backup: str, volume: str, replicas: int | None = None,
-                      pool: str | None = None) -> dict[str, Any]:
-        """Start restoring ``backup`` into a new volume; the Task."""
+                      pool: str | None = None, instant: bool = False,
+                      fill_rate: int = 0) -> dict[str, Any]:
+        """Start restoring ``backup`` into a new volume; the Task.
+
+        Without ``replicas`` the volume gets as many as the backed-up one had (when the
+        backup recorded it).  ``instant``: the volume serves at once, its data fetched
+        as it is read; the Task follows the background fill (drove.manager.instantrestore).
+        """
         store = await self.store()
         try:
             info = await store.info(backup)
         except (berr.BackupError, ValueError) as exc:
             raise _api_error(exc) from exc
+        if replicas is None:
+            recorded = info.get("replicas")
+            if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+                replicas = recorded
+        if instant:
+            return await self.instant.start(backup, volume, info["size"], replicas, pool,
+                                            fill_rate)
         self.m.create_volume(volume, info["size"], replicas, pool,
                              {"drove.restored-from": backup})
         doc = self.m.record(volume)
@@ -444,7 +459,12 @@ class Backups:
                                   on_end=end)
 
     async def abandon_restores(self) -> None:
-        """Delete volumes a previous manager was restoring: their data is partial."""
+        """Delete volumes a previous manager was restoring: their data is partial.
+
+        Instant restores are not partial (their replicas fetch what they lack): their
+        fill is followed again.
+        """
+        self.instant.resume()
         for doc in self.m.store.list("volumes"):
             if doc.get("restoring"):
                 self.m.event("restore-abandoned", f"volume {doc['name']} was being restored "
@@ -484,6 +504,12 @@ class Backups:
         """Start deleting ``backup`` and the blocks no other backup needs; the Task."""
         store = await self.store()
         info = await self.get(backup)
+        users = depending_on(self.m.store, backup)
+        if users:
+            raise ApiError(409, f"backup {backup} cannot be deleted: volume(s) "
+                                f"{', '.join(users)} still read it (an instant restore whose "
+                                "fill has not finished); wait for `drove task list` to show "
+                                "the fill done, or delete the volume(s)")
 
         async def run(ctx: TaskContext) -> dict[str, Any]:
             try:

@@ -19,6 +19,7 @@ inconsistent with :class:`ReplicaError`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -37,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from drove.replica import backing as bk
 from drove.replica import meta
 from drove.replica.errors import (
     ChecksumMismatchError,
@@ -312,6 +314,25 @@ class _Files:
         self._pinned.clear()
 
 
+class _BackedSource:
+    """The backing layer of an instant restore as the read index sees it: while blocks
+    are still in the backup, every block the backup holds counts as data."""
+
+    __slots__ = ("_backing", "_files", "file")
+
+    def __init__(self, files: _Files, file: str, backing: bk.Backing) -> None:
+        """Extents of ``file``, or of the backup behind it while it is being filled."""
+        self._files = files
+        self.file = file
+        self._backing = backing
+
+    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Blocks of [start, end) holding data (the backup's blocks until it is filled)."""
+        if self._backing.active:
+            return self._backing.extents(start, end)
+        return _block_extents(self._files.get(self.file), start, end)
+
+
 class _LayerSource:
     """A layer file as the read index sees it (:class:`drove.replica.index.ExtentSource`)."""
 
@@ -401,6 +422,9 @@ class Replica:
         self._dirfd = dirfd
         self._lockfd = lockfd
         self._vol = vol
+        # An instant restore's bottom layer still being fetched from a backup (or None).
+        self._backing = bk.Backing.load(dirpath, dirfd, [
+            f for f in vol.layers if f != vol.head and not metas[f].incomplete])
         self._metas = metas
         self._chunk_blocks = chunk_blocks
         self._files = _Files(dirpath, max_open_files)
@@ -582,6 +606,11 @@ class Replica:
         finally:
             with self._meta_lock:
                 self._closed = True
+            if self._backing is not None:
+                if self._failed is None:
+                    with contextlib.suppress(OSError):
+                        self._backing.persist()  # what reads fetched need not be again
+                self._backing.close()
             self._files.close()
             os.close(self._head_fd)
             os.close(self._dirfd)
@@ -618,6 +647,8 @@ class Replica:
         _check_range(offset, length, self._vol.size)
         if self._chain_incomplete:
             self._refuse_rebuilding_read()
+        if self._backing is not None:
+            self._backing_need(self._index, offset, length)
         if self._index.top == 0:
             # Head-only chain: the head file is the volume (holes read as zeros).
             data = os.pread(self._head_fd, length, offset)
@@ -635,6 +666,8 @@ class Replica:
         _check_range(offset, length, self._vol.size)
         if self._chain_incomplete:
             self._refuse_rebuilding_read()
+        if self._backing is not None:
+            self._backing_need(self._index, offset, length, nowait=True)
         if self._index.top == 0:
             buf = _read_buffer(length)
             _pread_full(self._head_fd, memoryview(buf), offset, os.RWF_NOWAIT)
@@ -650,6 +683,8 @@ class Replica:
         """
         self._check_usable()
         _check_range(offset, length, self._vol.size)
+        if self._backing is not None:
+            self._backing_need(self._index, offset, length)
         if self._index.top == 0:
             return [(os.dup(self._head_fd), offset, length)]
         end = offset + length
@@ -668,6 +703,8 @@ class Replica:
         _check_range(offset, len(mv), self._vol.size)
         if self._chain_incomplete:
             self._refuse_rebuilding_read()
+        if self._backing is not None:
+            self._backing_need(self._index, offset, len(mv))
         if self._index.top == 0:
             _pread_full(self._head_fd, mv, offset)
         else:
@@ -852,6 +889,8 @@ class Replica:
 
     def _read_block(self, b: int) -> bytearray:
         """Block ``b`` as the chain shows it."""
+        if self._backing is not None:
+            self._backing_need(self._index, b * BLOCK, BLOCK)
         blk = bytearray(BLOCK)
         _chain_readinto(self._index, self._files, b * BLOCK, memoryview(blk), zeroed=True)
         return blk
@@ -965,6 +1004,7 @@ class Replica:
         self._check_usable()
         with self._meta_lock:
             m = self._require_snapshot(name)
+            self._refuse_backing(m.file, "delete")
             new = replace(m, removed=True)
             self._install_json(meta_file(m.file), new.to_json())
             self._metas[m.file] = new
@@ -1045,6 +1085,7 @@ class Replica:
             if m.incomplete:
                 raise RebuildingError(f"layer {file} is incomplete: its rebuild has not been "
                                       "verified yet")
+            self._refuse_backing(file, "checksum")
             if m.checksum is not None:
                 return m.checksum
             version, inc = self._versions[file], self._layer_inc[file]
@@ -1233,6 +1274,9 @@ class Replica:
             os.close(new_fd)
             raise
         old_layers = vol.layers
+        if self._backing is not None:
+            # The tree is the source's now: its layers come from there, complete.
+            self._drop_backing()
         with self._meta_lock:
             self._metas = dict(all_metas)
             for f in {*old_layers, *all_metas}:
@@ -1261,6 +1305,7 @@ class Replica:
         """
         self._check_usable()
         self._layer_meta(file)
+        self._refuse_backing(file, "copy")
         writable = file in self._incomplete
         if writable:
             self._make_private(file)  # a rebuild writes into it: never into a shared file
@@ -1283,6 +1328,7 @@ class Replica:
         with self._meta_lock:
             self._check_usable()
             m = self._layer_meta(file)
+            self._refuse_backing(file, "digest")
             size = self._vol.size if file == self._vol.head else m.size
             if -(-size // range_size) > MAX_DIGESTS:
                 raise InvalidRequestError(
@@ -1353,6 +1399,137 @@ class Replica:
         log.info("%s: layer %s verified and complete (%d still incomplete)", self._dir, file,
                  len(self._incomplete))
         return verified.checksum
+
+    # ------------------------------------------------------------ instant restore
+
+    @property
+    def backing(self) -> bk.Backing | None:
+        """The bottom layer still being fetched from a backup (None: there is none)."""
+        return self._backing
+
+    def install_backing(self, name: str, backup: str, target: Mapping[str, Any], size: int,
+                        blocks: Mapping[int, str], rate: int = 0) -> LayerInfo:
+        """Put backup ``backup`` under the empty head as snapshot ``name`` (an instant
+        restore): its blocks are fetched as they are read (see :mod:`drove.replica.backing`).
+
+        Only a fresh replica qualifies: one layer, the head, holding nothing.
+        """
+        self._check_usable()
+        meta.validate_snapshot_name(name)
+        vol = self._vol
+        head = vol.head
+        if vol.layers != (head,) or self._metas[head].parent is not None or self._backing:
+            raise InvalidRequestError("only a fresh replica (no snapshots) can be restored into")
+        if _seek_data(self._head_fd, 0) is not None:
+            raise InvalidRequestError("the replica holds data already: an instant restore "
+                                      "needs an empty one")
+        if size != vol.size:
+            raise InvalidRequestError(f"the backup is {size} bytes, the replica {vol.size}")
+        snap = meta.snapshot_file(name, taken=self._metas.keys())
+        b_meta = LayerMeta(file=snap, name=name, parent=None, created=meta.now_iso(),
+                           size=vol.size, labels={"drove.backing": backup})
+        head_meta = replace(self._metas[head], parent=snap)
+        cfg = bk.BackingConfig(layer=snap, backup=backup, target=dict(target), size=size,
+                               blocks=dict(blocks), rate=rate)
+        new_vol = replace(vol, layers=(snap, head), staged={head: head_meta})
+        try:
+            self._clear_stale(snap)
+            # Until the commit both are leftovers that open removes.
+            bk.write_config(self._dir, self._dirfd, cfg)
+            os.close(self._create_file(snap, vol.size))
+            meta.write_json_atomic(self._dir, self._dirfd, meta_file(snap), b_meta.to_json())
+            self._commit(new_vol)
+        except BaseException:
+            if self._vol is not new_vol and self._failed is None:
+                self._remove_quietly(snap, meta_file(snap))
+                bk.remove_files(self._dir, self._dirfd)
+            raise
+        try:
+            _install_metas(self._dir, self._dirfd, {head: head_meta})
+            self._commit(replace(new_vol, staged=None))
+        except BaseException as e:
+            self._fail(e)  # reopening finishes the job
+            raise
+        with self._meta_lock:
+            self._metas[snap] = b_meta
+            self._metas[head] = head_meta
+            self._live[snap] = next(self._incarnations)
+            self._layer_inc[snap] = next(self._incarnations)
+        self._backing = bk.Backing.load(self._dir, self._dirfd, [snap])
+        self._index = self._new_index(top_empty=True)
+        self._gen += 1
+        return self._info(snap)
+
+    def finish_backing(self) -> None:
+        """Every block is filled: the backing layer becomes an ordinary snapshot."""
+        b = self._backing
+        if b is None:
+            return
+        if not b.done:
+            raise InvalidRequestError(f"backing layer {b.layer} still lacks blocks")
+        b.persist()
+        meta.fs.fdatasync(self._files.get(b.layer))
+        self._drop_backing()
+
+    def backing_missing(self, offset: int, length: int) -> list[int]:
+        """The backup's 2 MiB blocks a read of the volume range needs and lacks (in order)."""
+        b = self._backing
+        if b is None or not b.active:
+            return []
+        _check_range(offset, length, self._vol.size)
+        return self._backing_blocks(self._index, offset, length)
+
+    def _backing_blocks(self, index: ReadIndex, offset: int, length: int) -> list[int]:
+        """Unfilled backup blocks under the runs of ``index`` the backing layer serves."""
+        b = self._backing
+        if b is None or not length or index.layers[0].file != b.layer:  # type: ignore[attr-defined]
+            return []
+        runs = [(s, e) for s, e, lid in index.runs(offset // BLOCK, -(-(offset + length) // BLOCK))
+                if lid == 0]
+        return b.missing(runs) if runs else []
+
+    def _backing_need(self, index: ReadIndex, offset: int, length: int,
+                      nowait: bool = False) -> None:
+        """Fetch what a read through ``index`` needs from the backup, here and now.
+
+        ``nowait``: BlockingIOError instead (a caller that reads only what is at hand).
+        """
+        b = self._backing
+        if b is None or not b.active:
+            return
+        missing = self._backing_blocks(index, offset, length)
+        if missing:
+            if nowait:
+                raise BlockingIOError(errno.EAGAIN, "the data is still in the backup")
+            b.fill_now(missing)
+
+    def _refuse_backing(self, file: str, what: str) -> None:
+        """RebuildingError if ``file`` is the backing layer, still being filled."""
+        b = self._backing
+        if b is not None and b.active and b.layer == file:
+            raise RebuildingError(f"cannot {what} layer {file}: it is still being filled from "
+                                  f"backup {b.cfg.backup}")
+
+    def _drop_backing(self) -> None:
+        """Forget the backing files (the layer's data is complete, or replaced)."""
+        b, self._backing = self._backing, None
+        if b is None:
+            return
+        bk.remove_files(self._dir, self._dirfd)
+        b.close()
+        with self._meta_lock:
+            self._versions[b.layer] += 1
+        if b.layer in self._chain:
+            self._index.invalidate_below(0, self._index.nblocks)
+        self._epoch += 1
+        self._gen += 1
+
+    def _source(self, file: str) -> _BackedSource | _LayerSource:
+        """What the read index reads of layer ``file``."""
+        b = self._backing
+        if b is not None and b.layer == file:
+            return _BackedSource(self._files, file, b)
+        return _LayerSource(self._files, file)
 
     def _layer_meta(self, file: str) -> LayerMeta:
         """The metadata of layer ``file`` (any layer of the tree), or LayerNotFoundError."""
@@ -1441,7 +1618,7 @@ class Replica:
         self._files.drop(s)
         if s in self._chain:
             self._chain = self._chain_of(self._vol.head)
-            self._index.rebase([_LayerSource(self._files, f) for f in self._chain[:-1]])
+            self._index.rebase([self._source(f) for f in self._chain[:-1]])
             self._refresh_chain_state()
         self._gen += 1
         self._remove_quietly(s, meta_file(s))
@@ -1688,7 +1865,7 @@ class Replica:
         """A fresh read index over the head's chain."""
         self._chain = self._chain_of(self._vol.head)
         self._refresh_chain_state()
-        return ReadIndex([_LayerSource(self._files, f) for f in self._chain],
+        return ReadIndex([self._source(f) for f in self._chain],
                          self._vol.size // BLOCK, self._chunk_blocks, top_empty=top_empty)
 
     def _children(self) -> dict[str, list[str]]:
@@ -1785,7 +1962,7 @@ class View:
             chain = r._chain_of(self.file)
             if chain != self._chain or self._index is None or self._epoch != r._epoch:
                 self._chain = chain
-                self._index = ReadIndex([_LayerSource(r._files, f) for f in chain],
+                self._index = ReadIndex([r._source(f) for f in chain],
                                         r._metas[self.file].size // BLOCK, r._chunk_blocks)
             self._gen = r._gen
             self._epoch = r._epoch
@@ -1805,6 +1982,7 @@ class View:
         """``length`` bytes of the snapshot at ``offset``."""
         index = self._ready()
         _check_range(offset, length, index.nblocks * BLOCK)
+        self._r._backing_need(index, offset, length)
         return _chain_read(index, self._r._files, offset, length)
 
     def readinto(self, offset: int, buf: Any) -> int:
@@ -1812,6 +1990,7 @@ class View:
         index = self._ready()
         mv = memoryview(buf).cast("B")
         _check_range(offset, len(mv), index.nblocks * BLOCK)
+        self._r._backing_need(index, offset, len(mv))
         _chain_readinto(index, self._r._files, offset, mv, zeroed=False)
         return len(mv)
 

@@ -24,6 +24,7 @@ from typing import Any
 from drove import __version__
 from drove.replica import diff
 from drove.replica.access import Gate
+from drove.replica.backingapi import add_routes as add_backing_routes
 from drove.replica.chain import LayerInfo
 from drove.replica.errors import (
     ChecksumMismatchError,
@@ -491,4 +492,5 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
         """Verify a rebuilt layer against the source's checksum; then it is complete."""
         return await control.complete_layer(file, body.checksum)
 
+    add_backing_routes(app, control)
     return app

@@ -108,6 +108,26 @@ class FlushGate:
             await self._idle.wait()
 
 
+async def fetch_backing(replica, offset: int, length: int) -> None:
+    """Fetch the backup blocks a read of the range needs (an instant restore) without
+    blocking the loop; the chain would otherwise fetch them inline."""
+    if replica.backing is not None:
+        missing = replica.backing_missing(offset, length)
+        if missing:
+            await replica.backing.ensure(missing)
+
+
+async def fetch_backing_edges(replica, offset: int, length: int) -> None:
+    """:func:`fetch_backing` for the partly covered 4 KiB blocks a write reads to complete."""
+    if replica.backing is None or not length:
+        return
+    end = offset + length
+    if offset % 4096:
+        await fetch_backing(replica, offset - offset % 4096, 4096)
+    if end % 4096:
+        await fetch_backing(replica, end - end % 4096, 4096)
+
+
 def _head_description(readonly: bool) -> str:
     return "drove replica head " + ("(read-only: an engine owns this replica)" if readonly
                                     else "(read-write)")
@@ -149,6 +169,7 @@ class HeadExport:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read through the chain."""
+        await fetch_backing(self._replica, offset, length)
         return self._replica.read(offset, length)
 
     def read_now(self, offset: int, length: int) -> bytes:
@@ -158,6 +179,10 @@ class HeadExport:
     def read_cached(self, offset: int, length: int) -> bytearray:
         """Read from the page cache only: BlockingIOError where the disk would be read."""
         return self._replica.read_cached(offset, length)
+
+    async def prepare_read(self, offset: int, length: int) -> None:
+        """Fetch what a read of the range still needs from a backup (an instant restore)."""
+        await fetch_backing(self._replica, offset, length)
 
     def read_sources(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """(duplicated fd, offset, length) of the file ranges a read touches (close the fds)."""
@@ -171,12 +196,14 @@ class HeadExport:
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Read through the chain straight into ``buf`` (an engine's arena slot)."""
+        await fetch_backing(self._replica, offset, memoryview(buf).nbytes)
         self._replica.readinto(offset, buf)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write into the head."""
         if self._revoked:
             self._check()
+        await fetch_backing_edges(self._replica, offset, len(data))
         self._replica.write(offset, data, fua=fua)
 
     async def zero(
@@ -185,11 +212,13 @@ class HeadExport:
     ) -> None:
         """Make the range read zeros (punching where no older layer shows through)."""
         self._check()
+        await fetch_backing_edges(self._replica, offset, length)
         self._replica.zero(offset, length, fua=fua, fast=fast)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard the range; drove reads discarded ranges as zeros."""
         self._check()
+        await fetch_backing_edges(self._replica, offset, length)
         self._replica.trim(offset, length, fua=fua)
 
     async def flush(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from drove.nbd.server import NbdServer
-from drove.replica import access
+from drove.replica import access, backingapi
 from drove.replica.chain import Replica
 from drove.replica.control import ReplicaControl, build_app
 from drove.replica.exports import FlushGate, ReplicaExports
@@ -92,6 +92,7 @@ class ReplicaService:
             raise
         addresses["control"] = self.ctl.url
         self.addresses = addresses
+        backingapi.start_fill(replica)  # an instant restore's fill goes on where it was
         return addresses
 
     def set_size(self, size: int) -> None:
@@ -124,6 +125,7 @@ class ReplicaService:
         if replica is None:
             return
         try:
+            await backingapi.stop_fill(replica)
             await self.server.close()
             await self.control.close()
             await self.gate.drain()
