@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from drove.agent import processes
+from drove.agent import clones, processes
 from drove.agent.processes import Proc
 
 # sun_path holds 108 bytes; deep data dirs (pytest's tmp paths) would overflow it.
@@ -83,6 +83,17 @@ class NodeAgent:
         if p.parent.name != "replicas" or not p.is_absolute():
             raise ValueError(f"{path} is not a replica directory (DISK/replicas/NAME)")
         shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def clone_replica(src: str, dst: str, snapshot: str, base: dict[str, str],
+                      within: dict[str, str] | None = None) -> dict[str, Any]:
+        """Make replica directory ``dst`` a linked clone of ``snapshot`` in replica ``src``."""
+        return clones.clone_replica(src, dst, snapshot, base, within)
+
+    @staticmethod
+    def replica_usage(path: str) -> dict[str, int]:
+        """Bytes of a replica directory shared with others (hard links) and its own."""
+        return clones.replica_usage(path)
 
     def engine_socket(self, volume: str) -> Path:
         """The unix socket the engine of ``volume`` serves NBD on."""

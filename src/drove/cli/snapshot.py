@@ -54,14 +54,18 @@ def create(
 
 @app.command("list")
 @with_manager
-def list_snapshots(mgr: Manager, volume: VolumeArg, json_out: JsonOpt = False) -> None:
+def list_snapshots(mgr: Manager, volume: VolumeArg, json_out: JsonOpt = False,
+                   show_all: Annotated[bool, typer.Option(
+                       "--all", help="also the deleted snapshots kept for linked clones "
+                                     "(hidden), with the clones that need them")] = False,
+                   ) -> None:
     """Show the snapshots of VOLUME as a tree: each under its parent, the live head last.
 
     Sizes are the data held in each layer. --json prints the API's list of
     Snapshot objects (name, parent, children, created, size, labels, removed;
     the head is "volume-head" with "head": true).
     """
-    snaps = mgr.get(_path(volume, "/snapshots"))
+    snaps = mgr.get(_path(volume, "/snapshots"), all=show_all or None)
     if emit(snaps, json_out):
         return
     if not any(not s.get("head") for s in snaps):
@@ -113,6 +117,9 @@ def _node_label(s: dict[str, Any]) -> str:
         text += f"  {escape(labels_text(s['labels']))}"
     if s.get("removed"):
         text += "  [dim](removed)[/]"
+    if s.get("hidden"):
+        text += (f"  [yellow](hidden: deleted, kept for clone(s) "
+                 f"{escape(', '.join(s.get('dependants') or []))})[/]")
     return text
 
 
@@ -121,9 +128,15 @@ def _node_label(s: dict[str, Any]) -> str:
 def delete(mgr: Manager, volume: VolumeArg, name: SnapArg, json_out: JsonOpt = False) -> None:
     """Delete snapshot NAME of VOLUME (its data folds into its child)."""
     res = mgr.delete(_path(volume, f"/snapshots/{name}"))
-    if not emit(res, json_out):
-        console.print(f"snapshot {escape(name)} of volume {escape(volume)} deleted",
-                      highlight=False)
+    if emit(res, json_out):
+        return
+    if res.get("hidden"):
+        console.print(f"snapshot {escape(name)} of volume {escape(volume)} hidden: linked "
+                      f"clone(s) {escape(', '.join(res.get('dependants') or []))} depend on "
+                      "it; it is deleted with the last of them", highlight=False)
+        return
+    console.print(f"snapshot {escape(name)} of volume {escape(volume)} deleted",
+                  highlight=False)
 
 
 @app.command()

@@ -138,9 +138,15 @@ def list_volumes(mgr: Manager, json_out: JsonOpt = False) -> None:
     rows = [[escape(v["name"]), format_size(v["size"]), v["replica_count"],
              escape(v.get("data_locality") or ""), escape(v.get("pool") or ""), v["state"],
              styled(v["health"], HEALTH_STYLE), escape(_where(v)),
-             escape(labels_text(v.get("labels")))] for v in volumes]
+             escape(_clone_of(v)), escape(labels_text(v.get("labels")))] for v in volumes]
     show_table("volumes", ["name", "size>", "replicas>", "locality", "pool", "state",
-                           "health", "attached at", "labels"], rows)
+                           "health", "attached at", "clone of", "labels"], rows)
+
+
+def _clone_of(v: dict[str, Any]) -> str:
+    """VOLUME@SNAPSHOT a linked clone shares its base with, else ''."""
+    c = v.get("clone_of")
+    return f"{c['volume']}@{c['snapshot']}" if c else ""
 
 
 @app.command()
@@ -169,6 +175,15 @@ def show_volume(v: dict[str, Any]) -> None:
     if v.get("labels"):
         facts.append(("labels", labels_text(v["labels"])))
     facts.append(("created", local_time(v.get("created"))))
+    clone = v.get("clone") or {}
+    if clone.get("parent"):
+        p = clone["parent"]
+        shared, owned = clone.get("shared_bytes"), clone.get("owned_bytes")
+        facts.append(("clone of", f"{p['volume']}@{p['snapshot']}" + (
+            f" (a replica shares {format_size(shared)}, owns {format_size(owned)})"
+            if shared is not None else "")))
+    if clone.get("dependants"):
+        facts.append(("clones", ", ".join(clone["dependants"])))
     for key, label in (("nbd_uri", "nbd"), ("nbd_unix", "nbd socket"), ("device", "device")):
         if v.get(key):
             facts.append((label, v[key]))
@@ -213,6 +228,63 @@ def show_volume(v: dict[str, Any]) -> None:
     columns = (["name", "node", "disk", "mode", "state", "local", "pid>", "rebuild>"]
                + (["error"] if errors else []))
     show_table("replicas", columns, rows)
+
+
+@app.command()
+@with_manager
+def clone(
+    mgr: Manager,
+    src: Annotated[str, typer.Argument(help="the volume to clone", show_default=False)],
+    new: Annotated[str, typer.Argument(help="the new volume's name", show_default=False)],
+    snapshot: Annotated[str | None, typer.Option(
+        "--snapshot", "-s", show_default=False,
+        help="the snapshot to clone (default: take one now)")] = None,
+    replicas: ReplicasOpt = None,
+    label: LabelOpt = None,
+    full: Annotated[bool, typer.Option(
+        help="then copy what it shares in the background (a task): a full, independent "
+             "copy")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make volume NEW a linked clone of SRC's snapshot: ready at once, whatever the size.
+
+    Its replicas share the snapshot's layers on their disks (hard links, no copy);
+    writes to it never change SRC or other clones.  Deleting the snapshot while clones
+    depend on it only hides it.
+
+    Examples:
+
+        drove volume clone db db-test --snapshot before-upgrade
+
+        drove volume clone db db-copy --full
+    """
+    body: dict[str, Any] = {"name": new, "labels": parse_labels(label), "full": full}
+    if snapshot is not None:
+        body["snapshot"] = snapshot
+    if replicas is not None:
+        body["replicas"] = replicas
+    v = mgr.post(_path(src) + "/clone", body)
+    if emit(v, json_out):
+        return
+    c = v.get("clone_of") or {}
+    console.print(f"volume [bold]{escape(v['name'])}[/] cloned from "
+                  f"{escape(c.get('volume', src))}@{escape(c.get('snapshot', '?'))}: "
+                  f"{format_size(v['size'])}, {len(v.get('replicas', []))} replica(s)",
+                  highlight=False)
+    if v.get("task"):
+        console.print(f"flattening in the background: task {v['task']['id']} "
+                      f"(`drove task wait {v['task']['id']}`)", highlight=False)
+
+
+@app.command()
+@with_manager
+def flatten(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Copy what linked clone NAME shares with its source into its own files (a task; the
+    clone must be detached), so it stands alone."""
+    task = mgr.post(_path(name) + "/flatten", {})
+    if not emit(task, json_out):
+        console.print(f"flattening {escape(name)}: task {task['id']} "
+                      f"(`drove task wait {task['id']}`)", highlight=False)
 
 
 @app.command()

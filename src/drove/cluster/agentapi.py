@@ -19,6 +19,7 @@ from drove.agent import disks as disklib
 from drove.agent.hostattach import HostAttachError
 from drove.agent.node import NodeAgent
 from drove.agent.processes import ProcessStartError
+from drove.replica.clone import CloneError
 from drove.web import App, Body, Field, HTTPError, Request, Response, json_response
 
 START_REPLICA = Body("StartReplica", {
@@ -69,8 +70,20 @@ REMOVE = Body("RemoveReplicaData", {
     "path": Field("str", description="DISK/replicas/NAME"),
 }, "Delete the directory of a replaced replica.")
 
+CLONE = Body("CloneReplica", {
+    "src": Field("str", description="DISK/replicas/NAME of the replica holding the snapshot"),
+    "dst": Field("str", description="DISK/replicas/NAME of the new clone replica"),
+    "snapshot": Field("str"),
+    "base": Field("dict", description="{volume, snapshot} the clone is made from"),
+    "within": Field("dict", nullable=True, default=None,
+                    description="take src's base layer with this marker (a sibling clone)"),
+}, "Make a linked clone replica directory (hard links to the snapshot's layers).")
+
+USAGE = Body("ReplicaUsage", {"path": Field("str", description="DISK/replicas/NAME")},
+             "Bytes of a replica directory shared with others and its own.")
+
 _ERRORS: dict[type[Exception], int] = {ProcessStartError: 502, HostAttachError: 409,
-                                       ValueError: 422, OSError: 500}
+                                       CloneError: 409, ValueError: 422, OSError: 500}
 
 
 def build_app(agent: NodeAgent, token: str) -> App:
@@ -145,6 +158,17 @@ def build_app(agent: NodeAgent, token: str) -> App:
         """Delete a replaced replica's directory."""
         await asyncio.to_thread(agent.remove_replica_data, body.path)
         return {}
+
+    @app.post("/v1/replicas/clone", status=201, body=CLONE)
+    async def clone_replica(body: Any) -> dict[str, Any]:
+        """Make a linked clone replica directory on this host."""
+        return await asyncio.to_thread(agent.clone_replica, body.src, body.dst, body.snapshot,
+                                       body.base, body.within)
+
+    @app.post("/v1/replicas/usage", body=USAGE)
+    async def replica_usage(body: Any) -> dict[str, int]:
+        """Bytes of a replica directory shared with others and its own."""
+        return await asyncio.to_thread(agent.replica_usage, body.path)
 
     @app.post("/v1/disks/status", body=DISKS)
     async def disk_status(body: Any) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import httpx
 
 from drove.agent.hostattach import HostAttachError
 from drove.agent.processes import Proc, ProcessStartError
+from drove.replica.clone import CloneError
 
 # Process starts wait for the process's ready line (an engine may open a big chain).
 _START_TIMEOUT = 150.0
@@ -30,7 +31,8 @@ class AgentError(Exception):
 
 
 _RAISE: dict[str, type[Exception]] = {"ProcessStartError": ProcessStartError,
-                                      "HostAttachError": HostAttachError}
+                                      "HostAttachError": HostAttachError,
+                                      "CloneError": CloneError}
 
 
 class RemoteAgent:
@@ -112,6 +114,16 @@ class RemoteAgent:
     def remove_replica_data(self, path: str) -> None:
         """Delete a replaced replica's directory on that node."""
         self._post("/v1/replicas/remove-data", {"path": path})
+
+    def clone_replica(self, src: str, dst: str, snapshot: str, base: dict[str, str],
+                      within: dict[str, str] | None = None) -> dict[str, Any]:
+        """Make a linked clone replica directory on that node (see NodeAgent)."""
+        return self._post("/v1/replicas/clone", {"src": src, "dst": dst, "snapshot": snapshot,
+                                                 "base": base, "within": within})
+
+    def replica_usage(self, path: str) -> dict[str, int]:
+        """Bytes of a replica directory on that node shared with others and its own."""
+        return self._post("/v1/replicas/usage", {"path": path})
 
     def disk_status(self, disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """State, capacity and free space of that node's ``disks`` ({path, id})."""

@@ -84,6 +84,17 @@ class NodeUpdate(Strict):
         None, description="storage holds replicas, compute attaches volumes, both does both")
 
 
+class VolumeClone(Strict):
+    """A linked clone of a volume's snapshot."""
+
+    name: str = Field(description="the new volume's name")
+    snapshot: str | None = Field(None, description="default: take a snapshot now")
+    replicas: int | None = Field(None, ge=1, le=10, description="default: the source's count")
+    labels: Labels = Field(default_factory=dict)
+    full: bool = Field(False, description="then flatten it in the background (a task): a "
+                                          "full, independent copy")
+
+
 class Expand(Strict):
     """Grow a volume."""
 
@@ -366,8 +377,29 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
 
     @app.get("/v1/volumes/{name}", dependencies=secured)
     async def volume(name: str) -> dict[str, Any]:
-        """One volume."""
-        return manager.volume(name)
+        """One volume (a linked clone's parent and bytes shared and owned under ``clone``)."""
+        view = manager.volume(name)
+        view["clone"] = await manager.clones.info(manager.record(name))
+        return view
+
+    @app.post("/v1/volumes/{name}/clone", dependencies=secured, status_code=201)
+    async def clone_volume(name: str, req: VolumeClone) -> dict[str, Any]:
+        """A linked clone of a snapshot (taken now without ``snapshot``): its replicas share
+        the snapshot's layers on their disks; with ``full``, a flatten task follows."""
+        doc = await manager.clones.clone(name, req.name, req.snapshot, req.replicas,
+                                         req.labels)
+        view = manager.view(doc)
+        view["task"] = (parts.tasks.start("volume-flatten", manager.clones.flatten_task(
+            req.name), volume=req.name) if req.full else None)
+        return view
+
+    @app.post("/v1/volumes/{name}/flatten", dependencies=secured, status_code=202)
+    async def flatten_volume(name: str) -> dict[str, Any]:
+        """Copy what a linked clone shares into its own files (a task; it must be
+        detached)."""
+        manager.clones.check_flatten(name)
+        return parts.tasks.start("volume-flatten", manager.clones.flatten_task(name),
+                                 volume=name)
 
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:
@@ -396,9 +428,9 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         return await manager.detach(name, (req or Detach()).force)
 
     @app.get("/v1/volumes/{name}/snapshots", dependencies=secured)
-    async def snapshots(name: str) -> list[dict[str, Any]]:
-        """The snapshot tree."""
-        return await manager.snapshots(name)
+    async def snapshots(name: str, all: bool = False) -> list[dict[str, Any]]:
+        """The snapshot tree (with ``all``, also the snapshots hidden for linked clones)."""
+        return await manager.snapshots(name, show_hidden=all)
 
     @app.post("/v1/volumes/{name}/snapshots", dependencies=secured, status_code=201)
     async def create_snapshot(name: str, req: SnapshotCreate | None = None) -> dict[str, Any]:

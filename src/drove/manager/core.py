@@ -37,6 +37,7 @@ from drove.cluster.remoteagent import AgentError, AgentUnreachableError
 from drove.manager import locality, views
 from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
+from drove.manager.clones import Clones
 from drove.manager.disks import Disks
 from drove.manager.drain import Drainer
 from drove.manager.engines import Engines
@@ -84,6 +85,9 @@ class Manager:
                                   settings=self._settings, event=event, guard=guard)
         self._snapshots = Snapshots(records=self._records, engines=self._engines, guard=guard,
                                     event=event)
+        self.clones = Clones(records=self._records, replicas=self._replicas, disks=self._disks,
+                             engines=self._engines, agents=self.agents,
+                             snapshots=self._snapshots, guard=guard, event=event)
         rebuilds = Rebuilds(records=self._records, replicas=self._replicas,
                             engines=self._engines, disks=self._disks, event=event)
         self._localizer = Localizer(records=self._records, replicas=self._replicas,
@@ -249,6 +253,7 @@ class Manager:
             self._records.delete(name)
             self.event("volume-deleted", f"volume {name} deleted", name)
         self._records.drop_lock(name)
+        await self.clones.release(doc)  # a clone's source may purge what it hid for it
         return {"deleted": name}
 
     async def _delete_data(self, doc: dict[str, Any], rep: dict[str, Any]) -> None:
@@ -370,9 +375,10 @@ class Manager:
 
     # --------------------------------------------------------- snapshots
 
-    async def snapshots(self, name: str) -> list[dict[str, Any]]:
-        """The volume's snapshot tree (the head included, marked ``head``)."""
-        return await self._snapshots.tree(name)
+    async def snapshots(self, name: str, show_hidden: bool = False) -> list[dict[str, Any]]:
+        """The volume's snapshot tree (the head included, marked ``head``); snapshots hidden
+        for clones only with ``show_hidden``."""
+        return self.clones.mark_tree(name, await self._snapshots.tree(name), show_hidden)
 
     async def create_snapshot(self, name: str, snapshot: str | None = None,
                               labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -380,8 +386,10 @@ class Manager:
         return await self._snapshots.create(name, snapshot, labels)
 
     async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
-        """Delete a snapshot (its data folds into its child)."""
-        return await self._snapshots.delete(name, snapshot)
+        """Delete a snapshot (its data folds into its child); one that linked clones depend
+        on is hidden instead, and deleted with the last of them."""
+        self.record(name)
+        return self.clones.hide(name, snapshot) or await self._snapshots.delete(name, snapshot)
 
     async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
         """Revert the volume to a snapshot (attached, with no client connected)."""

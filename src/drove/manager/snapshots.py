@@ -192,14 +192,15 @@ def snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def visible_parent(la: dict[str, Any]) -> dict[str, Any] | None:
         parent = by_file.get(la.get("parent") or "")
-        while parent is not None and parent.get("removed"):
+        while parent is not None and (parent.get("removed") or parent.get("base")):
             parent = by_file.get(parent.get("parent") or "")
         return parent
 
     def name(la: dict[str, Any]) -> str:
         return "volume-head" if la.get("head") else la["name"]
 
-    shown = [la for la in layers if not la.get("removed")]
+    # A linked clone's base layers are its source's snapshots, not its own.
+    shown = [la for la in layers if not la.get("removed") and not la.get("base")]
     parents = {la["file"]: visible_parent(la) for la in shown}
     return [{"name": name(la), "head": bool(la.get("head")),
              "parent": name(parents[la["file"]]) if parents[la["file"]] else None,

@@ -53,6 +53,8 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "name": doc["name"], "size": doc["size"], "replica_count": doc["replica_count"],
         "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
         "data_locality": data_locality,
+        "clone_of": ({k: doc["clone_of"][k] for k in ("volume", "snapshot")}
+                     if doc.get("clone_of") else None),
         "state": "restoring" if doc.get("restoring") else doc["state"],
         "node": doc.get("node") if doc["state"] == "attached" else None,
         "health": health(doc, info),
