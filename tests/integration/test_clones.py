@@ -233,3 +233,26 @@ def test_fifty_clones_cost_almost_nothing(manager: ManagerProc, tmp_path: Path) 
                 read_only=True)
     vols: list[dict[str, Any]] = m.cli_json("volume", "list")
     assert sum(1 for v in vols if v["clone_of"]) == 50
+
+
+def test_base_copied_once_to_a_disk_then_shared(source: tuple[ManagerProc, Path],
+                                                tmp_path: Path) -> None:
+    """A clone with more replicas than the source has: the replica on the disk without the
+    base layers is rebuilt (they are copied there, still base layers), and the next clone
+    links from that copy."""
+    m, s1 = source
+    m.cli("disk", "add", str(tmp_path / "disk-b"))
+    c1 = m.cli_json("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "2")
+    assert sorted(r["state"] for r in c1["replicas"]) == ["pending", "stopped"]
+    u = attach(m, "c1")
+    m.wait_volume("c1", lambda v: v["health"] == "healthy", what="c1 healthy")
+    assert same(u, s1)
+    far = next(Path(r["path"]) for r in m.volume("c1")["replicas"] if "disk-b" in r["path"])
+    assert set(links(far).values()) == {1}  # copied there, not linked
+    m.cli("volume", "detach", "c1")
+    c2 = m.cli_json("volume", "clone", "src", "c2", "--snapshot", "s1", "--replicas", "2")
+    assert [r["state"] for r in c2["replicas"]] == ["stopped", "stopped"]
+    b2 = next(Path(r["path"]) for r in c2["replicas"] if "disk-b" in r["path"])
+    assert os.stat(b2 / "volume-snap-s1.img").st_ino == os.stat(far / "volume-snap-s1.img").st_ino
+    assert same(attach(m, "c2"), s1)
+    m.wait_volume("c2", lambda v: v["health"] == "healthy", what="c2 healthy")
