@@ -29,6 +29,10 @@ def agent(
         = None,
     role: Annotated[str, typer.Option(
         help="storage (holds replicas), compute (attaches volumes) or both")] = "both",
+    heartbeat_interval: Annotated[float, typer.Option(
+        help="seconds between heartbeats (the managers call a node down after 5 s without "
+             "one; what the node must act on comes through a long-poll, not heartbeats)")]
+        = 1.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run this host's node agent: it starts the engines and replicas the managers place here.
@@ -58,7 +62,7 @@ def agent(
         fail(f"{token_file} is empty; copy a manager's DATA_DIR/cluster-token into it")
     cfg = AgentConfig(managers=managers, node=node, listen=address, token=token,
                       data_dir=data_dir or Path.home() / ".local/share/drove-agent",
-                      zone=zone, role=role)
+                      zone=zone, role=role, heartbeat_interval=heartbeat_interval)
     try:
         run(lambda: serve(cfg))
     except AgentConfigError as exc:

@@ -7,15 +7,15 @@ and the state of the disks the manager says are on this node.  Heartbeats go to
 the first manager that answers; while none does the agent keeps serving (the
 engines and replicas it started never depend on a manager).
 
-Each heartbeat also lists the engines running on this host (found in /proc:
-those started under this agent's run directory, with their volume and epoch).
-The manager answers with those that must stop: their volume was taken over on
-another node while this one was down or cut off, or detached, or restarted
-with a newer epoch.  The agent stops them (SIGTERM, then SIGKILL) and releases
-their host attachment; their replicas refuse them already (the epoch fence),
-this only ends them and frees their local replica's directory for its rebuild.
-Only engines seen before the heartbeat left are stopped: one started meanwhile
-was started by a manager that had recorded it first.
+The agent also keeps a long-poll open to a manager
+(:mod:`drove.cluster.agentwatch`): it names the engines running on this host (found
+in /proc: :mod:`drove.cluster.hostengines`) and the manager answers as soon as one of
+them must stop (its volume was taken over on another node while this one was down or
+cut off, or detached, or restarted with a newer epoch), from the store's changes rather
+than at the next heartbeat.  The agent stops them (SIGTERM, then SIGKILL) and releases
+their host attachment; their replicas refuse them already (the epoch fence).  While the
+long-poll does not work (a manager from before it), each heartbeat lists the engines
+and its answer names those that must stop, as before.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import httpx
 
 from drove import __version__
 from drove.agent import disks as disklib
-from drove.agent import processes
 from drove.agent.node import NodeAgent
-from drove.agent.processes import Proc
 from drove.cluster.agentapi import build_app
+from drove.cluster.agentwatch import ChangeWatch
+from drove.cluster.hostengines import EngineStops
 from drove.manager.placement import ROLES
 from drove.service import ControlServer, armed, default_signals
 
@@ -62,6 +62,7 @@ class AgentConfig:
     token: str
     zone: str | None = None
     role: str = "both"
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
 
 
 def node_id(data_dir: Path) -> str:
@@ -78,71 +79,19 @@ def node_id(data_dir: Path) -> str:
     return new
 
 
-@dataclass
-class RunningEngine:
-    """An engine process this agent started (or an earlier agent on this data dir)."""
-
-    volume: str
-    epoch: int | None
-    proc: Proc
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` in ``argv``."""
-    for i, arg in enumerate(argv[:-1]):
-        if arg == name:
-            return argv[i + 1]
-    return None
-
-
-def running_engines(agent: NodeAgent) -> list[RunningEngine]:
-    """The engines running on this host under ``agent``'s run directory (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            continue
-        if len(argv) < 6 or argv[1:5] != ["-m", "drove", "engine", "serve"]:
-            continue
-        volume = argv[5]
-        # Its NBD socket is in this agent's run directory: this agent's engine, not one a
-        # person or another agent (another data dir, in a test) runs on this host.
-        if _option(argv, "--nbd-unix") != str(agent.engine_socket(volume)):
-            continue
-        pid = int(entry.name)
-        started = processes.start_time(pid)
-        if started is None:
-            continue
-        epoch = _option(argv, "--epoch")
-        found.append(RunningEngine(volume, int(epoch) if epoch and epoch.isdigit() else None,
-                                   Proc(pid, started, argv, "")))
-    return found
-
-
-def stop_engine(agent: NodeAgent, engine: RunningEngine, reason: str) -> None:
-    """Stop a stale engine and release its volume's host attachment here."""
-    log.warning("stopping the engine of volume %s (epoch %s, pid %d): %s", engine.volume,
-                engine.epoch, engine.proc.pid, reason)
-    agent.stop(engine.proc, 10.0)
-    try:
-        agent.detach_host(engine.volume, None, force=True)
-    except Exception as exc:  # its mount may still be busy: say so, the engine is gone
-        log.warning("volume %s: releasing the host attachment failed: %s", engine.volume, exc)
-
-
 class Heartbeat:
-    """Tells the managers this node is alive, and learns which of its disks to report."""
+    """Tells the managers this node is alive and learns which of its disks to report; keeps
+    the long-poll (:class:`~drove.cluster.agentwatch.ChangeWatch`) that says which of this
+    host's engines must stop."""
 
     def __init__(self, cfg: AgentConfig, identity: dict[str, Any],
                  agent: NodeAgent | None = None) -> None:
         self._cfg = cfg
         self._identity = identity
-        self._agent = agent  # None: no engines are reported nor stopped
-        # Stale engines being stopped (by pid), in tasks: the heartbeats go on meanwhile.
-        self._stopping: dict[int, asyncio.Task[None]] = {}
+        # None (no agent): no engines are reported nor stopped.
+        self._stops = None if agent is None else EngineStops(agent)
+        self.watch = (None if self._stops is None
+                      else ChangeWatch(cfg.managers, cfg.node, cfg.token, self._stops))
         self._disks: list[dict[str, Any]] = []
         self._http = httpx.AsyncClient(headers={"Authorization": f"Bearer {cfg.token}"},
                                        timeout=3.0)
@@ -152,8 +101,10 @@ class Heartbeat:
         """One heartbeat to the first manager that answers; False if none did."""
         statuses = {d["name"]: await asyncio.to_thread(disklib.disk_status, d["path"], d["id"])
                     for d in self._disks}
-        engines = ([] if self._agent is None
-                   else await asyncio.to_thread(running_engines, self._agent))
+        # The engines go along only while the long-poll does not work (a manager from
+        # before it, say): each listed engine costs the manager a store read per second.
+        engines = ([] if self._stops is None or (self.watch and self.watch.healthy)
+                   else await self._stops.running())
         body = {**self._identity, "disks": statuses,
                 "engines": [{"volume": e.volume, "epoch": e.epoch} for e in engines]}
         order = ([self.manager] if self.manager else []) + [
@@ -164,44 +115,45 @@ class Heartbeat:
                                              json=body)
             except httpx.HTTPError as exc:
                 log.debug("manager %s: %s", url, exc)
+                self._gone(url)
                 continue
             if resp.status_code == 200:
                 self.manager = url
                 answer = resp.json()
                 self._disks = answer.get("disks", [])
-                await self._stop_stale(engines, answer.get("stop_engines") or [])
+                if self._stops is not None:
+                    self._stops.stop(engines, answer.get("stop_engines") or [])
                 return True
             log.warning("manager %s refused the heartbeat: %s %s", url, resp.status_code,
                         resp.text[:200])
         self.manager = None
         return False
 
-    async def _stop_stale(self, seen: list[RunningEngine],
-                          stale: list[dict[str, Any]]) -> None:
-        """Start stopping the engines the manager named, among those seen before the
-        heartbeat (a stop may take seconds; the next heartbeat must not wait for it)."""
-        agent = self._agent
-        if agent is None:
-            return
-        for s in stale:
-            for e in seen:
-                if (e.volume == s.get("volume") and e.epoch == s.get("epoch")
-                        and e.proc.pid not in self._stopping):
-                    reason = str(s.get("reason") or "the manager says so")
-                    task = asyncio.create_task(asyncio.to_thread(stop_engine, agent, e, reason))
-                    self._stopping[e.proc.pid] = task
-                    task.add_done_callback(lambda _, pid=e.proc.pid: self._stopping.pop(pid))
+    def _gone(self, url: str) -> None:
+        """``url`` does not answer: the long-poll open to it, if any, moves on now."""
+        if self.watch is not None:
+            self.watch.manager_gone(url)
 
     async def run(self) -> None:
-        """Heartbeat forever."""
-        while True:
-            await self.once()
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+        """Heartbeat (and long-poll) forever."""
+        poll = None if self.watch is None else asyncio.create_task(self.watch.run(),
+                                                                    name="agent-long-poll")
+        try:
+            while True:
+                await self.once()
+                await asyncio.sleep(self._cfg.heartbeat_interval)
+        finally:
+            if poll is not None:
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
 
     async def close(self) -> None:
-        """Let the engine stops under way end; release the HTTP client."""
-        if self._stopping:
-            await asyncio.gather(*self._stopping.values(), return_exceptions=True)
+        """Let the engine stops under way end; release the HTTP clients."""
+        if self._stops is not None:
+            await self._stops.close()
+        if self.watch is not None:
+            await self.watch.close()
         await self._http.aclose()
 
 
@@ -209,6 +161,10 @@ async def serve(cfg: AgentConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; its engines and replicas keep running after it."""
     if cfg.role not in ROLES:
         raise AgentConfigError(f"unknown role {cfg.role!r}: use one of {', '.join(ROLES)}")
+    if not 0 < cfg.heartbeat_interval <= 60:
+        raise AgentConfigError(f"--heartbeat-interval {cfg.heartbeat_interval} is out of "
+                               "range: more than 0, at most 60 s (the managers call a node "
+                               "down after 5 s without a heartbeat)")
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     host = cfg.listen[0]
     agent = NodeAgent(cfg.data_dir, cfg.node, address=host)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import uuid
@@ -22,10 +23,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
+import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
-from drove.manager.store import ConflictError, SqliteStore, Store, StoreError
+from drove.manager.store import (
+    ConflictError,
+    OnChange,
+    OnReset,
+    SqliteStore,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger("drove.cluster.etcdstore")
 
 DEFAULT_PREFIX = "/drove"
 MAX_EVENTS = 10_000
@@ -33,6 +44,11 @@ MAX_EVENTS = 10_000
 TRIM_EVERY = 100
 """Appends between two checks of the event count."""
 REQUEST_TIMEOUT = 5.0
+WATCH_IDLE = 10.0
+"""Seconds a watch stream may stay silent before it is made again (from where it was):
+a member that died without closing the connection is left within this time."""
+WATCH_RETRY = 1.0
+"""Seconds between two attempts to make a watch while etcd does not answer."""
 
 T = TypeVar("T")
 
@@ -120,8 +136,13 @@ class EtcdStore:
         self.prefix = prefix.rstrip("/")
         self._appends = 0
         self._lock = threading.Lock()
+        self._watches: list[KindWatch] = []
         # Fail at start, with the endpoints named, rather than at the first request.
         self.etcd.post("kv/range", {"key": _b64(self.prefix + "/"), "count_only": True})
+
+    def key_of(self, kind: str, key: str) -> str:
+        """The etcd key of document ``key`` of ``kind``."""
+        return self._key(kind, key)
 
     def _key(self, kind: str, key: str) -> str:
         if not kind or "/" in kind:
@@ -257,9 +278,133 @@ class EtcdStore:
 
         return changes(), cancel
 
+    def subscribe(self, kind: str, on_reset: OnReset, on_change: OnChange
+                  ) -> Callable[[], None]:
+        """Follow the documents of ``kind`` through an etcd watch, in a thread (see
+        :class:`drove.manager.store.Store`); revisions are etcd's."""
+        watch = KindWatch(self, kind, on_reset, on_change)
+        with self._lock:
+            self._watches.append(watch)
+        watch.start()
+        return watch.stop
+
     def close(self) -> None:
-        """Release the HTTP sessions."""
+        """Stop the watches; release the HTTP sessions."""
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.stop()
         self.etcd.close()
+
+
+class _Compacted(Exception):
+    """The revision a watch resumes from is compacted away: changes may have been missed."""
+
+
+class KindWatch:
+    """One kind's documents followed through etcd's watch (a thread): a snapshot, then each
+    change in order; after a compaction, a new snapshot (nothing is missed silently)."""
+
+    def __init__(self, store: EtcdStore, kind: str, on_reset: OnReset,
+                 on_change: OnChange) -> None:
+        self._store = store
+        self._base = store.key_of(kind, "")
+        self._on_reset = on_reset
+        self._on_change = on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
+
+    def start(self) -> None:
+        """Start following."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following (the thread ends within ``WATCH_IDLE`` s; it is a daemon)."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        resume: int | None = None  # the next revision to hear of; None: snapshot first
+        while not self._stop.is_set():
+            try:
+                if resume is None:
+                    resume = self._snapshot() + 1
+                resume = self._follow(resume)
+            except _Compacted:
+                log.warning("watch on %s: history compacted; reading it again", self._base)
+                resume = None
+            except (StoreError, OSError, ValueError, KeyError) as exc:
+                # requests' errors are OSErrors; etcd away or the stream cut: make it again,
+                # from where it was (etcd keeps the history).
+                log.warning("watch on %s: %s", self._base, exc)
+                self._stop.wait(WATCH_RETRY)
+
+    def _snapshot(self) -> int:
+        """Tell every document as of one revision; that revision."""
+        payload = {"key": _b64(self._base), "range_end": _b64(_prefix_end(self._base))}
+        answer = self._store.etcd.post("kv/range", payload)
+        revision = int(answer["header"]["revision"])
+        docs = {_unb64(kv["key"])[len(self._base):]: _doc(kv) for kv in answer.get("kvs", [])}
+        self._on_reset(revision, docs)
+        return revision
+
+    def _open(self, start: int) -> requests.Response:
+        """The watch stream from revision ``start``, on the first endpoint that answers."""
+        request = {"create_request": {"key": _b64(self._base),
+                                      "range_end": _b64(_prefix_end(self._base)),
+                                      "start_revision": start}}
+
+        def post(client: Etcd3Client) -> requests.Response:
+            try:
+                resp = client.session.post(client.get_url("/watch"), json=request,
+                                           stream=True, timeout=(3.0, WATCH_IDLE))
+            except requests.ConnectionError as exc:  # so that the next endpoint is tried
+                raise ConnectionFailedError(str(exc)) from exc
+            if resp.status_code != 200:
+                resp.close()
+                raise StoreError(f"etcd refused the watch: {resp.status_code}")
+            return resp
+
+        return self._store.etcd.call(post)
+
+    def _follow(self, start: int) -> int:
+        """Tell each change from revision ``start`` until the stream ends or stays silent
+        for ``WATCH_IDLE`` s; the next revision to resume from."""
+        resp = self._open(start)
+        buffered = b""
+        try:
+            for chunk in resp.iter_content(chunk_size=None):
+                if self._stop.is_set():
+                    break
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        start = self._message(json.loads(line), start)
+        except requests.ConnectionError:  # silent for WATCH_IDLE s (or cut): make it again
+            pass
+        finally:
+            resp.close()
+        return start
+
+    def _message(self, message: dict[str, Any], resume: int) -> int:
+        """Tell the changes one stream message carries; the revision to resume from."""
+        if "error" in message:
+            raise StoreError(f"etcd watch: {message['error']}")
+        result = message.get("result", {})
+        if int(result.get("compact_revision", 0) or 0) > 0:
+            raise _Compacted()
+        if result.get("canceled"):
+            raise StoreError(f"etcd cancelled the watch: {result.get('cancel_reason')}")
+        for event in result.get("events", []):
+            kv = event["kv"]
+            key = _unb64(kv["key"])[len(self._base):]
+            revision = int(kv["mod_revision"])
+            if event.get("type") == "DELETE":
+                self._on_change(revision, key, None)
+            else:
+                self._on_change(revision, key, _doc(kv))
+            resume = revision + 1
+        return resume
 
 
 def _doc(kv: dict[str, Any]) -> dict[str, Any]:

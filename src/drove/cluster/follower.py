@@ -24,8 +24,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOCAL_READS = ("/v1/health", "/v1/cluster", "/v1/nodes", "/v1/disks", "/v1/events",
-               "/v1/settings", "/v1/backup-target", "/docs", "/redoc", "/openapi.json")
-"""GET paths (and those below them) a follower answers from the store itself."""
+               "/v1/settings", "/v1/backup-target", "/v1/agents", "/docs", "/redoc",
+               "/openapi.json")
+"""GET paths (and those below them) a follower answers from the store itself (the agents'
+long-polls too: every manager follows the store's changes)."""
 LOCAL_WRITES = ("/v1/cluster/heartbeat",)
 """Non-GET paths every manager serves itself."""
 FORWARDED = "x-drove-forwarded-by"

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from drove import __version__
 from drove.manager.app import ManagerApp
 from drove.manager.errors import ApiError
+from drove.manager.heartbeats import MAX_POLL, parse_engines
 from drove.manager.store import ConflictError, StoreError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
@@ -161,6 +162,10 @@ class SettingsUpdate(Strict):
         None, description="seconds a down node's replicas are waited for before they are "
                           "rebuilt elsewhere")
     default_data_locality: str | None = None
+    engine_nbd_listen: str | None = Field(
+        None, description="loopback (default: NBD clients on the engine's host only) or node "
+                          "(also its node's address, open to every host that reaches it); "
+                          "applies at the next attach")
 
 
 Codec = Literal["zstd", "lz4", "none"]
@@ -337,6 +342,16 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         # A few store calls per node every second: on etcd each is a round trip, which must
         # not hold the loop that drives the engines and the healer.
         return await asyncio.to_thread(manager.heartbeat, req.model_dump())
+
+    @app.get("/v1/agents/{node}/changes", dependencies=[Depends(cluster_auth)])
+    async def agent_changes(node: str, since: Annotated[int | None, Query(ge=0)] = None,
+                            timeout: Annotated[float, Query(ge=0, le=MAX_POLL)] = 30.0,
+                            engines: Annotated[str, Query(max_length=65_536)] = ""
+                            ) -> dict[str, Any]:
+        """A node agent's long-poll (cluster token): ``{revision, stop_engines}`` as soon as
+        one of its ``engines`` (VOLUME@EPOCH,...) must stop, at once without a known
+        ``since`` (the revision of its last answer), else after ``timeout`` s."""
+        return await manager.node_changes(node, parse_engines(engines), since, timeout)
 
     @app.get("/v1/cluster", dependencies=secured)
     async def cluster_status() -> dict[str, Any]:

@@ -139,6 +139,12 @@ class Manager:
         """An agent's heartbeat (registering its node); the disks it should report on."""
         return self._disks.health.heartbeat(beat)
 
+    async def node_changes(self, node: str, engines: dict[str, int | None], since: int | None,
+                           timeout: float) -> dict[str, Any]:
+        """An agent's long-poll: which of its engines must stop, as soon as the store says
+        so (:meth:`drove.manager.heartbeats.NodeHealth.changes`)."""
+        return await self._disks.health.changes(node, engines, since, timeout)
+
     def disks(self) -> list[dict[str, Any]]:
         """Every disk with its live state, capacity, free and scheduled space."""
         return self._disks.all()

@@ -6,23 +6,30 @@ of its disks; a node whose last heartbeat is older than ``NODE_DOWN_AFTER`` is
 name belongs to the host that registered it first (its node id): another host
 heartbeating under the same name is refused, so two hosts can never be mixed up.
 
-A heartbeat lists the engines running on the node; the answer names those that must
-stop (``stop_engines``): an engine of a volume that is now attached on another node (a
-takeover while this one was down), detached, or running with an older epoch than the
-volume's.  The manager records a volume's node and epoch before it asks an agent to
-start its engine, so an engine the agent saw before its heartbeat left is never named
-while it is the current one.  An engine of a volume the manager does not know is left
-alone (a wrong store must not stop a cluster's engines).
+An agent learns what it must act on through a long-poll (:meth:`NodeHealth.changes`,
+``GET /v1/agents/{node}/changes``): it names the engines running on the node and the
+revision it last heard of; the answer comes as soon as one of them must stop, fed by the
+store's changes (:mod:`drove.manager.changes`), or when the poll's time is up. A heartbeat
+that lists the node's engines (an agent from before the long-poll, or one whose poll
+fails) is answered the same way. Those that must stop (``stop_engines``) are: an engine
+of a volume that is now attached on another node (a takeover while this one was down),
+detached, or running with an older epoch than the volume's.  The manager records a
+volume's node and epoch before it asks an agent to start its engine, so an engine the
+agent saw before its request left is never named while it is the current one.  An engine
+of a volume the manager does not know is left alone (a wrong store must not stop a
+cluster's engines).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+from drove.manager.changes import ChangeFeed
 from drove.manager.errors import ApiError, validate_name, validate_role
 from drove.manager.events import EventFn
-from drove.manager.store import ConflictError, Store, now_iso
+from drove.manager.store import ConflictError, Store, StoreError, now_iso
 
 NODE_DOWN_AFTER = 5.0
 """Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
@@ -30,6 +37,23 @@ NODE_DOWN_AFTER = 5.0
 NODE_SILENT_AFTER = 2.5
 """Seconds without a heartbeat after which a node's agent is not called for slow work
 (it may be frozen or cut off: a call would wait for its timeout), before it is down."""
+
+MAX_POLL = 60.0
+"""The longest an agent's long-poll may wait (seconds)."""
+FEED_READY = 10.0
+"""Seconds a long-poll waits for the store's first snapshot of the volumes (etcd)."""
+
+def parse_engines(text: str) -> dict[str, int | None]:
+    """``VOLUME@EPOCH,VOLUME,...`` (a long-poll's engines; no epoch: unknown) as a dict;
+    ApiError 422 naming the item that is malformed."""
+    engines: dict[str, int | None] = {}
+    for item in filter(None, text.split(",")):
+        volume, sep, epoch = item.partition("@")
+        if (sep and not epoch.isdigit()) or not volume:
+            raise ApiError(422, f"engines: {item!r} is not VOLUME@EPOCH (e.g. v1@3)")
+        engines[validate_name("volume", volume)] = int(epoch) if sep else None
+    return engines
+
 
 class NodeHealth:
     """Heartbeats of the agents, and the state they give each node and disk."""
@@ -39,6 +63,7 @@ class NodeHealth:
         self._local = local_node
         self._event = event
         self._told: set[tuple[str, str, Any]] = set()  # stale engines an event named
+        self._feed = ChangeFeed(store)  # started by the first long-poll
 
     def heartbeat(self, beat: dict[str, Any]) -> dict[str, Any]:
         """Record a heartbeat (registering the node the first time); the node's disks."""
@@ -71,6 +96,39 @@ class NodeHealth:
                                    "heartbeats", None, "info")
         return {"disks": [{"name": d["name"], "path": d["path"], "id": d["id"]} for d in disks],
                 "stop_engines": self._stale_engines(name, beat.get("engines") or [])}
+
+    async def changes(self, node: str, engines: dict[str, int | None], since: int | None,
+                      timeout: float) -> dict[str, Any]:
+        """An agent's long-poll: ``{revision, stop_engines}`` as soon as one of ``engines``
+        (volume: epoch, running on ``node``) must stop, or at once when ``since`` (the
+        revision of the agent's last answer) is absent or unknown here, or when a volume the
+        poll does not name moved to or off the node (an engine started meanwhile: the agent
+        asks again with it); else after ``timeout`` s with nothing to stop."""
+        name = validate_name("node", node)
+        if not 0 <= timeout <= MAX_POLL:
+            raise ApiError(422, f"timeout {timeout} is out of range: 0 to {MAX_POLL:.0f} s")
+        if await asyncio.to_thread(self._store.get, "nodes", name) is None:
+            raise ApiError(404, f"no node {name!r}: an agent registers its node with its "
+                                "first heartbeat (POST /v1/cluster/heartbeat)")
+        await asyncio.to_thread(self._feed.start)
+        if not await asyncio.to_thread(self._feed.wait_ready, FEED_READY):
+            raise StoreError("the store did not tell the volumes in time")
+        listed = [{"volume": v, "epoch": e} for v, e in engines.items()]
+        volumes = frozenset(engines)
+        deadline = time.monotonic() + timeout
+        with self._feed.waiter(name, volumes) as waiter:
+            while True:
+                revision = self._feed.revision
+                touched = (self._feed.touched(since, name, volumes)
+                           if since is not None and self._feed.known(since) else None)
+                if touched is None or touched:
+                    stale = await asyncio.to_thread(self._stale_engines, name, listed)
+                    if stale or touched is None or touched - volumes:
+                        return {"revision": revision, "stop_engines": stale}
+                    since = revision  # looked: nothing to do until the next change
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await waiter.wait(remaining):
+                    return {"revision": revision, "stop_engines": []}
 
     def _stale_engines(self, node: str, engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Of the engines running on ``node``, those that must stop, each with the reason."""

@@ -1,10 +1,11 @@
-"""The manager's state: a narrow document store (SQLite here; etcd could follow).
+"""The manager's state: a narrow document store (SQLite here; etcd in drove.cluster).
 
 Everything the manager keeps is a JSON document under ``(kind, key)`` with a
 version number, plus an append-only event log.  That is all the rest of the
 manager may use, so another store only has to offer the same few calls:
 ``get``, ``list``, ``put`` (optionally compare-and-set on the version),
-``delete``, ``append_event`` and ``events``.
+``delete``, ``append_event``, ``events`` and ``subscribe`` (follow a kind's
+changes: in-process for SQLite, an etcd watch for etcd).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,12 @@ class ConflictError(StoreError):
     """A compare-and-set lost: the document changed since it was read."""
 
 
+OnReset = Callable[[int | None, dict[str, dict[str, Any]]], None]
+"""Told every document of a kind (by key) as of a revision (None: the store has none)."""
+OnChange = Callable[[int | None, str, dict[str, Any] | None], None]
+"""Told one change: (revision or None, key, the document or None when deleted)."""
+
+
 class Store(Protocol):
     """What the manager needs from a state store."""
 
@@ -66,6 +73,12 @@ class Store(Protocol):
                after: int = 0) -> list[dict[str, Any]]:
         """The newest ``limit`` events (of ``volume``), oldest first."""
 
+    def subscribe(self, kind: str, on_reset: OnReset, on_change: OnChange
+                  ) -> Callable[[], None]:
+        """Follow the documents of ``kind``: ``on_reset`` with all of them first (and again
+        whenever changes may have been missed), then ``on_change`` for each change, in
+        order; both are called from any thread and must be quick. The cancel function."""
+
     def close(self) -> None:
         """Release the store."""
 
@@ -79,6 +92,7 @@ class SqliteStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._lock = threading.Lock()
+        self._listeners: dict[str, list[OnChange]] = {}  # kind: told each put and delete
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._migrate()
@@ -95,7 +109,8 @@ class SqliteStore:
                 db.execute(f"PRAGMA user_version={version}")
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, kind: str | None = None, key: str = "",
+            doc: dict[str, Any] | None = None) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -104,6 +119,25 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            # Under the lock: listeners hear the changes in the order they were committed.
+            for listener in self._listeners.get(kind or "", ()):
+                listener(None, key, doc)
+
+    def subscribe(self, kind: str, on_reset: OnReset, on_change: OnChange
+                  ) -> Callable[[], None]:
+        """Follow the documents of ``kind`` in this process (see :class:`Store`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, doc, version FROM objects WHERE kind=?",
+                                    (kind,)).fetchall()
+            on_reset(None, {key: _doc((doc, version)) for key, doc, version in rows})
+            self._listeners.setdefault(kind, []).append(on_change)
+
+        def cancel() -> None:
+            with self._lock:
+                listeners = self._listeners.get(kind, [])
+                if on_change in listeners:
+                    listeners.remove(on_change)
+        return cancel
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         """The document, or None."""
@@ -124,7 +158,8 @@ class SqliteStore:
         """Store ``doc``; with ``expect_version`` (0: must not exist) only if it still matches."""
         body = {k: v for k, v in doc.items() if k != "_version"}
         text = json.dumps(body, sort_keys=True)
-        with self._tx() as db:
+        told = dict(body)
+        with self._tx(kind, key, told) as db:
             row = db.execute("SELECT version FROM objects WHERE kind=? AND key=?",
                              (kind, key)).fetchone()
             have = row[0] if row else 0
@@ -133,12 +168,13 @@ class SqliteStore:
                                     f"expected {expect_version})")
             db.execute("INSERT OR REPLACE INTO objects (kind, key, version, doc) "
                        "VALUES (?, ?, ?, ?)", (kind, key, have + 1, text))
+            told["_version"] = have + 1
         doc["_version"] = have + 1
         return have + 1
 
     def delete(self, kind: str, key: str) -> bool:
         """Remove the document; False if there was none."""
-        with self._tx() as db:
+        with self._tx(kind, key) as db:
             cur = db.execute("DELETE FROM objects WHERE kind=? AND key=?", (kind, key))
             return cur.rowcount > 0
 
