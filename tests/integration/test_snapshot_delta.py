@@ -107,3 +107,30 @@ def test_qcow2_delta_over_a_backing_file(replicas, tmp_path):
     # Only clusters around the changed extents are in the delta itself (64 KiB clusters).
     mapped = json.loads(run(["qemu-img", "map", "--output=json", str(delta)]).stdout)
     assert sum(e["length"] for e in mapped if e["depth"] == 0) <= 4 * 64 * 1024 + MiB
+
+
+def test_deleted_snapshot_between_and_an_expand(replicas, tmp_path):
+    """A snapshot deleted between FROM and TO (folded into its child) still counts; a
+    volume grown between them reports both sizes, and the grown part's data is changed."""
+    r = _volume(replicas)
+    qemu_io(r.uri("head"), "write -P 4 16M 64k")
+    _snapshot(r, "m")
+    r.ok("POST", "/v1/expand", json={"size": 48 * MiB})
+    qemu_io(r.uri("head"), "write -P 5 40M 8k")
+    _snapshot(r, "c")
+    before = r.ok("GET", "/v1/diff", params={"since": "a", "to": "c"})
+    r.ok("DELETE", "/v1/snapshots/b")  # purged: folded into m
+    r.ok("DELETE", "/v1/snapshots/m")
+    assert {la["name"] for la in r.ok("GET", "/v1/layers", params={"removed": "true"})
+            if la["name"]} == {"a", "c"}
+    d = r.ok("GET", "/v1/diff", params={"since": "a", "to": "c"})
+    assert d == before
+    assert d["extents"] == sorted([*A_TO_B, [16 * MiB, 64 * 1024], [30 * MiB, 4096],
+                                   [40 * MiB, 8192]])
+    assert (d["size"], d["since_size"]) == (48 * MiB, 32 * MiB)
+    # Grow the image of a to c's size first; then the delta makes it c.
+    a = _image(r.uri("snapshot/a"), tmp_path / "a.img")
+    run(["qemu-img", "resize", "-f", "raw", str(a), str(48 * MiB)])
+    c = _image(r.uri("snapshot/c"), tmp_path / "c.img")
+    assert delta_copy(r.uri("snapshot/c@since=a"), a, tmp_path / "stats") == d["bytes"]
+    assert same_image(a, c)
