@@ -68,6 +68,20 @@ def write_qcow2(uri: str, output: Path, *, backing: Path | None = None,
         cmd += ["-B", rel, "-F", image_format(backing)]
     cmd += [uri, str(output)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        code, err = _follow(proc, output, quiet)
+    except BaseException:  # Ctrl-C: no half-written file stays behind
+        proc.kill()
+        proc.wait()
+        output.unlink(missing_ok=True)
+        raise
+    if code != 0:
+        output.unlink(missing_ok=True)
+        fail(f"qemu-img convert failed ({code}): {err}")
+
+
+def _follow(proc: subprocess.Popen[bytes], output: Path, quiet: bool) -> tuple[int, str]:
+    """Show qemu-img's progress until it exits; its exit code and error output."""
     assert proc.stdout is not None and proc.stderr is not None
     with Progress("{task.description}", BarColumn(), TaskProgressColumn(),
                   TimeElapsedColumn(), console=console, disable=quiet,
@@ -81,7 +95,4 @@ def write_qcow2(uri: str, output: Path, *, backing: Path | None = None,
             if found:
                 progress.update(task, completed=float(found[-1]))
         err = proc.stderr.read().decode(errors="replace").strip()
-        code = proc.wait()
-    if code != 0:
-        output.unlink(missing_ok=True)
-        fail(f"qemu-img convert failed ({code}): {err}")
+        return proc.wait(), err
