@@ -279,8 +279,8 @@ def clone(
 @app.command()
 @with_manager
 def flatten(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
-    """Copy what linked clone NAME shares with its source into its own files (a task; the
-    clone must be detached), so it stands alone."""
+    """Copy what linked clone NAME shares with its source into its own files (a task, online
+    or offline), so it stands alone and its source's snapshot can go."""
     task = mgr.post(_path(name) + "/flatten", {})
     if not emit(task, json_out):
         console.print(f"flattening {escape(name)}: task {task['id']} "

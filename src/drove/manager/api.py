@@ -410,8 +410,8 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
 
     @app.post("/v1/volumes/{name}/flatten", dependencies=secured, status_code=202)
     async def flatten_volume(name: str) -> dict[str, Any]:
-        """Copy what a linked clone shares into its own files (a task; it must be
-        detached)."""
+        """Copy what a linked clone shares into its own files (a task; attached, I/O goes
+        on, or detached)."""
         manager.clones.check_flatten(name)
         return parts.tasks.start("volume-flatten", manager.clones.flatten_task(name),
                                  volume=name)
