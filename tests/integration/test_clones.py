@@ -150,26 +150,35 @@ def test_deleted_snapshot_is_hidden_until_the_last_clone_goes(
     assert "snapshot-hidden" in kinds and kinds.count("snapshot-deleted") >= 1
 
 
-def test_flatten_makes_a_clone_stand_alone(source: tuple[ManagerProc, Path],
-                                           tmp_path: Path) -> None:
+@pytest.mark.parametrize("locality", ["disabled", "best-effort"])
+def test_flatten_makes_a_clone_stand_alone(source: tuple[ManagerProc, Path], tmp_path: Path,
+                                           locality: str) -> None:
+    """Flatten online, with a client writing meanwhile (its replica in a process, or in the
+    engine): the clone then shares nothing and outlives its source."""
     m, _ = source
-    m.cli("volume", "clone", "src", "c1", "--snapshot", "s1")
-    u = attach(m, "c1")
-    qemu_io(u, "write -P 0x77 40M 1M")
-    want = save_image(u, tmp_path / "c1.raw")
-    _, text = error(m, "volume", "flatten", "c1")
-    assert "detach" in text  # attached: refused, nothing started
+    m.cli("volume", "update", "src", "--data-locality", locality)
+    m.cli("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "1")
     _, text = error(m, "volume", "flatten", "src")
     assert "not a linked clone" in text
-    m.cli("volume", "detach", "c1")
+    u = attach(m, "c1")
+    qemu_io(u, "write -P 0x77 40M 1M")
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x78 48M 8M",
+                               "-c", "write -P 0x79 2M 1M", u],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     task = m.cli_json("volume", "flatten", "c1")
     done = m.cli_json("task", "wait", task["id"])
+    assert writer.wait(60) == 0, writer.stdout.read() if writer.stdout else ""
     assert done["state"] == "succeeded", done
     assert done["result"]["bytes_copied"] >= 13 * MIB
+    assert done["kind"] == "volume-flatten"
     for d in replica_dirs(m, "c1"):
         assert set(links(d).values()) == {1}, links(d)
     v = m.cli_json("volume", "get", "c1")
     assert v["clone_of"] is None and v["clone"] is None
+    qemu_io(u, "read -P 0x79 2M 1M", "read -P 0x11 3M 5M", "read -P 0x77 40M 1M",
+            "read -P 0x78 48M 8M", "read -P 0x22 20M 4M", read_only=True)
+    want = save_image(u, tmp_path / "c1.raw")
+    m.cli("volume", "detach", "c1")
     m.cli("volume", "delete", "src", "--force")
     assert same(attach(m, "c1"), want)
 

@@ -39,6 +39,7 @@ from drove.manager.snapshots import Snapshots
 from drove.manager.store import now_iso
 from drove.manager.tasks import TaskContext
 from drove.replica.clone import CloneError
+from drove.replica.fence import EPOCH_HEADER
 
 CLONE_LABEL = "drove.io/clone-of"
 """Label of a snapshot taken to clone from (its value: the clone's name)."""
@@ -334,37 +335,71 @@ class Clones:
         if not doc.get("clone_of"):
             raise ApiError(409, f"volume {name} is not a linked clone: nothing to flatten")
         check_not_busy(self._guard, doc, "flatten")
-        if doc["state"] != "detached":
-            raise ApiError(409, f"volume {name} is {doc['state']}: flatten it detached "
-                                f"(`drove volume detach {name}`); online flatten is not "
-                                "done yet")
+        if doc["state"] not in ("attached", "detached"):
+            raise ApiError(409, f"volume {name} is {doc['state']}: flatten it attached or "
+                                "detached")
         return doc
 
     def flatten_task(self, name: str) -> Any:
-        """The task that copies what clone ``name`` shares into its own files."""
+        """The task that copies what clone ``name`` shares into its own files: by each
+        replica's process (its control API) while attached, in the files while detached."""
         async def run(ctx: TaskContext) -> dict[str, Any]:
             async with self._records.lock(name):
                 doc = self.check_flatten(name)
-                reps = [r for r in doc["replicas"] if r["state"] == "stopped"]
-                far = [r["name"] for r in reps if not (Path(r["path"]) / "volume.meta").exists()]
-                if far:
-                    raise ApiError(409, f"replica(s) {', '.join(far)} of {name} are on "
-                                        "another host: flatten works on this host's files")
-                ctx.progress(0, len(reps))
-                copied = 0
-                for i, r in enumerate(reps):
-                    ctx.message(f"replica {r['name']}")
-                    copied += await asyncio.to_thread(_flatten_offline, r["path"])
-                    ctx.progress(i + 1, len(reps))
+                if doc["state"] == "attached":
+                    copied = await self._flatten_online(ctx, doc)
+                else:
+                    copied = await self._flatten_offline(ctx, doc)
                 parent = doc.pop("clone_of")
                 doc["flattened_from"] = {"volume": parent["volume"],
                                          "snapshot": parent["snapshot"]}
                 self._records.save(doc)
             self._event("volume-flattened", f"volume {name} flattened: it no longer shares "
-                        f"{parent['volume']}@{parent['snapshot']}'s layers", name)
+                        f"{parent['volume']}@{parent['snapshot']}'s layers "
+                        f"({copied} bytes copied)", name)
             await self.release({"name": name, "clone_of": parent})
             return {"volume": name, "bytes_copied": copied}
         return run
+
+    async def _flatten_offline(self, ctx: TaskContext, doc: dict[str, Any]) -> int:
+        """Flatten a detached clone's replicas in their files (this host's)."""
+        paths = _local_replicas(doc, "flatten it")
+        ctx.progress(0, len(paths))
+        copied = 0
+        for i, path in enumerate(paths):
+            ctx.message(f"replica {i + 1} of {len(paths)}")
+            copied += await asyncio.to_thread(_flatten_offline, path)
+            ctx.progress(i + 1, len(paths))
+        return copied
+
+    async def _flatten_online(self, ctx: TaskContext, doc: dict[str, Any]) -> int:
+        """Have each replica of an attached, healthy clone flatten itself (I/O goes on)."""
+        info = await self._engines.refresh(doc) or {}
+        modes = {r["name"]: r["mode"] for r in info.get("replicas", [])}
+        live = [r for r in doc["replicas"] if r["state"] not in ("abandoned",)]
+        sick = [r["name"] for r in live if modes.get(r["name"]) != "RW"]
+        if sick:
+            raise ApiError(409, f"volume {doc['name']}: replica(s) {', '.join(sick)} are not "
+                                "RW; flatten it when it is healthy")
+        ends = [(r, await self._engines.replica_endpoints(doc, r)) for r in live]
+        gone = [r["name"] for r, e in ends if e is None]
+        if gone:
+            raise ApiError(409, f"volume {doc['name']}: replica(s) {', '.join(gone)} are not "
+                                "served; flatten it when it is healthy")
+        ctx.progress(0, len(ends))
+        copied = 0
+        for i, (r, e) in enumerate(ends):
+            assert e is not None
+            ctx.message(f"replica {r['name']}")
+            headers = {**(e.get("headers") or {}), EPOCH_HEADER: str(doc.get("epoch", 0))}
+            resp = await self._engines.http.post(f"{e['control']}/v1/flatten",
+                                                 headers=headers, timeout=3600)
+            if resp.status_code >= 300:
+                raise ApiError(409, f"replica {r['name']} of {doc['name']} could not flatten: "
+                                    f"{resp.text}")
+            copied += resp.json().get("bytes_copied", 0)
+            ctx.progress(i + 1, len(ends))
+        return copied
 
 
 def _local_replicas(doc: dict[str, Any], what: str) -> list[str]:
@@ -408,7 +443,7 @@ def _flatten_offline(path: str) -> int:
     from drove.replica.chain import Replica
 
     with Replica.open(path) as rep:
-        before = rep.shared()[0]
-        rep.flatten()
+        copied = sum(rep.flatten_layer(f, ino, rep.copy_shared(f, ino))
+                     for f, ino in rep.flatten_plan())
         rep.purge()
-        return before
+        return copied

@@ -451,6 +451,8 @@ class Replica:
         self._layer_inc: dict[str, int] = {f: next(self._incarnations) for f in vol.layers}
         # Layers whose data a rebuild is still copying (see prepare_rebuild).
         self._incomplete: set[str] = {f for f, m in metas.items() if m.incomplete}
+        # Shared layers a flatten is copying in a worker thread (see copy_shared).
+        self._flattening: set[str] = set()
         # Whether the head's chain includes an incomplete layer: reads then fail and
         # writes must not read-modify-write (see _check_rebuild_edges).
         self._chain_incomplete = False
@@ -1675,52 +1677,95 @@ class Replica:
         """Give layer ``file`` a file of its own if it is shared (hard-linked) with another
         replica: the format's rule is that a file with more than one link is never modified
         in place, so nothing done here changes what another volume reads."""
-        path = self._dir / file
-        if os.stat(path).st_nlink <= 1:
+        st = os.stat(self._dir / file)
+        if st.st_nlink <= 1:
             return
+        if file in self._flattening:
+            raise RebuildingError(f"layer {file} is being copied by a flatten; try again")
+        self._swap_private(file, st.st_ino, self.copy_shared(file, st.st_ino))
+        log.info("%s: layer %s was shared with another replica: copied it to write it", self._dir,
+                 file)
+
+    def flatten_plan(self) -> list[tuple[str, int]]:
+        """The base layers (a linked clone's) still to flatten, in chain order, with the
+        inode each names now: pass them to :meth:`copy_shared` and :meth:`flatten_layer`."""
+        self._check_usable()
+        self._refuse_if_rebuilding("flatten")
+        return [(f, os.stat(self._dir / f).st_ino) for f in self._vol.layers
+                if self._metas[f].base is not None]
+
+    def copy_shared(self, file: str, ino: int) -> Path | None:
+        """Copy layer ``file`` (inode ``ino``) to a temporary file, or None when it is not
+        shared.  Thread-safe: a shared file is never written in place, so the copy is
+        exact; the event loop must not make it private meanwhile (it refuses)."""
+        path = self._dir / file
         tmp = self._dir / (file + meta.TMP_SUFFIX)  # an unlisted leftover if we crash
         src = os.open(path, _O_RO)
+        self._flattening.add(file)
         try:
+            st = os.fstat(src)
+            if st.st_ino != ino:
+                raise RebuildingError(f"layer {file} was replaced meanwhile; try again")
+            if st.st_nlink <= 1:
+                return None
             dst = meta.fs.open_write(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
-                size = os.fstat(src).st_size
-                meta.fs.ftruncate(dst, size)
-                for a, b in _block_extents(src, 0, -(-size // BLOCK)):
-                    _copy_range(src, dst, a * BLOCK, min(b * BLOCK, size))
+                meta.fs.ftruncate(dst, st.st_size)
+                for a, b in _block_extents(src, 0, -(-st.st_size // BLOCK)):
+                    _copy_range(src, dst, a * BLOCK, min(b * BLOCK, st.st_size))
                 meta.fs.fsync(dst)
             finally:
                 os.close(dst)
+            return tmp
         finally:
             os.close(src)
-        meta.fs.replace(tmp, path)
+            self._flattening.discard(file)
+
+    def flatten_layer(self, file: str, ino: int, copy: Path | None) -> int:
+        """Put :meth:`copy_shared`'s ``copy`` in place of base layer ``file`` (if it still
+        names inode ``ino``) and make it a removed snapshot of this replica, which
+        :meth:`purge` folds; the bytes of the copy."""
+        self._check_usable()
+        m = self._layer_meta(file)
+        if m.base is None:
+            return 0
+        if m.incomplete or os.stat(self._dir / file).st_ino != ino:
+            if copy is not None:
+                self._remove_quietly(copy.name)
+            raise RebuildingError(f"layer {file} changed while it was copied; try again")
+        size = 0
+        if copy is not None:
+            size = os.stat(copy).st_blocks * 512
+            self._swap_private(file, ino, copy)
+        with self._meta_lock:
+            new = replace(self._metas[file], base=None, removed=True)
+            self._install_json(meta_file(file), new.to_json())
+            self._metas[file] = new
+            self._live.pop(file, None)
+        self._gen += 1
+        return size
+
+    def _swap_private(self, file: str, ino: int, copy: Path | None) -> None:
+        """Rename ``copy`` over layer ``file`` (inode ``ino``), durably."""
+        if copy is None:
+            return
+        meta.fs.replace(copy, self._dir / file)
         try:
             meta.fs.fsync(self._dirfd)
         except BaseException as e:
             self._fail(e)
             raise
         self._files.drop(file)
-        log.info("%s: layer %s was shared with another replica: copied it to write it", self._dir,
-                 file)
 
     def flatten(self) -> list[str]:
         """Stop sharing: every base layer (a linked clone's) gets its own file and becomes a
-        removed snapshot of this replica, which :meth:`purge` then folds.  The files made
-        private, in chain order."""
-        self._check_usable()
-        self._refuse_if_rebuilding("flatten")
+        removed snapshot of this replica, which :meth:`purge` then folds.  The files
+        flattened, in chain order.  Copies on the caller's thread; a replica process uses
+        the three steps (:meth:`flatten_plan`) to copy in a worker thread."""
         done = []
-        for f in list(self._vol.layers):
-            m = self._metas[f]
-            if m.base is None:
-                continue
-            self._make_private(f)
-            with self._meta_lock:
-                new = replace(self._metas[f], base=None, removed=True)
-                self._install_json(meta_file(f), new.to_json())
-                self._metas[f] = new
-                self._live.pop(f, None)
+        for f, ino in self.flatten_plan():
+            self.flatten_layer(f, ino, self.copy_shared(f, ino))
             done.append(f)
-        self._gen += 1
         return done
 
     def shared(self) -> tuple[int, int]:

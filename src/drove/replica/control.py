@@ -188,6 +188,21 @@ class ReplicaControl:
             self._recheck("purge")
             return {"purge_steps": await self._purge()}
 
+    async def flatten(self) -> dict[str, Any]:
+        """Copy every base layer this replica shares with another (a linked clone's) into a
+        file of its own, in a worker thread, then purge them: it stands alone."""
+        async with self._lock:
+            self._recheck("flatten")
+            loop = asyncio.get_running_loop()
+            copied = 0
+            for file, ino in self.replica.flatten_plan():
+                copy = await loop.run_in_executor(None, self.replica.copy_shared, file, ino)
+                self._recheck("flatten")
+                copied += self.replica.flatten_layer(file, ino, copy)
+            steps = await self._purge()
+        log.info("flattened: %d bytes copied, %d purge steps", copied, steps)
+        return {"bytes_copied": copied, "purge_steps": steps}
+
     async def _purge(self) -> int:
         started = time.perf_counter()
         steps = 0
@@ -425,6 +440,11 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
     async def purge() -> dict[str, Any]:
         """Fold or prune removed snapshots."""
         return await control.purge()
+
+    @app.post("/v1/flatten")
+    async def flatten() -> dict[str, Any]:
+        """Give a linked clone's shared base layers files of their own, then purge them."""
+        return await control.flatten()
 
     @app.post("/v1/revert", body=REVERT)
     async def revert(body: Any) -> dict[str, Any]:
