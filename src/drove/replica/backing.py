@@ -63,8 +63,10 @@ BLOCKS_PER_CHUNK = BLOCK_SIZE // meta.BLOCK
 """4 KiB blocks per 2 MiB backup block."""
 
 FETCH_THREADS = 4
-FILL_BATCH = 16
-"""Blocks the fill fetches between two persists of the bitmap."""
+FILL_PARALLEL = 6
+"""Blocks the fill keeps in flight."""
+PERSIST_EVERY = 1.0
+"""Seconds between two persists of the bitmap during the fill."""
 RETRY_FIRST, RETRY_MAX = 2.0, 30.0
 """Seconds the fill waits before trying failed blocks again (doubling up to the max)."""
 
@@ -182,6 +184,7 @@ class Backing:
         self.errors: dict[int, str] = {}
         self._target: Target | None = None
         self._target_lock = threading.Lock()
+        self._persist_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="backing")
         self._fill_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -368,11 +371,14 @@ class Backing:
 
     def persist(self) -> None:
         """Make filled blocks durable, then record them (fdatasync, atomic bitmap)."""
-        if not self._pending:
-            return
-        self._pending = False
-        meta.fs.fdatasync(self._fd)
-        _write_atomic(self._dir, self._dirfd, FILLED_FILE, bytes(self._filled), 0o600)
+        with self._persist_lock:  # the fill's thread and a closing replica may both call
+            if not self._pending:
+                return
+            self._pending = False
+            # A block is marked after its data is written: what is marked now is in the file.
+            marked = bytes(self._filled)
+            meta.fs.fdatasync(self._fd)
+            _write_atomic(self._dir, self._dirfd, FILLED_FILE, marked, 0o600)
 
     # ------------------------------------------------------------ the fill
 
@@ -402,9 +408,6 @@ class Backing:
     async def _fill(self, finish: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
         delay = RETRY_FIRST
-        rate = self.cfg.rate
-        step = FILL_BATCH if not rate else max(1, min(FILL_BATCH, rate // BLOCK_SIZE))
-        began, sent = loop.time(), 0
         while self.active:
             todo = self.unfilled()
             if not todo:
@@ -413,13 +416,7 @@ class Backing:
                 log.info("%s: backing layer %s filled from backup %s", self._dir, self.layer,
                          self.cfg.backup)
                 return
-            for i in range(0, len(todo), step):
-                batch = todo[i:i + step]
-                await asyncio.gather(*(self._fill_one(b) for b in batch))
-                await loop.run_in_executor(None, self.persist)
-                sent += len(batch) * BLOCK_SIZE
-                if rate and (ahead := sent / rate - (loop.time() - began)) > 0:
-                    await asyncio.sleep(ahead)
+            await self._pass(todo)
             if not self.errors:
                 delay = RETRY_FIRST
                 continue
@@ -433,6 +430,30 @@ class Backing:
                 await asyncio.wait_for(self._wake.wait(), delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    async def _fill_one(self, b: int) -> None:
-        with contextlib.suppress(BackingUnavailableError):
-            await self.ensure([b])
+    async def _pass(self, todo: list[int]) -> None:
+        """Fetch ``todo`` with a few fetches always in flight (no batch waits for its
+        slowest block), persisting the bitmap about once a second meanwhile."""
+        loop = asyncio.get_running_loop()
+        rate = self.cfg.rate
+        queue = iter(todo)
+        began, sent = loop.time(), 0
+        flushed = loop.time()
+        persisting: asyncio.Future[None] | None = None
+
+        async def worker() -> None:
+            nonlocal sent, flushed, persisting
+            for b in queue:
+                with contextlib.suppress(BackingUnavailableError):
+                    await self.ensure([b])
+                sent += BLOCK_SIZE
+                now = loop.time()
+                if now - flushed >= PERSIST_EVERY and (persisting is None or persisting.done()):
+                    flushed = now
+                    persisting = loop.run_in_executor(None, self.persist)
+                if rate and (ahead := sent / rate - (now - began)) > 0:
+                    await asyncio.sleep(ahead)
+
+        await asyncio.gather(*(worker() for _ in range(FILL_PARALLEL)))
+        if persisting is not None:
+            await persisting
+        await loop.run_in_executor(None, self.persist)
