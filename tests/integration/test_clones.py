@@ -100,6 +100,12 @@ def test_clones_read_the_snapshot_and_stay_apart(source: tuple[ManagerProc, Path
     assert got["parent"] == {"volume": "src", "snapshot": "s1"}
     assert got["shared_bytes"] >= 13 * MIB and got["owned_bytes"] < MIB
     assert m.cli_json("volume", "get", "src")["clone"]["dependants"] == ["c1", "c2"]
+    # The source can go: the clones' links keep the base layers' data.
+    m.cli("volume", "delete", "src", "--force")
+    assert not src_dir.exists()
+    assert same(u2, s1)
+    m.cli("volume", "detach", "c2")
+    assert same(attach(m, "c2"), s1)
 
 
 def test_bad_clone_requests_change_nothing(source: tuple[ManagerProc, Path]) -> None:
