@@ -73,7 +73,10 @@ def _chain(by_file: Mapping[str, _Layer], file: str) -> list[str]:
 def _snapshot(layers: Sequence[_Layer], name: str) -> _Layer:
     """The live snapshot called ``name`` or SnapshotNotFoundError."""
     for la in layers:
-        if la.name == name and not la.removed and not la.head:
+        # A linked clone's base layers (``base`` set) are its source's snapshots, not its
+        # own: names are looked up among its own, as the chain does.
+        if (la.name == name and not la.removed and not la.head
+                and getattr(la, "base", None) is None):
             return la
     raise SnapshotNotFoundError(f"no snapshot {name!r}")
 
