@@ -312,6 +312,7 @@ class KindWatch:
         self._on_reset = on_reset
         self._on_change = on_change
         self._stop = threading.Event()
+        self._resume: int | None = None  # the next revision to hear of; None: snapshot first
         self._thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
 
     def start(self) -> None:
@@ -323,15 +324,14 @@ class KindWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        resume: int | None = None  # the next revision to hear of; None: snapshot first
         while not self._stop.is_set():
             try:
-                if resume is None:
-                    resume = self._snapshot() + 1
-                resume = self._follow(resume)
+                if self._resume is None:
+                    self._resume = self._snapshot() + 1
+                self._follow()
             except _Compacted:
                 log.warning("watch on %s: history compacted; reading it again", self._base)
-                resume = None
+                self._resume = None
             except (StoreError, OSError, ValueError, KeyError) as exc:
                 # requests' errors are OSErrors; etcd away or the stream cut: make it again,
                 # from where it was (etcd keeps the history).
@@ -366,10 +366,11 @@ class KindWatch:
 
         return self._store.etcd.call(post)
 
-    def _follow(self, start: int) -> int:
-        """Tell each change from revision ``start`` until the stream ends or stays silent
-        for ``WATCH_IDLE`` s; the next revision to resume from."""
-        resp = self._open(start)
+    def _follow(self) -> None:
+        """Tell each change from the resume revision on until the stream ends or stays
+        silent for ``WATCH_IDLE`` s (the resume revision follows each change told)."""
+        assert self._resume is not None
+        resp = self._open(self._resume)
         buffered = b""
         try:
             for chunk in resp.iter_content(chunk_size=None):
@@ -379,15 +380,14 @@ class KindWatch:
                 *lines, buffered = buffered.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        start = self._message(json.loads(line), start)
+                        self._message(json.loads(line))
         except requests.ConnectionError:  # silent for WATCH_IDLE s (or cut): make it again
             pass
         finally:
             resp.close()
-        return start
 
-    def _message(self, message: dict[str, Any], resume: int) -> int:
-        """Tell the changes one stream message carries; the revision to resume from."""
+    def _message(self, message: dict[str, Any]) -> None:
+        """Tell the changes one stream message carries."""
         if "error" in message:
             raise StoreError(f"etcd watch: {message['error']}")
         result = message.get("result", {})
@@ -403,8 +403,7 @@ class KindWatch:
                 self._on_change(revision, key, None)
             else:
                 self._on_change(revision, key, _doc(kv))
-            resume = revision + 1
-        return resume
+            self._resume = revision + 1
 
 
 def _doc(kv: dict[str, Any]) -> dict[str, Any]:
