@@ -9,6 +9,7 @@ compared with `qemu-img compare` over their NBD exports.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -161,3 +162,41 @@ def test_fill_resumes_after_manager_restart(manager, source):
     uri = manager.volume("again")["nbd_uri"]
     for i, (off, n) in enumerate(pieces):
         qemu_io(uri, f"read -P {i + 1} {off} {n}", read_only=True)
+
+
+def test_ext4_on_an_instant_restore_during_its_fill(manager, tmp_path):
+    root = tmp_path / "backups"
+    root.mkdir()
+    manager.cli("backup", "target", "set", f"file://{root}")
+    manager.cli("volume", "create", "fs", "--size", "256M", "--replicas", "1")
+    src = tmp_path / "src"
+    manager.cli("volume", "attach", "fs", "--mount", str(src))
+    files = {f"f{i}": os.urandom(3 * MiB + i * 4099) for i in range(12)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    os.sync()
+    manager.cli("volume", "detach", "fs")
+    manager.cli("volume", "attach", "fs")  # a backup reads a running replica
+    b = manager.cli_json("backup", "create", "fs")["name"]
+    manager.cli("volume", "detach", "fs")
+    out = instant(manager, b, "fs2", rate="4M")
+    # Mounted (through the host attach) while the fill goes on: the existing filesystem
+    # is found (never formatted over), its files read right, new ones are written.
+    manager.cli("volume", "detach", "fs2")
+    mnt = tmp_path / "mnt"
+    manager.cli("volume", "attach", "fs2", "--mount", str(mnt))
+    t = manager.ok("GET", f"/v1/tasks/{out['task']}")
+    assert t["state"] == "running", t
+    for name, data in files.items():
+        assert (mnt / name).read_bytes() == data, name
+    new = {f"n{i}": os.urandom(2 * MiB + i) for i in range(8)}
+    for name, data in new.items():
+        (mnt / name).write_bytes(data)
+    (mnt / "f3").write_bytes(b"changed")
+    os.sync()
+    wait_task(manager, out["task"])
+    manager.cli("volume", "detach", "fs2")
+    manager.cli("volume", "attach", "fs2", "--mount", str(mnt))
+    for name, data in {**files, **new, "f3": b"changed"}.items():
+        assert (mnt / name).read_bytes() == data, name
+    manager.cli("volume", "detach", "fs2")
