@@ -109,6 +109,18 @@ def test_qcow2_delta_over_a_backing_file(replicas, tmp_path):
     assert sum(e["length"] for e in mapped if e["depth"] == 0) <= 4 * 64 * 1024 + MiB
 
 
+def test_qemu_img_turns_a_raw_image_of_from_into_to(replicas, tmp_path):
+    """qemu-img alone: a qcow2 delta over the raw image of a, committed into it."""
+    r = _volume(replicas)
+    b = _image(r.uri("snapshot/b"), tmp_path / "b.img")
+    a = _image(r.uri("snapshot/a"), tmp_path / "a.img")
+    delta = tmp_path / "delta.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", "a.img", "-F", "raw",
+         r.uri("snapshot/b@since=a@holes=backing"), str(delta)])
+    run(["qemu-img", "commit", "-f", "qcow2", str(delta)])
+    assert same_image(a, b)
+
+
 def test_deleted_snapshot_between_and_an_expand(replicas, tmp_path):
     """A snapshot deleted between FROM and TO (folded into its child) still counts; a
     volume grown between them reports both sizes, and the grown part's data is changed."""
