@@ -15,6 +15,10 @@ median, p95 and max per variant and the ratio of the medians.
 Also prints etcd's committed proposals (writes) and ranges (reads) per second over
 ``--idle`` seconds with the volume attached and nothing else happening (one manager, one
 node, one engine): what heartbeats and the manager's own liveness cost the store.
+
+On SQLite (this tree only: a manager of its own, no agent process) it times how long a
+waiting long-poll takes to answer after a change recorded through the API (a volume
+created while the poll names an engine of it: one of a detached volume must stop).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -136,6 +141,53 @@ class Variant:
             p.wait(60)
 
 
+def sqlite_poll_latency(root: Path, rounds: int) -> list[float]:
+    """Seconds from a volume's creation (the API's answer) to the answer of a long-poll
+    naming an engine of it, on a SQLite manager."""
+    data = root / "sqlite-manager"
+    proc = subprocess.Popen([sys.executable, "-m", "drove", "serve", "--data-dir", str(data),
+                             "--listen", "127.0.0.1:0", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait(lambda: (data / "manager.json").exists(), 60, "the SQLite manager", 0.05)
+        url = json.loads((data / "manager.json").read_text())["url"]
+        api = httpx.Client(base_url=url, timeout=60, headers={
+            "Authorization": f"Bearer {(data / 'token').read_text().strip()}"})
+        agents = httpx.Client(base_url=url, timeout=60, headers={
+            "Authorization": f"Bearer {(data / 'cluster-token').read_text().strip()}"})
+        agents.post("/v1/cluster/heartbeat", json={
+            "id": "bench", "name": "n2", "address": "127.0.0.2",
+            "agent_url": "http://127.0.0.2:1"}).raise_for_status()
+        out = []
+        with ThreadPoolExecutor(1) as pool:
+            for i in range(rounds):
+                since = agents.get("/v1/agents/n2/changes").json()["revision"]
+                answered: list[float] = []
+
+                def long_poll(name: str = f"v{i}", since: int = since,
+                              answered: list[float] = answered) -> None:
+                    r = agents.get("/v1/agents/n2/changes", params={
+                        "since": since, "timeout": 30, "engines": f"{name}@1"})
+                    answered.append(time.perf_counter())
+                    if not r.json()["stop_engines"]:
+                        raise RuntimeError(f"the long-poll named nothing: {r.text}")
+
+                waiting = pool.submit(long_poll)
+                time.sleep(0.2)  # the poll is waiting by now (it answers only on a change)
+                api.post("/v1/volumes", json={"name": f"v{i}", "size": "1M",
+                                              "replicas": 1}).raise_for_status()
+                created = time.perf_counter()
+                waiting.result(60)
+                out.append(max(0.0, answered[0] - created))
+        api.close()
+        agents.close()
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def etcd_counters(etcd: EtcdServer) -> tuple[float, float]:
     """(committed proposals, ranges) etcd counted so far."""
     text = httpx.get(f"http://127.0.0.1:{etcd.client_port}/metrics", timeout=10).text
@@ -160,6 +212,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--idle", type=float, default=10.0)
     ap.add_argument("--before", default=BEFORE)
+    ap.add_argument("--sqlite-only", action="store_true", help="only the SQLite figure")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="drove-agent-watch-") as tmp:
@@ -169,6 +222,11 @@ def main() -> None:
         archive = subprocess.run(["git", "-C", str(repo), "archive", args.before, "src"],
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        if args.sqlite_only:
+            samples = sqlite_poll_latency(root, args.rounds)
+            print(f"sqlite: volume created (API answer) -> waiting long-poll answered: "
+                  f"{summary(samples)} over {len(samples)} rounds")
+            return
         etcd = EtcdServer(root / "etcd").start()
         medians = {}
         try:
@@ -191,6 +249,9 @@ def main() -> None:
                 finally:
                     v.stop()
             print(f"ratio before/after (median): {medians['before'] / medians['after']:.1f}")
+            samples = sqlite_poll_latency(root, args.rounds)
+            print(f"sqlite: volume created (API answer) -> waiting long-poll answered: "
+                  f"{summary(samples)} over {len(samples)} rounds")
         finally:
             etcd.stop()
 

@@ -7,7 +7,8 @@ engine moved off a node concerns that node), and wakes the waiters it concerns.
 
 Revisions: etcd's own on etcd (every manager of a cluster counts alike, so an agent can
 move between managers); on SQLite a counter that starts at the start time in
-milliseconds, so a revision from before a manager's restart is older than any it knows.
+microseconds, so a revision from before a manager's restart is older than any it knows
+(each change takes a durable SQLite commit, far longer than a microsecond).
 A revision the feed cannot vouch for (before its first snapshot or its oldest kept change,
 or ahead of it) is ``unknown``: the caller then looks at everything.
 """
@@ -134,7 +135,7 @@ class ChangeFeed:
     def _reset(self, revision: int | None, docs: dict[str, dict[str, Any]]) -> None:
         with self._lock:
             if revision is None:  # SQLite: a clock-based counter (see the module docstring)
-                revision = max(self._revision + 1, int(time.time() * 1000))
+                revision = max(self._revision + 1, int(time.time() * 1_000_000))
             self._node_of = {key: doc.get("node") for key, doc in docs.items()}
             self._changes.clear()
             self._floor = self._revision = max(self._revision, revision)
