@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -200,3 +201,28 @@ def test_ext4_on_an_instant_restore_during_its_fill(manager, tmp_path):
     for name, data in {**files, **new, "f3": b"changed"}.items():
         assert (mnt / name).read_bytes() == data, name
     manager.cli("volume", "detach", "fs2")
+
+
+def test_replica_killed_during_the_fill(manager, source, tmp_path):
+    backup, _, pieces = source
+    manager.cli("disk", "add", str(tmp_path / "d2"))
+    out = manager.cli_json("backup", "restore", backup, "--to", "two", "--instant",
+                           "--replicas", "2", "--fill-rate", "4M")
+    vol = manager.volume("two")
+    uri = vol["nbd_uri"]
+    procs = [r for r in vol["replicas"] if r.get("pid") and not r.get("local")]
+    assert procs, vol["replicas"]
+    os.kill(procs[0]["pid"], signal.SIGKILL)
+    qemu_io(uri, f"write -P 201 {pieces[7][0] + 512} 4096")
+    wait_task(manager, out["task"], timeout=120)
+    manager.wait_volume("two", lambda v: v["health"] == "healthy", what="healthy")
+    qemu_io(uri, f"read -P 201 {pieces[7][0] + 512} 4096", read_only=True)
+    for i, (off, n) in enumerate(pieces):
+        if i != 7:
+            qemu_io(uri, f"read -P {i + 1} {off} {n}", read_only=True)
+    # The killed replica is rebuilt from the other once that one's fill has ended (a
+    # backup layer still being filled cannot be copied: its digests are refused).
+    kinds = [e["kind"] for e in manager.events("two")]  # oldest first
+    assert "rebuild-finished" in kinds, kinds
+    assert kinds.index("volume-restored") < len(kinds) - kinds[::-1].index("rebuild-finished")
+    manager.cli("volume", "detach", "two")
