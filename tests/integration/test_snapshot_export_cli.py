@@ -43,6 +43,8 @@ def test_diff_and_incremental_export(manager, tmp_path):
              manager.cli_json("snapshot", "export", "db", snap)["nbd_uri"], str(img)])
     exp = manager.cli_json("snapshot", "export", "db", "s2", "--since", "s1")
     assert exp["since"] == "s1" and "@since=s1" in exp["nbd_uri"]
+    human = manager.cli("snapshot", "export", "db", "s2", "--since", "s1")
+    assert human.stdout.strip() == exp["nbd_uri"] and "nbdcopy" in human.stderr
     target = tmp_path / "target.img"
     shutil.copy(s1, target)
     assert delta_copy(exp["nbd_uri"], target, tmp_path / "stats.txt") == d["bytes"]

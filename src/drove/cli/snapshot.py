@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from drove.cli.client import Manager, labels_text, local_time, with_manager
-from drove.cli.output import JsonOpt, console, emit, fail, parse_labels
+from drove.cli.output import JsonOpt, console, emit, err_console, fail, parse_labels
 from drove.units import format_size
 
 app = typer.Typer(help="Snapshots of a volume: create, list (as a tree), delete, revert, "
@@ -226,8 +226,15 @@ def export(
             console.print(f"{escape(what)} of volume {escape(volume)} written to "
                           f"{escape(str(output))}", highlight=False)
         return
-    if not emit(res, json_out):
-        typer.echo(res["nbd_uri"])
+    if emit(res, json_out):
+        return
+    typer.echo(res["nbd_uri"])
+    if since is not None:  # on stderr: "$(drove snapshot export ...)" gets the URI alone
+        err_console.print(f"only what changed since {escape(since)} is data, the rest zero "
+                          f"holes; to turn an image of {escape(since)} (an NBD export or "
+                          "block device) into "
+                          f"{escape(name)}: nbdcopy --destination-is-zero --sparse=0 "
+                          "--request-size=4096 URI TARGET", highlight=False)
 
 
 @app.command()
