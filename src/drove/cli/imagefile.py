@@ -50,11 +50,19 @@ def diff_table(d: dict[str, Any], limit: int = MAX_ROWS) -> Table:
 
 def image_format(path: Path) -> str:
     """The format qemu-img finds in ``path`` (fails with its message)."""
-    r = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
-                       capture_output=True, text=True)
+    r = _run_qemu_img(subprocess.run, ["qemu-img", "info", "--output=json", str(path)],
+                      capture_output=True, text=True)
     if r.returncode != 0:
         fail(f"--backing {path}: qemu-img cannot read it: {r.stderr.strip()}")
     return json.loads(r.stdout)["format"]
+
+
+def _run_qemu_img(run: Any, cmd: list[str], **kwargs: Any) -> Any:
+    """``run(cmd, **kwargs)``; a clear message where qemu-img is not installed."""
+    try:
+        return run(cmd, **kwargs)
+    except FileNotFoundError:
+        fail("qemu-img is not installed (Debian package qemu-utils, which ./dev serve installs)")
 
 
 def write_qcow2(uri: str, output: Path, *, backing: Path | None = None,
@@ -67,7 +75,8 @@ def write_qcow2(uri: str, output: Path, *, backing: Path | None = None,
         rel = os.path.relpath(backing.resolve(), output.resolve().parent)
         cmd += ["-B", rel, "-F", image_format(backing)]
     cmd += [uri, str(output)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _run_qemu_img(subprocess.Popen, cmd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     try:
         code, err = _follow(proc, output, quiet)
     except BaseException:  # Ctrl-C: no half-written file stays behind
