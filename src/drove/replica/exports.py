@@ -289,11 +289,13 @@ class DeltaExport(SnapshotExport):
 
     Block status reports the changed extents (drove.replica.diff) as data and the
     rest as HOLE|ZERO; reads give TO's data on the changed extents and zeros
-    elsewhere, as that status promises.  A client that skips zero extents (nbdcopy
-    --destination-is-zero, qemu-img convert -n --target-is-zero) onto an image of
-    FROM so copies only the delta and leaves TO.  Changed extents are data even
-    where TO reads zeros: those zeros must reach the copy (hence also
-    ``--sparse=0`` on nbdcopy, which would skip zero data too).
+    elsewhere, as that status promises.  A client that skips zero extents onto an
+    image of FROM (nbdcopy --destination-is-zero) so copies only the delta and
+    leaves TO.  Changed extents are data even where TO reads zeros: those zeros
+    must reach the copy (hence also ``--sparse=0`` on nbdcopy, which would skip
+    zero data too, and ``--request-size=4096``, as it reads whole requests around
+    any data).  qemu-img has no such mode (``-S 0`` ignores block status): it
+    uses the ``backing`` flavour below.
 
     With ``backing`` (``...@holes=backing``) the unchanged extents are holes
     without the ZERO flag and read as TO's data: what a client writing an
