@@ -122,7 +122,11 @@ class NodeHealth:
                 touched = (self._feed.touched(since, name, volumes)
                            if since is not None and self._feed.known(since) else None)
                 if touched is None or touched:
-                    stale = await asyncio.to_thread(self._stale_engines, name, listed)
+                    # Only a volume that changed can have made its engine stale since the
+                    # last look: one store read per engine concerned, not per engine listed.
+                    look = listed if touched is None else [
+                        e for e in listed if e["volume"] in touched]
+                    stale = await asyncio.to_thread(self._stale_engines, name, look)
                     if stale or touched is None or touched - volumes:
                         return {"revision": revision, "stop_engines": stale}
                     since = revision  # looked: nothing to do until the next change
