@@ -74,6 +74,14 @@ def test_the_long_poll_refuses_what_is_wrong_and_names_stale_engines(manager, ag
     (stale,) = answer["stop_engines"]
     assert stale["volume"] == "v" and stale["epoch"] == 3 and "detached" in stale["reason"]
 
+    # An agent from before the long-poll lists its engines in its heartbeat: the answer
+    # still names those that must stop.
+    r = manager.api("POST", "/v1/cluster/heartbeat", token=token, json={
+        "id": "older-agent", "name": "n9", "address": "127.0.0.9",
+        "agent_url": "http://127.0.0.9:1", "engines": [{"volume": "v", "epoch": 3}]})
+    assert r.status_code == 200, r.text
+    assert [(s["volume"], s["epoch"]) for s in r.json()["stop_engines"]] == [("v", 3)]
+
 
 def attach_on_n2(ok) -> dict[str, Any]:
     """A 2-replica volume attached on n2 (with ``ok``, a manager's API call); its view."""
