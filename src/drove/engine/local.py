@@ -117,6 +117,8 @@ class LocalIO:
         elif cmd == eager.WRITE and not fua:
             try:
                 self._head.write_now(offset, data)
+            except BlockingIOError:  # it needs data from a backup first (instant restore)
+                eager.run(self.write(offset, data), done)
             except Exception as exc:
                 done(None, exc)
             else:

@@ -2023,6 +2023,19 @@ class View:
         self._ready(readable=False)
         return self._r._metas[self.file].size
 
+    @property
+    def backing(self) -> bk.Backing | None:
+        """The replica's instant-restore layer still being filled (None: none)."""
+        return self._r.backing
+
+    def backing_missing(self, offset: int, length: int) -> list[int]:
+        """The backup blocks a read of the snapshot's range needs and lacks (in order)."""
+        if self._r.backing is None or not length:
+            return []
+        index = self._ready()
+        _check_range(offset, length, index.nblocks * BLOCK)
+        return self._r._backing_blocks(index, offset, length)
+
     def read(self, offset: int, length: int) -> bytearray:
         """``length`` bytes of the snapshot at ``offset``."""
         index = self._ready()

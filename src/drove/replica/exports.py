@@ -117,6 +117,13 @@ async def fetch_backing(replica, offset: int, length: int) -> None:
             await replica.backing.ensure(missing)
 
 
+def _edge_blocks_missing(replica, offset: int, length: int) -> bool:
+    """Whether a write of the range reads backup blocks not fetched yet (its partial edges)."""
+    end = offset + length
+    return bool((offset % 4096 and replica.backing_missing(offset - offset % 4096, 4096))
+                or (end % 4096 and replica.backing_missing(end - end % 4096, 4096)))
+
+
 async def fetch_backing_edges(replica, offset: int, length: int) -> None:
     """:func:`fetch_backing` for the partly covered 4 KiB blocks a write reads to complete."""
     if replica.backing is None or not length:
@@ -189,9 +196,16 @@ class HeadExport:
         return self._replica.read_sources(offset, length)
 
     def write_now(self, offset: int, data: memoryview) -> None:
-        """Write into the head, synchronously and not durably (an engine's in-process head)."""
+        """Write into the head, synchronously and not durably (an engine's in-process head).
+
+        BlockingIOError (nothing written) when the write must first fetch the rest of a
+        block from a backup (an instant restore): use :meth:`write` for it.
+        """
         if self._revoked:
             self._check()
+        if self._replica.backing is not None and _edge_blocks_missing(self._replica, offset,
+                                                                      len(data)):
+            raise BlockingIOError(errno.EAGAIN, "the write completes a block still in a backup")
         self._replica.write(offset, data)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
@@ -250,6 +264,9 @@ class SnapshotExport:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read the snapshot through its part of the chain."""
+        missing = self._view.backing_missing(offset, length)
+        if missing:  # an instant restore's data: fetched without blocking the loop
+            await self._view.backing.ensure(missing)
         return self._view.read(offset, length)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
