@@ -158,8 +158,7 @@ class SqliteStore:
         """Store ``doc``; with ``expect_version`` (0: must not exist) only if it still matches."""
         body = {k: v for k, v in doc.items() if k != "_version"}
         text = json.dumps(body, sort_keys=True)
-        told = dict(body)
-        with self._tx(kind, key, told) as db:
+        with self._tx(kind, key, body) as db:  # listeners are told ``body``
             row = db.execute("SELECT version FROM objects WHERE kind=? AND key=?",
                              (kind, key)).fetchone()
             have = row[0] if row else 0
@@ -168,7 +167,7 @@ class SqliteStore:
                                     f"expected {expect_version})")
             db.execute("INSERT OR REPLACE INTO objects (kind, key, version, doc) "
                        "VALUES (?, ?, ?, ?)", (kind, key, have + 1, text))
-            told["_version"] = have + 1
+            body["_version"] = have + 1
         doc["_version"] = have + 1
         return have + 1
 
