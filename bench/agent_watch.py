@@ -8,9 +8,10 @@ answer to their heartbeat, sent every second) and for this tree (the long-poll),
 invocation, on one single-member etcd: one `drove serve --store etcd://... --no-agent` and
 one `drove agent` (node n2). Each round attaches a one-replica volume on n2, then records
 in etcd what a takeover records for the old engine (the volume's epoch raised, as a
-manager writes it) and times how long until n2's agent has stopped that engine (the
-process is gone; the stop itself, SIGTERM to exit, is in both figures alike). Prints the
-median, p95 and max per variant and the ratio of the medians.
+manager writes it) and times how long until n2's agent starts to stop that engine (the
+time of its log line) and until the process is gone (the stop itself, SIGTERM to exit,
+is in both variants alike). Prints the median, p95 and max per variant and the ratio of
+the medians of the first.
 
 Also prints etcd's committed proposals (writes) and ranges (reads) per second over
 ``--idle`` seconds with the volume attached and nothing else happening (one manager, one
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -88,7 +90,8 @@ class Variant:
         self.api = httpx.Client(base_url=self.url, timeout=120,
                                 headers={"Authorization": f"Bearer {token}"})
         wait(lambda: self.api.get("/v1/cluster").json().get("leader"), 30, "a leader", 0.05)
-        self._spawn(root / f"{name}-agent.log", "agent", "--manager", self.url, "--node", "n2",
+        self.agent_log = root / f"{name}-agent.log"
+        self._spawn(self.agent_log, "agent", "--manager", self.url, "--node", "n2",
                     "--listen", "127.0.0.2:0", "--data-dir", str(root / f"{name}-n2"),
                     "--token-file", str(mdir / "cluster-token"), "--log-level", "warning")
         wait(self._disk_ready, 60, f"{name}'s node n2", 0.05)
@@ -111,9 +114,9 @@ class Variant:
             raise RuntimeError(f"{self.name}: {method} {path}: {r.status_code} {r.text}")
         return r.json()
 
-    def round(self) -> float:
-        """Attach on n2, raise the epoch in etcd; seconds until n2's agent stopped the
-        engine."""
+    def round(self) -> tuple[float, float]:
+        """Attach on n2, raise the epoch in etcd; seconds until n2's agent started to stop
+        the engine (its log line), and until the engine was gone."""
         a = self.ok("POST", "/v1/volumes/v/attach", json={"node": "n2"})
         pid = a["engine"]["pid"]
         while True:
@@ -126,11 +129,19 @@ class Variant:
                 break
             except ConflictError:
                 continue  # the manager wrote it meanwhile: raise the epoch it wrote
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
         wait(lambda: not alive(pid), 30, f"{self.name}: the agent to stop the engine")
         took = time.perf_counter() - t0
         self.ok("POST", "/v1/volumes/v/detach", json={"force": True})
-        return took
+        return self._stop_logged(pid) - wall, took
+
+    def _stop_logged(self, pid: int) -> float:
+        """When the agent logged that it stops engine ``pid`` (its log's wall-clock time)."""
+        for line in reversed(self.agent_log.read_text().splitlines()):
+            if "stopping the engine of volume v" in line and f"pid {pid})" in line:
+                stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                return stamp.timestamp()
+        raise RuntimeError(f"{self.name}: the agent did not log the stop of {pid}")
 
     def stop(self) -> None:
         """Stop the agent and the manager, then whatever they started."""
@@ -235,10 +246,13 @@ def main() -> None:
                 try:
                     v.ok("POST", "/v1/volumes", json={"name": "v", "size": "16M",
                                                       "replicas": 1})
-                    samples = [v.round() for _ in range(args.rounds)]
-                    medians[name] = statistics.median(samples)
-                    print(f"{name:6}: change recorded -> engine stopped by the agent: "
-                          f"{summary(samples)} over {len(samples)} rounds", flush=True)
+                    rounds = [v.round() for _ in range(args.rounds)]
+                    learned, gone = [r[0] for r in rounds], [r[1] for r in rounds]
+                    medians[name] = statistics.median(learned)
+                    print(f"{name:6}: change recorded -> the agent stops the engine: "
+                          f"{summary(learned)}", flush=True)
+                    print(f"{name:6}: change recorded -> the engine is gone:         "
+                          f"{summary(gone)} over {len(rounds)} rounds", flush=True)
                     v.ok("POST", "/v1/volumes/v/attach", json={"node": "n2"})
                     w0, r0 = etcd_counters(etcd)
                     time.sleep(args.idle)  # the measurement window
