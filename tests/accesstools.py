@@ -18,3 +18,9 @@ def engine_key(pid: int) -> str:
 def replica_headers(pid: int) -> dict[str, str]:
     """What a call to a replica's control API of the volume whose engine is ``pid`` sends."""
     return bearer(engine_key(pid))
+
+
+def engine_headers(pid: int) -> dict[str, str]:
+    """What a call to the control API of engine ``pid`` sends: the same key, which its API
+    demands as its replicas' do."""
+    return bearer(engine_key(pid))

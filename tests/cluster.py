@@ -63,18 +63,19 @@ class Cli:
         self.env = {**os.environ, "DROVE_URL": ",".join(urls), "DROVE_TOKEN": token}
         self.env.pop("DROVE_DATA_DIR", None)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
-        """Run `drove ARGS`; with check, fail with its output when it exits non-zero."""
-        r = self.host.call(drove_argv(*args), timeout=timeout, env=self.env)
+    def run(self, *args: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `drove ARGS` (``env``: more variables); with check, fail with its output when
+        it exits non-zero."""
+        r = self.host.call(drove_argv(*args), timeout=timeout, env={**self.env, **(env or {})})
         if check:
             assert r.returncode == 0, \
                 f"drove {' '.join(args)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
 
-    def json(self, *args: str, timeout: float = 120) -> Any:
+    def json(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Any:
         """`drove ARGS --json`, parsed."""
-        return json.loads(self.run(*args, "--json", timeout=timeout).stdout)
+        return json.loads(self.run(*args, "--json", timeout=timeout, env=env).stdout)
 
     def volume(self, name: str) -> dict[str, Any]:
         """`drove volume get NAME --json`."""

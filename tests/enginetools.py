@@ -10,11 +10,29 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from drove.replica.access import KEY_ENV, bearer
 from replicatools import ReplicaProc, kill_all, launch, start_replica
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with ({} once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in raw.split(b"\0") if e)
 
 
 class EngineProc(ReplicaProc):
     """A running engine process: same handles as a replica (control API, NBD URIs)."""
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Call the control API; with the volume's access key when the engine was started
+        with one (DROVE_NBD_KEY), which its API then demands."""
+        key = process_env(self.proc.pid).get(KEY_ENV)
+        if key:
+            kwargs["headers"] = {**bearer(key), **kwargs.get("headers", {})}
+        return super().api(method, path, **kwargs)
 
     def uri(self, export: str = "") -> str:
         """NBD URI of the volume over TCP."""

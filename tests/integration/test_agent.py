@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from accesstools import engine_headers
 from backuptools import wait_for
 from drove.cluster.remoteagent import AgentUnreachableError, RemoteAgent
 from drove.manager.heartbeats import NODE_DOWN_AFTER
@@ -182,7 +183,8 @@ def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path)
     assert att["health"] == "healthy" and att["node"] == own
     (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
     assert not there["local"] and there["pid"]
-    engine = httpx.get(att["engine"]["control_url"] + "/v1/replicas", timeout=10).json()
+    engine = httpx.get(att["engine"]["control_url"] + "/v1/replicas", timeout=10,
+                       headers=engine_headers(att["engine"]["pid"])).json()
     assert any("127.0.0.2" in str(r) for r in engine)
     qemu_io(att["nbd_uri"], "write -P 0x44 0 8M")
     manager.ok("POST", "/v1/volumes/v/detach", json={})
@@ -190,7 +192,10 @@ def test_a_volume_across_two_nodes_attaches_on_either(manager, agents, tmp_path)
     # On n2: its agent runs the engine there, which serves n2's replica itself.
     att = manager.cli_json("volume", "attach", "v", "--node", "n2")
     assert att["node"] == "n2" and att["health"] == "healthy"
-    assert att["nbd_uri"].startswith("nbd://127.0.0.2:")
+    # Its control API on n2's address (for the manager), its NBD export on loopback (for
+    # clients on its host).
+    assert att["engine"]["control_url"].startswith("http://127.0.0.2:")
+    assert att["nbd_uri"].startswith("nbd://127.0.0.1:")
     (there,) = [r for r in att["replicas"] if r["node"] == "n2"]
     assert there["local"] and there["mode"] == "RW"
     qemu_io(att["nbd_uri"], "read -P 0x44 0 8M", read_only=True)

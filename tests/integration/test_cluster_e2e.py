@@ -35,7 +35,9 @@ import time
 
 import pytest
 
+from accesstools import engine_key
 from cluster import AgentOnHost, Cli, FioLoop, ManagerOnHost, poll, rss_mib
+from drove.replica.access import KEY_ENV
 from hosts import EtcdCluster, Host
 
 MiB = 1 << 20
@@ -90,9 +92,10 @@ def _healthy_on(nodes: set[str]):
     return check
 
 
-def _rebuild_copied(cli: Cli, control_url: str, replica: str) -> list[int]:
-    """Bytes copied by each finished rebuild of ``replica``, from the engine's events."""
-    events = cli.json("engine", "events", "--url", control_url)
+def _rebuild_copied(cli: Cli, control_url: str, key: str, replica: str) -> list[int]:
+    """Bytes copied by each finished rebuild of ``replica``, from the engine's events (its
+    API wants the volume's access ``key``)."""
+    events = cli.json("engine", "events", "--url", control_url, env={KEY_ENV: key})
     out = []
     for e in events:
         if e["kind"] == "rebuild-finished" and f"replica {replica} " in e["message"]:
@@ -122,7 +125,10 @@ def test_a_volume_outlives_dead_hosts_a_dead_leader_and_cut_links(hosts, tmp_pat
     att = cli.json("volume", "attach", "v", "--node", "a")
     assert att["node"] == "a" and att["health"] == "healthy", att
     uri, control = att["nbd_uri"], att["engine"]["control_url"]
-    assert uri.startswith(f"nbd://{a.address}:"), uri
+    key = engine_key(att["engine"]["pid"])
+    # The engine's NBD export is for clients on its own host (fio runs on a); its control
+    # API, on a's address for the managers, wants the volume's key.
+    assert uri.startswith("nbd://127.0.0.1:") and control.startswith(f"http://{a.address}:"), att
     # Every block written once: a rebuild in full copies the whole volume, a delta far less.
     a.check_call(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
                   "--bs=1M", "--iodepth=4", f"--size={SIZE}"], timeout=300,
@@ -161,7 +167,7 @@ def test_a_volume_outlives_dead_hosts_a_dead_leader_and_cut_links(hosts, tmp_pat
     fio.wait_rounds(1, 120)  # a whole round after the rebuild too
     fio.stop()
     assert not fio.failures, fio.failures
-    (full,) = _rebuild_copied(cli, control, e_replica)
+    (full,) = _rebuild_copied(cli, control, key, e_replica)
     assert full >= SIZE * 0.9, full  # e held nothing: everything was copied
 
     # Host b's link cut for less than the wait: b's replica is rebuilt in place, by delta.
@@ -178,7 +184,7 @@ def test_a_volume_outlives_dead_hosts_a_dead_leader_and_cut_links(hosts, tmp_pat
     fio.wait_rounds(1, 120)
     fio.stop()
     assert not fio.failures, fio.failures
-    copied = _rebuild_copied(cli, control, b_replica)
+    copied = _rebuild_copied(cli, control, key, b_replica)
     assert copied, "no finished rebuild of b's replica"
     print(f"delta rebuild of b copied {copied[-1]} bytes (full rebuild of e: {full})")
     # fio wrote only FIO_REGION (8 MiB) since b left; a delta may copy some of it in more
@@ -201,6 +207,7 @@ def _engine_host_lost(cli: Cli, a: Host, b: Host, att: dict, tmp_path) -> None:
     """Stage 3: a's link cut under its engine; the volume taken over on b with --force; the
     flushed writes are there and the old engine's later ones never reach the replicas."""
     uri, old_control = att["nbd_uri"], att["engine"]["control_url"]
+    old_key = {KEY_ENV: engine_key(att["engine"]["pid"])}
     a.check_call(_write_pattern(a, uri, FLUSHED), timeout=300, capture_output=True)
     a.cut()
     # The old engine takes writes it can no longer mirror; they are queued towards the
@@ -212,13 +219,13 @@ def _engine_host_lost(cli: Cli, a: Host, b: Host, att: dict, tmp_path) -> None:
     assert refused.returncode != 0 and "--force" in refused.stderr, refused
     moved = cli.json("volume", "attach", "v", "--node", "b", "--force")
     assert moved["node"] == "b" and moved["engine"]["epoch"] > att["engine"]["epoch"], moved
-    assert moved["nbd_uri"].startswith(f"nbd://{b.address}:"), moved
+    assert moved["nbd_uri"].startswith("nbd://127.0.0.1:"), moved
     assert "volume-takeover" in [e["kind"] for e in cli.json("event", "list", "--volume", "v")]
 
     a.restore()
     # a's agent heartbeats again and stops the engine no longer wanted there.
-    poll(lambda: cli.run("engine", "info", "--url", old_control, check=False).returncode,
-         60, "the old engine on a stopped")
+    poll(lambda: cli.run("engine", "info", "--url", old_control, check=False,
+                         env=old_key).returncode, 60, "the old engine on a stopped")
     stale.kill()
     stale.wait(30)
     assert cli.node("a")["state"] == "up"

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from accesstools import engine_headers
 from crashlog import check_blocks, parse_log, read_volume
 
 WRITER = Path(__file__).parent.parent / "crash_writer.py"
@@ -35,7 +36,8 @@ def _local(v: dict) -> list[dict]:
 
 
 def _engine_replicas(v: dict) -> dict[str, dict]:
-    info = httpx.get(v["engine"]["control_url"] + "/v1/info", timeout=10).json()
+    info = httpx.get(v["engine"]["control_url"] + "/v1/info", timeout=10,
+                     headers=engine_headers(v["engine"]["pid"])).json()
     return {r["name"]: r for r in info["replicas"]}
 
 
@@ -205,7 +207,8 @@ def test_local_replica_heals_and_the_engine_restarts_with_it(manager, tmp_path):
 
     # The engine drops its local replica (as after an I/O error): the healer rebuilds it,
     # in place and local again.
-    r = httpx.delete(f"{att['engine']['control_url']}/v1/replicas/{local['name']}", timeout=30)
+    r = httpx.delete(f"{att['engine']['control_url']}/v1/replicas/{local['name']}", timeout=30,
+                     headers=engine_headers(att["engine"]["pid"]))
     assert r.status_code == 200, r.text
     _qemu_io(att["nbd_uri"], "write -P 0x62 1M 1M")  # written while it is out
     v = manager.wait_volume("v", lambda v: _settled(v) and any(
@@ -300,7 +303,7 @@ def test_local_replica_on_a_lost_disk_is_replaced_by_a_local_one(manager, tmp_pa
     marker.rename(marker.with_suffix(".away"))
     try:
         r = httpx.delete(f"{att['engine']['control_url']}/v1/replicas/{local['name']}",
-                         timeout=30)
+                         timeout=30, headers=engine_headers(att["engine"]["pid"]))
         assert r.status_code == 200, r.text
         v = manager.wait_volume("v", lambda x: _settled(x) and local["name"] not in
                                 {r["name"] for r in x["replicas"]}, 60, "replaced")

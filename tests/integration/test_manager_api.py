@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from accesstools import replica_headers
+from accesstools import engine_headers, replica_headers
 from replicatools import nbdinfo_json
 
 
@@ -242,7 +242,8 @@ def test_engine_killed_is_restarted(manager, tmp_path):
     assert "engine-failed" in [e["kind"] for e in manager.events("v")]
     # Every engine start got a new epoch, and the replicas now refuse anything older.
     assert v["engine"]["epoch"] == att["engine"]["epoch"] + 1
-    info = httpx.get(v["engine"]["control_url"] + "/v1/info").json()
+    info = httpx.get(v["engine"]["control_url"] + "/v1/info",
+                     headers=engine_headers(v["engine"]["pid"])).json()
     assert info["epoch"] == v["engine"]["epoch"]
     # The replicas' control APIs want the volume's access key (drove.replica.access).
     key = replica_headers(v["engine"]["pid"])

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from test_agent import agents, node  # noqa: F401 - agents is a fixture
 
-from accesstools import engine_key
+from accesstools import engine_headers, engine_key
 from backuptools import wait_for
 from drove.manager.heartbeats import NODE_DOWN_AFTER
 from drove.replica.access import keyed_export
@@ -47,7 +47,8 @@ def replica_base(manager, v: dict[str, Any], replica: str) -> str:
     """nbd://HOST:PORT/ of a replica process (from its engine's report)."""
     reps = manager.ok("GET", f"/v1/volumes/{v['name']}")["replicas"]
     assert any(r["name"] == replica for r in reps)
-    engine = httpx.get(v["engine"]["control_url"] + "/v1/replicas", timeout=10).json()
+    engine = httpx.get(v["engine"]["control_url"] + "/v1/replicas", timeout=10,
+                       headers=engine_headers(v["engine"]["pid"])).json()
     (entry,) = [r for r in engine if r["name"] == replica]
     return entry["nbd"].rsplit("/", 1)[0] + "/"
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from test_agent import AgentProc, node
 
+from accesstools import engine_headers
 from backuptools import wait_for
 from replicatools import NBDSH, nbdsh, qemu_io
 
@@ -153,7 +154,8 @@ def test_a_dead_engine_host_is_taken_over_and_its_old_engine_never_writes(manage
     assert not [e for e in manager.events("v") if e["kind"] == "replica-replaced"]
     assert [e for e in manager.events("v") if e["kind"] == "rebuild-started"
             and on_n2["name"] in e["message"] and "delta rebuild" in e["message"]]
-    rebuild = httpx.get(v["engine"]["control_url"] + "/v1/rebuild", timeout=30).json()
+    rebuild = httpx.get(v["engine"]["control_url"] + "/v1/rebuild", timeout=30,
+                        headers=engine_headers(v["engine"]["pid"])).json()
     assert rebuild["replica"] == on_n2["name"] and rebuild["state"] == "done", rebuild
     # Its data was kept: the old engine's write, and the 1 MiB the new one wrote meanwhile
     # (compared in 1 MiB ranges), are all that was copied.

@@ -102,7 +102,7 @@ class NodeAgent:
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
                      size: int | None = None, key: str | None = None,
-                     fence_all: bool = False) -> Proc:
+                     fence_all: bool = False, nbd_remote: bool = False) -> Proc:
         """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``
         (and ``key``, the volume's NBD access key its replicas demand).
 
@@ -111,14 +111,21 @@ class NodeAgent:
         ``local`` (name, directory) is the replica the engine serves itself (data
         locality: no replica process for it); ``size`` creates it when its
         directory holds none yet.  ``fence_all``: the engine exits, claiming nothing,
-        unless every replica answers (a forced takeover).
+        unless every replica answers (a forced takeover).  Its NBD export listens on
+        loopback and a unix socket, for clients on this host (host attach among them),
+        and on this node's address only with ``nbd_remote``: whoever reaches it reads
+        and writes the volume.  Its control API listens on the node's address (the
+        manager calls it) and demands ``key``.
         """
         sock = self.engine_socket(volume)
         sock.unlink(missing_ok=True)
-        argv = self._drove("engine", "serve", volume, "--nbd", self._any_port(),
+        nbd = self._any_port() if nbd_remote else "127.0.0.1:0"
+        argv = self._drove("engine", "serve", volume, "--nbd", nbd,
                            "--nbd-unix", str(sock), "--control", self._any_port(),
                            "--timeout", str(timeout), "--state-file", str(state_file),
                            "--epoch", str(epoch), "--log-level", "warning")
+        if fence_all:  # a forced takeover: serve only once every replica is fenced
+            argv.append("--fence-all")
         for name, url in replicas:
             argv += ["--replica", f"{name}={url}"]
         if local is not None:
@@ -130,8 +137,6 @@ class NodeAgent:
         return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
                                self.logs / f"{volume}.engine.log", timeout=120,
                                env=self._env(key))
-        if fence_all:  # a forced takeover: serve only once every replica is fenced
-            argv.append("--fence-all")
 
     def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
         """Stop a process cleanly (SIGTERM, then SIGKILL after ``timeout``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import typer
 from drove.cli.fromtable import command_from_table
 from drove.cli.output import JsonOpt, api_call, emit, fail, parse_labels, table
 from drove.launch import serve_engine
+from drove.replica.access import KEY_ENV
 from drove.serve_options import ENGINE
 from drove.units import format_size, parse_size
 
@@ -21,7 +23,11 @@ UrlOpt = Annotated[str, typer.Option("--url", "-u", envvar="DROVE_ENGINE_URL",
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:
-    return api_call(method, url, path, serve_hint="drove engine serve", **kwargs)
+    # An engine started with an access key (every engine the agent starts) answers only
+    # calls that carry it: DROVE_NBD_KEY, as for `drove replica ...`.
+    headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(KEY_ENV)) else {}
+    return api_call(method, url, path, serve_hint="drove engine serve", headers=headers,
+                    **kwargs)
 
 
 app.command("serve")(command_from_table(ENGINE, serve_engine))

@@ -186,7 +186,10 @@ def show_volume(v: dict[str, Any]) -> None:
         facts.append(("clones", ", ".join(clone["dependants"])))
     for key, label in (("nbd_uri", "nbd"), ("nbd_unix", "nbd socket"), ("device", "device")):
         if v.get(key):
-            facts.append((label, v[key]))
+            # The engine's export serves its own host only (setting engine_nbd_listen).
+            local = key == "nbd_unix" or "//127.0.0.1:" in v[key]
+            where = f" (on node {v['node']})" if local and v.get("node") else ""
+            facts.append((label, v[key] + where))
     if v.get("mountpoint"):
         facts.append(("mounted at", v["mountpoint"] + (f" ({v['fs']})" if v.get("fs") else "")))
     if v.get("engine"):

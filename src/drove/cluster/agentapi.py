@@ -41,9 +41,11 @@ START_ENGINE = Body("StartEngine", {
     "size": Field("int", nullable=True, default=None),
     "key": Field("str", nullable=True, default=None,
                  description="the volume's NBD access key (drove.replica.access)"),
-}, "Start a volume's engine.")
     "fence_all": Field("bool", default=False,
                        description="start only once every replica took the epoch (takeover)"),
+    "nbd_remote": Field("bool", default=False,
+                        description="serve NBD on the node's address, not loopback only"),
+}, "Start a volume's engine.")
 
 PROC = Body("Process", {
     "proc": Field("dict", nullable=True, description="a process as start_* returned it"),
@@ -127,7 +129,7 @@ def build_app(agent: NodeAgent, token: str) -> App:
             agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
             timeout=body.timeout_ms / 1000, state_file=state_file,
             epoch=body.epoch, local=local, size=body.size, key=body.key,
-            fence_all=body.fence_all)
+            fence_all=body.fence_all, nbd_remote=body.nbd_remote)
         return proc.to_json()
 
     @app.post("/v1/processes/stop", body=PROC)

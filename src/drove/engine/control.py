@@ -9,7 +9,8 @@ from drove import __version__
 from drove.engine.generation import NoCurrentReplicaError
 from drove.engine.replicas import ReplicaControlError
 from drove.engine.volume import Engine, EngineError
-from drove.web import App, Body, Field, Request, Response, json_response
+from drove.replica.access import Gate
+from drove.web import App, Body, Field, HTTPError, Request, Response, json_response
 
 SNAPSHOT = Body("SnapshotRequest", {
     "name": Field("str", description="snapshot name: letters, digits, '.', '_', '-'"),
@@ -40,10 +41,26 @@ def _error(status: int, exc: BaseException) -> Response:
     return json_response(status, {"error": type(exc).__name__, "detail": str(exc)})
 
 
-def build_app(engine: Engine) -> App:
-    """The application of one engine's control API."""
+def build_app(engine: Engine, access: Gate | None = None) -> App:
+    """The application of one engine's control API (behind ``access``'s key, if any).
+
+    An engine started with its volume's access key (``DROVE_NBD_KEY``: the agent
+    starts every engine so) answers only callers that send it, as its replicas do:
+    the API listens on the node's address for the manager, and its calls add,
+    remove and rebuild replicas, revert and snapshot the volume.
+    """
     app = App(title="drove engine", version=__version__,
               description="Control API of one drove volume engine.")
+
+    if access is not None and access.protected:
+        @app.guard
+        async def _key(request: Request) -> None:
+            if not access.admits_header(request.headers.get("authorization")):
+                given = "a wrong key" if request.headers.get("authorization") else "no key"
+                raise HTTPError(401, f"this engine answers only its volume's manager: the "
+                                     f"request carried {given}; send 'Authorization: Bearer "
+                                     "KEY' with the volume's access key (DROVE_NBD_KEY for "
+                                     "`drove engine ...`)", {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(EngineError)
     def _engine_error(request: Request, exc: EngineError) -> Response:

@@ -13,6 +13,7 @@ from drove.engine.control import build_app
 from drove.engine.mirror import DEFAULT_QUORUM_WAIT
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
+from drove.replica.access import Gate, process_key
 from drove.service import ControlServer, armed, default_signals, listen_nbd, print_ready
 
 log = logging.getLogger("drove.engine")
@@ -62,6 +63,7 @@ async def serve_engine(
     stop=default_signals,
 ) -> None:
     """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
+    key = process_key()  # ValueError (refuse to start) when DROVE_NBD_KEY is not a key
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
                     auto_rebuild=auto_rebuild, epoch=epoch, local=local,
                     local_nbd=local_nbd, local_control=local_control,
@@ -73,7 +75,8 @@ async def serve_engine(
                            arena=engine.arena)
         engine.nbd_connections = lambda: server.connections
         addresses = await listen_nbd(server, nbd, unix, name)
-        ctl = ControlServer(build_app(engine), *control)
+        # The control API demands the volume's key, as the replicas' do (drove.replica.access).
+        ctl = ControlServer(build_app(engine, Gate(key)), *control)
         await ctl.start()
         addresses["control"] = ctl.url
         local_replica = engine.local_replica()

@@ -323,7 +323,8 @@ class Attacher:
                 self._agents.for_node(node).start_engine, name, started, timeout=timeout,
                 state_file=state_file,
                 epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
-                size=doc["size"], key=volume_key(doc), fence_all=bool(fence))
+                size=doc["size"], key=volume_key(doc), fence_all=bool(fence),
+                nbd_remote=self._settings.get("engine_nbd_listen") == "node")
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         if local is not None:

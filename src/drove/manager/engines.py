@@ -50,8 +50,11 @@ class Engines:
             raise ApiError(409, f"volume {doc['name']} is {doc['state']}: attach it first "
                                 f"(`drove volume attach {doc['name']}`)")
         url = engine["ready"]["control"] + path
+        # The engine's API, like its replicas', answers only callers with the volume's key.
+        headers = {**kwargs.pop("headers", {}), **control_headers(doc)}
         try:
-            r = await self._http.request(method, url, timeout=timeout, **kwargs)
+            r = await self._http.request(method, url, timeout=timeout, headers=headers,
+                                         **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(503, f"engine of volume {doc['name']} does not answer: {exc!r}; "
                                 "the healer restarts it") from exc

@@ -20,9 +20,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # cost full rebuilds: Longhorn #1940).
     "replica_replenish_wait": 300.0,
     "default_data_locality": locality.DEFAULT_LOCALITY,
+    # Where an engine's NBD export listens: loopback (and its unix socket) for clients on
+    # its own host, or also the node's address, open to every host that reaches it (the
+    # export takes no key: NBD clients such as the kernel's cannot send one).
+    "engine_nbd_listen": "loopback",
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {
     "default_data_locality": locality.LOCALITIES,
+    "engine_nbd_listen": ("loopback", "node"),
 }
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "over_provisioning_percent": (10, 10000),

@@ -25,5 +25,6 @@ def keyed_base(doc: dict[str, Any], nbd_base: str) -> str:
 
 
 def control_headers(doc: dict[str, Any]) -> dict[str, str]:
-    """The headers a call to a replica's control API of volume ``doc`` carries (its key)."""
+    """The headers a call to a replica's or engine's control API of volume ``doc`` carries
+    (its key)."""
     return bearer(volume_key(doc))
