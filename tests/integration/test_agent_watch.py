@@ -24,6 +24,9 @@ from test_managers import ClusterManager, cleanup  # noqa: F401 (cleanup: a fixt
 from test_takeover import alive
 
 from backuptools import wait_for
+from drove.cluster.agentwatch import GRACE
+from drove.cluster.etcdstore import EtcdStore
+from drove.manager.store import ConflictError
 from etcd import EtcdServer
 
 SLOW_BEAT = ("--heartbeat-interval", "60")
@@ -159,3 +162,52 @@ def test_etcd_a_taken_over_engine_is_stopped_through_the_long_poll_after_the_lea
     answered, took = take_over_and_time(other.ok, engine)
     print(f"etcd: takeover answered in {answered:.2f} s; old engine gone {took:.2f} s "
           "after it started")
+
+
+def raise_epoch(store: EtcdStore, volume: str) -> None:
+    """Record a newer epoch for ``volume`` in etcd, as a manager restarting it elsewhere
+    would (compare-and-set: the managers may write it meanwhile)."""
+    while True:
+        doc = store.get("volumes", volume)
+        assert doc is not None
+        version = doc.pop("_version")
+        doc["epoch"] = int(doc["epoch"]) + 1
+        try:
+            store.put("volumes", volume, doc, expect_version=version)
+            return
+        except ConflictError:
+            continue
+
+
+@pytest.mark.slow
+def test_etcd_a_frozen_manager_is_left_for_the_other_without_waiting_out_the_poll(
+        tmp_path: Path, etcd_server: EtcdServer, cleanup: None):  # noqa: F811
+    """A manager that stops answering without closing the connection (frozen, or its host
+    cut off): the agent's heartbeat finds it gone in seconds and the long-poll open to it
+    moves on then, not when its own time is up."""
+    prefix = "/frozen-test"
+    m1 = ClusterManager(tmp_path, "m1", etcd_server.url + prefix).start()
+    m2 = ClusterManager(tmp_path, "m2", etcd_server.url + prefix).start()
+    wait_for(lambda: m1.cluster()["leader"], 30, "a leader")
+    AgentProc([m1, m2], "n2", tmp_path / "n2")  # heartbeats and polls m1 first
+    wait_for(lambda: any(d["state"] == "ready" for d in
+                         {x["name"]: x for x in m2.ok("GET", "/v1/nodes")}["n2"]["disks"]),
+             15, "n2's disk")
+    m2.ok("POST", "/v1/volumes", json={"name": "v", "size": "16M", "replicas": 1})
+    engine = m2.ok("POST", "/v1/volumes/v/attach", json={"node": "n2"})["engine"]["pid"]
+    store = EtcdStore(etcd_server.endpoints, prefix)
+    assert m1.proc is not None
+    m1.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        raise_epoch(store, "v")
+        # Left to time out, the poll open to m1 would give up POLL + GRACE s after it
+        # began, and a poll begins at least every POLL s: more than GRACE s from now. The
+        # heartbeat's 3 s timeout (after at most a second) moves it to m2 sooner.
+        wait_for(lambda: not alive(engine), GRACE - 1, "the engine stopped")
+        took = time.monotonic() - t0
+        print(f"etcd: the engine was gone {took:.2f} s after its epoch was raised, the "
+              "polled manager frozen")
+    finally:
+        m1.proc.send_signal(signal.SIGCONT)
+        store.close()
