@@ -8,11 +8,13 @@ compared with `qemu-img compare` over their NBD exports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +228,29 @@ def test_replica_killed_during_the_fill(manager, source, tmp_path):
     assert "rebuild-finished" in kinds, kinds
     assert kinds.index("volume-restored") < len(kinds) - kinds[::-1].index("rebuild-finished")
     manager.cli("volume", "detach", "two")
+
+
+def test_instant_restore_from_s3(manager, radosgw):
+    """The replicas fetch from S3 themselves (the target's keys reach them in a 0600 file)."""
+    bucket = f"ir{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    radosgw.make_bucket(bucket)
+    manager.cli("backup", "target", "set", f"s3://{bucket}/drove", "--endpoint",
+                radosgw.endpoint, "--region", radosgw.region, "--access-key",
+                radosgw.access_key, "--secret-key", radosgw.secret_key)
+    manager.cli("volume", "create", "s3src", "--size", "64M", "--replicas", "1")
+    uri = manager.cli_json("volume", "attach", "s3src")["nbd_uri"]
+    qemu_io(uri, f"write -P 9 {5 * MiB} {3 * MiB}", f"write -P 10 {63 * MiB} {MiB}")
+    b = manager.cli_json("backup", "create", "s3src")["name"]
+    out = instant(manager, b, "s3copy", rate="2M")
+    vol = manager.volume("s3copy")
+    copy = vol["nbd_uri"]
+    qemu_io(copy, f"read -P 10 {63 * MiB} {MiB}", read_only=True)
+    backing = list(Path(vol["replicas"][0]["path"]).glob("backing.json"))
+    assert backing and backing[0].stat().st_mode & 0o777 == 0o600
+    assert radosgw.secret_key in backing[0].read_text()
+    for pid in manager.pids():  # never on a command line
+        with contextlib.suppress(OSError):
+            assert radosgw.secret_key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    wait_task(manager, out["task"])
+    assert not (Path(vol["replicas"][0]["path"]) / "backing.json").exists()
+    compare(copy, uri)  # the source is unchanged since its backup

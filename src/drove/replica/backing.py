@@ -289,7 +289,10 @@ class Backing:
         errors = [{"offset": b * BLOCK_SIZE, "error": e} for b, e in sorted(self.errors.items())]
         return {"backup": self.cfg.backup, "layer": self.layer, "blocks": len(offsets),
                 "filled": filled, "bytes": total_bytes, "bytes_filled": done_bytes,
-                "errors": errors, "done": filled == len(offsets)}
+                "errors": errors,
+                # Done only once the layer is ordinary (finish_backing), not when the
+                # last block is in: until then a restart would still read backing.json.
+                "done": False}
 
     # ------------------------------------------------------------ fetching
 
