@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_agent import agents, node  # noqa: F401 - agents is a fixture
 
 from managertools import ManagerProc
 from replicatools import qemu_io
@@ -271,3 +272,38 @@ def test_base_copied_once_to_a_disk_then_shared(source: tuple[ManagerProc, Path]
     assert os.stat(b2 / "volume-snap-s1.img").st_ino == os.stat(far / "volume-snap-s1.img").st_ino
     assert same(attach(m, "c2"), s1)
     m.wait_volume("c2", lambda v: v["health"] == "healthy", what="c2 healthy")
+
+
+@pytest.mark.slow
+def test_clones_across_nodes(manager: ManagerProc, agents: Any, tmp_path: Path) -> None:  # noqa: F811
+    """Three nodes (the manager's and two agents'); a 2-replica source: a 3-replica clone
+    links on the source's two nodes (one through a remote agent's API) and is copied to the
+    third by the rebuild; the next clone links on all three."""
+    m = manager
+    agents("n2", tmp_path / "n2", address="127.0.0.2")
+    agents("n3", tmp_path / "n3", address="127.0.0.3")
+    deadline = time.monotonic() + 30
+    while len([n for n in m.cli_json("node", "list") if n["state"] == "up"]) < 3:
+        assert time.monotonic() < deadline, m.cli_json("node", "list")
+        time.sleep(0.2)
+    m.cli("volume", "create", "src", "--size", "32M", "--replicas", "2",
+          "--data-locality", "disabled")
+    qemu_io(attach(m, "src"), "write -P 0x42 0 20M")
+    m.cli("snapshot", "create", "src", "s1")
+    ref = save_image(m.cli_json("snapshot", "export", "src", "s1")["nbd_uri"],
+                     tmp_path / "s1.raw")
+    src_nodes = {r["node"] for r in m.volume("src")["replicas"]}
+    c1 = m.cli_json("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "3")
+    by_state = {r["node"]: r["state"] for r in c1["replicas"]}
+    assert len(by_state) == 3
+    assert {n for n, st in by_state.items() if st == "stopped"} == src_nodes
+    u1 = attach(m, "c1")
+    m.wait_volume("c1", lambda v: v["health"] == "healthy", what="c1 healthy")
+    assert same(u1, ref)
+    m.cli("volume", "detach", "c1")
+    c2 = m.cli_json("volume", "clone", "src", "c2", "--snapshot", "s1", "--replicas", "3")
+    assert sorted(r["state"] for r in c2["replicas"]) == ["stopped"] * 3
+    assert same(attach(m, "c2"), ref)
+    m.wait_volume("c2", lambda v: v["health"] == "healthy", what="c2 healthy")
+    for r in c2["replicas"]:
+        assert os.stat(Path(r["path"]) / "volume-snap-s1.img").st_nlink >= 2, r
