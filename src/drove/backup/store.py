@@ -383,6 +383,17 @@ class BackupStore:
         data = self._fetch(h, offset, length)
         return data, data_runs(data)
 
+    def reading(self, purpose: str, on_wait: OnWait | None = None):
+        """Async context manager holding a shared store lock for ``purpose``: while it is
+        held no delete or gc removes a block (what a reader of blocks outside
+        :meth:`restore` holds, e.g. a DR standby's incremental restore)."""
+        return self._lock(SHARED, purpose, on_wait)
+
+    async def fetch_block(self, h: str, offset: int, length: int) -> bytes:
+        """Block ``h`` (at ``offset``, ``length`` bytes), decoded and checked against its
+        hash (MissingBlockError, CorruptBlockError); hold :meth:`reading` around it."""
+        return await self._run(self._fetch, h, offset, length)
+
     async def restore(self, name: str, sink: Sink, *, progress: Progress | None = None,
                       on_wait: OnWait | None = None) -> dict[str, Any]:
         """Write backup ``name`` into ``sink`` (holes stay unwritten), then flush it."""

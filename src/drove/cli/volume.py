@@ -87,12 +87,16 @@ def _rebuild_percent(rebuild: dict[str, Any] | None) -> str:
 def create(
     mgr: Manager,
     name: NameArg,
-    size: Annotated[int, typer.Option(parser=parse_size, show_default=False,
-                                      help="size, e.g. 10G, 512M, or bytes")],
+    size: Annotated[int | None, typer.Option(parser=parse_size, show_default=False,
+                                             help="size, e.g. 10G, 512M, or bytes")] = None,
     replicas: ReplicasOpt = None,
     pool: PoolOpt = None,
     label: LabelOpt = None,
     data_locality: LocalityOpt = None,
+    standby_of: Annotated[str | None, typer.Option(
+        "--standby-of", show_default=False,
+        help="a DR standby: follow the backups of this volume on the backup target "
+             "(restoring each new one; no --size: it is the backups')")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create volume NAME and place its replicas (nothing runs until it is attached).
@@ -104,8 +108,19 @@ def create(
         drove volume create logs --size 2G --replicas 2 --pool ssd --label app=pg
 
         drove volume create cache --size 1G --data-locality strict-local
+
+        drove volume create db-dr --standby-of db   (then `drove volume activate db-dr`)
     """
-    body: dict[str, Any] = {"name": name, "size": size, "labels": parse_labels(label)}
+    if standby_of is not None and size is not None:
+        fail("a standby is the size of its source's backups: give --size or --standby-of, "
+             "not both")
+    if standby_of is None and size is None:
+        fail("--size is required (or --standby-of VOLUME for a DR standby)")
+    body: dict[str, Any] = {"name": name, "labels": parse_labels(label)}
+    if size is not None:
+        body["size"] = size
+    if standby_of is not None:
+        body["standby_of"] = standby_of
     if replicas is not None:
         body["replicas"] = replicas
     if pool is not None:
@@ -120,8 +135,38 @@ def create(
                   f"{v['replica_count']} replica(s) on {escape(disks) or '(none yet)'}, "
                   f"data locality {escape(v.get('data_locality') or '?')}",
                   highlight=False)
+    if v.get("standby"):
+        console.print(f"a DR standby of volume {escape(v['standby']['of'])}: it restores its "
+                      f"backups as they appear; `drove volume activate {v['name']}` makes it "
+                      "an ordinary volume", style="dim", highlight=False)
+        return
     console.print(f"attach it with `drove volume attach {v['name']}` "
                   "(add --mount PATH for a filesystem)", style="dim", highlight=False)
+
+
+@app.command()
+@with_manager
+def activate(
+    mgr: Manager,
+    name: NameArg,
+    force: Annotated[bool, typer.Option(
+        "--force", help="when the newest backup cannot be restored, activate on the last "
+                        "one restored completely")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make DR standby NAME an ordinary volume: it restores the newest backup of the volume
+    it follows (checking the target once more), then may be attached.
+
+    Example:
+
+        drove volume activate db-dr && drove volume attach db-dr --mount /mnt/db
+    """
+    v = mgr.post(f"{_path(name)}/activate", {"force": force})
+    if emit(v, json_out):
+        return
+    console.print(f"volume [bold]{escape(v['name'])}[/] activated on backup "
+                  f"{escape((v.get('labels') or {}).get('drove.restored-from') or '?')}; "
+                  f"attach it with `drove volume attach {v['name']}`", highlight=False)
 
 
 @app.command("list")
@@ -164,6 +209,29 @@ def get(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
     show_volume(v)
 
 
+def standby_facts(sb: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What `volume get` shows of a DR standby (nothing for an ordinary volume)."""
+    if not sb:
+        return []
+    restored = (f"{sb['backup']} (created {local_time(sb.get('backup_created'))}, restored "
+                f"{local_time(sb.get('restored_at'))})" if sb.get("backup") else "none yet")
+    lag = sb.get("lag_seconds")
+    facts = [("standby of", f"{sb.get('of')} (activate with `drove volume activate`)"),
+             ("restored backup", restored),
+             ("lag", "" if lag is None else f"{lag:.0f} s" + (
+                 f", newer backup {sb.get('newest_backup')} pending" if sb.get("behind")
+                 else ""))]
+    last = sb.get("last_restore") or {}
+    if last:
+        facts.append(("last restore", f"{last.get('blocks_written')} block(s) written "
+                                      f"({format_size(last.get('bytes_written') or 0)}), "
+                                      f"{last.get('blocks_zeroed')} zeroed"
+                                      + (", in full" if last.get("full") else "")))
+    if sb.get("error"):
+        facts.append(("error", sb["error"]))
+    return facts
+
+
 def show_volume(v: dict[str, Any]) -> None:
     """A summary of the volume and a table of its replicas."""
     console.print(f"[bold]{escape(v['name'])}[/]  {format_size(v['size'])}  {v['state']}  "
@@ -175,6 +243,7 @@ def show_volume(v: dict[str, Any]) -> None:
     if v.get("labels"):
         facts.append(("labels", labels_text(v["labels"])))
     facts.append(("created", local_time(v.get("created"))))
+    facts += standby_facts(v.get("standby"))
     clone = v.get("clone") or {}
     if clone.get("parent"):
         p = clone["parent"]

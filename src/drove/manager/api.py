@@ -38,12 +38,22 @@ class VolumeCreate(Strict):
     """A new volume."""
 
     name: str = Field(description="a-z 0-9 . _ -, up to 63 characters")
-    size: Size
+    size: Size | None = Field(None, description="required unless standby_of is given")
     replicas: int | None = Field(None, ge=1, le=10, description="default: the setting")
     pool: str | None = Field(None, description="place replicas only on disks with this tag")
     labels: Labels = Field(default_factory=dict)
     data_locality: Locality | None = Field(None, description="default: the setting "
                                                              "default_data_locality")
+    standby_of: str | None = Field(None, description="a DR standby following this volume's "
+                                                     "backups on the backup target (its size "
+                                                     "and replica count come from them)")
+
+
+class Activate(Strict):
+    """Make a DR standby an ordinary volume."""
+
+    force: bool = Field(False, description="activate on the last backup restored completely "
+                                           "when the newest cannot be restored")
 
 
 class VolumeUpdate(Strict):
@@ -386,9 +396,23 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
 
     @app.post("/v1/volumes", dependencies=secured, status_code=201)
     async def create_volume(req: VolumeCreate) -> dict[str, Any]:
-        """Create a volume and place its replicas."""
+        """Create a volume and place its replicas (with ``standby_of``: a DR standby)."""
+        if req.standby_of is not None:
+            if req.size is not None:
+                raise ApiError(422, "a standby's size is its source's (the newest backup's): "
+                                    "give size or standby_of, not both")
+            return await parts.standbys.create(req.name, req.standby_of, req.replicas,
+                                               req.pool, req.labels, req.data_locality)
+        if req.size is None:
+            raise ApiError(422, "size is required (or standby_of, for a DR standby)")
         return manager.create_volume(req.name, req.size, req.replicas, req.pool, req.labels,
                                      req.data_locality)
+
+    @app.post("/v1/volumes/{name}/activate", dependencies=secured)
+    async def activate_volume(name: str, req: Activate | None = None) -> dict[str, Any]:
+        """Make a DR standby an ordinary volume, on the newest backup (the target is
+        checked once more)."""
+        return await parts.standbys.activate(name, (req or Activate()).force)
 
     @app.get("/v1/volumes/{name}", dependencies=secured)
     async def volume(name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from drove.manager.backups import BackupActivity, Backups
 from drove.manager.core import Manager
 from drove.manager.events import EventLog
 from drove.manager.jobs import Jobs
+from drove.manager.standby import Standbys
 from drove.manager.store import Store
 from drove.manager.tasks import Tasks
 
@@ -33,6 +34,7 @@ class ManagerApp:
                                cluster_token_file=cluster_token_file, node=node)
         self.backups = Backups(self.manager, self.tasks, activity)
         self.jobs = Jobs(self.manager, self.backups, self.tasks)
+        self.standbys = Standbys(self.manager, self.backups, self.tasks)
 
     async def start(self) -> None:
         """Settle what a previous run left, bring volumes back, then start the scheduler."""
@@ -41,9 +43,11 @@ class ManagerApp:
         await self.backups.abandon_restores()
         await self.manager.start()
         self.jobs.start()
+        self.standbys.start()
 
     async def stop(self) -> None:
-        """Stop the scheduler and the tasks, then detach the volumes."""
+        """Stop the scheduler, the standbys' follower and the tasks, then detach the volumes."""
+        await self.standbys.stop()
         await self.jobs.stop()
         await self.tasks.stop()
         self.backups.close()
@@ -62,6 +66,7 @@ class ManagerApp:
         await self.backups.abandon_restores()
         await self.manager.lead()
         self.jobs.start()
+        self.standbys.start()
 
     async def step_down(self) -> None:
         """Stop the leader's work (healer, scheduler, tasks); volumes stay attached.
@@ -70,7 +75,8 @@ class ManagerApp:
         is raised after.
         """
         failures: list[Exception] = []
-        for stop in (self.manager.step_down, self.jobs.stop, self.tasks.stop):
+        for stop in (self.standbys.stop, self.manager.step_down, self.jobs.stop,
+                     self.tasks.stop):
             try:
                 await stop()
             except Exception as exc:

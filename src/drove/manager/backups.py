@@ -29,6 +29,7 @@ from drove.backup.target import open_target
 from drove.manager.errors import ApiError
 from drove.manager.instantrestore import InstantRestores, depending_on
 from drove.manager.labels import snapshot_id
+from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store
 from drove.manager.tasks import TaskContext, TaskFailed, Tasks
 from drove.nbd.client import NbdClient, connect_uri, extents
@@ -278,6 +279,7 @@ class Backups:
                      compression: str | None = None) -> dict[str, Any]:
         """Start a backup of ``volume`` (of ``snapshot``, else of a new one); the Task."""
         doc = self.m.record(volume)
+        check_not_standby(doc, "backed up")
         if doc["state"] != "attached":
             raise ApiError(409, f"volume {volume} is {doc['state']}: a backup reads a running "
                                 f"replica, attach it first (`drove volume attach {volume}`)")
@@ -407,6 +409,9 @@ class Backups:
         backup recorded it).  ``instant``: the volume serves at once, its data fetched
         as it is read; the Task follows the background fill (drove.manager.instantrestore).
         """
+        existing = self.m.store.get("volumes", volume)
+        if existing is not None:
+            check_not_standby(existing, "restored into")
         store = await self.store()
         try:
             info = await store.info(backup)

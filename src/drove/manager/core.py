@@ -53,6 +53,7 @@ from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
 from drove.manager.snapshots import Snapshots
+from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store, now_iso
 
 log = logging.getLogger("drove.manager")
@@ -355,6 +356,8 @@ class Manager:
                      node: str | None = None, force: bool = False) -> dict[str, Any]:
         """Start replicas and engine on ``node`` (default: this manager's) and give the host
         a device, mounted at ``mount``; ``force`` takes it over from a down node."""
+        if not _internal:
+            check_not_standby(self.record(name), "attached")
         return self.view(await self._attacher.attach(name, mount, fs, _internal, node,
                                                      force=force))
 
@@ -389,6 +392,7 @@ class Manager:
     async def create_snapshot(self, name: str, snapshot: str | None = None,
                               labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Snapshot the volume (it must be attached)."""
+        check_not_standby(self.record(name), "snapshotted")
         return await self._snapshots.create(name, snapshot, labels)
 
     async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
@@ -399,6 +403,7 @@ class Manager:
 
     async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
         """Revert the volume to a snapshot (attached, with no client connected)."""
+        check_not_standby(self.record(name), "reverted")
         return self.view(await self._snapshots.revert(name, snapshot))
 
     async def export_snapshot(self, name: str, snapshot: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from drove.manager.engines import rebuild_running
+from drove.manager.standbystate import standby_view
 
 
 def health(doc: dict[str, Any], info: dict[str, Any] | None) -> str:
@@ -56,6 +57,7 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "clone_of": ({k: doc["clone_of"][k] for k in ("volume", "snapshot")}
                      if doc.get("clone_of") else None),
         "state": "restoring" if doc.get("restoring") else doc["state"],
+        "standby": standby_view(doc),
         "node": doc.get("node") if doc["state"] == "attached" else None,
         "health": health(doc, info),
         # With a local replica: whether writes find a replica outside the engine process.
