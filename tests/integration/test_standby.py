@@ -134,10 +134,13 @@ def test_standby_follows_incrementally_survives_restart_and_activates(manager, t
     manager.stop()
     manager.start()
     uri = manager.wait_volume("src", lambda s: s["state"] == "attached")["nbd_uri"]
-    qemu_io(uri, f"write -P 6 {30 * MiB} {MiB}")
+    # The source grows: so does the standby (block 18 is past its old end).
+    manager.cli("volume", "expand", "src", "--size", "40M")
+    qemu_io(uri, f"write -P 6 {30 * MiB} {MiB}", f"write -P 7 {36 * MiB} {MiB}")
     b3 = backup(manager, "src")
     v = wait_restored(manager, "dr", b3)
-    assert v["standby"]["last_restore"]["blocks_written"] == 1
+    assert v["size"] == 40 * MiB
+    assert v["standby"]["last_restore"]["blocks_written"] == 2
 
     active = manager.cli_json("volume", "activate", "dr")
     assert active["standby"] is None and active["labels"]["drove.restored-from"] == b3

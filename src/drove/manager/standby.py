@@ -232,8 +232,9 @@ class Standbys:
         is not tried again before its backoff ends."""
         try:
             store = await self.backups.store()
-            of = self.m.record(name)[KEY]["of"]
-            newest = await self._newest(store, of)
+            state = self.m.record(name)[KEY]
+            of = state["of"]
+            newest = await self._newest(store, of, state.get("newest"))
         except (ApiError, berr.BackupError, ValueError) as exc:
             return self._failed(name, f"cannot read the backup target: {exc}")
         doc = self.m.record(name)
@@ -292,11 +293,16 @@ class Standbys:
                          f"{why}; {held} and tries again", name, level="warning")
         return why
 
-    async def _newest(self, store: BackupStore, of: str) -> dict[str, Any] | None:
-        """The newest backup of volume ``of`` on the target (its summary), None if none."""
+    async def _newest(self, store: BackupStore, of: str,
+                      known: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The newest backup of volume ``of`` on the target (its summary, or ``known``
+        when it is that one still), None if there is none."""
         cfg = await store.volume_config(of)
         if cfg and cfg.get("last_backup"):
-            # volume.cfg names the newest backup: one read, not a listing of every manifest.
+            # volume.cfg names the newest backup: one read per poll, not a listing of every
+            # manifest (a backup not seen before is looked up once).
+            if known and known.get("name") == cfg["last_backup"]:
+                return known
             with contextlib.suppress(berr.NotFoundError):
                 info = await store.info(cfg["last_backup"])
                 if info.get("volume") == of:
