@@ -25,12 +25,14 @@ created while the poll names an engine of it: one of a detached volume must stop
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -232,7 +234,8 @@ def main() -> None:
         old.mkdir()
         archive = subprocess.run(["git", "-C", str(repo), "archive", args.before, "src"],
                                  check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(old, filter="data")
         if args.sqlite_only:
             samples = sqlite_poll_latency(root, args.rounds)
             print(f"sqlite: volume created (API answer) -> waiting long-poll answered: "
