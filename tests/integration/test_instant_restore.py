@@ -15,9 +15,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from cutproxy import CutProxy
 from drove.backup.blocks import encode
 from replicatools import qemu_io, run
 
@@ -254,3 +256,44 @@ def test_instant_restore_from_s3(manager, radosgw):
     wait_task(manager, out["task"])
     assert not (Path(vol["replicas"][0]["path"]) / "backing.json").exists()
     compare(copy, uri)  # the source is unchanged since its backup
+
+
+def test_target_that_stops_answering(manager, radosgw):
+    """S3 goes away mid-fill: reads of what is not local yet fail with EIO in seconds (never
+    zeros, the replica stays), what was fetched reads on; back, the fill ends."""
+    host, port = urlsplit(radosgw.endpoint).hostname, urlsplit(radosgw.endpoint).port
+    proxy = CutProxy((host, port))
+    try:
+        bucket = f"ir{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        radosgw.make_bucket(bucket)
+        manager.cli("backup", "target", "set", f"s3://{bucket}/drove", "--endpoint",
+                    f"http://127.0.0.1:{proxy.port}", "--region", radosgw.region,
+                    "--access-key", radosgw.access_key, "--secret-key", radosgw.secret_key)
+        manager.cli("volume", "create", "s3src", "--size", "64M", "--replicas", "1")
+        uri = manager.cli_json("volume", "attach", "s3src")["nbd_uri"]
+        pieces = [(i * 8 * MiB, 2 * MiB) for i in range(8)]
+        qemu_io(uri, *(f"write -P {i + 1} {off} {n}" for i, (off, n) in enumerate(pieces)))
+        b = manager.cli_json("backup", "create", "s3src")["name"]
+        out = instant(manager, b, "gone", rate="1M")
+        copy = manager.volume("gone")["nbd_uri"]
+        qemu_io(copy, f"read -P 8 {pieces[7][0]} {MiB}", read_only=True)
+        proxy.cut()
+        t0 = time.monotonic()
+        res = run(["qemu-io", "-f", "raw", "-r", "-c", f"read {pieces[5][0]} 4096", copy],
+                  check=False)
+        took = time.monotonic() - t0
+        assert "Input/output error" in (res.stdout + res.stderr).decode(), res
+        assert took < 10, took
+        qemu_io(copy, f"read -P 8 {pieces[7][0]} {MiB}", read_only=True)
+        deadline = time.monotonic() + 60
+        while "retrying" not in (manager.ok("GET", f"/v1/tasks/{out['task']}")
+                                 .get("message") or ""):
+            assert time.monotonic() < deadline, "the task does not say it retries"
+            time.sleep(0.2)
+        assert manager.volume("gone")["health"] == "healthy"
+        proxy.mend()
+        wait_task(manager, out["task"], timeout=120)
+        for i, (off, n) in enumerate(pieces):
+            qemu_io(copy, f"read -P {i + 1} {off} {n}", read_only=True)
+    finally:
+        proxy.close()

@@ -67,7 +67,9 @@ FILL_PARALLEL = 6
 """Blocks the fill keeps in flight."""
 PERSIST_EVERY = 1.0
 """Seconds between two persists of the bitmap during the fill."""
-RETRY_FIRST, RETRY_MAX = 2.0, 30.0
+READ_DEADLINE = 5.0
+"""Seconds a read waits for the backup before it fails (an engine waits 8 for a replica)."""
+RETRY_FIRST, RETRY_MAX = 2.0, 10.0
 """Seconds the fill waits before trying failed blocks again (doubling up to the max)."""
 
 TARGET_KEYS = ("url", "endpoint", "region", "access_key", "secret_key")
@@ -339,11 +341,17 @@ class Backing:
                 raise
             self._mark(b)
 
-    async def ensure(self, blocks: Iterable[int]) -> None:
+    async def ensure(self, blocks: Iterable[int], deadline: float | None = READ_DEADLINE) -> None:
         """Fetch whichever of ``blocks`` is not filled (one fetch per block however many
-        readers wait for it); BackingUnavailableError for the first that cannot be had."""
+        readers wait for it); BackingUnavailableError for the first that cannot be had.
+
+        After ``deadline`` seconds BackingUnavailableError too (the fetch goes on and
+        fills the block when it ends): a reader must hear EIO before its engine gives
+        the replica up as not answering.
+        """
         loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[None]] = []
+        end = None if deadline is None else loop.time() + deadline
+        waits: list[tuple[asyncio.Future[None], int]] = []
         for b in blocks:
             if self.is_filled(b):
                 continue
@@ -352,9 +360,17 @@ class Backing:
                 fut = self._inflight[b] = loop.create_future()
                 task = loop.run_in_executor(self._pool, self._fetch_store, b)
                 task.add_done_callback(lambda t, b=b, fut=fut: self._fetched(b, fut, t))
-            waits.append(fut)
-        for fut in waits:
-            await asyncio.shield(fut)
+            waits.append((fut, b))
+        for fut, b in waits:
+            if end is None:
+                await asyncio.shield(fut)
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), max(0.0, end - loop.time()))
+            except TimeoutError:
+                raise BackingUnavailableError(
+                    b * BLOCK_SIZE, f"backup target {self.cfg.target['url']} did not answer "
+                    f"within {deadline:.0f} s (the fetch goes on)") from None
 
     def _fetched(self, b: int, fut: asyncio.Future[None], task: asyncio.Future[None]) -> None:
         self._inflight.pop(b, None)
@@ -446,15 +462,16 @@ class Backing:
         async def worker() -> None:
             nonlocal sent, flushed, persisting
             for b in queue:
+                if rate:  # take this block's share of the budget first, then wait for it
+                    mine, sent = sent, sent + BLOCK_SIZE
+                    if (ahead := mine / rate - (loop.time() - began)) > 0:
+                        await asyncio.sleep(ahead)
                 with contextlib.suppress(BackingUnavailableError):
-                    await self.ensure([b])
-                sent += BLOCK_SIZE
+                    await self.ensure([b], deadline=None)
                 now = loop.time()
                 if now - flushed >= PERSIST_EVERY and (persisting is None or persisting.done()):
                     flushed = now
                     persisting = loop.run_in_executor(None, self.persist)
-                if rate and (ahead := sent / rate - (now - began)) > 0:
-                    await asyncio.sleep(ahead)
 
         await asyncio.gather(*(worker() for _ in range(FILL_PARALLEL)))
         if persisting is not None:
