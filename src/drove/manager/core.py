@@ -399,7 +399,8 @@ class Manager:
         """Delete a snapshot (its data folds into its child); one that linked clones depend
         on is hidden instead, and deleted with the last of them."""
         self.record(name)
-        return self.clones.hide(name, snapshot) or await self._snapshots.delete(name, snapshot)
+        return (await self.clones.hide(name, snapshot)
+                or await self._snapshots.delete(name, snapshot))
 
     async def revert(self, name: str, snapshot: str) -> dict[str, Any]:
         """Revert the volume to a snapshot (attached, with no client connected)."""
