@@ -129,6 +129,7 @@ def test_bad_clone_requests_change_nothing(source: tuple[ManagerProc, Path]) -> 
     assert sorted(p.name.rsplit("-", 1)[0] for p in disk.iterdir()) == ["c1-r1", "src-r1"]
 
 
+@pytest.mark.slow
 def test_deleted_snapshot_is_hidden_until_the_last_clone_goes(
         source: tuple[ManagerProc, Path]) -> None:
     m, s1 = source

@@ -236,20 +236,22 @@ class Clones:
                 out.append(d["name"])
         return sorted(out)
 
-    def hide(self, volume: str, snapshot: str) -> dict[str, Any] | None:
+    async def hide(self, volume: str, snapshot: str) -> dict[str, Any] | None:
         """Hide ``snapshot`` instead of deleting it when clones depend on it (the answer);
         None when none does (delete it)."""
         deps = self.dependants(volume, snapshot)
         if not deps:
             return None
-        doc = self._records.get(volume)
-        hidden = doc.setdefault("hidden_snapshots", [])
-        if snapshot not in hidden:
+        async with self._records.lock(volume):  # others save the document under it
+            doc = self._records.get(volume)
+            hidden = doc.setdefault("hidden_snapshots", [])
+            if snapshot in hidden:
+                return {"deleted": snapshot, "hidden": True, "dependants": deps}
             hidden.append(snapshot)
             self._records.save(doc)
-            self._event("snapshot-hidden", f"snapshot {snapshot} of volume {volume} hidden, "
-                        f"not deleted: clone(s) {', '.join(deps)} depend on it; it goes with "
-                        "the last of them", volume)
+        self._event("snapshot-hidden", f"snapshot {snapshot} of volume {volume} hidden, "
+                    f"not deleted: clone(s) {', '.join(deps)} depend on it; it goes with "
+                    "the last of them", volume)
         return {"deleted": snapshot, "hidden": True, "dependants": deps}
 
     async def release(self, clone: dict[str, Any]) -> None:
