@@ -327,7 +327,9 @@ class Backups:
         rep, ready = await self._healthy_replica(doc)
         layers = await self._layers(ready["control"], ready.get("headers"))
         by_file = {la["file"]: la for la in layers}
-        target = next((la for la in layers if la["name"] == snap and not la["removed"]), None)
+        # (A linked clone's base layers are its source's snapshots: one may have this name.)
+        target = next((la for la in layers if la["name"] == snap and not la["removed"]
+                       and not la.get("base")), None)
         if target is None:
             raise TaskFailed(f"replica {rep['name']} has no snapshot {snap}")
         base, path = await self._base(store, volume, doc["size"], target, by_file)
