@@ -19,6 +19,7 @@ from drove.backup import BackupStore, FileTarget
 from drove.backup.blocks import BLOCK_SIZE, block_key, encode
 from drove.replica import backing as bk
 from drove.replica.chain import Replica
+from drove.replica.clone import CloneError, make_clone
 from drove.replica.errors import RebuildingError, ReplicaError
 
 MiB = 1 << 20
@@ -207,3 +208,18 @@ def test_backing_file_is_private_and_a_stray_one_is_removed(tmp_path, backed):
     (d / bk.BACKING_FILE).write_text("{}")
     with pytest.raises(ReplicaError, match="backing"):
         Replica.open(d)
+
+
+def test_a_layer_being_filled_is_not_linked_into_a_clone(tmp_path, backed):
+    r, img, _ = backed
+    base = {"volume": "v", "snapshot": "b1"}
+    with pytest.raises(CloneError, match="being filled"):
+        make_clone(r.dir, tmp_path / "c1", "b1", base)
+    assert not (tmp_path / "c1").exists()
+    _fill(r)
+    make_clone(r.dir, tmp_path / "c2", "b1", base)
+    c = Replica.open(tmp_path / "c2")
+    try:
+        assert c.read(0, SIZE) == img
+    finally:
+        c.close()

@@ -123,6 +123,18 @@ class BackingConfig:
             raise ReplicaError(f"{where}: malformed ({exc!r})") from None
 
 
+def filling_layer(dirpath: Path) -> tuple[str, str] | None:
+    """(layer file, backup) of the replica in ``dirpath`` still being filled, or None.
+
+    For code that works on a replica's files alone (a linked clone must not share a
+    layer that is still being written)."""
+    try:
+        cfg = BackingConfig.from_json(meta.read_json(dirpath / BACKING_FILE), BACKING_FILE)
+    except ReplicaError:
+        return None if not (dirpath / BACKING_FILE).exists() else ("?", "?")
+    return cfg.layer, cfg.backup
+
+
 def read_manifest(target_cfg: dict[str, Any], backup: str) -> tuple[int, dict[int, str]]:
     """(size, offset → hash) of ``backup`` on the target ``target_cfg`` describes."""
     target = _open(target_cfg)

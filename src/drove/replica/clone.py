@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from drove.replica import meta
+from drove.replica.backing import filling_layer
 from drove.replica.errors import ReplicaError
 from drove.replica.meta import VOLUME_META, LayerMeta, VolumeMeta, meta_file
 
@@ -157,6 +158,10 @@ def _attempt(src: Path, dst: Path, tmp: Path, snapshot: str, base: Mapping[str, 
         if m.incomplete:
             raise CloneError(f"{src}: layer {m.file} is still being rebuilt; clone from a "
                              "healthy replica")
+    filling = filling_layer(src)
+    if filling is not None and filling[0] in {m.file for m in chain} | {"?"}:
+        raise CloneError(f"{src}: layer {filling[0]} is still being filled from backup "
+                         f"{filling[1]} (an instant restore); clone once its fill is done")
     os.mkdir(tmp)
     inodes = {}
     linked = 0
