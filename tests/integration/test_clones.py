@@ -213,6 +213,11 @@ def test_clone_without_snapshot_of_a_detached_volume(manager: ManagerProc,
     assert [s["name"] for s in m.cli_json("snapshot", "list", "src") if not s["head"]] == [snap]
     u = attach(m, "c1")
     qemu_io(u, "read -P 0x5a 1M 3M", "read -P 0 0 1M", read_only=True)
+    # Attached, the engine takes the snapshot (with every acknowledged write in it).
+    qemu_io(attach(m, "src"), "write -P 0x5b 0 1M")
+    c2 = m.cli_json("volume", "clone", "src", "c2")
+    assert c2["clone_of"]["snapshot"] not in (snap, None)
+    qemu_io(attach(m, "c2"), "read -P 0x5b 0 1M", "read -P 0x5a 1M 3M", read_only=True)
 
 
 def du(paths: list[Path]) -> int:

@@ -32,7 +32,7 @@ from drove.manager.errors import ApiError, validate_name
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard, check_not_busy
 from drove.manager.labels import SNAPSHOT_ID_LABEL
-from drove.manager.placement import PlacementError
+from drove.manager.placement import PlacementError, node_unfit
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.snapshots import Snapshots
@@ -176,7 +176,13 @@ class Clones:
         src, snapshot = doc["clone_of"]["volume"], doc["clone_of"]["snapshot"]
         base = {"volume": src, "snapshot": snapshot}
         by_disk: dict[str, list[dict[str, Any]]] = {}
+        nodes_now = self._disks.node_docs()
         for r in sources:
+            # Placement's rules: no new replica on a node that is cordoned, down or holds
+            # no replicas by its role, nor on a disk that is not ready.
+            node = r.get("node")
+            if node is not None and node_unfit(node, nodes_now.get(node)):
+                continue
             if not self._disks.problem(r):
                 by_disk.setdefault(r["disk"], []).append(r)
         # The source's own disks first, then sibling clones'; one disk per node first.
