@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,6 +85,22 @@ def test_the_long_poll_refuses_what_is_wrong_and_names_stale_engines(manager, ag
         "agent_url": "http://127.0.0.9:1", "engines": [{"volume": "v", "epoch": 3}]})
     assert r.status_code == 200, r.text
     assert [(s["volume"], s["epoch"]) for s in r.json()["stop_engines"]] == [("v", 3)]
+
+    # A stopping manager ends the polls waiting on it (503: poll another) rather than
+    # hold its shutdown until their time is up (60 s for this one).
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(poll, manager.url, "n2", token, since=answer["revision"],
+                              engines="ghost@1", timeout=60)
+        wait_for(waiting.running, 10, "the poll sent")
+        t0 = time.monotonic()
+        manager.stop(signal.SIGTERM)
+        stopped = time.monotonic() - t0
+        try:
+            r = waiting.result(30)
+        except httpx.TransportError:  # it came after the manager stopped listening
+            r = None
+    assert stopped < 10, f"the manager took {stopped:.1f} s to stop"
+    assert r is None or (r.status_code == 503 and "stopping" in r.text), r.text
 
 
 def attach_on_n2(ok) -> dict[str, Any]:

@@ -77,11 +77,12 @@ class ChangeFeed:
         self._cancel: Any = None
         self._started = threading.Lock()
         self._ready = threading.Event()  # the first snapshot was told
+        self.closed = False  # closed: no more waiting here (the manager stops)
 
     def start(self) -> None:
         """Subscribe to the store's volume documents (once; StoreError if it cannot)."""
         with self._started:
-            if self._cancel is None:
+            if self._cancel is None and not self.closed:
                 self._cancel = self._store.subscribe("volumes", self._reset, self._changed)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -89,11 +90,14 @@ class ChangeFeed:
         return self._ready.wait(timeout)
 
     def close(self) -> None:
-        """Stop following the store."""
+        """Stop following the store; every waiter is woken (and sees ``closed``)."""
         with self._started:
             cancel, self._cancel = self._cancel, None
+            self.closed = True
         if cancel is not None:
             cancel()
+        with self._lock:
+            self._wake(None)
 
     @property
     def revision(self) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from drove.agent.hostattach import HostAttachError
 from drove.agent.node import NodeAgent
 from drove.cluster.remoteagent import AgentError, AgentUnreachableError
 from drove.manager import locality, views
@@ -145,6 +146,10 @@ class Manager:
         """An agent's long-poll: which of its engines must stop, as soon as the store says
         so (:meth:`drove.manager.heartbeats.NodeHealth.changes`)."""
         return await self._disks.health.changes(node, engines, since, timeout)
+
+    def end_long_polls(self) -> None:
+        """End the agents' long-polls waiting here (the manager stops: they ask another)."""
+        self._disks.health.end_polls()
 
     def disks(self) -> list[dict[str, Any]]:
         """Every disk with its live state, capacity, free and scheduled space."""
@@ -330,6 +335,8 @@ class Manager:
             if new < doc["size"]:
                 raise ApiError(422, f"cannot shrink volume {name} from {doc['size']} to {new}")
             if new == doc["size"]:
+                if _host_behind(doc):  # an earlier expand could not grow it: finish that
+                    await self._grow_host(doc)
                 return self.view(doc)
             if doc["state"] == "attached":
                 await self._engines.call(doc, "POST", "/v1/expand", json={"size": new})
@@ -347,7 +354,27 @@ class Manager:
                 await self._engines.refresh(doc)
             self.event("volume-expanded", f"volume {name} expanded from {old} to {new} bytes",
                        name)
+            if doc["state"] == "attached" and doc.get("host"):
+                await self._grow_host(doc)
             return self.view(doc)
+
+    async def _grow_host(self, doc: dict[str, Any]) -> None:
+        """Grow the device and mounted filesystem of ``doc``'s host attachment to the
+        volume's size, online, on its node (lock held); ApiError 409 if they cannot."""
+        name, size, node = doc["name"], doc["size"], doc.get("node")
+        try:
+            doc["host"] = await asyncio.to_thread(self.agents.for_node(node).grow_host,
+                                                  doc["host"], size)
+        except (HostAttachError, AgentError, AgentUnreachableError) as exc:
+            why = (f"volume {name} has grown to {size} bytes, but not its device or "
+                   f"filesystem on node {node}: {exc}; `drove volume expand {name} --size "
+                   f"{size}` again finishes it")
+            self.event("volume-host-grow-failed", why, name, level="warning")
+            raise ApiError(409, why) from exc
+        self.save(doc)
+        where = doc["host"].get("mountpoint") or doc["host"].get("device")
+        self.event("volume-host-grown", f"volume {name}: {where} on node {node} grown to "
+                   f"{size} bytes, online", name)
 
     # ----------------------------------------------------------- attach
 
@@ -464,6 +491,12 @@ class Manager:
                     # Leave it serving (its mount stays usable); the next start adopts it.
                     self.event("stop-left-attached", str(exc), doc["name"], level="warning")
         await self._engines.close()
+
+
+def _host_behind(doc: dict[str, Any]) -> bool:
+    """True if ``doc`` is mounted through a growable attachment smaller than the volume."""
+    host = doc.get("host") if doc["state"] == "attached" else None
+    return bool(host and host.get("fuse_uri") and (host.get("size") or 0) < doc["size"])
 
 
 def _expand_offline(doc: dict[str, Any], new: int) -> None:

@@ -105,6 +105,7 @@ class NodeHealth:
         poll does not name moved to or off the node (an engine started meanwhile: the agent
         asks again with it); else after ``timeout`` s with nothing to stop."""
         name = validate_name("node", node)
+        self._check_open()
         if not 0 <= timeout <= MAX_POLL:
             raise ApiError(422, f"timeout {timeout} is out of range: 0 to {MAX_POLL:.0f} s")
         if await asyncio.to_thread(self._store.get, "nodes", name) is None:
@@ -133,6 +134,16 @@ class NodeHealth:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not await waiter.wait(remaining):
                     return {"revision": revision, "stop_engines": []}
+                self._check_open()
+
+    def end_polls(self) -> None:
+        """The manager stops: the long-polls waiting here end now (503: ask another
+        manager), rather than holding its HTTP server's shutdown until their time is up."""
+        self._feed.close()
+
+    def _check_open(self) -> None:
+        if self._feed.closed:
+            raise ApiError(503, "this manager is stopping: poll another one")
 
     def _stale_engines(self, node: str, engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Of the engines running on ``node``, those that must stop, each with the reason."""

@@ -164,6 +164,7 @@ async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) ->
         log.info("stopping: detaching volumes (they come back at the next start)")
     finally:
         info_file.unlink(missing_ok=True)
+        parts.manager.end_long_polls()  # else the server's stop waits for them
         await server.stop()
         await parts.stop()
 
@@ -201,6 +202,7 @@ async def _serve_in_cluster(data_dir: Path, listen: tuple[str, int], store: Etcd
         log.info("stopping: volumes stay attached and serving; another manager leads")
     finally:
         info_file.unlink(missing_ok=True)
+        parts.manager.end_long_polls()  # the agents poll another manager from now on
         await role.close()
         if local is not None:
             await local.stop()
