@@ -9,6 +9,7 @@ a standby cannot be attached).
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -236,3 +237,34 @@ def test_bad_input_and_a_source_that_is_not_here(manager, tmp_path):
     # The follower forgets a deleted standby's staging area.
     wait_for(lambda: not (manager.data_dir / "standby" / "dr").exists(), timeout=20,
              what="the staging area of the deleted standby to go")
+
+
+def test_manager_killed_during_a_restore(manager, tmp_path):
+    set_target(manager, tmp_path)
+    manager.cli("volume", "create", "src", "--size", "48M", "--replicas", "1")
+    uri = manager.cli_json("volume", "attach", "src")["nbd_uri"]
+    qemu_io(uri, *(f"write -P {i + 1} {i * BLOCK} {BLOCK}" for i in range(0, 24, 2)))
+    b1 = backup(manager, "src")
+    manager.cli("volume", "create", "dr", "--standby-of", "src")
+    wait_restored(manager, "dr", b1)
+    # Every block changes (distinct contents: no two share a stored block).
+    qemu_io(uri, *(f"write -P {i + 100} {i * BLOCK} {BLOCK}" for i in range(24)))
+    b2 = backup(manager, "src")
+    # SIGKILL the manager once b2 is staged and its blocks are being written: the next
+    # manager finishes b2 from the staging area.
+    wait_for(lambda: any(t["kind"] == "standby-restore" and t["backup"] == b2
+                         and (t["message"] or "").startswith("writing")
+                         for t in manager.ok("GET", "/v1/tasks")),
+             timeout=30, what="the standby's restore of b2 to write")
+    manager.stop(signal.SIGKILL)
+    assert (manager.data_dir / "standby" / "dr" / "staged.json").exists()
+    manager.start()
+    v = wait_restored(manager, "dr", b2)
+    last = v["standby"]["last_restore"]
+    assert (last["blocks_written"], last["resumed"], last["full"]) == (24, True, False), last
+    snap = manager.cli_json("snapshot", "export", "src", b2)["nbd_uri"]
+    compare(only_layer(v), snap)
+    manager.cli("volume", "activate", "dr")
+    compare(manager.cli_json("volume", "attach", "dr")["nbd_uri"], snap)
+    manager.cli("volume", "detach", "dr")
+    manager.cli("volume", "detach", "src")

@@ -325,6 +325,7 @@ class Standbys:
                        backup: str) -> dict[str, Any]:
         """Stage what ``backup`` changes, then write it into standby ``name``."""
         state = self.m.record(name)[KEY]
+        resumed = state.get("applying") == backup  # a write of it was cut short
         area = self.staging(name)
         staged = await asyncio.to_thread(area.sealed)
         if not (staged and staged.get("backup") == backup
@@ -341,6 +342,7 @@ class Standbys:
         doc = self.m.record(name)
         state = doc[KEY]
         last = {"backup": backup, "base": staged.get("base"), "full": delta.zero_all,
+                "resumed": resumed,
                 "blocks_written": len(delta.write), "blocks_zeroed": len(delta.zero),
                 **counts, "at": now_iso()}
         state.update(backup=backup, backup_created=staged.get("created"),
