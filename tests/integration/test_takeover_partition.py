@@ -7,8 +7,8 @@ an agent each; the volume's replicas are on a, b and c, its engine on a.  a is c
 (its engine may live on behind the cut and, with c's replica, meet its write quorum), then
 the link between b and c alone is cut: the takeover on b cannot fence c's replica, so it
 is refused and undone, the volume still recorded on a with none of its replicas failed and
-nothing left running for it on b.  Once the link heals the same takeover succeeds and
-every flushed write is there.
+nothing left running for it on b; when a returns its engine (still the volume's) serves on.
+Once the link heals the same takeover succeeds and every flushed write is there.
 """
 
 from __future__ import annotations
@@ -127,13 +127,29 @@ def test_takeover_is_refused_while_the_new_engine_cannot_fence_a_replica(hosts):
     assert {r["name"]: r["state"] for r in after["replicas"]} == {
         name: "running" for name in nodes.values()}, after["replicas"]
     assert engine_pids(h["b"]) == []
+    # The replica processes the takeover had stopped on b and c run again (new ones).
+    assert all(Path(f"/proc/{r['pid']}").exists() for r in after["replicas"]
+               if r["node"] != "a"), after["replicas"]
     events = cli.json("event", "list", "--volume", "v")
     assert [e for e in events if e["kind"] == "volume-takeover-refused"], events
     assert not [e for e in events if e["kind"] in ("volume-takeover", "replica-failed")], events
 
+    # a returns: its engine, still the volume's, is not stopped as stale; the healer gives
+    # it back its replicas and it takes writes again.
+    h["a"].restore()
+    back = cli.wait_volume("v", lambda x: x["health"] == "healthy" and all(
+        r["mode"] == "RW" for r in x["replicas"]), 120, "healthy again on a")
+    assert back["node"] == "a" and back["engine"]["pid"] == old_engine, back
+    assert Path(f"/proc/{old_engine}").exists()
+    # Its replicas on b and c rebuilt from its local one (served on a's address).
+    qemu_io_on(h["a"], back["nbd_uri"], "read -P 0x5a 0 32M", "write -P 0x6b 0 1M", "flush")
+
+    # Cut again, the b-c link healed: the same takeover goes through.
+    h["a"].cut()
+    poll(lambda: cli.node("a")["state"] == "down", 30, "a down again")
     h["b"].unblock(h["c"])
     took = cli.json("volume", "attach", "v", "--node", "b", "--force")
     assert took["node"] == "b" and took["engine"]["epoch"] > old_epoch, took
     states = {r["node"]: r["state"] for r in took["replicas"]}
     assert states == {"a": "failed", "b": "running", "c": "running"}, took["replicas"]
-    qemu_io_on(h["b"], took["nbd_uri"], "read -P 0x5a 0 32M")
+    qemu_io_on(h["b"], took["nbd_uri"], "read -P 0x6b 0 1M", "read -P 0x5a 1M 31M")

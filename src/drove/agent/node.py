@@ -17,6 +17,7 @@ from typing import Any
 
 from drove.agent import clones, processes
 from drove.agent.processes import Proc
+from drove.engine.hostview import view_name
 
 # sun_path holds 108 bytes; deep data dirs (pytest's tmp paths) would overflow it.
 _MAX_SOCKET_DIR = 80
@@ -130,7 +131,10 @@ class NodeAgent:
             argv += ["--replica", f"{name}={url}"]
         if local is not None:
             name, directory = local
-            argv += ["--local-replica", f"{name}={directory}"]
+            # Its exports and control API, keyed like a replica process's, on the node's
+            # address: replicas on other hosts rebuild from it, the manager backs it up.
+            argv += ["--local-replica", f"{name}={directory}",
+                     "--local-nbd", self._any_port(), "--local-control", self._any_port()]
             if size is not None and not (Path(directory) / "volume.meta").exists():
                 argv += ["--size", str(size)]
         state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -161,10 +165,20 @@ class NodeAgent:
         """Give the host a block device for ``volume`` (and mount it); the attachment."""
         from drove.agent import hostattach
 
-        uri = f"nbd+unix:///{volume}?socket={self.engine_socket(volume)}"
-        att = hostattach.attach(uri, self.host_workdir(volume),
-                                mount=Path(mount) if mount else None, fs=fs)
+        sock = self.engine_socket(volume)
+        # nbdfuse serves the engine's growable view: the device can grow while mounted.
+        att = hostattach.attach(f"nbd+unix:///{volume}?socket={sock}", self.host_workdir(volume),
+                                mount=Path(mount) if mount else None, fs=fs,
+                                fuse_uri=f"nbd+unix:///{view_name(volume)}?socket={sock}")
         return att.to_json()
+
+    @staticmethod
+    def grow_host(attachment: dict[str, Any], size: int | None = None) -> dict[str, Any]:
+        """Grow a host attachment's device to ``size`` (None: the volume's) and its mounted
+        filesystem, online (:func:`drove.agent.hostattach.grow`); the attachment after."""
+        from drove.agent import hostattach
+
+        return hostattach.grow(hostattach.HostAttachment.from_json(attachment), size).to_json()
 
     def detach_host(self, volume: str, attachment: dict[str, Any] | None, *,
                     force: bool = False) -> None:
