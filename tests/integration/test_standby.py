@@ -178,6 +178,11 @@ def test_bad_block_keeps_the_last_complete_backup_until_a_good_one(manager, tmp_
     assert v["standby"]["behind"] and digest[:12] in v["standby"]["error"]
     snap = manager.cli_json("snapshot", "export", "src", b1)["nbd_uri"]
     compare(only_layer(v), snap)  # nothing of b2 got in, not even its good block
+    # Activation checks the target again: refused while the newest backup is bad.
+    r = manager.api("POST", "/v1/volumes/dr/activate", json={})
+    assert r.status_code == 409 and digest[:12] in r.json()["detail"], r.text
+    assert "activate dr --force" in r.json()["detail"]
+    assert manager.volume("dr")["standby"]["backup"] == b1
 
     # A good third backup (block 2 rewritten): the standby catches up to it.
     qemu_io(uri, f"write -P 10 {4 * MiB} {BLOCK}")
