@@ -36,6 +36,7 @@ from drove.manager.placement import PlacementError, node_unfit
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.snapshots import Snapshots
+from drove.manager.standbystate import check_not_standby
 from drove.manager.store import now_iso
 from drove.manager.tasks import TaskContext
 from drove.replica.clone import CloneError
@@ -74,6 +75,7 @@ class Clones:
             raise ApiError(409, f"volume {new!r} exists; choose another name or delete it")
         sdoc = self._records.get(src)
         check_not_busy(self._guard, sdoc, "clone")
+        check_not_standby(sdoc, "cloned")
         if sdoc.get("restoring"):
             raise ApiError(409, f"volume {src} is being restored; clone it when that is done")
         if snapshot is None:

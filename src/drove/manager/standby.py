@@ -208,7 +208,9 @@ class Standbys:
                 names.add(doc["name"])
                 try:
                     async with self._lock(doc["name"]):
-                        await self._catch_up(doc["name"], patient=True)
+                        # Activated or deleted while we waited for the lock: skip it.
+                        if standby_of(self.m.store.get("volumes", doc["name"]) or {}):
+                            await self._catch_up(doc["name"], patient=True)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # one standby's trouble must not stop the others
