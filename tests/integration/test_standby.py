@@ -115,6 +115,7 @@ def test_standby_follows_incrementally_survives_restart_and_activates(manager, t
     refused(manager.api("POST", "/v1/volumes/dr/backups", json={}), "dr")
     refused(manager.api("POST", f"/v1/backups/{b1}/restore", json={"volume": "dr"}), "dr")
     refused(manager.api("POST", "/v1/volumes/dr/clone", json={"name": "c"}), "dr")
+    refused(manager.api("POST", "/v1/volumes/dr/expand", json={"size": "64M"}), "dr")
     r = manager.cli("volume", "attach", "dr", check=False)
     assert r.returncode != 0 and "drove volume activate dr" in r.stdout + r.stderr
 

@@ -327,11 +327,14 @@ class Manager:
         self.event("volume-replicas-changed", f"volume {doc['name']}: replica count "
                    f"{old} -> {count}", doc["name"])
 
-    async def expand_volume(self, name: str, size: int | str) -> dict[str, Any]:
+    async def expand_volume(self, name: str, size: int | str,
+                            _internal: bool = False) -> dict[str, Any]:
         """Grow a volume: every replica, then the engine (when attached)."""
         new = to_size(size)
         async with self.lock(name):
             doc = self.record(name)
+            if not _internal:  # a standby grows with its source's backups only
+                check_not_standby(doc, "expanded")
             if new < doc["size"]:
                 raise ApiError(422, f"cannot shrink volume {name} from {doc['size']} to {new}")
             if new == doc["size"]:

@@ -94,8 +94,9 @@ class Volumes(Protocol):
                      _internal: bool = False) -> dict[str, Any]:
         """Stop a volume's processes."""
 
-    async def expand_volume(self, name: str, size: int | str) -> dict[str, Any]:
-        """Grow a volume."""
+    async def expand_volume(self, name: str, size: int | str,
+                            _internal: bool = False) -> dict[str, Any]:
+        """Grow a volume (``_internal``: a standby too)."""
 
 
 class Standbys:
@@ -422,7 +423,7 @@ class Standbys:
         detached after); the bytes written and zeroed."""
         if size > self.m.record(name)["size"]:
             ctx.message(f"growing the volume to {size} bytes")
-            await self.m.expand_volume(name, size)
+            await self.m.expand_volume(name, size, _internal=True)
         ctx.message("starting the volume")
         await self.m.attach(name, _internal=True)
         client = await connect_uri(self.m.volume(name)["nbd_uri"])
