@@ -6,8 +6,10 @@ names the engines running here and the revision of its last answer; the manager 
 as soon as one of them must stop, or after ``POLL`` s with nothing to do, and the agent
 asks again at once. When that manager stops answering (killed, restarted, its host cut
 off, or the heartbeat found it gone), the poll moves on to the next manager, as the
-heartbeat does; a revision one manager gave means the same to another on the same etcd,
-and one a manager cannot vouch for gets an answer at once.
+heartbeat does. The revision of the last answer goes with the next poll only to the
+manager that gave it, over a connection that did not fail: a manager polled anew (another
+one, or the same one restarted) looks at everything once, so no change can fall between
+two managers' revisions (etcd's are shared; a SQLite manager's start at its clock).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class ChangeWatch:
         order = ([self.manager] if self.manager else []) + [
             m for m in self._managers if m != self.manager]
         for url in order:
+            if url != self.manager:
+                self._since = None  # polled anew: it looks at everything once
             seen = await self._stops.running()
             answer = await self._poll(url, seen)
             if answer is None:
@@ -101,11 +105,13 @@ class ChangeWatch:
                         await task
         if not request.done() or request.cancelled():
             log.info("manager %s is gone: polling the next one", url)
+            self._since = None
             return None
         try:
             resp = request.result()
         except httpx.HTTPError as exc:
             log.debug("manager %s: %r", url, exc)
+            self._since = None  # it may come back restarted
             return None
         if resp.status_code != 200:
             log.warning("manager %s refused the long-poll: %s %s", url, resp.status_code,
