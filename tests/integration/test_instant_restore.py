@@ -81,6 +81,7 @@ def test_instant_restore_serves_at_once_and_fills(manager, source):
     out = instant(manager, backup, "fast")
     vol = manager.volume("fast")
     assert vol["state"] == "attached", vol
+    assert vol["instant_restore"] == {"backup": backup, "snapshot": backup}
     # The backup recorded the source's replica count: one, not the default three.
     assert len(vol["replicas"]) == 1
     uri = vol["nbd_uri"]

@@ -58,6 +58,8 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
                      if doc.get("clone_of") else None),
         "state": "restoring" if doc.get("restoring") else doc["state"],
         "standby": standby_view(doc),
+        # Serving a backup whose data is still being fetched ({"backup", "snapshot"}).
+        "instant_restore": doc.get("instant_restore"),
         "node": doc.get("node") if doc["state"] == "attached" else None,
         "health": health(doc, info),
         # With a local replica: whether writes find a replica outside the engine process.
