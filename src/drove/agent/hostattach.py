@@ -20,11 +20,13 @@ flushes the device through to the NBD server before it disconnects anything.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from dataclasses import asdict, dataclass, fields
@@ -53,7 +55,14 @@ MKFS_OPTS = {"ext2": EXT_OPTS, "ext3": EXT_OPTS, "ext4": EXT_OPTS,
 MKFS_PACKAGE = {"ext2": "e2fsprogs", "ext3": "e2fsprogs", "ext4": "e2fsprogs",
                 "xfs": "xfsprogs", "btrfs": "btrfs-progs"}
 TOOL_PACKAGE = {"losetup": "mount", "mount": "mount", "umount": "mount",
-                "blkid": "util-linux", "fusermount3": "fuse3", "nbdinfo": "libnbd-bin"}
+                "blkid": "util-linux", "fusermount3": "fuse3", "nbdinfo": "libnbd-bin",
+                "resize2fs": "e2fsprogs", "xfs_growfs": "xfsprogs", "btrfs": "btrfs-progs"}
+
+# struct loop_info64 (linux/loop.h) and the ioctls that read and change it.
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
+_LO_SIZELIMIT = 4
+_LOOP_SET_STATUS64 = 0x4C04
+_LOOP_GET_STATUS64 = 0x4C05
 
 # nbdfuse processes started by this process, kept so they can be reaped (no zombies,
 # no ResourceWarning) whichever HostAttachment object later detaches them.
@@ -78,6 +87,11 @@ class HostAttachment:
     mountpoint: str | None
     fs: str | None
     formatted: bool
+    # Online growth: nbdfuse serves ``fuse_uri`` (an export advertised larger than the
+    # volume, drove.engine.hostview) and the loop device is limited to ``size`` bytes,
+    # the volume's; None for both when nbdfuse serves ``nbd_uri`` at its own size.
+    fuse_uri: str | None = None
+    size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The attachment as JSON-ready data."""
@@ -89,7 +103,8 @@ class HostAttachment:
         names = {f.name for f in fields(cls)}
         defaults: dict[str, Any] = {"method": "nbdfuse", "fuse_pid": None, "fuse_file": None,
                                     "loop": None, "device": "", "mountpoint": None,
-                                    "fs": None, "formatted": False}
+                                    "fs": None, "formatted": False, "fuse_uri": None,
+                                    "size": None}
         return cls(**{**defaults, **{k: v for k, v in d.items() if k in names}})
 
 
@@ -97,8 +112,14 @@ class HostAttachment:
 
 
 def attach(nbd_uri: str, workdir: Path, *, mount: Path | None = None, fs: str = "ext4",
-           timeout: float = 30.0, method: str = "auto") -> HostAttachment:
-    """Connect ``nbd_uri`` as a block device; with ``mount``, mount its filesystem there."""
+           timeout: float = 30.0, method: str = "auto",
+           fuse_uri: str | None = None) -> HostAttachment:
+    """Connect ``nbd_uri`` as a block device; with ``mount``, mount its filesystem there.
+
+    ``fuse_uri``: the same data advertised at a larger size (the engine's growable view,
+    :mod:`drove.engine.hostview`); nbdfuse then serves it and the device is limited to
+    ``nbd_uri``'s size, so that :func:`grow` can grow it while it is mounted.
+    """
     method = _choose_method(method)
     wd = os.path.realpath(workdir)
     mnt = _check_mountpoint(mount) if mount is not None else None
@@ -107,9 +128,11 @@ def attach(nbd_uri: str, workdir: Path, *, mount: Path | None = None, fs: str = 
     _claim_workdir(wd)
     att = HostAttachment(nbd_uri=nbd_uri, workdir=wd, method=method, fuse_pid=None,
                          fuse_file=None, loop=None, device="", mountpoint=None, fs=None,
-                         formatted=False)
+                         formatted=False, fuse_uri=fuse_uri)
     created: list[str] = []
     try:
+        if fuse_uri is not None:
+            att.size = _export_size(nbd_uri, timeout)
         _start_nbdfuse(att, timeout)
         _setup_loop(att, timeout)
         if mnt is not None:
@@ -128,6 +151,64 @@ def attach(nbd_uri: str, workdir: Path, *, mount: Path | None = None, fs: str = 
 def detach(att: HostAttachment, *, timeout: float = 30.0) -> None:
     """Unmount, flush to the server, remove the loop device, stop nbdfuse, remove workdir."""
     _teardown(att, timeout, flush_required=True)
+
+
+def grow(att: HostAttachment, size: int | None = None, *,
+         timeout: float = 120.0) -> HostAttachment:
+    """Grow the device to ``size`` bytes (None: all the export serves now) and its mounted
+    filesystem with it, online; the attachment, updated (store it).
+
+    The volume must have grown first: the device never gets larger than what the
+    export serves, and never shrinks. Called again after a failure (a filesystem that
+    could not grow), it finishes the job.
+    """
+    if att.fuse_uri is None or att.loop is None or att.fuse_file is None:
+        raise HostAttachError(f"{att.device or att.nbd_uri} was attached without online "
+                              "growth (by an older drove); detach and attach the volume again "
+                              "to see its new size")
+    if _loop_backing(att.loop) != att.fuse_file:
+        raise HostAttachError(f"{att.loop} is no longer the device over {att.fuse_file}: "
+                              "the attachment is gone")
+    served = _export_size(att.nbd_uri, timeout)
+    target = served if size is None else size
+    if target > served:
+        raise HostAttachError(f"{att.nbd_uri} serves {served} bytes, fewer than {target}: "
+                              "expand the volume first")
+    if target > _size(att.fuse_file):
+        raise HostAttachError(f"{target} bytes is more than {att.fuse_file} can show "
+                              f"({_size(att.fuse_file)}); detach and attach the volume again")
+    if target > _device_size(att.loop):
+        _set_loop_limit(att.loop, target)
+    att.size = max(target, att.size or 0)
+    if att.mountpoint and any(m.point == att.mountpoint and m.devno == _devno(att.loop)
+                              for m in _mounts()):
+        grow_filesystem(att.loop, att.mountpoint, att.fs, timeout=timeout)
+    return att
+
+
+def grow_filesystem(device: str, mountpoint: str, fs: str | None = None, *,
+                    timeout: float = 120.0) -> None:
+    """Grow the filesystem of ``device``, mounted at ``mountpoint``, to fill the device."""
+    fs = fs or filesystem_type(device)
+    if fs in ("ext2", "ext3", "ext4"):
+        cmd = ["resize2fs", device]  # on a mounted filesystem: online resize
+    elif fs == "xfs":
+        cmd = ["xfs_growfs", mountpoint]
+    elif fs == "btrfs":
+        cmd = ["btrfs", "filesystem", "resize", "max", mountpoint]
+    else:
+        raise HostAttachError(f"cannot grow a {fs or 'unknown'} filesystem online "
+                              f"({device} at {mountpoint}); ext4, xfs and btrfs can")
+    res = _run(cmd, timeout)
+    if res.returncode != 0:
+        err = _failed(f"{cmd[0]} (grow the {fs} filesystem at {mountpoint})", res)
+        if "Permission denied" in res.stderr or "Operation not permitted" in res.stderr:
+            # The kernel wants CAP_SYS_RESOURCE for ext4 online resize (some containers
+            # drop it); the device has grown, a later call grows the filesystem.
+            raise HostAttachError(f"{err}; the kernel refused: growing {fs} online needs "
+                                  "CAP_SYS_RESOURCE (and xfs CAP_SYS_ADMIN), which this "
+                                  "process lacks; the device has grown already") from None
+        raise err
 
 
 def cleanup_stale(workdir: Path, *, timeout: float = 30.0) -> list[str]:
@@ -231,7 +312,7 @@ def _start_nbdfuse(att: HostAttachment, timeout: float) -> None:
     # Ctrl-C aimed at the manager from reaching it: the mount must outlive the manager.
     # fsname/subtype make the mount show as type fuse.nbdfuse in mountinfo and findmnt.
     cmd = ["nbdfuse", "-P", pidfile, "-o", "fsname=nbdfuse", "-o", "subtype=nbdfuse",
-           fuse_file, att.nbd_uri]
+           fuse_file, att.fuse_uri or att.nbd_uri]
     with open(log, "wb") as logf:
         # cwd "/": a long-lived process must not pin the manager's cwd's filesystem.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -260,7 +341,9 @@ def _setup_loop(att: HostAttachment, timeout: float) -> None:
     # (less memory, less of the writeback deadlock nbdfuse(1) warns about), and it was
     # faster here (100 MiB write+fsync 0.2 s vs 0.3-0.4 s). If the kernel refuses it,
     # losetup only warns and the device works buffered, which is just as correct.
-    res = _run(["losetup", "--find", "--show", "--direct-io=on", att.fuse_file], timeout)
+    limit = [] if att.size is None else ["--sizelimit", str(att.size)]
+    res = _run(["losetup", "--find", "--show", "--direct-io=on", *limit, att.fuse_file],
+               timeout)
     if res.returncode != 0 or not res.stdout.strip().startswith("/dev/"):
         raise _failed("losetup (create the loop device)", res)
     att.loop = att.device = res.stdout.strip()
@@ -279,6 +362,48 @@ def _prepare_filesystem(att: HostAttachment, fs: str, timeout: float) -> None:
         what = err.strip() or " ".join(f"{k}={v}" for k, v in info.items() if k != "DEVNAME")
         raise HostAttachError(f"{att.nbd_uri} holds something that is not a filesystem "
                               f"({what}); refusing to mount or format it")
+
+
+def _export_size(uri: str, timeout: float) -> int:
+    """The size ``uri`` serves, in bytes (nbdinfo --size)."""
+    res = _run(["nbdinfo", "--size", uri], timeout)
+    try:
+        if res.returncode == 0:
+            return int(res.stdout.strip())
+    except ValueError:
+        pass
+    raise _failed(f"nbdinfo --size (the size of {uri})", res)
+
+
+def _device_size(device: str) -> int:
+    """A block device's size in bytes."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _set_loop_limit(loop: str, size: int) -> None:
+    """Set ``loop``'s size limit to ``size`` bytes, online (LOOP_SET_STATUS64).
+
+    losetup can set --sizelimit only when it creates a device; the kernel lets the
+    limit change on a bound, open, mounted device and announces the new capacity.
+    """
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            info = bytearray(_LOOP_INFO64.size)
+            fcntl.ioctl(fd, _LOOP_GET_STATUS64, info)
+            fields_ = list(_LOOP_INFO64.unpack(info))
+            fields_[_LO_SIZELIMIT] = size
+            fcntl.ioctl(fd, _LOOP_SET_STATUS64, _LOOP_INFO64.pack(*fields_))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise HostAttachError(f"cannot grow {loop} to {size} bytes: {exc.strerror}") from exc
+    if (now := _device_size(loop)) != size:
+        raise HostAttachError(f"{loop} is {now} bytes after growing it to {size}")
 
 
 def _require_zero_export(uri: str, timeout: float) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from drove.agent import clones, processes
 from drove.agent.processes import Proc
+from drove.engine.hostview import view_name
 
 # sun_path holds 108 bytes; deep data dirs (pytest's tmp paths) would overflow it.
 _MAX_SOCKET_DIR = 80
@@ -164,10 +165,20 @@ class NodeAgent:
         """Give the host a block device for ``volume`` (and mount it); the attachment."""
         from drove.agent import hostattach
 
-        uri = f"nbd+unix:///{volume}?socket={self.engine_socket(volume)}"
-        att = hostattach.attach(uri, self.host_workdir(volume),
-                                mount=Path(mount) if mount else None, fs=fs)
+        sock = self.engine_socket(volume)
+        # nbdfuse serves the engine's growable view: the device can grow while mounted.
+        att = hostattach.attach(f"nbd+unix:///{volume}?socket={sock}", self.host_workdir(volume),
+                                mount=Path(mount) if mount else None, fs=fs,
+                                fuse_uri=f"nbd+unix:///{view_name(volume)}?socket={sock}")
         return att.to_json()
+
+    @staticmethod
+    def grow_host(attachment: dict[str, Any], size: int | None = None) -> dict[str, Any]:
+        """Grow a host attachment's device to ``size`` (None: the volume's) and its mounted
+        filesystem, online (:func:`drove.agent.hostattach.grow`); the attachment after."""
+        from drove.agent import hostattach
+
+        return hostattach.grow(hostattach.HostAttachment.from_json(attachment), size).to_json()
 
     def detach_host(self, volume: str, attachment: dict[str, Any] | None, *,
                     force: bool = False) -> None:

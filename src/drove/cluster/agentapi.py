@@ -64,6 +64,12 @@ DETACH = Body("HostDetach", {
     "force": Field("bool", default=False),
 }, "Release a volume's host attachment.")
 
+GROW = Body("HostGrow", {
+    "attachment": Field("dict", description="the attachment as /v1/host/attach returned it"),
+    "size": Field("int", nullable=True, default=None,
+                  description="bytes; null: all the volume's engine serves now"),
+}, "Grow a host attachment's device and its mounted filesystem, online.")
+
 DISKS = Body("DiskStatus", {
     "disks": Field("list[dict]", description="[{path, id}] of this node's disks"),
 }, "Capacity, free space and state of disks on this host.")
@@ -154,6 +160,11 @@ def build_app(agent: NodeAgent, token: str) -> App:
         await asyncio.to_thread(agent.detach_host, body.volume, body.attachment,
                                 force=body.force)
         return {}
+
+    @app.post("/v1/host/grow", body=GROW)
+    async def grow(body: Any) -> dict[str, Any]:
+        """Grow a host attachment online; the attachment after."""
+        return await asyncio.to_thread(agent.grow_host, body.attachment, body.size)
 
     @app.post("/v1/replicas/remove-data", body=REMOVE)
     async def remove_data(body: Any) -> dict[str, Any]:

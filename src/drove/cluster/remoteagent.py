@@ -112,6 +112,11 @@ class RemoteAgent:
         self._post("/v1/host/detach", {"volume": volume, "attachment": attachment,
                                        "force": force}, _START_TIMEOUT)
 
+    def grow_host(self, attachment: dict[str, Any], size: int | None = None) -> dict[str, Any]:
+        """Grow a host attachment on that host online (see NodeAgent.grow_host)."""
+        return self._post("/v1/host/grow", {"attachment": attachment, "size": size},
+                          _START_TIMEOUT)
+
     def remove_replica_data(self, path: str) -> None:
         """Delete a replaced replica's directory on that node."""
         self._post("/v1/replicas/remove-data", {"path": path})

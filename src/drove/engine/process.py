@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from drove.engine.control import build_app
+from drove.engine.hostview import GrowableView, view_name
 from drove.engine.mirror import DEFAULT_QUORUM_WAIT
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
@@ -30,8 +31,12 @@ class VolumeExports:
         return [(self.engine.name, f"drove volume {self.engine.name}")]
 
     def open_export(self, name: str) -> Any:
-        """The volume for '' or its name."""
-        return self.engine.export if name in ("", self.engine.name) else None
+        """The volume for '' or its name; its growable view (for host attach) by that name."""
+        if name in ("", self.engine.name):
+            return self.engine.export
+        if name == view_name(self.engine.name):
+            return GrowableView(self.engine.export)
+        return None
 
 
 async def _sample(engine: Engine) -> None:
