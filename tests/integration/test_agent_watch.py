@@ -86,6 +86,21 @@ def test_the_long_poll_refuses_what_is_wrong_and_names_stale_engines(manager, ag
     assert r.status_code == 200, r.text
     assert [(s["volume"], s["epoch"]) for s in r.json()["stop_engines"]] == [("v", 3)]
 
+    # Agents POST the same poll with their engines in the body: as many as a node runs
+    # (a URL holds some hundreds).
+    many = [{"volume": f"e{i:04d}", "epoch": 1} for i in range(3000)]
+    r = httpx.post(f"{manager.url}/v1/agents/n2/changes", timeout=30,
+                   headers={"Authorization": f"Bearer {token}"},
+                   json={"timeout": 30, "engines": [*many, {"volume": "v", "epoch": 3}]})
+    assert r.status_code == 200, r.text
+    assert [(s["volume"], s["epoch"]) for s in r.json()["stop_engines"]] == [("v", 3)]
+    for body, word in (({"since": -1}, "since"), ({"engines": "v@1"}, "engines"),
+                       ({"engines": [{"volume": "Bad Name"}]}, "volume"),
+                       ({"timeout": 61}, "timeout"), ({"sinse": 1}, "sinse")):
+        r = httpx.post(f"{manager.url}/v1/agents/n2/changes", json=body, timeout=10,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 422 and word in r.json()["detail"], (body, r.text)
+
     # A stopping manager ends the polls waiting on it (503: poll another) rather than
     # hold its shutdown until their time is up (60 s for this one).
     with ThreadPoolExecutor(1) as pool:

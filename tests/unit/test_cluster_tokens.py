@@ -67,6 +67,8 @@ def test_the_first_manager_keeps_its_api_token_but_never_shares_it_with_agents(
     ("GET", "/v1/disks/d1", True), ("GET", "/v1/events", True), ("GET", "/v1/settings", True),
     ("GET", "/v1/backup-target", True), ("GET", "/openapi.json", True),
     ("POST", "/v1/cluster/heartbeat", True),
+    # Agents' long-polls: any manager follows the store's changes.
+    ("GET", "/v1/agents/n2/changes", True), ("POST", "/v1/agents/n2/changes", True),
     # The leader's live state: what engines reported, running tasks and jobs, metrics.
     ("GET", "/v1/volumes", False), ("GET", "/v1/volumes/v", False),
     ("GET", "/v1/tasks", False), ("GET", "/v1/jobs", False), ("GET", "/metrics", False),

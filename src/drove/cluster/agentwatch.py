@@ -1,8 +1,9 @@
 """The agent's long-poll: it learns at once what its node must act on, not at a heartbeat.
 
-The agent keeps one ``GET /v1/agents/{node}/changes`` open to the first manager that
-answers (any manager serves it, followers too: each follows the store's changes). It
-names the engines running here and the revision of its last answer; the manager answers
+The agent keeps one ``POST /v1/agents/{node}/changes`` (the long-poll, with the engines in
+the body) open to the first manager that answers (any manager serves it, followers too:
+each follows the store's changes). It names the engines running here and the revision
+of its last answer; the manager answers
 as soon as one of them must stop, or after ``POLL`` s with nothing to do, and the agent
 asks again at once. When that manager stops answering (killed, restarted, its host cut
 off, or the heartbeat found it gone), the poll moves on to the next manager, as the
@@ -87,13 +88,12 @@ class ChangeWatch:
 
     async def _poll(self, url: str, seen: list[Any]) -> dict[str, Any] | None:
         """Ask ``url``; its answer, or None (it did not answer, refused, or was found gone)."""
-        params: dict[str, Any] = {"timeout": POLL, "engines": ",".join(
-            e.volume if e.epoch is None else f"{e.volume}@{e.epoch}" for e in seen)}
-        if self._since is not None:
-            params["since"] = self._since
+        # POSTed: a node may run more engines than a URL holds.
+        body = {"since": self._since, "timeout": POLL,
+                "engines": [{"volume": e.volume, "epoch": e.epoch} for e in seen]}
         self._moved.clear()
-        request = asyncio.ensure_future(self._http.get(
-            f"{url.rstrip('/')}/v1/agents/{self._node}/changes", params=params))
+        request = asyncio.ensure_future(self._http.post(
+            f"{url.rstrip('/')}/v1/agents/{self._node}/changes", json=body))
         moved = asyncio.ensure_future(self._moved.wait())
         try:
             await asyncio.wait({request, moved}, return_when=asyncio.FIRST_COMPLETED)

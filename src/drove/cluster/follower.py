@@ -30,6 +30,9 @@ LOCAL_READS = ("/v1/health", "/v1/cluster", "/v1/nodes", "/v1/disks", "/v1/event
 long-polls too: every manager follows the store's changes)."""
 LOCAL_WRITES = ("/v1/cluster/heartbeat",)
 """Non-GET paths every manager serves itself."""
+LOCAL_POLLS = "/v1/agents/"
+"""Below it, the agents' long-polls (GET, or POST with the engines in the body): every
+manager serves them from the store's changes."""
 FORWARDED = "x-drove-forwarded-by"
 """Header naming the manager that forwarded a request (a request is forwarded once)."""
 RETRY_AFTER = 1
@@ -58,7 +61,7 @@ def served_here(method: str, path: str) -> bool:
     under = tuple(p + "/" for p in LOCAL_READS)
     if method in ("GET", "HEAD"):
         return path in LOCAL_READS or path.startswith(under)
-    return path in LOCAL_WRITES
+    return path in LOCAL_WRITES or (method == "POST" and path.startswith(LOCAL_POLLS))
 
 
 class FollowerProxy:

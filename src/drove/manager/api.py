@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drove import __version__
 from drove.manager.app import ManagerApp
-from drove.manager.errors import ApiError
+from drove.manager.errors import ApiError, validate_name
 from drove.manager.heartbeats import MAX_POLL, parse_engines
 from drove.manager.store import ConflictError, StoreError
 
@@ -83,6 +83,21 @@ class Heartbeat(BaseModel):
         default_factory=list, max_length=10_000,
         description="[{volume, epoch}] of the engines running on the node; the answer's "
                     "stop_engines lists those that must stop")
+
+
+class RunningEngine(Strict):
+    """An engine running on an agent's node."""
+
+    volume: str = Field(min_length=1, max_length=63)
+    epoch: int | None = Field(None, ge=0, description="null: not known (an old engine)")
+
+
+class ChangesPoll(Strict):
+    """An agent's long-poll with its engines in the body (no URL length limit)."""
+
+    since: int | None = Field(None, ge=0, description="the revision of its last answer")
+    timeout: float = Field(30.0, ge=0, le=MAX_POLL)
+    engines: list[RunningEngine] = Field(default_factory=list, max_length=10_000)
 
 
 class NodeUpdate(Strict):
@@ -362,6 +377,13 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         one of its ``engines`` (VOLUME@EPOCH,...) must stop, at once without a known
         ``since`` (the revision of its last answer), else after ``timeout`` s."""
         return await manager.node_changes(node, parse_engines(engines), since, timeout)
+
+    @app.post("/v1/agents/{node}/changes", dependencies=[Depends(cluster_auth)])
+    async def agent_changes_posted(node: str, req: ChangesPoll) -> dict[str, Any]:
+        """The same long-poll with ``{since, timeout, engines: [{volume, epoch}]}`` in the
+        body: what agents send (a node may run more engines than a URL holds)."""
+        engines = {validate_name("volume", e.volume): e.epoch for e in req.engines}
+        return await manager.node_changes(node, engines, req.since, req.timeout)
 
     @app.get("/v1/cluster", dependencies=secured)
     async def cluster_status() -> dict[str, Any]:
