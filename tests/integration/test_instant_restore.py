@@ -113,8 +113,11 @@ def test_instant_restore_serves_at_once_and_fills(manager, source):
     manager.cli("backup", "delete", backup, "--yes")
 
 
-def test_backup_in_use_cannot_be_deleted(manager, source, tmp_path):
+@pytest.mark.parametrize("locality", ["best-effort", "disabled"])
+def test_backup_in_use_cannot_be_deleted(manager, source, locality):
+    """(The replica is served by the engine itself, or by a replica process over NBD.)"""
     backup, root, pieces = source
+    manager.cli("settings", "set", "default_data_locality", locality)
     # Take a block away so the fill cannot finish: the restore depends on the backup.
     man = json.loads(next(root.glob(f"volumes/src/backups/{backup}.cfg")).read_text())
     h = man["blocks"][str(pieces[3][0] // BLOCK * BLOCK)]
@@ -123,7 +126,9 @@ def test_backup_in_use_cannot_be_deleted(manager, source, tmp_path):
     # Corrupt: a well-formed block holding other data (its hash no longer matches).
     blk.write_bytes(encode(bytes(BLOCK - 1) + b"x", "none"))
     out = instant(manager, backup, "dep")
-    uri = manager.volume("dep")["nbd_uri"]
+    vol = manager.volume("dep")
+    assert vol["replicas"][0]["local"] is (locality == "best-effort")
+    uri = vol["nbd_uri"]
     r = manager.api("DELETE", f"/v1/backups/{backup}")
     assert r.status_code == 409 and "dep" in r.json()["detail"], r.text
     # The corrupt block's range fails with EIO; other ranges read right; the volume stays.
