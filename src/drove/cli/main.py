@@ -14,6 +14,7 @@ from drove.cli import (
     event,
     job,
     node,
+    plugin,
     replica,
     serve,
     settings,
@@ -43,6 +44,7 @@ app.add_typer(settings.app, name="settings")
 app.add_typer(backup.app, name="backup")
 app.add_typer(task.app, name="task")
 app.add_typer(job.app, name="job")
+app.add_typer(plugin.app, name="plugin")
 
 
 @app.command()

@@ -315,6 +315,17 @@ class Rebuild:
         file, size = layer["file"], layer["size"]
         self.current = file
         self._current_done = 0
+        if layer.get("backing"):
+            # An instant restore's layer the source is still filling from a backup: it
+            # cannot be copied yet, the target fetches it from the backup too.
+            found = await source.backing_export()
+            if not found.get("done"):
+                await self.target.adopt_backing({k: found[k] for k in (
+                    "layer", "backup", "target", "fill_rate")})
+                self.per_layer.append({"file": file, "delta": False, "bytes_copied": 0,
+                                       "backing": found["backup"], "seconds": 0})
+                self.bytes_done += size
+                return
         checksum = asyncio.ensure_future(source.layer_checksum(file))
         started = time.perf_counter()
         try:

@@ -206,6 +206,15 @@ class ReplicaHandle(Member):
         """Grow to ``size``."""
         return await self.call("POST", "/v1/expand", json={"size": size})
 
+    async def backing_export(self) -> dict[str, Any]:
+        """The backup an instant restore still fills this replica's bottom layer from
+        (``{"done": true}`` when it fills none): what a rebuild target adopts."""
+        return await self.call("POST", "/v1/backing/export")
+
+    async def adopt_backing(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Fetch an incomplete bottom layer from its backup (body: as backing_export's)."""
+        return await self.call("POST", "/v1/backing/adopt", slow=True, json=body)
+
     async def layer_checksum(self, file: str) -> str:
         """sha256 of one layer's own data (cached by the replica)."""
         return (await self.call("GET", f"/v1/layers/{file}/checksum", slow=True))["checksum"]

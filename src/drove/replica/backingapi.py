@@ -32,6 +32,14 @@ INSTALL = Body("BackingInstall", {
 }, "Put a backup under this fresh replica's empty head, fetched as it is read.")
 
 
+ADOPT = Body("BackingAdopt", {
+    "layer": Field("str", description="the incomplete bottom layer a rebuild prepared"),
+    "backup": Field("str", description="the backup the source fills that layer from"),
+    "target": Field("dict", description="the backup target (as POST /v1/backing)"),
+    "fill_rate": Field("int", default=0, description="bytes per second (0: no limit)"),
+}, "Fetch a layer from its backup rather than from the rebuild's source.")
+
+
 def start_fill(replica: Any) -> None:
     """Start the background fill of ``replica``'s backing layer, if it has one."""
     b = replica.backing
@@ -84,6 +92,32 @@ def add_routes(app: App, control: Any) -> None:
         log.info("%s: backup %s installed as snapshot %s (%d blocks)", replica.dir,
                  body.backup, body.name, len(blocks))
         return {"layer": info.file, **status(replica)}
+
+    @app.post("/v1/backing/export")
+    async def export() -> dict[str, Any]:
+        """What a rebuild target needs to fetch the backing layer itself (the target's
+        secret included: a POST, so only the engine owning the replica gets it)."""
+        b = control.replica.backing
+        if b is None or not b.active:
+            return {"done": True}
+        return {"done": False, "layer": b.layer, "backup": b.cfg.backup,
+                "target": b.cfg.target, "fill_rate": b.cfg.rate}
+
+    @app.post("/v1/backing/adopt", body=ADOPT)
+    async def adopt(body: Any) -> dict[str, Any]:
+        """Make a rebuild's incomplete bottom layer fetch from its backup (see export)."""
+        target = {k: body.target.get(k) for k in bk.TARGET_KEYS}
+        try:
+            size, blocks = await asyncio.to_thread(bk.read_manifest, target, body.backup)
+        except (BackupError, ValueError) as exc:
+            raise InvalidRequestError(f"backup {body.backup}: {exc}") from None
+        replica = control.replica
+        replica.adopt_backing(body.layer, body.backup, target, size, blocks,
+                              max(0, body.fill_rate))
+        start_fill(replica)
+        log.info("%s: layer %s is fetched from backup %s (a rebuild)", replica.dir,
+                 body.layer, body.backup)
+        return status(replica)
 
     @app.get("/v1/backing")
     async def get_status() -> dict[str, Any]:

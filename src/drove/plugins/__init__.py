@@ -1,0 +1,1 @@
+"""Container engines using drove: the Docker (and Podman) volume plugin."""
