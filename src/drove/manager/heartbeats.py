@@ -7,8 +7,8 @@ name belongs to the host that registered it first (its node id): another host
 heartbeating under the same name is refused, so two hosts can never be mixed up.
 
 An agent learns what it must act on through a long-poll (:meth:`NodeHealth.changes`,
-``GET /v1/agents/{node}/changes``): it names the engines running on the node and the
-revision it last heard of; the answer comes as soon as one of them must stop, fed by the
+``GET``/``POST /v1/agents/{node}/changes``): it names the engines running on the node and
+the revision it last heard of; the answer comes as soon as one of them must stop, fed by the
 store's changes (:mod:`drove.manager.changes`), or when the poll's time is up. A heartbeat
 that lists the node's engines (an agent from before the long-poll, or one whose poll
 fails) is answered the same way. Those that must stop (``stop_engines``) are: an engine
@@ -151,8 +151,8 @@ class NodeHealth:
         for e in engines:
             volume, epoch = e.get("volume"), e.get("epoch")
             doc = self._store.get("volumes", volume) if isinstance(volume, str) else None
-            if doc is None:
-                continue
+            if doc is None or doc.get("state") == "attaching":
+                continue  # judged once the attach ends: a refused takeover leaves it the volume's
             if doc.get("state") == "detached":
                 why = f"volume {volume} is detached"
             elif doc.get("node") != node:
