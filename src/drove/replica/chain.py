@@ -91,6 +91,7 @@ class LayerInfo:
     head: bool
     incomplete: bool = False
     base: Mapping[str, str] | None = None
+    backing: str | None = None  # the backup an instant restore still fills this layer from
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1462,6 +1463,40 @@ class Replica:
         self._gen += 1
         return self._info(snap)
 
+    def adopt_backing(self, file: str, backup: str, target: Mapping[str, Any], size: int,
+                      blocks: Mapping[int, str], rate: int = 0) -> LayerInfo:
+        """A rebuild's alternative to copying layer ``file`` from the source replica while
+        the source still fills it from ``backup``: fetch it from the backup here too.
+
+        ``file`` must be this replica's incomplete bottom layer (a rebuild prepared it);
+        it becomes complete, backed by the backup like the source's.
+        """
+        self._check_usable()
+        m = self._layer_meta(file)
+        if file not in self._incomplete or m.parent is not None or self._backing is not None:
+            raise InvalidRequestError(f"layer {file} is not an incomplete bottom layer of a "
+                                      "rebuild: it cannot adopt a backup")
+        if size != m.size:
+            raise InvalidRequestError(f"the backup is {size} bytes, layer {file} {m.size}")
+        cfg = bk.BackingConfig(layer=file, backup=backup, target=dict(target), size=size,
+                               blocks=dict(blocks), rate=rate)
+        # While the layer is still incomplete this file is ignored (and removed) at open.
+        bk.write_config(self._dir, self._dirfd, cfg)
+        with self._meta_lock:
+            new = replace(m, incomplete=False, checksum=None)
+            self._install_json(meta_file(file), new.to_json())
+            self._metas[file] = new
+            self._incomplete.discard(file)
+            self._versions[file] += 1
+        self._backing = bk.Backing.load(self._dir, self._dirfd, [file])
+        if file in self._chain:
+            # The head keeps what it took meanwhile; the layers under it are read anew.
+            self._index.rebase([self._source(f) for f in self._chain[:-1]])
+        self._refresh_chain_state()
+        self._epoch += 1
+        self._gen += 1
+        return self._info(file)
+
     def finish_backing(self) -> None:
         """Every block is filled: the backing layer becomes an ordinary snapshot."""
         b = self._backing
@@ -1949,6 +1984,8 @@ class Replica:
             labels=dict(m.labels), removed=m.removed, size=self._vol.size if head else m.size,
             allocated=st.st_blocks * 512, checksum=m.checksum, head=head,
             incomplete=m.incomplete, base=dict(m.base) if m.base is not None else None,
+            backing=b.cfg.backup if (b := self._backing) is not None and b.active
+            and b.layer == file else None,
         )
 
 
