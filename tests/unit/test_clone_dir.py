@@ -232,3 +232,37 @@ def test_crash_at_every_step_leaves_no_clone_or_a_whole_one(tmp_path: Path) -> N
     assert allow > 5
     with Replica.open(tmp_path / "src") as s:
         assert bytes(s.view("s2").read(0, SIZE)) == want
+
+
+@pytest.mark.parametrize("what", ["flatten", "fold"])
+def test_crash_while_unsharing_leaves_every_volume_whole(tmp_path: Path, what: str) -> None:
+    """A crash at any filesystem mutation of a flatten (in the clone) or of a fold into a
+    shared layer (in the source): both reopen reading what they read before."""
+    for allow in itertools.count():
+        d = tmp_path / str(allow)
+        src = source(d / "src")
+        want_src, want_s2 = image(src), bytes(src.view("s2").read(0, SIZE))
+        src.close()
+        make_clone(d / "src", d / "c1", "s2", BASE)
+        make_clone(d / "src", d / "c2", "s2", BASE)
+        target = Replica.open(d / ("c1" if what == "flatten" else "src"))
+        with pytest.MonkeyPatch.context() as mp:
+            inj = Injector(mp, allow)
+            with contextlib.suppress(Crash):
+                if what == "flatten":
+                    target.flatten()
+                    target.purge()
+                else:
+                    target.delete_snapshot("s1")
+                    target.purge()
+            fired = inj.fired
+        with contextlib.suppress(Exception):
+            target.close()  # (its flush may fail after the crash; the lock goes anyway)
+        for name, want in (("src", want_src), ("c1", want_s2), ("c2", want_s2)):
+            with Replica.open(d / name) as r:
+                assert image(r) == want, (allow, fired, name)
+                if name == "src":
+                    assert bytes(r.view("s2").read(0, SIZE)) == want_s2, (allow, fired)
+        if fired is None:
+            break
+    assert allow > 3
