@@ -9,6 +9,7 @@ from drove.cli import (
     agent,
     backup,
     cluster,
+    csi,
     disk,
     engine,
     event,
@@ -34,6 +35,7 @@ app.add_typer(replica.app, name="replica")
 app.add_typer(engine.app, name="engine")
 app.command()(serve.serve)
 app.command()(agent.agent)
+app.command()(csi.csi)
 app.add_typer(volume.app, name="volume")
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(disk.app, name="disk")

@@ -1,0 +1,522 @@
+"""The CSI Controller service: volumes, snapshots, publish (attach) through the manager's API.
+
+Every call is idempotent as the spec asks: a repeated create answers what exists when it
+matches the request (ALREADY_EXISTS when it does not), a delete of what is gone is OK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from drove.cli.client import Manager, ManagerError
+from drove.csi import ids
+from drove.csi.errors import CsiError, handler, invalid, not_found, precondition
+from drove.csi.proto import TOPOLOGY_NODE, pb, rpc
+
+# Parameters of a StorageClass the driver understands; Kubernetes' own prefixed keys
+# (csi.storage.k8s.io/...) are the provisioner's and are passed over.
+PARAMETERS = ("replicas", "pool", "dataLocality", "fsType")
+LOCALITIES = ("disabled", "best-effort", "strict-local")
+# A snapshot drove took itself to clone a volume from: not one of the CO's.
+CLONE_LABEL = "drove.io/clone-of"
+RPC = pb.ControllerServiceCapability.RPC
+CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES,
+                RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
+                RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES,
+                RPC.VOLUME_CONDITION, RPC.GET_VOLUME)
+
+
+class VolumeLocks:
+    """One lock per volume name: calls on one volume run one at a time in this process."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        """Hold ``name``'s lock for the block."""
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+
+def get_or_none(mgr: Manager, path: str, **params: Any) -> Any:
+    """GET ``path``; None when the manager says 404."""
+    try:
+        return mgr.get(path, **params)
+    except ManagerError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def parse_parameters(params: Any) -> dict[str, Any]:
+    """The create body's fields from a StorageClass's parameters; INVALID_ARGUMENT names a
+    bad or unknown one."""
+    out: dict[str, Any] = {}
+    unknown = sorted(k for k in params if k not in PARAMETERS
+                     and not k.startswith("csi.storage.k8s.io/"))
+    if unknown:
+        raise invalid(f"unknown parameter(s) {', '.join(unknown)}: drove knows "
+                      f"{', '.join(PARAMETERS)}")
+    if "replicas" in params:
+        try:
+            out["replicas"] = int(params["replicas"])
+        except ValueError:
+            out["replicas"] = 0
+        if out["replicas"] < 1:
+            raise invalid(f"parameter replicas={params['replicas']!r}: want a count >= 1")
+    if params.get("pool"):
+        out["pool"] = params["pool"]
+    if "dataLocality" in params:
+        if params["dataLocality"] not in LOCALITIES:
+            raise invalid(f"parameter dataLocality={params['dataLocality']!r}: use one of "
+                          f"{', '.join(LOCALITIES)}")
+        out["data_locality"] = params["dataLocality"]
+    if "fsType" in params and params["fsType"] not in ids.FILESYSTEMS:
+        raise invalid(f"parameter fsType={params['fsType']!r}: use ext4 or xfs")
+    return out
+
+
+def csi_volume(view: dict[str, Any]) -> Any:
+    """The CSI Volume for a drove volume's view."""
+    labels = view.get("labels") or {}
+    ctx = {}
+    params = json.loads(labels.get(ids.LABEL_PARAMS) or "{}")
+    if params.get("fsType"):
+        ctx["fsType"] = params["fsType"]
+    source = None
+    kind, _, ident = (labels.get(ids.LABEL_SOURCE) or "").partition(":")
+    if kind == "snapshot":
+        source = pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=ident))
+    elif kind == "volume":
+        source = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=ident))
+    topology = []
+    if view.get("data_locality") == "strict-local":
+        # Its one replica is served by the engine itself: usable on that node only.
+        topology = [pb.Topology(segments={TOPOLOGY_NODE: r["node"]})
+                    for r in view.get("replicas", []) if r.get("node")][:1]
+    return pb.Volume(capacity_bytes=view["size"], volume_id=view["name"], volume_context=ctx,
+                     content_source=source, accessible_topology=topology)
+
+
+def condition(view: dict[str, Any]) -> Any:
+    """The VolumeCondition of a volume's view: abnormal unless healthy."""
+    health = view.get("health") or "unknown"
+    if health == "healthy":
+        return pb.VolumeCondition(abnormal=False, message="healthy: every replica is RW")
+    bad = [f"{r['name']} {r.get('mode') or r.get('state')}" for r in view.get("replicas", [])
+           if r.get("mode") != "RW"]
+    return pb.VolumeCondition(abnormal=True, message=f"{health}"
+                              + (f": {', '.join(bad)}" if bad else ""))
+
+
+def published_on(view: dict[str, Any]) -> list[str]:
+    """The nodes a volume is published on (attached there)."""
+    return [view["node"]] if view.get("state") == "attached" and view.get("node") else []
+
+
+def page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
+    """One page of ``items`` from ``token`` (an index, ABORTED when it is not one)."""
+    if max_entries < 0:
+        raise invalid(f"max_entries {max_entries} must not be negative")
+    start = 0
+    if token:
+        if not token.isdigit() or int(token) > len(items):
+            raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not one "
+                                                    "this driver gave (or is stale)")
+        start = int(token)
+    end = len(items) if not max_entries else min(len(items), start + max_entries)
+    return items[start:end], (str(end) if end < len(items) else "")
+
+
+class Controller(rpc.ControllerServicer):
+    """The Controller service of one driver process, talking to the manager ``mgr``."""
+
+    def __init__(self, mgr: Manager) -> None:
+        self._mgr = mgr
+        self._locks = VolumeLocks()
+
+    # ------------------------------------------------------------ volumes
+
+    @handler
+    def CreateVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Create (or find again) the volume of a CSI name; from a snapshot or a volume: a
+        linked clone, grown to the size asked."""
+        if not request.name:
+            raise invalid("name missing")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities missing")
+        fs_types = {ids.check_capability(c, "volume_capabilities") for c in
+                    request.volume_capabilities} - {None, ""}
+        body = parse_parameters(request.parameters)
+        fs = request.parameters.get("fsType") or (fs_types.pop() if len(fs_types) == 1 else "")
+        if fs_types and fs not in fs_types | {""}:
+            raise invalid(f"parameter fsType={fs} differs from the capabilities' fs_type")
+        name = ids.drove_name(request.name)
+        source = self._source(request)
+        params = dict(request.parameters)
+        if fs:
+            params["fsType"] = fs
+        labels = {ids.LABEL_NAME: request.name[:253], ids.LABEL_SOURCE: source,
+                  ids.LABEL_PARAMS: json.dumps(params, sort_keys=True)[:253]}
+        with self._locks.hold(name):
+            view = get_or_none(self._mgr, f"/v1/volumes/{name}")
+            if view is not None:
+                return pb.CreateVolumeResponse(volume=self._existing(view, request, labels))
+            if source:
+                view = self._clone(name, source, request.capacity_range, body, labels)
+            else:
+                size = ids.size_for(request.capacity_range)
+                try:
+                    view = self._mgr.post("/v1/volumes", {"name": name, "size": size,
+                                                          "labels": labels, **body})
+                except ManagerError as exc:
+                    if exc.status == 409 and get_or_none(self._mgr, f"/v1/volumes/{name}"):
+                        raise CsiError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+                    if exc.status == 409:  # cannot be placed
+                        raise CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+                    raise
+        return pb.CreateVolumeResponse(volume=csi_volume(view))
+
+    def _source(self, request: Any) -> str:
+        """``snapshot:ID``, ``volume:ID`` or '' for the request's content source; NOT_FOUND
+        when it does not exist."""
+        src = request.volume_content_source
+        kind = src.WhichOneof("type") if request.HasField("volume_content_source") else None
+        if kind == "snapshot":
+            parsed = ids.parse_snapshot_id(src.snapshot.snapshot_id)
+            if parsed is None or self._find_snapshot(*parsed) is None:
+                raise not_found(f"source snapshot {src.snapshot.snapshot_id!r} does not exist")
+            return f"snapshot:{src.snapshot.snapshot_id}"
+        if kind == "volume":
+            vid = src.volume.volume_id
+            if not vid or get_or_none(self._mgr, f"/v1/volumes/{vid}") is None:
+                raise not_found(f"source volume {vid!r} does not exist")
+            return f"volume:{vid}"
+        return ""
+
+    def _existing(self, view: dict[str, Any], request: Any, labels: dict[str, str]) -> Any:
+        """The CSI volume for an existing drove volume when it is what the request asks for;
+        ALREADY_EXISTS saying what differs otherwise."""
+        have = view.get("labels") or {}
+        if have.get(ids.LABEL_NAME) != labels[ids.LABEL_NAME]:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"a drove volume {view['name']} exists that was not made for "
+                           f"CSI name {request.name!r}")
+        if not ids.fits(view["size"], request.capacity_range):
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {request.name!r} exists with {view['size']} bytes, "
+                           "outside the capacity range asked")
+        for key, what in ((ids.LABEL_SOURCE, "content source"), (ids.LABEL_PARAMS,
+                                                                  "parameters")):
+            if have.get(key, "") != labels[key]:
+                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"volume {request.name!r} exists with another {what} "
+                               f"({have.get(key)!r}, asked {labels[key]!r})")
+        return csi_volume(view)
+
+    def _clone(self, name: str, source: str, capacity: Any, body: dict[str, Any],
+               labels: dict[str, str]) -> dict[str, Any]:
+        """A linked clone of the source (its snapshot, or one taken now), grown to the size
+        asked; OUT_OF_RANGE when that is below the source's size."""
+        kind, _, ident = source.partition(":")
+        if kind == "snapshot":
+            src, snap = ids.parse_snapshot_id(ident) or ("", "")
+        else:
+            src, snap = ident, None
+        src_view = self._mgr.get(f"/v1/volumes/{src}")
+        size = ids.size_for(capacity, minimum=src_view["size"])
+        if body.get("pool"):
+            raise invalid("parameter pool cannot apply to a volume made from a source: a "
+                          "linked clone lives on its source's disks")
+        # A volume never attached has no data files yet to link: attach it for the clone.
+        fresh = any(r.get("state") == "pending" for r in src_view.get("replicas", []))
+        with self._locks.hold(src), (self._attached(src) if fresh and snap is None
+                                     else contextlib.nullcontext()):
+            view = self._mgr.post(f"/v1/volumes/{src}/clone",
+                                  {"name": name, "snapshot": snap,
+                                   "replicas": body.get("replicas"), "labels": labels})
+        if body.get("data_locality"):
+            view = self._mgr.patch(f"/v1/volumes/{name}",
+                                   {"data_locality": body["data_locality"]})
+        if size > view["size"]:
+            view = self._mgr.post(f"/v1/volumes/{name}/expand", {"size": size})
+        return view
+
+    @handler
+    def DeleteVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Delete the volume (OK when it is gone already); FAILED_PRECONDITION while
+        published."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        with self._locks.hold(request.volume_id):
+            try:
+                self._mgr.delete(f"/v1/volumes/{request.volume_id}")
+            except ManagerError as exc:
+                if exc.status not in (404, 422):  # 422: a name drove never gives
+                    raise
+        return pb.DeleteVolumeResponse()
+
+    @handler
+    def ControllerPublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Attach the volume on the node (start its engine there)."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        if not request.node_id:
+            raise invalid("node_id missing")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability missing")
+        ids.check_capability(request.volume_capability)
+        vid, node = request.volume_id, request.node_id
+        with self._locks.hold(vid):
+            view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
+            if view is None:
+                raise not_found(f"volume {vid!r} does not exist")
+            if node not in {n["name"] for n in self._mgr.get("/v1/nodes")}:
+                raise not_found(f"node {node!r} is not a drove node")
+            if view.get("state") == "attached" and view.get("node") == node:
+                return pb.ControllerPublishVolumeResponse(publish_context={"node": node})
+            if view.get("state") != "detached":
+                raise precondition(f"volume {vid} is {view.get('state')} on node "
+                                   f"{view.get('node')}: unpublish it there first")
+            self._mgr.post(f"/v1/volumes/{vid}/attach", {"node": node})
+        return pb.ControllerPublishVolumeResponse(publish_context={"node": node})
+
+    @handler
+    def ControllerUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Detach the volume from the node (OK when it is not attached there)."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        vid = request.volume_id
+        with self._locks.hold(vid):
+            view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
+            if view is None:  # gone: unpublished from every node, as the spec allows
+                return pb.ControllerUnpublishVolumeResponse()
+            if view.get("state") != "detached" and (not request.node_id
+                                                    or view.get("node") == request.node_id):
+                self._mgr.post(f"/v1/volumes/{vid}/detach", {})
+        return pb.ControllerUnpublishVolumeResponse()
+
+    @handler
+    def ValidateVolumeCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Confirm the capabilities when drove can serve all of them."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities missing")
+        if get_or_none(self._mgr, f"/v1/volumes/{request.volume_id}") is None:
+            raise not_found(f"volume {request.volume_id!r} does not exist")
+        problems = [p for c in request.volume_capabilities if (p := ids.capability_problem(c))]
+        if problems:
+            return pb.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities, parameters=request.parameters)
+        return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    @handler
+    def ListVolumes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Every drove volume by name, a page at a time."""
+        views = sorted(self._mgr.get("/v1/volumes"), key=lambda v: v["name"])
+        chosen, token = page(views, request.max_entries, request.starting_token)
+        status = pb.ListVolumesResponse.VolumeStatus
+        entries = [pb.ListVolumesResponse.Entry(
+            volume=csi_volume(v), status=status(published_node_ids=published_on(v),
+                                                volume_condition=condition(v)))
+            for v in chosen]
+        return pb.ListVolumesResponse(entries=entries, next_token=token)
+
+    @handler
+    def ControllerGetVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """One volume, where it is published and its condition."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        view = get_or_none(self._mgr, f"/v1/volumes/{request.volume_id}")
+        if view is None:
+            raise not_found(f"volume {request.volume_id!r} does not exist")
+        status = pb.ControllerGetVolumeResponse.VolumeStatus(
+            published_node_ids=published_on(view), volume_condition=condition(view))
+        return pb.ControllerGetVolumeResponse(volume=csi_volume(view), status=status)
+
+    @handler
+    def GetCapacity(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Room left for replicas on ready disks (of the pool; of the topology's node)."""
+        for c in request.volume_capabilities:
+            ids.check_capability(c, "volume_capabilities")
+        pool = request.parameters.get("pool")
+        node = request.accessible_topology.segments.get(TOPOLOGY_NODE)
+        percent = self._mgr.get("/v1/settings").get("over_provisioning_percent", 100)
+        rooms = [max(0, d["capacity"] * percent // 100 - d.get("reserved", 0)
+                     - d.get("scheduled", 0))
+                 for d in self._mgr.get("/v1/disks")
+                 if d.get("state") == "ready" and (not pool or pool in d.get("tags", []))
+                 and (not node or d.get("node") == node)]
+        from google.protobuf.wrappers_pb2 import Int64Value
+
+        largest = max(rooms, default=0) // ids.BLOCK * ids.BLOCK
+        return pb.GetCapacityResponse(available_capacity=sum(rooms),
+                                      maximum_volume_size=Int64Value(value=largest))
+
+    @handler
+    def ControllerGetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """What this controller does."""
+        caps = [pb.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES]
+        return pb.ControllerGetCapabilitiesResponse(capabilities=caps)
+
+    @handler
+    def ControllerExpandVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Grow the volume (online when attached); the node grows the filesystem after."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        if not request.HasField("capacity_range"):
+            raise invalid("capacity_range missing")
+        vid = request.volume_id
+        block = (request.HasField("volume_capability")
+                 and request.volume_capability.WhichOneof("access_type") == "block")
+        with self._locks.hold(vid):
+            view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
+            if view is None:
+                raise not_found(f"volume {vid!r} does not exist")
+            size = ids.size_for(request.capacity_range)
+            if size > view["size"]:
+                view = self._mgr.post(f"/v1/volumes/{vid}/expand", {"size": size})
+            elif not ids.fits(view["size"], request.capacity_range):
+                raise CsiError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"volume {vid} has {view['size']} bytes already, above "
+                               f"limit_bytes {request.capacity_range.limit_bytes}: drove "
+                               "does not shrink volumes")
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=view["size"],
+                                                 node_expansion_required=not block)
+
+    # ------------------------------------------------------------ snapshots
+
+    def _find_snapshot(self, volume: str, snapshot: str) -> dict[str, Any] | None:
+        """The snapshot's entry, None when the volume or the snapshot does not exist."""
+        snaps = get_or_none(self._mgr, f"/v1/volumes/{volume}/snapshots")
+        return next((s for s in snaps or [] if s["name"] == snapshot and not s.get("head")),
+                    None)
+
+    def _all_snapshots(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(volume view, snapshot) of every snapshot of every volume, by ID."""
+        out = []
+        for v in self._mgr.get("/v1/volumes"):
+            try:
+                snaps = self._mgr.get(f"/v1/volumes/{v['name']}/snapshots")
+            except ManagerError as exc:
+                if exc.status in (404, 409):  # gone meanwhile, or unreadable from here
+                    continue
+                raise
+            out += [(v, s) for s in snaps if listed(s)]
+        return sorted(out, key=lambda vs: ids.snapshot_id(vs[0]["name"], vs[1]["name"]))
+
+    @contextlib.contextmanager
+    def _attached(self, volume: str) -> Iterator[None]:
+        """The volume attached for the block (a detached one attached on the manager's
+        node, no device, and detached again): the manager snapshots through its engine."""
+        view = self._mgr.get(f"/v1/volumes/{volume}")
+        if view.get("state") == "attached":
+            yield
+            return
+        self._mgr.post(f"/v1/volumes/{volume}/attach", {})
+        try:
+            yield
+        finally:
+            self._mgr.post(f"/v1/volumes/{volume}/detach", {})
+
+    @handler
+    def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Snapshot the source volume under the CSI name (the one there already if it is
+        of this volume; ALREADY_EXISTS if of another)."""
+        if not request.source_volume_id:
+            raise invalid("source_volume_id missing")
+        if not request.name:
+            raise invalid("name missing")
+        vid, snap = request.source_volume_id, ids.drove_name(request.name)
+        with self._locks.hold(vid):
+            for v, s in self._all_snapshots():
+                if (s.get("labels") or {}).get(ids.LABEL_NAME) == request.name:
+                    if v["name"] != vid:
+                        raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"snapshot {request.name!r} exists, of volume "
+                                       f"{v['name']}")
+                    return pb.CreateSnapshotResponse(snapshot=csi_snapshot(v, s))
+            view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
+            if view is None:
+                raise not_found(f"source volume {vid!r} does not exist")
+            with self._attached(vid):
+                s = self._mgr.post(f"/v1/volumes/{vid}/snapshots",
+                                   {"name": snap, "labels": {ids.LABEL_NAME: request.name}})
+        return pb.CreateSnapshotResponse(snapshot=csi_snapshot(view, s))
+
+    @handler
+    def DeleteSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Delete the snapshot (OK when it is gone); one that linked clones use is hidden
+        until the last of them goes."""
+        if not request.snapshot_id:
+            raise invalid("snapshot_id missing")
+        parsed = ids.parse_snapshot_id(request.snapshot_id)
+        if parsed is None:
+            return pb.DeleteSnapshotResponse()
+        vid, snap = parsed
+        with self._locks.hold(vid):
+            if self._find_snapshot(vid, snap) is None:
+                return pb.DeleteSnapshotResponse()
+            with self._attached(vid):
+                try:
+                    self._mgr.delete(f"/v1/volumes/{vid}/snapshots/{snap}")
+                except ManagerError as exc:
+                    if exc.status != 404:
+                        raise
+        return pb.DeleteSnapshotResponse()
+
+    @handler
+    def ListSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Snapshots by ID (of one volume, or the one asked), a page at a time."""
+        if request.snapshot_id:
+            parsed = ids.parse_snapshot_id(request.snapshot_id)
+            found = self._find_snapshot(*parsed) if parsed else None
+            if found is None or (request.source_volume_id
+                                 and request.source_volume_id != parsed[0]):
+                return pb.ListSnapshotsResponse()
+            view = self._mgr.get(f"/v1/volumes/{parsed[0]}")
+            pairs = [(view, found)]
+        elif request.source_volume_id:
+            view = get_or_none(self._mgr, f"/v1/volumes/{request.source_volume_id}")
+            snaps = get_or_none(self._mgr, f"/v1/volumes/{request.source_volume_id}/snapshots")
+            pairs = sorted(((view, s) for s in snaps or [] if listed(s)),
+                           key=lambda vs: vs[1]["name"])
+        else:
+            pairs = self._all_snapshots()
+        chosen, token = page(pairs, request.max_entries, request.starting_token)
+        entries = [pb.ListSnapshotsResponse.Entry(snapshot=csi_snapshot(v, s))
+                   for v, s in chosen]
+        return pb.ListSnapshotsResponse(entries=entries, next_token=token)
+
+
+def listed(snap: dict[str, Any]) -> bool:
+    """Whether ListSnapshots shows a drove snapshot (not the head, not one drove took to
+    clone a volume from)."""
+    return not snap.get("head") and CLONE_LABEL not in (snap.get("labels") or {})
+
+
+def csi_snapshot(view: dict[str, Any], snap: dict[str, Any]) -> Any:
+    """The CSI Snapshot of a drove snapshot of volume ``view``."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    created = Timestamp()
+    if snap.get("created"):
+        created.FromDatetime(datetime.fromisoformat(snap["created"].replace("Z", "+00:00")))
+    return pb.Snapshot(size_bytes=view["size"], snapshot_id=ids.snapshot_id(view["name"],
+                                                                          snap["name"]),
+                       source_volume_id=view["name"], creation_time=created, ready_to_use=True)
