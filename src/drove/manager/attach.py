@@ -203,12 +203,21 @@ class Attacher:
                + f"{detail}. The volume stays attached on node {old}: the engine there, "
                "should it still run behind a partition, may still write to a replica the new "
                "engine cannot reach; restore the network between them and try again")
-        if doc.get("host"):
-            await asyncio.to_thread(self._agents.for_node(node).detach_host, name,
-                                    doc.get("host"), force=True)
-        await asyncio.to_thread(self._agents.for_node(node).stop, doc.get("engine"))
+        try:
+            if doc.get("host"):
+                await asyncio.to_thread(self._agents.for_node(node).detach_host, name,
+                                        doc.get("host"), force=True)
+            await asyncio.to_thread(self._agents.for_node(node).stop, doc.get("engine"))
+        except Exception as stop_exc:
+            # The record goes back all the same: an engine left on that node is not the
+            # volume's, so its agent is told to stop it (and an engine that took the new
+            # epoch keeps the volume's epoch above the old engine's, which its agent stops).
+            self._event("takeover-undo-incomplete", f"volume {name}: the engine started on "
+                        f"node {node} could not be stopped: {stop_exc}", name, level="warning")
+        # A replica stop that fails must not keep the record from going back either.
         await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]
-                               if r["name"] in fence and r.get("proc")))
+                               if r["name"] in fence and r.get("proc")),
+                             return_exceptions=True)
         self._engines.drop(name)
         # The epoch only grows once an engine may have claimed replicas with it; one that
         # refused before it claimed any leaves the old engine's epoch the volume's (the old
