@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from crashinject import Crash, Injector
+from drove.agent.clones import clone_replica, replica_usage
 from drove.replica import Replica, meta
 from drove.replica.clone import CloneError, make_clone, temp_dir
 from drove.replica.errors import SnapshotNotFoundError
@@ -266,3 +267,25 @@ def test_crash_while_unsharing_leaves_every_volume_whole(tmp_path: Path, what: s
         if fired is None:
             break
     assert allow > 3
+
+
+def test_the_agents_clone_call(tmp_path: Path) -> None:
+    """Only DISK/replicas/NAME paths on one disk; stale half-built clones are swept, fresh
+    ones (another clone being made) kept; usage counts linked files as shared."""
+    reps = tmp_path / "disk" / "replicas"
+    src = source(reps / "src")
+    src.close()
+    with pytest.raises(ValueError, match="not a replica directory"):
+        clone_replica(str(reps / "src"), str(tmp_path / "elsewhere"), "s2", BASE)
+    with pytest.raises(CloneError, match="not on the disk"):
+        clone_replica(str(reps / "src"), str(tmp_path / "disk2" / "replicas" / "c"), "s2", BASE)
+    stale, fresh = temp_dir(reps / "old"), temp_dir(reps / "new")
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (1, 1))
+    res = clone_replica(str(reps / "src"), str(reps / "c1"), "s2", BASE)
+    assert res["layers"] == ["volume-snap-s1.img", "volume-snap-s2.img"]
+    assert not stale.exists() and fresh.exists()
+    use = replica_usage(str(reps / "c1"))
+    assert use["shared"] >= 96 * BS and use["owned"] == 0
+    assert replica_usage(str(reps / "gone")) == {"shared": 0, "owned": 0}

@@ -3,12 +3,18 @@ host, and tell how much of a replica directory is shared with others (hard links
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from drove.replica.clone import CloneError, make_clone
+from drove.replica.clone import CLONE_TMP_SUFFIX, CloneError, make_clone
+
+STALE_TEMP = 600.0
+"""Seconds after which a half-built clone directory is a crash's leftover."""
 
 
 def _replica_dir(path: str) -> Path:
@@ -27,7 +33,20 @@ def clone_replica(src: str, dst: str, snapshot: str, base: Mapping[str, str],
     if s.parent.resolve() != d.parent.resolve():
         raise CloneError(f"{dst} is not on the disk of {src}: a linked clone shares the "
                          "base layers' files on one disk")
+    _remove_stale_temps(d.parent)
     return make_clone(s, d, snapshot, base, within).to_json()
+
+
+def _remove_stale_temps(replicas: Path) -> None:
+    """Remove clone directories a crash left half-built (their temporary names) that are
+    older than :data:`STALE_TEMP`: a clone takes well under a second."""
+    now = time.time()
+    for e in os.scandir(replicas):
+        if not (e.name.startswith(".") and e.name.endswith(CLONE_TMP_SUFFIX)):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_dir(follow_symlinks=False) and now - e.stat().st_mtime > STALE_TEMP:
+                shutil.rmtree(e.path)
 
 
 def replica_usage(path: str) -> dict[str, int]:

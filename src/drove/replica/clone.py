@@ -40,7 +40,8 @@ ATTEMPTS = 5
 """How often a clone is tried again when the source changed while it was being linked."""
 
 _TMP_PREFIX = "."
-_TMP_SUFFIX = ".clone-tmp"
+CLONE_TMP_SUFFIX = ".clone-tmp"
+"""The end of the temporary name a clone directory is built under (see :func:`temp_dir`)."""
 
 
 class CloneError(Exception):
@@ -64,7 +65,7 @@ class CloneResult:
 
 def temp_dir(dst: Path) -> Path:
     """Where the clone directory ``dst`` is built before it is renamed into place."""
-    return dst.parent / f"{_TMP_PREFIX}{dst.name}{_TMP_SUFFIX}"
+    return dst.parent / f"{_TMP_PREFIX}{dst.name}{CLONE_TMP_SUFFIX}"
 
 
 def _read_source(src: Path) -> tuple[VolumeMeta, dict[str, LayerMeta]]:
