@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,44 @@ def test_a_missing_volume_and_the_implicit_create(dockerd, plugin, manager):
     assert "/dev/loop" in out.stdout
     assert manager.volume("implicit")["size"] == 64 << 20  # the plugin's --default-size
     assert Path(plugin.state_dir / "state.json").exists()
+
+
+@pytest.fixture
+def other_node(manager, tmp_path):
+    """A second node, "other": a `drove agent` of its own on this machine."""
+    log = tmp_path / "other-agent.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "drove", "agent", "--manager", manager.url, "--node",
+             "other", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "other"),
+             "--token-file", str(manager.data_dir / "cluster-token"), "--log-level",
+             "warning"], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line and json.loads(line)["registered"], log.read_text()
+    yield "other"
+    proc.terminate()
+    proc.wait(30)
+    proc.stdout.close()
+
+
+def test_a_volume_on_another_node_is_refused_or_preempted(dockerd, plugin, manager,
+                                                          other_node, tmp_path):
+    create(dockerd, plugin, "roams", "size=64M", "replicas=1")
+    elsewhere = tmp_path / "on-other"
+    manager.ok("POST", "/v1/volumes/roams/attach", json={"node": other_node,
+                                                         "mount": str(elsewhere)})
+    (elsewhere / "mark").write_text("written on other\n")
+    r = dockerd.run("roams:/data", "true", check=False)
+    assert r.returncode != 0
+    assert "is attached on node other" in r.stderr and "preempt=true" in r.stderr, r.stderr
+    v = manager.volume("roams")
+    assert v["node"] == other_node and v["mountpoint"] == str(elsewhere)  # left alone
+
+    manager.cli("volume", "update", "roams", "--label", "preempt=true")
+    assert dockerd.run("roams:/data", "cat /data/mark").stdout == "written on other\n"
+    assert not os.path.ismount(elsewhere)  # taken from the other node, not mounted twice
+    assert manager.volume("roams")["state"] == "detached"
+    attached = [e["message"] for e in manager.events("roams") if e["kind"] == "volume-attached"]
+    assert any("on node other" in m for m in attached)
+    assert any(plugin.mountpoint("roams") in m for m in attached)
