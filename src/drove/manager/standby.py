@@ -16,10 +16,13 @@ target going away or a bad block leaves it on its last complete backup (an event
 why, and the follower retries).  The record then names the backup being written
 (``applying``) until it is all in; a write cut short (engine or manager gone) is finished
 from the staging area before anything else, or, when that is lost (another manager leads
-now), the volume is rewritten whole from the newest backup.  Each restore is a task
-(kind ``standby-restore``) with progress; the follower is a leader's duty, started and
-stopped with the jobs (:mod:`drove.manager.app`), and its state lives in the volume's
-record, so it survives a manager restart.
+now), the volume is rewritten whole from the newest backup.  With no complete backup to
+keep (the first restore, that rewrite) nothing is staged: blocks go from the target
+into the volume as they are read, and the standby cannot be activated until one is in.
+
+Each restore is a task (kind ``standby-restore``) with progress; the follower is a
+leader's duty, started and stopped with the jobs (:mod:`drove.manager.app`), and its
+state lives in the volume's record, so it survives a manager restart.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from drove.backup import errors as berr
@@ -326,22 +330,45 @@ class Standbys:
 
     async def _restore(self, ctx: TaskContext, store: BackupStore, name: str,
                        backup: str) -> dict[str, Any]:
-        """Stage what ``backup`` changes, then write it into standby ``name``."""
+        """Bring ``backup`` into standby ``name``: staged first when the volume holds a
+        complete backup to keep, straight from the target when it holds none."""
         state = self.m.record(name)[KEY]
         resumed = state.get("applying") == backup  # a write of it was cut short
         area = self.staging(name)
         staged = await asyncio.to_thread(area.sealed)
-        if not (staged and staged.get("backup") == backup
-                and staged.get("base") == state.get("backup")
+
+        async def from_area(offset: int, length: int) -> bytes:
+            return await asyncio.to_thread(area.read, offset, length)
+
+        if (staged and staged.get("backup") == backup
+                and staged.get("from") == state.get("backup")
                 and state.get("applying") in (None, backup)):
+            counts = await self._apply(ctx, name, staged, from_area)
+        elif state.get("backup") and not state.get("applying"):
             staged = await self._stage(ctx, store, name, backup, state, area)
+            counts = await self._apply(ctx, name, staged, from_area)
+        else:
+            # Nothing complete to keep (the first restore, or a write cut short whose
+            # staging is lost): no need to stage, write from the target as it is read.
+            try:
+                async with store.reading(f"standby {name} restoring {backup}", ctx.message):
+                    staged, blocks = await self._plan(store, name, backup, state)
+
+                    async def from_target(offset: int, length: int) -> bytes:
+                        return await store.fetch_block(blocks[offset], offset, length)
+
+                    counts = await self._apply(ctx, name, staged, from_target)
+            except (berr.BackupError, ValueError) as exc:
+                raise TaskFailed(str(exc)) from exc
+        return await self._restored(name, staged, counts, resumed, area)
+
+    async def _restored(self, name: str, staged: dict[str, Any], counts: dict[str, int],
+                        resumed: bool, area: StagingArea) -> dict[str, Any]:
+        """Record that the standby holds ``staged``'s backup whole now; the task result."""
+        backup = staged["backup"]
         delta = Delta.from_json(staged["delta"])
-        blocks = blocks_from_json(staged["blocks"]) or {}
-        doc = self.m.record(name)
-        doc[KEY]["applying"] = backup
-        self.m.save(doc)
-        counts = await self._write(ctx, name, staged["size"], delta, area)
-        await asyncio.to_thread(area.save_restored, backup, blocks)
+        await asyncio.to_thread(area.save_restored, backup,
+                                blocks_from_json(staged["blocks"]) or {})
         doc = self.m.record(name)
         state = doc[KEY]
         last = {"backup": backup, "base": staged.get("base"), "full": delta.zero_all,
@@ -364,7 +391,7 @@ class Standbys:
     async def _base_blocks(self, store: BackupStore, name: str,
                            state: dict[str, Any]) -> dict[int, str] | None:
         """The block map the volume holds now: {} when blank, None when unknown (a write
-        was cut short, or the last backup's map is neither staged here nor on the target)."""
+        was cut short, or the last backup's map is neither kept here nor on the target)."""
         if state.get("applying"):
             return None
         base = state.get("backup")
@@ -378,22 +405,31 @@ class Standbys:
         except berr.NotFoundError:
             return None
 
+    async def _plan(self, store: BackupStore, name: str, backup: str, state: dict[str, Any]
+                    ) -> tuple[dict[str, Any], dict[int, str]]:
+        """What restoring ``backup`` takes (the JSON a staging is sealed with) and its
+        block map; TaskFailed for a backup smaller than the standby."""
+        doc = await store.manifest(backup)
+        blocks = mf.check_manifest(doc, backup)
+        size, size_now = doc["size"], self.m.record(name)["size"]
+        if size < size_now:
+            raise TaskFailed(f"backup {backup} is of a {size} byte volume, smaller than the "
+                             f"standby ({size_now} bytes): a standby does not shrink")
+        base = await self._base_blocks(store, name, state)
+        delta = plan(base, blocks)
+        return {"backup": backup, "from": state.get("backup"),
+                "base": None if base is None else state.get("backup"),
+                "size": size, "created": doc.get("created"), "delta": delta.to_json(),
+                "blocks": blocks_to_json(blocks)}, blocks
+
     async def _stage(self, ctx: TaskContext, store: BackupStore, name: str, backup: str,
                      state: dict[str, Any], area: StagingArea) -> dict[str, Any]:
         """Fetch and verify every block ``backup`` changes into the staging area; what the
         sealed staging holds.  The volume is not touched (TaskFailed on any trouble)."""
-        size_now = self.m.record(name)["size"]
         try:
-            async with store.reading(f"standby {name} restoring {backup}", ctx.message):
-                doc = await store.manifest(backup)
-                blocks = mf.check_manifest(doc, backup)
-                size = doc["size"]
-                if size < size_now:
-                    raise TaskFailed(f"backup {backup} is of a {size} byte volume, smaller "
-                                     f"than the standby ({size_now} bytes): a standby does "
-                                     "not shrink")
-                base = await self._base_blocks(store, name, state)
-                delta = plan(base, blocks)
+            async with store.reading(f"standby {name} staging {backup}", ctx.message):
+                staged, blocks = await self._plan(store, name, backup, state)
+                size, delta = staged["size"], Delta.from_json(staged["delta"])
                 await asyncio.to_thread(area.start, size)
                 total = sum(mf.block_length(o, size) for o in delta.write)
                 done = 0
@@ -411,15 +447,22 @@ class Standbys:
                 await bounded(delta.write, fetch, PARALLEL)
         except (berr.BackupError, ValueError) as exc:
             raise TaskFailed(str(exc)) from exc
-        staged = {"backup": backup, "base": None if base is None else state.get("backup"),
-                  "size": size, "created": doc.get("created"), "delta": delta.to_json(),
-                  "blocks": blocks_to_json(blocks)}
         await asyncio.to_thread(area.seal, staged)
         return staged
 
+    async def _apply(self, ctx: TaskContext, name: str, staged: dict[str, Any],
+                     read: Callable[[int, int], Awaitable[bytes]]) -> dict[str, int]:
+        """Write ``staged``'s delta into the volume, its blocks' bytes from ``read``; the
+        record names the backup being written (``applying``) until it is all in."""
+        doc = self.m.record(name)
+        doc[KEY]["applying"] = staged["backup"]
+        self.m.save(doc)
+        return await self._write(ctx, name, staged["size"], Delta.from_json(staged["delta"]),
+                                 read)
+
     async def _write(self, ctx: TaskContext, name: str, size: int, delta: Delta,
-                     area: StagingArea) -> dict[str, int]:
-        """Write the staged delta into the volume through its engine (attached internally,
+                     read: Callable[[int, int], Awaitable[bytes]]) -> dict[str, int]:
+        """Write ``delta`` into the volume through its engine (attached internally,
         detached after); the bytes written and zeroed."""
         if size > self.m.record(name)["size"]:
             ctx.message(f"growing the volume to {size} bytes")
@@ -444,7 +487,7 @@ class Standbys:
             async def put(offset: int) -> None:
                 nonlocal done
                 length = mf.block_length(offset, size)
-                data = await asyncio.to_thread(area.read, offset, length)
+                data = await read(offset, length)
                 written, zeroed = await _write_block(client, offset, data,
                                                      zero_gaps=not delta.zero_all)
                 counts["bytes_written"] += written
