@@ -343,6 +343,11 @@ def clone(
                   f"{escape(c.get('volume', src))}@{escape(c.get('snapshot', '?'))}: "
                   f"{format_size(v['size'])}, {len(v.get('replicas', []))} replica(s)",
                   highlight=False)
+    pending = [r["disk"] for r in v.get("replicas", []) if r.get("state") == "pending"]
+    if pending:
+        console.print(f"{len(pending)} replica(s) on disk(s) without the base layers "
+                      f"({escape(', '.join(pending))}) are copied there after the first "
+                      "attach", style="dim", highlight=False)
     if v.get("task"):
         console.print(f"flattening in the background: task {v['task']['id']} "
                       f"(`drove task wait {v['task']['id']}`)", highlight=False)
