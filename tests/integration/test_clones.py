@@ -264,7 +264,9 @@ def test_base_copied_once_to_a_disk_then_shared(source: tuple[ManagerProc, Path]
     links from that copy."""
     m, s1 = source
     m.cli("disk", "add", str(tmp_path / "disk-b"))
-    c1 = m.cli_json("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "2")
+    out = m.cli("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "2").stdout
+    assert "copied there after the first attach" in " ".join(out.split())
+    c1 = m.volume("c1")
     assert sorted(r["state"] for r in c1["replicas"]) == ["pending", "stopped"]
     u = attach(m, "c1")
     m.wait_volume("c1", lambda v: v["health"] == "healthy", what="c1 healthy")
