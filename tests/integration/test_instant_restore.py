@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -307,3 +309,90 @@ def test_target_that_stops_answering(manager, radosgw):
             qemu_io(copy, f"read -P {i + 1} {off} {n}", read_only=True)
     finally:
         proxy.close()
+
+
+class Postgres:
+    """A PostgreSQL server run as the postgres user on a data directory (unix socket only)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.sock = data.parent
+
+    def _as_pg(self, *args: str, timeout: float = 300) -> str:
+        r = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, f"{args}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        return r.stdout
+
+    def init(self) -> None:
+        """initdb (the data directory's parent must be the postgres user's)."""
+        self._as_pg("initdb", "-D", str(self.data), "--no-sync")
+
+    def start(self) -> None:
+        """Start the server, listening on a unix socket beside the data directory."""
+        self._as_pg("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.sock / "log"), "-o",
+                    f"-k {self.sock} -c listen_addresses='' -c fsync=on", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server."""
+        self._as_pg("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
+
+    def bench(self, *args: str) -> str:
+        """pgbench against the server; its output."""
+        return self._as_pg("pgbench", "-h", str(self.sock), *args, "postgres", timeout=600)
+
+    def sql(self, query: str) -> str:
+        """One query's result, unaligned."""
+        return self._as_pg("psql", "-h", str(self.sock), "-At", "-c", query, "postgres").strip()
+
+
+def test_postgres_runs_pgbench_during_the_fill(manager, tmp_path):
+    if not shutil.which("pgbench") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL is not installed")
+    root = tmp_path / "backups"
+    root.mkdir()
+    manager.cli("backup", "target", "set", f"file://{root}")
+    manager.cli("volume", "create", "pg", "--size", "512M", "--replicas", "1")
+    top = Path(tempfile.mkdtemp(prefix="drove-pg-"))  # postgres must reach the mounts
+    top.chmod(0o755)
+    mnt, mnt2 = top / "a", top / "b"
+    servers: list[Postgres] = []
+    try:
+        manager.cli("volume", "attach", "pg", "--mount", str(mnt))
+        shutil.chown(mnt, "postgres", "postgres")
+        pg = Postgres(mnt / "data")
+        servers.append(pg)
+        pg.init()
+        pg.start()
+        pg.bench("-i", "-s", "3", "-q")
+        pg.stop()
+        servers.pop()
+        manager.cli("volume", "detach", "pg")
+        manager.cli("volume", "attach", "pg")
+        b = manager.cli_json("backup", "create", "pg")["name"]
+        manager.cli("volume", "detach", "pg")
+        out = instant(manager, b, "pg2", rate="5M")
+        manager.cli("volume", "detach", "pg2")
+        manager.cli("volume", "attach", "pg2", "--mount", str(mnt2))
+        pg2 = Postgres(mnt2 / "data")
+        servers.append(pg2)
+        pg2.start()
+        assert manager.ok("GET", f"/v1/tasks/{out['task']}")["state"] == "running"
+        res = pg2.bench("-c", "2", "-T", "5", "-n")
+        assert "number of failed transactions: 0" in res, res
+        done = int(res.split("number of transactions actually processed: ")[1].split()[0])
+        progress = manager.ok("GET", f"/v1/tasks/{out['task']}")["progress"]
+        print(f"pgbench during the fill: {done} transactions; fill {progress}")
+        assert done > 0
+        wait_task(manager, out["task"], timeout=180)
+        assert pg2.sql("select count(*) from pgbench_accounts") == "300000"
+        assert pg2.sql("select count(*) from pgbench_history") == str(done)
+        pg2.stop()
+        servers.pop()
+        manager.cli("volume", "detach", "pg2")
+    finally:
+        for s in servers:
+            with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+                s.stop("immediate")
+        if not (os.path.ismount(mnt) or os.path.ismount(mnt2)):
+            shutil.rmtree(top, ignore_errors=True)
