@@ -478,8 +478,14 @@ class Backing:
                     mine, sent = sent, sent + BLOCK_SIZE
                     if (ahead := mine / rate - (loop.time() - began)) > 0:
                         await asyncio.sleep(ahead)
-                with contextlib.suppress(BackingUnavailableError):
+                try:
                     await self.ensure([b], deadline=None)
+                except BackingUnavailableError:
+                    pass  # recorded in self.errors: retried after a back-off
+                except OSError as exc:  # the layer could not be written (a full disk, say)
+                    log.error("%s: cannot fill block %d of %s: %s", self._dir, b, self.layer,
+                              exc)
+                    self.errors[b] = f"cannot write layer {self.layer}: {exc}"
                 now = loop.time()
                 if now - flushed >= PERSIST_EVERY and (persisting is None or persisting.done()):
                     flushed = now
