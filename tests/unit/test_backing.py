@@ -9,6 +9,7 @@ as data, a bad block fails only its own reads, the fill makes it an ordinary lay
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import random
 from pathlib import Path
@@ -223,3 +224,31 @@ def test_a_layer_being_filled_is_not_linked_into_a_clone(tmp_path, backed):
         assert c.read(0, SIZE) == img
     finally:
         c.close()
+
+
+def test_a_rebuild_target_adopts_the_backup(tmp_path, backed):
+    r, img, tdir = backed
+    r.write(4096, b"w" * 4096)
+    img[4096:8192] = b"w" * 4096
+    r.snapshot("s1")
+    layers = [dataclasses.asdict(la) for la in r.layers() if not la.head]
+    bottom = next(la for la in layers if la["backing"] == "b1")
+    assert r.layers()[0].backing == "b1" and bottom["parent"] is None
+    t = Replica.create(tmp_path / "target", SIZE)
+    try:
+        t.prepare_rebuild(layers, "volume-snap-s1.img", SIZE)
+        cfg = {"url": f"file://{tdir}"}
+        size, blocks = bk.read_manifest(cfg, "b1")
+        with pytest.raises(ValueError, match="bottom"):
+            t.adopt_backing("volume-snap-s1.img", "b1", cfg, size, blocks)
+        t.adopt_backing(bottom["file"], "b1", cfg, size, blocks)
+        # The other layer is copied as a rebuild does, then verified.
+        src, dst = r.open_layer("volume-snap-s1.img"), t.open_layer("volume-snap-s1.img")
+        dst.write(4096, src.read(4096, 4096))
+        t.complete_layer("volume-snap-s1.img", r.layer_checksum("volume-snap-s1.img"))
+        src.close()
+        dst.close()
+        assert not t.incomplete
+        assert t.read(0, SIZE) == img  # fetched from the backup, like the source
+    finally:
+        t.close()
