@@ -308,9 +308,11 @@ class Manager:
         live = [r for r in doc["replicas"] if r["state"] != "abandoned"]
         if count > len(live):
             try:
-                doc["replicas"] += self._replicas.place(doc, count - len(live))
+                new = self._replicas.place(doc, count - len(live))
             except PlacementError as exc:
                 raise ApiError(409, str(exc)) from exc
+            await self.clones.prelink(doc, new)  # a clone's base: linked where it is
+            doc["replicas"] += new
         else:
             order = {"failed": 0, "pending": 1, "stopped": 2, "running": 3}
             modes = {r["name"]: r["mode"] for r in
