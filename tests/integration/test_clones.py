@@ -315,3 +315,28 @@ def test_clones_across_nodes(manager: ManagerProc, agents: Any, tmp_path: Path) 
     m.wait_volume("c2", lambda v: v["health"] == "healthy", what="c2 healthy")
     for r in c2["replicas"]:
         assert os.stat(Path(r["path"]) / "volume-snap-s1.img").st_nlink >= 2, r
+
+
+def test_a_replica_added_to_a_clone_links_its_base(manager: ManagerProc, tmp_path: Path) -> None:
+    """`volume update --replicas` on a clone: the new replica's disk holds a replica of the
+    source, so it links the base layers there; its rebuild then copies none of them."""
+    m = manager
+    m.cli("disk", "add", str(tmp_path / "disk-b"))
+    m.cli("volume", "create", "src", "--size", "32M", "--replicas", "2")
+    qemu_io(attach(m, "src"), "write -P 0x24 0 12M")
+    m.cli("snapshot", "create", "src", "s1")
+    ref = save_image(m.cli_json("snapshot", "export", "src", "s1")["nbd_uri"],
+                     tmp_path / "s1.raw")
+    m.cli("volume", "clone", "src", "c1", "--snapshot", "s1", "--replicas", "1")
+    u = attach(m, "c1")
+    qemu_io(u, "write -P 0x25 0 1M")
+    m.cli("volume", "update", "c1", "--replicas", "2")
+    kinds = [e["kind"] for e in m.events("c1")]
+    assert "clone-linked" in kinds, kinds
+    m.wait_volume("c1", lambda v: v["health"] == "healthy" and len(v["replicas"]) == 2,
+                  what="c1 healthy on two replicas")
+    for r in m.volume("c1")["replicas"]:
+        assert os.stat(Path(r["path"]) / "volume-snap-s1.img").st_nlink >= 2, r
+    qemu_io(u, "read -P 0x25 0 1M", "read -P 0x24 1M 11M", read_only=True)
+    m.cli("volume", "update", "c1", "--replicas", "1")
+    assert same(m.cli_json("snapshot", "export", "src", "s1")["nbd_uri"], ref)

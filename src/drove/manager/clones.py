@@ -220,6 +220,34 @@ class Clones:
         if not doc["replicas"]:
             raise ApiError(409, f"no replica of {src} could be cloned: " + "; ".join(errors))
 
+    async def prelink(self, doc: dict[str, Any], new: list[dict[str, Any]]) -> None:
+        """Make new replicas of clone ``doc`` linked clone directories where their disk holds
+        its base layers (a replica of its source or of a sibling clone): they stay pending,
+        and the rebuild that brings them in finds the base layers equal, copying nothing."""
+        c = doc.get("clone_of")
+        sdoc = self._records.find(c["volume"]) if c else None
+        if c is None or sdoc is None:
+            return
+        base = {"volume": c["volume"], "snapshot": c["snapshot"]}
+        by_disk: dict[str, list[dict[str, Any]]] = {}
+        for r in await self._sources(sdoc, c["snapshot"]):
+            by_disk.setdefault(r["disk"], []).append(r)
+        for rep in new:
+            for r in by_disk.get(rep["disk"], []):
+                try:
+                    await asyncio.to_thread(self._agents.for_replica(r).clone_replica,
+                                            r["path"], rep["path"], c["snapshot"], base,
+                                            r["within"])
+                except (CloneError, AgentError, AgentUnreachableError, ValueError,
+                        OSError) as exc:
+                    self._event("clone-link-skipped", f"replica {rep['name']} of {doc['name']} "
+                                f"is copied, not linked from {r['name']}: {exc}", doc["name"])
+                    continue
+                self._event("clone-linked", f"replica {rep['name']} of {doc['name']} links "
+                            f"the base layers of {r['name']} on disk {rep['disk']}",
+                            doc["name"])
+                break
+
     async def _remove_made(self, doc: dict[str, Any]) -> None:
         """Delete the directories a failed clone made (its document was never stored)."""
         for r in doc["replicas"]:
