@@ -109,6 +109,7 @@ def test_standby_follows_incrementally_survives_restart_and_activates(manager, t
     assert v["standby"]["lag_seconds"] >= 0 and v["state"] == "detached"
     shown = manager.cli("volume", "get", "dr").stdout
     assert "standby of" in shown and b1 in shown and "lag" in shown
+    assert "standby of src" in manager.cli("volume", "list").stdout
 
     # Nothing may write it but its restores.
     refused(manager.api("POST", "/v1/volumes/dr/attach", json={}), "dr")

@@ -181,7 +181,9 @@ def list_volumes(mgr: Manager, json_out: JsonOpt = False) -> None:
                       highlight=False)
         return
     rows = [[escape(v["name"]), format_size(v["size"]), v["replica_count"],
-             escape(v.get("data_locality") or ""), escape(v.get("pool") or ""), v["state"],
+             escape(v.get("data_locality") or ""), escape(v.get("pool") or ""),
+             v["state"] + (f" (standby of {escape(v['standby']['of'])})"
+                           if v.get("standby") else ""),
              styled(v["health"], HEALTH_STYLE), escape(_where(v)),
              escape(_clone_of(v)), escape(labels_text(v.get("labels")))] for v in volumes]
     show_table("volumes", ["name", "size>", "replicas>", "locality", "pool", "state",
