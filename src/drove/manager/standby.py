@@ -32,6 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from drove.backup import errors as berr
@@ -68,9 +69,8 @@ class Volumes(Protocol):
 
     store: Store
 
-    @property
-    def data_dir(self) -> Any:
-        """The manager's data directory (the staging areas live under it)."""
+    data_dir: Path
+    """The manager's data directory (the staging areas live under it)."""
 
     def event(self, kind: str, message: str, volume: str | None = None,
               level: str = "info") -> None:
