@@ -93,6 +93,8 @@ def test_identity_and_node_info(csi: tuple[ManagerProc, CsiDriver]) -> None:
     got = d.node_service.NodeGetInfo(pb.NodeGetInfoRequest())
     assert dict(got.accessible_topology.segments) == {TOPOLOGY_NODE: d.node,
                                                       TOPOLOGY_ZONE: "z1"}
+    m.stop()
+    assert code_of(d.identity.Probe, pb.ProbeRequest()) == C.UNAVAILABLE  # no manager
 
 
 def test_create_is_idempotent_and_refuses_what_differs(
@@ -399,3 +401,30 @@ def test_block_snapshots_and_clones(csi: tuple[ManagerProc, CsiDriver], tmp_path
     for vid in ("from-snap", "from-vol", "raw", "other"):
         d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
     assert m.ok("GET", "/v1/volumes") == []
+
+
+def test_a_restarted_driver_takes_down_what_the_last_one_set_up(
+        csi: tuple[ManagerProc, CsiDriver], tmp_path: Path) -> None:
+    m, d = csi
+    create(d, "kept")
+    cap = mount_cap("ext4")
+    staging, rw = stage_and_publish(d, "kept", tmp_path, cap)
+    Path(rw, "f").write_text("still here")
+    d.stop()
+    d.start()
+    assert Path(rw, "f").read_text() == "still here"  # mounts outlive the driver
+    d.node_service.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id="kept", staging_target_path=staging, volume_capability=cap))
+    assert code_of(d.node_service.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id="kept", staging_target_path=str(tmp_path / "other"),
+        volume_capability=cap)) == C.ALREADY_EXISTS
+    take_down(d, "kept", staging, rw)
+    assert not [p for p in m.mounts() if p.startswith((staging, rw))]
+    assert m.volume("kept")["state"] == "detached"
+    # A volume given a host device outside CSI is not staged over it.
+    m.ok("POST", "/v1/volumes/kept/attach", json={"mount": str(tmp_path / "by-hand")})
+    assert code_of(d.node_service.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id="kept", staging_target_path=staging,
+        volume_capability=cap)) == C.FAILED_PRECONDITION
+    assert Path(tmp_path, "by-hand", "f").read_text() == "still here"
+    m.ok("POST", "/v1/volumes/kept/detach", json={})

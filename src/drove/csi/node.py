@@ -94,6 +94,10 @@ class Node(rpc.NodeServicer):
                 raise precondition(f"volume {vid} is not published on node {self._node} "
                                    f"(it is {view.get('state')} on {view.get('node')}): "
                                    "ControllerPublishVolume first")
+            if view.get("device"):
+                raise precondition(f"volume {vid} has a host device already ({view['device']}"
+                                   f", mounted at {view.get('mountpoint')}): it was attached "
+                                   "outside CSI; detach it first")
             fs = fs or request.volume_context.get("fsType") or "ext4"
             uri, grow_uri = view["nbd_uri"], None
             if view.get("nbd_unix"):
