@@ -99,6 +99,19 @@ class Dockerd:
         # containerd and its shims go with dockerd; wait until its pid file is gone.
         wait_for(lambda: not self.pidfile.exists(), 30, "dockerd's pid file to go")
 
+    def kill(self) -> None:
+        """SIGKILL dockerd (a crash: containerd goes with it, the containers' shims stay)."""
+        assert self.proc is not None
+        containerd = self.short / "exec" / "containerd" / "containerd.pid"
+        pid = int(containerd.read_text()) if containerd.exists() else None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        self.pidfile.unlink(missing_ok=True)  # left by the crash; the next start refuses it
+        # containerd dies with it; until init reaps it, a new dockerd would wait for it.
+        if pid is not None:
+            wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "containerd to go")
+
     def close(self) -> None:
         """Stop and remove everything (containers first, so their mounts go)."""
         with contextlib.suppress(Exception):
@@ -109,7 +122,8 @@ class Dockerd:
         for pid in _pids_under(str(self.short)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        subprocess.run(["umount", "-R", "-l", str(self.short)], capture_output=True)
+        # dockerd mounts its data root on itself and the containers' netns files.
+        unmount_under(self.data_root, self.short)
         shutil.rmtree(self.short, ignore_errors=True)
 
     def docker(self, *args: str, check: bool = True,
@@ -169,8 +183,7 @@ class Podman:
         """Remove every container and what podman left under its roots."""
         with contextlib.suppress(Exception):
             self.podman("rm", "-af", "-t", "0", check=False)
-        for where in (self.run_root, self.root / "podman-storage"):
-            subprocess.run(["umount", "-R", "-l", str(where)], capture_output=True)
+        unmount_under(self.run_root, self.root / "podman-storage")
         shutil.rmtree(self.run_root, ignore_errors=True)
 
 
@@ -218,6 +231,18 @@ class PluginProc:
     def mountpoint(self, volume: str) -> str:
         """Where the plugin mounts ``volume``."""
         return str(self.state_dir / "mounts" / volume)
+
+
+def unmount_under(*roots: Path) -> None:
+    """Lazily unmount every mount at or below ``roots``, deepest first."""
+    prefixes = [os.path.realpath(r) for r in roots]
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if any(point == p or point.startswith(p + "/") for p in prefixes):
+            points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def _pids_under(path: str) -> list[int]:

@@ -167,6 +167,25 @@ def test_dockerd_restart_with_a_volume_in_use(dockerd, plugin, manager):
     assert plugin.state()["volumes"] == {}
 
 
+def test_dockerd_killed_with_a_volume_in_use(dockerd, plugin, manager):
+    """A killed dockerd never unmounts its containers' volumes: the plugin keeps their mount
+    IDs, and releases them once no mount namespace holds the volume any more."""
+    create(dockerd, plugin, "orphan", "size=64M", "replicas=1")
+    cid = dockerd.docker("run", "-d", "--network=none", "-v", "orphan:/data", IMAGE,
+                         "/bin/sh", "-c", "echo kept > /data/f; sync; sleep 600").stdout.strip()
+    wait_for(lambda: state_of(manager, "orphan") == "attached", 30, "the volume attached")
+    dockerd.kill()
+    dockerd.start()  # it finds the container's process and kills it, unmounting nothing
+    wait_for(lambda: dockerd.docker("inspect", "-f", "{{.State.Running}}", cid)
+             .stdout.strip() == "false", 30, "the container stopped")
+    assert state_of(manager, "orphan") == "attached"
+    assert len(plugin.state()["volumes"]["orphan"]["ids"]) == 1
+    dockerd.docker("rm", cid)
+    dockerd.docker("volume", "rm", "orphan")
+    assert manager.api("GET", "/v1/volumes/orphan").status_code == 404
+    assert plugin.state()["volumes"] == {}
+
+
 def test_a_missing_volume_and_the_implicit_create(dockerd, plugin, manager):
     """`docker run -v NAME:/data --volume-driver PLUGIN` creates NAME with the defaults."""
     manager.ok("PATCH", "/v1/settings", json={"default_replicas": 1})

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from drove.cli.client import Manager, ManagerError
-from drove.plugins import dockeropts
+from drove.plugins import dockeropts, mountuse
 from drove.plugins.mountstate import Mounted, MountState
+
+log = logging.getLogger("drove.plugin.docker")
 
 RESTORE_WAIT = 50.0
 """Seconds a create from a backup (not instant) waits for the restore, so that a container
@@ -133,9 +136,17 @@ class DockerDriver:
         async with self._lock(name):
             m = self.state.get(name)
             if m is not None and m.ids:
-                raise DriverError(f"volume {name} is mounted at {m.mountpoint} for "
-                                  f"container(s) {', '.join(i[:12] for i in m.ids)}; stop "
-                                  "them first")
+                # The engine checked that none of its containers use the volume; IDs it
+                # never unmounted (dockerd was killed) are stale once no mount namespace
+                # holds the volume.
+                users = await asyncio.to_thread(mountuse.other_mounts, m.mountpoint)
+                if users:
+                    raise DriverError(f"volume {name} is mounted at {m.mountpoint} for "
+                                      f"container(s) {', '.join(i[:12] for i in m.ids)} and "
+                                      f"in use ({'; '.join(users)}); stop them first")
+                log.warning("volume %s: mount ID(s) %s were never unmounted (their engine "
+                            "stopped?) and nothing uses the volume: released", name,
+                            ", ".join(m.ids))
             if m is not None:
                 await self._release(name, m)
             v = await self._find(name)
