@@ -317,6 +317,25 @@ def test_expand_online(csi: tuple[ManagerProc, CsiDriver], tmp_path: Path) -> No
     assert code_of(d.controller.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
         volume_id="nope", capacity_range=pb.CapacityRange(required_bytes=MiB))) == C.NOT_FOUND
     take_down(d, "grow", staging, rw)
+    # Raw block: the device grows, and so does a read-only publish of it.
+    cap = block_cap()
+    create(d, "rawgrow", 32 * MiB, cap=cap)
+    staging, dev = stage_and_publish(d, "rawgrow", tmp_path, cap)
+    _, ro_dev = stage_and_publish(d, "rawgrow", tmp_path, cap, readonly=True, target="ro")
+    d.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id="rawgrow", capacity_range=pb.CapacityRange(required_bytes=64 * MiB)))
+    assert device_size(dev) == 32 * MiB  # until the node grows it
+    grown = d.node_service.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+        volume_id="rawgrow", volume_path=dev))
+    assert grown.capacity_bytes == 64 * MiB
+    assert device_size(dev) == device_size(ro_dev) == 64 * MiB
+    take_down(d, "rawgrow", staging, dev, ro_dev)
+
+
+def device_size(path: str) -> int:
+    """Bytes of the block device at ``path``."""
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def test_block_snapshots_and_clones(csi: tuple[ManagerProc, CsiDriver], tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ PARAMETERS = ("replicas", "pool", "dataLocality", "fsType")
 LOCALITIES = ("disabled", "best-effort", "strict-local")
 # A snapshot drove took itself to clone a volume from: not one of the CO's.
 CLONE_LABEL = "drove.io/clone-of"
+LABEL_MAX = 253
+"""The longest label value the manager takes."""
 RPC = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES,
                 RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
@@ -91,7 +93,10 @@ def csi_volume(view: dict[str, Any]) -> Any:
     """The CSI Volume for a drove volume's view."""
     labels = view.get("labels") or {}
     ctx = {}
-    params = json.loads(labels.get(ids.LABEL_PARAMS) or "{}")
+    try:
+        params = json.loads(labels.get(ids.LABEL_PARAMS) or "{}")
+    except ValueError:  # a label edited by hand
+        params = {}
     if params.get("fsType"):
         ctx["fsType"] = params["fsType"]
     source = None
@@ -159,17 +164,25 @@ class Controller(rpc.ControllerServicer):
             raise invalid("volume_capabilities missing")
         fs_types = {ids.check_capability(c, "volume_capabilities") for c in
                     request.volume_capabilities} - {None, ""}
+        if len(fs_types) > 1:
+            raise invalid(f"volume_capabilities name several filesystems "
+                          f"({', '.join(sorted(fs_types))}): a volume has one")
         body = parse_parameters(request.parameters)
-        fs = request.parameters.get("fsType") or (fs_types.pop() if len(fs_types) == 1 else "")
-        if fs_types and fs not in fs_types | {""}:
-            raise invalid(f"parameter fsType={fs} differs from the capabilities' fs_type")
+        fs = request.parameters.get("fsType") or next(iter(fs_types), "")
+        if fs_types and fs not in fs_types:
+            raise invalid(f"parameter fsType={fs} differs from the capabilities' fs_type "
+                          f"{next(iter(fs_types))}")
         name = ids.drove_name(request.name)
         source = self._source(request)
         params = dict(request.parameters)
         if fs:
             params["fsType"] = fs
-        labels = {ids.LABEL_NAME: request.name[:253], ids.LABEL_SOURCE: source,
-                  ids.LABEL_PARAMS: json.dumps(params, sort_keys=True)[:253]}
+        labels = {ids.LABEL_NAME: request.name, ids.LABEL_SOURCE: source,
+                  ids.LABEL_PARAMS: json.dumps(params, sort_keys=True)}
+        if max(len(v) for v in labels.values()) > LABEL_MAX:
+            # They are kept in the volume's labels, to compare a repeated request with.
+            raise invalid(f"name, content source and parameters must each fit in "
+                          f"{LABEL_MAX} characters")
         with self._locks.hold(name):
             view = get_or_none(self._mgr, f"/v1/volumes/{name}")
             if view is not None:
@@ -382,8 +395,6 @@ class Controller(rpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise invalid("capacity_range missing")
         vid = request.volume_id
-        block = (request.HasField("volume_capability")
-                 and request.volume_capability.WhichOneof("access_type") == "block")
         with self._locks.hold(vid):
             view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
             if view is None:
@@ -396,8 +407,10 @@ class Controller(rpc.ControllerServicer):
                                f"volume {vid} has {view['size']} bytes already, above "
                                f"limit_bytes {request.capacity_range.limit_bytes}: drove "
                                "does not shrink volumes")
+        # Node expansion also for block access: a staged device is limited to the size it
+        # was staged at until NodeExpandVolume raises it (host attach's growable view).
         return pb.ControllerExpandVolumeResponse(capacity_bytes=view["size"],
-                                                 node_expansion_required=not block)
+                                                 node_expansion_required=True)
 
     # ------------------------------------------------------------ snapshots
 

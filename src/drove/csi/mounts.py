@@ -87,3 +87,8 @@ def readonly_device(device: str) -> str:
 def release_device(loop: str) -> None:
     """Detach a loop device made by :func:`readonly_device`."""
     _run(["losetup", "--detach", loop])
+
+
+def refresh_size(loop: str) -> None:
+    """Make a loop device take its backing device's new size (after a growth)."""
+    _run(["losetup", "--set-capacity", loop])

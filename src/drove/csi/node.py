@@ -263,7 +263,8 @@ class Node(rpc.NodeServicer):
         unit = pb.VolumeUsage
         device = record["attachment"]["device"]
         problems = []
-        if not mounts.is_mount(request.volume_path):
+        staged_block = record["block"] and request.volume_path == record["staging"]
+        if not staged_block and not mounts.is_mount(request.volume_path):
             problems.append(f"{request.volume_path} is not mounted")
         try:
             view = self._mgr.get(f"/v1/volumes/{request.volume_id}")
@@ -297,6 +298,9 @@ class Node(rpc.NodeServicer):
                     att = hostattach.grow(att)
                     record["attachment"] = att.to_json()
                     self._save(request.volume_id, record)
+                    for entry in record["targets"].values():
+                        if entry.get("loop"):  # a read-only loop over the device: resize it
+                            mounts.refresh_size(entry["loop"])
                 elif not record["block"]:
                     # The device has its size (grown before staging, or by an earlier call
                     # whose filesystem step failed): the filesystem may not.
