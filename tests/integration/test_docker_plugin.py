@@ -186,6 +186,36 @@ def test_dockerd_killed_with_a_volume_in_use(dockerd, plugin, manager):
     assert plugin.state()["volumes"] == {}
 
 
+def df_kib(dockerd, cid: str) -> int:
+    """The size of /data in container ``cid``, as its df says (KiB)."""
+    return int(dockerd.docker("exec", cid, "df", "-P", "/data").stdout.splitlines()[-1]
+               .split()[1])
+
+
+def test_a_restored_volume_grows_while_a_container_uses_it(dockerd, plugin, manager,
+                                                           tmp_path):
+    (tmp_path / "backups").mkdir()
+    manager.cli("backup", "target", "set", f"file://{tmp_path / 'backups'}")
+    create(dockerd, plugin, "orig", "size=320M", "replicas=1", "fs=xfs")
+    dockerd.run("orig:/data", "echo backed-up > /data/f")
+    manager.cli("volume", "attach", "orig")
+    backup = manager.cli_json("backup", "create", "orig")["name"]
+    manager.cli("volume", "detach", "orig")
+
+    create(dockerd, plugin, "restored", f"from-backup={backup}", "fs=xfs")
+    assert manager.volume("restored")["labels"]["fs"] == "xfs"
+    cid = dockerd.docker("run", "-d", "--network=none", "-v", "restored:/data", IMAGE,
+                         "/bin/sh", "-c", "sleep 600").stdout.strip()
+    wait_for(lambda: state_of(manager, "restored") == "attached", 30, "the volume attached")
+    assert dockerd.docker("exec", cid, "cat", "/data/f").stdout == "backed-up\n"
+    before = df_kib(dockerd, cid)
+    manager.cli("volume", "expand", "restored", "--size", "640M")  # online, in use
+    after = df_kib(dockerd, cid)
+    assert after > before + 250 * 1024, (before, after)
+    dockerd.docker("exec", cid, "dd", "if=/dev/zero", "of=/data/big", "bs=1M", "count=400")
+    assert dockerd.docker("exec", cid, "cat", "/data/f").stdout == "backed-up\n"
+
+
 def test_a_missing_volume_and_the_implicit_create(dockerd, plugin, manager):
     """`docker run -v NAME:/data --volume-driver PLUGIN` creates NAME with the defaults."""
     manager.ok("PATCH", "/v1/settings", json={"default_replicas": 1})
