@@ -28,9 +28,10 @@ from drove.plugins.mountstate import Mounted, MountState
 
 log = logging.getLogger("drove.plugin.docker")
 
-RESTORE_WAIT = 50.0
+RESTORE_WAIT = 20.0
 """Seconds a create from a backup (not instant) waits for the restore, so that a container
-run right after finds it ready; a longer restore goes on and mounts wait for it."""
+run right after finds it ready; a longer restore goes on (a mount is refused, saying so,
+until it is done). Docker gives a plugin call 30 s."""
 
 
 class DriverError(Exception):
