@@ -27,6 +27,14 @@ EXPAND = Body("ExpandRequest", {
     "size": Field("int", gt=0, description="new size in bytes, a multiple of 4096"),
 }, "Grow the volume (never shrink).")
 
+QOS = Body("QosRequest", {
+    "limits": Field("dict", description="any of iops, bandwidth (bytes/s), read_iops, "
+                    "write_iops, read_bandwidth, write_bandwidth (0: no limit) and burst "
+                    "(seconds a bucket holds at its rate, default 1)"),
+    "replace": Field("bool", default=False,
+                     description="the limits given are the whole limits (others: 0)"),
+}, "Change the volume's QoS limits live; limits not given keep their value.")
+
 ADD_REPLICA = Body("AddReplicaRequest", {
     "name": Field("str", pattern=r"^[A-Za-z0-9._-]{1,64}$"),
     "url": Field("str", nullable=True, default=None,
@@ -83,6 +91,16 @@ def build_app(engine: Engine, access: Gate | None = None) -> App:
     async def stats() -> dict[str, Any]:
         """Per-operation counts, bytes, latency histograms and recent rates."""
         return engine.stats.to_json()
+
+    @app.get("/v1/qos")
+    async def qos() -> dict[str, Any]:
+        """The QoS limits, and the requests waiting and throttled so far."""
+        return engine.qos.to_json()
+
+    @app.put("/v1/qos", body=QOS)
+    async def set_qos(body: Any) -> dict[str, Any]:
+        """Change the QoS limits now (no restart; queued requests are judged anew)."""
+        return engine.set_qos(body.limits, replace=body.replace)
 
     @app.get("/v1/events")
     async def events() -> list[dict[str, Any]]:

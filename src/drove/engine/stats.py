@@ -1,7 +1,8 @@
 """The stats layer: per-volume operation counts, bytes and latency histograms.
 
-A layer in the nbdkit-filter sense: it is an :class:`~drove.nbd.export.Export`
-wrapping another one and changes nothing about the data.  The hot path costs
+A :class:`~drove.engine.layers.Layer` (an nbdkit-filter-like wrapper of the
+export below) that changes nothing about the data: it overrides the operations
+it counts and inherits the rest (cache, size, capabilities).  The hot path costs
 two ``perf_counter_ns`` calls and a few integer additions per request;
 everything derived (rates, percentiles) is computed when someone asks.
 """
@@ -13,8 +14,9 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from drove.engine.layers import Layer
 from drove.nbd import eager
-from drove.nbd.export import Export, Extent
+from drove.nbd.export import CoroutineExport, Extent
 
 BUCKETS = 32
 """Latency histogram buckets: bucket i counts latencies in [2**(i-1), 2**i) microseconds."""
@@ -89,27 +91,18 @@ class _Counted:
         self.done(value, exc)
 
 
-class StatsLayer:
-    """Counts every request passing to ``inner``; also an Export itself."""
+class StatsLayer(Layer):
+    """Counts every request passing to ``inner``."""
 
-    def __init__(self, inner: Export, window: int = 60) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.description = inner.description
-        self.caps = inner.caps
+    def __init__(self, inner: CoroutineExport, window: int = 60) -> None:
+        super().__init__(inner)
         self.ops = {op: OpStats() for op in OPS}
-        self._inner_submit = eager.calls(inner)
         self._by_cmd = {eager.READ: self.ops["read"], eager.WRITE: self.ops["write"],
                         eager.FLUSH: self.ops["flush"]}
         self.started = time.time()
         # (monotonic time, {op: (count, bytes)}) samples for recent rates.
         self._samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=window + 1)
         self.sample()
-
-    @property
-    def size(self) -> int:
-        """The inner export's size."""
-        return self.inner.size
 
     def sample(self) -> None:
         """Record the counters now (call about once a second for rates)."""
@@ -154,8 +147,7 @@ class StatsLayer:
     def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
                done: eager.Done) -> None:
         """READ, WRITE or FLUSH in callback style (see :mod:`drove.nbd.eager`), counted."""
-        self._inner_submit(cmd, offset, length, data, fua,
-                           _Counted(self._by_cmd[cmd], length, done))
+        self.below(cmd, offset, length, data, fua, _Counted(self._by_cmd[cmd], length, done))
 
     # The forwarding methods are plain functions returning the counting coroutine:
     # one coroutine frame less on every request, which the loop resumes per reply.
@@ -180,10 +172,6 @@ class StatsLayer:
     def flush(self) -> Awaitable[None]:
         """Flush, counted."""
         return self._counted("flush", 0, self.inner.flush())
-
-    async def cache(self, offset: int, length: int) -> None:
-        """Pass the hint on (not counted)."""
-        await self.inner.cache(offset, length)
 
     def block_status(self, offset: int, length: int) -> Awaitable[Sequence[Extent]]:
         """Block status, counted."""

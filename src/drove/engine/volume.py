@@ -22,9 +22,10 @@ from drove.engine.generation import (
 )
 from drove.engine.local import LocalReplica
 from drove.engine.mirror import DEFAULT_QUORUM_WAIT, Mirror, Mode
+from drove.engine.qos import QosLimits
 from drove.engine.rebuild import Rebuild
 from drove.engine.replicas import ReplicaControlError, ReplicaHandle
-from drove.engine.stats import StatsLayer
+from drove.engine.stack import LayerSettings, build_stack
 from drove.nbd.arena import SLOT, Arena
 from drove.replica.access import redact
 from drove.replica.fence import NOTHING_CLAIMED
@@ -80,7 +81,8 @@ class Engine:
                  local: tuple[str, Path] | None = None,
                  local_nbd: tuple[str, int] | None = ("127.0.0.1", 0),
                  local_control: tuple[str, int] = ("127.0.0.1", 0),
-                 quorum_wait: float = DEFAULT_QUORUM_WAIT, fence_all: bool = False) -> None:
+                 quorum_wait: float = DEFAULT_QUORUM_WAIT, fence_all: bool = False,
+                 layers: LayerSettings | None = None) -> None:
         self.name = name
         self.requested_epoch = epoch  # --epoch; None: one above the replicas' at start
         # A forced takeover: every replica must take our epoch before we serve, or the
@@ -101,8 +103,10 @@ class Engine:
                              on_drop=self._on_drop)
         self.mirror.quorum_wait = quorum_wait
         self.mirror.on_quorum = self._on_quorum
-        self.stats = StatsLayer(self.mirror)
-        self.export = self.stats  # what the NBD server serves: stats -> mirror
+        stack = build_stack(layers or LayerSettings(), self.mirror)
+        self.stats = stack.stats
+        self.qos = stack.qos
+        self.export = stack.top  # what the NBD server serves: stats -> qos -> mirror
         self.generation = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.rebuild: Any = None  # drove.engine.rebuild.Rebuild while one runs / last one
@@ -611,6 +615,17 @@ class Engine:
                 self.mirror.size = size
             self.event("expanded", f"expanded to {size} bytes", size=size)
             return {"size": size}
+
+    def set_qos(self, changes: dict[str, Any], replace: bool = False) -> dict[str, Any]:
+        """Change the QoS limits live (``replace``: ``changes`` are the whole limits)."""
+        try:
+            limits = (QosLimits.from_json(changes) if replace
+                      else self.qos.limits.merged(changes))
+        except (TypeError, ValueError) as exc:
+            raise EngineError(str(exc), 400) from exc
+        self.qos.set_limits(limits)
+        self.event("qos", f"QoS limits now {limits.to_json()}", limits=limits.to_json())
+        return self.qos.to_json()
 
     # ----------------------------------------------------------- replicas
 

@@ -10,7 +10,14 @@ Errors: raise :class:`OSError` with an errno (``EIO``, ``ENOSPC``, ``EPERM``,
 ``EINVAL``, ``ENOTSUP``, ...); the server maps it to the NBD error of the
 same name.  Any other exception is answered with ``EIO`` and logged.
 
-Methods are coroutines.  The server may run the first step of a request
+Every operation has a coroutine form; READ, WRITE and FLUSH also have a
+callback form, :meth:`Export.submit` (see :mod:`drove.nbd.eager`): the fast
+path, used by the server when an export has it.  An export that is only ever
+served (a replica's chain exports) may implement just the coroutines
+(:class:`CoroutineExport`); everything stacked in the engine implements both
+(:class:`Export`, which :class:`drove.engine.layers.Layer` provides whole).
+
+The server may run the first step of a request
 before wrapping it in a Task (an eager start, so exports that complete
 without suspending cost no Task), so an export must not rely on
 ``asyncio.current_task()`` before its first ``await``.
@@ -25,9 +32,12 @@ it has been sent, so it must not be modified after it was returned
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+Done = Callable[[Any, BaseException | None], None]
+"""Completion of a submitted request: ``done(value, None)`` or ``done(None, error)``."""
 
 # Block status flags of the base:allocation context (NBD spec names).
 NBD_STATE_HOLE = 1
@@ -61,8 +71,8 @@ class Capabilities:
 
 
 @runtime_checkable
-class Export(Protocol):
-    """A block device served over NBD (or stacked as an engine layer)."""
+class CoroutineExport(Protocol):
+    """A block device served over NBD, with the coroutine form of every operation."""
 
     name: str
     description: str
@@ -105,6 +115,21 @@ class Export(Protocol):
         ...
 
 
+@runtime_checkable
+class Export(CoroutineExport, Protocol):
+    """A block device with both forms of its hot operations: what engine layers stack."""
+
+    def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
+               done: Done) -> None:
+        """Start READ, WRITE or FLUSH; ``done(value, error)`` is called exactly once.
+
+        The same request as the coroutine form (``data`` is the write payload,
+        None otherwise), so the two forms must do the same thing: a layer that
+        changes one changes the other.
+        """
+        ...
+
+
 class ExportProvider(Protocol):
     """Maps export names to exports for one server (exports may come and go)."""
 
@@ -112,6 +137,6 @@ class ExportProvider(Protocol):
         """(name, description) of every export, for NBD_OPT_LIST."""
         ...
 
-    def open_export(self, name: str) -> Export | None:
+    def open_export(self, name: str) -> CoroutineExport | None:
         """The export called ``name``, or None when there is none."""
         ...

@@ -1,0 +1,337 @@
+"""The QoS layer: per-volume IOPS and bandwidth limits (token buckets), changed live.
+
+Limits: IOPS and bytes per second for the volume as a whole and for reads and
+writes separately (0: no limit); a request passes when every bucket it draws
+from allows it.  ``burst`` is in seconds: each bucket holds up to ``limit *
+burst`` tokens, so a volume that was idle may run that long above its limit
+(at least one request always fits: a request larger than a bucket passes when
+the bucket is full and leaves it in debt, which keeps the long-run rate exact).
+
+Requests that must wait are queued in arrival order (one queue for reads, one
+for writes: a throttled write never holds back a read that its own limits
+allow) and are never failed; the NBD server's per-connection backpressure
+bounds the queues.  Zero and trim count as write operations of no bytes;
+block status and cache hints are not throttled.
+
+FLUSH is never queued: it must make durable every write that was
+*acknowledged* before it was sent, and a write still waiting here has not been
+acknowledged (nor passed down), so the flush owes it nothing; a client that
+wants a write covered waits for its reply first, as NBD requires anyway.
+
+:class:`Pacer` is the same bucket for one sequential reader (rebuild and
+backup copies): ``await pacer.take(nbytes)`` before each read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from drove.engine.layers import Layer
+from drove.nbd import eager
+from drove.nbd.export import CoroutineExport
+
+READ, WRITE = 0, 1
+
+MAX_BURST = 60.0
+"""Longest burst, in seconds (a larger one would make a limit meaningless for a minute)."""
+
+
+@dataclass(frozen=True)
+class QosLimits:
+    """A volume's limits; 0 means no limit.  Bandwidths in bytes per second."""
+
+    iops: int = 0
+    bandwidth: int = 0
+    read_iops: int = 0
+    write_iops: int = 0
+    read_bandwidth: int = 0
+    write_bandwidth: int = 0
+    burst: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"QoS {f.name} must be a number >= 0, not {value!r}")
+        if self.burst > MAX_BURST:
+            raise ValueError(f"QoS burst is at most {MAX_BURST:g} seconds, not {self.burst}")
+
+    @property
+    def unlimited(self) -> bool:
+        """Whether no limit is set."""
+        return not any(getattr(self, f.name) for f in fields(self) if f.name != "burst")
+
+    def to_json(self) -> dict[str, Any]:
+        """The limits as the APIs show them."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> QosLimits:
+        """Limits from a JSON object (unknown keys or bad values: ValueError)."""
+        doc = doc or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"QoS limits must be an object, not {doc!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ValueError(f"unknown QoS field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**doc)
+
+    def merged(self, changes: dict[str, Any]) -> QosLimits:
+        """These limits with ``changes`` applied (validated as a whole)."""
+        return QosLimits.from_json({**self.to_json(), **changes})
+
+
+class TokenBucket:
+    """``rate`` tokens per second, holding at most ``capacity``; may go into debt."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        """Add what accrued since the last refill."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def allows(self, n: float) -> bool:
+        """Whether a request of ``n`` tokens may pass now (a big one: when full)."""
+        return self.tokens >= min(n, self.capacity)
+
+    def wait(self, n: float) -> float:
+        """Seconds until :meth:`allows` holds for ``n`` (0 when it does)."""
+        return max(0.0, (min(n, self.capacity) - self.tokens) / self.rate)
+
+    def change(self, rate: float, capacity: float, now: float) -> None:
+        """New rate and capacity from now on (what accrued so far at the old rate)."""
+        self.refill(now)
+        self.rate, self.capacity = rate, capacity
+        self.tokens = min(self.tokens, capacity)
+
+
+def _capacity(rate: float, burst: float, minimum: float) -> float:
+    return max(rate * burst, minimum)
+
+
+class _Buckets:
+    """The buckets of one set of limits, and which of them each direction draws from."""
+
+    def __init__(self, now: float) -> None:
+        self.by_name: dict[str, TokenBucket] = {}
+        # per direction: [(bucket, counts bytes)]
+        self.of: tuple[list[tuple[TokenBucket, bool]], list[tuple[TokenBucket, bool]]] = ([], [])
+        self.now = now
+
+    def apply(self, limits: QosLimits, now: float) -> None:
+        """Make the buckets match ``limits`` (existing ones keep their level)."""
+        wanted = {"iops": (limits.iops, False, (READ, WRITE)),
+                  "bandwidth": (limits.bandwidth, True, (READ, WRITE)),
+                  "read_iops": (limits.read_iops, False, (READ,)),
+                  "write_iops": (limits.write_iops, False, (WRITE,)),
+                  "read_bandwidth": (limits.read_bandwidth, True, (READ,)),
+                  "write_bandwidth": (limits.write_bandwidth, True, (WRITE,))}
+        of: tuple[list[tuple[TokenBucket, bool]], list[tuple[TokenBucket, bool]]] = ([], [])
+        for name, (rate, is_bytes, dirs) in wanted.items():
+            if not rate:
+                self.by_name.pop(name, None)
+                continue
+            cap = _capacity(rate, limits.burst, 0 if is_bytes else 1)
+            bucket = self.by_name.get(name)
+            if bucket is None:
+                bucket = self.by_name[name] = TokenBucket(rate, cap, now)
+            else:
+                bucket.change(rate, cap, now)
+            for d in dirs:
+                of[d].append((bucket, is_bytes))
+        self.of = of
+
+    def try_take(self, d: int, nbytes: int, now: float) -> bool:
+        """Take a request's tokens if every bucket allows it now."""
+        mine = self.of[d]
+        for bucket, is_bytes in mine:
+            bucket.refill(now)
+            if not bucket.allows(nbytes if is_bytes else 1):
+                return False
+        for bucket, is_bytes in mine:
+            bucket.tokens -= nbytes if is_bytes else 1
+        return True
+
+    def wait(self, d: int, nbytes: int) -> float:
+        """Seconds until a request could pass (buckets refilled at the last try)."""
+        return max((b.wait(nbytes if is_bytes else 1) for b, is_bytes in self.of[d]),
+                   default=0.0)
+
+
+class QosLayer(Layer):
+    """Throttles reads and writes to its limits; queues what must wait, in order."""
+
+    def __init__(self, inner: CoroutineExport, limits: QosLimits | None = None) -> None:
+        super().__init__(inner)
+        self.limits = QosLimits()
+        self._off = True  # no limit: every request goes straight down
+        self._buckets = _Buckets(time.monotonic())
+        self._waiting: tuple[collections.deque[tuple[int, Callable[[], None]]], ...] = (
+            collections.deque(), collections.deque())
+        self._timer: asyncio.TimerHandle | None = None
+        self.throttled = [0, 0]  # requests that had to wait, per direction
+        self.set_limits(limits or QosLimits())
+
+    # ----------------------------------------------------------- limits
+
+    def set_limits(self, limits: QosLimits) -> None:
+        """Apply new limits now; queued requests are judged against them at once."""
+        self.limits = limits
+        self._buckets.apply(limits, time.monotonic())
+        self._off = limits.unlimited
+        self._release()
+
+    def to_json(self) -> dict[str, Any]:
+        """The limits and the queues, for the control API."""
+        return {"limits": self.limits.to_json(),
+                "waiting": {"read": len(self._waiting[READ]), "write": len(self._waiting[WRITE])},
+                "throttled": {"read": self.throttled[READ], "write": self.throttled[WRITE]}}
+
+    # ----------------------------------------------------------- the queues
+
+    def _admit(self, d: int, nbytes: int, go: Callable[[], None]) -> None:
+        """Run ``go`` now if the limits allow and nothing waits before it; else queue it."""
+        q = self._waiting[d]
+        if not q and self._buckets.try_take(d, nbytes, time.monotonic()):
+            go()
+            return
+        self.throttled[d] += 1
+        q.append((nbytes, go))
+        if len(q) == 1:
+            self._arm()
+
+    def _release(self) -> None:
+        """Start every queued request the limits allow now (all when unlimited), in order."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        moved = True
+        while moved:
+            moved = False
+            for d in (READ, WRITE):
+                q = self._waiting[d]
+                if q and (self._off or self._buckets.try_take(d, q[0][0], time.monotonic())):
+                    q.popleft()[1]()
+                    moved = True
+        self._arm()
+
+    def _arm(self) -> None:
+        """Wake up when the first queued request could pass."""
+        if self._off:
+            return
+        waits = [self._buckets.wait(d, q[0][0]) for d, q in enumerate(self._waiting) if q]
+        if not waits:
+            return
+        delay = min(waits)
+        if self._timer is not None:
+            if self._timer.when() <= asyncio.get_running_loop().time() + delay:
+                return
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._release()
+
+    async def _wait(self, d: int, nbytes: int) -> None:
+        """The coroutine form's turn: return once the limits let the request pass."""
+        fut: asyncio.Future[None] | None = None
+
+        def go() -> None:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+        q = self._waiting[d]
+        if not q and self._buckets.try_take(d, nbytes, time.monotonic()):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._admit_queued(d, nbytes, go)
+        await fut
+
+    def _admit_queued(self, d: int, nbytes: int, go: Callable[[], None]) -> None:
+        self.throttled[d] += 1
+        q = self._waiting[d]
+        q.append((nbytes, go))
+        if len(q) == 1:
+            self._arm()
+
+    # ----------------------------------------------------------- operations
+
+    def submit(self, cmd: int, offset: int, length: int, data: Any, fua: bool,
+               done: eager.Done) -> None:
+        """READ and WRITE in their turn; FLUSH at once (see the module docstring)."""
+        if self._off or cmd == eager.FLUSH:
+            self.below(cmd, offset, length, data, fua, done)
+            return
+        self._admit(WRITE if cmd == eager.WRITE else READ, length,
+                    functools.partial(self.below, cmd, offset, length, data, fua, done))
+
+    async def read(self, offset: int, length: int) -> Any:
+        """Read in its turn."""
+        if not self._off:
+            await self._wait(READ, length)
+        return await self.inner.read(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write in its turn."""
+        if not self._off:
+            await self._wait(WRITE, len(data))
+        await self.inner.write(offset, data, fua)
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+                   fast: bool = False) -> None:
+        """Write zeroes in its turn (one write operation, no bytes)."""
+        if not self._off:
+            await self._wait(WRITE, 0)
+        await self.inner.zero(offset, length, fua, may_trim, fast)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Trim in its turn (one write operation, no bytes)."""
+        if not self._off:
+            await self._wait(WRITE, 0)
+        await self.inner.trim(offset, length, fua)
+
+    def flush(self) -> Awaitable[None]:
+        """Flush at once: no queued write was acknowledged, so none needs covering."""
+        return self.inner.flush()
+
+
+class Pacer:
+    """One token bucket for one sequential copier (rebuild, backup): bytes per second."""
+
+    def __init__(self, rate: int, burst: float = 1.0) -> None:
+        self._bucket = TokenBucket(rate or 1, _capacity(rate, burst, 0), time.monotonic())
+        self.rate = rate
+
+    def set_rate(self, rate: int, burst: float = 1.0) -> None:
+        """A new rate from now on (0: no limit)."""
+        self.rate = rate
+        if rate:
+            self._bucket.change(rate, _capacity(rate, burst, 0), time.monotonic())
+
+    async def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` may be copied (at once when there is no limit)."""
+        while self.rate:
+            self._bucket.refill(time.monotonic())
+            if self._bucket.allows(nbytes):
+                self._bucket.tokens -= nbytes
+                return
+            # Pacing, not synchronisation: the wait is what the limit is for.
+            await asyncio.sleep(self._bucket.wait(nbytes))
