@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from agenttools import agent_node
 from containertools import IMAGE, Dockerd, PluginProc, busybox_tar, wait_for
 
 
@@ -229,20 +227,8 @@ def test_a_missing_volume_and_the_implicit_create(dockerd, plugin, manager):
 @pytest.fixture
 def other_node(manager, tmp_path):
     """A second node, "other": a `drove agent` of its own on this machine."""
-    log = tmp_path / "other-agent.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "drove", "agent", "--manager", manager.url, "--node",
-             "other", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "other"),
-             "--token-file", str(manager.data_dir / "cluster-token"), "--log-level",
-             "warning"], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line and json.loads(line)["registered"], log.read_text()
-    yield "other"
-    proc.terminate()
-    proc.wait(30)
-    proc.stdout.close()
+    with agent_node(manager, tmp_path) as name:
+        yield name
 
 
 def test_a_volume_on_another_node_is_refused_or_preempted(dockerd, plugin, manager,

@@ -212,3 +212,23 @@ def test_the_growable_view_holds_nothing_past_the_volume(manager, tmp_path):
     r = nbdsh(uri, script, check=False)
     assert r.returncode == 0, r.stderr
     manager.cli("volume", "detach", "view")
+
+
+def test_growth_on_another_node_goes_through_its_agent(manager, tmp_path):
+    """Attached on node "other" (an agent of its own), the expand grows the device and the
+    filesystem there, through that agent's API (POST /v1/host/grow)."""
+    from agenttools import agent_node
+
+    mnt = tmp_path / "on-other"
+    with agent_node(manager, tmp_path) as other:
+        manager.cli("volume", "create", "far", "--size", "320M", "--replicas", "1")
+        manager.ok("POST", "/v1/volumes/far/attach",
+                   json={"node": other, "mount": str(mnt), "fs": "xfs"})
+        digest = write_file(mnt / "f", 4 * MiB)
+        before = df_total(str(mnt))
+        manager.cli("volume", "expand", "far", "--size", "512M")
+        v = manager.volume("far")
+        assert v["node"] == other and device_size(v["device"]) == 512 * MiB
+        assert df_total(str(mnt)) > before + 150 * MiB
+        assert sha(mnt / "f") == digest
+        manager.cli("volume", "detach", "far")
