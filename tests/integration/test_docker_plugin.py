@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -251,3 +252,21 @@ def test_a_volume_on_another_node_is_refused_or_preempted(dockerd, plugin, manag
     attached = [e["message"] for e in manager.events("roams") if e["kind"] == "volume-attached"]
     assert any("on node other" in m for m in attached)
     assert any(plugin.mountpoint("roams") in m for m in attached)
+
+
+def test_a_detach_left_pending_is_done_at_the_next_start(manager, tmp_path):
+    """A volume whose last container left while its detach failed is recorded without IDs;
+    the plugin detaches it when it starts again (no engine needed for that)."""
+    p = PluginProc(manager, tmp_path)
+    manager.cli("volume", "create", "pending", "--size", "64M", "--replicas", "1")
+    manager.ok("POST", "/v1/volumes/pending/attach", json={"mount": p.mountpoint("pending")})
+    p.state_dir.mkdir(parents=True, exist_ok=True)
+    (p.state_dir / "state.json").write_text(json.dumps({"version": 1, "volumes": {
+        "pending": {"mountpoint": p.mountpoint("pending"), "ids": []}}}))
+    p.start()
+    try:
+        assert state_of(manager, "pending") == "detached"
+        assert p.state()["volumes"] == {}
+        assert not os.path.exists(p.mountpoint("pending"))
+    finally:
+        p.stop()
