@@ -106,8 +106,13 @@ class InstantRestores:
         try:
             await self.m.attach(volume, _internal=True)
             doc = self.m.record(volume)
-            for rep in doc["replicas"]:
-                await self._install(doc, rep, backup, cfg, fill_rate)
+            # Each replica reads the backup's block map itself: all at once.
+            results = await asyncio.gather(*(self._install(doc, rep, backup, cfg, fill_rate)
+                                             for rep in doc["replicas"]),
+                                           return_exceptions=True)
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
         except Exception as exc:
             self.m.event("restore-failed", f"instant restore of backup {backup} into volume "
                          f"{volume} failed: {exc}; the volume is deleted", volume,
