@@ -79,6 +79,14 @@ def instant(manager, backup: str, volume: str, rate: str = "8M") -> dict:
 
 def test_instant_restore_serves_at_once_and_fills(manager, source):
     backup, _, pieces = source
+    # Bad input: a clear error, nothing created.
+    r = manager.api("POST", "/v1/backups/backup-0123456789abcdef/restore",
+                    json={"volume": "nope", "instant": True})
+    assert r.status_code == 404 and "does not exist" in r.json()["detail"], r.text
+    r = manager.api("POST", f"/v1/backups/{backup}/restore",
+                    json={"volume": "nope", "instant": True, "fill_rate": -1})
+    assert r.status_code == 422, r.text
+    assert manager.api("GET", "/v1/volumes/nope").status_code == 404
     t0 = time.monotonic()
     out = instant(manager, backup, "fast")
     vol = manager.volume("fast")
