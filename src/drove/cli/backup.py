@@ -21,7 +21,7 @@ from drove.cli.client import (
     show_table,
     with_manager,
 )
-from drove.cli.output import JsonOpt, PoolOpt, ReplicasOpt, console, emit, fail, parse_labels
+from drove.cli.output import JsonOpt, PoolOpt, console, emit, fail, parse_labels
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Backups: copy volumes to a backup target (a directory or S3), list, "
@@ -301,7 +301,10 @@ def restore(
     backup: BackupArg,
     to: Annotated[str, typer.Option(
         "--to", help="name of the new volume to restore into", show_default=False)],
-    replicas: ReplicasOpt = None,
+    replicas: Annotated[int | None, typer.Option(
+        min=1, max=10, show_default=False,
+        help="number of copies (default: as many as the backed-up volume had, for backups "
+             "that recorded it; else the manager's default_replicas setting)")] = None,
     pool: PoolOpt = None,
     instant: Annotated[bool, typer.Option(
         "--instant", help="attach the volume at once and serve it while its data is still "
