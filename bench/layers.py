@@ -48,12 +48,13 @@ def start(scratch: Path, variant: str, size: int, before_src: Path) -> tuple:
     """A replica and an engine of ``variant`` over it."""
     from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
 
-    rep = start_replica(scratch / f"{variant}-r", size)
+    tag = variant.replace("+", "-")  # no "+" in a socket path: drove's URIs take it as a space
+    rep = start_replica(scratch / f"{tag}-r", size)
     old = os.environ.get("PYTHONPATH")
     if variant == "before":
         os.environ["PYTHONPATH"] = str(before_src)
     try:
-        eng = start_engine(scratch / f"{variant}-e", "vol", [rep], "--log-level", "warning",
+        eng = start_engine(scratch / f"{tag}-e", "vol", [rep], "--log-level", "warning",
                            size=size)
     finally:
         if old is None:

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from drove.engine.qos import Pacer, QosLayer, QosLimits
+from drove.engine.qos import QosLayer, QosLimits
 from drove.nbd import eager
 from drove.nbd.memory import MemoryExport
+from drove.tokenbucket import Pacer
 
 SIZE = 1 << 20
 

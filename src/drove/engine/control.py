@@ -28,9 +28,12 @@ EXPAND = Body("ExpandRequest", {
 }, "Grow the volume (never shrink).")
 
 QOS = Body("QosRequest", {
-    "limits": Field("dict", description="any of iops, bandwidth (bytes/s), read_iops, "
+    "limits": Field("dict", default_factory=dict,
+                    description="any of iops, bandwidth (bytes/s), read_iops, "
                     "write_iops, read_bandwidth, write_bandwidth (0: no limit) and burst "
                     "(seconds a bucket holds at its rate, default 1)"),
+    "rebuild_bandwidth": Field("int", nullable=True, default=None,
+                               description="bytes/s a rebuild copies at (0: no limit)"),
     "replace": Field("bool", default=False,
                      description="the limits given are the whole limits (others: 0)"),
 }, "Change the volume's QoS limits live; limits not given keep their value.")
@@ -95,12 +98,13 @@ def build_app(engine: Engine, access: Gate | None = None) -> App:
     @app.get("/v1/qos")
     async def qos() -> dict[str, Any]:
         """The QoS limits, and the requests waiting and throttled so far."""
-        return engine.qos.to_json()
+        return engine.qos_json()
 
     @app.put("/v1/qos", body=QOS)
     async def set_qos(body: Any) -> dict[str, Any]:
         """Change the QoS limits now (no restart; queued requests are judged anew)."""
-        return engine.set_qos(body.limits, replace=body.replace)
+        return engine.set_qos(body.limits, replace=body.replace,
+                              rebuild_bandwidth=body.rebuild_bandwidth)
 
     @app.get("/v1/events")
     async def events() -> list[dict[str, Any]]:

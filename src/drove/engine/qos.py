@@ -18,8 +18,8 @@ FLUSH is never queued: it must make durable every write that was
 acknowledged (nor passed down), so the flush owes it nothing; a client that
 wants a write covered waits for its reply first, as NBD requires anyway.
 
-:class:`Pacer` is the same bucket for one sequential reader (rebuild and
-backup copies): ``await pacer.take(nbytes)`` before each read.
+The buckets are :mod:`drove.tokenbucket`'s, which also paces the rebuild and
+backup copies (:class:`drove.tokenbucket.Pacer`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 from drove.engine.layers import Layer
 from drove.nbd import eager
 from drove.nbd.export import CoroutineExport
+from drove.tokenbucket import TokenBucket, capacity
 
 READ, WRITE = 0, 1
 
@@ -91,41 +92,6 @@ class QosLimits:
         return QosLimits.from_json({**self.to_json(), **changes})
 
 
-class TokenBucket:
-    """``rate`` tokens per second, holding at most ``capacity``; may go into debt."""
-
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.tokens = capacity
-        self.stamp = now
-
-    def refill(self, now: float) -> None:
-        """Add what accrued since the last refill."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def allows(self, n: float) -> bool:
-        """Whether a request of ``n`` tokens may pass now (a big one: when full)."""
-        return self.tokens >= min(n, self.capacity)
-
-    def wait(self, n: float) -> float:
-        """Seconds until :meth:`allows` holds for ``n`` (0 when it does)."""
-        return max(0.0, (min(n, self.capacity) - self.tokens) / self.rate)
-
-    def change(self, rate: float, capacity: float, now: float) -> None:
-        """New rate and capacity from now on (what accrued so far at the old rate)."""
-        self.refill(now)
-        self.rate, self.capacity = rate, capacity
-        self.tokens = min(self.tokens, capacity)
-
-
-def _capacity(rate: float, burst: float, minimum: float) -> float:
-    return max(rate * burst, minimum)
-
-
 class _Buckets:
     """The buckets of one set of limits, and which of them each direction draws from."""
 
@@ -148,7 +114,7 @@ class _Buckets:
             if not rate:
                 self.by_name.pop(name, None)
                 continue
-            cap = _capacity(rate, limits.burst, 0 if is_bytes else 1)
+            cap = capacity(rate, limits.burst, 0 if is_bytes else 1)
             bucket = self.by_name.get(name)
             if bucket is None:
                 bucket = self.by_name[name] = TokenBucket(rate, cap, now)
@@ -185,7 +151,8 @@ class QosLayer(Layer):
         self._buckets = _Buckets(time.monotonic())
         self._waiting: tuple[collections.deque[tuple[int, Callable[[], None]]], ...] = (
             collections.deque(), collections.deque())
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when _timer fires (time.monotonic)
         self.throttled = [0, 0]  # requests that had to wait, per direction
         self.set_limits(limits or QosLimits())
 
@@ -239,12 +206,14 @@ class QosLayer(Layer):
         waits = [self._buckets.wait(d, q[0][0]) for d, q in enumerate(self._waiting) if q]
         if not waits:
             return
-        delay = min(waits)
+        at = time.monotonic() + min(waits)
         if self._timer is not None:
-            if self._timer.when() <= asyncio.get_running_loop().time() + delay:
+            if self._timer_at <= at:
                 return
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._timer_at = at
+        # uvloop's handles do not tell when they are due, hence _timer_at.
+        self._timer = asyncio.get_running_loop().call_later(min(waits), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -311,27 +280,3 @@ class QosLayer(Layer):
     def flush(self) -> Awaitable[None]:
         """Flush at once: no queued write was acknowledged, so none needs covering."""
         return self.inner.flush()
-
-
-class Pacer:
-    """One token bucket for one sequential copier (rebuild, backup): bytes per second."""
-
-    def __init__(self, rate: int, burst: float = 1.0) -> None:
-        self._bucket = TokenBucket(rate or 1, _capacity(rate, burst, 0), time.monotonic())
-        self.rate = rate
-
-    def set_rate(self, rate: int, burst: float = 1.0) -> None:
-        """A new rate from now on (0: no limit)."""
-        self.rate = rate
-        if rate:
-            self._bucket.change(rate, _capacity(rate, burst, 0), time.monotonic())
-
-    async def take(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` may be copied (at once when there is no limit)."""
-        while self.rate:
-            self._bucket.refill(time.monotonic())
-            if self._bucket.allows(nbytes):
-                self._bucket.tokens -= nbytes
-                return
-            # Pacing, not synchronisation: the wait is what the limit is for.
-            await asyncio.sleep(self._bucket.wait(nbytes))

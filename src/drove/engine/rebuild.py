@@ -97,6 +97,7 @@ class Volume(Protocol):
     mirror: Mirror
     generation: int
     epoch: int | None
+    rebuild_bandwidth: int  # bytes/s a rebuild reads its source at (0: no limit)
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """Record what happened and why."""
@@ -351,7 +352,8 @@ class Rebuild:
     async def _pull(self, source: ReplicaHandle, file: str,
                     ranges: list[tuple[int, int]] | None) -> None:
         """Have the target pull ``ranges`` (None: everything allocated) of layer ``file``."""
-        await self.target.start_sync(file, source.nbd_uri(f"layer/{file}"), ranges)
+        await self.target.start_sync(file, source.nbd_uri(f"layer/{file}"), ranges,
+                                     rate=self.engine.rebuild_bandwidth)
         while True:
             await asyncio.sleep(POLL)
             self._check_target()

@@ -233,11 +233,14 @@ class ReplicaHandle(Member):
             "reuse_head_as": reuse_head_as})
 
     async def start_sync(self, file: str, source: str,
-                         ranges: list[tuple[int, int]] | None) -> None:
-        """Start pulling layer ``file`` from the ``source`` NBD URI."""
-        await self.call("POST", "/v1/rebuild/sync", json={
+                         ranges: list[tuple[int, int]] | None, rate: int = 0) -> None:
+        """Start pulling layer ``file`` from the ``source`` NBD URI (``rate``: bytes/s)."""
+        body: dict[str, Any] = {
             "file": file, "source": source,
-            "ranges": None if ranges is None else [list(r) for r in ranges]})
+            "ranges": None if ranges is None else [list(r) for r in ranges]}
+        if rate:
+            body["rate"] = rate
+        await self.call("POST", "/v1/rebuild/sync", json=body)
 
     async def sync_status(self) -> dict[str, Any]:
         """Progress of the running pull."""

@@ -106,6 +106,7 @@ class Engine:
         stack = build_stack(layers or LayerSettings(), self.mirror)
         self.stats = stack.stats
         self.qos = stack.qos
+        self.rebuild_bandwidth = 0  # bytes/s a rebuild copies at (the rebuild QoS; 0: any)
         self.export = stack.top  # what the NBD server serves: stats -> qos -> mirror
         self.generation = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -616,16 +617,30 @@ class Engine:
             self.event("expanded", f"expanded to {size} bytes", size=size)
             return {"size": size}
 
-    def set_qos(self, changes: dict[str, Any], replace: bool = False) -> dict[str, Any]:
-        """Change the QoS limits live (``replace``: ``changes`` are the whole limits)."""
+    def qos_json(self) -> dict[str, Any]:
+        """The QoS limits and queues, and the rebuild's limit."""
+        return {**self.qos.to_json(), "rebuild_bandwidth": self.rebuild_bandwidth}
+
+    def set_qos(self, changes: dict[str, Any] | None, replace: bool = False,
+                rebuild_bandwidth: int | None = None) -> dict[str, Any]:
+        """Change the QoS limits live (``replace``: ``changes`` are the whole limits) and
+        the rebuild's (from the next layer it copies); nothing changes when one is bad."""
         try:
             limits = (QosLimits.from_json(changes) if replace
-                      else self.qos.limits.merged(changes))
+                      else self.qos.limits.merged(changes or {}))
         except (TypeError, ValueError) as exc:
             raise EngineError(str(exc), 400) from exc
-        self.qos.set_limits(limits)
-        self.event("qos", f"QoS limits now {limits.to_json()}", limits=limits.to_json())
-        return self.qos.to_json()
+        if rebuild_bandwidth is not None and rebuild_bandwidth < 0:
+            raise EngineError(f"rebuild_bandwidth must be 0 (no limit) or more bytes per "
+                              f"second, not {rebuild_bandwidth}", 400)
+        if limits != self.qos.limits:
+            self.qos.set_limits(limits)
+            self.event("qos", f"QoS limits now {limits.to_json()}", limits=limits.to_json())
+        if rebuild_bandwidth is not None and rebuild_bandwidth != self.rebuild_bandwidth:
+            self.rebuild_bandwidth = rebuild_bandwidth
+            self.event("qos", f"rebuilds copy at most {rebuild_bandwidth} bytes/s "
+                              "(0: no limit)", rebuild_bandwidth=rebuild_bandwidth)
+        return self.qos_json()
 
     # ----------------------------------------------------------- replicas
 

@@ -77,6 +77,9 @@ SYNC = Body("SyncRequest", {
     "ranges": Field("list[list[int]]", nullable=True, default=None,
                     description="[[offset, length], ...] to make equal (delta), or null: "
                                 "copy every allocated extent"),
+    "rate": Field("int", default=0,
+                  description="bytes per second to read the source at (0: no limit; the "
+                              "rebuild QoS, so that a rebuild cannot starve the volume)"),
 }, "Pull one incomplete layer from the source replica's layer export.")
 
 ENGINE_STATE = Body("EngineState", None, "The engine's opaque state (at most 64 KiB).")
@@ -319,7 +322,9 @@ class ReplicaControl:
         """Start pulling a layer from the source in the background."""
         self._refuse_while_syncing("start another sync")
         self._recheck(f"sync layer {req.file}")
-        job = SyncJob(self.replica, req.file, req.source, req.ranges)
+        if req.rate < 0:
+            raise InvalidRequestError(f"rate must be 0 (no limit) or more, not {req.rate}")
+        job = SyncJob(self.replica, req.file, req.source, req.ranges, rate=req.rate)
         job.start()
         self.sync_job = job
         log.info("sync of %s from %s started (%s)", req.file, req.source,

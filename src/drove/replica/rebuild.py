@@ -35,6 +35,7 @@ from drove.replica import meta
 from drove.replica.access import redact
 from drove.replica.chain import _PREALLOCATE_MIN, BLOCK, LayerHandle, Replica
 from drove.replica.errors import InvalidRequestError, RebuildingError
+from drove.tokenbucket import Pacer
 
 log = logging.getLogger("drove.replica")
 
@@ -134,8 +135,9 @@ class SyncJob:
     """Pull layer ``file`` of this replica from ``source`` (an NBD URI of the source's layer)."""
 
     def __init__(self, replica: Replica, file: str, source: str,
-                 ranges: Sequence[Sequence[int]] | None, connect: Connect | None = None) -> None:
-        """Check the request; :meth:`start` runs it."""
+                 ranges: Sequence[Sequence[int]] | None, connect: Connect | None = None,
+                 rate: int = 0) -> None:
+        """Check the request; :meth:`start` runs it (reading at most ``rate`` bytes/s)."""
         handle = replica.open_layer(file)
         try:
             if not handle.writable:
@@ -154,6 +156,7 @@ class SyncJob:
         self.source = source
         self.delta = ranges is not None
         self._connect = connect
+        self._pacer = Pacer(rate, burst=0.1)  # a short burst: a copy runs for long anyway
         self.state = "running"
         self.error: str | None = None
         self.bytes_total = sum(n for _, n in self.ranges)
@@ -285,6 +288,7 @@ class SyncJob:
                     slot = -1
                     fut = None
                     if item.data:
+                        await self._pacer.take(item.end - item.start)  # the rebuild QoS
                         slot = free.pop()
                         view = memoryview(pool[slot])[:item.end - item.start]
                         fut = asyncio.ensure_future(client.readinto(item.start, view))
