@@ -191,6 +191,7 @@ def df_kib(dockerd, cid: str) -> int:
                .split()[1])
 
 
+@pytest.mark.slow  # ~20 s: a backup, a restore, and 400 MiB written in the container
 def test_a_restored_volume_grows_while_a_container_uses_it(dockerd, plugin, manager,
                                                            tmp_path):
     (tmp_path / "backups").mkdir()

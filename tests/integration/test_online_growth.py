@@ -53,6 +53,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # 20-40 s: 380 MiB written through nbdfuse, then a detach and attach
 @pytest.mark.parametrize("fs", [
     "xfs",
     pytest.param("ext4", marks=pytest.mark.skipif(
