@@ -23,6 +23,17 @@ from drove.cli.output import (
     fail,
     parse_labels,
 )
+from drove.cli.qos import (
+    BandwidthLimitOpt,
+    BurstOpt,
+    IopsLimitOpt,
+    ReadBandwidthLimitOpt,
+    ReadIopsLimitOpt,
+    WriteBandwidthLimitOpt,
+    WriteIopsLimitOpt,
+    qos_body,
+    qos_text,
+)
 from drove.units import format_size, parse_size
 
 app = typer.Typer(help="Volumes: create, attach, resize, change replicas, delete.",
@@ -97,6 +108,13 @@ def create(
         "--standby-of", show_default=False,
         help="a DR standby: follow the backups of this volume on the backup target "
              "(restoring each new one; no --size: it is the backups')")] = None,
+    iops_limit: IopsLimitOpt = None,
+    bandwidth_limit: BandwidthLimitOpt = None,
+    read_iops_limit: ReadIopsLimitOpt = None,
+    write_iops_limit: WriteIopsLimitOpt = None,
+    read_bandwidth_limit: ReadBandwidthLimitOpt = None,
+    write_bandwidth_limit: WriteBandwidthLimitOpt = None,
+    burst: BurstOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create volume NAME and place its replicas (nothing runs until it is attached).
@@ -110,6 +128,8 @@ def create(
         drove volume create cache --size 1G --data-locality strict-local
 
         drove volume create db-dr --standby-of db   (then `drove volume activate db-dr`)
+
+        drove volume create web --size 5G --iops-limit 500 --bandwidth-limit 100M
     """
     if standby_of is not None and size is not None:
         fail("a standby is the size of its source's backups: give --size or --standby-of, "
@@ -127,6 +147,9 @@ def create(
         body["pool"] = pool
     if data_locality is not None:
         body["data_locality"] = data_locality.value
+    if qos := qos_body(iops_limit, bandwidth_limit, read_iops_limit, write_iops_limit,
+                    read_bandwidth_limit, write_bandwidth_limit, burst):
+        body["qos"] = qos
     v = mgr.post("/v1/volumes", body)
     if emit(v, json_out):
         return
@@ -489,12 +512,19 @@ def update(
     remove_label: Annotated[list[str] | None, typer.Option(
         show_default=False, help="remove label KEY, repeatable")] = None,
     data_locality: LocalityOpt = None,
+    iops_limit: IopsLimitOpt = None,
+    bandwidth_limit: BandwidthLimitOpt = None,
+    read_iops_limit: ReadIopsLimitOpt = None,
+    write_iops_limit: WriteIopsLimitOpt = None,
+    read_bandwidth_limit: ReadBandwidthLimitOpt = None,
+    write_bandwidth_limit: WriteBandwidthLimitOpt = None,
+    burst: BurstOpt = None,
     wait: Annotated[bool, typer.Option(
         help="follow the rebuild until the volume is healthy")] = True,
     timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change the replica count or data locality of volume NAME (live), or its labels.
+    """Change the replica count, data locality or QoS limits of volume NAME (live), or labels.
 
     With a new replica count or data locality it then shows the rebuild's
     progress until the volume is healthy again (Ctrl-C stops watching, not the
@@ -507,11 +537,16 @@ def update(
         drove volume update db --data-locality disabled
 
         drove volume update db --label tier=gold --remove-label old
+
+        drove volume update db --write-iops-limit 200 --bandwidth-limit 0
     """
-    if replicas is None and not label and not remove_label and data_locality is None:
-        fail("nothing to change: give --replicas N, --data-locality X, --label KEY=VALUE or "
-             "--remove-label KEY")
-    body: dict[str, Any] = {}
+    qos = qos_body(iops_limit, bandwidth_limit, read_iops_limit, write_iops_limit,
+                   read_bandwidth_limit, write_bandwidth_limit, burst)
+    if replicas is None and not label and not remove_label and data_locality is None \
+            and not qos:
+        fail("nothing to change: give --replicas N, --data-locality X, --label KEY=VALUE, "
+             "--remove-label KEY or a QoS limit (--iops-limit N, --bandwidth-limit SIZE, ...)")
+    body: dict[str, Any] = {"qos": qos} if qos else {}
     if replicas is not None:
         body["replicas"] = replicas
     if data_locality is not None:
@@ -531,7 +566,8 @@ def update(
     console.print(f"volume {escape(v['name'])}: {v['replica_count']} replica(s), "
                   f"data locality {escape(v.get('data_locality') or '?')}, "
                   f"{styled(v['health'], HEALTH_STYLE)}"
-                  + (f", labels {escape(labels_text(v['labels']))}" if v.get("labels") else ""),
+                  + (f", labels {escape(labels_text(v['labels']))}" if v.get("labels") else "")
+                  + (f", QoS {escape(qos_text(v.get('qos')))}" if qos_text(v.get("qos")) else ""),
                   highlight=False)
     if live and v.get("state") == "detached":
         console.print("it is detached: the change applies when it is attached",

@@ -34,6 +34,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+QOS_HELP = ("QoS limits: iops, bandwidth, read_iops, write_iops, read_bandwidth, "
+            "write_bandwidth (bandwidths in bytes/s or a size such as \"100M\"; 0: no limit) "
+            "and burst (seconds at the limit a bucket holds, default 1)")
+
+
 class VolumeCreate(Strict):
     """A new volume."""
 
@@ -47,6 +52,7 @@ class VolumeCreate(Strict):
     standby_of: str | None = Field(None, description="a DR standby following this volume's "
                                                      "backups on the backup target (its size "
                                                      "and replica count come from them)")
+    qos: dict[str, Any] | None = Field(None, description=QOS_HELP)
 
 
 class Activate(Strict):
@@ -62,6 +68,8 @@ class VolumeUpdate(Strict):
     replicas: int | None = Field(None, ge=1, le=10)
     labels: Labels | None = None
     data_locality: Locality | None = None
+    qos: dict[str, Any] | None = Field(None, description=QOS_HELP + "; applied live; limits "
+                                                         "not given keep their value")
 
 
 class Heartbeat(BaseModel):
@@ -191,6 +199,9 @@ class SettingsUpdate(Strict):
         None, description="loopback (default: NBD clients on the engine's host only) or node "
                           "(also its node's address, open to every host that reaches it); "
                           "applies at the next attach")
+    rebuild_bandwidth_limit: int | None = Field(
+        None, description="bytes per second a rebuild or a backup of a volume may read "
+                          "(0: no limit), so that it cannot starve the volume's I/O")
 
 
 Codec = Literal["zstd", "lz4", "none"]
@@ -428,7 +439,7 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         if req.size is None:
             raise ApiError(422, "size is required (or standby_of, for a DR standby)")
         return manager.create_volume(req.name, req.size, req.replicas, req.pool, req.labels,
-                                     req.data_locality)
+                                     req.data_locality, qos=req.qos)
 
     @app.post("/v1/volumes/{name}/activate", dependencies=secured)
     async def activate_volume(name: str, req: Activate | None = None) -> dict[str, Any]:
@@ -465,7 +476,8 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:
         """Change the replica count or data locality (both online) or labels."""
-        return await manager.update_volume(name, req.replicas, req.labels, req.data_locality)
+        return await manager.update_volume(name, req.replicas, req.labels, req.data_locality,
+                                           qos=req.qos)
 
     @app.delete("/v1/volumes/{name}", dependencies=secured)
     async def delete_volume(name: str, force: bool = False) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard, check_not_busy, check_not_restoring
 from drove.manager.locality import DISABLED
+from drove.manager.qos import push as push_qos
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
@@ -352,6 +353,12 @@ class Attacher:
                 raise ApiError(409, f"volume {name}: host attach failed: {exc}") from exc
         doc["state"] = "attached"
         self._records.save(doc)
+        # The volume's QoS limits and the rebuild QoS (drove.manager.qos), from the start on.
+        try:
+            await push_qos(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"))
+        except ApiError as exc:
+            self._event("volume-qos-failed", f"volume {name}: its engine did not take the QoS "
+                        f"limits: {exc}; it serves without them", name, level="warning")
         await self._engines.refresh(doc)
         where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
         served = (f"; replica {local['name']} is local (served by the engine)" if local

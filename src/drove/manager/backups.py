@@ -33,6 +33,7 @@ from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store
 from drove.manager.tasks import TaskContext, TaskFailed, Tasks
 from drove.nbd.client import NbdClient, connect_uri, extents
+from drove.tokenbucket import Pacer
 
 log = logging.getLogger("drove.manager")
 
@@ -57,6 +58,9 @@ class Volumes(Protocol):
 
     def record(self, name: str) -> dict[str, Any]:
         """A volume's stored document (ApiError 404)."""
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting with its value."""
 
     def save(self, doc: dict[str, Any]) -> None:
         """Store a volume's document."""
@@ -141,13 +145,15 @@ async def allocated(client: NbdClient) -> list[tuple[int, int]]:
 
 
 class NbdSource:
-    """A snapshot export read by the block store."""
+    """A snapshot export read by the block store, at most ``rate`` bytes/s (0: any)."""
 
-    def __init__(self, client: NbdClient) -> None:
+    def __init__(self, client: NbdClient, rate: int = 0) -> None:
         self.client = client
+        self.pacer = Pacer(rate)  # the rebuild QoS: a backup must not starve the volume
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Bytes of the snapshot."""
+        await self.pacer.take(length)
         return await self.client.read(offset, length)
 
 
@@ -351,7 +357,8 @@ class Backups:
             ctx.message(f"incremental from {base}" if base else "full backup")
             try:
                 return await store.create(
-                    NbdSource(src), volume=volume, size=doc["size"], snapshot=snap,
+                    NbdSource(src, self.m.settings()["rebuild_bandwidth_limit"]),
+                    volume=volume, size=doc["size"], snapshot=snap,
                     snapshot_id=snapshot_id(target), ranges=ranges, base=base,
                     labels=labels, compression=codec, name=name, progress=ctx.progress,
                     on_wait=ctx.message, replicas=doc.get("replica_count"))

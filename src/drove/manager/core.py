@@ -49,6 +49,8 @@ from drove.manager.healer import Healer
 from drove.manager.locality import STRICT_LOCAL
 from drove.manager.localize import Localizer, check_change
 from drove.manager.placement import PlacementError
+from drove.manager.qos import check_qos
+from drove.manager.qos import push as push_qos
 from drove.manager.rebuild import Rebuilds
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
@@ -58,6 +60,8 @@ from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store, now_iso
 
 log = logging.getLogger("drove.manager")
+
+_PUSHES: set[asyncio.Task[None]] = set()  # rebuild limits being sent to engines
 
 
 class Manager:
@@ -125,7 +129,23 @@ class Manager:
 
     def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Change settings (ApiError 422 for unknown names or values out of range)."""
-        return self._settings.update(changes)
+        values = self._settings.update(changes)
+        if "rebuild_bandwidth_limit" in changes:
+            with contextlib.suppress(RuntimeError):  # no loop: engines get it at their start
+                task = asyncio.get_running_loop().create_task(
+                    self._push_rebuild_limit(values["rebuild_bandwidth_limit"]))
+                _PUSHES.add(task)  # kept until done (the loop holds tasks weakly)
+                task.add_done_callback(_PUSHES.discard)
+        return values
+
+    async def _push_rebuild_limit(self, limit: int) -> None:
+        """Tell every attached volume's engine the new rebuild limit (its next layer copy)."""
+        for doc in self._records.all():
+            if doc["state"] == "attached":
+                try:
+                    await push_qos(self._engines, doc, limit)
+                except ApiError as exc:
+                    log.warning("volume %s: rebuild limit not set: %s", doc["name"], exc)
 
     # ------------------------------------------------------- nodes, disks
 
@@ -207,7 +227,8 @@ class Manager:
 
     def create_volume(self, name: str, size: int | str, replicas: int | None = None,
                       pool: str | None = None, labels: dict[str, str] | None = None,
-                      data_locality: str | None = None) -> dict[str, Any]:
+                      data_locality: str | None = None,
+                      qos: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create a volume and place its replicas (nothing runs until it is attached).
 
         ``data_locality`` defaults to the ``default_data_locality`` setting; a
@@ -227,6 +248,7 @@ class Manager:
         locality.check_count(where, count, name)
         if pool is not None:
             validate_name("pool", pool)
+        limits = check_qos(None, qos)
         if self._records.find(name) is not None:
             raise ApiError(409, f"volume {name!r} exists; choose another name or delete it")
         doc: dict[str, Any] = {
@@ -234,7 +256,7 @@ class Manager:
             "labels": dict(labels or {}), "created": now_iso(), "desired": "detached",
             "state": "detached", "mount": None, "engine": None, "host": None,
             "replicas": [], "next_replica": 0, "initialized": False,
-            "data_locality": where,
+            "data_locality": where, "qos": limits,
         }
         try:
             doc["replicas"] = self._replicas.place(doc, count)
@@ -281,12 +303,14 @@ class Manager:
 
     async def update_volume(self, name: str, replicas: int | None = None,
                             labels: dict[str, str] | None = None,
-                            data_locality: str | None = None) -> dict[str, Any]:
-        """Change labels, the replica count or the data locality (live, online rebuilds)."""
+                            data_locality: str | None = None,
+                            qos: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Change labels, the replica count, the data locality or the QoS limits (live)."""
         async with self.lock(name):
             doc = self.record(name)
             if replicas is not None and not 1 <= replicas <= 10:
                 raise ApiError(422, f"replicas must be between 1 and 10, not {replicas}")
+            limits = check_qos(doc.get("qos"), qos) if qos is not None else None
             before = self.locality(doc)
             after = before if data_locality is None else locality.check_locality(data_locality)
             check_change(doc, self.attach_node(doc), before, after, replicas)
@@ -296,7 +320,12 @@ class Manager:
                 await self._set_replica_count(doc, replicas)
             if after != before or data_locality is not None:
                 doc["data_locality"] = after
+            if limits is not None and limits != doc.get("qos"):
+                doc["qos"] = limits
+                self.event("volume-qos-changed", f"volume {name}: QoS limits {limits}", name)
             self.save(doc)
+            if limits is not None and doc["state"] == "attached":
+                await push_qos(self._engines, doc, self.settings()["rebuild_bandwidth_limit"])
             if after != before:
                 await self._localizer.changed(doc, before, after)
             if doc["state"] == "attached":

@@ -24,6 +24,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # its own host, or also the node's address, open to every host that reaches it (the
     # export takes no key: NBD clients such as the kernel's cannot send one).
     "engine_nbd_listen": "loopback",
+    # Bytes per second a rebuild (or a backup) may read, per volume; 0: no limit. Longhorn's
+    # rebuild QoS: a rebuild must not starve the volume's own I/O.
+    "rebuild_bandwidth_limit": 0,
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {
     "default_data_locality": locality.LOCALITIES,
@@ -36,6 +39,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "heal_interval": (0.1, 60),
     "failed_replica_retry_seconds": (0.5, 3600),
     "replica_replenish_wait": (0.0, 86400),
+    "rebuild_bandwidth_limit": (0, 1 << 40),
 }
 
 

@@ -54,6 +54,7 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "name": doc["name"], "size": doc["size"], "replica_count": doc["replica_count"],
         "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
         "data_locality": data_locality,
+        "qos": doc.get("qos"),  # the QoS limits (drove.manager.qos); None: never set
         "clone_of": ({k: doc["clone_of"][k] for k in ("volume", "snapshot")}
                      if doc.get("clone_of") else None),
         "state": "restoring" if doc.get("restoring") else doc["state"],
