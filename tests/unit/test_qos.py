@@ -153,3 +153,16 @@ def test_pacer_holds_a_copier_to_its_rate() -> None:
         assert time.monotonic() - t < 0.05
 
     asyncio.run(main())
+
+
+def test_stop_throttling_lets_the_queue_through_in_order() -> None:
+    async def main() -> None:
+        layer = QosLayer(MemoryExport(SIZE), QosLimits(iops=1, burst=0.1))
+        reqs = Requests(layer)
+        for i in range(10):
+            reqs.submit(f"w{i}", eager.WRITE)
+        assert len(reqs.done) == 1
+        layer.stop_throttling()
+        assert [x for x, _, _ in reqs.done] == [f"w{i}" for i in range(10)]
+
+    asyncio.run(main())

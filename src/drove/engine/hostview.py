@@ -20,8 +20,9 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
+from drove.engine.layers import Layer
 from drove.nbd import eager
-from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Export, Extent
+from drove.nbd.export import NBD_STATE_HOLE, NBD_STATE_ZERO, Extent
 
 VIEW_SIZE = 1 << 50
 """The size the view advertises: 1 PiB, the most a volume can grow to while mounted."""
@@ -35,15 +36,21 @@ def view_name(volume: str) -> str:
     return volume + SUFFIX
 
 
-class GrowableView:
-    """``inner`` advertised at :data:`VIEW_SIZE`; nothing but zeros past its real end."""
+class GrowableView(Layer):
+    """``inner`` advertised at :data:`VIEW_SIZE`; nothing but zeros past its real end.
 
-    def __init__(self, inner: Export) -> None:
-        self.inner = inner
-        self.name = view_name(inner.name)
-        self.description = f"{inner.description} (growable view for host attach)"
-        self.caps = inner.caps
-        self._inner_submit = eager.calls(inner)
+    A layer (drove.engine.layers): the capabilities are the volume's, as they are now.
+    """
+
+    @property
+    def name(self) -> str:
+        """The view's export name."""
+        return view_name(self.inner.name)
+
+    @property
+    def description(self) -> str:
+        """The volume's description, saying it is the growable view."""
+        return f"{self.inner.description} (growable view for host attach)"
 
     @property
     def size(self) -> int:
@@ -54,7 +61,7 @@ class GrowableView:
                done: eager.Done) -> None:
         """READ, WRITE or FLUSH in callback style (:mod:`drove.nbd.eager`), bounded."""
         if cmd == eager.FLUSH or offset + length <= self.inner.size:
-            self._inner_submit(cmd, offset, length, data, fua, done)
+            self.below(cmd, offset, length, data, fua, done)
         elif cmd == eager.READ:
             eager.run(self.read(offset, length), done)
         else:

@@ -98,6 +98,7 @@ async def serve_engine(
         finally:
             stopping.cancel()  # if serving ended another way
             sampler.cancel()
+            engine.qos.stop_throttling()  # what waited for its turn completes before the end
             await server.close()  # no more client I/O
             # flush and mark the replicas clean before the control server stops: a stalled
             # control client can delay the end by its grace, never the clean stop

@@ -165,6 +165,12 @@ class QosLayer(Layer):
         self._off = limits.unlimited
         self._release()
 
+    def stop_throttling(self) -> None:
+        """Let everything through from now on, queued requests first (the engine stops:
+        what the clients sent completes before the connections close and the final flush)."""
+        self._off = True
+        self._release()
+
     def to_json(self) -> dict[str, Any]:
         """The limits and the queues, for the control API."""
         return {"limits": self.limits.to_json(),
@@ -222,24 +228,18 @@ class QosLayer(Layer):
     async def _wait(self, d: int, nbytes: int) -> None:
         """The coroutine form's turn: return once the limits let the request pass."""
         fut: asyncio.Future[None] | None = None
+        passed = False
 
         def go() -> None:
+            nonlocal passed
+            passed = True
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-        q = self._waiting[d]
-        if not q and self._buckets.try_take(d, nbytes, time.monotonic()):
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._admit_queued(d, nbytes, go)
-        await fut
-
-    def _admit_queued(self, d: int, nbytes: int, go: Callable[[], None]) -> None:
-        self.throttled[d] += 1
-        q = self._waiting[d]
-        q.append((nbytes, go))
-        if len(q) == 1:
-            self._arm()
+        self._admit(d, nbytes, go)
+        if not passed:
+            fut = asyncio.get_running_loop().create_future()
+            await fut
 
     # ----------------------------------------------------------- operations
 
