@@ -404,3 +404,29 @@ def test_postgres_runs_pgbench_during_the_fill(manager, tmp_path):
                 s.stop("immediate")
         if not (os.path.ismount(mnt) or os.path.ismount(mnt2)):
             shutil.rmtree(top, ignore_errors=True)
+
+
+def test_clone_from_backup(manager, source):
+    """`drove volume clone --from-backup B NEW` is an instant restore under the clone verb:
+    NEW serves the backup's data at once, carries its labels, and the fill ends it."""
+    backup, _, pieces = source
+    for args, says in [
+        (["--from-backup", backup, "a", "b"], "only the new volume's name"),
+        (["--from-backup", backup, "c1", "--snapshot", "s"], "leave --snapshot out"),
+        (["--from-backup", backup, "c1", "--full"], "leave --full out"),
+        (["--from-backup", backup, "c1", "--label", "bad label"], "label"),
+        (["--from-backup", "backup-0123456789abcdef", "c1"], "does not exist"),
+        (["src"], "new volume's name"),
+    ]:
+        r = manager.cli("volume", "clone", *args, check=False)
+        assert r.returncode != 0 and says in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+    assert manager.api("GET", "/v1/volumes/c1").status_code == 404
+    out = manager.cli_json("volume", "clone", "--from-backup", backup, "c1", "--label",
+                           "env=test")
+    assert out["volume"] == "c1" and out["backup"] == backup
+    vol = manager.volume("c1")
+    assert vol["state"] == "attached" and vol["labels"] == {"env": "test"}, vol
+    off, n = pieces[-1]
+    qemu_io(vol["nbd_uri"], f"read -P {len(pieces)} {off} {n}", read_only=True)
+    wait_task(manager, out["task"])
+    assert manager.volume("c1").get("instant_restore") is None

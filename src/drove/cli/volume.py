@@ -331,8 +331,15 @@ def show_volume(v: dict[str, Any]) -> None:
 @with_manager
 def clone(
     mgr: Manager,
-    src: Annotated[str, typer.Argument(help="the volume to clone", show_default=False)],
-    new: Annotated[str, typer.Argument(help="the new volume's name", show_default=False)],
+    src: Annotated[str, typer.Argument(
+        help="the volume to clone (with --from-backup: the new volume's name only)",
+        show_default=False)],
+    new: Annotated[str | None, typer.Argument(help="the new volume's name",
+                                              show_default=False)] = None,
+    from_backup: Annotated[str | None, typer.Option(
+        "--from-backup", show_default=False,
+        help="clone a backup instead: the new volume serves at once, its data fetched from "
+             "the backup as it is read and filled in the background (an instant restore)")] = None,
     snapshot: Annotated[str | None, typer.Option(
         "--snapshot", "-s", show_default=False,
         help="the snapshot to clone (default: take one now)")] = None,
@@ -354,7 +361,17 @@ def clone(
         drove volume clone db db-test --snapshot before-upgrade
 
         drove volume clone db db-copy --full
+
+        drove volume clone --from-backup backup-1a2b db-test
     """
+    if from_backup is not None:
+        _clone_backup(mgr, from_backup, [a for a in (src, new) if a is not None],
+                      snapshot=snapshot, full=full, replicas=replicas, label=label,
+                      json_out=json_out)
+        return
+    if new is None:
+        fail("give the volume to clone and the new volume's name: drove volume clone SRC NEW "
+             "(or drove volume clone --from-backup BACKUP NEW)")
     body: dict[str, Any] = {"name": new, "labels": parse_labels(label), "full": full}
     if snapshot is not None:
         body["snapshot"] = snapshot
@@ -376,6 +393,33 @@ def clone(
     if v.get("task"):
         console.print(f"flattening in the background: task {v['task']['id']} "
                       f"(`drove task wait {v['task']['id']}`)", highlight=False)
+
+
+def _clone_backup(mgr: Manager, backup: str, names: list[str], *, snapshot: str | None,
+                  full: bool, replicas: int | None, label: list[str] | None,
+                  json_out: bool) -> None:
+    """`clone --from-backup B NEW`: an instant restore of B into NEW (then its labels)."""
+    if len(names) != 1:
+        fail("with --from-backup give only the new volume's name: "
+             "drove volume clone --from-backup BACKUP NEW")
+    if snapshot is not None:
+        fail("--snapshot names a snapshot of a volume; a backup is one point in time already: "
+             "leave --snapshot out with --from-backup")
+    if full:
+        fail("--full is implied with --from-backup: the background fill copies the whole "
+             "backup; leave --full out")
+    labels = parse_labels(label)  # checked before anything is made
+    new = names[0]
+    body: dict[str, Any] = {"volume": new, "replicas": replicas, "instant": True}
+    task = mgr.post(f"/v1/backups/{backup}/restore", body)
+    if labels:
+        mgr.patch(_path(new), {"labels": labels})
+    if emit({"task": task["id"], "volume": new, "backup": backup}, json_out):
+        return
+    console.print(f"volume [bold]{escape(new)}[/] serves backup {escape(backup)} now "
+                  f"(attached: `drove volume get {escape(new)}`); the rest is filled by task "
+                  f"{escape(task['id'])} (`drove task wait {escape(task['id'])}`)",
+                  highlight=False)
 
 
 @app.command()
