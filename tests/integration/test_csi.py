@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,15 @@ def test_mount_lifecycle(csi: tuple[ManagerProc, CsiDriver], tmp_path: Path) -> 
     assert stats.volume_condition.abnormal is False
     assert code_of(d.node_service.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
         volume_id="web", volume_path=str(tmp_path / "elsewhere"))) == C.NOT_FOUND
+    # A target unmounted behind the driver's back: abnormal; publishing again mends it.
+    subprocess.run(["umount", ro], check=True)
+    cond = d.node_service.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+        volume_id="web", volume_path=ro)).volume_condition
+    assert cond.abnormal and "not mounted" in cond.message
+    d.node_service.NodePublishVolume(pb.NodePublishVolumeRequest(
+        volume_id="web", staging_target_path=staging, target_path=ro, volume_capability=cap,
+        readonly=True))
+    assert Path(ro, "hello.txt").read_text() == "from the first pod"
     # Unstage refused while published; then down and up again: the file is still there
     # (the filesystem is never made again over data).
     assert code_of(d.node_service.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(

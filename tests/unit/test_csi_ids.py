@@ -57,3 +57,14 @@ def test_sizes_from_capacity_ranges() -> None:
     with pytest.raises(CsiError) as err:
         size(required=-1)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_volume_condition_from_health() -> None:
+    from drove.csi.controller import condition
+
+    ok = condition({"health": "healthy", "replicas": [{"name": "v-r1", "mode": "RW"}]})
+    assert not ok.abnormal
+    bad = condition({"health": "degraded", "replicas": [
+        {"name": "v-r1", "mode": "RW"}, {"name": "v-r2", "mode": "ERR"}]})
+    assert bad.abnormal and "degraded" in bad.message and "v-r2 ERR" in bad.message
+    assert condition({"health": "faulted", "replicas": []}).abnormal
