@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from drove.agent import clones, processes
+from drove.agent import clones, orphans, processes
 from drove.agent.processes import Proc
 from drove.engine.hostview import view_name
 
@@ -154,6 +154,15 @@ class NodeAgent:
         if isinstance(proc, dict):
             proc = Proc.from_json(proc)
         return processes.alive(proc)
+
+    def stop_unrecorded(self, volume: str, replicas: dict[str, str], keep: list[int],
+                        reason: str, engines: bool = True) -> list[dict[str, Any]]:
+        """Stop the engines of ``volume`` (with ``engines``) and the processes of its
+        ``replicas`` (name -> directory) that this agent runs but whose pid is not in
+        ``keep`` (those its manager's record names), engines first; [{kind, name, pid}]
+        of those stopped (a process another agent or a person started is never one)."""
+        return [f.to_json() for f in orphans.stop_unrecorded(self.run_dir, volume, replicas,
+                                                               set(keep), reason, engines)]
 
     # ----------------------------------------------------------- host attach
 

@@ -52,6 +52,17 @@ PROC = Body("Process", {
     "timeout_ms": Field("int", default=30_000),
 }, "One supervised process.")
 
+STOP_UNRECORDED = Body("StopUnrecorded", {
+    "volume": Field("str"),
+    "replicas": Field("dict[str,str]",
+                      description="{name: directory} of the volume's replicas on this node"),
+    "keep": Field("list[dict]", description="[{pid}] of the processes the manager's record "
+                                            "names: left running"),
+    "reason": Field("str", default="the manager's record does not name it"),
+    "engines": Field("bool", default=True, description="the volume's engines too"),
+}, "Stop a volume's engines and replica processes here that the manager's record does not "
+   "name (left by a manager killed while it started them), engines first.")
+
 ATTACH = Body("HostAttach", {
     "volume": Field("str"),
     "mount": Field("str", nullable=True, default=None),
@@ -148,6 +159,13 @@ def build_app(agent: NodeAgent, token: str) -> App:
     async def alive(body: Any) -> dict[str, Any]:
         """Whether a process still runs."""
         return {"alive": agent.alive(body.proc)}
+
+    @app.post("/v1/volumes/stop-unrecorded", body=STOP_UNRECORDED)
+    async def stop_unrecorded(body: Any) -> list[dict[str, Any]]:
+        """Stop the volume's processes here that no record names; [{kind, name, pid}]."""
+        keep = [int(p["pid"]) for p in body.keep if isinstance(p.get("pid"), int)]
+        return await asyncio.to_thread(agent.stop_unrecorded, body.volume, body.replicas,
+                                       keep, body.reason, body.engines)
 
     @app.post("/v1/host/attach", body=ATTACH)
     async def attach(body: Any) -> dict[str, Any]:

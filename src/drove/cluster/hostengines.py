@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from drove.agent import processes
+from drove.agent import orphans, processes
 from drove.agent.node import NodeAgent
 from drove.agent.processes import Proc
 
@@ -45,25 +44,16 @@ def _option(argv: list[str], name: str) -> str | None:
 def running_engines(agent: NodeAgent) -> list[RunningEngine]:
     """The engines running on this host under ``agent``'s run directory (from /proc)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            continue
-        if len(argv) < 6 or argv[1:5] != ["-m", "drove", "engine", "serve"]:
-            continue
+    for pid, argv in orphans.drove_processes("engine"):
         volume = argv[5]
         # Its NBD socket is in this agent's run directory: this agent's engine, not one a
         # person or another agent (another data dir, in a test) runs on this host.
-        if _option(argv, "--nbd-unix") != str(agent.engine_socket(volume)):
+        if orphans.option(argv, "--nbd-unix") != str(agent.engine_socket(volume)):
             continue
-        pid = int(entry.name)
         started = processes.start_time(pid)
         if started is None:
             continue
-        epoch = _option(argv, "--epoch")
+        epoch = orphans.option(argv, "--epoch")
         found.append(RunningEngine(volume, int(epoch) if epoch and epoch.isdigit() else None,
                                    Proc(pid, started, argv, "")))
     return found

@@ -101,6 +101,14 @@ class RemoteAgent:
         except AgentUnreachableError:
             return False
 
+    def stop_unrecorded(self, volume: str, replicas: dict[str, str], keep: list[int],
+                        reason: str, engines: bool = True) -> list[dict[str, Any]]:
+        """Stop the processes of ``volume`` on that node its manager's record does not name
+        (see NodeAgent.stop_unrecorded); those stopped."""
+        return self._post("/v1/volumes/stop-unrecorded", {
+            "volume": volume, "replicas": replicas, "keep": [{"pid": p} for p in keep],
+            "reason": reason, "engines": engines}, _START_TIMEOUT)
+
     def attach_host(self, volume: str, mount: str | None, fs: str) -> dict[str, Any]:
         """Give that host a block device for ``volume`` (and mount it)."""
         return self._post("/v1/host/attach", {"volume": volume, "mount": mount, "fs": fs},

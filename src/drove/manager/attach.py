@@ -28,6 +28,7 @@ from drove.manager.qos import push as push_qos
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
+from drove.manager.unrecorded import Unrecorded
 from drove.manager.volumekey import volume_key
 from drove.replica.fence import NOTHING_CLAIMED
 
@@ -46,6 +47,8 @@ class Attacher:
         self._settings = settings
         self._event = event
         self._guard = guard
+        self._unrecorded = Unrecorded(agents, event,
+                                      lambda n: disks.health.down_for(n) is not None)
 
     def check_node(self, doc: dict[str, Any], node: str | None) -> str:
         """The node to attach ``doc`` on (default: this manager's), or ApiError 409 why not.
@@ -92,6 +95,7 @@ class Attacher:
                                                         if mount else None)
             doc["state"] = "attaching"
             self._records.save(doc)
+            await self._unrecorded.stop(doc, reason=_LEFT_OVER)
             await self._bring_up_or_undo(doc)
             return doc
 
@@ -219,6 +223,10 @@ class Attacher:
         await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]
                                if r["name"] in fence and r.get("proc")),
                              return_exceptions=True)
+        # An engine or replica process started for the takeover whose start did not answer
+        # (or a manager killed before it recorded it) would hold a replica's directory.
+        await self._unrecorded.stop(doc, reason="started for a refused takeover",
+                                    engine_node=node, keep_from=[doc, before])
         self._engines.drop(name)
         # The epoch only grows once an engine may have claimed replicas with it; one that
         # refused before it claimed any leaves the old engine's epoch the volume's (the old
@@ -400,14 +408,23 @@ class Attacher:
         self._event("volume-detached", f"volume {name} detached", name)
 
     async def _stop_processes(self, doc: dict[str, Any]) -> None:
-        """Stop the engine (it flushes to every replica first), then the replicas at once."""
+        """Stop the engine (it flushes to every replica first), then the replicas at once;
+        with them, every engine and replica process of the volume the agents run but the
+        record does not name (engines first)."""
         await asyncio.to_thread(self._agents.for_node(doc.get("node")).stop, doc.get("engine"))
+        # A manager killed after an agent started a process, before it recorded it, left
+        # it running: it would hold a replica's directory (a lock) and keep it from starting.
+        await self._unrecorded.stop(doc, reason=_LEFT_OVER)
         doc["engine"] = None
         await asyncio.gather(*(self._replicas.stop(r) for r in doc["replicas"]))
         for r in doc["replicas"]:
             r["proc"] = None
             if r["state"] == "running":
                 r["state"] = "stopped"
+
+
+_LEFT_OVER = ("left by an earlier start of the volume: a manager stopped after its agent "
+              "started them, before it recorded them, or a start whose answer was lost")
 
 
 def _check_mount_path(mount: str) -> None:

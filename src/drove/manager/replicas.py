@@ -20,6 +20,7 @@ from drove.manager.locality import DISABLED
 from drove.manager.placement import PlacementError, place
 from drove.manager.records import Records
 from drove.manager.settings import Settings
+from drove.manager.unrecorded import Unrecorded
 from drove.manager.volumekey import volume_key
 
 
@@ -34,6 +35,8 @@ class Replicas:
         self._agents = agents
         self._settings = settings
         self._event = event
+        self._unrecorded = Unrecorded(agents, event,
+                                      lambda n: disks.health.down_for(n) is not None)
 
     def place(self, doc: dict[str, Any], count: int,
               only_node: str | None = None) -> list[dict[str, Any]]:
@@ -81,8 +84,16 @@ class Replicas:
             await self.stop(rep, 5.0)
         try:
             agent = self._agents.for_replica(rep)
-            proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep, doc["size"],
-                                           volume_key(doc))
+            try:
+                proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep,
+                                               doc["size"], volume_key(doc))
+            except ProcessStartError:
+                # A process an earlier start left, never recorded (its manager was killed,
+                # or the answer was lost), may hold the directory: once it is stopped, again.
+                if not await self._unrecorded.stop_replica(doc, rep, _LEFT_OVER):
+                    raise
+                proc = await asyncio.to_thread(agent.start_replica, doc["name"], rep,
+                                               doc["size"], volume_key(doc))
         except (ProcessStartError, AgentError) as exc:
             self.fail(doc, rep, f"process did not start: {exc}")
             return False
@@ -138,3 +149,7 @@ class Replicas:
         doc["replicas"].remove(rep)
         self._event("replica-removed", f"replica {rep['name']} removed from disk {rep['disk']}",
                     doc["name"])
+
+
+_LEFT_OVER = ("left by an earlier start of the replica: a manager stopped after its agent "
+              "started it, before it recorded it, or a start whose answer was lost")
