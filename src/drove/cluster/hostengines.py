@@ -33,14 +33,6 @@ class RunningEngine:
     proc: Proc
 
 
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` in ``argv``."""
-    for i, arg in enumerate(argv[:-1]):
-        if arg == name:
-            return argv[i + 1]
-    return None
-
-
 def running_engines(agent: NodeAgent) -> list[RunningEngine]:
     """The engines running on this host under ``agent``'s run directory (from /proc)."""
     found = []
