@@ -29,14 +29,15 @@ class ManagerProc:
         self.url = ""
         self.token = ""
 
-    def start(self, timeout: float = 120, listen: str = "127.0.0.1:0") -> ManagerProc:
-        """Start the manager (on a free port unless ``listen`` says) and wait until it
-        serves."""
+    def start(self, timeout: float = 120, listen: str = "127.0.0.1:0",
+              extra: tuple[str, ...] = ()) -> ManagerProc:
+        """Start the manager (on a free port unless ``listen`` says; ``extra``: more options
+        of `drove serve`) and wait until it serves."""
         (self.data_dir / "manager.json").unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "drove", "serve", "--data-dir", str(self.data_dir),
-                 "--listen", listen], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                 "--listen", listen, *extra], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         info = self.data_dir / "manager.json"
         while not info.exists():

@@ -106,7 +106,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                  local_nbd: str, local_control: str, size: str | None, nbd: str,
                  nbd_unix: str | None, control: str, timeout: float, quorum_wait: float,
                  state_file: Path | None,
-                 rebuild: bool, epoch: int | None, fence_all: bool, tls_cert: Any,
+                 rebuild: bool, epoch: int | None, fence_all: bool, key_file: Path | None,
+                 tls_cert: Any,
                  tls_key: Any, tls_ca: Any, tls_required: bool, log_level: str) -> None:
     """Serve a volume over its replicas until SIGTERM/SIGINT (the body of `drove engine serve`)."""
     from drove.engine.generation import NoCurrentReplicaError
@@ -137,13 +138,22 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
     if epoch is not None and not 1 <= epoch <= MAX_EPOCH:
         fail(f"--epoch must be between 1 and {MAX_EPOCH}, not {epoch}")
     tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
+    data_key = None
+    if key_file is not None:
+        from drove.engine.crypt import read_key_file
+
+        try:
+            data_key = read_key_file(key_file)
+        except (OSError, ValueError) as exc:
+            fail(f"--key-file {key_file}: {exc}")
     try:
         run(lambda: serve_engine(name, size_bytes, replicas, nbd=nbd_addr, unix=nbd_unix,
                                  control=ctl_addr, timeout=timeout, state_file=state_file,
                                  auto_rebuild=rebuild, epoch=epoch, tls=tls,
                                  tls_required=tls_required, local=local,
                                  local_nbd=local_nbd_addr, local_control=local_ctl_addr,
-                                 quorum_wait=quorum_wait, fence_all=fence_all))
+                                 quorum_wait=quorum_wait, fence_all=fence_all,
+                                 data_key=data_key))
     except NoCurrentReplicaError as exc:
         fail(f"{exc}")
     except OSError as exc:

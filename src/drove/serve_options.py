@@ -117,6 +117,9 @@ ENGINE = Command(
             "refuse to start unless every replica takes this engine's epoch (a forced "
             "takeover: the engine replaced may still write to a replica not fenced); nothing "
             "is claimed when one does not answer"),
+        Opt("key_file", Path, None,
+            "encrypt the volume (AES-XTS-256) with the data key in this file (128 hex "
+            "digits; the file must be the user's alone, mode 0600): never on the command line"),
         *TLS_AND_LOGGING,
     ),
 )

@@ -103,9 +103,14 @@ class NodeAgent:
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
                      size: int | None = None, key: str | None = None,
-                     fence_all: bool = False, nbd_remote: bool = False) -> Proc:
+                     fence_all: bool = False, nbd_remote: bool = False,
+                     data_key: bytes | None = None) -> Proc:
         """Start the engine of ``volume`` over ``replicas`` (name, control URL) with ``epoch``
         (and ``key``, the volume's NBD access key its replicas demand).
+
+        ``data_key``: the volume is encrypted with it (drove.engine.crypt); it goes to
+        the engine in a file only this user reads (0600), deleted once the engine is
+        ready, never on its command line or in its environment.
 
         The epoch is the manager's, persisted before this call: the replicas
         refuse every older engine from the moment this one claims them.
@@ -138,9 +143,18 @@ class NodeAgent:
             if size is not None and not (Path(directory) / "volume.meta").exists():
                 argv += ["--size", str(size)]
         state_file.parent.mkdir(parents=True, exist_ok=True)
-        return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
-                               self.logs / f"{volume}.engine.log", timeout=120,
-                               env=self._env(key))
+        key_file = self.run_dir / f"{volume}.engine.key"
+        if data_key is not None:
+            from drove.engine.crypt import write_key_file
+
+            write_key_file(key_file, data_key)
+            argv += ["--key-file", str(key_file)]
+        try:
+            return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
+                                   self.logs / f"{volume}.engine.log", timeout=120,
+                                   env=self._env(key))
+        finally:
+            key_file.unlink(missing_ok=True)  # the engine read it before it was ready
 
     def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
         """Stop a process cleanly (SIGTERM, then SIGKILL after ``timeout``)."""

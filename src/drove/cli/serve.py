@@ -30,6 +30,11 @@ def serve(
     agent_listen: Annotated[str | None, typer.Option(
         help="with etcd: HOST:PORT of this node's agent API; HOST is where its engines and "
              "replicas listen (default: --listen's host, any port)")] = None,
+    kek_file: Annotated[Path | None, typer.Option(
+        "--kek-file", help="the key-encryption key that wraps encrypted volumes' data keys: "
+                           "64 hex digits, 32 bytes, or a passphrase (first line, 8 characters "
+                           "or more); without it encrypted volumes cannot be made nor "
+                           "attached")] = None,
 ) -> None:
     """Start drove: the manager with its REST API and this node's agent.
 
@@ -60,8 +65,14 @@ def serve(
 
         data_dir = default_data_dir()
     directory = data_dir.expanduser().resolve()
+    from drove.manager.datakeys import DataKeys, kek_from_file
+
+    try:
+        keys = DataKeys(kek_from_file(kek_file) if kek_file is not None else None)
+    except (OSError, ValueError) as exc:
+        fail(f"--kek-file: {exc}")
     try:
         run(lambda: run_manager(directory, address, store, no_agent=no_agent, node=node,
-                                agent_listen=agent_address))
+                                agent_listen=agent_address, keys=keys))
     except ServeError as exc:
         fail(str(exc))

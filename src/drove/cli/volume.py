@@ -115,6 +115,10 @@ def create(
     read_bandwidth_limit: ReadBandwidthLimitOpt = None,
     write_bandwidth_limit: WriteBandwidthLimitOpt = None,
     burst: BurstOpt = None,
+    encrypted: Annotated[bool, typer.Option(
+        "--encrypted", help="encrypt every sector in the engine (AES-XTS-256) with a new "
+                            "data key wrapped by the manager's key-encryption key "
+                            "(`drove serve --kek-file`)")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create volume NAME and place its replicas (nothing runs until it is attached).
@@ -130,6 +134,8 @@ def create(
         drove volume create db-dr --standby-of db   (then `drove volume activate db-dr`)
 
         drove volume create web --size 5G --iops-limit 500 --bandwidth-limit 100M
+
+        drove volume create secret --size 1G --encrypted
     """
     if standby_of is not None and size is not None:
         fail("a standby is the size of its source's backups: give --size or --standby-of, "
@@ -147,6 +153,8 @@ def create(
         body["pool"] = pool
     if data_locality is not None:
         body["data_locality"] = data_locality.value
+    if encrypted:
+        body["encrypted"] = True
     if qos := qos_body(iops_limit, bandwidth_limit, read_iops_limit, write_iops_limit,
                     read_bandwidth_limit, write_bandwidth_limit, burst):
         body["qos"] = qos

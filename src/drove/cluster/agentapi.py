@@ -45,6 +45,8 @@ START_ENGINE = Body("StartEngine", {
                        description="start only once every replica took the epoch (takeover)"),
     "nbd_remote": Field("bool", default=False,
                         description="serve NBD on the node's address, not loopback only"),
+    "data_key": Field("str", nullable=True, default=None, pattern="^[0-9a-f]{128}$",
+                      description="an encrypted volume's data key, hex (drove.engine.crypt)"),
 }, "Start a volume's engine.")
 
 PROC = Body("Process", {
@@ -146,7 +148,8 @@ def build_app(agent: NodeAgent, token: str) -> App:
             agent.start_engine, body.volume, [(r["name"], r["url"]) for r in body.replicas],
             timeout=body.timeout_ms / 1000, state_file=state_file,
             epoch=body.epoch, local=local, size=body.size, key=body.key,
-            fence_all=body.fence_all, nbd_remote=body.nbd_remote)
+            fence_all=body.fence_all, nbd_remote=body.nbd_remote,
+            data_key=bytes.fromhex(body.data_key) if body.data_key else None)
         return proc.to_json()
 
     @app.post("/v1/processes/stop", body=PROC)

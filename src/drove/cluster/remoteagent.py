@@ -73,13 +73,14 @@ class RemoteAgent:
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
                      size: int | None = None, key: str | None = None,
-                     fence_all: bool = False, nbd_remote: bool = False) -> Proc:
+                     fence_all: bool = False, nbd_remote: bool = False,
+                     data_key: bytes | None = None) -> Proc:
         """Start the engine of ``volume`` on that node (see NodeAgent.start_engine)."""
         return Proc.from_json(self._post("/v1/engines", {
             "volume": volume, "replicas": [{"name": n, "url": u} for n, u in replicas],
             "timeout_ms": max(1, int(timeout * 1000)), "state_file": str(state_file),
             "epoch": epoch, "size": size, "key": key, "fence_all": fence_all,
-            "nbd_remote": nbd_remote,
+            "nbd_remote": nbd_remote, "data_key": data_key.hex() if data_key else None,
             "local": None if local is None else {"name": local[0], "directory": local[1]},
         }, _START_TIMEOUT))
 

@@ -12,6 +12,7 @@ from typing import Any
 from drove.engine.control import build_app
 from drove.engine.hostview import GrowableView, view_name
 from drove.engine.mirror import DEFAULT_QUORUM_WAIT
+from drove.engine.stack import LayerSettings
 from drove.engine.volume import DEFAULT_TIMEOUT, Engine
 from drove.nbd.server import NbdServer
 from drove.replica.access import Gate, process_key
@@ -62,17 +63,20 @@ async def serve_engine(
     local_control: tuple[str, int] = ("127.0.0.1", 0),
     quorum_wait: float = DEFAULT_QUORUM_WAIT,
     fence_all: bool = False,
+    data_key: bytes | None = None,
     tls=None,
     tls_required: bool = False,
     ready: Callable[[dict[str, Any]], None] = print_ready,
     stop=default_signals,
 ) -> None:
-    """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default)."""
+    """Serve volume ``name`` until ``stop`` returns (SIGTERM/SIGINT by default); with
+    ``data_key``, encrypted (drove.engine.crypt)."""
     key = process_key()  # ValueError (refuse to start) when DROVE_NBD_KEY is not a key
     engine = Engine(name, size, replicas, timeout=timeout, state_file=state_file,
                     auto_rebuild=auto_rebuild, epoch=epoch, local=local,
                     local_nbd=local_nbd, local_control=local_control,
-                    quorum_wait=quorum_wait, fence_all=fence_all)
+                    quorum_wait=quorum_wait, fence_all=fence_all,
+                    layers=LayerSettings(data_key=data_key))
     stopped = False
     try:
         await engine.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from drove.engine.crypt import CryptLayer
 from drove.engine.qos import QosLayer, QosLimits
 from drove.engine.stats import StatsLayer
 from drove.nbd.export import Export
@@ -14,6 +15,7 @@ class LayerSettings:
     """What a volume's stack holds: the settings of each layer."""
 
     qos: QosLimits = field(default_factory=QosLimits)
+    data_key: bytes | None = None  # an encrypted volume's AES-XTS key (drove.engine.crypt)
 
 
 @dataclass
@@ -23,15 +25,19 @@ class Stack:
     top: Export
     stats: StatsLayer
     qos: QosLayer
+    crypt: CryptLayer | None = None
 
 
 def build_stack(settings: LayerSettings, bottom: Export) -> Stack:
-    """The volume's layers over ``bottom`` (the mirror): stats -> qos -> bottom.
+    """The volume's layers over ``bottom`` (the mirror): stats -> qos -> [crypt ->] bottom.
 
     The QoS layer is always there (unlimited, it only tests a flag per request),
     so its limits can be set live; stats sits on top so its latencies are the
-    clients' (a throttled request's wait included).
+    clients' (a throttled request's wait included).  The encryption layer, for
+    an encrypted volume, sits right above the mirror: QoS counts the clients'
+    requests, and nothing below it (replicas, rebuilds, backups) sees plaintext.
     """
-    qos = QosLayer(bottom, settings.qos)
+    crypt = CryptLayer(bottom, settings.data_key) if settings.data_key is not None else None
+    qos = QosLayer(crypt or bottom, settings.qos)
     stats = StatsLayer(qos)
-    return Stack(top=stats, stats=stats, qos=qos)
+    return Stack(top=stats, stats=stats, qos=qos, crypt=crypt)

@@ -53,6 +53,9 @@ class VolumeCreate(Strict):
                                                      "backups on the backup target (its size "
                                                      "and replica count come from them)")
     qos: dict[str, Any] | None = Field(None, description=QOS_HELP)
+    encrypted: bool = Field(False, description="encrypt every sector (AES-XTS-256) with a new "
+                                               "data key wrapped by the manager's KEK "
+                                               "(drove serve --kek-file)")
 
 
 class Activate(Strict):
@@ -439,7 +442,7 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         if req.size is None:
             raise ApiError(422, "size is required (or standby_of, for a DR standby)")
         return manager.create_volume(req.name, req.size, req.replicas, req.pool, req.labels,
-                                     req.data_locality, qos=req.qos)
+                                     req.data_locality, qos=req.qos, encrypted=req.encrypted)
 
     @app.post("/v1/volumes/{name}/activate", dependencies=secured)
     async def activate_volume(name: str, req: Activate | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from drove.agent.node import NodeAgent
 from drove.manager.backups import BackupActivity, Backups
 from drove.manager.core import Manager
+from drove.manager.datakeys import DataKeys
 from drove.manager.events import EventLog
 from drove.manager.jobs import Jobs
 from drove.manager.standby import Standbys
@@ -25,13 +26,14 @@ class ManagerApp:
     """Volumes, tasks, backups and jobs over one store, started and stopped together."""
 
     def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
-                 cluster_token_file: Path | None = None, node: str | None = None) -> None:
+                 cluster_token_file: Path | None = None, node: str | None = None,
+                 keys: DataKeys | None = None) -> None:
         self.store = store
         self.events = EventLog(store)
         self.tasks = Tasks(store, self.events)
         activity = BackupActivity(self.tasks)
         self.manager = Manager(store, agent, data_dir, event=self.events, guard=activity,
-                               cluster_token_file=cluster_token_file, node=node)
+                               cluster_token_file=cluster_token_file, node=node, keys=keys)
         self.backups = Backups(self.manager, self.tasks, activity)
         self.jobs = Jobs(self.manager, self.backups, self.tasks)
         self.standbys = Standbys(self.manager, self.backups, self.tasks)

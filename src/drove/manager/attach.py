@@ -18,6 +18,7 @@ from typing import Any
 from drove.agent.processes import ProcessStartError
 from drove.manager import locality
 from drove.manager.agents import Agents
+from drove.manager.datakeys import DataKeys, encryption
 from drove.manager.disks import Disks
 from drove.manager.engines import Engines, process_endpoints
 from drove.manager.errors import ApiError
@@ -38,8 +39,9 @@ class Attacher:
 
     def __init__(self, *, records: Records, replicas: Replicas, engines: Engines, disks: Disks,
                  agents: Agents, settings: Settings, event: EventFn,
-                 guard: VolumeGuard) -> None:
+                 guard: VolumeGuard, keys: DataKeys | None = None) -> None:
         self._records = records
+        self._keys = keys or DataKeys()  # unwraps encrypted volumes' data keys
         self._replicas = replicas
         self._engines = engines
         self._disks = disks
@@ -91,6 +93,7 @@ class Attacher:
                                         "; detach it first")
                 return doc
             doc["node"] = self.check_node(doc, node)
+            self.data_key(doc)  # a wrong or missing KEK: refused before anything changes
             doc["desired"], doc["mount"] = "attached", ({"path": mount, "fs": fs}
                                                         if mount else None)
             doc["state"] = "attaching"
@@ -294,6 +297,12 @@ class Attacher:
                             f"volume {name} could not be attached again: {exc}",
                             name, level="error")
 
+    def data_key(self, doc: dict[str, Any]) -> bytes | None:
+        """The data key of an encrypted ``doc`` (None: plain); ApiError 422/409 when this
+        manager's KEK is missing or is not the one that wrapped it."""
+        enc = encryption(doc)
+        return None if enc is None else self._keys.unwrap(enc, doc["name"])
+
     async def _bring_up(self, doc: dict[str, Any],
                         fence: dict[str, str | None] | None = None) -> None:
         """Start the replicas (one of them in the engine, with data locality), the engine
@@ -303,6 +312,7 @@ class Attacher:
         start and take the new engine's epoch, else ApiError 409 naming it.
         """
         name = doc["name"]
+        data_key = self.data_key(doc)  # before any process starts
         node = doc["node"] = self._records.attach_node(doc)
         first = not doc.get("initialized")
         usable = {"stopped", "pending"} if first else {"stopped"}
@@ -342,7 +352,8 @@ class Attacher:
                 state_file=state_file,
                 epoch=doc["epoch"], local=(local["name"], local["path"]) if local else None,
                 size=doc["size"], key=volume_key(doc), fence_all=bool(fence),
-                nbd_remote=self._settings.get("engine_nbd_listen") == "node")
+                nbd_remote=self._settings.get("engine_nbd_listen") == "node",
+                **({"data_key": data_key} if data_key is not None else {}))
         except ProcessStartError as exc:
             raise ApiError(409, f"engine of volume {name} did not start: {exc}") from exc
         if local is not None:

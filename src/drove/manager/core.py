@@ -35,10 +35,11 @@ import httpx
 from drove.agent.hostattach import HostAttachError
 from drove.agent.node import NodeAgent
 from drove.cluster.remoteagent import AgentError, AgentUnreachableError
-from drove.manager import locality, views
+from drove.manager import datakeys, locality, views
 from drove.manager.agents import Agents
 from drove.manager.attach import Attacher
 from drove.manager.clones import Clones
+from drove.manager.datakeys import DataKeys
 from drove.manager.disks import Disks
 from drove.manager.drain import Drainer
 from drove.manager.engines import Engines
@@ -69,8 +70,10 @@ class Manager:
 
     def __init__(self, store: Store, agent: NodeAgent | None, data_dir: Path, *,
                  event: EventFn, guard: VolumeGuard,
-                 cluster_token_file: Path | None = None, node: str | None = None) -> None:
+                 cluster_token_file: Path | None = None, node: str | None = None,
+                 keys: DataKeys | None = None) -> None:
         self.store = store
+        self.keys = keys or DataKeys()  # encrypted volumes' data keys (no KEK: none)
         self.agent = agent  # None: every node runs its own `drove agent` (serve --no-agent)
         self.data_dir = data_dir
         self._event = event
@@ -88,7 +91,8 @@ class Manager:
                                   settings=self._settings, event=event)
         self._attacher = Attacher(records=self._records, replicas=self._replicas,
                                   engines=self._engines, disks=self._disks, agents=self.agents,
-                                  settings=self._settings, event=event, guard=guard)
+                                  settings=self._settings, event=event, guard=guard,
+                                  keys=self.keys)
         self._snapshots = Snapshots(records=self._records, engines=self._engines, guard=guard,
                                     event=event)
         self.clones = Clones(records=self._records, replicas=self._replicas, disks=self._disks,
@@ -228,8 +232,10 @@ class Manager:
     def create_volume(self, name: str, size: int | str, replicas: int | None = None,
                       pool: str | None = None, labels: dict[str, str] | None = None,
                       data_locality: str | None = None,
-                      qos: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create a volume and place its replicas (nothing runs until it is attached).
+                      qos: dict[str, Any] | None = None,
+                      encrypted: bool = False) -> dict[str, Any]:
+        """Create a volume and place its replicas (nothing runs until it is attached);
+        ``encrypted``: with a new data key wrapped by the manager's KEK (drove.manager.datakeys).
 
         ``data_locality`` defaults to the ``default_data_locality`` setting; a
         strict-local volume has exactly one replica (the default count then).
@@ -251,12 +257,13 @@ class Manager:
         limits = check_qos(None, qos)
         if self._records.find(name) is not None:
             raise ApiError(409, f"volume {name!r} exists; choose another name or delete it")
+        enc = self.keys.new_key() if encrypted else None  # 422 without a KEK
         doc: dict[str, Any] = {
             "name": name, "size": size_bytes, "replica_count": count, "pool": pool,
             "labels": dict(labels or {}), "created": now_iso(), "desired": "detached",
             "state": "detached", "mount": None, "engine": None, "host": None,
             "replicas": [], "next_replica": 0, "initialized": False,
-            "data_locality": where, "qos": limits,
+            "data_locality": where, "qos": limits, datakeys.FIELD: enc,
         }
         try:
             doc["replicas"] = self._replicas.place(doc, count)
@@ -265,7 +272,8 @@ class Manager:
         self._records.add(doc)
         self.event("volume-created", f"volume {name} created: {size_bytes} bytes, {count} "
                    f"replica(s) on {', '.join(r['disk'] for r in doc['replicas'])}, "
-                   f"data locality {where}", name)
+                   f"data locality {where}"
+                   + (f", encrypted (key {enc['key_id']})" if enc else ""), name)
         return self.view(doc)
 
     async def delete_volume(self, name: str, force: bool = False,

@@ -21,6 +21,7 @@ from drove.cluster.managers import ClusterRole
 from drove.cluster.tokens import CLUSTER_FILE, cluster_tokens
 from drove.manager.api import build_app
 from drove.manager.app import ManagerApp
+from drove.manager.datakeys import DataKeys
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.store import Store, StoreError
 from drove.service import ControlServer, default_signals
@@ -66,8 +67,9 @@ def _lock(data_dir: Path) -> IO[str]:
 
 async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None = None, *,
                 no_agent: bool = False, node: str | None = None,
-                agent_listen: tuple[str, int] | None = None) -> None:
-    """Run the manager until SIGTERM/SIGINT.
+                agent_listen: tuple[str, int] | None = None,
+                keys: DataKeys | None = None) -> None:
+    """Run the manager until SIGTERM/SIGINT (``keys``: with the KEK of --kek-file).
 
     With SQLite (the default) volumes attached now come back at the next start. With
     etcd the manager is one of several: it leads or follows, and stopping it leaves
@@ -97,13 +99,13 @@ async def serve(data_dir: Path, listen: tuple[str, int], store_url: str | None =
         raise ServeError(f"cannot open the store: {exc}") from exc
     if not isinstance(store, EtcdStore):
         try:
-            await _serve_alone(data_dir, listen, store)
+            await _serve_alone(data_dir, listen, store, keys)
         finally:
             store.close()
             lock.close()
         return
     try:
-        await _serve_in_cluster(data_dir, listen, store, own)
+        await _serve_in_cluster(data_dir, listen, store, own, keys)
     finally:
         store.close()
         lock.close()
@@ -146,13 +148,14 @@ def _announce(data_dir: Path, url: str, extra: str = "") -> Path:
     return info_file
 
 
-async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) -> None:
+async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store,
+                       keys: DataKeys | None = None) -> None:
     """The one manager of a SQLite store, with its node's agent in-process."""
     token = ensure_token(data_dir)
     # Agents (`drove agent --token-file`) and this manager call each other with their own.
     cluster_token = ensure_token(data_dir, CLUSTER_FILE, unlike=token)
     parts = ManagerApp(store, NodeAgent(data_dir), data_dir,
-                       cluster_token_file=data_dir / CLUSTER_FILE)
+                       cluster_token_file=data_dir / CLUSTER_FILE, keys=keys)
     server = _server(build_app(parts, token, cluster_token=cluster_token), listen)
     info_file = data_dir / "manager.json"
     try:
@@ -170,7 +173,8 @@ async def _serve_alone(data_dir: Path, listen: tuple[str, int], store: Store) ->
 
 
 async def _serve_in_cluster(data_dir: Path, listen: tuple[str, int], store: EtcdStore,
-                            own: tuple[str, tuple[str, int]] | None) -> None:
+                            own: tuple[str, tuple[str, int]] | None,
+                            keys: DataKeys | None = None) -> None:
     """One of several managers on an etcd store: it leads or follows; ``own`` is (name,
     HOST:PORT) of its node's agent, served like `drove agent` (None: --no-agent)."""
     try:
@@ -179,7 +183,7 @@ async def _serve_in_cluster(data_dir: Path, listen: tuple[str, int], store: Etcd
         raise ServeError(f"cannot agree on the tokens through the store: {exc}") from exc
     local = None if own is None else LocalAgent(data_dir, own[0], own[1], cluster_token)
     parts = ManagerApp(store, None, data_dir, cluster_token_file=data_dir / CLUSTER_FILE,
-                       node=local.node if local else None)
+                       node=local.node if local else None, keys=keys)
     role = ClusterRole(store, parts, event=parts.events, node=local.node if local else None)
     proxy = FollowerProxy(build_app(parts, token, cluster_token=cluster_token, cluster=role),
                           role)

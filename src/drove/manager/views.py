@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drove.manager import datakeys
 from drove.manager.engines import rebuild_running
 from drove.manager.standbystate import standby_view
 
@@ -55,6 +56,7 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "pool": doc["pool"], "labels": doc["labels"], "created": doc["created"],
         "data_locality": data_locality,
         "qos": doc.get("qos"),  # the QoS limits (drove.manager.qos); None: never set
+        "encryption": datakeys.public(datakeys.encryption(doc)),  # None: plain
         "clone_of": ({k: doc["clone_of"][k] for k in ("volume", "snapshot")}
                      if doc.get("clone_of") else None),
         "state": "restoring" if doc.get("restoring") else doc["state"],
