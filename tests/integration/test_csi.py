@@ -14,8 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
+from test_agent import agents  # noqa: F401 - agents is a fixture
 
-from csitools import CsiDriver, Mode, block_cap, code_of, mount_cap
+from csitools import CsiDriver, Mode, block_cap, code_of, mount_cap, wait_for
 from drove.csi.proto import PLUGIN_NAME, TOPOLOGY_NODE, TOPOLOGY_ZONE, pb
 from managertools import ManagerProc
 
@@ -457,3 +458,41 @@ def test_a_restarted_driver_takes_down_what_the_last_one_set_up(
         volume_capability=cap)) == C.FAILED_PRECONDITION
     assert Path(tmp_path, "by-hand", "f").read_text() == "still here"
     m.ok("POST", "/v1/volumes/kept/detach", json={})
+
+
+def test_volumes_move_between_nodes(csi: tuple[ManagerProc, CsiDriver], agents: Any,  # noqa: F811
+                                    tmp_path: Path) -> None:
+    m, d = csi
+    agents("n2", tmp_path / "n2", extra=("--zone", "z2"))
+    wait_for(lambda: any(n["name"] == "n2" and n["state"] == "up"
+                         for n in m.ok("GET", "/v1/nodes")), "node n2 to be up")
+    (tmp_path / "n2-csi").mkdir()
+    d2 = CsiDriver(m.data_dir, tmp_path / "n2-csi", "n2").start()
+    try:
+        info = d2.node_service.NodeGetInfo(pb.NodeGetInfoRequest())
+        assert dict(info.accessible_topology.segments) == {TOPOLOGY_NODE: "n2",
+                                                           TOPOLOGY_ZONE: "z2"}
+        create(d, "moving", 16 * MiB)
+        cap = mount_cap("ext4")
+        staging, rw = stage_and_publish(d2, "moving", tmp_path, cap)
+        Path(rw, "f").write_text("written on n2")
+        assert m.volume("moving")["node"] == "n2"
+        got = d.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id="moving"))
+        assert list(got.status.published_node_ids) == ["n2"]
+        # Published on n2: not on this node too.
+        assert code_of(d.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+            volume_id="moving", node_id=d.node, volume_capability=cap)) == C.FAILED_PRECONDITION
+        assert code_of(d.node_service.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id="moving", staging_target_path=str(tmp_path / "here"),
+            volume_capability=cap)) == C.FAILED_PRECONDITION
+        # Unpublishing from this node leaves n2's attach alone.
+        d.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id="moving", node_id=d.node))
+        assert m.volume("moving")["node"] == "n2"
+        take_down(d2, "moving", staging, rw)
+        staging, rw = stage_and_publish(d, "moving", tmp_path, cap, target="back")
+        assert Path(rw, "f").read_text() == "written on n2"
+        assert m.volume("moving")["node"] == d.node
+        take_down(d, "moving", staging, rw)
+    finally:
+        d2.stop()
