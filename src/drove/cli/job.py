@@ -24,6 +24,7 @@ class Kind(StrEnum):
 
     snapshot = "snapshot"
     backup = "backup"
+    scrub = "scrub"
 
 
 def _path(name: str, rest: str = "") -> str:

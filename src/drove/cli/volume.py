@@ -443,6 +443,32 @@ def flatten(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
 
 @app.command()
 @with_manager
+def scrub(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Compare the replicas of attached volume NAME layer by layer (digests computed where the
+    data is) and repair a copy that differs from the good one; waits for the task."""
+    from drove.cli import task as tasks
+
+    done = tasks.wait(mgr, mgr.post(_path(name) + "/scrub", {}), quiet=json_out)
+    res = done.get("result") or {}
+    if not json_out:
+        for f in res.get("findings", []):
+            state = "repaired" if f["repaired"] else "NOT repaired"
+            console.print(f"replica {escape(f['replica'])}: layer {escape(f['layer'])} "
+                          f"(snapshot {escape(str(f['snapshot']))}) differs at offset "
+                          f"{f['offset']} (+{f['length']}), blocks {f['blocks'][:8]}: {state}"
+                          + (f" from {escape(f['source'])}" if f["source"] else "")
+                          + f" [{escape(f['decided_by'])}]", highlight=False)
+        if done.get("state") == "succeeded":
+            console.print(f"scrubbed {escape(name)}: {res.get('layers', 0)} layer(s), "
+                          f"{format_size(res.get('bytes', 0))}, {res.get('repaired', 0)} "
+                          "range(s) repaired", highlight=False)
+    elif emit(done, json_out) and done.get("state") == "succeeded":
+        return
+    tasks.check(done)
+
+
+@app.command()
+@with_manager
 def delete(
     mgr: Manager,
     name: NameArg,

@@ -16,6 +16,7 @@ from drove import __version__
 from drove.manager.app import ManagerApp
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.heartbeats import MAX_POLL, parse_engines
+from drove.manager.scrub import KIND as SCRUB_KIND
 from drove.manager.store import ConflictError, StoreError
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
@@ -246,7 +247,7 @@ class JobCreate(Strict):
     """A recurring snapshot or backup job."""
 
     name: str | None = None
-    kind: Literal["snapshot", "backup"]
+    kind: Literal["snapshot", "backup", "scrub"]
     cron: str = Field(description="five-field cron schedule in UTC, e.g. '0 * * * *'",
                       max_length=200)
     retain: int = Field(1, ge=1, le=1000)
@@ -475,6 +476,13 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         manager.clones.check_flatten(name)
         return parts.tasks.start("volume-flatten", manager.clones.flatten_task(name),
                                  volume=name)
+
+    @app.post("/v1/volumes/{name}/scrub", dependencies=secured, status_code=202)
+    async def scrub_volume(name: str) -> dict[str, Any]:
+        """Compare the replicas' snapshot layers by per-range digests and repair a bad copy
+        from a good one (a task; attached only, I/O goes on)."""
+        manager.scrubber.check(name)
+        return parts.tasks.start(SCRUB_KIND, manager.scrubber.task(name), volume=name)
 
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from drove.manager.qos import push as push_qos
 from drove.manager.rebuild import Rebuilds
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
+from drove.manager.scrub import Scrubber
 from drove.manager.settings import Settings
 from drove.manager.snapshots import Snapshots
 from drove.manager.standbystate import check_not_standby
@@ -98,6 +99,7 @@ class Manager:
         self.clones = Clones(records=self._records, replicas=self._replicas, disks=self._disks,
                              engines=self._engines, agents=self.agents,
                              snapshots=self._snapshots, guard=guard, event=event)
+        self.scrubber = Scrubber(records=self._records, engines=self._engines, event=event)
         rebuilds = Rebuilds(records=self._records, replicas=self._replicas,
                             engines=self._engines, disks=self._disks, event=event)
         self._localizer = Localizer(records=self._records, replicas=self._replicas,

@@ -19,6 +19,8 @@ from croniter import croniter
 
 from drove.manager.backups import Backups
 from drove.manager.errors import ApiError, validate_name
+from drove.manager.scrub import KIND as SCRUB_KIND
+from drove.manager.scrub import Scrubber
 from drove.manager.store import Store, now_iso
 from drove.manager.tasks import Tasks
 
@@ -60,6 +62,10 @@ class Snapshots(Protocol):
     async def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
         """Delete a snapshot of a volume."""
 
+    @property
+    def scrubber(self) -> Scrubber:
+        """Scrubs volumes (jobs of kind ``scrub``)."""
+
 
 class Jobs:
     """The recurring jobs and their scheduler."""
@@ -99,8 +105,8 @@ class Jobs:
         """Add a job (ApiError 422 for a bad schedule or no volumes to act on)."""
         name = name or f"{kind}-{secrets.token_hex(3)}"
         validate_name("job", name)
-        if kind not in ("snapshot", "backup"):
-            raise ApiError(422, f"kind must be snapshot or backup, not {kind!r}")
+        if kind not in ("snapshot", "backup", "scrub"):
+            raise ApiError(422, f"kind must be snapshot, backup or scrub, not {kind!r}")
         if not croniter.is_valid(cron):
             raise ApiError(422, f"bad cron schedule {cron!r}: use five fields, "
                                 "e.g. '0 * * * *' for hourly")
@@ -203,6 +209,8 @@ class Jobs:
 
     async def _run_one(self, job: dict[str, Any], volume: str) -> str:
         labels = {**job["labels"], JOB_LABEL: job["name"]}
+        if job["kind"] == "scrub":
+            return await self._scrub(volume)
         if job["kind"] == "snapshot":
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             snap = await self.m.create_snapshot(volume, f"{job['name']}-{stamp}-"
@@ -220,6 +228,18 @@ class Jobs:
         # The newest job snapshot is the next incremental's base; older ones only cost space.
         await self._retain_snapshots(volume, job["name"], 1)
         return f"backup {name}" + (f", deleted {', '.join(removed)}" if removed else "")
+
+    async def _scrub(self, volume: str) -> str:
+        """Scrub one volume as a task and wait for it; what it found."""
+        self.m.scrubber.check(volume)
+        task = self.tasks.start(SCRUB_KIND, self.m.scrubber.task(volume), volume=volume)
+        done = await self.tasks.wait(task["id"]) or {}
+        res = done.get("result") or {}
+        if done.get("state") != "succeeded":
+            raise ApiError(409, f"scrub task {task['id']} {done.get('state')}: "
+                                f"{done.get('error')}")
+        return (f"scrub {task['id']}: {res.get('layers', 0)} layer(s), "
+                f"{res.get('repaired', 0)} range(s) repaired")
 
     async def _retain_snapshots(self, volume: str, job: str, keep: int) -> list[str]:
         snaps = [s for s in await self.m.snapshots(volume)

@@ -1343,6 +1343,82 @@ class Replica:
         finally:
             os.close(fd)
 
+    def range_digest(self, file: str, offset: int, length: int) -> str:
+        """The digest :meth:`layer_digests` gives range [offset, offset+length) of snapshot
+        layer ``file`` (a scrub's check before and after a repair).  Thread-safe."""
+        with self._meta_lock:
+            fd = self._scrub_fd(file, offset, length)
+        try:
+            return _range_digest(fd, offset, offset + length)
+        finally:
+            os.close(fd)
+
+    def rehash_layer(self, file: str) -> tuple[str | None, str]:
+        """(the checksum recorded for snapshot layer ``file``, the sha256 of its data now):
+        which copy is right when two replicas disagree.  Thread-safe."""
+        with self._meta_lock:
+            fd = self._scrub_fd(file, 0, 0)
+            recorded = self._metas[file].checksum
+        try:
+            return recorded, _hash_layer(fd)
+        finally:
+            os.close(fd)
+
+    def repair_blocks(self, file: str, blocks: Sequence[tuple[int, Any]]) -> None:
+        """Set blocks of complete snapshot layer ``file``: each (offset, BLOCK bytes), or
+        (offset, None) for a hole: a scrub's repair of bit-rot from a good replica.  A
+        shared (hard-linked) layer is copied first, so no other volume's file changes.
+        Only page-cache writes here; :meth:`sync_layer` then makes them durable."""
+        os.close(self._scrub_fd(file, 0, 0))
+        size = self._metas[file].size
+        for off, data in blocks:
+            if (not isinstance(off, int) or off % BLOCK or off < 0 or off + BLOCK > size
+                    or (data is not None and len(data) != BLOCK)):
+                raise InvalidRequestError(f"block {off!r} of layer {file} is not a whole "
+                                          f"{BLOCK}-byte block inside it")
+        if not blocks:
+            return
+        self._make_private(file)
+        self._changing(file)  # the recorded checksum goes: the scrub records it again
+        fd = os.open(self._dir / file, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for off, data in blocks:
+                if data is None:
+                    meta.fs.punch_hole(fd, off, BLOCK)
+                else:
+                    meta.write_all(fd, [memoryview(data).cast("B")], off)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            os.close(fd)
+        # After the writes: a read meanwhile cannot have cached the old allocation.
+        self._layer_changed(file, min(o for o, _ in blocks) // BLOCK,
+                            max(o for o, _ in blocks) // BLOCK + 1)
+
+    def sync_layer(self, file: str) -> None:
+        """fdatasync snapshot layer ``file`` (after :meth:`repair_blocks`).  Thread-safe."""
+        with self._meta_lock:
+            fd = self._scrub_fd(file, 0, 0)
+        try:
+            meta.fs.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _scrub_fd(self, file: str, offset: int, length: int) -> int:
+        """A read-only descriptor of complete snapshot layer ``file`` checked for a scrub."""
+        self._check_usable()
+        m = self._layer_meta(file)
+        if file == self._vol.head:
+            raise InvalidRequestError(f"{file} is the head: a scrub covers snapshot layers")
+        if m.incomplete:
+            raise RebuildingError(f"layer {file} is being rebuilt")
+        self._refuse_backing(file, "scrub")
+        if offset < 0 or length < 0 or offset + length > m.size:
+            raise InvalidRequestError(f"range {offset}+{length} is outside layer {file} "
+                                      f"(size {m.size})")
+        return os.open(self._dir / file, _O_RO)
+
     def verify_layer(self, file: str) -> VerifiedLayer:
         """Make layer ``file``'s data durable and hash it, for :meth:`complete_layer`.
 
@@ -2235,6 +2311,24 @@ def _range_digests(fd: int, size: int, range_size: int) -> list[str]:
     if cur >= 0:
         out[cur] = h.hexdigest()
     return out
+
+
+def _range_digest(fd: int, start: int, end: int) -> str:
+    """The blake2b-128 :func:`_range_digests` gives the range [start, end) (one range)."""
+    h = hashlib.blake2b(digest_size=16)
+    buf = memoryview(bytearray(min(_COPY_BUF, max(end - start, 1))))
+    pos = start
+    while pos < end and (d := _seek_data(fd, pos)) is not None and d < end:
+        e = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+        h.update(struct.pack("<QQ", d - start, e - d))
+        p = d
+        while p < e:
+            mv = buf[:min(len(buf), e - p)]
+            _pread_full(fd, mv, p)
+            h.update(mv)
+            p += len(mv)
+        pos = e
+    return h.hexdigest()
 
 
 class LayerHandle:

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from drove import __version__
-from drove.replica import diff
+from drove.replica import diff, scrub
 from drove.replica.access import Gate
 from drove.replica.backingapi import add_routes as add_backing_routes
 from drove.replica.chain import LayerInfo
@@ -81,6 +81,14 @@ SYNC = Body("SyncRequest", {
                   description="bytes per second to read the source at (0: no limit; the "
                               "rebuild QoS, so that a rebuild cannot starve the volume)"),
 }, "Pull one incomplete layer from the source replica's layer export.")
+
+REPAIR = Body("RepairRequest", {
+    "offset": Field("int", gt=-1, description="start of the range (4 KiB-aligned)"),
+    "length": Field("int", gt=0, description="bytes in the range (4 KiB-aligned)"),
+    "source": Field("str", description="the good replica's layer/FILE NBD URI"),
+    "expect": Field("str", description="this replica's digest of the range, as compared"),
+    "expect_source": Field("str", description="the good replica's digest of the range"),
+}, "Repair one range of a snapshot layer from a good replica (a scrub found it differs).")
 
 ENGINE_STATE = Body("EngineState", None, "The engine's opaque state (at most 64 KiB).")
 
@@ -266,6 +274,24 @@ class ReplicaControl:
             None, self.replica.layer_digests, file, range_size,
         )
         return {"file": file, "range_size": range_size, "digests": digests}
+
+    async def rehash(self, file: str) -> dict[str, Any]:
+        """Layer ``file``'s recorded checksum and its sha256 now, hashed in a thread."""
+        recorded, actual = await asyncio.get_running_loop().run_in_executor(
+            None, self.replica.rehash_layer, file)
+        return {"file": file, "recorded": recorded, "checksum": actual,
+                "matches": recorded is not None and recorded == actual}
+
+    async def repair(self, file: str, req: Any) -> dict[str, Any]:
+        """Repair one range of snapshot layer ``file`` from a good replica (a scrub's)."""
+        async with self._lock:  # no purge or flatten changes the layer meanwhile
+            self._recheck(f"repair layer {file}")
+            out = await scrub.repair(self.replica, file, req.offset, req.length, req.source,
+                                     req.expect, req.expect_source,
+                                     lambda: self._recheck(f"repair layer {file}"))
+        log.warning("scrub: layer %s repaired at %d+%d: %d block(s) rewritten", file,
+                    req.offset, req.length, len(out["blocks"]))
+        return out
 
     async def diff(self, since: str, to: str | None) -> dict[str, Any]:
         """The extents that differ between snapshot ``since`` and ``to`` (None: the head).
@@ -475,6 +501,17 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
     async def layer_digests(file: str, range_size: int) -> dict[str, Any]:
         """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
         return await control.layer_digests(file, range_size)
+
+    @app.get("/v1/layers/{file}/rehash")
+    async def rehash(file: str) -> dict[str, Any]:
+        """A snapshot layer's recorded checksum and its sha256 hashed again now (bit-rot)."""
+        return await control.rehash(file)
+
+    @app.post("/v1/layers/{file}/repair", body=REPAIR)
+    async def repair(file: str, body: Any) -> dict[str, Any]:
+        """Rewrite the blocks of one range of a snapshot layer that differ from a good
+        replica's (epoch-checked; a shared layer is copied first)."""
+        return await control.repair(file, body)
 
     @app.get("/v1/diff", query={
         "since": Field("str", description="the older snapshot (FROM)"),
