@@ -12,6 +12,7 @@ manager starts on the same data directory.
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from accesstools import engine_key
 from agenttools import agent_node
 from backuptools import wait_for
-from drove.agent import processes
+from drove.agent import orphans, processes
 from drove.agent.node import NodeAgent
 from drove.agent.processes import Proc
 from drove.cluster.remoteagent import RemoteAgent
@@ -144,3 +145,31 @@ def test_two_nodes_the_engine_and_a_remote_replica_process_left_are_stopped(
         assert [p.argv[3] for p in left] == ["engine", "replica"]
         manager.start(listen=f"127.0.0.1:{port}")
         check_recovered(manager, "v", left, epoch, {left[0].pid: own, left[1].pid: n2})
+
+
+def test_an_agent_finds_and_stops_only_its_own_processes_of_the_volume(tmp_path: Path):
+    agent = NodeAgent(tmp_path / "a", "n")
+    dirs = {f"v-r{i}": str(tmp_path / "disk" / "replicas" / f"v-r{i}") for i in (1, 2, 3)}
+    mine = agent.start_replica("v", {"name": "v-r1", "path": dirs["v-r1"]}, SIZE)
+    # Another agent's (its own data directory), and one a person started by hand.
+    theirs = NodeAgent(tmp_path / "b", "n").start_replica(
+        "v", {"name": "v-r2", "path": dirs["v-r2"]}, SIZE)
+    hand = processes.spawn(
+        [sys.executable, "-m", "drove", "replica", "serve", dirs["v-r3"], "--nbd",
+         "127.0.0.1:0", "--control", "127.0.0.1:0", "--size", str(SIZE)],
+        tmp_path / "hand.ready", tmp_path / "hand.log")
+    try:
+        # Its ready file deleted since (a later start of the replica unlinks it): still its.
+        (agent.run_dir / "v-r1.ready").unlink()
+        found = orphans.find(agent.run_dir, "v", dirs)
+        assert [(f.kind, f.name, f.proc.pid) for f in found] == [("replica", "v-r1", mine.pid)]
+        assert orphans.find(agent.run_dir, "w", {}) == []
+        assert agent.stop_unrecorded("v", dirs, [mine.pid], "kept") == []
+        assert processes.alive(mine)
+        assert agent.stop_unrecorded("v", dirs, [], "a test") == [
+            {"kind": "replica", "name": "v-r1", "pid": mine.pid}]
+        assert not processes.alive(mine)
+        assert processes.alive(theirs) and processes.alive(hand)
+    finally:
+        for p in (mine, theirs, hand):
+            processes.stop(p)
