@@ -154,6 +154,17 @@ def test_two_replicas_decided_by_the_recorded_checksum(manager: ManagerProc):
     assert d[0] == d[1]
     read_ok(uri)
 
+    # The recurring job kind: a run scrubs the volume as a task, clean now.
+    m.cli("job", "create", "--name", "nightly", "--kind", "scrub", "--cron", "0 3 * * *",
+          "--retain", "1",
+          "--volume", "w")
+    job = m.ok("POST", "/v1/jobs/nightly/run")
+    assert job["last_result"]["ok"], job
+    assert "w: scrub task-" in job["last_result"]["message"], job
+    assert "0 range(s) repaired" in job["last_result"]["message"], job
+    tasks = [t for t in m.ok("GET", "/v1/tasks") if t["kind"] == "volume-scrub"]
+    assert len(tasks) == 3 and all(t["state"] == "succeeded" for t in tasks)
+
 
 def test_bad_input(manager: ManagerProc):
     m = manager
