@@ -51,25 +51,12 @@ def check_key(key: bytes) -> None:
         raise ValueError("the two halves of an AES-XTS key must differ")
 
 
-class CryptLayer(Layer):
-    """Encrypts writes and decrypts reads of the layer below, sector by sector."""
+class Sectors:
+    """AES-XTS-256 over whole sectors at a volume offset (what the layer and a restore do)."""
 
-    def __init__(self, inner: CoroutineExport, key: bytes) -> None:
+    def __init__(self, key: bytes) -> None:
         check_key(key)
-        super().__init__(inner)
         self._aes = algorithms.AES(key)
-
-    @property
-    def caps(self) -> Capabilities:
-        """The capabilities below, with a minimum block of one sector (enforced by the server)."""
-        below = self.inner.caps
-        minimum = max(below.min_block, SECTOR)
-        return Capabilities(
-            readonly=below.readonly, flush=below.flush, fua=below.fua, trim=below.trim,
-            zero=below.zero, fast_zero=below.fast_zero, cache=below.cache,
-            multi_conn=below.multi_conn, block_status=below.block_status,
-            min_block=minimum, preferred_block=max(below.preferred_block, minimum),
-            max_block=below.max_block - below.max_block % minimum)
 
     def _cipher(self, sector: int) -> Cipher[Any]:
         # The tweak: the sector number, 16 bytes little-endian (dm-crypt's plain64).
@@ -97,6 +84,26 @@ class CryptLayer(Layer):
                 out[i:i + SECTOR] = self._cipher(first + i // SECTOR).decryptor().update(chunk)
         return out
 
+
+class CryptLayer(Layer):
+    """Encrypts writes and decrypts reads of the layer below, sector by sector."""
+
+    def __init__(self, inner: CoroutineExport, key: bytes) -> None:
+        self.sectors = Sectors(key)
+        super().__init__(inner)
+
+    @property
+    def caps(self) -> Capabilities:
+        """The capabilities below, with a minimum block of one sector (enforced by the server)."""
+        below = self.inner.caps
+        minimum = max(below.min_block, SECTOR)
+        return Capabilities(
+            readonly=below.readonly, flush=below.flush, fua=below.fua, trim=below.trim,
+            zero=below.zero, fast_zero=below.fast_zero, cache=below.cache,
+            multi_conn=below.multi_conn, block_status=below.block_status,
+            min_block=minimum, preferred_block=max(below.preferred_block, minimum),
+            max_block=below.max_block - below.max_block % minimum)
+
     def _aligned(self, offset: int, length: int) -> None:
         if (offset | length) % SECTOR:
             raise OSError(22, f"encrypted volumes take whole {SECTOR}-byte sectors "
@@ -105,12 +112,12 @@ class CryptLayer(Layer):
     async def read(self, offset: int, length: int) -> bytearray:
         """Read below and decrypt."""
         self._aligned(offset, length)
-        return self.decrypt(offset, await self.inner.read(offset, length))
+        return self.sectors.decrypt(offset, await self.inner.read(offset, length))
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Encrypt and write below."""
         self._aligned(offset, len(data))
-        await self.inner.write(offset, memoryview(self.encrypt(offset, data)), fua)
+        await self.inner.write(offset, memoryview(self.sectors.encrypt(offset, data)), fua)
 
 
 def read_key_file(path: Path) -> bytes:

@@ -26,6 +26,9 @@ from drove.backup import errors as berr
 from drove.backup.blocks import CODECS
 from drove.backup.store import BackupStore
 from drove.backup.target import open_target
+from drove.engine.crypt import Sectors
+from drove.manager import datakeys
+from drove.manager.datakeys import DataKeys
 from drove.manager.errors import ApiError
 from drove.manager.instantrestore import InstantRestores, depending_on
 from drove.manager.labels import snapshot_id
@@ -47,6 +50,7 @@ class Volumes(Protocol):
     """What backups and restores need of the manager's volumes (drove.manager.core.Manager)."""
 
     store: Store
+    keys: DataKeys  # unwraps the data keys of encrypted backups
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -77,8 +81,9 @@ class Volumes(Protocol):
 
     def create_volume(self, name: str, size: int | str, replicas: int | None = None,
                       pool: str | None = None,
-                      labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """Create a volume."""
+                      labels: dict[str, str] | None = None,
+                      encryption: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a volume (``encryption``: with that wrapped data key)."""
 
     async def delete_volume(self, name: str, force: bool = False,
                             _internal: bool = False) -> dict[str, Any]:
@@ -155,6 +160,23 @@ class NbdSource:
         """Bytes of the snapshot."""
         await self.pacer.take(length)
         return await self.client.read(offset, length)
+
+
+class DecryptedSink:
+    """A restore of an encrypted backup into its volume's engine: the engine encrypts what
+    it is given, so the stored ciphertext is decrypted first (it lands the same below)."""
+
+    def __init__(self, sink: NbdSink, sectors: Sectors) -> None:
+        self.sink = sink
+        self.sectors = sectors
+
+    async def write(self, offset: int, data: Any) -> None:
+        """Decrypt and write into the volume."""
+        await self.sink.write(offset, self.sectors.decrypt(offset, data))
+
+    async def flush(self) -> None:
+        """Make everything written durable on every replica."""
+        await self.sink.flush()
 
 
 class NbdSink:
@@ -312,7 +334,9 @@ class Backups:
                 await self.m.create_snapshot(volume, name, {"drove.backup": name, **labels})
                 snap = name
             ctx.set(snapshot=snap)
-            result = await self._backup(ctx, store, volume, snap, name, labels, codec)
+            # A backup of an encrypted volume names (and carries, wrapped) the key it needs.
+            result = await self._backup(ctx, store, volume, snap, name,
+                                        {**labels, **datakeys.backup_labels(doc)}, codec)
             self.m.event("backup-created",
                          f"backup {name} of volume {volume} (snapshot {snap}) created: "
                          f"{result['bytes_new']} bytes new, {result['bytes_reused']} reused, "
@@ -430,11 +454,17 @@ class Backups:
             recorded = info.get("replicas")
             if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
                 replicas = recorded
+        enc = datakeys.from_backup_labels(info.get("labels"))
+        key = self.m.keys.unwrap(enc, volume) if enc else None  # no KEK, wrong KEK: refused
+        if instant and enc:
+            raise ApiError(422, f"backup {backup} is encrypted (key {enc['key_id']}): an "
+                                "instant restore of it is not supported yet; restore it "
+                                "without --instant")
         if instant:
             return await self.instant.start(backup, volume, info["size"], replicas, pool,
                                             fill_rate)
         self.m.create_volume(volume, info["size"], replicas, pool,
-                             {"drove.restored-from": backup})
+                             {"drove.restored-from": backup}, encryption=enc)
         doc = self.m.record(volume)
         doc["restoring"] = {"backup": backup}
         self.m.save(doc)
@@ -446,7 +476,10 @@ class Backups:
             client = await connect_uri(view["nbd_uri"])
             try:
                 ctx.message(None)
-                stats = await store.restore(backup, NbdSink(client), progress=ctx.progress,
+                sink = NbdSink(client)
+                stats = await store.restore(backup, sink if key is None else
+                                            DecryptedSink(sink, Sectors(key)),
+                                            progress=ctx.progress,
                                             on_wait=ctx.message)
             except (berr.BackupError, ValueError) as exc:
                 raise TaskFailed(str(exc)) from exc

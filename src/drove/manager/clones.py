@@ -133,6 +133,8 @@ class Clones:
             "state": "detached", "mount": None, "engine": None, "host": None,
             "replicas": [], "next_replica": 0, "initialized": True,
             "data_locality": self._records.locality(sdoc),
+            # An encrypted source's clone reads its layers: it has the source's data key.
+            "encryption": sdoc.get("encryption"),
             "clone_of": {"volume": sdoc["name"], "snapshot": snapshot, "chain": chain,
                          "volume_created": sdoc["created"]},
         }

@@ -235,9 +235,11 @@ class Manager:
                       pool: str | None = None, labels: dict[str, str] | None = None,
                       data_locality: str | None = None,
                       qos: dict[str, Any] | None = None,
-                      encrypted: bool = False) -> dict[str, Any]:
+                      encrypted: bool = False,
+                      encryption: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create a volume and place its replicas (nothing runs until it is attached);
-        ``encrypted``: with a new data key wrapped by the manager's KEK (drove.manager.datakeys).
+        ``encrypted``: with a new data key wrapped by the manager's KEK (drove.manager.datakeys);
+        ``encryption``: with that existing (wrapped) key instead (a restore of its data).
 
         ``data_locality`` defaults to the ``default_data_locality`` setting; a
         strict-local volume has exactly one replica (the default count then).
@@ -259,7 +261,7 @@ class Manager:
         limits = check_qos(None, qos)
         if self._records.find(name) is not None:
             raise ApiError(409, f"volume {name!r} exists; choose another name or delete it")
-        enc = self.keys.new_key() if encrypted else None  # 422 without a KEK
+        enc = encryption or (self.keys.new_key() if encrypted else None)  # 422 without a KEK
         doc: dict[str, Any] = {
             "name": name, "size": size_bytes, "replica_count": count, "pool": pool,
             "labels": dict(labels or {}), "created": now_iso(), "desired": "detached",

@@ -111,3 +111,36 @@ def public(enc: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"cipher": enc.get("cipher"), "key_id": enc.get("key_id"),
             "kek_id": enc.get("kek_id")}
+
+
+KEY_ID_LABEL = "drove.key-id"
+"""The label of a backup of an encrypted volume naming the data key it needs."""
+
+WRAPPED_LABEL = "drove.wrapped-key"
+"""The label carrying that key wrapped (``CIPHER KEK_ID WRAPPED``): a restore needs no
+record of the backed-up volume, only the KEK."""
+
+
+def backup_labels(doc: dict[str, Any]) -> dict[str, str]:
+    """The labels a backup of volume ``doc`` records its key with (none when plain)."""
+    enc = encryption(doc)
+    if enc is None:
+        return {}
+    return {KEY_ID_LABEL: enc["key_id"],
+            WRAPPED_LABEL: f"{enc['cipher']} {enc['kek_id']} {enc['wrapped_key']}"}
+
+
+def from_backup_labels(labels: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``encryption`` a volume restored from a backup with ``labels`` gets (None: plain)."""
+    labels = labels or {}
+    if KEY_ID_LABEL not in labels:
+        return None
+    try:
+        cipher, kek, wrapped = str(labels[WRAPPED_LABEL]).split()
+    except (KeyError, ValueError) as exc:
+        raise ApiError(422, f"the backup names data key {labels[KEY_ID_LABEL]} but does not "
+                            "carry it (its label drove.wrapped-key is missing or damaged)") from exc
+    if cipher != CIPHER:
+        raise ApiError(422, f"the backup is encrypted with {cipher}, which drove does not know")
+    return {"cipher": cipher, "key_id": str(labels[KEY_ID_LABEL]), "kek_id": kek,
+            "wrapped_key": wrapped}
