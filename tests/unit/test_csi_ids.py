@@ -60,7 +60,7 @@ def test_sizes_from_capacity_ranges() -> None:
 
 
 def test_volume_condition_from_health() -> None:
-    from drove.csi.controller import condition
+    from drove.csi.common import condition
 
     ok = condition({"health": "healthy", "replicas": [{"name": "v-r1", "mode": "RW"}]})
     assert not ok.abnormal

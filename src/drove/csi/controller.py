@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import grpc
 
 from drove.cli.client import Manager, ManagerError
 from drove.csi import ids
+from drove.csi.common import (
+    VolumeLocks,
+    attached,
+    condition,
+    get_or_none,
+    page,
+    published_on,
+)
 from drove.csi.errors import CsiError, handler, invalid, not_found, precondition
 from drove.csi.proto import TOPOLOGY_NODE, pb, rpc
+from drove.csi.snapshots import Snapshots
 
 # Parameters of a StorageClass the driver understands; Kubernetes' own prefixed keys
 # (csi.storage.k8s.io/...) are the provisioner's and are passed over.
 PARAMETERS = ("replicas", "pool", "dataLocality", "fsType")
 LOCALITIES = ("disabled", "best-effort", "strict-local")
-# A snapshot drove took itself to clone a volume from: not one of the CO's.
-CLONE_LABEL = "drove.io/clone-of"
 LABEL_MAX = 253
 """The longest label value the manager takes."""
 RPC = pb.ControllerServiceCapability.RPC
@@ -33,32 +37,6 @@ CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST
                 RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
                 RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES,
                 RPC.VOLUME_CONDITION, RPC.GET_VOLUME)
-
-
-class VolumeLocks:
-    """One lock per volume name: calls on one volume run one at a time in this process."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    @contextlib.contextmanager
-    def hold(self, name: str) -> Iterator[None]:
-        """Hold ``name``'s lock for the block."""
-        with self._guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
-            yield
-
-
-def get_or_none(mgr: Manager, path: str, **params: Any) -> Any:
-    """GET ``path``; None when the manager says 404."""
-    try:
-        return mgr.get(path, **params)
-    except ManagerError as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def parse_parameters(params: Any) -> dict[str, Any]:
@@ -115,42 +93,13 @@ def csi_volume(view: dict[str, Any]) -> Any:
                      content_source=source, accessible_topology=topology)
 
 
-def condition(view: dict[str, Any]) -> Any:
-    """The VolumeCondition of a volume's view: abnormal unless healthy."""
-    health = view.get("health") or "unknown"
-    if health == "healthy":
-        return pb.VolumeCondition(abnormal=False, message="healthy: every replica is RW")
-    bad = [f"{r['name']} {r.get('mode') or r.get('state')}" for r in view.get("replicas", [])
-           if r.get("mode") != "RW"]
-    return pb.VolumeCondition(abnormal=True, message=f"{health}"
-                              + (f": {', '.join(bad)}" if bad else ""))
-
-
-def published_on(view: dict[str, Any]) -> list[str]:
-    """The nodes a volume is published on (attached there)."""
-    return [view["node"]] if view.get("state") == "attached" and view.get("node") else []
-
-
-def page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
-    """One page of ``items`` from ``token`` (an index, ABORTED when it is not one)."""
-    if max_entries < 0:
-        raise invalid(f"max_entries {max_entries} must not be negative")
-    start = 0
-    if token:
-        if not token.isdigit() or int(token) > len(items):
-            raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not one "
-                                                    "this driver gave (or is stale)")
-        start = int(token)
-    end = len(items) if not max_entries else min(len(items), start + max_entries)
-    return items[start:end], (str(end) if end < len(items) else "")
-
-
 class Controller(rpc.ControllerServicer):
     """The Controller service of one driver process, talking to the manager ``mgr``."""
 
     def __init__(self, mgr: Manager) -> None:
         self._mgr = mgr
         self._locks = VolumeLocks()
+        self._snapshots = Snapshots(mgr, self._locks)
 
     # ------------------------------------------------------------ volumes
 
@@ -209,7 +158,7 @@ class Controller(rpc.ControllerServicer):
         kind = src.WhichOneof("type") if request.HasField("volume_content_source") else None
         if kind == "snapshot":
             parsed = ids.parse_snapshot_id(src.snapshot.snapshot_id)
-            if parsed is None or self._find_snapshot(*parsed) is None:
+            if parsed is None or self._snapshots.find(*parsed) is None:
                 raise not_found(f"source snapshot {src.snapshot.snapshot_id!r} does not exist")
             return f"snapshot:{src.snapshot.snapshot_id}"
         if kind == "volume":
@@ -255,7 +204,7 @@ class Controller(rpc.ControllerServicer):
                           "linked clone lives on its source's disks")
         # A volume never attached has no data files yet to link: attach it for the clone.
         fresh = any(r.get("state") == "pending" for r in src_view.get("replicas", []))
-        with self._locks.hold(src), (self._attached(src) if fresh and snap is None
+        with self._locks.hold(src), (attached(self._mgr, src) if fresh and snap is None
                                      else contextlib.nullcontext()):
             view = self._mgr.post(f"/v1/volumes/{src}/clone",
                                   {"name": name, "snapshot": snap,
@@ -414,122 +363,17 @@ class Controller(rpc.ControllerServicer):
 
     # ------------------------------------------------------------ snapshots
 
-    def _find_snapshot(self, volume: str, snapshot: str) -> dict[str, Any] | None:
-        """The snapshot's entry, None when the volume or the snapshot does not exist."""
-        snaps = get_or_none(self._mgr, f"/v1/volumes/{volume}/snapshots")
-        return next((s for s in snaps or [] if s["name"] == snapshot and not s.get("head")),
-                    None)
-
-    def _all_snapshots(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """(volume view, snapshot) of every snapshot of every volume, by ID."""
-        out = []
-        for v in self._mgr.get("/v1/volumes"):
-            try:
-                snaps = self._mgr.get(f"/v1/volumes/{v['name']}/snapshots")
-            except ManagerError as exc:
-                if exc.status in (404, 409):  # gone meanwhile, or unreadable from here
-                    continue
-                raise
-            out += [(v, s) for s in snaps if listed(s)]
-        return sorted(out, key=lambda vs: ids.snapshot_id(vs[0]["name"], vs[1]["name"]))
-
-    @contextlib.contextmanager
-    def _attached(self, volume: str) -> Iterator[None]:
-        """The volume attached for the block (a detached one attached on the manager's
-        node, no device, and detached again): the manager snapshots through its engine."""
-        view = self._mgr.get(f"/v1/volumes/{volume}")
-        if view.get("state") == "attached":
-            yield
-            return
-        self._mgr.post(f"/v1/volumes/{volume}/attach", {})
-        try:
-            yield
-        finally:
-            self._mgr.post(f"/v1/volumes/{volume}/detach", {})
-
     @handler
     def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Snapshot the source volume under the CSI name (the one there already if it is
-        of this volume; ALREADY_EXISTS if of another)."""
-        if not request.source_volume_id:
-            raise invalid("source_volume_id missing")
-        if not request.name:
-            raise invalid("name missing")
-        vid, snap = request.source_volume_id, ids.drove_name(request.name)
-        with self._locks.hold(vid):
-            for v, s in self._all_snapshots():
-                if (s.get("labels") or {}).get(ids.LABEL_NAME) == request.name:
-                    if v["name"] != vid:
-                        raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
-                                       f"snapshot {request.name!r} exists, of volume "
-                                       f"{v['name']}")
-                    return pb.CreateSnapshotResponse(snapshot=csi_snapshot(v, s))
-            view = get_or_none(self._mgr, f"/v1/volumes/{vid}")
-            if view is None:
-                raise not_found(f"source volume {vid!r} does not exist")
-            with self._attached(vid):
-                s = self._mgr.post(f"/v1/volumes/{vid}/snapshots",
-                                   {"name": snap, "labels": {ids.LABEL_NAME: request.name}})
-        return pb.CreateSnapshotResponse(snapshot=csi_snapshot(view, s))
+        """Snapshot a volume (:meth:`Snapshots.create`)."""
+        return self._snapshots.create(request)
 
     @handler
     def DeleteSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Delete the snapshot (OK when it is gone); one that linked clones use is hidden
-        until the last of them goes."""
-        if not request.snapshot_id:
-            raise invalid("snapshot_id missing")
-        parsed = ids.parse_snapshot_id(request.snapshot_id)
-        if parsed is None:
-            return pb.DeleteSnapshotResponse()
-        vid, snap = parsed
-        with self._locks.hold(vid):
-            if self._find_snapshot(vid, snap) is None:
-                return pb.DeleteSnapshotResponse()
-            with self._attached(vid):
-                try:
-                    self._mgr.delete(f"/v1/volumes/{vid}/snapshots/{snap}")
-                except ManagerError as exc:
-                    if exc.status != 404:
-                        raise
-        return pb.DeleteSnapshotResponse()
+        """Delete a snapshot (:meth:`Snapshots.delete`)."""
+        return self._snapshots.delete(request)
 
     @handler
     def ListSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Snapshots by ID (of one volume, or the one asked), a page at a time."""
-        if request.snapshot_id:
-            parsed = ids.parse_snapshot_id(request.snapshot_id)
-            found = self._find_snapshot(*parsed) if parsed else None
-            if found is None or (request.source_volume_id
-                                 and request.source_volume_id != parsed[0]):
-                return pb.ListSnapshotsResponse()
-            view = self._mgr.get(f"/v1/volumes/{parsed[0]}")
-            pairs = [(view, found)]
-        elif request.source_volume_id:
-            view = get_or_none(self._mgr, f"/v1/volumes/{request.source_volume_id}")
-            snaps = get_or_none(self._mgr, f"/v1/volumes/{request.source_volume_id}/snapshots")
-            pairs = sorted(((view, s) for s in snaps or [] if listed(s)),
-                           key=lambda vs: vs[1]["name"])
-        else:
-            pairs = self._all_snapshots()
-        chosen, token = page(pairs, request.max_entries, request.starting_token)
-        entries = [pb.ListSnapshotsResponse.Entry(snapshot=csi_snapshot(v, s))
-                   for v, s in chosen]
-        return pb.ListSnapshotsResponse(entries=entries, next_token=token)
-
-
-def listed(snap: dict[str, Any]) -> bool:
-    """Whether ListSnapshots shows a drove snapshot (not the head, not one drove took to
-    clone a volume from)."""
-    return not snap.get("head") and CLONE_LABEL not in (snap.get("labels") or {})
-
-
-def csi_snapshot(view: dict[str, Any], snap: dict[str, Any]) -> Any:
-    """The CSI Snapshot of a drove snapshot of volume ``view``."""
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    created = Timestamp()
-    if snap.get("created"):
-        created.FromDatetime(datetime.fromisoformat(snap["created"].replace("Z", "+00:00")))
-    return pb.Snapshot(size_bytes=view["size"], snapshot_id=ids.snapshot_id(view["name"],
-                                                                          snap["name"]),
-                       source_volume_id=view["name"], creation_time=created, ready_to_use=True)
+        """List snapshots (:meth:`Snapshots.listing`)."""
+        return self._snapshots.listing(request)

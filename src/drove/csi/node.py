@@ -20,7 +20,7 @@ import grpc
 from drove.agent import hostattach
 from drove.cli.client import Manager, ManagerError
 from drove.csi import ids, mounts
-from drove.csi.controller import VolumeLocks, condition, get_or_none
+from drove.csi.common import VolumeLocks, condition, get_or_none
 from drove.csi.errors import CsiError, handler, invalid, not_found, precondition
 from drove.csi.proto import TOPOLOGY_NODE, TOPOLOGY_ZONE, pb, rpc
 from drove.engine.hostview import view_name
