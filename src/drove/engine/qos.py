@@ -40,6 +40,8 @@ from drove.tokenbucket import TokenBucket, capacity
 
 READ, WRITE = 0, 1
 
+_now = time.monotonic
+
 MAX_BURST = 60.0
 """Longest burst, in seconds (a larger one would make a limit meaningless for a minute)."""
 
@@ -125,14 +127,17 @@ class _Buckets:
         self.of = of
 
     def try_take(self, d: int, nbytes: int, now: float) -> bool:
-        """Take a request's tokens if every bucket allows it now."""
+        """Take a request's tokens if every bucket allows it now (inlined: the hot path)."""
         mine = self.of[d]
-        for bucket, is_bytes in mine:
-            bucket.refill(now)
-            if not bucket.allows(nbytes if is_bytes else 1):
+        for b, is_bytes in mine:
+            n = nbytes if is_bytes else 1
+            tokens = b.tokens + (now - b.stamp) * b.rate
+            b.tokens = tokens = tokens if tokens < b.capacity else b.capacity
+            b.stamp = now
+            if tokens < (n if n < b.capacity else b.capacity):
                 return False
-        for bucket, is_bytes in mine:
-            bucket.tokens -= nbytes if is_bytes else 1
+        for b, is_bytes in mine:
+            b.tokens -= nbytes if is_bytes else 1
         return True
 
     def wait(self, d: int, nbytes: int) -> float:
@@ -181,11 +186,15 @@ class QosLayer(Layer):
 
     def _admit(self, d: int, nbytes: int, go: Callable[[], None]) -> None:
         """Run ``go`` now if the limits allow and nothing waits before it; else queue it."""
-        q = self._waiting[d]
-        if not q and self._buckets.try_take(d, nbytes, time.monotonic()):
+        if not self._waiting[d] and self._buckets.try_take(d, nbytes, _now()):
             go()
-            return
+        else:
+            self._queue(d, nbytes, go)
+
+    def _queue(self, d: int, nbytes: int, go: Callable[[], None]) -> None:
+        """Queue a request that must wait; wake up when the first one may pass."""
         self.throttled[d] += 1
+        q = self._waiting[d]
         q.append((nbytes, go))
         if len(q) == 1:
             self._arm()
@@ -200,7 +209,7 @@ class QosLayer(Layer):
             moved = False
             for d in (READ, WRITE):
                 q = self._waiting[d]
-                if q and (self._off or self._buckets.try_take(d, q[0][0], time.monotonic())):
+                if q and (self._off or self._buckets.try_take(d, q[0][0], _now())):
                     q.popleft()[1]()
                     moved = True
         self._arm()
@@ -249,8 +258,12 @@ class QosLayer(Layer):
         if self._off or cmd == eager.FLUSH:
             self.below(cmd, offset, length, data, fua, done)
             return
-        self._admit(WRITE if cmd == eager.WRITE else READ, length,
-                    functools.partial(self.below, cmd, offset, length, data, fua, done))
+        d = WRITE if cmd == eager.WRITE else READ
+        if not self._waiting[d] and self._buckets.try_take(d, length, _now()):
+            self.below(cmd, offset, length, data, fua, done)  # within the limits: no closure
+            return
+        self._queue(d, length, functools.partial(self.below, cmd, offset, length, data, fua,
+                                                 done))
 
     async def read(self, offset: int, length: int) -> Any:
         """Read in its turn."""
