@@ -82,9 +82,9 @@ def read_ok(uri: str) -> None:
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
 
 
-def scrub(m: ManagerProc, name: str) -> tuple[str, dict]:
-    """`drove volume scrub NAME` (its output) and the scrub task's record."""
-    out = m.cli("volume", "scrub", name, env={"COLUMNS": "300"}).stdout
+def scrub(m: ManagerProc, name: str, *args: str) -> tuple[str, dict]:
+    """`drove volume scrub NAME ARGS` (its output) and the scrub task's record."""
+    out = m.cli("volume", "scrub", name, *args, env={"COLUMNS": "300"}).stdout
     task = next(t for t in m.ok("GET", "/v1/tasks") if t["kind"] == "volume-scrub"
                 and t["volume"] == name)
     return out, task
@@ -134,8 +134,14 @@ def test_three_replicas_majority_repair_with_io_alongside(manager: ManagerProc, 
     d = digests(m, "v", file)
     assert len({tuple(x) for x in d}) == 1  # all replicas equal again
     read_ok(uri)
-    out, task = scrub(m, "v")
-    assert task["result"]["findings"] == [], task
+    # With --snapshot the head (fio's writes) becomes a layer first and is compared too.
+    layers = task["result"]["layers"]
+    out, task = scrub(m, "v", "--snapshot")
+    res = task["result"]
+    assert res["findings"] == [] and res["layers"] == layers + 1, task
+    snaps = m.ok("GET", "/v1/volumes/v/snapshots")
+    assert any(s["name"] == res["snapshot"] and s["labels"].get("drove.scrub") == "true"
+               for s in snaps), snaps
 
 
 def test_two_replicas_decided_by_the_recorded_checksum(manager: ManagerProc):
@@ -161,7 +167,9 @@ def test_two_replicas_decided_by_the_recorded_checksum(manager: ManagerProc):
     job = m.ok("POST", "/v1/jobs/nightly/run")
     assert job["last_result"]["ok"], job
     assert "w: scrub task-" in job["last_result"]["message"], job
-    assert "0 range(s) repaired" in job["last_result"]["message"], job
+    assert "0 range(s) repaired, snapshot scrub-" in job["last_result"]["message"], job
+    snaps = m.ok("GET", "/v1/volumes/w/snapshots")
+    assert [s for s in snaps if (s.get("labels") or {}).get("drove.job") == "nightly"]
     tasks = [t for t in m.ok("GET", "/v1/tasks") if t["kind"] == "volume-scrub"]
     assert len(tasks) == 3 and all(t["state"] == "succeeded" for t in tasks)
 

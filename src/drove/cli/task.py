@@ -29,7 +29,7 @@ POLL_INTERVAL = 0.5
 #: States a task never leaves; anything else counts as still running.
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 #: Task kinds whose progress counts bytes (shown with sizes and a transfer speed).
-BYTE_KINDS = frozenset({"backup-create", "backup-restore", "backup-verify"})
+BYTE_KINDS = frozenset({"backup-create", "backup-restore", "backup-verify", "volume-scrub"})
 STATE_STYLE = {"running": "cyan", "succeeded": "green", "failed": "bold red",
                "cancelled": "yellow"}
 

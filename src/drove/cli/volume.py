@@ -443,12 +443,20 @@ def flatten(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
 
 @app.command()
 @with_manager
-def scrub(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+def scrub(
+    mgr: Manager,
+    name: NameArg,
+    snapshot: Annotated[bool, typer.Option(
+        "--snapshot", help="snapshot the head first (labelled drove.scrub), so the data it "
+                           "holds is compared too; without it only snapshots are")] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """Compare the replicas of attached volume NAME layer by layer (digests computed where the
     data is) and repair a copy that differs from the good one; waits for the task."""
     from drove.cli import task as tasks
 
-    done = tasks.wait(mgr, mgr.post(_path(name) + "/scrub", {}), quiet=json_out)
+    task = mgr.post(_path(name) + "/scrub", {"snapshot": snapshot})
+    done = tasks.wait(mgr, task, quiet=json_out)
     res = done.get("result") or {}
     if not json_out:
         for f in res.get("findings", []):

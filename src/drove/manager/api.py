@@ -243,6 +243,13 @@ class BackupRestore(Strict):
                                                 "replica's fill fetches at most (0: no limit)")
 
 
+class VolumeScrub(Strict):
+    """What a scrub compares."""
+
+    snapshot: bool = Field(False, description="snapshot the head first (labelled "
+                                              "drove.scrub), so its data is compared too")
+
+
 class JobCreate(Strict):
     """A recurring snapshot or backup job."""
 
@@ -478,11 +485,14 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
                                  volume=name)
 
     @app.post("/v1/volumes/{name}/scrub", dependencies=secured, status_code=202)
-    async def scrub_volume(name: str) -> dict[str, Any]:
+    async def scrub_volume(name: str, req: VolumeScrub | None = None) -> dict[str, Any]:
         """Compare the replicas' snapshot layers by per-range digests and repair a bad copy
-        from a good one (a task; attached only, I/O goes on)."""
+        from a good one (a task; attached only, I/O goes on); ``snapshot``: snapshot the
+        head first, so what it holds is compared too."""
         manager.scrubber.check(name)
-        return parts.tasks.start(SCRUB_KIND, manager.scrubber.task(name), volume=name)
+        labels = {} if (req or VolumeScrub()).snapshot else None
+        return parts.tasks.start(SCRUB_KIND, manager.scrubber.task(name, labels),
+                                 volume=name)
 
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:

@@ -99,7 +99,8 @@ class Manager:
         self.clones = Clones(records=self._records, replicas=self._replicas, disks=self._disks,
                              engines=self._engines, agents=self.agents,
                              snapshots=self._snapshots, guard=guard, event=event)
-        self.scrubber = Scrubber(records=self._records, engines=self._engines, event=event)
+        self.scrubber = Scrubber(records=self._records, engines=self._engines, event=event,
+                                 snapshot=self.create_snapshot)
         rebuilds = Rebuilds(records=self._records, replicas=self._replicas,
                             engines=self._engines, disks=self._disks, event=event)
         self._localizer = Localizer(records=self._records, replicas=self._replicas,

@@ -210,7 +210,7 @@ class Jobs:
     async def _run_one(self, job: dict[str, Any], volume: str) -> str:
         labels = {**job["labels"], JOB_LABEL: job["name"]}
         if job["kind"] == "scrub":
-            return await self._scrub(volume)
+            return await self._scrub(volume, job["name"], labels, job["retain"])
         if job["kind"] == "snapshot":
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             snap = await self.m.create_snapshot(volume, f"{job['name']}-{stamp}-"
@@ -229,17 +229,21 @@ class Jobs:
         await self._retain_snapshots(volume, job["name"], 1)
         return f"backup {name}" + (f", deleted {', '.join(removed)}" if removed else "")
 
-    async def _scrub(self, volume: str) -> str:
-        """Scrub one volume as a task and wait for it; what it found."""
+    async def _scrub(self, volume: str, job: str, labels: dict[str, str], keep: int) -> str:
+        """Snapshot the head, scrub the volume as a task and wait for it; keep the newest
+        ``keep`` of the job's snapshots (the head's data is compared in them)."""
         self.m.scrubber.check(volume)
-        task = self.tasks.start(SCRUB_KIND, self.m.scrubber.task(volume), volume=volume)
+        task = self.tasks.start(SCRUB_KIND, self.m.scrubber.task(volume, labels),
+                                volume=volume)
         done = await self.tasks.wait(task["id"]) or {}
         res = done.get("result") or {}
         if done.get("state") != "succeeded":
             raise ApiError(409, f"scrub task {task['id']} {done.get('state')}: "
                                 f"{done.get('error')}")
+        removed = await self._retain_snapshots(volume, job, keep)
         return (f"scrub {task['id']}: {res.get('layers', 0)} layer(s), "
-                f"{res.get('repaired', 0)} range(s) repaired")
+                f"{res.get('repaired', 0)} range(s) repaired, snapshot {res.get('snapshot')}"
+                + (f", deleted {', '.join(removed)}" if removed else ""))
 
     async def _retain_snapshots(self, volume: str, job: str, keep: int) -> list[str]:
         snaps = [s for s in await self.m.snapshots(volume)

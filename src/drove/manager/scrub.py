@@ -14,15 +14,20 @@ they all agree on, so the next scrub of a two-replica volume can decide.
 The bad replica then repairs the range itself from the good one's layer
 export (POST ``/v1/layers/FILE/repair``, epoch-checked, refused if either
 side's range changed since it was compared), and reports the 4 KiB blocks it
-rewrote.  The head is not scrubbed: it changes under writes in flight; what it
-holds is covered once a snapshot makes it a layer.  No lock of the volume is
-held across the scrub: each repair is atomic on its replica.
+rewrote.  The head is not compared: it changes under writes in flight.  A scrub
+asked to (``snapshot``; every run of a ``scrub`` job) snapshots the head
+first, so what the volume held then is compared in that snapshot's layer.  No
+lock of the volume is held across the scrub: each repair is atomic on its
+replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from drove.manager.engines import Engines
@@ -38,6 +43,11 @@ RANGE = 1 << 20
 KIND = "volume-scrub"
 """The kind of a scrub's task."""
 
+LABEL = "drove.scrub"
+"""Label on the snapshot a scrub takes of the head before comparing."""
+
+SnapshotFn = Callable[[str, str, dict[str, str]], Awaitable[dict[str, Any]]]
+
 
 class _Member:
     """One replica taking part in a scrub: where its API and exports are."""
@@ -52,10 +62,12 @@ class _Member:
 class Scrubber:
     """Scrubs attached volumes (as tasks, run by the API and by jobs of kind ``scrub``)."""
 
-    def __init__(self, *, records: Records, engines: Engines, event: EventFn) -> None:
+    def __init__(self, *, records: Records, engines: Engines, event: EventFn,
+                 snapshot: SnapshotFn) -> None:
         self._records = records
         self._engines = engines
         self._event = event
+        self._snapshot = snapshot  # (volume, name, labels): snapshot the head
 
     def check(self, name: str) -> dict[str, Any]:
         """Refuse what cannot be scrubbed now (ApiError 404, 409); the volume's document."""
@@ -66,10 +78,18 @@ class Scrubber:
                                 f"(`drove volume attach {name}`)")
         return doc
 
-    def task(self, name: str) -> TaskFn:
-        """The task that scrubs volume ``name`` and repairs what it finds."""
+    def task(self, name: str, snapshot: dict[str, str] | None = None) -> TaskFn:
+        """The task that scrubs volume ``name`` and repairs what it finds; with
+        ``snapshot`` (its labels), it snapshots the head first so its data is compared."""
         async def run(ctx: TaskContext) -> dict[str, Any]:
-            return await self._scrub(ctx, name)
+            taken = None
+            if snapshot is not None:
+                self.check(name)
+                stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+                taken = (await self._snapshot(name, f"scrub-{stamp}-{secrets.token_hex(2)}",
+                                              {**snapshot, LABEL: "true"}))["name"]
+                ctx.set(snapshot=taken)
+            return {**await self._scrub(ctx, name), "snapshot": taken}
         return run
 
     async def _call(self, m: _Member, method: str, path: str, **kwargs: Any) -> Any:
