@@ -68,3 +68,25 @@ def test_volume_condition_from_health() -> None:
         {"name": "v-r1", "mode": "RW"}, {"name": "v-r2", "mode": "ERR"}]})
     assert bad.abnormal and "degraded" in bad.message and "v-r2 ERR" in bad.message
     assert condition({"health": "faulted", "replicas": []}).abnormal
+
+
+def test_pages_skip_nothing_when_items_come_and_go() -> None:
+    from drove.csi.common import page
+
+    names = ["a", "b", "c", "d", "e"]
+    first, token = page(names, names, 2, "")
+    assert first == ["a", "b"] and token
+    # "b" (the last of the page) is deleted and "cc" added before the next call: the next
+    # page starts at "c" all the same (an index would skip it) and finds "cc".
+    now = ["a", "c", "cc", "d", "e"]
+    second, token = page(now, now, 2, token)
+    assert second == ["c", "cc"]
+    third, token = page(now, now, 2, token)
+    assert third == ["d", "e"] and token == ""
+    assert page(names, names, 0, "")[0] == names
+    with pytest.raises(CsiError) as err:
+        page(names, names, 2, "3")  # not a token this driver gives
+    assert err.value.code == grpc.StatusCode.ABORTED
+    with pytest.raises(CsiError) as err:
+        page(names, names, -1, "")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -3,6 +3,7 @@ volume's condition and publication, paging, a volume attached for the length of 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -57,20 +58,26 @@ def published_on(view: dict[str, Any]) -> list[str]:
     return [view["node"]] if view.get("state") == "attached" and view.get("node") else []
 
 
-def page(items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
-    """One page of ``items`` from ``token`` (an index, ABORTED when it is not one)."""
+TOKEN_PREFIX = "from:"
+
+
+def page(items: list[Any], keys: list[str], max_entries: int,
+         token: str) -> tuple[list[Any], str]:
+    """One page of ``items`` (sorted by their ``keys``) from ``token``, and the next token.
+
+    A token names the key the next page starts at, so an item deleted or added between two
+    calls never makes one skip or repeat another; ABORTED for a token this driver never
+    gives."""
     if max_entries < 0:
         raise invalid(f"max_entries {max_entries} must not be negative")
     start = 0
     if token:
-        if not token.isdigit() or int(token) > len(items):
+        if not token.startswith(TOKEN_PREFIX):
             raise CsiError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not one "
-                                                    "this driver gave (or is stale)")
-        start = int(token)
+                                                    "this driver gives")
+        start = bisect.bisect_left(keys, token[len(TOKEN_PREFIX):])
     end = len(items) if not max_entries else min(len(items), start + max_entries)
-    return items[start:end], (str(end) if end < len(items) else "")
-
-
+    return items[start:end], (TOKEN_PREFIX + keys[end] if end < len(items) else "")
 
 
 @contextlib.contextmanager

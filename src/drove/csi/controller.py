@@ -291,7 +291,8 @@ class Controller(rpc.ControllerServicer):
     def ListVolumes(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Every drove volume by name, a page at a time."""
         views = sorted(self._mgr.get("/v1/volumes"), key=lambda v: v["name"])
-        chosen, token = page(views, request.max_entries, request.starting_token)
+        chosen, token = page(views, [v["name"] for v in views], request.max_entries,
+                             request.starting_token)
         status = pb.ListVolumesResponse.VolumeStatus
         entries = [pb.ListVolumesResponse.Entry(
             volume=csi_volume(v), status=status(published_node_ids=published_on(v),

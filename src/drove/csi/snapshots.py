@@ -104,7 +104,8 @@ class Snapshots:
                            key=lambda vs: vs[1]["name"])
         else:
             pairs = self.every()
-        chosen, token = page(pairs, request.max_entries, request.starting_token)
+        keys = [ids.snapshot_id(v["name"], snap["name"]) for v, snap in pairs]
+        chosen, token = page(pairs, keys, request.max_entries, request.starting_token)
         entries = [pb.ListSnapshotsResponse.Entry(snapshot=csi_snapshot(v, s))
                    for v, s in chosen]
         return pb.ListSnapshotsResponse(entries=entries, next_token=token)
