@@ -3,6 +3,8 @@ client over its unix socket (stubs from drove.csi.proto)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +52,19 @@ class CsiDriver:
         self.controller = rpc.ControllerStub(self.channel)
         self.node_service = rpc.NodeStub(self.channel)
         return self
+
+    def take_down_all(self) -> None:
+        """Unpublish and unstage whatever the driver still has staged (a failed test's
+        leftovers: loop devices over a lazily unmounted FUSE file would outlive it)."""
+        volumes = self.state_dir / "volumes"
+        for record in sorted(volumes.glob("*.json")) if volumes.exists() else []:
+            rec = json.loads(record.read_text())
+            with contextlib.suppress(grpc.RpcError):
+                for target in rec["targets"]:
+                    self.node_service.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+                        volume_id=rec["volume"], target_path=target))
+                self.node_service.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+                    volume_id=rec["volume"], staging_target_path=rec["staging"]))
 
     def stop(self) -> None:
         """SIGTERM the driver and wait for it."""

@@ -32,6 +32,7 @@ def csi(manager: ManagerProc, tmp_path: Path) -> Iterator[tuple[ManagerProc, Csi
     node = manager.ok("GET", "/v1/nodes")[0]["name"]
     driver = CsiDriver(manager.data_dir, tmp_path, node).start()
     yield manager, driver
+    driver.take_down_all()
     driver.stop()
 
 
@@ -495,4 +496,5 @@ def test_volumes_move_between_nodes(csi: tuple[ManagerProc, CsiDriver], agents: 
         assert m.volume("moving")["node"] == d.node
         take_down(d, "moving", staging, rw)
     finally:
+        d2.take_down_all()
         d2.stop()
