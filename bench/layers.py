@@ -1,7 +1,7 @@
 """The engine's layer stack against an older drove's, interleaved in one run: no loss?
 
     .venv/bin/python bench/layers.py --before REV [--rounds 5] [--runtime 5] [--size 512M]
-        [--jobs randread-4k,randwrite-4k,seqread-1m]
+        [--jobs randread-4k,randwrite-4k,seqread-1m] [--variants before,after,after+crypt]
 
 Three engines, each over its own replica process on this machine, fio over a
 unix socket:
@@ -10,7 +10,12 @@ unix socket:
   archive``, run with PYTHONPATH pointing there);
 * ``after``: this checkout's engine (stats -> qos, QoS unlimited);
 * ``after+qos``: this checkout's engine with QoS limits far above what the
-  machine does (the throttle's accounting runs on every request, never waits).
+  machine does (the throttle's accounting runs on every request, never waits);
+* ``after+crypt``: this checkout's engine encrypting (AES-XTS-256, drove.engine.crypt)
+  with a random key given in a 0600 --key-file.
+
+``--variants`` picks some of them (the first is the one ratios are to; without
+``before`` no older revision is extracted).
 
 The jobs run round after round, each job on the three engines one after the
 other, so the machine's load (other people's tests) falls on all of them
@@ -32,7 +37,7 @@ from drove.units import parse_size
 from fiobench import SEQ_QD4_JOBS, STANDARD_JOBS, Result, fill, run_fio
 from replicatools import kill_all, start_replica
 
-VARIANTS = ("before", "after", "after+qos")
+VARIANTS = ("before", "after", "after+qos", "after+crypt")
 HIGH_LIMITS = {"iops": 10**9, "bandwidth": 10**13}
 
 
@@ -44,7 +49,7 @@ def extract(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def start(scratch: Path, variant: str, size: int, before_src: Path) -> tuple:
+def start(scratch: Path, variant: str, size: int, before_src: Path | None) -> tuple:
     """A replica and an engine of ``variant`` over it."""
     from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
 
@@ -52,10 +57,17 @@ def start(scratch: Path, variant: str, size: int, before_src: Path) -> tuple:
     rep = start_replica(scratch / f"{tag}-r", size)
     old = os.environ.get("PYTHONPATH")
     if variant == "before":
+        assert before_src is not None
         os.environ["PYTHONPATH"] = str(before_src)
     try:
+        extra: tuple[str, ...] = ()
+        if variant == "after+crypt":
+            from drove.engine.crypt import KEY_BYTES, write_key_file
+
+            write_key_file(scratch / "data.key", os.urandom(KEY_BYTES))
+            extra = ("--key-file", str(scratch / "data.key"))
         eng = start_engine(scratch / f"{tag}-e", "vol", [rep], "--log-level", "warning",
-                           size=size)
+                           *extra, size=size)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)
@@ -69,7 +81,9 @@ def start(scratch: Path, variant: str, size: int, before_src: Path) -> tuple:
 def main() -> None:
     """Run the rounds and print medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", required=True, help="git revision of the older engine")
+    ap.add_argument("--before", default=None, help="git revision of the older engine")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"which engines, the first the base of the ratios: {VARIANTS}")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--size", default="512M")
@@ -79,12 +93,17 @@ def main() -> None:
     size = parse_size(args.size)
     by_key = {j.key: j for j in STANDARD_JOBS + SEQ_QD4_JOBS}
     jobs = [by_key[k] for k in args.jobs.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        ap.error(f"--variants: some of {', '.join(VARIANTS)}")
+    if "before" in variants and args.before is None:
+        ap.error("the variant before needs --before REV")
     scratch = Path(tempfile.mkdtemp(prefix="drove-bench-layers-", dir=args.dir))
     procs = []
     try:
-        before_src = extract(args.before, scratch)
+        before_src = extract(args.before, scratch) if "before" in variants else None
         engines = {}
-        for v in VARIANTS:
+        for v in variants:
             rep, eng = start(scratch, v, size, before_src)
             procs += [rep, eng]
             engines[v] = eng
@@ -92,23 +111,24 @@ def main() -> None:
         results: dict[tuple[str, str], list[Result]] = {}
         for r in range(args.rounds):
             for job in jobs:
-                for v in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
+                for v in variants if r % 2 == 0 else list(reversed(variants)):
                     eng = engines[v]
                     res = run_fio(eng.unix_uri("vol"), job, size, args.runtime, eng.proc.pid)
                     results.setdefault((job.name, v), []).append(res)
+        first = variants[0]
         print(f"\nmedians over {args.rounds} interleaved rounds of {args.runtime} s; "
-              f"before = {args.before}")
-        print(f"{'job':22} {'engine':10} {'IOPS':>9} {'MiB/s':>8} {'cpu us/io':>9} "
-              f"{'IOPS/before':>11} {'cpu/before':>10}")
+              f"before = {args.before}; ratios to {first}")
+        print(f"{'job':22} {'engine':11} {'IOPS':>9} {'MiB/s':>8} {'cpu us/io':>9} "
+              f"{'IOPS ratio':>11} {'cpu ratio':>10}")
         for job in jobs:
-            base = results[(job.name, "before")]
+            base = results[(job.name, first)]
             b_iops = statistics.median(x.iops for x in base)
             b_cpu = statistics.median(x.cpu_us for x in base)
-            for v in VARIANTS:
+            for v in variants:
                 rs = results[(job.name, v)]
                 iops = statistics.median(x.iops for x in rs)
                 cpu = statistics.median(x.cpu_us for x in rs)
-                print(f"{job.name:22} {v:10} {iops:9.0f} "
+                print(f"{job.name:22} {v:11} {iops:9.0f} "
                       f"{statistics.median(x.mib_s for x in rs):8.1f} {cpu:9.1f} "
                       f"{iops / b_iops:11.3f} {cpu / b_cpu:10.3f}")
     finally:

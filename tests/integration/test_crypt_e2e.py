@@ -70,20 +70,21 @@ def restart(m: ManagerProc, kek: Path | None) -> None:
     m.start(extra=("--kek-file", str(kek)) if kek else ())
 
 
-def test_encrypted_volume_end_to_end(tmp_path):
-    kek, other = tmp_path / "kek", tmp_path / "other-kek"
+@pytest.fixture
+def kek_manager(tmp_path):
+    """A `drove serve --kek-file KEK` (KEK: a random 256-bit key in hex)."""
+    kek = tmp_path / "kek"
     kek.write_text(os.urandom(32).hex())
-    other.write_text("a different passphrase\n")
     kek.chmod(0o600)
     m = ManagerProc(tmp_path / "data", tmp_path / "manager.log", root=tmp_path)
     try:
-        m.start(extra=("--kek-file", str(kek)))
-        _run(m, tmp_path, kek, other)
+        yield m.start(extra=("--kek-file", str(kek))), kek
     finally:
         m.kill_everything()
 
 
-def _run(m: ManagerProc, tmp_path: Path, kek: Path, other: Path) -> None:
+def test_no_plaintext_stored_and_every_copy_reads_right(kek_manager, tmp_path):
+    m, _ = kek_manager
     m.cli("disk", "add", str(tmp_path / "d2"))
     v = m.cli_json("volume", "create", "sec", "--size", "64M", "--replicas", "2",
                    "--encrypted")
@@ -107,6 +108,9 @@ def _run(m: ManagerProc, tmp_path: Path, kek: Path, other: Path) -> None:
     assert nbd_read(uri, 0, 65536) == bytes(32768) + PATTERN * 8
 
     m.cli("snapshot", "create", "sec", "s1")
+    # A snapshot export would serve what a replica holds (ciphertext): refused, saying so.
+    r = m.api("POST", "/v1/volumes/sec/snapshots/s1/export", json={})
+    assert r.status_code == 409 and "clone the snapshot" in r.text, r.text
     nbd_write(uri, 16 * MiB, PATTERN, 64)          # in the head, after the snapshot
     assert files_holding(tmp_path / "data", MARK) == []
     assert files_holding(tmp_path / "d2", MARK) == []
@@ -134,6 +138,14 @@ def _run(m: ManagerProc, tmp_path: Path, kek: Path, other: Path) -> None:
     seen, plain = backup_blocks_holding(target, MARK)
     assert seen > 0 and plain == []
     assert files_holding(target, MARK) == []
+    # Neither an instant restore nor a DR standby of it yet: refused, nothing made.
+    r = m.api("POST", f"/v1/backups/{b['name']}/restore",
+              json={"volume": "inst", "instant": True})
+    assert r.status_code == 422 and "encrypted" in r.text, r.text
+    r = m.api("POST", "/v1/volumes", json={"name": "dr", "standby_of": "sec"})
+    assert r.status_code == 422 and "encrypted" in r.text, r.text
+    assert m.api("GET", "/v1/volumes/inst").status_code == 404
+    assert m.api("GET", "/v1/volumes/dr").status_code == 404
     restored = m.cli_json("backup", "restore", b["name"], "--to", "back", "--replicas", "1")
     assert restored["volume"] == "back"
     assert m.volume("back")["encryption"]["key_id"] == key_id
@@ -146,12 +158,24 @@ def _run(m: ManagerProc, tmp_path: Path, kek: Path, other: Path) -> None:
     assert files_holding(tmp_path / "data", MARK) == []
     assert files_holding(tmp_path / "d2", MARK) == []
 
+
+def test_wrong_or_missing_kek_refused_and_nothing_changed(kek_manager, tmp_path):
+    m, kek = kek_manager
+    other = tmp_path / "other-kek"
+    other.write_text("a different passphrase\n")
+    m.cli("volume", "create", "sec", "--size", "16M", "--replicas", "1", "--encrypted")
+    uri = m.cli_json("volume", "attach", "sec")["nbd_uri"]
+    nbd_write(uri, 16 * 4096, PATTERN, 4)
+    m.cli("volume", "detach", "sec")
+
     # A wrong KEK, then none: refused with the reason, nothing started, nothing changed.
     before = m.volume("sec")
     restart(m, other)
     r = m.api("POST", "/v1/volumes/sec/attach", json={})
     assert r.status_code == 409 and "does not unwrap" in r.text, r.text
-    assert m.volume("sec")["state"] == "detached"
+    after = m.volume("sec")
+    assert after["state"] == "detached" and after["engine"] is None
+    assert all(r["pid"] is None for r in after["replicas"]), after["replicas"]
     out = m.cli("volume", "attach", "sec", check=False)
     assert out.returncode != 0 and "--kek-file" in out.stderr + out.stdout
     restart(m, None)
@@ -162,5 +186,5 @@ def _run(m: ManagerProc, tmp_path: Path, kek: Path, other: Path) -> None:
     assert m.volume("sec")["encryption"] == before["encryption"]
     restart(m, kek)
     uri = m.cli_json("volume", "attach", "sec")["nbd_uri"]
-    assert nbd_read(uri, 16 * MiB, 4096) == PATTERN
+    assert nbd_read(uri, 16 * 4096, 4 * 4096) == PATTERN * 4
     m.cli("volume", "detach", "sec")

@@ -485,6 +485,12 @@ class Manager:
                               since: str | None = None) -> dict[str, Any]:
         """A read-only NBD URI serving ``snapshot`` (from a healthy replica); with ``since``,
         only what changed since that older snapshot."""
+        if (enc := datakeys.encryption(self.record(name))) is not None:
+            # A replica serves it as stored: ciphertext, which no client could read.
+            raise ApiError(409, f"volume {name} is encrypted (key {enc['key_id']}): a "
+                                "snapshot export would serve ciphertext; clone the snapshot "
+                                f"(`drove volume clone {name} NEW --snapshot {snapshot}`) and "
+                                "attach the clone to read it")
         return await self._snapshots.export(name, snapshot, since)
 
     async def snapshot_diff(self, name: str, since: str, to: str | None) -> dict[str, Any]:

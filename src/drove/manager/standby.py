@@ -143,6 +143,10 @@ class Standbys:
             raise ApiError(404, f"the backup target {store.target.url} holds no backup of "
                                 f"volume {of}: a standby follows a volume's backups (`drove "
                                 f"backup list --volume {of}`)")
+        if "drove.key-id" in (newest.get("labels") or {}):  # drove.manager.datakeys
+            raise ApiError(422, f"the backups of volume {of} are encrypted: a DR standby of an "
+                                "encrypted volume is not supported yet (restore its backups "
+                                "with `drove backup restore`)")
         if replicas is None:
             recorded = newest.get("replicas")
             if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
