@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +99,17 @@ def stop_unrecorded(run_dir: Path, volume: str, replicas: dict[str, str], keep: 
                     reason: str, engines: bool = True,
                     engine_timeout: float = 30.0) -> list[Found]:
     """Stop every process :func:`find` lists but those in ``keep`` (pids): the engines
-    first (SIGTERM: each flushes to its replicas), then the replica processes; those
-    stopped."""
-    stopped = []
-    for f in find(run_dir, volume, replicas, engines):
-        if f.proc.pid in keep:
-            continue
+    first (SIGTERM: each flushes to its replicas), then the replica processes, at once;
+    those stopped."""
+    found = [f for f in find(run_dir, volume, replicas, engines) if f.proc.pid not in keep]
+    for f in found:
         log.warning("volume %s: stopping %s process %s (pid %d), which no record names: %s",
                     volume, f.kind, f.name, f.proc.pid, reason)
-        processes.stop(f.proc, engine_timeout if f.kind == "engine" else 10.0)
-        stopped.append(f)
-    return stopped
+    for f in found:
+        if f.kind == "engine":
+            processes.stop(f.proc, engine_timeout)
+    reps = [f.proc for f in found if f.kind == "replica"]
+    if reps:
+        with ThreadPoolExecutor(len(reps)) as pool:
+            list(pool.map(processes.stop, reps))
+    return found

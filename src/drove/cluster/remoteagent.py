@@ -20,6 +20,8 @@ from drove.replica.clone import CloneError
 # Process starts wait for the process's ready line (an engine may open a big chain).
 _START_TIMEOUT = 150.0
 _CALL_TIMEOUT = 10.0
+# Stopping a volume's leftover processes: an engine's flush, then its replica processes.
+_STOP_TIMEOUT = 60.0
 
 
 class AgentUnreachableError(Exception):
@@ -49,7 +51,8 @@ class RemoteAgent:
         """Release the HTTP connections."""
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any], timeout: float = _CALL_TIMEOUT) -> Any:
+    def _post(self, path: str, body: dict[str, Any],
+              timeout: float | httpx.Timeout = _CALL_TIMEOUT) -> Any:
         try:
             resp = self._http.post(self.url + path, json=body, timeout=timeout)
         except httpx.HTTPError as exc:
@@ -108,7 +111,7 @@ class RemoteAgent:
         (see NodeAgent.stop_unrecorded); those stopped."""
         return self._post("/v1/volumes/stop-unrecorded", {
             "volume": volume, "replicas": replicas, "keep": [{"pid": p} for p in keep],
-            "reason": reason, "engines": engines}, _START_TIMEOUT)
+            "reason": reason, "engines": engines}, httpx.Timeout(_STOP_TIMEOUT, connect=5.0))
 
     def attach_host(self, volume: str, mount: str | None, fs: str) -> dict[str, Any]:
         """Give that host a block device for ``volume`` (and mount it)."""

@@ -49,8 +49,7 @@ class Attacher:
         self._settings = settings
         self._event = event
         self._guard = guard
-        self._unrecorded = Unrecorded(agents, event,
-                                      lambda n: disks.health.down_for(n) is not None)
+        self._unrecorded = Unrecorded(agents, event)
 
     def check_node(self, doc: dict[str, Any], node: str | None) -> str:
         """The node to attach ``doc`` on (default: this manager's), or ApiError 409 why not.

@@ -35,8 +35,7 @@ class Replicas:
         self._agents = agents
         self._settings = settings
         self._event = event
-        self._unrecorded = Unrecorded(agents, event,
-                                      lambda n: disks.health.down_for(n) is not None)
+        self._unrecorded = Unrecorded(agents, event)
 
     def place(self, doc: dict[str, Any], count: int,
               only_node: str | None = None) -> list[dict[str, Any]]:

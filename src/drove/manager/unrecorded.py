@@ -8,16 +8,17 @@ when they are stopped) every agent concerned is asked to stop those of the volum
 runs but the record does not name: the engine's node first (an engine stop flushes to
 its replicas), then the other nodes of its replicas.
 
-A node whose agent does not answer is skipped (with an event): a replica process left
-there fails that replica's start until it answers again (it cannot write for a newer
-engine: the epoch fence), and an engine left there is stopped as stale by its agent.
+A node whose agent does not answer is skipped (with an event), so it never holds up the
+rest: a replica process left there cannot write for a newer engine (the epoch fence) and
+keeps only its own replica from starting, until its agent answers again (a replica start
+that fails asks it to stop such a process, then tries once more).  The engine's node not
+answering, no engine starts there anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 from drove.cluster.remoteagent import AgentError, AgentUnreachableError
@@ -29,11 +30,9 @@ from drove.manager.events import EventFn
 class Unrecorded:
     """Asks agents to stop a volume's processes that its record does not name."""
 
-    def __init__(self, agents: Agents, event: EventFn,
-                 node_down: Callable[[str | None], bool]) -> None:
+    def __init__(self, agents: Agents, event: EventFn) -> None:
         self._agents = agents
         self._event = event
-        self._node_down = node_down
 
     def _wanted(self, doc: dict[str, Any], engine_node: str | None,
                 keep_from: list[dict[str, Any]]
@@ -57,9 +56,9 @@ class Unrecorded:
                    keep: list[int], reason: str, missed: dict[str, str], *, engines: bool
                    ) -> list[tuple[str | None, dict[str, Any]]]:
         """One node's agent stops what it runs of volume ``name`` but ``keep``."""
-        if node is not None and self._node_down(node):
-            missed[str(node)] = "the node is down"
-            return []
+        # (Not skipped when its heartbeats stopped: a manager that just started sees
+        # every node so until they heartbeat again, and a node that is down answers no
+        # connection.)
         try:
             agent = self._agents.for_node(node)
             stopped = await asyncio.to_thread(agent.stop_unrecorded, name, replicas, keep,
