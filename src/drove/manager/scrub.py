@@ -154,7 +154,8 @@ class Scrubber:
         """Compare one layer on every member, repair what differs; the findings."""
         file = la["file"]
         lists = await asyncio.gather(*(self._call(m, "GET", f"/v1/layers/{file}/digests",
-                                                  params={"range_size": RANGE})
+                                                  params={"range_size": RANGE,
+                                                          "idle": "true"})
                                        for m in members))
         digests = [r["digests"] for r in lists]
         rehashed: dict[str, dict[str, Any]] | None = None

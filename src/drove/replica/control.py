@@ -268,17 +268,20 @@ class ReplicaControl:
         return {"file": file, "checksum": digest,
                 "seconds": round(time.perf_counter() - started, 3)}
 
-    async def layer_digests(self, file: str, range_size: int) -> dict[str, Any]:
-        """Per-range digests of layer ``file``'s own content, computed in a thread."""
+    async def layer_digests(self, file: str, range_size: int,
+                            idle: bool = False) -> dict[str, Any]:
+        """Per-range digests of layer ``file``'s own content, computed in a thread (``idle``:
+        the scrub's, at the lowest CPU priority)."""
         digests = await asyncio.get_running_loop().run_in_executor(
-            None, self.replica.layer_digests, file, range_size,
+            scrub.idle_executor() if idle else None, self.replica.layer_digests, file,
+            range_size,
         )
         return {"file": file, "range_size": range_size, "digests": digests}
 
     async def rehash(self, file: str) -> dict[str, Any]:
         """Layer ``file``'s recorded checksum and its sha256 now, hashed in a thread."""
         recorded, actual = await asyncio.get_running_loop().run_in_executor(
-            None, self.replica.rehash_layer, file)
+            scrub.idle_executor(), self.replica.rehash_layer, file)
         return {"file": file, "recorded": recorded, "checksum": actual,
                 "matches": recorded is not None and recorded == actual}
 
@@ -497,10 +500,14 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
         """sha256 over a snapshot layer's own data extents, by file (removed layers too)."""
         return await control.layer_checksum(file)
 
-    @app.get("/v1/layers/{file}/digests", query={"range_size": Field("int", default=1 << 20)})
-    async def layer_digests(file: str, range_size: int) -> dict[str, Any]:
+    @app.get("/v1/layers/{file}/digests", query={
+        "range_size": Field("int", default=1 << 20),
+        "idle": Field("bool", default=False,
+                      description="hash at the lowest CPU priority (a scrub: I/O first)"),
+    })
+    async def layer_digests(file: str, range_size: int, idle: bool) -> dict[str, Any]:
         """blake2b-128 per range of a layer's own content (which blocks, and their data)."""
-        return await control.layer_digests(file, range_size)
+        return await control.layer_digests(file, range_size, idle)
 
     @app.get("/v1/layers/{file}/rehash")
     async def rehash(file: str) -> dict[str, Any]:

@@ -13,9 +13,13 @@ worker threads, so I/O is never held up for long.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import os
 import struct
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from drove.replica.chain import BLOCK, Replica
@@ -23,6 +27,18 @@ from drove.replica.errors import InvalidRequestError, RebuildingError
 
 MAX_REPAIR = 16 << 20
 """Largest range one repair call covers."""
+
+
+def _lowest_priority() -> None:
+    """Make the calling thread the last to get a CPU (nice 19, this thread only)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+@functools.cache
+def idle_executor() -> ThreadPoolExecutor:
+    """One worker thread at the lowest CPU priority: a scrub's hashing gives way to I/O
+    (the event loop, flushes, rebuild copies) on a busy machine."""
+    return ThreadPoolExecutor(1, thread_name_prefix="drove-scrub", initializer=_lowest_priority)
 
 
 class RangeChangedError(RebuildingError):
@@ -112,4 +128,4 @@ async def repair(replica: Replica, file: str, offset: int, length: int, source: 
             "repaired": after == expect_source.lower()}
 
 
-__all__ = ["MAX_REPAIR", "RangeChangedError", "read_source", "repair"]
+__all__ = ["MAX_REPAIR", "RangeChangedError", "idle_executor", "read_source", "repair"]
