@@ -188,3 +188,18 @@ def test_wrong_or_missing_kek_refused_and_nothing_changed(kek_manager, tmp_path)
     uri = m.cli_json("volume", "attach", "sec")["nbd_uri"]
     assert nbd_read(uri, 16 * 4096, 4 * 4096) == PATTERN * 4
     m.cli("volume", "detach", "sec")
+
+
+def test_mounted_encrypted_volume(kek_manager, tmp_path):
+    m, _ = kek_manager
+    m.cli("volume", "create", "fs", "--size", "64M", "--replicas", "1", "--encrypted")
+    mnt = tmp_path / "mnt"
+    m.cli("volume", "attach", "fs", "--mount", str(mnt))
+    text = (MARK * 1000)[:20000]
+    (mnt / "f").write_bytes(text)
+    os.sync()
+    m.cli("volume", "detach", "fs")
+    assert files_holding(tmp_path / "data", MARK) == []
+    m.cli("volume", "attach", "fs", "--mount", str(mnt))
+    assert (mnt / "f").read_bytes() == text
+    m.cli("volume", "detach", "fs")

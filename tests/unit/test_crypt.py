@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,7 @@ def test_zero_and_trim_read_as_zeros_and_zero_data_is_encrypted() -> None:
 def test_submit_path_encrypts_too_and_block_status_passes() -> None:
     mem = MemoryExport(SIZE)
     stack = build_stack(LayerSettings(data_key=KEY), mem)
-    assert stack.crypt is not None and stack.top.caps.min_block == SECTOR
+    assert stack.crypt is not None and stack.top.caps.preferred_block == SECTOR
 
     async def run() -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -85,11 +87,46 @@ def test_submit_path_encrypts_too_and_block_status_passes() -> None:
     asyncio.run(run())
 
 
-def test_unaligned_refused_and_bad_keys() -> None:
-    layer = CryptLayer(MemoryExport(SIZE), KEY)
-    with pytest.raises(OSError) as err:
-        asyncio.run(layer.write(512, memoryview(bytes(SECTOR))))
-    assert err.value.errno == 22
+def test_unaligned_requests_against_a_flat_model() -> None:
+    """Random unaligned writes, zeros, trims and reads, some concurrent in one sector, read
+    like a bytearray; below, only ciphertext (or zeros) in whole sectors."""
+    rng = random.Random(7)
+    size = 64 * 1024
+    mem = MemoryExport(size)
+    layer = CryptLayer(mem, KEY)
+    model = bytearray(size)
+
+    async def run() -> None:
+        for _ in range(300):
+            batch = []
+            for _ in range(rng.randint(1, 4)):  # disjoint ranges, started together
+                off = rng.randrange(0, size - 1) // 4 * 4
+                n = min(rng.choice((1, 100, 512, 4096, 5000, 9000)), size - off)
+                if any(off < o + m and o < off + n for o, m, _ in batch):
+                    continue
+                batch.append((off, n, rng.choice("wwwzt")))
+            coros = []
+            for off, n, op in batch:
+                if op == "w":
+                    data = bytes(rng.randrange(1, 256) for _ in range(n))
+                    model[off:off + n] = data
+                    coros.append(layer.write(off, memoryview(data)))
+                else:
+                    model[off:off + n] = bytes(n)
+                    coros.append(layer.zero(off, n) if op == "z" else layer.trim(off, n))
+            await asyncio.gather(*coros)
+            off = rng.randrange(0, size)
+            n = rng.randint(1, size - off)
+            assert await layer.read(off, n) == model[off:off + n]
+        assert await layer.read(0, size) == model
+        with pytest.raises(OSError) as err:
+            await layer.zero(100, 10, fast=True)
+        assert err.value.errno == errno.ENOTSUP
+
+    asyncio.run(run())
+
+
+def test_bad_keys() -> None:
     with pytest.raises(ValueError, match="64 bytes"):
         CryptLayer(MemoryExport(SIZE), KEY[:32])
     with pytest.raises(ValueError, match="halves"):

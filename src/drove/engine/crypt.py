@@ -3,12 +3,12 @@
 Sector size 4 KiB, not 512 bytes: it is the replicas' block and the NBD
 preferred block, so a sector never straddles two replica blocks, and XTS in
 ``cryptography`` costs one cipher object per sector: 4 KiB sectors make eight
-times fewer of them per byte.  The layer advertises a 4 KiB minimum block,
-which the NBD server enforces (an unaligned request is refused with EINVAL),
-so no write ever needs a read-modify-write of a sector another write races.
+times fewer of them per byte.  Smaller or unaligned requests still work (a
+read-modify-write of the sectors they touch; see :class:`CryptLayer`): the
+kernel's loop device over nbdfuse sends 512-byte ones.
 
-Zeros: ZERO and TRIM pass through (sparse, fast, nothing to encrypt), so an
-unwritten, zeroed or trimmed sector holds all-zero bytes below this layer; a
+Zeros: ZERO and TRIM of whole sectors pass through (sparse, fast, nothing to
+encrypt), so an unwritten, zeroed or trimmed sector holds all-zero bytes below this layer; a
 sector whose *ciphertext* is all zeros therefore reads as plaintext zeros
 (a real ciphertext is all zeros with probability 2**-32768).  Block status
 passes through: which sectors are allocated is not hidden (as with dm-crypt
@@ -17,6 +17,9 @@ and discard), their contents are.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import errno
 import hashlib
 import hmac
 import os
@@ -86,38 +89,89 @@ class Sectors:
 
 
 class CryptLayer(Layer):
-    """Encrypts writes and decrypts reads of the layer below, sector by sector."""
+    """Encrypts writes and decrypts reads of the layer below, sector by sector.
+
+    Requests need not be aligned (nbdfuse under a loop device sends 512-byte ones):
+    a partial sector is read, decrypted, patched and written back whole, one such
+    read-modify-write at a time, so two of them in one sector never undo each other.
+    Below, only whole sectors are ever written, zeroed or trimmed.
+    """
 
     def __init__(self, inner: CoroutineExport, key: bytes) -> None:
         self.sectors = Sectors(key)
         super().__init__(inner)
+        self._rmw = asyncio.Lock()
 
     @property
     def caps(self) -> Capabilities:
-        """The capabilities below, with a minimum block of one sector (enforced by the server)."""
+        """The capabilities below, preferring whole sectors."""
         below = self.inner.caps
-        minimum = max(below.min_block, SECTOR)
-        return Capabilities(
-            readonly=below.readonly, flush=below.flush, fua=below.fua, trim=below.trim,
-            zero=below.zero, fast_zero=below.fast_zero, cache=below.cache,
-            multi_conn=below.multi_conn, block_status=below.block_status,
-            min_block=minimum, preferred_block=max(below.preferred_block, minimum),
-            max_block=below.max_block - below.max_block % minimum)
-
-    def _aligned(self, offset: int, length: int) -> None:
-        if (offset | length) % SECTOR:
-            raise OSError(22, f"encrypted volumes take whole {SECTOR}-byte sectors "
-                              f"(offset {offset}, length {length})")
+        return dataclasses.replace(below, preferred_block=max(below.preferred_block, SECTOR))
 
     async def read(self, offset: int, length: int) -> bytearray:
-        """Read below and decrypt."""
-        self._aligned(offset, length)
-        return self.sectors.decrypt(offset, await self.inner.read(offset, length))
+        """Read below and decrypt (the whole sectors around an unaligned range)."""
+        start, end = _outer(offset, length)
+        plain = self.sectors.decrypt(start, await self.inner.read(start, end - start))
+        if start == offset and end == offset + length:
+            return plain
+        return plain[offset - start:offset - start + length]
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        """Encrypt and write below."""
-        self._aligned(offset, len(data))
+        """Encrypt and write below (an unaligned write: read-modify-write of its sectors)."""
+        if (offset | len(data)) % SECTOR:
+            await self._patch(offset, data, fua)
+            return
         await self.inner.write(offset, memoryview(self.sectors.encrypt(offset, data)), fua)
+
+    async def _patch(self, offset: int, data: Any, fua: bool) -> None:
+        """Write ``data`` into the sectors around it, keeping the rest of them."""
+        start, end = _outer(offset, len(data))
+        async with self._rmw:
+            plain = self.sectors.decrypt(start, await self.inner.read(start, end - start))
+            plain[offset - start:offset - start + len(data)] = data
+            await self.inner.write(start, memoryview(self.sectors.encrypt(start, plain)), fua)
+
+    async def zero(self, offset: int, length: int, fua: bool = False, may_trim: bool = True,
+                   fast: bool = False) -> None:
+        """Zero whole sectors below; partial ones are rewritten with zeros in them."""
+        head, middle, tail = _split(offset, length)
+        if fast and (head or tail):
+            raise OSError(errno.ENOTSUP, "a partial sector of an encrypted volume is zeroed "
+                                         "by rewriting it: not fast")
+        if middle:
+            await self.inner.zero(*middle, fua, may_trim, fast)
+        for part in (head, tail):
+            if part:
+                await self._patch(part[0], bytes(part[1]), fua)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Trim whole sectors below; partial ones read as zeros after, like a trimmed range."""
+        head, middle, tail = _split(offset, length)
+        if middle:
+            await self.inner.trim(*middle, fua)
+        for part in (head, tail):
+            if part:
+                await self._patch(part[0], bytes(part[1]), fua)
+
+
+def _outer(offset: int, length: int) -> tuple[int, int]:
+    """The whole sectors around a range: (start, end)."""
+    return offset - offset % SECTOR, -(-(offset + length) // SECTOR) * SECTOR
+
+
+Part = tuple[int, int] | None
+
+
+def _split(offset: int, length: int) -> tuple[Part, Part, Part]:
+    """A range as (partial head, whole sectors, partial tail), each (offset, length) or None."""
+    end = offset + length
+    first, last = -(-offset // SECTOR) * SECTOR, end - end % SECTOR
+    if first > last:  # within one sector
+        return (offset, length), None, None
+    head = (offset, first - offset) if first > offset else None
+    middle = (first, last - first) if last > first else None
+    tail = (last, end - last) if end > last else None
+    return head, middle, tail
 
 
 def read_key_file(path: Path) -> bytes:
