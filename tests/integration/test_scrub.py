@@ -183,4 +183,36 @@ def test_bad_input(manager: ManagerProc):
     assert r.status_code == 409 and "attach it first" in r.text, r.text
     r = m.cli("volume", "scrub", "d", check=False)
     assert r.returncode != 0 and "attach it first" in r.stdout + r.stderr
+    m.cli("volume", "attach", "d")
+    r = m.api("POST", "/v1/volumes/d/scrub")
+    assert r.status_code == 409 and "has one replica" in r.text, r.text
     assert not [t for t in m.ok("GET", "/v1/tasks") if t["kind"] == "volume-scrub"]
+
+    # The replica's repair call: epoch-checked, refuses the head, bad ranges, and a range
+    # that is not what the caller compared; nothing changes.
+    uri = m.volume("d")["nbd_uri"]
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 1M", uri], check=True,
+                   capture_output=True, timeout=60)
+    m.cli("snapshot", "create", "d", "s1")
+    file = layer_file(m, "d", "s1")
+    (url, headers), = replica_apis(m, "d")
+    layers = httpx.get(url + "/v1/layers", headers=headers, timeout=10).json()
+    head = next(la["file"] for la in layers if la["head"])
+    before = digests(m, "d", file)
+    body = {"offset": 0, "length": MIB, "source": "nbd://127.0.0.1:1/layer/x",
+            "expect": "00" * 16, "expect_source": "00" * 16}
+    epoch = {**headers, "Drove-Epoch": str(m.volume("d")["engine"]["epoch"])}
+    for hdrs, f, change, status, text in (
+            (headers, file, {}, 409, "epoch"),
+            (epoch, head, {}, 400, "is the head"),
+            (epoch, file, {"offset": 100}, 400, "whole 4096-byte blocks"),
+            (epoch, file, {"length": 64 * MIB}, 400, "at most"),
+            (epoch, "nope.img", {}, 404, "no layer file"),
+            (epoch, file, {}, 409, "changed since the scrub compared it")):
+        r = httpx.post(f"{url}/v1/layers/{f}/repair", json={**body, **change}, headers=hdrs,
+                       timeout=30)
+        assert r.status_code == status and text in r.text, (change, r.status_code, r.text)
+    assert digests(m, "d", file) == before
+    read = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0xab 0 1M", uri],
+                          capture_output=True, text=True, timeout=60)
+    assert "Pattern verification failed" not in read.stdout, read.stdout

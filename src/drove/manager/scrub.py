@@ -76,6 +76,9 @@ class Scrubber:
             raise ApiError(409, f"volume {name} is {doc['state']}: a scrub compares the "
                                 f"replicas through their running processes; attach it first "
                                 f"(`drove volume attach {name}`)")
+        if len(doc["replicas"]) < 2:
+            raise ApiError(409, f"volume {name} has one replica: a scrub compares replicas; "
+                                f"add one first (`drove volume update {name} --replicas 2`)")
         return doc
 
     def task(self, name: str, snapshot: dict[str, str] | None = None) -> TaskFn:
