@@ -46,6 +46,8 @@ def test_limits_from_create_to_a_live_update(manager):
                 "--write-bandwidth-limit", "10M", "--burst", "0.5")
     v = manager.volume("q")
     assert v["qos"]["read_iops"] == 300 and v["qos"]["write_bandwidth"] == 10 * MIB
+    shown = manager.cli("volume", "get", "q", env={"COLUMNS": "300"}).stdout
+    assert "read iops 300/s, write bandwidth 10 MiB/s, burst 0.5 s" in shown, shown
     manager.cli("volume", "attach", "q")
     uri = manager.volume("q")["nbd_uri"]
     got = engine_qos(manager, "q")

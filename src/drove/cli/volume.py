@@ -275,6 +275,8 @@ def show_volume(v: dict[str, Any]) -> None:
         facts.append(("pool", v["pool"]))
     if v.get("labels"):
         facts.append(("labels", labels_text(v["labels"])))
+    if qos_text(v.get("qos")):
+        facts.append(("QoS limits", qos_text(v.get("qos"))))
     facts.append(("created", local_time(v.get("created"))))
     facts += standby_facts(v.get("standby"))
     clone = v.get("clone") or {}
