@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -86,3 +87,25 @@ def test_limits_from_create_to_a_live_update(manager):
         assert time.monotonic() < deadline, "the rebuild limit did not reach the engine"
         time.sleep(0.1)
     assert not [e for e in manager.events("q") if e["kind"] == "volume-qos-failed"]
+
+
+def test_backup_reads_at_the_rebuild_limit(manager, tmp_path):
+    root = tmp_path / "backups"
+    root.mkdir()
+    manager.cli("backup", "target", "set", f"file://{root}")
+    manager.cli("volume", "create", "b", "--size", "64M", "--replicas", "1",
+                "--data-locality", "disabled")
+    uri = manager.cli_json("volume", "attach", "b")["nbd_uri"]
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(24 * MIB))  # random: no block is stored once for two
+    subprocess.run(["nbdcopy", "--flush", str(data), uri], check=True)
+    limit = 8 * MIB
+    manager.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": limit})
+    t = time.monotonic()
+    b = manager.cli_json("backup", "create", "b")
+    took = time.monotonic() - t
+    assert b["bytes_read"] >= 24 * MIB, b
+    # 24 MiB at 8 MiB/s, the first second's worth from a full bucket: at least 2 s.
+    rate = (b["bytes_read"] - limit) / took
+    print(f"backup: {b['bytes_read'] / MIB:.0f} MiB in {took:.2f} s at a limit of 8 MiB/s")
+    assert took >= 2.0 and rate <= 1.05 * limit, (took, b)
