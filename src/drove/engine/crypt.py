@@ -26,9 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from drove.engine.layers import Layer
+from drove.engine.xts import Xts
 from drove.nbd.export import Capabilities, CoroutineExport
 
 SECTOR = 4096
@@ -59,33 +58,16 @@ class Sectors:
 
     def __init__(self, key: bytes) -> None:
         check_key(key)
-        self._aes = algorithms.AES(key)
-
-    def _cipher(self, sector: int) -> Cipher[Any]:
-        # The tweak: the sector number, 16 bytes little-endian (dm-crypt's plain64).
-        return Cipher(self._aes, modes.XTS(sector.to_bytes(16, "little")))
+        self.xts = Xts(key, SECTOR)
 
     def encrypt(self, offset: int, data: Any) -> bytearray:
         """The ciphertext of ``data`` (whole sectors) written at ``offset``."""
-        view = memoryview(data).cast("B")
-        out = bytearray(len(view))
-        first = offset // SECTOR
-        for i in range(0, len(view), SECTOR):
-            enc = self._cipher(first + i // SECTOR).encryptor()
-            out[i:i + SECTOR] = enc.update(view[i:i + SECTOR])
-        return out
+        return self.xts.run(True, offset // SECTOR, data)
 
     def decrypt(self, offset: int, data: Any) -> bytearray:
         """The plaintext of ``data`` (whole sectors) read at ``offset``; all-zero sectors
         (holes, zeroed, trimmed) read as zeros."""
-        view = memoryview(data).cast("B")
-        out = bytearray(len(view))
-        first = offset // SECTOR
-        for i in range(0, len(view), SECTOR):
-            chunk = view[i:i + SECTOR]
-            if chunk != _ZERO:
-                out[i:i + SECTOR] = self._cipher(first + i // SECTOR).decryptor().update(chunk)
-        return out
+        return self.xts.run(False, offset // SECTOR, data, skip=_ZERO)
 
 
 class CryptLayer(Layer):
