@@ -226,9 +226,10 @@ class Attacher:
                                if r["name"] in fence and r.get("proc")),
                              return_exceptions=True)
         # An engine or replica process started for the takeover whose start did not answer
-        # (or a manager killed before it recorded it) would hold a replica's directory.
+        # would hold a replica's directory. (Only there: the old node is down.)
         await self._unrecorded.stop(doc, reason="started for a refused takeover",
-                                    engine_node=node, keep_from=[doc, before])
+                                    engine_node=node, keep_from=[doc, before],
+                                    only=set(fence))
         self._engines.drop(name)
         # The epoch only grows once an engine may have claimed replicas with it; one that
         # refused before it claimed any leaves the old engine's epoch the volume's (the old

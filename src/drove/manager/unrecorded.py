@@ -35,11 +35,13 @@ class Unrecorded:
         self._event = event
 
     def _wanted(self, doc: dict[str, Any], engine_node: str | None,
-                keep_from: list[dict[str, Any]]
+                keep_from: list[dict[str, Any]], only: set[str] | None = None
                 ) -> dict[str | None, tuple[dict[str, str], list[int]]]:
         """Per node: ({replica name: directory} there, pids the records name there)."""
         nodes: dict[str | None, tuple[dict[str, str], list[int]]] = {engine_node: ({}, [])}
         for r in doc["replicas"]:
+            if only is not None and r["name"] not in only:
+                continue
             # (A replica whose disk was removed has no node, nor a process left to stop.)
             if (where := self._agents.node_of_replica(r)) is not None:
                 nodes.setdefault(where, ({}, []))[0][r["name"]] = r["path"]
@@ -70,11 +72,13 @@ class Unrecorded:
 
     async def stop(self, doc: dict[str, Any], *, reason: str,
                    engine_node: str | None = None,
-                   keep_from: list[dict[str, Any]] | None = None) -> list[str]:
+                   keep_from: list[dict[str, Any]] | None = None,
+                   only: set[str] | None = None) -> list[str]:
         """Have the agents stop every engine of ``doc``'s volume on ``engine_node``
-        (default its node), then every process of its replicas on their nodes, but
-        those ``keep_from`` (default ``[doc]``) records name; the nodes whose agents did
-        not answer (an event says so, another what was stopped).
+        (default its node), then every process of its replicas (those named in ``only``,
+        default all) on their nodes, but those ``keep_from`` (default ``[doc]``) records
+        name; the nodes whose agents did not answer (an event says so, another what was
+        stopped).
 
         An engine of the volume on another node is not looked for: a volume taken over
         left it there, and that node's agent stops it (stale) and releases its host
@@ -86,7 +90,8 @@ class Unrecorded:
             # (No agent of its own: then no engine of a never-attached volume either.)
             with contextlib.suppress(ApiError):
                 engine_node = self._agents.default_node
-        nodes = self._wanted(doc, engine_node, [doc] if keep_from is None else keep_from)
+        nodes = self._wanted(doc, engine_node, [doc] if keep_from is None else keep_from,
+                             only)
         missed: dict[str, str] = {}
         reps, keep = nodes.pop(engine_node)
         # The engines first: stopping one flushes it to its replica processes.
