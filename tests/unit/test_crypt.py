@@ -82,6 +82,10 @@ def test_submit_path_encrypts_too_and_block_status_passes() -> None:
         stack.top.submit(eager.READ, 0, SECTOR, None, False,
                          lambda v, e: got.set_result(bytes(v)))
         assert await got == PATTERN
+        part = asyncio.get_running_loop().create_future()  # unaligned: via the coroutine
+        stack.top.submit(eager.READ, 100, 200, None, False,
+                         lambda v, e: part.set_result(bytes(v)))
+        assert await part == PATTERN[100:300]
         assert await stack.top.block_status(0, SIZE) == await mem.block_status(0, SIZE)
 
     asyncio.run(run())
