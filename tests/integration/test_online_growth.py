@@ -132,7 +132,7 @@ def engine_uris(manager, volume: str) -> tuple[str, str]:
     from drove.agent.node import NodeAgent
     from drove.engine.hostview import view_name
 
-    sock = NodeAgent._socket_dir(manager.data_dir / "run") / f"{volume}.nbd.sock"
+    sock = NodeAgent(manager.data_dir).engine_socket(volume)
     return (f"nbd+unix:///{volume}?socket={sock}",
             f"nbd+unix:///{view_name(volume)}?socket={sock}")
 

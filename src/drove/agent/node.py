@@ -98,7 +98,7 @@ class NodeAgent:
 
     def engine_socket(self, volume: str) -> Path:
         """The unix socket the engine of ``volume`` serves NBD on."""
-        return self.run_dir / f"{volume}.nbd.sock"
+        return processes.engine_socket(self.run_dir, volume)
 
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,

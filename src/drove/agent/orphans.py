@@ -2,7 +2,8 @@
 those its manager's record does not name (left by a manager killed while it started them).
 
 An agent knows its own processes by how it started them: an engine serves NBD on the
-socket ``RUN_DIR/VOLUME.nbd.sock`` (its argv says so), and a replica process serves its
+socket (``RUN_DIR/VOLUME.nbd.sock``: :func:`drove.agent.processes.engine_socket`; its
+argv says so), and a replica process serves its
 replica's directory (argv) with its standard output on ``RUN_DIR/REPLICA.ready`` (its
 ready line, :func:`drove.agent.processes.spawn`).  A process another agent (another data
 directory) or a person started has neither, and is never stopped here.
@@ -79,7 +80,7 @@ def find(run_dir: Path, volume: str, replicas: dict[str, str],
     """The engines of ``volume`` (unless not ``engines``) and the processes of its
     ``replicas`` (name -> directory) that the agent of ``run_dir`` runs; the engines first."""
     found, reps = [], []
-    sock = str(run_dir / f"{volume}.nbd.sock")
+    sock = str(processes.engine_socket(run_dir, volume))
     for pid, argv in drove_processes("engine") if engines else ():
         if (argv[5] == volume and option(argv, "--nbd-unix") == sock
                 and (proc := _proc(pid, argv)) is not None):

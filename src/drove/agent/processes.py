@@ -10,6 +10,7 @@ goes to a file, so an adopting manager can read it too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -42,6 +43,23 @@ class Proc:
     def from_json(cls, doc: dict[str, Any]) -> Proc:
         """From the stored form."""
         return cls(**{k: doc[k] for k in ("pid", "start_time", "argv", "log", "ready")})
+
+
+SOCKET_PATH_MAX = 107
+"""Longest unix socket path, in bytes (sun_path holds 108 with its terminating NUL)."""
+
+
+def engine_socket(run_dir: Path, volume: str) -> Path:
+    """Where the engine of ``volume`` started under ``run_dir`` serves NBD.
+
+    ``RUN_DIR/VOLUME.nbd.sock``; where that would not fit a unix socket address (a long
+    volume name, as CSI's generated ones are), a name made of a hash of the volume's
+    instead, so that every volume name a user may give gets an engine.
+    """
+    path = run_dir / f"{volume}.nbd.sock"
+    if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+        return path
+    return run_dir / f"{hashlib.sha256(volume.encode()).hexdigest()[:16]}.nbd.sock"
 
 
 def _start_time(pid: int) -> int | None:
