@@ -123,3 +123,19 @@ async def test_stack_is_stats_over_qos_over_bottom() -> None:
     assert isinstance(stack.qos, QosLayer) and stack.qos.inner is mem
     assert stack.qos.limits.iops == 10
 
+
+
+@sync
+async def test_qos_is_wired_past_while_it_has_no_limit() -> None:
+    mem = MemoryExport(SIZE)
+    stack = build_stack(LayerSettings(), mem)
+    assert stack.stats.below != stack.qos.submit
+    stack.qos.set_limits(QosLimits(write_iops=1, burst=0.1))
+    assert stack.stats.below == stack.qos.submit
+    first = submitted(stack.top, eager.WRITE, 0, 512, bytes(512))
+    second = submitted(stack.top, eager.WRITE, 0, 512, bytes(512))
+    assert (await first)[1] is None and not second.done()  # throttled through the stack
+    stack.qos.set_limits(QosLimits())
+    assert (await second)[1] is None
+    assert stack.stats.below != stack.qos.submit
+    assert stack.stats.to_json()["ops"]["write"]["count"] == 2

@@ -159,6 +159,9 @@ class QosLayer(Layer):
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # when _timer fires (time.monotonic)
         self.throttled = [0, 0]  # requests that had to wait, per direction
+        # Told whether limits are set (after the queue was let through when they are not):
+        # the stack then wires the callback path above past this layer (drove.engine.stack).
+        self.on_throttling: Callable[[bool], None] | None = None
         self.set_limits(limits or QosLimits())
 
     # ----------------------------------------------------------- limits
@@ -169,12 +172,16 @@ class QosLayer(Layer):
         self._buckets.apply(limits, time.monotonic())
         self._off = limits.unlimited
         self._release()
+        if self.on_throttling is not None:
+            self.on_throttling(not self._off)
 
     def stop_throttling(self) -> None:
         """Let everything through from now on, queued requests first (the engine stops:
         what the clients sent completes before the connections close and the final flush)."""
         self._off = True
         self._release()
+        if self.on_throttling is not None:
+            self.on_throttling(False)
 
     def to_json(self) -> dict[str, Any]:
         """The limits and the queues, for the control API."""

@@ -31,8 +31,9 @@ class Stack:
 def build_stack(settings: LayerSettings, bottom: Export) -> Stack:
     """The volume's layers over ``bottom`` (the mirror): stats -> qos -> [crypt ->] bottom.
 
-    The QoS layer is always there (unlimited, it only tests a flag per request),
-    so its limits can be set live; stats sits on top so its latencies are the
+    The QoS layer is always there, so its limits can be set live; while it has
+    none, the callback path above it is wired past it (one call less per request:
+    QoS costs nothing until a limit is set); stats sits on top so its latencies are the
     clients' (a throttled request's wait included).  The encryption layer, for
     an encrypted volume, sits right above the mirror: QoS counts the clients'
     requests, and nothing below it (replicas, rebuilds, backups) sees plaintext.
@@ -40,4 +41,10 @@ def build_stack(settings: LayerSettings, bottom: Export) -> Stack:
     crypt = CryptLayer(bottom, settings.data_key) if settings.data_key is not None else None
     qos = QosLayer(crypt or bottom, settings.qos)
     stats = StatsLayer(qos)
+
+    def wire(throttling: bool) -> None:
+        stats.below = qos.submit if throttling else qos.below
+
+    qos.on_throttling = wire
+    wire(not qos.limits.unlimited)
     return Stack(top=stats, stats=stats, qos=qos, crypt=crypt)
