@@ -25,6 +25,7 @@ created while the poll names an engine of it: one of a detached volume must stop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -146,7 +147,10 @@ class Variant:
         raise RuntimeError(f"{self.name}: the agent did not log the stop of {pid}")
 
     def stop(self) -> None:
-        """Stop the agent and the manager, then whatever they started."""
+        """Detach the volume (an engine outlives its agent, by design: left attached it
+        would run on after the bench), then stop the agent and the manager."""
+        with contextlib.suppress(httpx.HTTPError):
+            self.api.post("/v1/volumes/v/detach", json={"force": True})
         self.api.close()
         self.store.close()
         for p in reversed(self.procs):
