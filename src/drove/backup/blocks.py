@@ -10,11 +10,15 @@ import functools
 import hashlib
 import struct
 import threading
-
-import lz4.frame
-import zstandard
+from typing import TYPE_CHECKING
 
 from drove.backup.errors import CorruptBlockError
+
+if TYPE_CHECKING:
+    import zstandard
+
+# The codecs are imported where they are used: every replica and engine process imports
+# this module (an instant restore's backing layer), and most never (de)compress a block.
 
 BLOCK_SIZE = 2 * 1024 * 1024
 """Bytes of volume data per block (the last block of a volume may be shorter)."""
@@ -73,6 +77,8 @@ def encode(data: Buffer, codec: str) -> bytes:
     if codec == "zstd":
         payload = _zstd_compressor().compress(data)
     elif codec == "lz4":
+        import lz4.frame
+
         payload = lz4.frame.compress(data, store_size=True)
     else:
         payload = None
@@ -105,6 +111,8 @@ def decode(stored: Buffer, expected_hash: str, offset: int | None = None) -> byt
         if codec == "zstd":
             data = _zstd_decompressor().decompress(payload, max_output_size=length)
         elif codec == "lz4":
+            import lz4.frame
+
             data = lz4.frame.decompress(payload)
         else:
             data = payload.tobytes()
@@ -159,6 +167,8 @@ def _zstd_compressor() -> zstandard.ZstdCompressor:
     """This thread's zstd compressor."""
     c = getattr(_local, "zc", None)
     if c is None:
+        import zstandard
+
         c = _local.zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     return c
 
@@ -167,5 +177,7 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     """This thread's zstd decompressor."""
     d = getattr(_local, "zd", None)
     if d is None:
+        import zstandard
+
         d = _local.zd = zstandard.ZstdDecompressor()
     return d

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from drove.engine.crypt import CryptLayer
 from drove.engine.qos import QosLayer, QosLimits
 from drove.engine.stats import StatsLayer
 from drove.nbd.export import Export
+
+if TYPE_CHECKING:
+    from drove.engine.crypt import CryptLayer
 
 
 @dataclass
@@ -38,7 +41,12 @@ def build_stack(settings: LayerSettings, bottom: Export) -> Stack:
     an encrypted volume, sits right above the mirror: QoS counts the clients'
     requests, and nothing below it (replicas, rebuilds, backups) sees plaintext.
     """
-    crypt = CryptLayer(bottom, settings.data_key) if settings.data_key is not None else None
+    crypt = None
+    if settings.data_key is not None:
+        # Imported only here: the cipher libraries cost an engine of a plain volume ~6 MiB.
+        from drove.engine.crypt import CryptLayer
+
+        crypt = CryptLayer(bottom, settings.data_key)
     qos = QosLayer(crypt or bottom, settings.qos)
     stats = StatsLayer(qos)
 
