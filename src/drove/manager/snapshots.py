@@ -4,10 +4,12 @@ detached), creating, deleting, reverting to and exporting one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drove.manager.engines import Engines
 from drove.manager.errors import ApiError
@@ -15,6 +17,9 @@ from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard, check_not_busy
 from drove.manager.labels import SNAPSHOT_ID_LABEL
 from drove.manager.records import Records
+
+if TYPE_CHECKING:
+    from drove.replica.chain import Replica
 
 
 class Snapshots:
@@ -131,55 +136,54 @@ class Snapshots:
         raise ApiError(409, f"volume {name} has no healthy replica to serve {snapshot} from")
 
 
-def _layers_offline(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The layers of a detached volume, read from the first stopped replica that opens."""
+@contextlib.contextmanager
+def _first_stopped_replica(doc: dict[str, Any]) -> Iterator[Replica | None]:
+    """The first stopped replica of detached ``doc`` that opens on this host (None if none
+    does), open for the ``with`` block and closed after it."""
     from drove.replica.chain import Replica
-    from drove.replica.control import layer_json
     from drove.replica.errors import ReplicaError
 
     for r in doc["replicas"]:
-        if r["state"] == "stopped" and (Path(r["path"]) / "volume.meta").exists():
-            try:
-                rep = Replica.open(r["path"])
-            except ReplicaError:
-                continue
-            try:
-                return [layer_json(la) for la in rep.layers() if not la.removed]
-            finally:
-                rep.close()
-    return []
+        if r["state"] != "stopped" or not (Path(r["path"]) / "volume.meta").exists():
+            continue
+        try:
+            rep = Replica.open(r["path"])
+        except ReplicaError:
+            continue
+        try:
+            yield rep
+        finally:
+            rep.close()
+        return
+    yield None
+
+
+def _layers_offline(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layers of a detached volume, read from the first stopped replica that opens."""
+    from drove.replica.control import layer_json
+
+    with _first_stopped_replica(doc) as rep:
+        return [] if rep is None else [layer_json(la) for la in rep.layers() if not la.removed]
 
 
 def _diff_offline(doc: dict[str, Any], since: str, to: str | None) -> dict[str, Any]:
     """:meth:`Snapshots.diff` of a detached volume, from the first stopped replica that
     opens here (ApiError as the replica's control API would answer)."""
-    from drove.replica.chain import Replica
     from drove.replica.diff import delta_json
-    from drove.replica.errors import (
-        InvalidRequestError,
-        RebuildingError,
-        ReplicaError,
-        SnapshotNotFoundError,
-    )
+    from drove.replica.errors import InvalidRequestError, RebuildingError, SnapshotNotFoundError
 
-    for r in doc["replicas"]:
-        if r["state"] == "stopped" and (Path(r["path"]) / "volume.meta").exists():
-            try:
-                rep = Replica.open(r["path"])
-            except ReplicaError:
-                continue
-            try:
-                return delta_json(rep, since, to)
-            except SnapshotNotFoundError as exc:
-                raise ApiError(404, f"volume {doc['name']}: {exc}") from None
-            except RebuildingError as exc:
-                raise ApiError(409, f"volume {doc['name']}: {exc}") from None
-            except InvalidRequestError as exc:
-                raise ApiError(400, f"volume {doc['name']}: {exc}") from None
-            finally:
-                rep.close()
-    raise ApiError(409, f"volume {doc['name']} is detached and none of its replicas can be "
-                        "read on this host; attach it to compare its snapshots")
+    with _first_stopped_replica(doc) as rep:
+        if rep is None:
+            raise ApiError(409, f"volume {doc['name']} is detached and none of its replicas "
+                                "can be read on this host; attach it to compare its snapshots")
+        try:
+            return delta_json(rep, since, to)
+        except SnapshotNotFoundError as exc:
+            raise ApiError(404, f"volume {doc['name']}: {exc}") from None
+        except RebuildingError as exc:
+            raise ApiError(409, f"volume {doc['name']}: {exc}") from None
+        except InvalidRequestError as exc:
+            raise ApiError(400, f"volume {doc['name']}: {exc}") from None
 
 
 def snapshot_tree(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
