@@ -37,11 +37,12 @@ def csi(manager: ManagerProc, tmp_path: Path) -> Iterator[tuple[ManagerProc, Csi
 
 
 def create(d: CsiDriver, name: str, size: int = 64 * MiB, params: dict[str, str] | None = None,
-           cap: Any = None, source: Any = None) -> Any:
-    """CreateVolume; the Volume."""
+           cap: Any = None, source: Any = None, mutable: dict[str, str] | None = None) -> Any:
+    """CreateVolume (``mutable``: its mutable_parameters); the Volume."""
     req = pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(
         required_bytes=size), volume_capabilities=[cap or mount_cap()],
-        parameters=ONE if params is None else params, volume_content_source=source)
+        parameters=ONE if params is None else params, volume_content_source=source,
+        mutable_parameters=mutable or {})
     return d.controller.CreateVolume(req).volume
 
 
@@ -84,7 +85,8 @@ def test_identity_and_node_info(csi: tuple[ManagerProc, CsiDriver]) -> None:
         pb.ControllerGetCapabilitiesRequest()).capabilities}
     rpc = pb.ControllerServiceCapability.RPC
     assert {rpc.CREATE_DELETE_VOLUME, rpc.CLONE_VOLUME, rpc.EXPAND_VOLUME,
-            rpc.CREATE_DELETE_SNAPSHOT, rpc.GET_VOLUME, rpc.VOLUME_CONDITION} <= ctl
+            rpc.CREATE_DELETE_SNAPSHOT, rpc.GET_VOLUME, rpc.VOLUME_CONDITION,
+            rpc.MODIFY_VOLUME} <= ctl
     nrpc = pb.NodeServiceCapability.RPC
     node_caps = {c.rpc.type for c in d.node_service.NodeGetCapabilities(
         pb.NodeGetCapabilitiesRequest()).capabilities}
@@ -137,6 +139,15 @@ BAD_CREATES = [
     ({"parameters": {"replicas": "1", "dataLocality": "near"}}, C.INVALID_ARGUMENT,
      "dataLocality"),
     ({"parameters": {"replicas": "1", "fsType": "ntfs"}}, C.INVALID_ARGUMENT, "ntfs"),
+    ({"parameters": {"replicas": "1", "iopsLimit": "-5"}}, C.INVALID_ARGUMENT, "iopsLimit"),
+    ({"parameters": {"replicas": "1", "bandwidthLimit": "fast"}}, C.INVALID_ARGUMENT,
+     "bandwidthLimit"),
+    ({"parameters": {"replicas": "1", "burst": "61"}}, C.INVALID_ARGUMENT, "burst"),
+    ({"parameters": {"replicas": "1", "encrypted": "maybe"}}, C.INVALID_ARGUMENT, "encrypted"),
+    # This manager has no key-encryption key: the manager's refusal, saying what it needs.
+    ({"parameters": {"replicas": "1", "encrypted": "true"}}, C.INVALID_ARGUMENT, "--kek-file"),
+    ({"mutable_parameters": {"encrypted": "true"}}, C.INVALID_ARGUMENT, "cannot change"),
+    ({"mutable_parameters": {"XXX_FakeKey": "x"}}, C.INVALID_ARGUMENT, "XXX_FakeKey"),
     ({"volume_capabilities": [mount_cap(mode=Mode.MULTI_NODE_MULTI_WRITER)]},
      C.INVALID_ARGUMENT, "MULTI_NODE_MULTI_WRITER"),
     ({"volume_capabilities": [mount_cap(fs="zfs")]}, C.INVALID_ARGUMENT, "zfs"),

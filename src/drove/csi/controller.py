@@ -7,13 +7,12 @@ matches the request (ALREADY_EXISTS when it does not), a delete of what is gone 
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any
 
 import grpc
 
 from drove.cli.client import Manager, ManagerError
-from drove.csi import ids
+from drove.csi import ids, params
 from drove.csi.common import (
     VolumeLocks,
     attached,
@@ -26,57 +25,22 @@ from drove.csi.errors import CsiError, handler, invalid, not_found, precondition
 from drove.csi.proto import TOPOLOGY_NODE, pb, rpc
 from drove.csi.snapshots import Snapshots
 
-# Parameters of a StorageClass the driver understands; Kubernetes' own prefixed keys
-# (csi.storage.k8s.io/...) are the provisioner's and are passed over.
-PARAMETERS = ("replicas", "pool", "dataLocality", "fsType")
-LOCALITIES = ("disabled", "best-effort", "strict-local")
 LABEL_MAX = 253
 """The longest label value the manager takes."""
 RPC = pb.ControllerServiceCapability.RPC
 CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES,
                 RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
                 RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES,
-                RPC.VOLUME_CONDITION, RPC.GET_VOLUME)
-
-
-def parse_parameters(params: Any) -> dict[str, Any]:
-    """The create body's fields from a StorageClass's parameters; INVALID_ARGUMENT names a
-    bad or unknown one."""
-    out: dict[str, Any] = {}
-    unknown = sorted(k for k in params if k not in PARAMETERS
-                     and not k.startswith("csi.storage.k8s.io/"))
-    if unknown:
-        raise invalid(f"unknown parameter(s) {', '.join(unknown)}: drove knows "
-                      f"{', '.join(PARAMETERS)}")
-    if "replicas" in params:
-        try:
-            out["replicas"] = int(params["replicas"])
-        except ValueError:
-            out["replicas"] = 0
-        if out["replicas"] < 1:
-            raise invalid(f"parameter replicas={params['replicas']!r}: want a count >= 1")
-    if params.get("pool"):
-        out["pool"] = params["pool"]
-    if "dataLocality" in params:
-        if params["dataLocality"] not in LOCALITIES:
-            raise invalid(f"parameter dataLocality={params['dataLocality']!r}: use one of "
-                          f"{', '.join(LOCALITIES)}")
-        out["data_locality"] = params["dataLocality"]
-    if "fsType" in params and params["fsType"] not in ids.FILESYSTEMS:
-        raise invalid(f"parameter fsType={params['fsType']!r}: use ext4 or xfs")
-    return out
+                RPC.VOLUME_CONDITION, RPC.GET_VOLUME, RPC.MODIFY_VOLUME)
 
 
 def csi_volume(view: dict[str, Any]) -> Any:
     """The CSI Volume for a drove volume's view."""
     labels = view.get("labels") or {}
     ctx = {}
-    try:
-        params = json.loads(labels.get(ids.LABEL_PARAMS) or "{}")
-    except ValueError:  # a label edited by hand
-        params = {}
-    if params.get("fsType"):
-        ctx["fsType"] = params["fsType"]
+    fs = params.from_label(labels.get(ids.LABEL_PARAMS)).get("fsType")
+    if fs:
+        ctx["fsType"] = fs
     source = None
     kind, _, ident = (labels.get(ids.LABEL_SOURCE) or "").partition(":")
     if kind == "snapshot":
@@ -105,8 +69,9 @@ class Controller(rpc.ControllerServicer):
 
     @handler
     def CreateVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Create (or find again) the volume of a CSI name; from a snapshot or a volume: a
-        linked clone, grown to the size asked."""
+        """Create (or find again) the volume of a CSI name, with the QoS limits and the
+        encryption its parameters ask; from a snapshot or a volume: a linked clone, grown to
+        the size asked."""
         if not request.name:
             raise invalid("name missing")
         if not request.volume_capabilities:
@@ -116,18 +81,20 @@ class Controller(rpc.ControllerServicer):
         if len(fs_types) > 1:
             raise invalid(f"volume_capabilities name several filesystems "
                           f"({', '.join(sorted(fs_types))}): a volume has one")
-        body = parse_parameters(request.parameters)
+        body = params.create_body(request.parameters, request.mutable_parameters)
         fs = request.parameters.get("fsType") or next(iter(fs_types), "")
         if fs_types and fs not in fs_types:
             raise invalid(f"parameter fsType={fs} differs from the capabilities' fs_type "
                           f"{next(iter(fs_types))}")
         name = ids.drove_name(request.name)
         source = self._source(request)
-        params = dict(request.parameters)
+        # Kept to tell a repeated request from another: the mutable parameters are the ones
+        # asked at creation (a later ControllerModifyVolume changes the volume, not these).
+        asked = {**request.parameters, **request.mutable_parameters}
         if fs:
-            params["fsType"] = fs
+            asked["fsType"] = fs
         labels = {ids.LABEL_NAME: request.name, ids.LABEL_SOURCE: source,
-                  ids.LABEL_PARAMS: json.dumps(params, sort_keys=True)}
+                  ids.LABEL_PARAMS: params.label(asked)}
         if max(len(v) for v in labels.values()) > LABEL_MAX:
             # They are kept in the volume's labels, to compare a repeated request with.
             raise invalid(f"name, content source and parameters must each fit in "
@@ -182,7 +149,10 @@ class Controller(rpc.ControllerServicer):
                            "outside the capacity range asked")
         for key, what in ((ids.LABEL_SOURCE, "content source"), (ids.LABEL_PARAMS,
                                                                   "parameters")):
-            if have.get(key, "") != labels[key]:
+            # Parameters compare as JSON: labels written by an older driver spaced it out.
+            same = (params.from_label(have.get(key)) == params.from_label(labels[key])
+                    if key == ids.LABEL_PARAMS else have.get(key, "") == labels[key])
+            if not same:
                 raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                f"volume {request.name!r} exists with another {what} "
                                f"({have.get(key)!r}, asked {labels[key]!r})")
@@ -191,7 +161,9 @@ class Controller(rpc.ControllerServicer):
     def _clone(self, name: str, source: str, capacity: Any, body: dict[str, Any],
                labels: dict[str, str]) -> dict[str, Any]:
         """A linked clone of the source (its snapshot, or one taken now), grown to the size
-        asked; OUT_OF_RANGE when that is below the source's size."""
+        asked, with the QoS limits asked; OUT_OF_RANGE when that is below the source's size,
+        INVALID_ARGUMENT when ``encrypted`` is not what the source is (a clone shares its
+        source's key, or its lack of one)."""
         kind, _, ident = source.partition(":")
         if kind == "snapshot":
             src, snap = ids.parse_snapshot_id(ident) or ("", "")
@@ -202,6 +174,11 @@ class Controller(rpc.ControllerServicer):
         if body.get("pool"):
             raise invalid("parameter pool cannot apply to a volume made from a source: a "
                           "linked clone lives on its source's disks")
+        encrypted = bool(src_view.get("encryption"))
+        if body.get("encrypted", encrypted) != encrypted:
+            raise invalid(f"parameter encrypted={str(body['encrypted']).lower()}, but source "
+                          f"volume {src} is {'' if encrypted else 'not '}encrypted: a clone "
+                          "shares its source's key (or its lack of one)")
         # A volume never attached has no data files yet to link: attach it for the clone.
         fresh = any(r.get("state") == "pending" for r in src_view.get("replicas", []))
         with self._locks.hold(src), (attached(self._mgr, src) if fresh and snap is None
@@ -209,9 +186,9 @@ class Controller(rpc.ControllerServicer):
             view = self._mgr.post(f"/v1/volumes/{src}/clone",
                                   {"name": name, "snapshot": snap,
                                    "replicas": body.get("replicas"), "labels": labels})
-        if body.get("data_locality"):
-            view = self._mgr.patch(f"/v1/volumes/{name}",
-                                   {"data_locality": body["data_locality"]})
+        change = {k: body[k] for k in ("data_locality", "qos") if body.get(k)}
+        if change:
+            view = self._mgr.patch(f"/v1/volumes/{name}", change)
         if size > view["size"]:
             view = self._mgr.post(f"/v1/volumes/{name}/expand", {"size": size})
         return view
@@ -284,7 +261,8 @@ class Controller(rpc.ControllerServicer):
             return pb.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
         confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context,
-            volume_capabilities=request.volume_capabilities, parameters=request.parameters)
+            volume_capabilities=request.volume_capabilities, parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters)
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     @handler
@@ -361,6 +339,21 @@ class Controller(rpc.ControllerServicer):
         # was staged at until NodeExpandVolume raises it (host attach's growable view).
         return pb.ControllerExpandVolumeResponse(capacity_bytes=view["size"],
                                                  node_expansion_required=True)
+
+    @handler
+    def ControllerModifyVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Change the volume's QoS limits (at once in its engine when attached); the limits
+        not named keep their value; INVALID_ARGUMENT for what cannot change (encryption)."""
+        if not request.volume_id:
+            raise invalid("volume_id missing")
+        change = params.mutable(request.mutable_parameters)
+        vid = request.volume_id
+        with self._locks.hold(vid):
+            if get_or_none(self._mgr, f"/v1/volumes/{vid}") is None:
+                raise not_found(f"volume {vid!r} does not exist")
+            if change:
+                self._mgr.patch(f"/v1/volumes/{vid}", {"qos": change})
+        return pb.ControllerModifyVolumeResponse()
 
     # ------------------------------------------------------------ snapshots
 
