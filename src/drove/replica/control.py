@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from drove import __version__
-from drove.replica import diff, scrub
+from drove.replica import diff, scrub, usage
 from drove.replica.access import Gate
 from drove.replica.backingapi import add_routes as add_backing_routes
 from drove.replica.chain import LayerInfo
@@ -307,6 +307,18 @@ class ReplicaControl:
                 extents = await asyncio.get_running_loop().run_in_executor(None, delta.scan)
                 return diff.to_json(delta.plan, extents)
 
+    async def space(self) -> dict[str, Any]:
+        """The replica directory's allocation, the head's data and per layer its data and
+        what deleting it frees (drove.replica.usage), scanned in a thread.
+
+        Under the structural lock, so no purge, snapshot or rebuild prepare changes the
+        tree while its files are scanned; writes to the head go on.
+        """
+        async with self._lock:
+            layers = self.replica.layers()
+            return await asyncio.get_running_loop().run_in_executor(
+                None, usage.space_json, self.replica.dir, layers, self.replica.size)
+
     def set_engine_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Store the engine's state durably (its generation only grows); returns it."""
         self._recheck("store the engine state")
@@ -529,6 +541,13 @@ def build_app(control: ReplicaControl, access: Gate | None = None) -> App:
         """The extents (offset, length) whose data may differ between two snapshots, from
         the layers' allocation (no data is read); see drove.replica.diff."""
         return await control.diff(since, to)
+
+    @app.get("/v1/space")
+    async def space() -> dict[str, Any]:
+        """Bytes the replica directory allocates (own, and shared with linked clones), the
+        data the head and each layer hold and what deleting each snapshot frees, from the
+        layers' extents (no data is read; see drove.replica.usage)."""
+        return await control.space()
 
     # twice the stored limit: the chain itself refuses a larger state, with a clear message
     @app.put("/v1/engine-state", body=ENGINE_STATE, max_body=2 * ENGINE_STATE_MAX)
