@@ -19,13 +19,11 @@ from pathlib import Path
 
 from drove.units import parse_size
 from fiobench import STANDARD_JOBS, cpu_seconds, fill, run_fio
+from layers import engine_over_replicas
 
 
 def main() -> None:
     """Run the job once and print the split."""
-    from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
-    from replicatools import kill_all, start_replica
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--job", default="randwrite-4k",
@@ -37,27 +35,20 @@ def main() -> None:
     job = next(j for j in STANDARD_JOBS if j.key == args.job)
     size = parse_size(args.size)
     scratch = Path(tempfile.mkdtemp(prefix="drove-cpu-", dir=args.dir))
-    procs = []
     try:
-        reps = [start_replica(scratch / f"r{i}", size) for i in range(args.replicas)]
-        procs.extend(reps)
-        eng = start_engine(scratch / "engine", "vol", reps, "--log-level", "warning")
-        procs.append(eng)
-        uri = eng.unix_uri("vol")
-        fill(uri, size)
-        e0 = cpu_seconds(eng.proc.pid)
-        r0 = sum(cpu_seconds(r.proc.pid) for r in reps)
-        res = run_fio(uri, job, size, args.runtime)
-        e1 = cpu_seconds(eng.proc.pid)
-        r1 = sum(cpu_seconds(r.proc.pid) for r in reps)
+        with engine_over_replicas(scratch, "v", args.replicas, size) as (eng, reps):
+            uri = eng.unix_uri("vol")
+            fill(uri, size)
+            e0 = cpu_seconds(eng.proc.pid)
+            r0 = sum(cpu_seconds(r.proc.pid) for r in reps)
+            res = run_fio(uri, job, size, args.runtime)
+            e1 = cpu_seconds(eng.proc.pid)
+            r1 = sum(cpu_seconds(r.proc.pid) for r in reps)
         ios = res.iops * (args.runtime + 1)  # fio's ramp second is not in its IOPS
         print(f"{job.name}, {args.replicas} replica(s), {scratch}: {res.iops:.0f} IOPS, "
               f"engine {(e1 - e0) / ios * 1e6:.1f} us/IO, replicas {(r1 - r0) / ios * 1e6:.1f} "
               f"us/IO, whole machine {res.all_us:.1f} us/IO, idle {1 - res.busy:.0%}")
     finally:
-        for p in reversed(procs):
-            p.stop()
-        kill_all(procs)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

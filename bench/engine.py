@@ -1,7 +1,7 @@
 """fio against a drove volume with 1, 2 and 3 replicas, beside nbdkit's file plugin.
 
     .venv/bin/python bench/engine.py [--size 1G] [--runtime 10] [--replicas 1,2,3] [--warm]
-        [--local 1,2,3]
+        [--local 1,2,3] [--layers stats,qos-off,qos-high,crypt,all] [--layer-rounds 3]
 
 Every replica is its own process on this machine, as is the engine; fio talks
 to the engine over a unix socket, the engine to its replicas over theirs.
@@ -24,6 +24,12 @@ After each volume's table, unless ``--no-qemu``, the engine stops and the same
 jobs run through qemu-nbd's quorum driver (the field's mirror, in C) over the
 same replica processes: the ratio printed there is drove / qemu.
 
+``--layers`` (unless ``''``) runs the engine's layer stack with each layer on and off
+(bench/layers.py's variants: stats alone, QoS set and removed again, QoS with limits far
+above the load, encryption, QoS and encryption together), one replica each, in rounds
+interleaved with nbdkit (``--layer-rounds``): medians, and each one's IOPS and CPU per
+I/O against nbdkit and against the stats-only stack.
+
 The ``all`` column is the whole machine's CPU per I/O (fio and every process on
 the path) and ``busy`` the share of its CPUs in use.  On two CPUs the IOPS of a
 path go roughly as 1 / ``all``: each process added to the path costs its CPU.
@@ -32,6 +38,7 @@ path go roughly as 1 / ``all``: each process added to the path costs its CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +57,14 @@ from fiobench import (
     qemu_quorum,
     run_fio,
     socat_hop,
+)
+from layers import (
+    LAYER_VARIANTS,
+    engine_over_replicas,
+    interleaved,
+    parse_variants,
+    print_medians,
+    variant_engine,
 )
 from replicatools import ReplicaProc, kill_all, start_replica
 
@@ -104,17 +119,8 @@ def qemu_mirror(scratch: Path, reps: list[ReplicaProc], jobs: tuple[Job, ...],
 def bench_volume(scratch: Path, n: int, local: bool, jobs: tuple[Job, ...], args: Any,
                  size: int, base_uri: str, base_pid: int) -> None:
     """One volume of ``n`` replicas (one of them local when ``local``) against nbdkit."""
-    from enginetools import start_engine  # tests/ is on sys.path once fiobench is imported
-
     tag = f"v{n}{'l' if local else ''}"
-    procs = []
-    try:
-        reps = [start_replica(scratch / f"{tag}-r{i}", size) for i in range(n - local)]
-        procs.extend(reps)
-        eng = start_engine(scratch / f"{tag}-engine", "vol", reps, "--log-level", "warning",
-                           size=size,
-                           local=("loc", scratch / f"{tag}-loc") if local else None)
-        procs.append(eng)
+    with engine_over_replicas(scratch, tag, n - local, size, local=local) as (eng, reps):
         uri = eng.unix_uri("vol")
         fill(uri, size)
         rows = []
@@ -133,10 +139,23 @@ def bench_volume(scratch: Path, n: int, local: bool, jobs: tuple[Job, ...], args
             epoch = eng.info()["epoch"]
             eng.stop()
             qemu_mirror(scratch, reps, jobs, rows, size, args.runtime, epoch)
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        kill_all(procs)
+
+
+def bench_layers(scratch: Path, names: str, jobs: tuple[Job, ...], args: Any, size: int,
+                 base_uri: str, base_pid: int) -> None:
+    """The layer stack's variants (bench/layers.py), one replica each, interleaved with
+    nbdkit: medians and ratios to nbdkit and to the stats-only stack."""
+    variants = parse_variants(names)
+    with contextlib.ExitStack() as stack:
+        targets = {"nbdkit": (base_uri, base_pid)}
+        for v in variants:
+            eng = stack.enter_context(variant_engine(scratch, v, size))
+            targets[v.name] = (eng.unix_uri("vol"), eng.proc.pid)
+        results = interleaved(targets, jobs, size, args.layer_rounds, args.runtime)
+    bases = ["nbdkit"] + (["stats"] if "stats" in targets else [])
+    print_medians(f"the engine's layers on and off, 1 replica, {args.size}: medians over "
+                  f"{args.layer_rounds} interleaved rounds of {args.runtime} s; cpu is the "
+                  "engine's (nbdkit's on its row)", results, jobs, list(targets), bases)
 
 
 def main() -> None:
@@ -158,7 +177,16 @@ def main() -> None:
                     help="skip the socat hop floor (fio -> socat -> nbdkit)")
     ap.add_argument("--no-qemu", action="store_true",
                     help="skip qemu-nbd's quorum mirror over the same replicas")
+    ap.add_argument("--layers", default=",".join(LAYER_VARIANTS),
+                    help="layer variants to run beside nbdkit (bench/layers.py; '' for none)")
+    ap.add_argument("--layer-rounds", type=int, default=3,
+                    help="interleaved rounds of the layer variants (medians)")
     args = ap.parse_args()
+    try:  # a typo refused before minutes of other runs
+        if any(v.before for v in parse_variants(args.layers)):
+            ap.error("--layers: the variant before is bench/layers.py's (--before REV)")
+    except ValueError as exc:
+        ap.error(f"--layers: {exc}")
     size = parse_size(args.size)
     jobs = STANDARD_JOBS
     if args.jobs:
@@ -177,6 +205,8 @@ def main() -> None:
             for n, local in volumes:
                 vol_jobs = jobs + (SEQ_QD4_JOBS if local and not args.jobs else ())
                 bench_volume(scratch, n, local, vol_jobs, args, size, base_uri, base_pid)
+            if args.layers:
+                bench_layers(scratch, args.layers, jobs, args, size, base_uri, base_pid)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
