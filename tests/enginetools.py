@@ -26,6 +26,8 @@ def process_env(pid: int) -> dict[str, str]:
 class EngineProc(ReplicaProc):
     """A running engine process: same handles as a replica (control API, NBD URIs)."""
 
+    argv: list[str]  # `drove ARGV` started it (a successor takes the same: start_successor)
+
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Call the control API; with the volume's access key when the engine was started
         with one (DROVE_NBD_KEY), which its API then demands."""
@@ -78,6 +80,19 @@ def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra
 
     ``local``: (name, directory) of a replica the engine serves itself (data locality).
     """
+    args = engine_argv(directory, name, replicas, *extra, size=size, names=names, local=local)
+    log = directory / f"engine-{name}.log"
+    proc, addresses = launch(args, log, timeout, what="engine")
+    addresses["name"] = name
+    engine = EngineProc(proc, directory, addresses, log, list(extra))
+    engine.argv = args
+    return engine
+
+
+def engine_argv(directory: Path, name: str, replicas: list[ReplicaProc], *extra: str,
+                size: str | int | None = None, names: list[str] | None = None,
+                local: tuple[str, Path] | None = None) -> list[str]:
+    """The arguments of `drove engine serve NAME` over ``replicas`` (see start_engine)."""
     directory.mkdir(parents=True, exist_ok=True)
     args = ["engine", "serve", name, "--nbd", "127.0.0.1:0", "--control", "127.0.0.1:0",
             "--nbd-unix", str(directory / f"{name}.sock"), "--log-level", "info",
@@ -89,11 +104,25 @@ def start_engine(directory: Path, name: str, replicas: list[ReplicaProc], *extra
         args += ["--local-replica", f"{local[0]}={local[1]}"]
     if size is not None:
         args += ["--size", str(size)]
-    args += list(extra)
-    log = directory / f"engine-{name}.log"
-    proc, addresses = launch(args, log, timeout, what="engine")
+    return args + list(extra)
+
+
+def start_successor(cluster: Cluster, sock: Path, epoch: int, *extra: str,
+                    timeout: float = 60) -> EngineProc:
+    """Start a new engine with the running one's arguments that takes its volume over
+    through the handoff socket ``sock`` (a live upgrade); it becomes the cluster's engine."""
+    old = cluster.engine
+    assert old is not None, "no engine"
+    name = old.addresses["name"]
+    log = old.dir / f"engine-{name}-epoch{epoch}.log"
+    proc, addresses = launch([*old.argv, "--takeover", str(sock), "--epoch", str(epoch),
+                              *extra], log, timeout, what="successor engine")
     addresses["name"] = name
-    return EngineProc(proc, directory, addresses, log, list(extra))
+    new = EngineProc(proc, old.dir, addresses, log, old.extra)
+    new.argv = old.argv
+    cluster.engine = new
+    cluster.track(new)
+    return new
 
 
 class LocalReplicaView:

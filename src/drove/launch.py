@@ -106,11 +106,12 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                  local_nbd: str, local_control: str, size: str | None, nbd: str,
                  nbd_unix: str | None, control: str, timeout: float, quorum_wait: float,
                  state_file: Path | None,
-                 rebuild: bool, epoch: int | None, fence_all: bool, key_file: Path | None,
-                 tls_cert: Any,
+                 rebuild: bool, epoch: int | None, fence_all: bool, handoff: str | None,
+                 takeover: str | None, key_file: Path | None, tls_cert: Any,
                  tls_key: Any, tls_ca: Any, tls_required: bool, log_level: str) -> None:
     """Serve a volume over its replicas until SIGTERM/SIGINT (the body of `drove engine serve`)."""
     from drove.engine.generation import NoCurrentReplicaError
+    from drove.engine.handoff import HandoffError
     from drove.engine.process import serve_engine
     from drove.service import run
 
@@ -137,6 +138,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
         fail("--quorum-wait must be 0 or more seconds")
     if epoch is not None and not 1 <= epoch <= MAX_EPOCH:
         fail(f"--epoch must be between 1 and {MAX_EPOCH}, not {epoch}")
+    if takeover is not None and epoch is None:
+        fail("--takeover needs --epoch, above the running engine's (the manager issues it)")
     tls = tls_options(tls_cert, tls_key, tls_ca, tls_required)
     data_key = None
     if key_file is not None:
@@ -153,8 +156,8 @@ def serve_engine(name: str, replica: list[str] | None, local_replica: str | None
                                  tls_required=tls_required, local=local,
                                  local_nbd=local_nbd_addr, local_control=local_ctl_addr,
                                  quorum_wait=quorum_wait, fence_all=fence_all,
-                                 data_key=data_key))
-    except NoCurrentReplicaError as exc:
+                                 data_key=data_key, handoff=handoff, takeover=takeover))
+    except (NoCurrentReplicaError, HandoffError) as exc:
         fail(f"{exc}")
     except OSError as exc:
         _os_error(exc)

@@ -117,6 +117,13 @@ ENGINE = Command(
             "refuse to start unless every replica takes this engine's epoch (a forced "
             "takeover: the engine replaced may still write to a replica not fenced); nothing "
             "is claimed when one does not answer"),
+        Opt("handoff", str, None,
+            "listen on this unix socket (mode 0600, same user only) for a successor engine "
+            "taking the volume over: a live upgrade (drove.engine.handoff)"),
+        Opt("takeover", str, None,
+            "take the volume over from the engine listening on this --handoff socket, with "
+            "its NBD listeners and open client connections (its --nbd and --nbd-unix), "
+            "instead of listening; needs an --epoch above the running engine's"),
         Opt("key_file", Path, None,
             "encrypt the volume (AES-XTS-256) with the data key in this file (128 hex "
             "digits; the file must be the user's alone, mode 0600): never on the command line"),

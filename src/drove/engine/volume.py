@@ -94,6 +94,14 @@ class Engine:
         self.timeout = timeout
         self.state_file = state_file
         self.auto_rebuild = auto_rebuild
+        # A successor engine (drove.engine.handoff) starts its rebuilds once it committed:
+        # a rebuild writes, and until then the engine it replaces may take the volume back.
+        self.defer_rebuild = False
+        self._deferred: list[ReplicaHandle] = []
+        # The members let go of for a successor (suspend), to take back if it fails (resume).
+        self._specs: tuple[list[tuple[str, str]], tuple[str, Path] | None] = ([], None)
+        self._reclaim: int | None = None  # resume(): the epoch held already, taken back
+        self.upgrade: dict[str, Any] | None = None  # the last live upgrade (drove.engine.handoff)
         self.arena = _new_arena()
         self.replicas = [self._handle(n, url) for n, url in replicas]
         self._local_nbd, self._local_control = local_nbd, local_control
@@ -144,7 +152,7 @@ class Engine:
             "name": self.name, "size": self.mirror.size, "health": self.health(),
             "faulted": self.mirror.faulted, "generation": self.generation,
             "epoch": self.epoch, "fenced": self.fenced,
-            "write_quorum": self.write_quorum(),
+            "write_quorum": self.write_quorum(), "upgrade": self.upgrade,
             "replicas": [r.to_json() for r in self.replicas],
             "rebuild": self.rebuild.to_json() if self.rebuild is not None else None,
             "last_pause": self.last_pause,
@@ -278,8 +286,55 @@ class Engine:
         self.spawn(self._monitor())
         if self.auto_rebuild:
             to_rebuild = [self.replica(n) for n in sel.rebuild]
-            if to_rebuild:
+            if self.defer_rebuild:
+                self._deferred = to_rebuild
+            elif to_rebuild:
                 self.spawn(self._rebuild_all(to_rebuild))
+
+    def start_deferred_rebuilds(self) -> None:
+        """Start the rebuilds a successor engine held back until its commit."""
+        self.defer_rebuild = False
+        to_rebuild, self._deferred = self._deferred, []
+        if to_rebuild:
+            self.spawn(self._rebuild_all(to_rebuild))
+
+    async def suspend(self, flushed: bool = False) -> None:
+        """Let go of every replica for a successor engine: close the local one and every
+        connection (the successor claims them next).
+
+        ``flushed``: no request is in flight and a flush just succeeded, so the replicas
+        are marked clean first (the successor serves them all, reconciling none);
+        otherwise nothing is written.
+        """
+        await self.mirror.settled()  # a membership change under way is persisted first
+        for t in list(self._tasks):
+            t.cancel()
+        if flushed and self.mirror.faulted is None:
+            await self._mark_clean()
+        local = self.local_replica()
+        self._specs = ([(r.name, r.url) for r in self.replicas if r is not local],
+                       None if local is None else (local.name, local.directory))
+        self.mirror.require_outside(False)  # leaving, not losing the outside replicas
+        # RW members last: a mirror left with members but none RW faults.
+        order = {Mode.ERR: 0, Mode.WO: 1, Mode.RW: 2}
+        for r in sorted(self.replicas, key=lambda m: order[m.mode]):
+            self.mirror.remove(r)
+            with contextlib.suppress(Exception):
+                await r.close()
+        self.replicas = []
+
+    async def resume(self, epoch: int) -> None:
+        """Take the replicas back after a successor failed (it is dead), holding ``epoch``:
+        ours, or the successor's when it may have claimed it; then serve as a start does."""
+        names, local = self._specs
+        self.replicas = [self._handle(n, url) for n, url in names]
+        if local is not None:
+            self.replicas.append(self._local_handle(*local))
+        self._reclaim = epoch
+        try:
+            await self.start()
+        finally:
+            self._reclaim = None
 
     async def _open_local(self, local: LocalReplica) -> bool:
         """Open the local replica's chain here; False (recorded) when it cannot be."""
@@ -302,6 +357,8 @@ class Engine:
         The states are read by the claim itself, after the replica cut the old
         engine's connections: nothing the old engine does can change them later.
         """
+        if self._reclaim is not None:
+            return await self._take_back(self._reclaim)
         requested = self.requested_epoch
         for _attempt in range(1 if requested is not None else CLAIM_ATTEMPTS):
             infos = await asyncio.gather(*(r.refresh() for r in self.replicas),
@@ -345,6 +402,27 @@ class Engine:
             return states
         raise FencedError(f"could not claim the replicas in {CLAIM_ATTEMPTS} tries: other "
                           "engines keep starting on them")
+
+    async def _take_back(self, epoch: int) -> list[ReplicaState]:
+        """The replicas' states, read with ``epoch``, which this engine (or its dead
+        successor) claimed already: a replica at a lower one takes it, an equal one
+        admits it, a higher one fences this engine (FencedError)."""
+        for r in self.replicas:
+            r.set_epoch(epoch)
+        infos = await asyncio.gather(*(r.refresh() for r in self.replicas),
+                                     return_exceptions=True)
+        if any(isinstance(i, ReplicaControlError) and i.stale_epoch for i in infos):
+            raise FencedError(f"epoch {epoch}: a newer engine claimed the replicas")
+        self.epoch = epoch
+        states: list[ReplicaState] = []
+        for r, res in zip(self.replicas, infos, strict=True):
+            if isinstance(res, BaseException):
+                r.error = f"unreachable when taken back: {res}"
+                self.event("replica-unreachable", f"replica {r.name} unreachable: {res}",
+                           replica=r.name)
+            else:
+                states.append(parse_state(r.name, res))
+        return states
 
     def _check_fenced(self, answers: Iterable[tuple[ReplicaHandle, Any]], epoch: int,
                       done: str) -> None:
@@ -410,16 +488,21 @@ class Engine:
             except OSError as exc:
                 log.warning("volume %s: final flush failed: %s", self.name, exc)
         if clean:
-            state = self._state(clean=True)
-            results = await asyncio.gather(
-                *(r.set_engine_state(state) for r in self.replicas if r.mode is Mode.RW),
-                return_exceptions=True)
-            for res in results:
-                if isinstance(res, BaseException):
-                    log.warning("volume %s: marking clean failed: %s", self.name, res)
+            await self._mark_clean()
             self.event("stopped", "stopped cleanly")
         for r in self.replicas:
             await r.close()
+
+    async def _mark_clean(self) -> None:
+        """Record on every RW replica that no write is in flight (after a final flush): the
+        next start serves them all without reconciling one from another."""
+        state = self._state(clean=True)
+        results = await asyncio.gather(
+            *(r.set_engine_state(state) for r in self.replicas if r.mode is Mode.RW),
+            return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                log.warning("volume %s: marking clean failed: %s", self.name, res)
 
     # ----------------------------------------------------------- generations
 

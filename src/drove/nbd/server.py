@@ -50,7 +50,7 @@ from drove.nbd.export import Capabilities, Export, ExportProvider, Extent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NbdServer", "block_sizes"]
+__all__ = ["HandoffRefused", "NbdServer", "block_sizes"]
 
 # Sizes of the two most common wire units, named for readability.
 _REQ = proto.REQUEST.size  # 28
@@ -110,6 +110,11 @@ def block_sizes(caps: Capabilities) -> tuple[int, int, int]:
     return minimum, preferred, maximum
 
 
+class HandoffRefused(Exception):
+    """A connection or listener that cannot be handed to another process (the message says
+    why: TLS, a shared arena)."""
+
+
 def _message(text: str) -> bytes:
     """Encode a human-readable error message within the spec's string limit."""
     raw = text.encode("utf-8", "replace")
@@ -156,9 +161,13 @@ class _Connection(asyncio.BufferedProtocol):
     replaced instead of being reused.
     """
 
-    def __init__(self, server: NbdServer) -> None:
-        """Create the protocol for a new connection of ``server``."""
+    def __init__(self, server: NbdServer,
+                 adopt: tuple[dict[str, Any], bytes] | None = None) -> None:
+        """Create the protocol for a new connection of ``server``; with ``adopt`` (the state
+        and unparsed bytes from :meth:`handoff_state`), for one another process handed over
+        in its transmission phase."""
         self._server = server
+        self._adopt = adopt
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._phase = _HANDSHAKE
@@ -175,6 +184,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._structured = False
         self._meta_export: str | None = None  # export the contexts were set for
         self._meta_selected = False
+        self._export_chosen = ""  # the name the client chose the export by
 
         # Transmission state (filled in by _enter_transmission).
         self._export: Export | None = None
@@ -222,6 +232,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._disc = False
         self._shutdown = False
+        # Being handed to another process (an engine upgrade): nothing more is parsed or
+        # read; requests already started finish and their replies are sent.
+        self._frozen = server._frozen
         self._tasks: set[asyncio.Task[None]] = set()
 
         # Reply corking: replies produced while parsing one batch of requests, or
@@ -260,6 +273,11 @@ class _Connection(asyncio.BufferedProtocol):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SNDBUF)
         self._server._connections.add(self)
         log.debug("connection from %s", self._peer)
+        if self._adopt is not None:
+            state, pending = self._adopt
+            self._adopt = None
+            self._resume_from(state, pending)
+            return
         self._handshake_task = self._loop.create_task(self._handshake())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -775,6 +793,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Fix the export and everything the transmission phase checks per request."""
         caps = export.caps
         self._export = export
+        self._export_chosen = name
         self._submit = getattr(export, "submit", None)
         self._size = export.size
         self._tflags = tflags
@@ -806,6 +825,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._hpaused = False
             self._transport.resume_reading()  # type: ignore[union-attr]
         log.debug("connection %s entered transmission", self._peer)
+        if self._frozen:
+            self._frozen = False
+            self.freeze()  # a handoff began during the handshake: stop before any request
         if leftover:
             # Requests pipelined right behind the handshake.
             self._rbuf[: len(leftover)] = leftover
@@ -1504,7 +1526,8 @@ class _Connection(asyncio.BufferedProtocol):
             return
         server = self._server
         blocked = (
-            self._write_paused
+            self._frozen
+            or self._write_paused
             or self._inflight >= server.max_inflight_requests
             or self._inflight_bytes >= server.max_inflight_bytes
         )
@@ -1521,7 +1544,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _resume_parsing(self) -> None:
         self._resume_scheduled = False
-        if self._phase != _TRANSMISSION or self._disc:
+        if self._phase != _TRANSMISSION or self._disc or self._frozen:
             return
         self._blocked = False
         if self._rend > self._rstart:
@@ -1592,6 +1615,100 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is not None:
             transport.abort()
 
+    # ------------------------------------------------------------------
+    # Handoff to another process (a live engine upgrade: drove.engine.handoff)
+
+    def freeze(self) -> None:
+        """Parse no further request and read nothing more; requests started finish.
+
+        The stop falls on a request boundary: a request whose payload is still
+        arriving is not started, and goes to the successor with the bytes after it.
+        """
+        if self._frozen:
+            return
+        self._frozen = True
+        if self._phase != _TRANSMISSION or self._disc:
+            return  # a handshake freezes as it ends (_enter_transmission)
+        self._blocked = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()  # type: ignore[union-attr]
+
+    def thaw(self) -> None:
+        """Parse and read again after a handoff that did not happen."""
+        if not self._frozen:
+            return
+        self._frozen = False
+        self._update_flow()
+
+    @property
+    def in_transmission(self) -> bool:
+        """Whether the connection serves requests (its handshake done, not closed)."""
+        return self._phase == _TRANSMISSION
+
+    @property
+    def drained(self) -> bool:
+        """Closed, or frozen in transmission with nothing in flight and every reply sent."""
+        if self._phase == _CLOSED:
+            return True
+        if self._phase != _TRANSMISSION or self._inflight or self._out or self._disc:
+            return False
+        transport = self._transport
+        return transport is None or not transport.get_write_buffer_size()
+
+    def handoff_state(self) -> tuple[dict[str, Any], bytes]:
+        """What another process needs to go on with this drained connection: the handshake's
+        outcome, and the bytes received but not parsed yet (HandoffRefused when it cannot)."""
+        if self._tls_active:
+            raise HandoffRefused(
+                f"NBD client {self._peer or 'on the unix socket'} uses TLS, whose session "
+                "lives in this process's TLS library: a TLS connection cannot be handed over")
+        if self._arena is not None:
+            raise HandoffRefused(f"NBD client {self._peer} shares a memory arena with this "
+                                 "process: it cannot be handed over")
+        pending = bytes(self._rview[self._rstart : self._rend])
+        if self._fill is not None:
+            # A large write whose payload is still arriving: it was never started, so it
+            # goes over as it came (header, payload so far), and the successor starts it.
+            flags, handle, offset = self._fill_req
+            header = proto.REQUEST.pack(proto.NBD_REQUEST_MAGIC, flags, proto.NBD_CMD_WRITE,
+                                        handle, offset, len(self._fill))
+            pending = header + bytes(self._fill[: self._fill_pos]) + pending
+        state = {
+            "export": self._export_chosen, "structured": self._structured,
+            "block_status": self._block_status_ok, "extended_headers": False, "tls": False,
+            "tflags": self._tflags, "min_block": self._min_block, "max_block": self._max_block,
+            "max_other": self._max_other, "skip": self._skip,
+        }
+        return state, pending
+
+    def socket_fd(self) -> int:
+        """The connection's socket descriptor (what is passed to a successor)."""
+        sock = self._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        return sock.fileno()
+
+    def _resume_from(self, state: dict[str, Any], pending: bytes) -> None:
+        """Go on with a connection another process negotiated (see :meth:`handoff_state`)."""
+        name = state["export"]
+        export = self._open(name)
+        if export is None:  # NbdServer.adoptable said it exists: a bug if it does not now
+            log.error("adopted NBD connection %s: no export %r, disconnecting", self._peer, name)
+            self._hard_close()
+            return
+        self._structured = bool(state["structured"])
+        self._meta_selected = bool(state["block_status"])
+        self._meta_export = name if self._meta_selected else None
+        self._choose(export, name, int(state["tflags"]), block_size_negotiated=True)
+        # The client was told these limits, not ours: it is held to exactly them.
+        self._min_block = int(state["min_block"])
+        self._align = self._min_block - 1
+        self._max_block = int(state["max_block"])
+        self._max_other = int(state["max_other"])
+        self._skip_limit = max(self._max_block, proto.NBD_DOS_THRESHOLD)
+        self._skip = int(state["skip"])
+        self._hbuf = bytearray(pending)
+        self._enter_transmission()
+
 
 class NbdServer:
     """An NBD server for the exports of ``provider`` on TCP and/or unix sockets."""
@@ -1634,6 +1751,7 @@ class NbdServer:
         self._connections: set[_Connection] = set()
         self._closing = False
         self._closed = asyncio.Event()
+        self._frozen = False  # handing off to another process: connections start frozen
 
     @property
     def connections(self) -> int:
@@ -1656,6 +1774,116 @@ class NbdServer:
 
     def _factory(self) -> _Connection:
         return _Connection(self)
+
+    # ------------------------------------------------------------------
+    # Handoff to another process (a live engine upgrade: drove.engine.handoff)
+
+    def freeze(self) -> list[tuple[str, socket.socket]]:
+        """Stop accepting and freeze every connection at a request boundary.
+
+        Returns duplicates of the listening sockets, ``("tcp" | "unix", socket)``:
+        they keep listening (new clients wait in the backlog) until handed over,
+        or until :meth:`thaw` serves them again.
+        """
+        self._frozen = True
+        listeners: list[tuple[str, socket.socket]] = []
+        for srv in self._servers:
+            for s in srv.sockets:
+                kind = "unix" if s.family == socket.AF_UNIX else "tcp"
+                listeners.append((kind, socket.socket(fileno=os.dup(s.fileno()))))
+            srv.close()
+        self._servers.clear()
+        for conn in list(self._connections):
+            conn.freeze()
+        return listeners
+
+    async def drained(self, timeout: float) -> None:
+        """Wait until every connection is drained (TimeoutError after ``timeout`` seconds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            busy = [c for c in self._connections if not c.drained]
+            if not busy:
+                return
+            if loop.time() >= deadline:
+                raise TimeoutError(
+                    f"{len(busy)} NBD connection(s) still negotiating, running requests or "
+                    f"sending replies after {timeout:g} s")
+            # Replies leave and handshakes end on the loop: look again shortly.
+            await asyncio.sleep(0.002)
+
+    def handoff(self) -> list[tuple[dict[str, Any], bytes, int]]:
+        """(state, unparsed bytes, socket descriptor) of every open connection, once drained."""
+        return [(*conn.handoff_state(), conn.socket_fd())
+                for conn in list(self._connections) if conn.in_transmission]
+
+    async def thaw(self, listeners: list[tuple[str, socket.socket]]) -> None:
+        """Serve again after a handoff that did not happen: listen, parse and read."""
+        self._frozen = False
+        for kind, sock in listeners:
+            await self.adopt_listener(kind, sock, record=False)
+        for conn in list(self._connections):
+            conn.thaw()
+
+    def adoptable(self, state: dict[str, Any]) -> str | None:
+        """Why a connection in ``state`` cannot go on here (None: it can).
+
+        Its export must exist and offer everything the client was promised, within
+        the block sizes it was told.
+        """
+        name = state.get("export")
+        if state.get("tls") or state.get("extended_headers"):
+            return "the connection uses TLS or extended headers, which cannot be adopted"
+        try:
+            export = self.provider.open_export(name) if isinstance(name, str) else None
+        except Exception as exc:
+            return f"export {name!r}: {exc}"
+        if export is None:
+            return f"no export {name!r} here"
+        tflags = proto.transmission_flags(export.caps, bool(state.get("structured")))
+        missing = int(state.get("tflags", 0)) & ~tflags
+        if missing:
+            return (f"export {name!r} lacks transmission flags {missing:#x} the client was "
+                    "promised")
+        if state.get("block_status") and not export.caps.block_status:
+            return f"export {name!r} has no block status, which the client negotiated"
+        minimum, _, maximum = block_sizes(export.caps)
+        if minimum > int(state.get("min_block", 1)) or maximum < int(state.get("max_block", 0)):
+            return (f"export {name!r} takes blocks of {minimum}..{maximum} bytes; the client "
+                    f"was told {state.get('min_block')}..{state.get('max_block')}")
+        return None
+
+    async def adopt_listener(self, kind: str, sock: socket.socket, *,
+                             record: bool = True) -> None:
+        """Accept on ``sock``, a listening socket another process (or :meth:`freeze`) had."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        if kind == "unix":
+            srv = await loop.create_unix_server(self._factory, sock=sock)
+            if record:
+                self._unix_paths.append(sock.getsockname())
+        else:
+            srv = await loop.create_server(self._factory, sock=sock)
+        self._servers.append(srv)
+
+    async def adopt_connection(self, sock: socket.socket, state: dict[str, Any],
+                               pending: bytes) -> None:
+        """Go on serving a connection another process negotiated (:meth:`adoptable` first)."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        await loop.connect_accepted_socket(lambda: _Connection(self, (state, pending)), sock)
+
+    def release(self) -> None:
+        """Let go of every listener and connection another process took over: only this
+        process's descriptors close; nothing is sent, nothing unlinked."""
+        self._closing = True
+        for srv in self._servers:
+            srv.close()
+        self._servers.clear()
+        self._unix_paths.clear()
+        for conn in list(self._connections):
+            conn.cut()
+        self._closed.set()
 
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on ``host:port`` (port 0 picks a free port); return the bound address."""

@@ -1,0 +1,279 @@
+"""Live engine upgrade: a new engine process takes the volume, its listeners and its open
+client connections over from the running one (drove.engine.handoff), under real clients."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from enginetools import EngineProc, start_successor
+from replicatools import drove_cmd, qemu_io, run
+
+MiB = 1 << 20
+pytestmark = pytest.mark.timeout(180)
+
+
+def fio_verify(uri: str, size: str, rate: int) -> subprocess.Popen:
+    """fio: random 4 KiB writes at ``rate`` IOPS over ``size``, 16 deep, each block read
+    back and checked (crc32c) after the writes, stopping at the first error."""
+    return subprocess.Popen(
+        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+         "--bs=4k", "--iodepth=16", f"--size={size}", f"--rate_iops={rate}",
+         "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0",
+         "--verify_state_save=0", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def fio_result(proc: subprocess.Popen) -> dict:
+    """Wait for fio; insist it exited 0 with no error; its job's JSON."""
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 0, err[-3000:]
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0, job
+    assert job["write"]["total_ios"] > 0 and job["read"]["total_ios"] > 0, job
+    return job
+
+
+def wait_until(predicate, what: str, timeout: float = 30) -> None:
+    """Poll ``predicate()`` until true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def writes_served(eng: EngineProc) -> int:
+    """Writes the engine has served."""
+    return eng.ok("GET", "/v1/stats")["ops"]["write"]["count"]
+
+
+def upgrade(cluster, sock: Path, epoch: int) -> EngineProc:
+    """Replace the running engine by a new process with ``epoch``; the old one exits 0."""
+    old = cluster.engine
+    new = start_successor(cluster, sock, epoch)
+    assert old.proc.wait(timeout=30) == 0, old.log.read_text()[-3000:]
+    assert new.addresses["nbd_port"] == old.addresses["nbd_port"]
+    assert new.addresses["nbd_unix"] == old.addresses["nbd_unix"]
+    info = new.info()
+    assert info["epoch"] == epoch and info["health"] == "healthy", info
+    return new
+
+
+def took_over(eng: EngineProc) -> dict:
+    """The engine's took-over event."""
+    return next(e for e in eng.ok("GET", "/v1/events") if e["kind"] == "took-over")
+
+
+def compare(a: str, b: str) -> None:
+    """qemu-img compare two NBD exports (raises with the difference)."""
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
+def test_fio_verify_runs_through_two_upgrades_in_a_row(cluster, tmp_path, local):
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(3 if local else 2, "64M", "--handoff", str(sock), local=local)
+    epoch = eng.info()["epoch"]
+    fio = fio_verify(eng.uri(), "24M", 1000)
+    try:
+        wait_until(lambda: writes_served(eng) > 200, "fio writing")
+        for step in (1, 2):
+            eng = upgrade(cluster, sock, epoch + step)
+            # fio's connection, with its requests queued, went over: not a new one.
+            assert took_over(eng)["connections"] == 1
+    finally:
+        job = fio_result(fio)
+    assert job["write"]["io_bytes"] == 24 * MiB
+    assert writes_served(eng) > 0  # the last engine served some of them
+    # Every replica holds what the clients read through the engine.
+    for r in cluster.replicas:
+        compare(eng.uri(), r.uri("head"))
+
+
+class HangingReplica:
+    """An HTTP server answering a replica's info (epoch 0) that never answers a claim:
+    an engine claiming it waits there, after claiming the real replicas."""
+
+    def __init__(self) -> None:
+        release = self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # http.server names its handlers so
+                body = b'{"epoch": 0}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                release.wait(120)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Let the held claims go and stop."""
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_successor_killed_after_claiming_leaves_the_old_engine_serving(cluster, tmp_path):
+    """The successor claims the replicas (it waits on one more that never answers) and is
+    SIGKILLed there: the old engine takes the volume back for the successor's epoch."""
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(2, "64M", "--handoff", str(sock))
+    held = eng.info()["epoch"]
+    fio = fio_verify(eng.uri(), "16M", 1000)
+    hanging = HangingReplica()
+    try:
+        wait_until(lambda: writes_served(eng) > 200, "fio writing")
+        with open(tmp_path / "successor.log", "wb") as logf:
+            proc = subprocess.Popen(
+                drove_cmd(*eng.argv, "--takeover", str(sock), "--epoch", str(held + 1),
+                          "--replica", f"hanging={hanging.url}", "--timeout", "60"),
+                stdout=subprocess.DEVNULL, stderr=logf)
+        try:
+            wait_until(lambda: all(r.ok("GET", "/v1/info")["epoch"] == held + 1
+                                   for r in cluster.replicas), "the successor's claims")
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
+        info = eng.wait_for(lambda i: (i["upgrade"] or {}).get("state") == "aborted",
+                            timeout=40, what="the old engine to resume")
+    finally:
+        hanging.close()
+        fio_result(fio)
+    # It holds the epoch the successor claimed: the replicas take its requests again.
+    assert info["epoch"] == held + 1, info
+    assert set(eng.modes().values()) == {"RW"}
+    aborted = [e for e in eng.ok("GET", "/v1/events") if e["kind"] == "upgrade-aborted"]
+    assert len(aborted) == 1 and aborted[0]["epoch"] == held + 1, aborted
+    qemu_io(eng.uri(), "write -P 0x5a 1M 1M", "flush")
+    for r in cluster.replicas:
+        assert r.ok("GET", "/v1/info")["epoch"] == held + 1
+        qemu_io(r.uri("head"), "read -P 0x5a 1M 1M", read_only=True)
+        compare(eng.uri(), r.uri("head"))
+
+
+def test_a_successor_that_cannot_fence_every_replica_gives_the_volume_back(cluster, tmp_path):
+    """--fence-all with a replica it cannot reach: the successor exits non-zero, and the old
+    engine serves on for the epoch the successor announced."""
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(2, "64M", "--handoff", str(sock))
+    held = eng.info()["epoch"]
+    qemu_io(eng.uri(), "write -P 0x11 0 1M")
+    res = run(drove_cmd(*eng.argv, "--takeover", str(sock), "--epoch", str(held + 1),
+                        "--fence-all", "--replica", "gone=http://127.0.0.1:9"),
+              check=False, timeout=60)
+    assert res.returncode != 0
+    assert "gone" in res.stderr.decode(), res.stderr.decode()[-2000:]
+    info = eng.wait_for(lambda i: (i["upgrade"] or {}).get("state") == "aborted",
+                        what="the old engine to resume")
+    assert info["epoch"] == held + 1 and info["health"] == "healthy", info
+    qemu_io(eng.uri(), "read -P 0x11 0 1M", "write -P 0x22 1M 1M", "flush")
+    for r in cluster.replicas:
+        qemu_io(r.uri("head"), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", read_only=True)
+
+
+def test_a_takeover_of_nothing_or_of_another_volume_is_refused_and_changes_nothing(
+        cluster, tmp_path):
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(2, "64M", "--handoff", str(sock))
+    held = eng.info()["epoch"]
+    qemu_io(eng.uri(), "write -P 0x33 0 1M")
+
+    def refused(argv: list[str], why: str) -> None:
+        res = run(drove_cmd(*argv), check=False, timeout=60)
+        assert res.returncode != 0
+        assert why in res.stderr.decode(), res.stderr.decode()[-2000:]
+
+    nothing = tmp_path / "nothing.sock"
+    refused([*eng.argv, "--takeover", str(nothing), "--epoch", str(held + 1)],
+            "no engine listens there")
+    other = [a if a != "vol" else "other" for a in eng.argv]
+    refused([*other, "--takeover", str(sock), "--epoch", str(held + 1)],
+            "this engine serves volume 'vol', not 'other'")
+    refused([*eng.argv, "--takeover", str(sock), "--epoch", str(held)], "is not above")
+    refused([*eng.argv, "--takeover", str(sock)], "--takeover needs --epoch")
+    info = eng.info()
+    assert info["epoch"] == held and info["health"] == "healthy" and info["upgrade"] is None
+    for r in cluster.replicas:
+        assert r.ok("GET", "/v1/info")["epoch"] == held
+    assert not nothing.exists()
+    kinds = [e["kind"] for e in eng.ok("GET", "/v1/events")]
+    assert kinds.count("upgrade-refused") == 2, kinds
+    qemu_io(eng.uri(), "read -P 0x33 0 1M", "write -P 0x44 1M 1M")
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path):
+    from drove.agent import hostattach
+
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(2, "128M", "--handoff", str(sock))
+    uri = f"nbd+unix:///vol?socket={eng.addresses['nbd_unix']}"
+    mnt = tmp_path / "mnt"
+    att = hostattach.attach(uri, tmp_path / "att", mount=mnt)
+    written: dict[str, str] = {}
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            i = 0
+            while not stop.is_set() or i < 8:
+                data = os.urandom(256 * 1024)
+                path = mnt / f"f{i:04d}"
+                with open(path, "wb") as f:
+                    f.write(data)
+                    if i % 4 == 0:
+                        os.fsync(f.fileno())
+                written[path.name] = hashlib.sha256(data).hexdigest()
+                i += 1
+        except BaseException as exc:  # the test fails with it below
+            failures.append(exc)
+
+    thread = threading.Thread(target=writer)
+    try:
+        thread.start()
+        wait_until(lambda: len(written) >= 8, "files written")
+        before = len(written)
+        upgrade(cluster, sock, eng.info()["epoch"] + 1)
+        wait_until(lambda: len(written) >= before + 8 or failures, "files written after")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        hostattach.detach(att)
+    assert not failures, failures
+    image = tmp_path / "volume.img"
+    eng = cluster.engine
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", eng.uri(), str(image)])
+    run(["e2fsck", "-fn", str(image)])
+    again = hostattach.attach(uri, tmp_path / "again", mount=tmp_path / "mnt2")
+    try:
+        assert not again.formatted
+        assert {p.name: sha256(p) for p in (tmp_path / "mnt2").glob("f*")} == written
+    finally:
+        hostattach.detach(again)
