@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(
             f"missing test tools: {', '.join(missing)}; run ./dev test, which installs them"
         )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Units of work for ``pytest -n N --dist loadgroup`` (./dev test): a test module stays on
+    one worker (its module fixtures start once), and every test on network-namespace hosts
+    on one worker (they share the bridge and namespace names, serialised by a lock anyway)."""
+    for item in items:
+        group = "netns-hosts" if "hosts" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def _exclusive_under_xdist(request: pytest.FixtureRequest,
+                           tmp_path_factory: pytest.TempPathFactory):
+    """Under xdist a test marked ``exclusive`` (it measures rates or timings) runs alone:
+    it takes a lock every other test holds shared while it runs."""
+    if getattr(request.config, "workerinput", None) is None:
+        yield
+        return
+    # The workers' base temp dirs are popen-gwN/ in the run's one pytest-N/ directory.
+    lock = tmp_path_factory.getbasetemp().parent / "exclusive.lock"
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture

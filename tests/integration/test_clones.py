@@ -66,6 +66,7 @@ def source(manager: ManagerProc, tmp_path: Path) -> tuple[ManagerProc, Path]:
     return m, save_image(ref, tmp_path / "s1.raw")
 
 
+@pytest.mark.exclusive  # timed
 def test_clones_read_the_snapshot_and_stay_apart(source: tuple[ManagerProc, Path],
                                                  tmp_path: Path) -> None:
     m, s1 = source
@@ -227,6 +228,7 @@ def du(paths: list[Path]) -> int:
     return sum(int(line.split()[0]) for line in r.stdout.splitlines())
 
 
+@pytest.mark.exclusive  # timed
 @pytest.mark.slow
 def test_fifty_clones_cost_almost_nothing(manager: ManagerProc, tmp_path: Path) -> None:
     """50 linked clones of a 512 MiB volume holding 256 MiB: each ready in under 2 s, the

@@ -13,6 +13,8 @@ import pytest
 from drove.cluster.leader import Leadership
 from etcd import EtcdServer
 
+pytestmark = pytest.mark.exclusive  # takeover times measured
+
 # A candidate in its own process, so that the test can kill -9 it (no revoke, no goodbye).
 CANDIDATE = """
 import sys, threading

@@ -683,6 +683,7 @@ def test_server_killed_mid_flight(nbdkit: Callable[..., Nbdkit]) -> None:
     run(main)
 
 
+@pytest.mark.exclusive  # timed
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_request_timeout(nbdkit: Callable[..., Nbdkit], loop: str) -> None:
     server = nbdkit("--filter=delay", "memory", "16M", "delay-read=10")

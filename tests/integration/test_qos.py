@@ -13,7 +13,7 @@ from drove.replica.rebuild import WINDOW
 from enginetools import EngineProc, start_engine
 from replicatools import kill_all, start_replica
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # rates measured
 
 MIB = 1 << 20
 

@@ -13,7 +13,7 @@ import pytest
 from drove.replica.access import KEY_ENV, bearer
 from enginetools import process_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # rates measured
 
 MIB = 1 << 20
 
