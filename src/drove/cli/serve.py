@@ -38,9 +38,9 @@ def serve(
 ) -> None:
     """Start drove: the manager with its REST API and this node's agent.
 
-    The data directory is also the first disk. Prints the API address and where
-    the token is; stop with Ctrl-C or SIGTERM (attached volumes are detached and
-    come back attached at the next start).
+    The data directory is also the first disk. Prints the web UI's address (/), the
+    API's and where the token is; stop with Ctrl-C or SIGTERM (attached volumes are
+    detached and come back attached at the next start).
 
     With --store etcd://... any number of managers share the state: one leads
     (healer, scheduler, jobs), the others answer the API and take over within

@@ -18,6 +18,7 @@ from drove.manager.errors import ApiError, validate_name
 from drove.manager.heartbeats import MAX_POLL, parse_engines
 from drove.manager.scrub import KIND as SCRUB_KIND
 from drove.manager.store import ConflictError, StoreError
+from drove.manager.ui import mount as mount_ui
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
@@ -670,4 +671,5 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         body, content_type = await render(manager)
         return PlainTextResponse(body, media_type=content_type)
 
+    mount_ui(app)  # the web UI: / and /ui/ (public, outside the API routes)
     return app

@@ -141,6 +141,7 @@ def _announce(data_dir: Path, url: str, extra: str = "") -> Path:
     tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     os.replace(tmp, info_file)
     sys.stdout.write(f"drove {url} serving\n"
+                     f"  UI:    {url}/\n"
                      f"  API:   {url}/docs (OpenAPI: {url}/openapi.json)\n"
                      f"  token: {data_dir / 'token'}\n{extra}"
                      f"  data:  {data_dir}\n")

@@ -1,0 +1,238 @@
+"""The web UI in headless Chromium (Debian's, driven by Playwright) against a real
+`drove serve`: log in, create, attach, write through NBD, snapshot, clone, watch a
+rebuild; screenshots are saved under the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from managertools import ManagerProc
+from nbdtools import nbdsh
+
+CHROMIUM = "/usr/bin/chromium"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def ui_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProc]:
+    """One `drove serve` for the module's tests (each uses its own volumes)."""
+    root = tmp_path_factory.mktemp("ui")
+    m = ManagerProc(root / "data", root / "manager.log", root=root)
+    m.start()
+    for disk in ("d1", "d2"):  # room for volumes of two and three replicas
+        m.ok("POST", "/v1/disks", json={"path": str(root / disk)})
+    yield m
+    m.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module (Debian's package: no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, ui_manager: ManagerProc, tmp_path: Path) -> Iterator[Any]:
+    """A fresh browser context (no cookie, no session storage) at 1280x800."""
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(20_000)
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    p.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield p
+    shot(p, tmp_path, "last")  # the page as the test left it: what a failure looked like
+    context.close()
+    # A script error or a blocked load (CSP) is a failure even when the clicks worked; an
+    # API call's error status is not (the page shows what the API said).
+    assert not [e for e in errors if not e.startswith("Failed to load resource")], errors
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> Path:
+    """Save a full-page screenshot under the test's tmp dir and print where."""
+    path = tmp_path / "screenshots" / f"{name}.png"
+    path.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def login(page: Any, manager: ManagerProc, token: str | None = None) -> None:
+    """Log in with a token, by keyboard: the field has the focus, Enter submits."""
+    page.goto(manager.url + "/")
+    field = page.get_by_label("API token")
+    field.wait_for()
+    assert page.evaluate("document.activeElement.id") == "login-token"
+    page.keyboard.type(token or manager.token)
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="Dashboard").wait_for()
+
+
+def unlabelled(page: Any) -> list[str]:
+    """Controls on the page with no accessible label."""
+    return page.evaluate("""() => [...document.querySelectorAll('input, select, button')]
+        .filter(e => !(e.labels?.length || e.getAttribute('aria-label') ||
+                       e.textContent.trim()))
+        .map(e => e.outerHTML)""")
+
+
+def test_the_page_and_its_assets_are_served_without_shadowing_the_api(ui_manager):
+    r = httpx.get(ui_manager.url + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    js = httpx.get(ui_manager.url + "/ui/js/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    # Every asset the page names is there, and nothing is loaded from elsewhere.
+    for ref in re.findall(r'(?:src|href)="(/[^"]+)"', r.text):
+        assert httpx.get(ui_manager.url + ref).status_code == 200, ref
+    assert "http" not in re.sub(r"<noscript>.*</noscript>", "", r.text, flags=re.S)
+    # The package's Python files are not assets.
+    assert httpx.get(ui_manager.url + "/ui/__init__.py").status_code == 404
+    assert httpx.get(ui_manager.url + "/ui/../api.py").status_code == 404
+    # The API is as it was: JSON, its token still needed, the UI not in its schema.
+    assert httpx.get(ui_manager.url + "/v1/health").json()["status"] == "ok"
+    assert httpx.get(ui_manager.url + "/v1/volumes").status_code == 401
+    schema = ui_manager.ok("GET", "/openapi.json")
+    assert "/" not in schema["paths"] and not any(p.startswith("/ui") for p in schema["paths"])
+
+
+def test_a_wrong_token_is_refused_and_the_login_says_so(page, ui_manager, tmp_path):
+    page.goto(ui_manager.url + "/")
+    page.get_by_label("API token").fill("not-the-token")
+    page.get_by_role("button", name="Log in with token").click()
+    page.get_by_role("alert").filter(has_text=re.compile("token", re.I)).wait_for()
+    assert page.get_by_role("heading", name="Dashboard").count() == 0
+    assert not unlabelled(page)
+    shot(page, tmp_path, "login-refused")
+
+
+def write(uri: str, mib: int) -> None:
+    """Write ``mib`` MiB of random data at the start of the export, with nbdsh."""
+    nbdsh(f"import os\nh.connect_uri({uri!r})\n"
+          f"for i in range({mib}): h.pwrite(os.urandom({MiB}), i * {MiB})\n"
+          "h.flush()\nh.shutdown()", timeout=60)
+
+
+def dialog_submit(page: Any, fields: dict[str, str], button: str) -> None:
+    """Fill the open dialog's fields by their labels and press its button."""
+    dialog = page.locator("dialog[open]")
+    dialog.wait_for()
+    assert not unlabelled(page)
+    for label, value in fields.items():
+        dialog.get_by_label(label, exact=True).fill(value)
+    dialog.get_by_role("button", name=button, exact=True).click()
+    dialog.wait_for(state="detached")
+
+
+@pytest.mark.slow
+def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tmp_path):
+    m = ui_manager
+    login(page, m)
+    shot(page, tmp_path, "dashboard-empty")
+
+    # Create: the dialog, then the volume's page; the API has it as asked.
+    page.get_by_role("button", name="Create volume").click()
+    dialog_submit(page, {"Name": "web", "Size": "64M", "Replicas": "2"}, "Create")
+    page.get_by_role("heading", name="Volume web").wait_for()
+    made = m.volume("web")
+    assert made["size"] == 64 * MiB and made["replica_count"] == 2
+    # ... and listed on the dashboard with its replicas.
+    page.get_by_role("link", name="← Dashboard").click()
+    row = page.get_by_role("row").filter(has=page.get_by_role("link", name="web", exact=True))
+    row.wait_for()
+    for r in made["replicas"]:
+        assert r["name"] in row.inner_text()
+
+    # Attach from the volume's page; the details show the NBD export the API gives.
+    row.get_by_role("link", name="web", exact=True).click()
+    page.get_by_role("button", name="Attach").click()
+    dialog_submit(page, {}, "Attach")
+    page.get_by_role("button", name="Detach").wait_for()
+    uri = m.volume("web")["nbd_uri"]
+    assert uri
+    page.locator("dl.details").get_by_text(uri).wait_for()
+
+    # Write through NBD from the test; the charts get figures from /metrics.
+    write(uri, 8)
+    page.locator(".chart-summary").first.filter(has_text=re.compile(r"requests/s: [1-9]")) \
+        .wait_for()
+
+    # Snapshot from the UI: it appears in the tree, and the API has it.
+    page.get_by_role("button", name="Snapshot", exact=True).click()
+    dialog_submit(page, {"Snapshot name (optional)": "s1"}, "Take snapshot")
+    page.locator('li[data-snapshot="s1"]').wait_for()
+    assert "s1" in {s["name"] for s in m.ok("GET", "/v1/volumes/web/snapshots")}
+    shot(page, tmp_path, "volume-attached")
+
+    # Clone s1: the clone's page, a linked clone of web at s1.
+    page.get_by_role("button", name="Clone from s1").click()
+    dialog_submit(page, {"New volume name": "web-copy"}, "Clone")
+    page.get_by_role("heading", name="Volume web-copy").wait_for()
+    assert m.volume("web-copy")["clone_of"] == {"volume": "web", "snapshot": "s1"}
+    page.get_by_text("A linked clone of").wait_for()
+    assert not unlabelled(page)
+
+    # Delete asks first: cancelling changes nothing.
+    page.get_by_role("button", name="Delete", exact=True).click()
+    page.locator("dialog[open]").get_by_role("button", name="Cancel").click()
+    assert m.api("GET", "/v1/volumes/web-copy").status_code == 200
+    page.get_by_role("button", name="Delete", exact=True).click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete web-copy").click()
+    page.get_by_role("heading", name="Dashboard").wait_for()
+    assert m.api("GET", "/v1/volumes/web-copy").status_code == 404
+
+    # A narrow screen: the page reflows, nothing wider than the window.
+    page.set_viewport_size(PHONE)
+    page.goto(m.url + "/#/volumes/web")
+    page.get_by_role("heading", name="Volume web").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shot(page, tmp_path, "volume-narrow")
+
+
+@pytest.mark.slow
+def test_a_killed_replica_shows_its_rebuild_until_healthy(page, ui_manager, tmp_path):
+    m = ui_manager
+    # Slow rebuilds down, so the page's two-second poll sees one under way; no local
+    # replica (data locality disabled), so writes go on while the other one is away.
+    m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 4 * MiB})
+    m.ok("POST", "/v1/volumes", json={"name": "db", "size": "64M", "replicas": 2,
+                                          "data_locality": "disabled"})
+    vol = m.ok("POST", "/v1/volumes/db/attach", json={})
+    login(page, m)
+    page.goto(m.url + "/#/volumes/db")
+    page.get_by_role("heading", name="Volume db").wait_for()
+
+    victim = next(r for r in vol["replicas"] if r["pid"])
+    os.kill(victim["pid"], signal.SIGKILL)
+    # Written while the victim is away: the rebuild must copy it (24 MiB at 4 MiB/s).
+    write(vol["nbd_uri"], 24)
+    bar = page.get_by_role("progressbar", name=f"rebuild of {victim['name']}").first
+    bar.wait_for(timeout=60_000)
+    # The bar moves: some of the copy done, not all of it, as the page polls.
+    page.wait_for_function(
+        "name => [...document.querySelectorAll('progress')].some(p => "
+        "p.getAttribute('aria-label') === 'rebuild of ' + name && p.value > 0 "
+        "&& p.value < p.max)", arg=victim["name"], timeout=60_000)
+    shot(page, tmp_path, "rebuilding")
+    assert page.locator(".badge-degraded").count() > 0
+    # Until healthy: then the bar is gone and every replica is RW.
+    page.locator("dl.details .badge-healthy").wait_for(timeout=60_000)
+    assert page.get_by_role("progressbar", name=f"rebuild of {victim['name']}").count() == 0
+    assert m.volume("db")["health"] == "healthy"
+    shot(page, tmp_path, "rebuilt")
+    m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 0})
