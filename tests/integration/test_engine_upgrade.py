@@ -227,7 +227,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.slow
 def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path):
     from drove.agent import hostattach
 
@@ -235,6 +234,8 @@ def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path)
     eng = cluster.start(2, "128M", "--handoff", str(sock))
     uri = f"nbd+unix:///vol?socket={eng.addresses['nbd_unix']}"
     mnt = tmp_path / "mnt"
+    # Limits set live (on no command line) go over too.
+    eng.ok("PUT", "/v1/qos", json={"limits": {"iops": 50000}, "rebuild_bandwidth": 1 << 30})
     att = hostattach.attach(uri, tmp_path / "att", mount=mnt)
     written: dict[str, str] = {}
     stop = threading.Event()
@@ -260,7 +261,10 @@ def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path)
         thread.start()
         wait_until(lambda: len(written) >= 8, "files written")
         before = len(written)
-        upgrade(cluster, sock, eng.info()["epoch"] + 1)
+        new = upgrade(cluster, sock, eng.info()["epoch"] + 1)
+        assert took_over(new)["connections"] >= 1  # nbdfuse's, not a new one
+        qos = new.ok("GET", "/v1/qos")
+        assert (qos["limits"]["iops"], qos["rebuild_bandwidth"]) == (50000, 1 << 30), qos
         wait_until(lambda: len(written) >= before + 8 or failures, "files written after")
     finally:
         stop.set()

@@ -38,13 +38,11 @@ import signal
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from drove.engine.handoff_wire import Channel, Frame, WireError
+from drove.engine.volume import Engine, EngineError
 from drove.nbd.server import HandoffRefused, NbdServer
-
-if TYPE_CHECKING:
-    from drove.engine.volume import Engine
 
 log = logging.getLogger("drove.engine")
 
@@ -267,7 +265,11 @@ class HandoffService:
         try:
             await channel.send({"op": "handoff", "protocol": PROTOCOL, "volume": engine.name,
                                 "epoch": held, "listeners": [{"kind": k} for k, _ in listeners],
-                                "connections": states}, bytes(blob), fds)
+                                "connections": states,
+                                # limits set live (the command line has none of them)
+                                "qos": {"limits": engine.qos.limits.to_json(),
+                                        "rebuild_bandwidth": engine.rebuild_bandwidth}},
+                               bytes(blob), fds)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + COMMIT_TIMEOUT
             while True:
@@ -371,11 +373,22 @@ class Inheritance:
         self.listeners = [(entry["kind"], socket.socket(fileno=fd))
                           for entry, fd in zip(listeners, fds, strict=False)]
         self.handoff_sock: socket.socket | None = socket.socket(fileno=fds[len(listeners)])
+        self.qos: dict[str, Any] = msg.get("qos") or {}
         self.connections: list[tuple[dict[str, Any], bytes, socket.socket]] = []
         for state, fd in zip(conns, fds[len(listeners) + 1:], strict=True):
             start, length = state.get("pending", (0, 0))
             self.connections.append((state, frame.blob[start:start + length],
                                      socket.socket(fileno=fd)))
+
+    def apply_qos(self, engine: Engine) -> None:
+        """Go on with the QoS limits the old engine had (set live, on no command line)."""
+        if not self.qos:
+            return
+        try:
+            engine.set_qos(self.qos.get("limits"), replace=True,
+                           rebuild_bandwidth=self.qos.get("rebuild_bandwidth"))
+        except EngineError as exc:
+            raise HandoffError(f"the old engine's QoS limits do not apply here: {exc}") from None
 
     def check(self, server: NbdServer) -> None:
         """HandoffError unless ``server`` can go on with every connection."""

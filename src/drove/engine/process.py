@@ -177,6 +177,7 @@ async def _take_over(engine: Engine, server: NbdServer, path: str, handoff: str 
         channel, frame = await ask_predecessor(path, engine.name, engine.requested_epoch)
         inherited = Inheritance(frame)
         inherited.check(server)
+        inherited.apply_qos(engine)
         await channel.send({"op": "claiming"})
         log.info("volume %s: claiming epoch %s from the engine at %s", engine.name,
                  engine.requested_epoch, path)
