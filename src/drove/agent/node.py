@@ -96,6 +96,20 @@ class NodeAgent:
         """Bytes of a replica directory shared with others (hard links) and its own."""
         return clones.replica_usage(path)
 
+    @staticmethod
+    def replica_space(path: str) -> dict[str, Any]:
+        """The space report of a replica directory no process serves (drove.agent.space)."""
+        from drove.agent import space
+
+        return space.replica_space(path)
+
+    @staticmethod
+    def trim_host(attachment: dict[str, Any]) -> dict[str, Any]:
+        """fstrim the filesystem a host attachment mounted (drove.agent.space.trim_host)."""
+        from drove.agent import space
+
+        return space.trim_host(attachment)
+
     def engine_socket(self, volume: str) -> Path:
         """The unix socket the engine of ``volume`` serves NBD on."""
         return processes.engine_socket(self.run_dir, volume)

@@ -25,6 +25,7 @@ class Kind(StrEnum):
     snapshot = "snapshot"
     backup = "backup"
     scrub = "scrub"
+    trim = "trim"  # fstrim a volume drove mounted; retain is not used
 
 
 def _path(name: str, rest: str = "") -> str:

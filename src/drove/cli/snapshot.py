@@ -61,8 +61,11 @@ def list_snapshots(mgr: Manager, volume: VolumeArg, json_out: JsonOpt = False,
                    ) -> None:
     """Show the snapshots of VOLUME as a tree: each under its parent, the live head last.
 
-    Sizes are the data held in each layer. --json prints the API's list of
-    Snapshot objects (name, parent, children, created, size, labels, removed;
+    Each shows the bytes its layer file allocates, the data it holds and what
+    deleting it would free, with why (a delete folds a snapshot into its only child
+    or prunes what the head overwrote; a branch point or a snapshot linked clones
+    need frees nothing). --json prints the API's list of Snapshot objects (name,
+    parent, children, created, size, data, freed_by_delete, why, labels, removed;
     the head is "volume-head" with "head": true).
     """
     snaps = mgr.get(_path(volume, "/snapshots"), all=show_all or None)
@@ -111,6 +114,14 @@ def _node_label(s: dict[str, Any]) -> str:
     else:
         text = f"[bold]{escape(s['name'])}[/]"
     text += f"  {format_size(s.get('size') or 0)}"
+    if s.get("data") is not None:
+        text += f"  data {format_size(s['data'])}"
+    if not s.get("head") and s.get("freed_by_delete") is not None:
+        freed = s["freed_by_delete"]
+        text += (f"  delete frees {format_size(freed)}" if freed >= 0
+                 else f"  delete costs {format_size(-freed)}")
+        if s.get("why"):
+            text += f" [dim]({escape(s['why'])})[/]"
     if s.get("created"):
         text += f"  [dim]{local_time(s['created'])}[/]"
     if s.get("labels"):

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from drove.cli import space
 from drove.cli.client import Manager, labels_text, local_time, show_table, with_manager
 from drove.cli.output import (
     JsonOpt,
@@ -230,16 +231,19 @@ def _clone_of(v: dict[str, Any]) -> str:
 @app.command()
 @with_manager
 def get(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
-    """Show volume NAME: state, health, where it is attached, and its replicas.
+    """Show volume NAME: state, health, where it is attached, its replicas, and its space:
+    the actual size on each replica's disk, the data the head and each snapshot hold and
+    what deleting each snapshot would free (and why).
 
     With --json, prints the API's Volume object (docs/api.md), e.g.
 
         drove volume get db --json | jq -r .health
     """
-    v = mgr.get(_path(name))
+    v = mgr.get(_path(name), space=True)
     if emit(v, json_out):
         return
     show_volume(v)
+    space.show_space(v.get("space"))
 
 
 def standby_facts(sb: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -752,3 +756,6 @@ def _check_hopeless(v: dict[str, Any]) -> None:
     if v.get("state") == "detached":
         fail(f"volume {name} is detached and {v.get('health')}: it is repaired only while "
              f"attached; `drove volume attach {name}`")
+
+
+app.command("trim")(space.trim)  # fstrim where drove mounted the volume (drove.cli.space)

@@ -100,6 +100,13 @@ CLONE = Body("CloneReplica", {
                     description="take src's base layer with this marker (a sibling clone)"),
 }, "Make a linked clone replica directory (hard links to the snapshot's layers).")
 
+SPACE = Body("ReplicaSpace", {"path": Field("str", description="DISK/replicas/NAME")},
+             "The space report of a replica directory no process serves.")
+
+TRIM = Body("HostTrim", {
+    "attachment": Field("dict", description="the attachment as /v1/host/attach returned it"),
+}, "fstrim the filesystem a host attachment mounted.")
+
 USAGE = Body("ReplicaUsage", {"path": Field("str", description="DISK/replicas/NAME")},
              "Bytes of a replica directory shared with others and its own.")
 
@@ -198,6 +205,16 @@ def build_app(agent: NodeAgent, token: str) -> App:
         """Make a linked clone replica directory on this host."""
         return await asyncio.to_thread(agent.clone_replica, body.src, body.dst, body.snapshot,
                                        body.base, body.within)
+
+    @app.post("/v1/replicas/space", body=SPACE)
+    async def replica_space(body: Any) -> dict[str, Any]:
+        """Actual size, the head's and each layer's data, what deleting each snapshot frees."""
+        return await asyncio.to_thread(agent.replica_space, body.path)
+
+    @app.post("/v1/host/trim", body=TRIM)
+    async def trim(body: Any) -> dict[str, Any]:
+        """fstrim a mounted volume's filesystem; what it trimmed."""
+        return await asyncio.to_thread(agent.trim_host, body.attachment)
 
     @app.post("/v1/replicas/usage", body=USAGE)
     async def replica_usage(body: Any) -> dict[str, int]:

@@ -143,6 +143,16 @@ class RemoteAgent:
         """Bytes of a replica directory on that node shared with others and its own."""
         return self._post("/v1/replicas/usage", {"path": path})
 
+    def replica_space(self, path: str) -> dict[str, Any]:
+        """The space report of a replica directory on that node (see NodeAgent)."""
+        return self._post("/v1/replicas/space", {"path": path}, 60.0)
+
+    def trim_host(self, attachment: dict[str, Any]) -> dict[str, Any]:
+        """fstrim a mounted volume's filesystem on that host (see NodeAgent.trim_host)."""
+        from drove.agent.space import FSTRIM_TIMEOUT
+
+        return self._post("/v1/host/trim", {"attachment": attachment}, FSTRIM_TIMEOUT + 30)
+
     def disk_status(self, disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """State, capacity and free space of that node's ``disks`` ({path, id})."""
         return self._post("/v1/disks/status", {"disks": [

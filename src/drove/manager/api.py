@@ -255,7 +255,7 @@ class JobCreate(Strict):
     """A recurring snapshot or backup job."""
 
     name: str | None = None
-    kind: Literal["snapshot", "backup", "scrub"]
+    kind: Literal["snapshot", "backup", "scrub", "trim"]
     cron: str = Field(description="five-field cron schedule in UTC, e.g. '0 * * * *'",
                       max_length=200)
     retain: int = Field(1, ge=1, le=1000)
@@ -460,10 +460,15 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         return await parts.standbys.activate(name, (req or Activate()).force)
 
     @app.get("/v1/volumes/{name}", dependencies=secured)
-    async def volume(name: str) -> dict[str, Any]:
-        """One volume (a linked clone's parent and bytes shared and owned under ``clone``)."""
+    async def volume(name: str, space: bool = False) -> dict[str, Any]:
+        """One volume (a linked clone's parent and bytes shared and owned under ``clone``);
+        with ``space``, under ``space`` its actual size on each replica's disk, the data the
+        head and each snapshot hold and what deleting each would free (one call per
+        replica; see docs/api.md)."""
         view = manager.volume(name)
         view["clone"] = await manager.clones.info(manager.record(name))
+        if space:
+            view["space"] = await manager.space.volume(manager.record(name))
         return view
 
     @app.post("/v1/volumes/{name}/clone", dependencies=secured, status_code=201)
@@ -495,6 +500,13 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         return parts.tasks.start(SCRUB_KIND, manager.scrubber.task(name, labels),
                                  volume=name)
 
+    @app.post("/v1/volumes/{name}/trim", dependencies=secured)
+    async def trim_volume(name: str) -> dict[str, Any]:
+        """fstrim the volume's filesystem where drove mounted it (attach with a mount; on its
+        node, by its agent): what fstrim trimmed and how much each replica's actual size fell
+        (409 for a volume drove has not mounted)."""
+        return await manager.space.trim(name)
+
     @app.patch("/v1/volumes/{name}", dependencies=secured)
     async def update_volume(name: str, req: VolumeUpdate) -> dict[str, Any]:
         """Change the replica count or data locality (both online) or labels."""
@@ -524,8 +536,11 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
 
     @app.get("/v1/volumes/{name}/snapshots", dependencies=secured)
     async def snapshots(name: str, all: bool = False) -> list[dict[str, Any]]:
-        """The snapshot tree (with ``all``, also the snapshots hidden for linked clones)."""
-        return await manager.snapshots(name, show_hidden=all)
+        """The snapshot tree (with ``all``, also the snapshots hidden for linked clones), each
+        with the data it holds and what deleting it would free (``freed_by_delete``, ``why``;
+        null when no replica answers)."""
+        return await manager.space.annotate(name, await manager.snapshots(name,
+                                                                          show_hidden=all))
 
     @app.post("/v1/volumes/{name}/snapshots", dependencies=secured, status_code=201)
     async def create_snapshot(name: str, req: SnapshotCreate | None = None) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from drove.manager.replicas import Replicas
 from drove.manager.scrub import Scrubber
 from drove.manager.settings import Settings
 from drove.manager.snapshots import Snapshots
+from drove.manager.space import Space
 from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store, now_iso
 
@@ -99,6 +100,8 @@ class Manager:
         self.clones = Clones(records=self._records, replicas=self._replicas, disks=self._disks,
                              engines=self._engines, agents=self.agents,
                              snapshots=self._snapshots, guard=guard, event=event)
+        self.space = Space(records=self._records, engines=self._engines, agents=self.agents,
+                           clones=self.clones, event=event)
         self.scrubber = Scrubber(records=self._records, engines=self._engines, event=event,
                                  snapshot=self.create_snapshot)
         rebuilds = Rebuilds(records=self._records, replicas=self._replicas,

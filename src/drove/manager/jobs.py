@@ -1,4 +1,4 @@
-"""Recurring snapshot and backup jobs: cron schedules, retention, runs as events.
+"""Recurring jobs (snapshot, backup, scrub, trim): cron schedules, retention, runs as events.
 
 A job's next run is computed from its last run (or its creation) with croniter,
 in UTC.  The scheduler sleeps until the earliest next run; when the manager
@@ -21,6 +21,8 @@ from drove.manager.backups import Backups
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.scrub import KIND as SCRUB_KIND
 from drove.manager.scrub import Scrubber
+from drove.manager.space import KIND as TRIM_KIND
+from drove.manager.space import Space
 from drove.manager.store import Store, now_iso
 from drove.manager.tasks import Tasks
 
@@ -66,6 +68,10 @@ class Snapshots(Protocol):
     def scrubber(self) -> Scrubber:
         """Scrubs volumes (jobs of kind ``scrub``)."""
 
+    @property
+    def space(self) -> Space:
+        """Reports volumes' space and trims them (jobs of kind ``trim``)."""
+
 
 class Jobs:
     """The recurring jobs and their scheduler."""
@@ -105,8 +111,8 @@ class Jobs:
         """Add a job (ApiError 422 for a bad schedule or no volumes to act on)."""
         name = name or f"{kind}-{secrets.token_hex(3)}"
         validate_name("job", name)
-        if kind not in ("snapshot", "backup", "scrub"):
-            raise ApiError(422, f"kind must be snapshot, backup or scrub, not {kind!r}")
+        if kind not in ("snapshot", "backup", "scrub", TRIM_KIND):
+            raise ApiError(422, f"kind must be snapshot, backup, scrub or trim, not {kind!r}")
         if not croniter.is_valid(cron):
             raise ApiError(422, f"bad cron schedule {cron!r}: use five fields, "
                                 "e.g. '0 * * * *' for hourly")
@@ -211,6 +217,9 @@ class Jobs:
         labels = {**job["labels"], JOB_LABEL: job["name"]}
         if job["kind"] == "scrub":
             return await self._scrub(volume, job["name"], labels, job["retain"])
+        if job["kind"] == TRIM_KIND:  # its event says what was freed; retain is unused
+            trimmed: dict[str, Any] = await self.m.space.trim(volume)
+            return str(trimmed["message"])
         if job["kind"] == "snapshot":
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             snap = await self.m.create_snapshot(volume, f"{job['name']}-{stamp}-"
