@@ -21,6 +21,7 @@ from drove.cli import (
     settings,
     snapshot,
     task,
+    user,
     volume,
 )
 
@@ -47,6 +48,7 @@ app.add_typer(backup.app, name="backup")
 app.add_typer(task.app, name="task")
 app.add_typer(job.app, name="job")
 app.add_typer(plugin.app, name="plugin")
+app.add_typer(user.app, name="user")
 
 
 @app.command()

@@ -39,8 +39,9 @@ RETRY_AFTER = 1
 """Seconds a client is told to wait before it sends again a request that was not done."""
 FORWARD_TIMEOUT = httpx.Timeout(600.0, connect=3.0)
 """As long as the CLI waits for an answer (an attach may take minutes)."""
-_PASS_REQUEST = (b"authorization", b"content-type", b"accept")
-_PASS_RESPONSE = ("content-type", "www-authenticate")
+# The web UI's session travels as a cookie, its changes with the session's CSRF header.
+_PASS_REQUEST = (b"authorization", b"content-type", b"accept", b"cookie", b"x-csrf-token")
+_PASS_RESPONSE = ("content-type", "www-authenticate", "set-cookie")
 
 
 class Leaders(Protocol):

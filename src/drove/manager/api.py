@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from drove import __version__
 from drove.manager.app import ManagerApp
+from drove.manager.authorize import authorize
 from drove.manager.errors import ApiError, validate_name
 from drove.manager.heartbeats import MAX_POLL, parse_engines
 from drove.manager.scrub import KIND as SCRUB_KIND
+from drove.manager.sessions import Sessions
 from drove.manager.store import ConflictError, StoreError
 from drove.manager.ui import mount as mount_ui
+from drove.manager.userapi import add_user_routes
+from drove.manager.users import Users
 
 Size = Annotated[int | str, Field(description="bytes, or a size like '10G' or '512M'",
                                   examples=["10G"])]
@@ -265,43 +267,6 @@ class JobCreate(Strict):
     enabled: bool = True
 
 
-_bearer = HTTPBearer(auto_error=False)
-
-
-def _is(creds: HTTPAuthorizationCredentials | None, token: str) -> bool:
-    return creds is not None and secrets.compare_digest(creds.credentials.encode(),
-                                                        token.encode())
-
-
-def auth(request: Request,
-         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Refuse a request without the API token (401; 403 for the cluster token)."""
-    token: str = request.app.state.token
-    if _is(creds, token):
-        return
-    if _is(creds, request.app.state.cluster_token):
-        raise ApiError(403, "this is the cluster token: it opens only the cluster endpoints "
-                            "(agents' heartbeats); call the API with the API token from "
-                            "DATA_DIR/token")
-    raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer "
-                        "TOKEN' with the token from DATA_DIR/token")
-
-
-def cluster_auth(request: Request,
-                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-                 ) -> None:
-    """Refuse a cluster call (an agent's) without the cluster token (401; 403 for the API
-    token)."""
-    token: str = request.app.state.cluster_token
-    if _is(creds, token):
-        return
-    if _is(creds, request.app.state.token):
-        raise ApiError(403, "this is the API token: agents call the managers with the "
-                            "cluster token (the manager's DATA_DIR/cluster-token)")
-    raise ApiError(401, "missing or wrong cluster token: an agent sends 'Authorization: "
-                        "Bearer TOKEN' with the manager's DATA_DIR/cluster-token")
-
-
 class ClusterStatus(Protocol):
     """The managers of a cluster and which one leads."""
 
@@ -315,14 +280,20 @@ class ClusterStatus(Protocol):
 
 def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None,
               cluster: ClusterStatus | None = None) -> FastAPI:
-    """The API over the manager's ``parts``; every route but /v1/health needs ``token``,
-    the agents' heartbeat ``cluster_token`` (``token`` when none is given)."""
+    """The API over the manager's ``parts``: each route needs the role drove.manager.roles
+    declares for it, the agents' ones ``cluster_token`` (``token`` when none is given);
+    ``token`` (DATA_DIR/token) is the first admin's when the store holds no user yet."""
     manager = parts.manager
-    app = FastAPI(title="drove", version=__version__,
+    # Every request passes authorize, whatever its route says: none can be left open.
+    app = FastAPI(title="drove", version=__version__, dependencies=[Depends(authorize)],
                   description="Replicated block storage for containers: the manager's API.")
-    app.state.token = token
     app.state.cluster_token = cluster_token or token
-    secured = [Depends(auth)]
+    app.state.sessions = Sessions(parts.store)
+    app.state.users = Users(parts.store, app.state.sessions, parts.events)
+    app.state.users.bootstrap(token)
+    # Runs once per request with the app's (FastAPI solves a dependency once); it marks
+    # the routes that need a user.
+    secured = [Depends(authorize)]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -384,14 +355,14 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         """Forget a node and its disks (409 listing what it still holds, or while it is up)."""
         return await manager.drainer.remove(name)
 
-    @app.post("/v1/cluster/heartbeat", dependencies=[Depends(cluster_auth)])
+    @app.post("/v1/cluster/heartbeat")
     async def heartbeat(req: Heartbeat) -> dict[str, Any]:
         """A node agent's heartbeat (cluster token); registers its node the first time."""
         # A few store calls per node every second: on etcd each is a round trip, which must
         # not hold the loop that drives the engines and the healer.
         return await asyncio.to_thread(manager.heartbeat, req.model_dump())
 
-    @app.get("/v1/agents/{node}/changes", dependencies=[Depends(cluster_auth)])
+    @app.get("/v1/agents/{node}/changes")
     async def agent_changes(node: str, since: Annotated[int | None, Query(ge=0)] = None,
                             timeout: Annotated[float, Query(ge=0, le=MAX_POLL)] = 30.0,
                             engines: Annotated[str, Query(max_length=65_536)] = ""
@@ -401,7 +372,7 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         ``since`` (the revision of its last answer), else after ``timeout`` s."""
         return await manager.node_changes(node, parse_engines(engines), since, timeout)
 
-    @app.post("/v1/agents/{node}/changes", dependencies=[Depends(cluster_auth)])
+    @app.post("/v1/agents/{node}/changes")
     async def agent_changes_posted(node: str, req: ChangesPoll) -> dict[str, Any]:
         """The same long-poll with ``{since, timeout, engines: [{volume, epoch}]}`` in the
         body: what agents send (a node may run more engines than a URL holds)."""
@@ -686,5 +657,6 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         body, content_type = await render(manager)
         return PlainTextResponse(body, media_type=content_type)
 
+    add_user_routes(app, app.state.users, app.state.sessions)
     mount_ui(app)  # the web UI: / and /ui/ (public, outside the API routes)
     return app
