@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from drove import __version__
 from drove.web import App, HttpServer
 
 log = logging.getLogger("drove")
@@ -199,8 +200,9 @@ def _uvicorn_server(app: Any) -> Any:
 
 
 def print_ready(addresses: dict[str, Any]) -> None:
-    """Announce the bound addresses as one JSON line on stdout (scripts and tests read it)."""
-    sys.stdout.write(json.dumps({"ready": True, **addresses}) + "\n")
+    """Announce the bound addresses as one JSON line on stdout (scripts and tests read it),
+    with the drove version this process runs (an agent upgrades older engines)."""
+    sys.stdout.write(json.dumps({"ready": True, "version": __version__, **addresses}) + "\n")
     sys.stdout.flush()
 
 

@@ -16,11 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from drove.agent import clones, orphans, processes
-from drove.agent.processes import Proc
+from drove.agent.orphans import option
+from drove.agent.processes import EngineUpgradeError, Proc
 from drove.engine.hostview import view_name
 
 # sun_path holds 108 bytes; deep data dirs (pytest's tmp paths) would overflow it.
 _MAX_SOCKET_DIR = 80
+
+PYTHON_ENV = "DROVE_AGENT_PYTHON"
+"""The Python interpreter an agent runs ``-m drove`` with for its engines and replicas
+(default: its own): another environment's drove, e.g. a newer one to upgrade engines to."""
+
+# Seconds an engine that handed over to its successor has to exit (it only closes its
+# handles), before it is stopped: fenced by the new epoch, it can no longer write.
+_HANDED_OVER_EXIT = 30.0
 
 
 class NodeAgent:
@@ -34,7 +43,7 @@ class NodeAgent:
         self.address = address
         self.logs = data_dir / "logs"
         self.run_dir = self._socket_dir(data_dir / "run")
-        self.python = sys.executable
+        self.python = os.environ.get(PYTHON_ENV) or sys.executable
 
     @staticmethod
     def _socket_dir(preferred: Path) -> Path:
@@ -114,6 +123,10 @@ class NodeAgent:
         """The unix socket the engine of ``volume`` serves NBD on."""
         return processes.engine_socket(self.run_dir, volume)
 
+    def handoff_socket(self, volume: str) -> Path:
+        """The unix socket the engine of ``volume`` listens on for its successor."""
+        return processes.handoff_socket(self.run_dir, volume)
+
     def start_engine(self, volume: str, replicas: list[tuple[str, str]], *, timeout: float,
                      state_file: Path, epoch: int, local: tuple[str, str] | None = None,
                      size: int | None = None, key: str | None = None,
@@ -135,17 +148,71 @@ class NodeAgent:
         loopback and a unix socket, for clients on this host (host attach among them),
         and on this node's address only with ``nbd_remote``: whoever reaches it reads
         and writes the volume.  Its control API listens on the node's address (the
-        manager calls it) and demands ``key``.
+        manager calls it) and demands ``key``.  It listens for a successor on
+        :meth:`handoff_socket` (:meth:`upgrade_engine`).
         """
-        sock = self.engine_socket(volume)
-        sock.unlink(missing_ok=True)
+        # A crashed engine's sockets: this one binds them anew.
+        self.engine_socket(volume).unlink(missing_ok=True)
+        self.handoff_socket(volume).unlink(missing_ok=True)
         nbd = self._any_port() if nbd_remote else "127.0.0.1:0"
-        argv = self._drove("engine", "serve", volume, "--nbd", nbd,
-                           "--nbd-unix", str(sock), "--control", self._any_port(),
-                           "--timeout", str(timeout), "--state-file", str(state_file),
-                           "--epoch", str(epoch), "--log-level", "warning")
+        argv = self._engine_argv(volume, replicas, nbd=nbd, timeout=timeout,
+                                 state_file=state_file, epoch=epoch, local=local)
         if fence_all:  # a forced takeover: serve only once every replica is fenced
             argv.append("--fence-all")
+        if local is not None and size is not None and not (
+                Path(local[1]) / "volume.meta").exists():
+            argv += ["--size", str(size)]
+        return self._spawn_engine(volume, argv, self.run_dir / f"{volume}.engine.ready",
+                                  key, data_key)
+
+    def upgrade_engine(self, volume: str, old: Proc | dict[str, Any],
+                       replicas: list[tuple[str, str]], *, timeout: float, state_file: Path,
+                       epoch: int, local: tuple[str, str] | None = None,
+                       key: str | None = None, data_key: bytes | None = None) -> Proc:
+        """Replace ``old``, the running engine of ``volume``, by an engine of this agent's
+        drove, live; the new engine's process.
+
+        The new engine is started as :meth:`start_engine` starts one, over ``replicas``
+        and ``local`` (those the old one serves) with the new ``epoch`` (the manager's,
+        stored first), and takes over ``old`` through its handoff socket: ``old`` drains,
+        hands it its NBD listening sockets and client connections, and exits.
+        EngineUpgradeError when ``old`` cannot hand over (not running, or started
+        without a handoff socket); ProcessStartError when the new engine failed or did
+        not report ready (``old`` then serves on).
+        """
+        if isinstance(old, dict):
+            old = Proc.from_json(old)
+        handoff = option(old.argv, "--handoff")
+        if handoff is None:
+            raise EngineUpgradeError(f"the engine of volume {volume} (pid {old.pid}) was "
+                                     "started without --handoff: it cannot hand over")
+        if not processes.alive(old):
+            raise EngineUpgradeError(f"the engine of volume {volume} (pid {old.pid}) is not "
+                                     "running")
+        # Its NBD sockets are the old engine's: the same addresses whatever --nbd says.
+        argv = self._engine_argv(volume, replicas, nbd=option(old.argv, "--nbd") or
+                                 "127.0.0.1:0", timeout=timeout, state_file=state_file,
+                                 epoch=epoch, local=local)
+        argv += ["--takeover", handoff]
+        # Its own ready file until it serves: the old engine's stays while it may resume.
+        ready = self.run_dir / f"{volume}.engine.next.ready"
+        proc = self._spawn_engine(volume, argv, ready, key, data_key)
+        os.replace(ready, self.run_dir / f"{volume}.engine.ready")
+        processes.wait_exit(old, _HANDED_OVER_EXIT)
+        processes.stop(old, timeout=5)  # still there: it handed over, and is fenced
+        return proc
+
+    def _engine_argv(self, volume: str, replicas: list[tuple[str, str]], *, nbd: str,
+                     timeout: float, state_file: Path, epoch: int,
+                     local: tuple[str, str] | None) -> list[str]:
+        """The command line of an engine of ``volume`` (see :meth:`start_engine`)."""
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        argv = self._drove("engine", "serve", volume, "--nbd", nbd,
+                           "--nbd-unix", str(self.engine_socket(volume)),
+                           "--control", self._any_port(),
+                           "--timeout", str(timeout), "--state-file", str(state_file),
+                           "--epoch", str(epoch), "--log-level", "warning",
+                           "--handoff", str(self.handoff_socket(volume)))
         for name, url in replicas:
             argv += ["--replica", f"{name}={url}"]
         if local is not None:
@@ -154,19 +221,20 @@ class NodeAgent:
             # address: replicas on other hosts rebuild from it, the manager backs it up.
             argv += ["--local-replica", f"{name}={directory}",
                      "--local-nbd", self._any_port(), "--local-control", self._any_port()]
-            if size is not None and not (Path(directory) / "volume.meta").exists():
-                argv += ["--size", str(size)]
-        state_file.parent.mkdir(parents=True, exist_ok=True)
+        return argv
+
+    def _spawn_engine(self, volume: str, argv: list[str], ready: Path, key: str | None,
+                      data_key: bytes | None) -> Proc:
+        """Start engine ``argv`` (its data key in a 0600 file it reads while it starts)."""
         key_file = self.run_dir / f"{volume}.engine.key"
         if data_key is not None:
             from drove.engine.crypt import write_key_file
 
             write_key_file(key_file, data_key)
-            argv += ["--key-file", str(key_file)]
+            argv = [*argv, "--key-file", str(key_file)]
         try:
-            return processes.spawn(argv, self.run_dir / f"{volume}.engine.ready",
-                                   self.logs / f"{volume}.engine.log", timeout=120,
-                                   env=self._env(key))
+            return processes.spawn(argv, ready, self.logs / f"{volume}.engine.log",
+                                   timeout=120, env=self._env(key))
         finally:
             key_file.unlink(missing_ok=True)  # the engine read it before it was ready
 

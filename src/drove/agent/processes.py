@@ -25,6 +25,10 @@ class ProcessStartError(Exception):
     """A process exited or did not report ready; the message holds the end of its log."""
 
 
+class EngineUpgradeError(Exception):
+    """An engine cannot hand over to a successor (not running, or no handoff socket)."""
+
+
 @dataclass
 class Proc:
     """One supervised process: who it is, how it was started, what it reported."""
@@ -56,10 +60,22 @@ def engine_socket(run_dir: Path, volume: str) -> Path:
     volume name, as CSI's generated ones are), a name made of a hash of the volume's
     instead, so that every volume name a user may give gets an engine.
     """
-    path = run_dir / f"{volume}.nbd.sock"
+    return _volume_socket(run_dir, volume, "nbd", 16)
+
+
+def handoff_socket(run_dir: Path, volume: str) -> Path:
+    """Where the engine of ``volume`` started under ``run_dir`` listens for its successor
+    (a live upgrade: ``RUN_DIR/VOLUME.handoff.sock``, hashed like :func:`engine_socket`)."""
+    return _volume_socket(run_dir, volume, "handoff", 12)
+
+
+def _volume_socket(run_dir: Path, volume: str, kind: str, digits: int) -> Path:
+    """``RUN_DIR/VOLUME.KIND.sock``, or with ``digits`` of a hash of the volume's name for
+    it where that would not fit a unix address (the run directory is at most 80 bytes)."""
+    path = run_dir / f"{volume}.{kind}.sock"
     if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
         return path
-    return run_dir / f"{hashlib.sha256(volume.encode()).hexdigest()[:16]}.nbd.sock"
+    return run_dir / f"{hashlib.sha256(volume.encode()).hexdigest()[:digits]}.{kind}.sock"
 
 
 def _start_time(pid: int) -> int | None:
@@ -135,6 +151,16 @@ def read_ready(path: Path) -> dict[str, Any] | None:
         return json.loads(line)
     except ValueError:
         return None
+
+
+def wait_exit(proc: Proc, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``proc`` to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while alive(proc):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def stop(proc: Proc | None, timeout: float = 15.0) -> None:

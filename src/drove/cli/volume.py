@@ -575,6 +575,30 @@ def attach(
                       "its repair", style="yellow", highlight=False)
 
 
+@app.command("upgrade-engine")
+@with_manager
+def upgrade_engine(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Replace attached volume NAME's engine by one of this drove, live.
+
+    The old engine drains and hands its NBD sockets and client connections (a
+    mounted filesystem's too) to the new one, which takes a new epoch: nothing is
+    detached, clients see no error. If the new engine fails, the old one serves on
+    and the command fails saying why. With --json prints the Volume object, with
+    ``upgrade``: from and to (pid, version, epoch).
+
+    Example: drove volume upgrade-engine db
+    """
+    with nullcontext() if json_out else err_console.status(f"upgrading the engine of {name}…"):
+        v = mgr.post(_path(name) + "/upgrade-engine")
+    if emit(v, json_out):
+        return
+    was, now = v["upgrade"]["from"], v["upgrade"]["to"]
+    console.print(f"volume [bold]{escape(v['name'])}[/]: engine upgraded live, pid "
+                  f"{was['pid']} -> {now['pid']}, drove {escape(str(was['version']))} -> "
+                  f"{escape(str(now['version']))}, epoch {was['epoch']} -> {now['epoch']}",
+                  highlight=False)
+
+
 @app.command()
 @with_manager
 def detach(

@@ -18,7 +18,7 @@ from drove import __version__
 from drove.agent import disks as disklib
 from drove.agent.hostattach import HostAttachError
 from drove.agent.node import NodeAgent
-from drove.agent.processes import ProcessStartError
+from drove.agent.processes import EngineUpgradeError, ProcessStartError
 from drove.replica.clone import CloneError
 from drove.web import App, Body, Field, HTTPError, Request, Response, json_response
 
@@ -48,6 +48,22 @@ START_ENGINE = Body("StartEngine", {
     "data_key": Field("str", nullable=True, default=None, pattern="^[0-9a-f]{128}$",
                       description="an encrypted volume's data key, hex (drove.engine.crypt)"),
 }, "Start a volume's engine.")
+
+UPGRADE_ENGINE = Body("UpgradeEngine", {
+    "volume": Field("str"),
+    "old": Field("dict", description="the running engine, as POST /v1/engines returned it"),
+    "replicas": Field("list[dict]", description="[{name, url}] of the replica processes"),
+    "timeout_ms": Field("int", gt=0),
+    "state_file": Field("str"),
+    "epoch": Field("int", description="the new engine's epoch (stored by the manager)"),
+    "local": Field("dict", nullable=True, default=None,
+                   description="{name, directory} of the replica the engine serves itself"),
+    "key": Field("str", nullable=True, default=None,
+                 description="the volume's NBD access key (drove.replica.access)"),
+    "data_key": Field("str", nullable=True, default=None, pattern="^[0-9a-f]{128}$",
+                      description="an encrypted volume's data key, hex (drove.engine.crypt)"),
+}, "Replace a volume's running engine by one of this agent's drove, live (it takes over "
+   "the old one's NBD sockets and connections).")
 
 PROC = Body("Process", {
     "proc": Field("dict", nullable=True, description="a process as start_* returned it"),
@@ -110,7 +126,8 @@ TRIM = Body("HostTrim", {
 USAGE = Body("ReplicaUsage", {"path": Field("str", description="DISK/replicas/NAME")},
              "Bytes of a replica directory shared with others and its own.")
 
-_ERRORS: dict[type[Exception], int] = {ProcessStartError: 502, HostAttachError: 409,
+_ERRORS: dict[type[Exception], int] = {ProcessStartError: 502, EngineUpgradeError: 409,
+                                       HostAttachError: 409,
                                        CloneError: 409, ValueError: 422, OSError: 500}
 
 
@@ -156,6 +173,18 @@ def build_app(agent: NodeAgent, token: str) -> App:
             timeout=body.timeout_ms / 1000, state_file=state_file,
             epoch=body.epoch, local=local, size=body.size, key=body.key,
             fence_all=body.fence_all, nbd_remote=body.nbd_remote,
+            data_key=bytes.fromhex(body.data_key) if body.data_key else None)
+        return proc.to_json()
+
+    @app.post("/v1/engines/upgrade", body=UPGRADE_ENGINE)
+    async def upgrade_engine(body: Any) -> dict[str, Any]:
+        """Replace a running engine live; the new engine's process record."""
+        local = None if body.local is None else (body.local["name"], body.local["directory"])
+        proc = await asyncio.to_thread(
+            agent.upgrade_engine, body.volume, body.old,
+            [(r["name"], r["url"]) for r in body.replicas],
+            timeout=body.timeout_ms / 1000, state_file=agent.data_dir / body.state_file,
+            epoch=body.epoch, local=local, key=body.key,
             data_key=bytes.fromhex(body.data_key) if body.data_key else None)
         return proc.to_json()
 

@@ -56,6 +56,9 @@ def stop_engine(agent: NodeAgent, engine: RunningEngine, reason: str) -> None:
     log.warning("stopping the engine of volume %s (epoch %s, pid %d): %s", engine.volume,
                 engine.epoch, engine.proc.pid, reason)
     agent.stop(engine.proc, 10.0)
+    if any(e.volume == engine.volume and e.proc.pid != engine.proc.pid
+           for e in running_engines(agent)):
+        return  # the host attachment is the engine's that serves now (a live upgrade's)
     try:
         agent.detach_host(engine.volume, None, force=True)
     except Exception as exc:  # its mount may still be busy: say so, the engine is gone

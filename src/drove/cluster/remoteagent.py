@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from drove.agent.hostattach import HostAttachError
-from drove.agent.processes import Proc, ProcessStartError
+from drove.agent.processes import EngineUpgradeError, Proc, ProcessStartError
 from drove.replica.clone import CloneError
 
 # Process starts wait for the process's ready line (an engine may open a big chain).
@@ -33,6 +33,7 @@ class AgentError(Exception):
 
 
 _RAISE: dict[str, type[Exception]] = {"ProcessStartError": ProcessStartError,
+                                      "EngineUpgradeError": EngineUpgradeError,
                                       "HostAttachError": HostAttachError,
                                       "CloneError": CloneError}
 
@@ -84,6 +85,20 @@ class RemoteAgent:
             "timeout_ms": max(1, int(timeout * 1000)), "state_file": str(state_file),
             "epoch": epoch, "size": size, "key": key, "fence_all": fence_all,
             "nbd_remote": nbd_remote, "data_key": data_key.hex() if data_key else None,
+            "local": None if local is None else {"name": local[0], "directory": local[1]},
+        }, _START_TIMEOUT))
+
+    def upgrade_engine(self, volume: str, old: Proc | dict[str, Any],
+                       replicas: list[tuple[str, str]], *, timeout: float, state_file: Path,
+                       epoch: int, local: tuple[str, str] | None = None,
+                       key: str | None = None, data_key: bytes | None = None) -> Proc:
+        """Replace the running engine ``old`` of ``volume`` on that node live (see
+        NodeAgent.upgrade_engine)."""
+        return Proc.from_json(self._post("/v1/engines/upgrade", {
+            "volume": volume, "old": old.to_json() if isinstance(old, Proc) else old,
+            "replicas": [{"name": n, "url": u} for n, u in replicas],
+            "timeout_ms": max(1, int(timeout * 1000)), "state_file": str(state_file),
+            "epoch": epoch, "key": key, "data_key": data_key.hex() if data_key else None,
             "local": None if local is None else {"name": local[0], "directory": local[1]},
         }, _START_TIMEOUT))
 

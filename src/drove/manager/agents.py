@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from drove import __version__
 from drove.agent.node import NodeAgent
 from drove.cluster.remoteagent import RemoteAgent
 from drove.manager.errors import ApiError
@@ -74,6 +75,16 @@ class Agents:
                                 self._token_file.read_text().strip())
             self._remote[node] = known
         return known
+
+    def version(self, node: str | None) -> str | None:
+        """The drove version the agent of ``node`` runs (this manager's own: this one; another:
+        its last heartbeat's; None: unknown)."""
+        if self.is_local(node) or (node is None and self._local is not None):
+            return __version__
+        doc = self._store.get("nodes", node or self.default_node)
+        if doc is not None and not doc.get("agent_url") and self._local is not None:
+            return __version__  # served by this machine's agent (see for_node)
+        return (doc or {}).get("version")
 
     def node_of_replica(self, rep: dict[str, Any]) -> str | None:
         """The node whose disk holds ``rep`` (None: the disk was removed)."""

@@ -209,6 +209,8 @@ class SettingsUpdate(Strict):
     rebuild_bandwidth_limit: int | None = Field(
         None, description="bytes per second a rebuild or a backup of a volume may read "
                           "(0: no limit), so that it cannot starve the volume's I/O")
+    engine_auto_upgrade: bool | None = Field(
+        None, description="upgrade an engine live when its node's agent runs a newer drove")
 
 
 Codec = Literal["zstd", "lz4", "none"]
@@ -499,6 +501,15 @@ def build_app(parts: ManagerApp, token: str, *, cluster_token: str | None = None
         """Start the volume's engine and replicas; optionally mount a filesystem."""
         req = req or Attach()
         return await manager.attach(name, req.mount, req.fs, node=req.node, force=req.force)
+
+    @app.post("/v1/volumes/{name}/upgrade-engine", dependencies=secured)
+    async def upgrade_engine(name: str) -> dict[str, Any]:
+        """Replace an attached volume's engine by one of its agent's drove, live (clients
+        and mounts keep their connections); the volume, with ``upgrade``: from and to
+        (pid, version, epoch).  409 when not attached or the new engine failed (the old
+        one serves on)."""
+        change = await manager.upgrades.upgrade(name)
+        return {**manager.volume(name), "upgrade": change}
 
     @app.post("/v1/volumes/{name}/detach", dependencies=secured)
     async def detach(name: str, req: Detach | None = None) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from drove.manager.snapshots import Snapshots
 from drove.manager.space import Space
 from drove.manager.standbystate import check_not_standby
 from drove.manager.store import Store, now_iso
+from drove.manager.upgrade import EngineUpgrades
 
 log = logging.getLogger("drove.manager")
 
@@ -111,6 +112,9 @@ class Manager:
         self.drainer = Drainer(records=self._records, replicas=self._replicas,
                                rebuilds=rebuilds, engines=self._engines, disks=self._disks,
                                attacher=self._attacher, event=event)
+        self.upgrades = EngineUpgrades(records=self._records, engines=self._engines,
+                                       agents=self.agents, settings=self._settings,
+                                       keys=self.keys, guard=guard, event=event)
         self._healer = Healer(records=self._records, attacher=self._attacher,
                               replicas=self._replicas, rebuilds=rebuilds,
                               localizer=self._localizer, engines=self._engines,
@@ -523,9 +527,12 @@ class Manager:
                                f"or brought back: {exc}; the healer tries again", doc["name"],
                                level="error")
         self._healer.start()
+        # Engines adopted from an older drove than their agent's are upgraded live.
+        self.upgrades.start()
 
     async def step_down(self) -> None:
         """Stop healing; every volume stays attached and serving (the next leader adopts it)."""
+        await self.upgrades.stop()
         await self._healer.stop()
 
     async def close(self) -> None:
@@ -536,6 +543,7 @@ class Manager:
 
     async def stop(self) -> None:
         """Stop healing; detach every volume but remember which were attached."""
+        await self.upgrades.stop()
         await self._healer.stop()
         for doc in self._records.all():
             if doc["state"] == "detached":

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from drove.agent.orphans import option
 from drove.manager.errors import ApiError
 from drove.manager.volumekey import control_headers, keyed_base
 
@@ -18,6 +19,12 @@ def process_endpoints(rep: dict[str, Any]) -> dict[str, str] | None:
     if "nbd" not in ready or "control" not in ready:
         return None
     return {"nbd": ready["nbd"], "control": ready["control"]}
+
+
+def launch_epoch(engine: dict[str, Any] | None) -> int | None:
+    """The epoch an engine process was started with (its ``--epoch``; None: unknown)."""
+    value = option((engine or {}).get("argv") or [], "--epoch")
+    return int(value) if value and value.isdigit() else None
 
 
 def rebuild_running(rebuild: dict[str, Any] | None) -> bool:

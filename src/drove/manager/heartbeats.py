@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from drove.manager.changes import ChangeFeed
+from drove.manager.engines import launch_epoch
 from drove.manager.errors import ApiError, validate_name, validate_role
 from drove.manager.events import EventFn
 from drove.manager.store import ConflictError, Store, StoreError, now_iso
@@ -157,6 +158,10 @@ class NodeHealth:
                 why = f"volume {volume} is detached"
             elif doc.get("node") != node:
                 why = f"volume {volume} is attached on node {doc.get('node')} now"
+            elif epoch is not None and epoch == launch_epoch(doc.get("engine")):
+                continue  # the recorded engine, which may hold a newer epoch than it was
+                # started with (a live upgrade under way, or one that failed after the new
+                # engine claimed the replicas: drove.manager.upgrade)
             elif not isinstance(epoch, int) or epoch < int(doc.get("epoch") or 0):
                 why = f"epoch {epoch} is not the volume's current epoch {doc.get('epoch')}"
             else:

@@ -27,6 +27,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # Bytes per second a rebuild (or a backup) may read, per volume; 0: no limit. Longhorn's
     # rebuild QoS: a rebuild must not starve the volume's own I/O.
     "rebuild_bandwidth_limit": 0,
+    # An engine running an older drove than its node's agent is upgraded live
+    # (drove.manager.upgrade) when the agent or the manager starts anew.
+    "engine_auto_upgrade": True,
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {
     "default_data_locality": locality.LOCALITIES,
@@ -68,6 +71,11 @@ class Settings:
             if key not in DEFAULT_SETTINGS:
                 raise ApiError(422, f"unknown setting {key!r}; settings are: "
                                     + ", ".join(DEFAULT_SETTINGS))
+            if isinstance(DEFAULT_SETTINGS[key], bool):
+                if not isinstance(value, bool):
+                    raise ApiError(422, f"setting {key} must be true or false, not {value!r}")
+                current[key] = value
+                continue
             if key in SETTING_CHOICES:
                 if value not in SETTING_CHOICES[key]:
                     raise ApiError(422, f"setting {key} must be one of "

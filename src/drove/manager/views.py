@@ -72,7 +72,9 @@ def view(doc: dict[str, Any], info: dict[str, Any] | None, data_locality: str) -
         "device": host.get("device"), "mountpoint": host.get("mountpoint"),
         "fs": host.get("fs"),
         "engine": {"pid": engine["pid"], "control_url": engine["ready"].get("control"),
-                   "epoch": doc.get("epoch")}
+                   "epoch": doc.get("epoch"),
+                   # The drove it runs (None: from before engines said it).
+                   "version": engine["ready"].get("version")}
         if engine else None,
         "rebuild": ({"replica": running["replica"], "done": running["bytes_done"],
                      "total": running["bytes_total"]} if running else None),

@@ -1,0 +1,298 @@
+"""Live engine upgrade through a real `drove serve`: `drove volume upgrade-engine` replaces a
+volume's engine while a mounted filesystem and fio keep using it; refusals; a successor that
+fails leaves the old engine serving; an engine older than its agent is upgraded by itself.
+
+Engines run from another drove through the agent's documented launch setting
+(``DROVE_AGENT_PYTHON``, drove.agent.node) or a PYTHONPATH naming another source tree, both
+real processes: no hook in the product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import drove
+from cluster import fio_verify_argv
+from drove.agent.node import PYTHON_ENV
+
+SRC = Path(drove.__file__).resolve().parent
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
+    """Poll ``predicate()`` until it holds (AssertionError naming ``what`` at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kinds(manager, volume: str) -> list[str]:
+    """The kinds of the volume's events, oldest first."""
+    return [e["kind"] for e in manager.events(volume)]
+
+
+class Writer:
+    """Files of random data written (and fsynced) into a mounted volume one after another, in
+    a thread, until stopped; their checksums are kept to read them back."""
+
+    def __init__(self, directory: Path, size: int = 256 << 10) -> None:
+        self.directory = directory
+        self.size = size
+        self.sums: dict[str, str] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Writer:
+        """Start writing."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        n = len(self.sums)
+        while not self._stop.is_set():
+            name = f"w{n:05d}"
+            data = os.urandom(self.size)
+            try:
+                with open(self.directory / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                self.errors.append(f"{name}: {exc!r}")
+                return
+            self.sums[name] = hashlib.sha256(data).hexdigest()
+            n += 1
+
+    def wait_files(self, count: int) -> None:
+        """Wait until ``count`` files are written (or the writer failed)."""
+        wait_for(lambda: len(self.sums) >= count or self.errors, f"{count} files written")
+
+    def stop(self) -> None:
+        """Stop after the file being written."""
+        self._stop.set()
+        self._thread.join(60)
+
+    def verify(self) -> None:
+        """Every file written reads back with its checksum."""
+        for name, digest in self.sums.items():
+            assert hashlib.sha256((self.directory / name).read_bytes()).hexdigest() == digest, \
+                name
+
+
+class Fio:
+    """One fio job against an NBD URI, in the background: random 4k writes for ``seconds``,
+    each read back and checked while it runs (verify_backlog), stopping at the first error."""
+
+    def __init__(self, uri: str, seconds: int) -> None:
+        argv = fio_verify_argv(uri, "32M", "--time_based", f"--runtime={seconds}",
+                               "--verify_backlog=64")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def running(self) -> bool:
+        """Whether the job still runs."""
+        return self.proc.poll() is None
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the end; the job's report (AssertionError with fio's output if it
+        failed)."""
+        out, err = self.proc.communicate(timeout=300)
+        assert self.proc.returncode == 0, f"fio: {self.proc.returncode}\n{out}\n{err}"
+        return json.loads(out[out.index("{"):])["jobs"][0]
+
+    def kill(self) -> None:
+        """Stop it (a test that failed before its end)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.mark.slow  # ~25 s: a mounted volume written through an upgrade, then detached, attached
+def test_upgrade_keeps_a_mounted_volume_and_every_write(manager, tmp_path):
+    mnt = tmp_path / "mnt"
+    (tmp_path / "disk2").mkdir()
+    manager.cli("disk", "add", str(tmp_path / "disk2"))
+    manager.cli("volume", "create", "up", "--size", "128M", "--replicas", "2")
+    manager.cli("volume", "attach", "up", "--mount", str(mnt))
+    before = manager.cli_json("volume", "get", "up")
+    assert before["engine"]["version"] == drove.__version__
+
+    writer = Writer(mnt).start()
+    try:
+        writer.wait_files(8)
+        out = manager.cli_json("volume", "upgrade-engine", "up")
+        written = len(writer.sums)
+        writer.wait_files(written + 8)  # the filesystem takes writes after it too
+    finally:
+        writer.stop()
+    assert writer.errors == []
+
+    old, new = before["engine"], out["engine"]
+    assert out["upgrade"]["from"] == {"pid": old["pid"], "version": old["version"],
+                                      "epoch": old["epoch"]}
+    assert out["upgrade"]["to"] == {"pid": new["pid"], "version": drove.__version__,
+                                    "epoch": old["epoch"] + 1}
+    got = manager.cli_json("volume", "get", "up")
+    assert got["engine"]["pid"] == new["pid"] != old["pid"]
+    assert got["engine"]["epoch"] == old["epoch"] + 1
+    assert got["state"] == "attached" and got["health"] == "healthy"
+    assert got["nbd_uri"] == before["nbd_uri"]  # the same listening socket, handed over
+    assert pid_alive(new["pid"]) and not pid_alive(old["pid"])
+    assert os.path.ismount(mnt)
+    writer.verify()
+    upgraded = [e for e in manager.events("up") if e["kind"] == "engine-upgraded"]
+    assert len(upgraded) == 1 and f"{old['pid']} -> {new['pid']}" in upgraded[0]["message"]
+
+    # What the new engine acknowledged is on the replicas: read back after a new start.
+    manager.cli("volume", "detach", "up")
+    manager.cli("volume", "attach", "up", "--mount", str(mnt))
+    writer.verify()
+
+
+@pytest.mark.slow  # ~30 s: fio writing and verifying through two upgrades in a row
+def test_fio_sees_no_error_through_two_upgrades(manager, tmp_path):
+    (tmp_path / "disk2").mkdir()
+    manager.cli("disk", "add", str(tmp_path / "disk2"))
+    manager.cli("volume", "create", "f", "--size", "64M", "--replicas", "2",
+                "--data-locality", "disabled")
+    manager.cli("volume", "attach", "f")
+    uri = manager.volume("f")["nbd_uri"]
+    fio = Fio(uri, seconds=20)
+    try:
+        pids = [manager.volume("f")["engine"]["pid"]]
+        for _ in range(2):
+            manager.cli("volume", "upgrade-engine", "f")
+            pids.append(manager.volume("f")["engine"]["pid"])
+        # Both upgrades happened while fio ran (else the test proves nothing: say so).
+        assert fio.running(), "fio ended before the second upgrade: give it more time"
+        job = fio.result()
+    finally:
+        fio.kill()
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0  # written, verified
+    assert len(set(pids)) == 3 and not any(pid_alive(p) for p in pids[:2]), pids
+    assert manager.volume("f")["engine"]["epoch"] == 3  # attach 1, then one per upgrade
+
+
+def test_upgrade_is_refused_while_detached(manager):
+    manager.cli("volume", "create", "d", "--size", "16M", "--replicas", "1")
+    before = manager.volume("d")
+    r = manager.cli("volume", "upgrade-engine", "d", check=False)
+    assert r.returncode != 0
+    assert "volume d is detached" in r.stderr and "409" in r.stderr, r.stderr
+    assert manager.api("POST", "/v1/volumes/d/upgrade-engine").status_code == 409
+    assert manager.api("POST", "/v1/volumes/nope/upgrade-engine").status_code == 404
+    assert manager.volume("d") == before
+    assert not [k for k in kinds(manager, "d") if k.startswith("engine-upgrade")]
+
+
+def broken_python(path: Path) -> Path:
+    """An interpreter that exits at once, saying so (a broken installation of drove)."""
+    path.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "sys.exit('this python cannot run drove: its installation is broken')\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow  # ~20 s: a manager restarted with a broken drove for new engines
+def test_a_failed_upgrade_leaves_the_old_engine_serving(manager, tmp_path, monkeypatch):
+    mnt = tmp_path / "mnt"
+    manager.cli("volume", "create", "keep", "--size", "64M", "--replicas", "1")
+    manager.cli("volume", "attach", "keep", "--mount", str(mnt))
+    writer = Writer(mnt)
+    (mnt / "before").write_bytes(b"x" * 4096)
+    before = manager.volume("keep")
+    # The manager restarts (a crash: its volumes keep serving, adopted at its start) with
+    # a drove for new processes that cannot start.
+    manager.stop(signal.SIGKILL)
+    monkeypatch.setenv(PYTHON_ENV, str(broken_python(tmp_path / "python")))
+    manager.start()
+    assert manager.volume("keep")["engine"]["pid"] == before["engine"]["pid"]
+
+    r = manager.cli("volume", "upgrade-engine", "keep", check=False)
+    assert r.returncode != 0 and "installation is broken" in r.stderr, r.stderr
+    assert "serves on" in r.stderr, r.stderr
+    after = manager.volume("keep")
+    assert after["engine"] == before["engine"]  # the same pid, epoch, control URL
+    assert after["state"] == "attached" and after["health"] == "healthy"
+    assert pid_alive(before["engine"]["pid"])
+    assert "engine-upgrade-failed" in kinds(manager, "keep")
+    assert "engine-upgraded" not in kinds(manager, "keep")
+    # The old engine serves the mount as before.
+    writer.start()
+    try:
+        writer.wait_files(4)
+    finally:
+        writer.stop()
+    assert writer.errors == []
+    writer.verify()
+    assert (mnt / "before").read_bytes() == b"x" * 4096
+
+
+def older_drove(root: Path, version: str) -> Path:
+    """A copy of this drove's source tree whose ``__version__`` is ``version``; the
+    directory to put on PYTHONPATH."""
+    tree = root / "old-drove"
+    shutil.copytree(SRC, tree / "drove", ignore=shutil.ignore_patterns("__pycache__"))
+    init = tree / "drove" / "__init__.py"
+    text = init.read_text()
+    assert f'__version__ = "{drove.__version__}"' in text
+    init.write_text(text.replace(f'__version__ = "{drove.__version__}"',
+                                 f'__version__ = "{version}"'))
+    return tree
+
+
+@pytest.mark.slow  # ~30 s: two manager restarts around a mounted volume
+def test_an_engine_older_than_its_agent_is_upgraded_when_the_manager_starts(
+        manager, tmp_path, monkeypatch):
+    mnt = tmp_path / "mnt"
+    # The manager, and so its agent and every engine it starts, runs an older drove.
+    manager.stop(signal.SIGKILL)
+    monkeypatch.setenv("PYTHONPATH", str(older_drove(tmp_path, "0.0.1")))
+    manager.start()
+    manager.cli("volume", "create", "auto", "--size", "64M", "--replicas", "1")
+    manager.cli("volume", "attach", "auto", "--mount", str(mnt))
+    before = manager.volume("auto")
+    assert before["engine"]["version"] == "0.0.1"
+    (mnt / "kept").write_bytes(b"k" * 8192)
+    os.sync()
+
+    # This drove's manager starts on the same data: it adopts the engine, then upgrades it.
+    manager.stop(signal.SIGKILL)
+    monkeypatch.delenv("PYTHONPATH")
+    manager.start()
+    after = manager.wait_volume(
+        "auto", lambda v: (v["engine"] or {}).get("version") == drove.__version__,
+        timeout=60, what="the engine upgraded to this drove")
+    assert after["engine"]["pid"] != before["engine"]["pid"]
+    assert after["engine"]["epoch"] == before["engine"]["epoch"] + 1
+    assert not pid_alive(before["engine"]["pid"])
+    assert os.path.ismount(mnt) and (mnt / "kept").read_bytes() == b"k" * 8192
+    (mnt / "after").write_bytes(b"a" * 8192)
+    os.sync()
+    assert (mnt / "after").read_bytes() == b"a" * 8192
+    upgraded = [e["message"] for e in manager.events("auto") if e["kind"] == "engine-upgraded"]
+    assert len(upgraded) == 1 and "0.0.1" in upgraded[0] and drove.__version__ in upgraded[0]
