@@ -281,3 +281,34 @@ def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path)
         assert {p.name: sha256(p) for p in (tmp_path / "mnt2").glob("f*")} == written
     finally:
         hostattach.detach(again)
+
+
+def test_a_tls_client_makes_the_upgrade_refused_and_keeps_being_served(cluster, tmp_path):
+    """A TLS session lives in the engine's process: the upgrade is refused, saying so."""
+    from nbdtools import make_tls_dir
+    from replicatools import NBDSH
+
+    certs = make_tls_dir(tmp_path / "tls")
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(1, "16M", "--tls-cert", str(certs / "server-cert.pem"),
+                        "--tls-key", str(certs / "server-key.pem"),
+                        "--tls-ca", str(certs / "ca-cert.pem"), "--handoff", str(sock))
+    held = eng.info()["epoch"]
+    secure = (f"nbds://{eng.addresses['nbd_host']}:{eng.addresses['nbd_port']}/vol"
+              f"?tls-certificates={certs}")
+    script = (f"h.set_uri_allow_local_file(True)\nh.connect_uri({secure!r})\n"
+              "h.pwrite(b't' * 4096, 0)\nprint('connected', flush=True)\n"
+              "import sys\nsys.stdin.readline()\nassert h.pread(4096, 0) == b't' * 4096\n")
+    client = subprocess.Popen([*NBDSH, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "connected", client.stderr.read()
+        res = run(drove_cmd(*eng.argv, "--takeover", str(sock), "--epoch", str(held + 1)),
+                  check=False, timeout=60)
+        assert res.returncode != 0
+        assert "a TLS connection cannot be handed over" in res.stderr.decode(), res.stderr
+    finally:
+        _, err = client.communicate("go\n", timeout=30)
+    assert client.returncode == 0, err
+    info = eng.info()
+    assert info["epoch"] == held and info["upgrade"]["state"] == "refused", info
