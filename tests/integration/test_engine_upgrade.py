@@ -233,10 +233,11 @@ def test_a_mounted_ext4_written_during_an_upgrade_stays_whole(cluster, tmp_path)
     sock = tmp_path / "handoff.sock"
     eng = cluster.start(2, "128M", "--handoff", str(sock))
     uri = f"nbd+unix:///vol?socket={eng.addresses['nbd_unix']}"
+    view = f"nbd+unix:///vol:host?socket={eng.addresses['nbd_unix']}"  # as host attach does
     mnt = tmp_path / "mnt"
     # Limits set live (on no command line) go over too.
     eng.ok("PUT", "/v1/qos", json={"limits": {"iops": 50000}, "rebuild_bandwidth": 1 << 30})
-    att = hostattach.attach(uri, tmp_path / "att", mount=mnt)
+    att = hostattach.attach(uri, tmp_path / "att", mount=mnt, fuse_uri=view)
     written: dict[str, str] = {}
     stop = threading.Event()
     failures: list[BaseException] = []
