@@ -15,8 +15,12 @@ function clusterHealth(volumes, nodes) {
   return "healthy";
 }
 
+const SPACE_EVERY_MS = 15000; // a volume's actual size is asked for at most this often
+const SPACE_AT_ONCE = 4; // volumes asked per refresh (each asks every replica)
+
 /** The dashboard view. */
 export function dashboardView({api, activity, history, go}) {
+  const spaces = new Map(); // volume -> {at, space}: actual sizes, fetched in the background
   const health = h("section", {class: "summary", "aria-labelledby": "health-title"});
   const charts = ioCharts(count, bytes);
   const nodes = h("section", {"aria-label": "Nodes"});
@@ -57,6 +61,21 @@ export function dashboardView({api, activity, history, go}) {
       charts.el),
     volumes, nodes);
 
+  /** Ask the oldest-known volumes' actual sizes, without waiting (shown next refresh). */
+  function fetchSpaces(vols) {
+    const now = Date.now();
+    const due = vols.filter((v) => now - (spaces.get(v.name)?.at ?? 0) > SPACE_EVERY_MS)
+      .sort((a, b) => (spaces.get(a.name)?.at ?? 0) - (spaces.get(b.name)?.at ?? 0))
+      .slice(0, SPACE_AT_ONCE);
+    for (const v of due) {
+      const known = spaces.get(v.name);
+      spaces.set(v.name, {at: now, space: known?.space ?? null});
+      api.get(`/v1/volumes/${encodeURIComponent(v.name)}?space=true`)
+        .then((full) => spaces.set(v.name, {at: now, space: full.space ?? null}))
+        .catch(() => {});
+    }
+  }
+
   function render(vols, nds) {
     const word = clusterHealth(vols, nds);
     const byHealth = (x) => vols.filter((v) => v.health === x).length;
@@ -71,13 +90,14 @@ export function dashboardView({api, activity, history, go}) {
           h("li", {}, h("strong", {}, String(byHealth("faulted"))), " faulted"),
           h("li", {}, h("strong", {}, `${up}/${nds.length}`), " nodes up")),
       ]);
-    renderIf(volumes, vols.map((v) => [v.name, v.state, v.health, v.size, actualSize(v),
+    const actual = (v) => actualSize(spaces.get(v.name)?.space);
+    renderIf(volumes, vols.map((v) => [v.name, v.state, v.health, v.size, actual(v),
       v.node, v.replicas]), () => [
       h("h2", {}, "Volumes"),
       table("Volumes, their health and replicas",
         ["Name", "State", "Health", "Size", "Actual size", "Attached on", "Replicas"],
         vols.map((v) => [volumeLink(v.name), badge(v.state), badge(v.health), bytes(v.size),
-          bytes(actualSize(v)), v.node ?? "–",
+          bytes(actual(v)), v.node ?? "–",
           h("ul", {class: "replicas"}, v.replicas.map(replicaLine))]),
         "no volumes yet"),
     ]);
@@ -96,6 +116,7 @@ export function dashboardView({api, activity, history, go}) {
     async refresh() {
       const [vols, nds] = await Promise.all([api.get("/v1/volumes"), api.get("/v1/nodes")]);
       render(vols, nds);
+      fetchSpaces(vols);
     },
     draw() {
       charts.draw(history.of(""));

@@ -5,7 +5,7 @@ import {backupTable} from "./backupactions.js";
 import {ioCharts} from "./chart.js";
 import {confirmDialog, formDialog} from "./dialogs.js";
 import {badge, bytes, count, h, progress, renderIf, time} from "./dom.js";
-import {actualSize, replicaLine, table, volumeLink} from "./volumes.js";
+import {actualSize, replicaActual, table, volumeLink} from "./volumes.js";
 
 const SLOW_EVERY = 5; // backups and jobs are fetched every 5th refresh only
 
@@ -16,6 +16,7 @@ export function volumeView({api, activity, history, go}, name) {
   const base = `/v1/volumes/${q(name)}`;
   const canAct = api.can("operator");
   let current = null; // the newest volume view
+  let space = null; // its space (actual sizes), fetched on the slow refreshes
   let snapshots = [];
   let refreshes = 0;
 
@@ -162,10 +163,11 @@ export function volumeView({api, activity, history, go}, name) {
     if (ok) await act(`Revert ${name} to ${snap}`, () => api.post(`${base}/revert`, {snapshot: snap}));
   }
 
-  async function deleteSnapshot(snap) {
+  async function deleteSnapshot(snap, frees = null) {
     const ok = await confirmDialog({
       title: `Delete snapshot ${snap}?`, confirmLabel: `Delete snapshot ${snap}`,
-      message: `Snapshot ${snap} of ${name} can no longer be reverted to, cloned or backed up.`,
+      message: `Snapshot ${snap} of ${name} can no longer be reverted to, cloned or backed up` +
+        `${frees !== null ? `; deleting it frees ${bytes(frees)}` : ""}.`,
     });
     if (ok) {
       await act(`Delete snapshot ${snap}`, () => api.del(`${base}/snapshots/${q(snap)}`));
@@ -209,7 +211,8 @@ export function volumeView({api, activity, history, go}, name) {
   function renderDetails(v) {
     const rows = [
       ["State", badge(v.state)], ["Health", badge(v.health)], ["Size", bytes(v.size)],
-      ["Actual size", bytes(actualSize(v))],
+      ["Actual size", space ? `${bytes(actualSize(space))} on ${space.replicas.length} disk(s)`
+        : "–"],
       ["Replicas wanted", String(v.replica_count)], ["Data locality", v.data_locality],
       ["Attached on", v.node ?? "–"], ["NBD", v.nbd_uri ?? "–"],
       ["Device", v.device ? `${v.device} at ${v.mountpoint ?? "–"} (${v.fs ?? "?"})` : "–"],
@@ -223,20 +226,24 @@ export function volumeView({api, activity, history, go}, name) {
   }
 
   function renderReplicas(v) {
-    renderIf(replicas, [v.replicas, v.rebuild], () => [
+    renderIf(replicas, [v.replicas, v.rebuild, space?.replicas], () => [
       h("h2", {}, "Replicas"),
       v.rebuild ? h("p", {class: "rebuild-line"}, `Rebuilding ${v.rebuild.replica}: `,
         progress(v.rebuild.done, v.rebuild.total, `rebuild of ${v.rebuild.replica}`)) : null,
-      table("Replicas", ["Name", "Node", "Disk", "Mode", "State", "Process", "Rebuild", "Error"],
-        v.replicas.map((r) => [h("span", {class: "mono"}, r.name), r.node ?? "–", r.disk,
-          badge(r.mode), r.state, r.local ? "in the engine" : (r.pid ? `pid ${r.pid}` : "–"),
-          r.rebuild ? progress(r.rebuild.done, r.rebuild.total, `rebuild of ${r.name}`) : "–",
-          r.error ?? ""])),
+      table("Replicas", ["Name", "Node", "Disk", "Mode", "State", "Process", "Actual size",
+        "Rebuild", "Error"],
+      v.replicas.map((r) => [h("span", {class: "mono"}, r.name), r.node ?? "–", r.disk,
+        badge(r.mode), r.state, r.local ? "in the engine" : (r.pid ? `pid ${r.pid}` : "–"),
+        bytes(replicaActual(space, r.name)),
+        r.rebuild ? progress(r.rebuild.done, r.rebuild.total, `rebuild of ${r.name}`) : "–",
+        r.error ?? ""])),
     ]);
   }
 
   function snapshotItem(s, byName) {
-    const frees = s.frees ?? s.delete_frees ?? s.reclaimable ?? null;
+    // From the manager's space report where it gives one: data held, what deleting frees.
+    const data = s.data ?? s.size;
+    const frees = typeof s.freed_by_delete === "number" ? s.freed_by_delete : null;
     const actions = canAct && !s.head ? h("span", {class: "snap-actions"},
       h("button", {type: "button", class: "small", onclick: () => revert(s.name),
         "aria-label": `Revert to ${s.name}`}, "Revert"),
@@ -244,16 +251,18 @@ export function volumeView({api, activity, history, go}, name) {
         "aria-label": `Clone from ${s.name}`}, "Clone"),
       current?.state === "attached" ? h("button", {type: "button", class: "small",
         onclick: () => backup(s.name), "aria-label": `Back up ${s.name}`}, "Back up") : null,
-      h("button", {type: "button", class: "small danger", onclick: () => deleteSnapshot(s.name),
-        "aria-label": `Delete snapshot ${s.name}`}, "Delete")) : null;
+      h("button", {type: "button", class: "small danger",
+        onclick: () => deleteSnapshot(s.name, frees), "aria-label": `Delete snapshot ${s.name}`},
+      "Delete")) : null;
     const children = (s.children ?? []).map((c) => byName[c]).filter(Boolean);
     return h("li", {"data-snapshot": s.name},
       h("span", {class: "snap"},
         h("span", {class: "mono"}, s.head ? "head (live data)" : s.name),
         h("span", {class: "muted"},
-          ` ${bytes(s.size)} data${frees !== null ? `, deleting frees ${bytes(frees)}` : ""}` +
+          ` ${bytes(data)} data${frees !== null ? `, deleting frees ${bytes(frees)}` : ""}` +
           `${s.created ? `, ${time(s.created)}` : ""}`),
         actions),
+      s.why && !s.head ? h("small", {class: "why muted"}, s.why) : null,
       children.length ? h("ul", {}, children.map((c) => snapshotItem(c, byName))) : null);
   }
 
@@ -351,6 +360,8 @@ export function volumeView({api, activity, history, go}, name) {
           backupError = err.message;
         }
         jobList = await api.get("/v1/jobs").catch(() => []);
+        // Each replica is asked for its space: not at every poll.
+        space = (await api.get(`${base}?space=true`).catch(() => null))?.space ?? space;
       }
       snapshots = snaps;
       renderToolbar(v);

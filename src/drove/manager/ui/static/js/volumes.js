@@ -3,14 +3,19 @@
 
 import {badge, bytes, h, progress} from "./dom.js";
 
-/** The bytes a volume's data takes on its disks, where the manager reports it. */
-export function actualSize(v) {
-  const value = v.actual_size ?? v.space?.actual_size ?? v.space?.actual ?? null;
-  if (typeof value === "number") return value;
-  if (value && typeof value === "object") {
-    return Object.values(value).reduce((a, b) => a + (Number(b) || 0), 0);
-  }
-  return null;
+/**
+ * The bytes a volume's data takes on its disks (all replicas), from its ``space`` (GET
+ * /v1/volumes/NAME?space=true); null when not known.
+ */
+export function actualSize(space) {
+  const values = (space?.replicas ?? []).map((r) => r.actual).filter((x) => typeof x === "number");
+  return values.length ? values.reduce((a, b) => a + b, 0) : null;
+}
+
+/** A replica's actual size on its disk, from the volume's ``space``; null when not known. */
+export function replicaActual(space, replica) {
+  const row = (space?.replicas ?? []).find((r) => r.replica === replica);
+  return typeof row?.actual === "number" ? row.actual : null;
 }
 
 /** A link to a volume's page. */
