@@ -7,6 +7,8 @@ import hashlib
 import http.server
 import json
 import os
+import socket
+import stat
 import subprocess
 import threading
 import time
@@ -204,6 +206,13 @@ def test_a_takeover_of_nothing_or_of_another_volume_is_refused_and_changes_nothi
         assert res.returncode != 0
         assert why in res.stderr.decode(), res.stderr.decode()[-2000:]
 
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # the user's alone
+    # Garbage on the handoff socket: the engine hangs up, nothing else happens.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.settimeout(30)
+        peer.connect(str(sock))
+        peer.sendall(b"\0\0\0\x05\0\0\0\0hello")
+        assert peer.recv(100) == b""
     nothing = tmp_path / "nothing.sock"
     refused([*eng.argv, "--takeover", str(nothing), "--epoch", str(held + 1)],
             "no engine listens there")
