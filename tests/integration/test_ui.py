@@ -139,7 +139,6 @@ def dialog_submit(page: Any, fields: dict[str, str], button: str) -> None:
     dialog.wait_for(state="detached")
 
 
-@pytest.mark.slow
 def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tmp_path):
     m = ui_manager
     login(page, m)
@@ -236,3 +235,57 @@ def test_a_killed_replica_shows_its_rebuild_until_healthy(page, ui_manager, tmp_
     assert m.volume("db")["health"] == "healthy"
     shot(page, tmp_path, "rebuilt")
     m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 0})
+
+
+def test_a_viewer_sees_no_action_and_the_api_refuses_it(page, ui_manager, tmp_path):
+    m = ui_manager
+    m.ok("POST", "/v1/volumes", json={"name": "ro", "size": "16M", "replicas": 1})
+    m.ok("POST", "/v1/volumes/ro/attach", json={})
+    m.ok("POST", "/v1/volumes/ro/snapshots", json={"name": "keep"})
+    viewer = m.ok("POST", "/v1/users", json={"name": "vic", "role": "viewer"})
+    login(page, m, viewer["token"])
+    page.get_by_text("(viewer)").wait_for()
+    assert page.get_by_role("button", name="Create volume").count() == 0
+    assert page.get_by_role("link", name="Settings").count() == 0
+    page.get_by_role("link", name="ro", exact=True).click()
+    page.locator('li[data-snapshot="keep"]').wait_for()
+    page.locator("dl.details .badge-attached").wait_for()
+    # Not one button but logging out: no attach, detach, snapshot, revert, delete...
+    assert page.get_by_role("button").all_inner_texts() == ["Log out"]
+    shot(page, tmp_path, "viewer-volume")
+    # What the page hides the API refuses too: a delete sent with the viewer's own session
+    # (its cookie and CSRF token) is 403, naming the role it needs; the volume stays.
+    status, detail = page.evaluate("""async () => {
+        const s = await (await fetch("/v1/session")).json();
+        const r = await fetch("/v1/volumes/ro?force=true",
+                              {method: "DELETE", headers: {"X-CSRF-Token": s.csrf}});
+        return [r.status, (await r.json()).detail];
+    }""")
+    assert status == 403 and "operator" in detail, detail
+    assert m.volume("ro")["state"] == "attached"
+
+
+def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_manager):
+    m = ui_manager
+    m.ok("POST", "/v1/users", json={"name": "olga", "role": "operator",
+                                    "password": "correct horse"})
+    page.goto(m.url + "/")
+    page.get_by_label("User", exact=True).fill("olga")
+    page.get_by_label("Password", exact=True).fill("wrong horse")
+    page.get_by_role("button", name="Log in", exact=True).click()
+    page.get_by_role("alert").filter(has_text="wrong user or password").wait_for()
+    page.get_by_label("Password", exact=True).fill("correct horse")
+    page.get_by_role("button", name="Log in", exact=True).click()
+    page.get_by_text("(operator)").wait_for()
+    # An operator works with volumes but has no settings.
+    assert page.get_by_role("button", name="Create volume").count() == 1
+    assert page.get_by_role("link", name="Settings").count() == 0
+    cookie = next(c for c in page.context.cookies() if c["name"] == "drove_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # out of the scripts' reach
+    # A reload keeps the session (the cookie; nothing kept by the page itself).
+    page.reload()
+    page.get_by_text("(operator)").wait_for()
+    page.get_by_role("button", name="Log out").click()
+    page.get_by_label("API token").wait_for()
+    assert page.evaluate("fetch('/v1/session').then(r => r.status)") == 401
