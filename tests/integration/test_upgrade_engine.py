@@ -26,6 +26,7 @@ import pytest
 import drove
 from cluster import fio_verify_argv
 from drove.agent.node import PYTHON_ENV
+from drove.replica.access import KEY_ENV
 
 SRC = Path(drove.__file__).resolve().parent
 
@@ -172,12 +173,18 @@ def test_upgrade_keeps_a_mounted_volume_and_every_write(manager, tmp_path):
     writer.verify()
 
 
-@pytest.mark.slow  # ~30 s: fio writing and verifying through two upgrades in a row
+@pytest.mark.slow  # ~35 s: fio writing and verifying through two upgrades in a row
 def test_fio_sees_no_error_through_two_upgrades(manager, tmp_path):
+    # Encrypted: a new engine without the volume's data key would serve ciphertext.
+    kek = tmp_path / "kek"
+    kek.write_text(os.urandom(32).hex())
+    kek.chmod(0o600)
+    manager.stop()
+    manager.start(extra=("--kek-file", str(kek)))
     (tmp_path / "disk2").mkdir()
     manager.cli("disk", "add", str(tmp_path / "disk2"))
     manager.cli("volume", "create", "f", "--size", "64M", "--replicas", "2",
-                "--data-locality", "disabled")
+                "--data-locality", "disabled", "--encrypted")
     manager.cli("volume", "attach", "f")
     uri = manager.volume("f")["nbd_uri"]
     fio = Fio(uri, seconds=20)
@@ -217,26 +224,48 @@ def broken_python(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # ~20 s: a manager restarted with a broken drove for new engines
-def test_a_failed_upgrade_leaves_the_old_engine_serving(manager, tmp_path, monkeypatch):
+def python_with_another_key(path: Path) -> Path:
+    """The real interpreter, run with another volume access key than the agent gives (a
+    new engine that takes the sockets over, then cannot open its replicas)."""
+    path.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                    f"os.environ[{KEY_ENV!r}] = {os.urandom(32).hex()!r}\n"
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow  # 10-20 s each: a manager restarted, a successor that fails
+@pytest.mark.parametrize(("python", "claimed", "says"), [
+    # It never reaches the old engine: nothing claimed, the epoch stays.
+    (broken_python, False, "installation is broken"),
+    # It took the sockets and connections over, then could not open its replicas (they
+    # refused its key before it claimed any): the old engine takes them back, epoch kept.
+    (python_with_another_key, False, "no replica is reachable"),
+], ids=["exits-at-once", "fails-after-the-handoff"])
+def test_a_failed_upgrade_leaves_the_old_engine_serving(manager, tmp_path, monkeypatch,
+                                                        python, claimed, says):
     mnt = tmp_path / "mnt"
-    manager.cli("volume", "create", "keep", "--size", "64M", "--replicas", "1")
+    manager.cli("volume", "create", "keep", "--size", "64M", "--replicas", "1",
+                "--data-locality", "disabled")
     manager.cli("volume", "attach", "keep", "--mount", str(mnt))
     writer = Writer(mnt)
     (mnt / "before").write_bytes(b"x" * 4096)
     before = manager.volume("keep")
     # The manager restarts (a crash: its volumes keep serving, adopted at its start) with
-    # a drove for new processes that cannot start.
+    # a drove for new processes that fails.
     manager.stop(signal.SIGKILL)
-    monkeypatch.setenv(PYTHON_ENV, str(broken_python(tmp_path / "python")))
+    monkeypatch.setenv(PYTHON_ENV, str(python(tmp_path / "python")))
     manager.start()
     assert manager.volume("keep")["engine"]["pid"] == before["engine"]["pid"]
 
     r = manager.cli("volume", "upgrade-engine", "keep", check=False)
-    assert r.returncode != 0 and "installation is broken" in r.stderr, r.stderr
-    assert "serves on" in r.stderr, r.stderr
+    assert r.returncode != 0 and "HTTP 409" in r.stderr, r.stderr
+    assert says in r.stderr and "serves on" in r.stderr, r.stderr
     after = manager.volume("keep")
-    assert after["engine"] == before["engine"]  # the same pid, epoch, control URL
+    epoch = before["engine"]["epoch"] + (1 if claimed else 0)
+    # The same pid and control URL; the epoch the old engine reports holding (the new
+    # one's once that one had claimed a replica).
+    assert after["engine"] == {**before["engine"], "epoch": epoch}
     assert after["state"] == "attached" and after["health"] == "healthy"
     assert pid_alive(before["engine"]["pid"])
     assert "engine-upgrade-failed" in kinds(manager, "keep")

@@ -66,6 +66,17 @@ def handoff_path(engine: dict[str, Any] | None) -> str | None:
     return option((engine or {}).get("argv") or [], "--handoff")
 
 
+def _last_words(exc: Exception) -> str:
+    """What a failed start says last: the end of the new engine's log (the rest of the
+    message, its command lines, is in the event)."""
+    text = str(exc)
+    if " | " not in text:
+        return f"failed: {text}"
+    head = text.split(": ", 1)[0]  # e.g. "['engine', 'serve'] exited with status 1"
+    status = head.split("] ", 1)[-1] if "] " in head else "failed"
+    return f"{status}: {text.rsplit(' | ', 1)[-1]}"
+
+
 class EngineUpgrades:
     """Upgrades of attached volumes' engines, asked for or automatic."""
 
@@ -210,9 +221,11 @@ class EngineUpgrades:
                  f"the old engine (pid {doc['engine']['pid']}) "
                  + ("does not answer" if alive else "exited too")
                  + ": the healer restarts it")
-        why = f"volume {name}: the engine upgrade ({reason}) failed: {exc}; {after}"
-        self._event("engine-upgrade-failed", why, name, level="error")
-        return UpgradeFailedError(409, why)
+        self._event("engine-upgrade-failed", f"volume {name}: the engine upgrade ({reason}) "
+                    f"failed: {exc}; {after}", name, level="error")
+        return UpgradeFailedError(409, f"volume {name}: the engine upgrade failed: the new "
+                                       f"engine {_last_words(exc)}; {after}; the engine's "
+                                       "log and `drove event list` tell more")
 
     # -------------------------------------------------------------- automatic
 
