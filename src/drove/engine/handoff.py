@@ -22,8 +22,9 @@ successor prepares what touches no replica, connects, and then:
    :data:`COMMIT_TIMEOUT`, the old engine kills it (the pid SO_PEERCRED gave; a
    pidfd, so no other process is hit) and waits until it is gone, takes its
    replicas back (for E2 if the successor had said ``claiming``: replicas
-   accept an equal epoch, and the only other holder is dead), and serves every
-   connection again (event ``upgrade-aborted`` with the reason).
+   accept an equal epoch, and the only other holder is dead; unless the successor
+   said, giving up, that it sent no claim), and serves every connection again (event
+   ``upgrade-aborted`` with the reason).
 
 The wire is drove.engine.handoff_wire.
 """
@@ -282,6 +283,8 @@ class HandoffService:
                     break
                 elif op == "abort":
                     grace = ABORT_GRACE
+                    # It knows whether it sent a claim: none sent, none can land later.
+                    claimed = frame.msg.get("claimed") is not False
                     raise HandoffError(f"the new engine gave up: {frame.msg.get('error')}")
                 else:
                     raise WireError(f"unexpected message {op!r}")
@@ -290,7 +293,7 @@ class HandoffService:
                       if isinstance(exc, TimeoutError) else str(exc))
             await _stop_successor(pidfd, pid, grace)
             said = [m.get("op") for m in channel.received()]
-            claimed = claimed or "claiming" in said
+            claimed = claimed or ("claiming" in said and "abort" not in said)
             if "committed" not in said:
                 await self._resume(listeners, pid, epoch if claimed else held, reason)
                 return

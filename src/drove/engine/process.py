@@ -201,7 +201,8 @@ async def _take_over(engine: Engine, server: NbdServer, path: str, handoff: str 
                   exc or type(exc).__name__)
         if channel is not None:
             with contextlib.suppress(Exception):
-                await channel.send({"op": "abort", "error": str(exc) or type(exc).__name__})
+                await channel.send({"op": "abort", "error": str(exc) or type(exc).__name__,
+                                    "claimed": engine.claim_sent})
         raise
     finally:
         if channel is not None:

@@ -101,6 +101,9 @@ class Engine:
         # The members let go of for a successor (suspend), to take back if it fails (resume).
         self._specs: tuple[list[tuple[str, str]], tuple[str, Path] | None] = ([], None)
         self._reclaim: int | None = None  # resume(): the epoch held already, taken back
+        # Whether a claim of our epoch was ever sent: a successor that fails before says
+        # so, and the engine it replaces keeps its own epoch (drove.engine.handoff).
+        self.claim_sent = False
         self.upgrade: dict[str, Any] | None = None  # the last live upgrade (drove.engine.handoff)
         self.arena = _new_arena()
         self.replicas = [self._handle(n, url) for n, url in replicas]
@@ -375,6 +378,7 @@ class Engine:
             if self.fence_all:
                 self._check_fenced(zip(self.replicas, infos, strict=True), epoch,
                                    NOTHING_CLAIMED)
+            self.claim_sent = True
             claims = await asyncio.gather(*(r.claim(epoch) for r in reachable),
                                           return_exceptions=True)
             if any(isinstance(c, ReplicaControlError) and c.stale_epoch for c in claims):
