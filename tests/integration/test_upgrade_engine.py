@@ -325,3 +325,58 @@ def test_an_engine_older_than_its_agent_is_upgraded_when_the_manager_starts(
     assert (mnt / "after").read_bytes() == b"a" * 8192
     upgraded = [e["message"] for e in manager.events("auto") if e["kind"] == "engine-upgraded"]
     assert len(upgraded) == 1 and "0.0.1" in upgraded[0] and drove.__version__ in upgraded[0]
+
+
+def start_agent(manager, name: str, data_dir: Path, address: str) -> subprocess.Popen[bytes]:
+    """A `drove agent` for node ``name`` on ``address`` (a loopback address of its own
+    standing in for another host's), once it serves."""
+    out = data_dir.with_suffix(".out")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "drove", "agent", "--manager", manager.url, "--node", name,
+             "--listen", f"{address}:0", "--data-dir", str(data_dir),
+             "--token-file", str(manager.data_dir / "cluster-token"),
+             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+    wait_for(lambda: out.read_text().lstrip().startswith("{") or proc.poll() is not None,
+             f"agent {name} to serve")
+    assert proc.poll() is None, out.read_text()[-2000:]
+    return proc
+
+
+@pytest.mark.slow  # ~20 s: an agent of its own, a volume across two nodes
+def test_an_engine_on_another_nodes_agent_is_upgraded_through_it(manager, tmp_path):
+    mnt = tmp_path / "mnt"
+    agent = start_agent(manager, "n2", tmp_path / "n2", "127.0.0.2")
+    try:
+        wait_for(lambda: any(d["state"] == "ready" for n in manager.ok("GET", "/v1/nodes")
+                             if n["name"] == "n2" for d in n["disks"]), "n2's disk")
+        manager.cli("volume", "create", "far", "--size", "64M", "--replicas", "2")
+        # The engine and the mount on n2, through its agent.
+        before = manager.cli_json("volume", "attach", "far", "--node", "n2", "--mount",
+                                  str(mnt))
+        assert before["engine"]["control_url"].startswith("http://127.0.0.2:")
+        writer = Writer(mnt).start()
+        try:
+            writer.wait_files(4)
+            after = manager.cli_json("volume", "upgrade-engine", "far")
+            writer.wait_files(len(writer.sums) + 4)
+        finally:
+            writer.stop()
+        assert writer.errors == []
+        assert after["node"] == "n2" and after["health"] == "healthy"
+        assert after["engine"]["control_url"].startswith("http://127.0.0.2:")
+        assert after["engine"]["pid"] != before["engine"]["pid"]
+        assert after["engine"]["epoch"] == before["engine"]["epoch"] + 1
+        assert not pid_alive(before["engine"]["pid"]) and pid_alive(after["engine"]["pid"])
+        # n2's agent follows the manager's changes all along: the engine the upgrade
+        # replaced is never named stale (its agent would release the mount with it).
+        stale = [e["message"] for e in manager.events("far") if e["kind"] == "engine-stale"]
+        assert stale == []
+        assert os.path.ismount(mnt)
+        writer.verify()
+        manager.cli("volume", "detach", "far")
+    finally:
+        agent.terminate()
+        agent.wait(30)

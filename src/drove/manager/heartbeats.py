@@ -162,6 +162,9 @@ class NodeHealth:
                 continue  # the recorded engine, which may hold a newer epoch than it was
                 # started with (a live upgrade under way, or one that failed after the new
                 # engine claimed the replicas: drove.manager.upgrade)
+            elif {"node": node, "epoch": epoch} == doc.get("replaced_engine"):
+                continue  # the engine a live upgrade replaced here: it exits by itself once
+                # it handed over (a poll's list may predate that), its agent stopped it else
             elif not isinstance(epoch, int) or epoch < int(doc.get("epoch") or 0):
                 why = f"epoch {epoch} is not the volume's current epoch {doc.get('epoch')}"
             else:

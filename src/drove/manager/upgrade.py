@@ -23,7 +23,7 @@ from drove.agent.orphans import option
 from drove.agent.processes import Proc
 from drove.manager.agents import Agents
 from drove.manager.datakeys import DataKeys, encryption
-from drove.manager.engines import Engines, rebuild_running
+from drove.manager.engines import Engines, launch_epoch, rebuild_running
 from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard
@@ -160,6 +160,8 @@ class EngineUpgrades:
         except Exception as exc:
             raise await self._failed(doc, old_epoch, reason, exc) from exc
         doc["engine"] = proc.to_json()
+        # Its agent's long-poll may still list the old engine a moment: not to be named stale.
+        doc["replaced_engine"] = {"node": node, "epoch": launch_epoch(old)}
         self._records.save(doc)
         self._engines.drop(name)
         # The new engine starts without the volume's QoS limits: they go to it as at attach.
