@@ -206,11 +206,19 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
 @pytest.mark.slow
 def test_a_killed_replica_shows_its_rebuild_until_healthy(page, ui_manager, tmp_path):
     m = ui_manager
-    # Slow rebuilds down, so the page's two-second poll sees one under way; no local
-    # replica (data locality disabled), so writes go on while the other one is away.
+    # Slow rebuilds down, so the page's two-second poll sees one under way.
     m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 4 * MiB})
+    try:
+        watch_a_rebuild(page, m, tmp_path)
+    finally:  # the module's other tests copy at full speed
+        m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 0})
+
+
+def watch_a_rebuild(page: Any, m: ManagerProc, tmp_path: Path) -> None:
+    """Kill a replica of a new volume; the page shows its rebuild moving, then healthy."""
+    # No local replica (data locality disabled): writes go on while the other one is away.
     m.ok("POST", "/v1/volumes", json={"name": "db", "size": "64M", "replicas": 2,
-                                          "data_locality": "disabled"})
+                                      "data_locality": "disabled"})
     vol = m.ok("POST", "/v1/volumes/db/attach", json={})
     login(page, m)
     page.goto(m.url + "/#/volumes/db")
@@ -220,6 +228,7 @@ def test_a_killed_replica_shows_its_rebuild_until_healthy(page, ui_manager, tmp_
     os.kill(victim["pid"], signal.SIGKILL)
     # Written while the victim is away: the rebuild must copy it (24 MiB at 4 MiB/s).
     write(vol["nbd_uri"], 24)
+    page.locator("dl.details .badge-degraded").wait_for()
     bar = page.get_by_role("progressbar", name=f"rebuild of {victim['name']}").first
     bar.wait_for(timeout=60_000)
     # The bar moves: some of the copy done, not all of it, as the page polls.
@@ -228,13 +237,11 @@ def test_a_killed_replica_shows_its_rebuild_until_healthy(page, ui_manager, tmp_
         "p.getAttribute('aria-label') === 'rebuild of ' + name && p.value > 0 "
         "&& p.value < p.max)", arg=victim["name"], timeout=60_000)
     shot(page, tmp_path, "rebuilding")
-    assert page.locator(".badge-degraded").count() > 0
     # Until healthy: then the bar is gone and every replica is RW.
     page.locator("dl.details .badge-healthy").wait_for(timeout=60_000)
     assert page.get_by_role("progressbar", name=f"rebuild of {victim['name']}").count() == 0
     assert m.volume("db")["health"] == "healthy"
     shot(page, tmp_path, "rebuilt")
-    m.ok("PATCH", "/v1/settings", json={"rebuild_bandwidth_limit": 0})
 
 
 def test_a_viewer_sees_no_action_and_the_api_refuses_it(page, ui_manager, tmp_path):
@@ -289,3 +296,40 @@ def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_
     page.get_by_role("button", name="Log out").click()
     page.get_by_label("API token").wait_for()
     assert page.evaluate("fetch('/v1/session').then(r => r.status)") == 401
+
+
+def digest(uri: str, mib: int) -> str:
+    """sha256 of the export's first ``mib`` MiB, read with nbdsh."""
+    return nbdsh(f"import hashlib\nh.connect_uri({uri!r})\n"
+                 f"print(hashlib.sha256(h.pread({mib * MiB}, 0)).hexdigest())\n"
+                 "h.shutdown()", timeout=60).strip()
+
+
+@pytest.mark.slow
+def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manager, tmp_path):
+    m = ui_manager
+    (tmp_path / "backups").mkdir()
+    m.ok("PUT", "/v1/backup-target", json={"url": f"file://{tmp_path / 'backups'}"})
+    m.ok("POST", "/v1/volumes", json={"name": "bk", "size": "16M", "replicas": 1})
+    uri = m.ok("POST", "/v1/volumes/bk/attach", json={})["nbd_uri"]
+    write(uri, 4)
+    login(page, m)
+    page.goto(m.url + "/#/volumes/bk")
+    page.get_by_role("heading", name="Volume bk").wait_for()
+
+    # Back up: a task, followed on the page until it succeeded; then listed.
+    page.get_by_role("button", name="Back up", exact=True).click()
+    dialog_submit(page, {}, "Back up")
+    page.locator(".tasks li.task").filter(has_text="succeeded").wait_for(timeout=60_000)
+    (backup,) = m.ok("GET", "/v1/backups", params={"volume": "bk"})
+    restore = page.get_by_role("button", name=f"Restore {backup['name']}")
+    restore.wait_for()
+    shot(page, tmp_path, "backed-up")
+
+    # Restore it into a new volume: the task's progress until done, then the same data.
+    restore.click()
+    dialog_submit(page, {"New volume name": "bk-back"}, "Restore")
+    page.locator(".tasks li.task").filter(has_text=f"Restore {backup['name']}") \
+        .filter(has_text="succeeded").wait_for(timeout=60_000)
+    back = m.ok("POST", "/v1/volumes/bk-back/attach", json={})
+    assert digest(back["nbd_uri"], 4) == digest(uri, 4)

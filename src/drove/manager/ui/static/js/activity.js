@@ -4,6 +4,8 @@
 import {badge, fill, h, progress} from "./dom.js";
 
 const TASK_POLL_MS = 1000;
+const KEEP_FINISHED_MS = 15000; // a finished task's row stays this long (the message stays)
+const KEEP_MESSAGE_MS = 10000; // a message that is no error goes after this long
 
 /** The activity panel: messages and the tasks started from this page. */
 export class Activity {
@@ -22,6 +24,13 @@ export class Activity {
     close.addEventListener("click", () => fill(this.message));
     fill(this.message, h("p", {class: `msg msg-${kind}`}, h("span", {}, text), " ", close));
     this.message.setAttribute("role", kind === "error" ? "alert" : "status");
+    clearTimeout(this.clearing);
+    if (kind !== "error") {
+      const shown = this.message.firstChild;
+      this.clearing = setTimeout(() => {
+        if (this.message.firstChild === shown) fill(this.message);
+      }, KEEP_MESSAGE_MS);
+    }
   }
 
   /**
@@ -75,6 +84,7 @@ export class Activity {
       this.say(`${label}: ${t.state}${t.error ? ` (${t.error})` : ""}`,
         t.state === "succeeded" ? "ok" : "error");
       this.onChange();
+      setTimeout(() => row.remove(), KEEP_FINISHED_MS);
     };
     setTimeout(poll, TASK_POLL_MS);
   }
