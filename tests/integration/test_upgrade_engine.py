@@ -325,6 +325,8 @@ def test_an_engine_older_than_its_agent_is_upgraded_when_the_manager_starts(
     assert (mnt / "after").read_bytes() == b"a" * 8192
     upgraded = [e["message"] for e in manager.events("auto") if e["kind"] == "engine-upgraded"]
     assert len(upgraded) == 1 and "0.0.1" in upgraded[0] and drove.__version__ in upgraded[0]
+    shown = manager.cli("volume", "get", "auto", env={"COLUMNS": "300"}).stdout
+    assert f"pid {after['engine']['pid']}, drove {drove.__version__}, epoch" in shown, shown
 
 
 def start_agent(manager, name: str, data_dir: Path, address: str) -> subprocess.Popen[bytes]:

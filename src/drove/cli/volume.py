@@ -302,6 +302,7 @@ def show_volume(v: dict[str, Any]) -> None:
         facts.append(("mounted at", v["mountpoint"] + (f" ({v['fs']})" if v.get("fs") else "")))
     if v.get("engine"):
         facts.append(("engine", f"pid {v['engine'].get('pid')}, "
+                                f"drove {v['engine'].get('version') or 'unknown'}, "
                                 f"epoch {v['engine'].get('epoch')}, "
                                 f"control {v['engine'].get('control_url')}"))
     quorum = v.get("write_quorum") or {}
