@@ -315,19 +315,22 @@ class Manager:
 
     def _unauthorized(self) -> str:
         t = self.target
-        where = "it is in DATA_DIR/token on the manager's host"
+        where = ("a user's token: the first admin's is in DATA_DIR/token on the manager's "
+                 "host, `drove user token NAME` makes more")
         if t.token is None:
             return (f"the drove manager at {t.url} wants an API token and none was found "
                     f"(no {t.token_file}): pass --token or set DROVE_TOKEN ({where})")
         if t.token_source in ("--token", "DROVE_TOKEN"):
             return (f"the drove manager at {t.url} refused the API token from "
-                    f"{t.token_source}: give that manager's token ({where})")
+                    f"{t.token_source} (unknown there, or revoked): give that manager's "
+                    f"token ({where})")
         if t.url_source in ("--url", "DROVE_URL"):
             return (f"the drove manager at {t.url} refused the API token in {t.token_source}: "
                     f"give that manager's token with --token or DROVE_TOKEN ({where})")
         return (f"the drove manager at {t.url} refused the API token in {t.token_source}: "
-                f"the file changed after it started; restart it (`{t.serve_hint}`) or pass "
-                "its token with --token")
+                "it was revoked (`drove user token admin` prints a new one), or the file "
+                f"changed after it started (restart it: `{t.serve_hint}`); or pass a user's "
+                "token with --token")
 
 
 def _query_value(value: Any) -> Any:

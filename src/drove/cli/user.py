@@ -110,8 +110,7 @@ def token(
 @app.command()
 @with_manager
 def revoke(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
-    """Revoke every token of user NAME and end its sessions (`drove user token` makes a
-    new one)."""
+    """Revoke every token of user NAME and end its sessions (`drove user token` makes one)."""
     res = mgr.delete(_path(name) + "/tokens")
     if not emit(res, json_out):
         console.print(f"user {escape(name)}: {res['tokens_revoked']} token(s) revoked, "

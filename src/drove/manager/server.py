@@ -143,7 +143,8 @@ def _announce(data_dir: Path, url: str, extra: str = "") -> Path:
     sys.stdout.write(f"drove {url} serving\n"
                      f"  UI:    {url}/\n"
                      f"  API:   {url}/docs (OpenAPI: {url}/openapi.json)\n"
-                     f"  token: {data_dir / 'token'}\n{extra}"
+                     f"  token: {data_dir / 'token'} (the first admin's; `drove user` adds "
+                     f"users)\n{extra}"
                      f"  data:  {data_dir}\n")
     sys.stdout.flush()
     return info_file
