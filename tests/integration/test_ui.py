@@ -333,3 +333,42 @@ def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manage
         .filter(has_text="succeeded").wait_for(timeout=60_000)
     back = m.ok("POST", "/v1/volumes/bk-back/attach", json={})
     assert digest(back["nbd_uri"], 4) == digest(uri, 4)
+
+
+def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_path):
+    m = ui_manager
+    m.ok("POST", "/v1/volumes", json={"name": "ev", "size": "16M", "replicas": 1})
+    login(page, m)
+    # Events, filtered by kind: only that kind is left.
+    page.get_by_role("link", name="Events").click()
+    page.get_by_role("heading", name="Events").wait_for()
+    page.get_by_role("cell", name="volume-created").first.wait_for()
+    page.get_by_label("Kind").fill("volume-created")
+    kinds = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
+    assert kinds and set(kinds) == {"volume-created"}, kinds
+    shot(page, tmp_path, "events")
+    page.get_by_role("link", name="Backups").click()
+    page.get_by_role("heading", name="Target").wait_for()
+
+    # Settings by keyboard: Enter opens the dialog, Escape closes it and gives the focus
+    # back, changes nothing; then a change saved.
+    page.get_by_role("link", name="Settings").click()
+    change = page.get_by_role("button", name="Change settings")
+    change.focus()
+    page.keyboard.press("Enter")
+    page.locator("dialog[open]").wait_for()
+    page.keyboard.press("Escape")
+    page.locator("dialog[open]").wait_for(state="detached")
+    assert page.evaluate("document.activeElement.textContent") == "Change settings"
+    before = m.ok("GET", "/v1/settings")
+    page.keyboard.press("Enter")
+    field = page.locator("dialog[open]").get_by_label("over_provisioning_percent")
+    field.fill(str(before["over_provisioning_percent"] + 50))
+    page.keyboard.press("Enter")  # submits the form
+    page.locator("dialog[open]").wait_for(state="detached")
+    page.get_by_text("Change settings: done").wait_for()
+    after = m.ok("GET", "/v1/settings")
+    assert after == {**before, "over_provisioning_percent":
+                     before["over_provisioning_percent"] + 50}
+    m.ok("PATCH", "/v1/settings",
+         json={"over_provisioning_percent": before["over_provisioning_percent"]})

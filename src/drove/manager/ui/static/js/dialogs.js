@@ -55,7 +55,8 @@ function control(field) {
   } else {
     input = h("input", {id, name: field.name, type: field.type || "text",
       value: field.value ?? "", required: field.required, placeholder: field.placeholder,
-      pattern: field.pattern, min: field.min, max: field.max, autocomplete: "off"});
+      pattern: field.pattern, min: field.min, max: field.max, step: field.step,
+      autocomplete: "off"});
   }
   const help = field.help ? h("small", {id: `${id}-help`}, field.help) : null;
   if (help) input.setAttribute("aria-describedby", help.id);

@@ -111,12 +111,14 @@ export function settingsView({api, activity}) {
     const v = await formDialog({
       title: "Change settings", submitLabel: "Save",
       fields: Object.entries(settings).map(([k, x]) => ({name: k, label: k,
-        value: x ?? "", type: typeof x === "number" ? "number" : "text"})),
+        value: x ?? "", step: "any",
+        type: {number: "number", boolean: "checkbox"}[typeof x] ?? "text"})),
     });
     if (!v) return;
     const changes = {};
     for (const [k, x] of Object.entries(v)) {
       const before = settings[k];
+      // As the setting's own type: the form gives text (checkboxes booleans).
       const value = typeof before === "number" && x !== null ? Number(x) : x;
       if (value !== before && value !== null) changes[k] = value;
     }
