@@ -70,9 +70,9 @@ def test_qos_from_create_to_a_live_modify(kcsi: tuple[ManagerProc, CsiDriver]) -
     assert rpc.MODIFY_VOLUME in {c.rpc.type for c in d.controller.ControllerGetCapabilities(
         pb.ControllerGetCapabilitiesRequest()).capabilities}
     # The StorageClass's limits, and the VolumeAttributesClass's (mutable_parameters).
-    create(d, "pvc-q", params={"replicas": "1", "iopsLimit": "5000",
-                               "writeBandwidthLimit": "10M", "burst": "0.5"},
-           mutable={"readIopsLimit": "300"})
+    asked = {"replicas": "1", "iopsLimit": "5000", "writeBandwidthLimit": "10M",
+             "burst": "0.5"}
+    create(d, "pvc-q", params=asked, mutable={"readIopsLimit": "300"})
     want = {"iops": 5000, "bandwidth": 0, "read_iops": 300, "write_iops": 0,
             "read_bandwidth": 0, "write_bandwidth": 10 * MiB, "burst": 0.5}
     assert m.cli_json("volume", "get", "pvc-q")["qos"] == want
@@ -87,6 +87,13 @@ def test_qos_from_create_to_a_live_modify(kcsi: tuple[ManagerProc, CsiDriver]) -
     assert engine_qos(m, "pvc-q")["limits"] == want
     iops = fio_iops(m.volume("pvc-q")["nbd_uri"])
     assert abs(iops - 600) <= 30, iops
+    # A repeated CreateVolume as first asked still finds the volume (the change is the
+    # volume's, not what its creation asked); other mutable parameters: ALREADY_EXISTS.
+    assert create(d, "pvc-q", params=asked, mutable={"readIopsLimit": "300"}).volume_id \
+        == "pvc-q"
+    with pytest.raises(grpc.RpcError) as err:
+        create(d, "pvc-q", params=asked, mutable={"readIopsLimit": "600"})
+    assert err.value.code() == C.ALREADY_EXISTS
 
     # What cannot change or is bad: INVALID_ARGUMENT naming it, nothing changed.
     for mutable, words in (({"encrypted": "true"}, "encrypted cannot change"),

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 import pytest
 
@@ -13,7 +16,7 @@ from drove.engine.qos import QosLimits
 MiB = 1 << 20
 
 
-def refused(call, *args) -> str:
+def refused(call: Callable[..., Any], *args: Any) -> str:
     """The message of the INVALID_ARGUMENT ``call(*args)`` must raise."""
     with pytest.raises(CsiError) as err:
         call(*args)
@@ -54,7 +57,8 @@ def test_mutable_parameters_take_precedence_at_create() -> None:
     ({}, {"XXX_FakeKey": "XXX_FakeValue"}, "XXX_FakeKey"),
     ({"burst": "40"}, {"burst": "61"}, "burst is at most 60"),
 ])
-def test_bad_parameters_are_refused_naming_them(given, mutable, words) -> None:
+def test_bad_parameters_are_refused_naming_them(given: dict[str, str], mutable: dict[str, str],
+                                                words: str) -> None:
     assert words in refused(params.create_body, given, mutable)
 
 
