@@ -115,6 +115,16 @@ def test_session_login_logout_and_csrf(manager):
     assert "secure" not in cookie  # plain HTTP here: a Secure cookie would never come back
     assert ui.get("/v1/session").json() == me
     assert ui.get("/v1/volumes").status_code == 200
+    # Guessing a password: after 5 failures in a minute, even the right one waits.
+    manager.ok("POST", "/v1/users", json={"name": "guessed", "role": "viewer",
+                                          "password": "the right one"})
+    guess = httpx.Client(base_url=manager.url, timeout=120)
+    for attempt in range(5):
+        r = guess.post("/v1/session", json={"user": "guessed", "password": f"try {attempt}"})
+        assert r.status_code == 401
+    r = guess.post("/v1/session", json={"user": "guessed", "password": "the right one"})
+    assert r.status_code == 429 and "try again in" in r.json()["detail"]
+    assert "drove_session" not in guess.cookies
 
     body = {"name": "v-ui", "size": "64M", "replicas": 1}
     r = ui.post("/v1/volumes", json=body)

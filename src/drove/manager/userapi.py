@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from drove.manager.authorize import principal
 from drove.manager.credentials import MAX_PASSWORD
 from drove.manager.errors import ApiError
+from drove.manager.loginlimit import LoginLimit
 from drove.manager.sessions import COOKIE, Sessions
 from drove.manager.users import Users
 
@@ -59,6 +60,7 @@ class PasswordSet(_Strict):
 def add_user_routes(app: FastAPI, users: Users, sessions: Sessions) -> None:
     """Add the routes to ``app`` (as its own, so the app's role check runs for them); the
     role each needs is in drove.manager.roles like every other's."""
+    limit = LoginLimit()
 
     # Plain (not async) handlers: FastAPI runs them in threads, so the store's round
     # trips (etcd) and scrypt never hold the event loop.
@@ -72,10 +74,13 @@ def add_user_routes(app: FastAPI, users: Users, sessions: Sessions) -> None:
             if user is None:
                 raise ApiError(401, "unknown or revoked token")
         elif req.token is None and req.user is not None and req.password is not None:
+            limit.check(req.user)
             user = users.by_password(req.user, req.password)
             if user is None:
+                limit.failed(req.user)
                 raise ApiError(401, "wrong user or password (a user has a password once "
                                     "`drove user password NAME` set one)")
+            limit.succeeded(req.user)
         else:
             raise ApiError(422, "give either token, or user and password")
         sid, csrf = sessions.open(user["name"])
