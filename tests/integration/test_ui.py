@@ -143,6 +143,7 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     m = ui_manager
     login(page, m)
     shot(page, tmp_path, "dashboard-empty")
+    assert not unlabelled(page)
 
     # Create: the dialog, then the volume's page; the API has it as asked.
     page.get_by_role("button", name="Create volume").click()
@@ -346,6 +347,7 @@ def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_pat
     page.get_by_label("Kind").fill("volume-created")
     kinds = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
     assert kinds and set(kinds) == {"volume-created"}, kinds
+    assert not unlabelled(page)
     shot(page, tmp_path, "events")
     page.get_by_role("link", name="Backups").click()
     page.get_by_role("heading", name="Target").wait_for()
