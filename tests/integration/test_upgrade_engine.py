@@ -382,3 +382,56 @@ def test_an_engine_on_another_nodes_agent_is_upgraded_through_it(manager, tmp_pa
     finally:
         agent.terminate()
         agent.wait(30)
+
+
+def successor_pids(run_dir: str) -> list[int]:
+    """Engines of this manager's agent started to take another over (``--takeover``)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--takeover" in argv and any(run_dir.encode() in a for a in argv):
+                found.append(int(p.name))
+    return found
+
+
+@pytest.mark.slow  # ~20 s: a manager killed in the middle of an upgrade, started again
+def test_a_manager_killed_during_an_upgrade_adopts_the_new_engine(manager, tmp_path):
+    mnt = tmp_path / "mnt"
+    manager.cli("volume", "create", "mid", "--size", "64M", "--replicas", "1")
+    manager.cli("volume", "attach", "mid", "--mount", str(mnt))
+    (mnt / "kept").write_bytes(b"m" * 8192)
+    os.sync()
+    before = manager.volume("mid")
+    answers: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answers.append(manager.api("POST", "/v1/volumes/mid/upgrade-engine").status_code)
+        except Exception as exc:  # the manager is killed while it works on the answer
+            answers.append(exc)
+
+    call = threading.Thread(target=ask, daemon=True)
+    call.start()
+    # The new engine runs (it takes the volume over on its own): the manager dies before
+    # it can record it.
+    wait_for(lambda: successor_pids(manager.run_dir), "the new engine's process")
+    (new_pid,) = successor_pids(manager.run_dir)
+    manager.stop(signal.SIGKILL)
+    call.join(60)
+    assert answers and not isinstance(answers[0], int), answers
+    manager.start()
+
+    after = manager.volume("mid")
+    assert after["state"] == "attached" and after["engine"]["pid"] == new_pid
+    assert after["engine"]["epoch"] == before["engine"]["epoch"] + 1
+    assert not pid_alive(before["engine"]["pid"])
+    adopted = [e["message"] for e in manager.events("mid") if e["kind"] == "volume-adopted"]
+    assert adopted and "a live upgrade started" in adopted[-1], adopted
+    assert os.path.ismount(mnt) and (mnt / "kept").read_bytes() == b"m" * 8192
+    (mnt / "after").write_bytes(b"n" * 8192)
+    os.sync()
+    assert (mnt / "after").read_bytes() == b"n" * 8192

@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,27 @@ class NodeAgent:
         processes.wait_exit(old, _HANDED_OVER_EXIT)
         processes.stop(old, timeout=5)  # still there: it handed over, and is fenced
         return proc
+
+    def find_engine(self, volume: str, epoch: int, wait: float = 15.0) -> Proc | None:
+        """The engine of ``volume`` this agent runs that was started with ``epoch`` (one no
+        record names yet: a live upgrade whose manager stopped before it recorded the new
+        engine), once it reported ready (waiting up to ``wait`` s while it starts); None
+        when there is none."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = [f.proc for f in orphans.find(self.run_dir, volume, {})
+                     if option(f.proc.argv, "--epoch") == str(epoch)]
+            for proc in found:
+                # Its ready line went to its standard output, a file in the run directory.
+                out = orphans.stdout_path(proc.pid)
+                ready = processes.read_ready(Path(out)) if out else None
+                if ready is not None and processes.alive(proc):
+                    proc.ready = ready
+                    proc.log = str(self.logs / f"{volume}.engine.log")
+                    return proc
+            if not found or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def _engine_argv(self, volume: str, replicas: list[tuple[str, str]], *, nbd: str,
                      timeout: float, state_file: Path, epoch: int,

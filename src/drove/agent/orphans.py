@@ -61,7 +61,7 @@ def option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _stdout(pid: int) -> str | None:
+def stdout_path(pid: int) -> str | None:
     """Where ``pid``'s standard output goes (a file unlinked since: its old path)."""
     try:
         target = os.readlink(f"/proc/{pid}/fd/1")
@@ -89,7 +89,7 @@ def find(run_dir: Path, volume: str, replicas: dict[str, str],
     for pid, argv in drove_processes("replica"):
         name = by_dir.get(str(Path(argv[5])))
         # Its ready line goes to this agent's run directory: not a replica served by hand.
-        if name is None or _stdout(pid) != str(run_dir / f"{name}.ready"):
+        if name is None or stdout_path(pid) != str(run_dir / f"{name}.ready"):
             continue
         if (proc := _proc(pid, argv)) is not None:
             reps.append(Found("replica", name, proc))

@@ -65,6 +65,12 @@ UPGRADE_ENGINE = Body("UpgradeEngine", {
 }, "Replace a volume's running engine by one of this agent's drove, live (it takes over "
    "the old one's NBD sockets and connections).")
 
+FIND_ENGINE = Body("FindEngine", {
+    "volume": Field("str"),
+    "epoch": Field("int", description="the epoch it was started with"),
+}, "A volume's engine this agent runs, started with an epoch (a live upgrade's new engine "
+   "its manager did not record).")
+
 PROC = Body("Process", {
     "proc": Field("dict", nullable=True, description="a process as start_* returned it"),
     "timeout_ms": Field("int", default=30_000),
@@ -187,6 +193,12 @@ def build_app(agent: NodeAgent, token: str) -> App:
             epoch=body.epoch, local=local, key=body.key,
             data_key=bytes.fromhex(body.data_key) if body.data_key else None)
         return proc.to_json()
+
+    @app.post("/v1/engines/find", body=FIND_ENGINE)
+    async def find_engine(body: Any) -> dict[str, Any]:
+        """``{"proc": the process record, or null}``."""
+        proc = await asyncio.to_thread(agent.find_engine, body.volume, body.epoch)
+        return {"proc": None if proc is None else proc.to_json()}
 
     @app.post("/v1/processes/stop", body=PROC)
     async def stop(body: Any) -> dict[str, Any]:

@@ -102,6 +102,13 @@ class RemoteAgent:
             "local": None if local is None else {"name": local[0], "directory": local[1]},
         }, _START_TIMEOUT))
 
+    def find_engine(self, volume: str, epoch: int) -> Proc | None:
+        """The engine of ``volume`` started with ``epoch`` on that node, if it runs (see
+        NodeAgent.find_engine)."""
+        doc = self._post("/v1/engines/find", {"volume": volume, "epoch": epoch},
+                         _START_TIMEOUT)
+        return None if doc.get("proc") is None else Proc.from_json(doc["proc"])
+
     def stop(self, proc: Proc | dict[str, Any] | None, timeout: float = 30.0) -> None:
         """Stop a process on that node cleanly (SIGTERM, then SIGKILL)."""
         if proc is None:

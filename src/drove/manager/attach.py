@@ -20,7 +20,7 @@ from drove.manager import locality
 from drove.manager.agents import Agents
 from drove.manager.datakeys import DataKeys, encryption
 from drove.manager.disks import Disks
-from drove.manager.engines import Engines, process_endpoints
+from drove.manager.engines import Engines, launch_epoch, process_endpoints
 from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard, check_not_busy, check_not_restoring
@@ -280,6 +280,9 @@ class Attacher:
                 and await self._engines.refresh(doc) is not None):
             self._event("volume-adopted", f"volume {name}: engine still running, adopted", name)
             return
+        if (doc["desired"] == "attached" and doc["state"] == "attached" and not engine_ok
+                and await self._adopt_successor(doc, agent)):
+            return
         # Anything left of an earlier run goes; then attach afresh if it should be.
         await asyncio.to_thread(agent.detach_host, name, doc.get("host"), force=True)
         doc["host"] = None
@@ -296,6 +299,35 @@ class Attacher:
                 self._event("attach-failed",
                             f"volume {name} could not be attached again: {exc}",
                             name, level="error")
+
+    async def _adopt_successor(self, doc: dict[str, Any], agent: Any) -> bool:
+        """Adopt the engine a live upgrade started, when the recorded one is gone: its
+        manager stopped before it recorded the new engine (drove.manager.upgrade), which
+        took the volume over, its clients and mount with it; whether it did.  Found by the
+        volume's epoch, stored before that engine started: no other engine has it."""
+        name, old = doc["name"], doc.get("engine") or {}
+        try:
+            found = await asyncio.to_thread(agent.find_engine, name, int(doc.get("epoch") or 0))
+        except Exception as exc:  # its agent away: the volume is brought back as before
+            self._event("volume-adopt-failed", f"volume {name}: could not look for an engine "
+                        f"a live upgrade started: {exc}", name, level="warning")
+            return False
+        if found is None or found.pid == old.get("pid"):
+            return False
+        doc["engine"] = found.to_json()
+        doc["replaced_engine"] = {"node": doc.get("node"), "epoch": launch_epoch(old)}
+        self._records.save(doc)
+        if await self._engines.refresh(doc) is None:
+            return False  # it does not answer: stopped and started afresh like any other
+        try:  # it started without the volume's QoS limits, which its manager would have sent
+            await push_qos(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"))
+        except ApiError as exc:
+            self._event("volume-qos-failed", f"volume {name}: its engine did not take the QoS "
+                        f"limits: {exc}; it serves without them", name, level="warning")
+        self._event("volume-adopted", f"volume {name}: its recorded engine (pid "
+                    f"{old.get('pid')}) is gone; the engine a live upgrade started in its place "
+                    f"(pid {found.pid}, epoch {doc.get('epoch')}) serves it: adopted", name)
+        return True
 
     def data_key(self, doc: dict[str, Any]) -> bytes | None:
         """The data key of an encrypted ``doc`` (None: plain); ApiError 422/409 when this
