@@ -191,6 +191,8 @@ def test_a_successor_that_cannot_fence_every_replica_gives_the_volume_back(clust
     assert info["epoch"] == held and info["health"] == "healthy", info
     for r in cluster.replicas:
         assert r.ok("GET", "/v1/info")["epoch"] == held
+    shown = run(drove_cmd("engine", "info", "--url", eng.control)).stdout.decode()
+    assert "upgrade to pid" in shown and ": aborted (" in shown and "gone" in shown, shown
     qemu_io(eng.uri(), "read -P 0x11 0 1M", "write -P 0x22 1M 1M", "flush")
     for r in cluster.replicas:
         qemu_io(r.uri("head"), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", read_only=True)

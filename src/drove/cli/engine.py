@@ -45,6 +45,11 @@ def info(url: UrlOpt, json_out: JsonOpt = False) -> None:
     if quorum.get("required") and quorum.get("met") is False:
         typer.echo(f"writes waiting (up to {quorum.get('wait_seconds')} s each, then EIO): no "
                    f"replica outside the engine's process; {quorum.get('waiting')} waiting now")
+    upgrade = data.get("upgrade")
+    if upgrade:  # the last live upgrade this engine took part in (drove.engine.handoff)
+        typer.echo(f"upgrade to pid {upgrade.get('successor')}: {upgrade.get('state')}"
+                   + (f" ({upgrade['error']})" if upgrade.get("error") else "")
+                   + f"; epoch {data.get('epoch')}")
     table("replicas", ["name", "mode", "url", "error"],
           [[r["name"], r["mode"], r["url"], r["error"]] for r in data["replicas"]])
     if data.get("rebuild"):
