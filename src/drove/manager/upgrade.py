@@ -260,11 +260,15 @@ class EngineUpgrades:
         done: list[str] = []
         if not self._settings.get("engine_auto_upgrade"):
             return done
+        versions: dict[str | None, str | None] = {}  # by node: one store read each per pass
         for doc in self._records.all():
             engine = doc.get("engine")
             if doc["state"] != "attached" or not engine:
                 continue
-            target = await asyncio.to_thread(self._agents.version, doc.get("node"))
+            node = doc.get("node")
+            if node not in versions:
+                versions[node] = await asyncio.to_thread(self._agents.version, node)
+            target = versions[node]
             have = engine_version(engine)
             tried = (doc["name"], int(engine["pid"]), str(target))
             if not older(have, target) or tried in self._tried:
