@@ -196,6 +196,27 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     page.get_by_role("heading", name="Dashboard").wait_for()
     assert m.api("GET", "/v1/volumes/web-copy").status_code == 404
 
+    # Expand; revert to s1 (asked first) what was written after it; detach (asked too).
+    page.goto(m.url + "/#/volumes/web")
+    page.get_by_role("button", name="Expand").click()
+    dialog_submit(page, {"New size": "96M"}, "Expand")
+    page.locator("dl.details").get_by_text("96.0 MiB").wait_for()
+    assert m.volume("web")["size"] == 96 * MiB
+    before = digest(uri, 8)
+    write(uri, 2)
+    assert digest(uri, 8) != before
+    page.get_by_role("button", name="Revert to s1").click()
+    page.locator("dialog[open]").get_by_role("button", name="Revert to s1").click()
+    page.get_by_text("Revert web to s1: done").wait_for()
+    assert digest(m.volume("web")["nbd_uri"], 8) == before
+    page.get_by_role("button", name="Detach").click()
+    page.locator("dialog[open]").get_by_role("button", name="Detach web").click()
+    page.get_by_role("button", name="Attach").wait_for()
+    assert m.volume("web")["state"] == "detached"
+    # Detached, a snapshot cannot be reverted to: the page offers no revert.
+    page.locator('li[data-snapshot="s1"]').get_by_role("button", name="Clone from s1").wait_for()
+    assert page.get_by_role("button", name="Revert to s1").count() == 0
+
     # A narrow screen: the page reflows, nothing wider than the window.
     page.set_viewport_size(PHONE)
     page.goto(m.url + "/#/volumes/web")

@@ -244,12 +244,13 @@ export function volumeView({api, activity, history, go}, name) {
     // From the manager's space report where it gives one: data held, what deleting frees.
     const data = s.data ?? s.size;
     const frees = typeof s.freed_by_delete === "number" ? s.freed_by_delete : null;
+    const attached = current?.state === "attached"; // revert and backup need the engine
     const actions = canAct && !s.head ? h("span", {class: "snap-actions"},
-      h("button", {type: "button", class: "small", onclick: () => revert(s.name),
-        "aria-label": `Revert to ${s.name}`}, "Revert"),
+      attached ? h("button", {type: "button", class: "small", onclick: () => revert(s.name),
+        "aria-label": `Revert to ${s.name}`}, "Revert") : null,
       h("button", {type: "button", class: "small", onclick: () => clone(s.name),
         "aria-label": `Clone from ${s.name}`}, "Clone"),
-      current?.state === "attached" ? h("button", {type: "button", class: "small",
+      attached ? h("button", {type: "button", class: "small",
         onclick: () => backup(s.name), "aria-label": `Back up ${s.name}`}, "Back up") : null,
       h("button", {type: "button", class: "small danger",
         onclick: () => deleteSnapshot(s.name, frees), "aria-label": `Delete snapshot ${s.name}`},
