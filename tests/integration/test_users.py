@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from drove.manager.api import build_app
 from drove.manager.app import ManagerApp
@@ -39,6 +40,7 @@ def _drove(manager, *args: str, token: str | None = None, stdin: str | None = No
     return r
 
 
+@pytest.mark.slow  # a dozen CLI processes: 17 s on a quiet machine, 34 s on a busy one
 def test_users_with_roles_through_the_cli(manager):
     # The data dir's token is the first admin's: the CLI finds it by itself. `user create`
     # prints the token alone on stdout (the note on stderr), or with --json.
