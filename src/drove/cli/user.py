@@ -25,10 +25,12 @@ class Role(StrEnum):
 
 
 NameArg = Annotated[str, typer.Argument(help="the user's name", show_default=False)]
+"""A user's name, as an argument."""
 RoleOpt = Annotated[Role, typer.Option(
     "--role", show_default=False,
     help="viewer: reads only; operator: also volumes, snapshots, backups, jobs, tasks; "
          "admin: everything, settings, nodes, disks and users included")]
+"""The --role option."""
 
 
 def _path(name: str) -> str:

@@ -24,7 +24,9 @@ from drove.manager.users import Users
 
 _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+"""A request's Bearer token, if any."""
 SAFE_METHODS = ("GET", "HEAD")
+"""Methods that change nothing: no CSRF token needed with the cookie."""
 
 
 @dataclass(frozen=True)

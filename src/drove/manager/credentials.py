@@ -20,7 +20,9 @@ SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 """scrypt's cost (16 MiB and some 50 ms per hash): stored with each hash, so it may grow."""
 
 MIN_PASSWORD = 8
+"""Characters a password has at least."""
 MAX_PASSWORD = 1024
+"""Characters a password has at most (scrypt reads all of them)."""
 
 # Each scrypt holds 16 MiB and a CPU for tens of ms: a burst of logins waits here
 # rather than taking the manager's memory and cores.

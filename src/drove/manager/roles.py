@@ -15,12 +15,17 @@ from collections.abc import Iterable
 from typing import Any
 
 VIEWER = "viewer"
+"""Reads everything but the users."""
 OPERATOR = "operator"
+"""Also works with volumes, snapshots, backups, jobs and tasks."""
 ADMIN = "admin"
+"""Everything."""
 USER_ROLES = (VIEWER, OPERATOR, ADMIN)
 """Users' roles, each allowed everything the ones before it are."""
 PUBLIC = "public"
+"""A route anyone may call."""
 CLUSTER = "cluster"
+"""A route for the agents, with the cluster token."""
 
 ROUTES: dict[tuple[str, str], str] = {
     # Anyone: liveness, and logging in (which checks the credentials it is given).

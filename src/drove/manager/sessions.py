@@ -19,8 +19,11 @@ from drove.manager.credentials import token_hash
 from drove.manager.store import ConflictError, Store
 
 KIND = "sessions"
+"""The store's kind of session documents (keyed by the SHA-256 of the id)."""
 COOKIE = "drove_session"
+"""The cookie holding the session id."""
 CSRF_HEADER = "X-CSRF-Token"
+"""The header a change made with the cookie carries: the session's csrf value."""
 IDLE = 12 * 3600.0
 """Seconds a session lives unused."""
 TOUCH_EVERY = 60.0

@@ -15,6 +15,7 @@ from drove.manager.sessions import COOKIE, Sessions
 from drove.manager.users import Users
 
 Role = Literal["viewer", "operator", "admin"]
+"""A user's role (drove.manager.roles.USER_ROLES)."""
 
 
 class _Strict(BaseModel):

@@ -27,7 +27,9 @@ from drove.manager.sessions import Sessions
 from drove.manager.store import ConflictError, Store
 
 USERS = "users"
+"""The store's kind of user documents (keyed by name)."""
 TOKENS = "tokens"
+"""The store's kind of token documents (keyed by the token's SHA-256)."""
 FIRST_ADMIN = "admin"
 """The user the token of DATA_DIR/token belongs to, made at the first start."""
 TOUCH_EVERY = 60.0
