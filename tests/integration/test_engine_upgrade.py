@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from enginetools import EngineProc, start_successor
-from replicatools import drove_cmd, qemu_io, run
+from replicatools import drove_cmd, nbdsh, qemu_io, run
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
@@ -329,3 +329,40 @@ def test_a_tls_client_makes_the_upgrade_refused_and_keeps_being_served(cluster, 
     assert client.returncode == 0, err
     info = eng.info()
     assert info["epoch"] == held and info["upgrade"]["state"] == "refused", info
+
+
+def test_a_client_of_an_encrypted_volume_keeps_its_connection_and_block_status(
+        cluster, tmp_path):
+    """One nbdsh connection, with structured replies and base:allocation negotiated, held
+    through the upgrade of an encrypted volume: it reads, writes and asks block status
+    of the new engine as of the old."""
+    from drove.engine.crypt import write_key_file
+    from replicatools import NBDSH
+
+    key = tmp_path / "data.key"
+    write_key_file(key, os.urandom(64))
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(2, "64M", "--key-file", str(key), "--handoff", str(sock))
+    script = (f"h.add_meta_context('base:allocation')\nh.connect_uri({eng.uri()!r})\n"
+              "assert h.can_meta_context('base:allocation')\n"
+              "h.pwrite(b'e' * 65536, 0)\nh.flush()\nprint('connected', flush=True)\n"
+              "import sys\nsys.stdin.readline()\n"
+              "assert h.pread(65536, 0) == b'e' * 65536\n"
+              "h.pwrite(b'f' * 65536, 1 << 20)\nh.flush()\n"
+              "seen = []\n"
+              "h.block_status(2 << 20, 0, lambda ctx, off, ents, err: seen.append(ents))\n"
+              "assert seen and seen[0][0] > 0, seen\nprint('ok', flush=True)\n")
+    client = subprocess.Popen([*NBDSH, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "connected", client.stderr.read()
+        new = upgrade(cluster, sock, eng.info()["epoch"] + 1)
+        assert took_over(new)["connections"] == 1
+    finally:
+        out, err = client.communicate("go\n", timeout=30)
+    assert client.returncode == 0 and out.strip() == "ok", err
+    qemu_io(new.uri(), "read -P 0x65 0 64k", "read -P 0x66 1M 64k")
+    # Only ciphertext on the replicas.
+    for r in cluster.replicas:
+        nbdsh(r.uri("head"), "data = h.pread(65536, 0)\n"
+                             "assert any(data) and b'e' * 16 not in data")
