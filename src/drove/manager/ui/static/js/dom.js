@@ -1,4 +1,4 @@
-// Small DOM helpers: elements are built with textContent only (never innerHTML), so
+// Small DOM helpers: elements are built with text nodes only (never parsed HTML), so
 // names and messages from the API can never inject markup.
 
 /** Build an element: h("a", {href: "#/"}, "text", child...). */
