@@ -366,3 +366,23 @@ def test_a_client_of_an_encrypted_volume_keeps_its_connection_and_block_status(
     for r in cluster.replicas:
         nbdsh(r.uri("head"), "data = h.pread(65536, 0)\n"
                              "assert any(data) and b'e' * 16 not in data")
+
+
+def test_an_upgrade_is_refused_while_a_replica_rebuilds(cluster, tmp_path):
+    sock = tmp_path / "handoff.sock"
+    eng = cluster.start(1, "64M", "--handoff", str(sock))
+    held = eng.info()["epoch"]
+    qemu_io(eng.uri(), "write -P 0x77 0 16M", "flush")
+    eng.ok("PUT", "/v1/qos", json={"rebuild_bandwidth": 1 << 20})  # a rebuild of 16 s
+    fresh = cluster.replica("r9", "64M")
+    eng.ok("POST", "/v1/replicas", json={"name": "r9", "url": fresh.control})
+    res = run(drove_cmd(*eng.argv, "--takeover", str(sock), "--epoch", str(held + 1)),
+              check=False, timeout=60)
+    assert res.returncode != 0
+    assert "replica r9 is rebuilding; upgrade once the rebuild is done" in \
+        res.stderr.decode(), res.stderr.decode()[-2000:]
+    info = eng.info()
+    assert info["epoch"] == held, info
+    assert info["rebuild"]["state"] not in ("done", "failed", "cancelled"), info
+    eng.ok("DELETE", "/v1/replicas/r9")
+    qemu_io(eng.uri(), "read -P 0x77 0 16M")
