@@ -56,11 +56,14 @@ def kinds(manager, volume: str) -> list[str]:
 
 class Writer:
     """Files of random data written (and fsynced) into a mounted volume one after another, in
-    a thread, until stopped; their checksums are kept to read them back."""
+    a thread, until stopped, overwriting the oldest past ``keep`` files (the volume does
+    not fill up); the checksum of each file's last contents is kept to read them back."""
 
-    def __init__(self, directory: Path, size: int = 256 << 10) -> None:
+    def __init__(self, directory: Path, size: int = 256 << 10, keep: int = 64) -> None:
         self.directory = directory
         self.size = size
+        self.keep = keep
+        self.written = 0
         self.sums: dict[str, str] = {}
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -72,9 +75,8 @@ class Writer:
         return self
 
     def _run(self) -> None:
-        n = len(self.sums)
         while not self._stop.is_set():
-            name = f"w{n:05d}"
+            name = f"w{self.written % self.keep:03d}"
             data = os.urandom(self.size)
             try:
                 with open(self.directory / name, "wb") as f:
@@ -85,11 +87,11 @@ class Writer:
                 self.errors.append(f"{name}: {exc!r}")
                 return
             self.sums[name] = hashlib.sha256(data).hexdigest()
-            n += 1
+            self.written += 1
 
     def wait_files(self, count: int) -> None:
-        """Wait until ``count`` files are written (or the writer failed)."""
-        wait_for(lambda: len(self.sums) >= count or self.errors, f"{count} files written")
+        """Wait until ``count`` files are written in all (or the writer failed)."""
+        wait_for(lambda: self.written >= count or self.errors, f"{count} files written")
 
     def stop(self) -> None:
         """Stop after the file being written."""
@@ -98,6 +100,7 @@ class Writer:
 
     def verify(self) -> None:
         """Every file written reads back with its checksum."""
+        assert self.sums
         for name, digest in self.sums.items():
             assert hashlib.sha256((self.directory / name).read_bytes()).hexdigest() == digest, \
                 name
@@ -145,8 +148,7 @@ def test_upgrade_keeps_a_mounted_volume_and_every_write(manager, tmp_path):
     try:
         writer.wait_files(8)
         out = manager.cli_json("volume", "upgrade-engine", "up")
-        written = len(writer.sums)
-        writer.wait_files(written + 8)  # the filesystem takes writes after it too
+        writer.wait_files(writer.written + 8)  # the filesystem takes writes after it too
     finally:
         writer.stop()
     assert writer.errors == []
@@ -363,7 +365,7 @@ def test_an_engine_on_another_nodes_agent_is_upgraded_through_it(manager, tmp_pa
         try:
             writer.wait_files(4)
             after = manager.cli_json("volume", "upgrade-engine", "far")
-            writer.wait_files(len(writer.sums) + 4)
+            writer.wait_files(writer.written + 4)
         finally:
             writer.stop()
         assert writer.errors == []
