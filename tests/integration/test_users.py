@@ -77,6 +77,10 @@ def test_users_with_roles_through_the_cli(manager):
     assert newest["tokens_revoked"] == 1
     assert manager.api("GET", "/v1/volumes", token=operator).status_code == 401
     assert manager.api("GET", "/v1/volumes", token=newest["token"]).status_code == 200
+    extra = manager.ok("POST", "/v1/users/u-operator/tokens", json={})
+    _drove(manager, "user", "revoke", "u-operator", "--token-id", extra["id"])
+    assert manager.api("GET", "/v1/volumes", token=extra["token"]).status_code == 401
+    assert manager.api("GET", "/v1/volumes", token=newest["token"]).status_code == 200
 
     # A deleted user's token is dead; the last admin can be neither deleted nor demoted.
     manager.ok("DELETE", "/v1/users/u-admin")

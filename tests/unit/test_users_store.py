@@ -41,6 +41,24 @@ def test_tokens_are_stored_hashed_and_revocable(tmp_path, users):
     assert users.by_token(third["token"]) is None
 
 
+def test_one_token_is_revoked_by_its_id(users):
+    _, first = users.create("hal", "operator", by="admin")
+    second = users.new_token("hal", by="admin")
+    assert users.revoke_token("hal", second["id"], by="admin")["tokens_revoked"] == 1
+    assert users.by_token(second["token"]) is None and users.by_token(first) is not None
+    with pytest.raises(ApiError) as err:
+        users.revoke_token("hal", second["id"], by="admin")
+    assert err.value.status == 404 and token_hash(first)[:12] in str(err.value)
+    # The last admin keeps its last token, not its others.
+    only = users.get("admin")["tokens"][0]["id"]
+    with pytest.raises(ApiError) as err:
+        users.revoke_token("admin", only, by="admin")
+    assert err.value.status == 409 and users.by_token("first-token") is not None
+    users.new_token("admin", by="admin")
+    users.revoke_token("admin", only, by="admin")
+    assert users.by_token("first-token") is None
+
+
 def test_bad_input_is_refused_and_changes_nothing(users):
     for name, role, password in (("Bad Name", "viewer", None), ("carol", "root", None),
                                  ("carol", "viewer", "short")):

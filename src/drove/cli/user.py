@@ -111,9 +111,19 @@ def token(
 
 @app.command()
 @with_manager
-def revoke(mgr: Manager, name: NameArg, json_out: JsonOpt = False) -> None:
+def revoke(
+    mgr: Manager,
+    name: NameArg,
+    token_id: Annotated[str | None, typer.Option(
+        "--token-id", show_default=False,
+        help="revoke only this token (its id, from `drove user list --json`)")] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Revoke every token of user NAME and end its sessions (`drove user token` makes one)."""
-    res = mgr.delete(_path(name) + "/tokens")
+    from urllib.parse import quote
+
+    tokens = _path(name) + "/tokens"
+    res = mgr.delete(tokens if token_id is None else f"{tokens}/{quote(token_id, safe='')}")
     if not emit(res, json_out):
         console.print(f"user {escape(name)}: {res['tokens_revoked']} token(s) revoked, "
                       f"{res['sessions_ended']} session(s) ended", highlight=False)

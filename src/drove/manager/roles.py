@@ -99,6 +99,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/users/{name}"): ADMIN,
     ("POST", "/v1/users/{name}/tokens"): ADMIN,
     ("DELETE", "/v1/users/{name}/tokens"): ADMIN,
+    ("DELETE", "/v1/users/{name}/tokens/{token_id}"): ADMIN,
     ("PUT", "/v1/users/{name}/password"): ADMIN,
 }
 """(method, path as the app declares it): the role it needs, or public, or cluster."""

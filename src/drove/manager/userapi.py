@@ -142,6 +142,12 @@ def add_user_routes(app: FastAPI, users: Users, sessions: Sessions) -> None:
         """Revoke every token and session of the user (409 for the last admin)."""
         return users.revoke(name, principal(request).user)
 
+    @app.delete("/v1/users/{name}/tokens/{token_id}")
+    def revoke_token(name: str, token_id: str, request: Request) -> dict[str, Any]:
+        """Revoke one token of the user, by its id (the list shows them); its sessions and
+        other tokens stay."""
+        return users.revoke_token(name, token_id, principal(request).user)
+
     @app.put("/v1/users/{name}/password")
     def set_password(name: str, req: PasswordSet, request: Request) -> dict[str, Any]:
         """Set or (null) remove the password the user logs in to the web UI with."""

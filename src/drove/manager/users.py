@@ -183,6 +183,25 @@ class Users:
                                     f"user {name} revoked by {by}")
         return {"name": name, "tokens_revoked": tokens, "sessions_ended": sessions}
 
+    def revoke_token(self, name: str, token_id: str, by: str) -> dict[str, Any]:
+        """End one token of ``name``, by the id `drove user list --json` shows (never the
+        last admin's last token)."""
+        with self._lock:
+            user = self._existing(name)
+            own = [t for t in self._store.list(TOKENS) if t.get("user") == name]
+            doc = next((t for t in own if t["key"][:12] == token_id), None)
+            if doc is None:
+                ids = ", ".join(t["key"][:12] for t in own) or "none"
+                raise ApiError(404, f"user {name} has no token {token_id!r} (its tokens: "
+                                    f"{ids}; `drove user list --json` shows them)")
+            if user["role"] == ADMIN and len(own) == 1:
+                self._keep_an_admin(name, "left without a token",
+                                    f"; `drove user token {name} --revoke-others` replaces "
+                                    "its token with a new one")
+            self._store.delete(TOKENS, doc["key"])
+        self._event("user-revoked", f"token {token_id} of user {name} revoked by {by}")
+        return {"name": name, "tokens_revoked": 1, "sessions_ended": 0}
+
     def set_password(self, name: str, password: str | None, by: str) -> dict[str, Any]:
         """Set (None: remove) the password ``name`` logs in to the UI with."""
         stored = None if password is None else _password(password)
