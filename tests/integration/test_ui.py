@@ -195,6 +195,8 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     page.locator("dialog[open]").get_by_role("button", name="Delete web-copy").click()
     page.get_by_role("heading", name="Dashboard").wait_for()
     assert m.api("GET", "/v1/volumes/web-copy").status_code == 404
+    # The dashboard's row of web has its I/O of now, from the same metrics.
+    page.locator('[data-io="web"]').filter(has_text=re.compile(r"IOPS, .*/s, .* ms")).wait_for()
 
     # Expand; revert to s1 (asked first) what was written after it; detach (asked too).
     page.goto(m.url + "/#/volumes/web")

@@ -95,10 +95,11 @@ export function dashboardView({api, activity, history, go}) {
       v.node, v.replicas]), () => [
       h("h2", {}, "Volumes"),
       table("Volumes, their health and replicas",
-        ["Name", "State", "Health", "Size", "Actual size", "Attached on", "Replicas"],
+        ["Name", "State", "Health", "Size", "Actual size", "Attached on", "Replicas", "I/O now"],
         vols.map((v) => [volumeLink(v.name), badge(v.state), badge(v.health), bytes(v.size),
           bytes(actual(v)), v.node ?? "–",
-          h("ul", {class: "replicas"}, v.replicas.map(replicaLine))]),
+          h("ul", {class: "replicas"}, v.replicas.map(replicaLine)),
+          h("span", {"data-io": v.name}, "–")]),
         "no volumes yet"),
     ]);
     renderIf(nodes, nds, () => [
@@ -120,6 +121,13 @@ export function dashboardView({api, activity, history, go}) {
     },
     draw() {
       charts.draw(history.of(""));
+      // Only these cells change at every poll: the table is not rebuilt (focus stays).
+      for (const cell of volumes.querySelectorAll("[data-io]")) {
+        const p = history.latest(cell.dataset.io);
+        cell.textContent = p
+          ? `${count(p.iops)} IOPS, ${bytes(p.read + p.write)}/s, ${p.latency.toFixed(2)} ms`
+          : "–";
+      }
     },
   };
 }
