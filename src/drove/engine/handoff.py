@@ -114,7 +114,7 @@ async def _exited(pidfd: int, timeout: float) -> bool:
         loop.remove_reader(pidfd)
 
 
-async def _stop_successor(pidfd: int, pid: int, grace: float) -> None:
+async def stop_successor(pidfd: int, pid: int, grace: float) -> None:
     """Make sure the failed successor is gone: it has ``grace`` seconds to exit by itself
     (to say why), then SIGKILL; wait however long it takes, as it must never write again."""
     if await _exited(pidfd, grace):
@@ -291,7 +291,7 @@ class HandoffService:
         except (TimeoutError, ConnectionError, WireError, HandoffError, OSError) as exc:
             reason = (f"the new engine did not commit within {COMMIT_TIMEOUT:g} s"
                       if isinstance(exc, TimeoutError) else str(exc))
-            await _stop_successor(pidfd, pid, grace)
+            await stop_successor(pidfd, pid, grace)
             said = [m.get("op") for m in channel.received()]
             claimed = claimed or ("claiming" in said and "abort" not in said)
             if "committed" not in said:
@@ -433,4 +433,5 @@ class Inheritance:
         self.listeners, self.connections = [], []
 
 
-__all__ = ["HandoffError", "HandoffService", "Inheritance", "ask_predecessor", "bind_handoff"]
+__all__ = ["HandoffError", "HandoffService", "Inheritance", "ask_predecessor", "bind_handoff",
+           "stop_successor"]
