@@ -292,9 +292,13 @@ class HandoffService:
             reason = (f"the new engine did not commit within {COMMIT_TIMEOUT:g} s"
                       if isinstance(exc, TimeoutError) else str(exc))
             await stop_successor(pidfd, pid, grace)
-            said = [m.get("op") for m in channel.received()]
-            claimed = claimed or ("claiming" in said and "abort" not in said)
-            if "committed" not in said:
+            said = channel.received()  # what it sent before it was gone
+            for msg in said:
+                if msg.get("op") == "claiming":
+                    claimed = True
+                elif msg.get("op") == "abort":
+                    claimed = msg.get("claimed") is not False
+            if not any(msg.get("op") == "committed" for msg in said):
                 await self._resume(listeners, pid, epoch if claimed else held, reason)
                 return
             log.error("volume %s: the new engine (pid %d) committed, then died: %s",
