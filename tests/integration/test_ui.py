@@ -128,13 +128,18 @@ def write(uri: str, mib: int) -> None:
           "h.flush()\nh.shutdown()", timeout=60)
 
 
-def dialog_submit(page: Any, fields: dict[str, str], button: str) -> None:
-    """Fill the open dialog's fields by their labels and press its button."""
+def dialog_submit(page: Any, fields: dict[str, str | bool], button: str) -> None:
+    """Fill the open dialog's fields by their labels (True checks a box) and press its
+    button."""
     dialog = page.locator("dialog[open]")
     dialog.wait_for()
     assert not unlabelled(page)
     for label, value in fields.items():
-        dialog.get_by_label(label, exact=True).fill(value)
+        field = dialog.get_by_label(label, exact=True)
+        if isinstance(value, bool):
+            field.set_checked(value)
+        else:
+            field.fill(value)
     dialog.get_by_role("button", name=button, exact=True).click()
     dialog.wait_for(state="detached")
 
@@ -357,6 +362,17 @@ def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manage
         .filter(has_text="succeeded").wait_for(timeout=60_000)
     back = m.ok("POST", "/v1/volumes/bk-back/attach", json={})
     assert digest(back["nbd_uri"], 4) == digest(uri, 4)
+
+    # Instant: the new volume is attached and serving at once, filled behind (a task).
+    restore.click()
+    dialog_submit(page, {"New volume name": "bk-now",
+                         "Instant: usable at once, filled in the background": True}, "Restore")
+    page.locator(".tasks li.task").filter(has_text="bk-now").wait_for()  # answered: it exists
+    now = m.wait_volume("bk-now", lambda v: v["state"] == "attached" and v["nbd_uri"],
+                        what="the instant restore attached")
+    assert digest(now["nbd_uri"], 4) == digest(uri, 4)
+    page.locator(".tasks li.task").filter(has_text="bk-now").filter(has_text="succeeded") \
+        .wait_for(timeout=60_000)
 
 
 def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_path):
