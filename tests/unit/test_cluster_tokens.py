@@ -66,6 +66,8 @@ def test_the_first_manager_keeps_its_api_token_but_never_shares_it_with_agents(
     ("GET", "/v1/health", True), ("GET", "/v1/cluster", True), ("GET", "/v1/nodes", True),
     ("GET", "/v1/disks/d1", True), ("GET", "/v1/events", True), ("GET", "/v1/settings", True),
     ("GET", "/v1/backup-target", True), ("GET", "/openapi.json", True),
+    # The web UI's page and assets ship with every manager.
+    ("GET", "/", True), ("GET", "/ui/js/app.js", True), ("HEAD", "/ui/app.css", True),
     ("POST", "/v1/cluster/heartbeat", True),
     # Agents' long-polls: any manager follows the store's changes.
     ("GET", "/v1/agents/n2/changes", True), ("POST", "/v1/agents/n2/changes", True),
@@ -78,7 +80,7 @@ def test_the_first_manager_keeps_its_api_token_but_never_shares_it_with_agents(
     ("DELETE", "/v1/disks/d1", False), ("POST", "/v1/nodes/n/cordon", False),
     ("PUT", "/v1/backup-target", False),
     # A prefix is a path segment, not a string prefix.
-    ("GET", "/v1/nodesx", False), ("GET", "/v1/healthz", False),
+    ("GET", "/v1/nodesx", False), ("GET", "/v1/healthz", False), ("GET", "/uix", False),
 ])
 def test_what_a_follower_serves_itself(method: str, path: str, here: bool) -> None:
     assert served_here(method, path) is here

@@ -25,9 +25,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOCAL_READS = ("/v1/health", "/v1/cluster", "/v1/nodes", "/v1/disks", "/v1/events",
                "/v1/settings", "/v1/backup-target", "/v1/agents", "/docs", "/redoc",
-               "/openapi.json")
+               "/openapi.json", "/", "/ui")
 """GET paths (and those below them) a follower answers from the store itself (the agents'
-long-polls too: every manager follows the store's changes)."""
+long-polls too: every manager follows the store's changes); the web UI's page and assets
+(``/``, ``/ui/...``) ship with every manager, so a follower serves them while no leader is
+known, with their own headers (CSP)."""
 LOCAL_WRITES = ("/v1/cluster/heartbeat",)
 """Non-GET paths every manager serves itself."""
 LOCAL_POLLS = "/v1/agents/"
