@@ -184,6 +184,19 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     assert "s1" in {s["name"] for s in m.ok("GET", "/v1/volumes/web/snapshots")}
     shot(page, tmp_path, "volume-attached")
 
+    # A recurring job for web, added and deleted (asked first) from its page.
+    page.get_by_role("button", name="Add recurring job").click()
+    dialog_submit(page, {"Schedule (cron, UTC)": "0 3 * * *", "Keep (newest)": "2",
+                         "Job name (optional)": "nightly"}, "Add job")
+    page.get_by_role("button", name="Delete job nightly").wait_for()
+    job = m.ok("GET", "/v1/jobs/nightly")
+    assert (job["kind"], job["cron"], job["retain"], job["volumes"]) == \
+        ("snapshot", "0 3 * * *", 2, ["web"])
+    page.get_by_role("button", name="Delete job nightly").click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete job nightly").click()
+    page.get_by_role("button", name="Delete job nightly").wait_for(state="detached")
+    assert m.api("GET", "/v1/jobs/nightly").status_code == 404
+
     # Clone s1: the clone's page, a linked clone of web at s1.
     page.get_by_role("button", name="Clone from s1").click()
     dialog_submit(page, {"New volume name": "web-copy"}, "Clone")

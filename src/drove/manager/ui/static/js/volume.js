@@ -298,16 +298,46 @@ export function volumeView({api, activity, history, go}, name) {
     ]);
   }
 
+  async function addJob() {
+    const v = await formDialog({
+      title: `Recurring job for ${name}`, submitLabel: "Add job",
+      fields: [
+        {name: "kind", label: "Kind", type: "select", value: "snapshot",
+          options: [{value: "snapshot"}, {value: "backup"}, {value: "scrub"}]},
+        {name: "cron", label: "Schedule (cron, UTC)", required: true, value: "0 3 * * *",
+          help: "five fields: minute hour day month weekday"},
+        {name: "retain", label: "Keep (newest)", type: "number", min: 1, max: 1000, value: 7},
+        {name: "name", label: "Job name (optional)"},
+      ],
+    });
+    if (!v) return;
+    const body = {kind: v.kind, cron: v.cron, retain: Number(v.retain || 1), volumes: [name]};
+    if (v.name) body.name = v.name;
+    await act(`Add ${v.kind} job`, () => api.post("/v1/jobs", body));
+  }
+
+  async function deleteJob(job) {
+    const ok = await confirmDialog({
+      title: `Delete job ${job.name}?`, confirmLabel: `Delete job ${job.name}`,
+      message: `No more ${job.kind}s on its schedule (those it made stay).`,
+    });
+    if (ok) await act(`Delete job ${job.name}`, () => api.del(`/v1/jobs/${q(job.name)}`));
+  }
+
   function renderJobs(list, v) {
     const mine = list.filter((j) => (j.volumes ?? []).includes(name) ||
       (Object.keys(j.selector ?? {}).length &&
         Object.entries(j.selector).every(([k, x]) => v.labels?.[k] === x)));
     renderIf(jobs, mine, () => [h("h2", {}, "Recurring jobs"),
+      canAct ? h("p", {}, button("Add recurring job", addJob)) : null,
       table(`Recurring jobs of ${name}`, ["Name", "Kind", "Schedule", "Keep", "Next run",
-        "Last result"],
+        "Last result", ...(canAct ? ["Actions"] : [])],
       mine.map((j) => [j.name, j.kind, h("span", {class: "mono"}, j.cron), String(j.retain),
         time(j.next_run), j.last_result ? `${j.last_result.ok ? "ok" : "failed"}: ` +
-          `${j.last_result.message ?? ""}` : "–"]), "no jobs")]);
+          `${j.last_result.message ?? ""}` : "–",
+        ...(canAct ? [h("button", {type: "button", class: "small danger",
+          "aria-label": `Delete job ${j.name}`, onclick: () => deleteJob(j)}, "Delete")] : [])]),
+      "no jobs")]);
   }
 
   function renderTasks(list) {
