@@ -47,16 +47,13 @@ async def _index(request: Request) -> FileResponse:
     return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
-PATHS = ("/", "/ui")
-"""Where the UI is served: outside the API's routes (drove.manager.roles.PUBLIC_PATHS)."""
-
-
 def mount(app: FastAPI) -> None:
     """Serve the UI on ``app``: the page at ``/``, its assets under ``/ui/``.
 
-    Plain routes, not API routes: no API dependency (authorization) runs for them, they
-    are not in the OpenAPI schema, and an exact ``/`` and a ``/ui`` prefix cannot shadow
-    any API route (no catch-all mount at ``/``).
+    Plain routes, not API routes: no API dependency (authorization) runs for them (so
+    drove.manager.roles lists both paths in PUBLIC_PATHS), they are not in the OpenAPI
+    schema, and an exact ``/`` and a ``/ui`` prefix cannot shadow any API route (no
+    catch-all mount at ``/``).
     """
     app.router.routes.append(Route("/", _index, methods=["GET", "HEAD"], name="ui-index"))
     app.router.routes.append(Mount("/ui", _Assets(directory=STATIC), name="ui"))
