@@ -48,6 +48,8 @@ from drove.nbd.server import HandoffRefused, NbdServer
 log = logging.getLogger("drove.engine")
 
 PROTOCOL = 1
+"""The handoff protocol this drove speaks; a hello lists every one the successor speaks,
+so that engines of different drove versions (the point of an upgrade) agree on one."""
 HELLO_TIMEOUT = 5.0
 """Seconds a successor has to say hello once connected."""
 LOCK_TIMEOUT = 10.0
@@ -210,9 +212,11 @@ class HandoffService:
     def _refusal(self, hello: dict[str, Any]) -> str | None:
         """Why this engine will not hand over to the successor that said ``hello``."""
         engine = self.engine
-        if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
-            return (f"not a handoff hello of protocol {PROTOCOL} (op {hello.get('op')!r}, "
-                    f"protocol {hello.get('protocol')!r})")
+        offered = hello.get("protocols")
+        if hello.get("op") != "hello" or not isinstance(offered, list) or \
+                PROTOCOL not in offered:
+            return (f"the new engine speaks handoff protocol(s) {offered!r}, this one "
+                    f"{PROTOCOL} (op {hello.get('op')!r})")
         if hello.get("volume") != engine.name:
             return f"this engine serves volume {engine.name!r}, not {hello.get('volume')!r}"
         epoch = hello.get("epoch")
@@ -350,16 +354,20 @@ async def ask_predecessor(path: str, volume: str, epoch: int) -> tuple[Channel, 
                            f"({exc.strerror or exc})") from None
     channel = Channel(sock)
     try:
-        await channel.send({"op": "hello", "protocol": PROTOCOL, "volume": volume,
-                            "epoch": epoch})
+        await channel.send({"op": "hello", "protocols": [PROTOCOL], "volume": volume,
+                            "epoch": epoch, "pid": os.getpid()})
         frame = await channel.recv(ANSWER_TIMEOUT)
     except (TimeoutError, ConnectionError, WireError, OSError) as exc:
         channel.close()
         raise HandoffError(f"--takeover {path}: the engine there did not answer: "
                            f"{exc or type(exc).__name__}") from None
     op = frame.msg.get("op")
+    if op == "handoff" and frame.msg.get("protocol") != PROTOCOL:
+        op = f"handoff of protocol {frame.msg.get('protocol')!r}"
     if op != "handoff":
         channel.close()
+        for fd in frame.fds:
+            os.close(fd)
         why = frame.msg.get("error") if op == "refused" else f"unexpected answer {op!r}"
         raise HandoffError(f"--takeover {path}: the engine there refused the upgrade: {why}")
     return channel, frame
