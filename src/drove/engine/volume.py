@@ -378,7 +378,7 @@ class Engine:
             if self.fence_all:
                 self._check_fenced(zip(self.replicas, infos, strict=True), epoch,
                                    NOTHING_CLAIMED)
-            self.claim_sent = True
+            self.claim_sent = self.claim_sent or bool(reachable)
             claims = await asyncio.gather(*(r.claim(epoch) for r in reachable),
                                           return_exceptions=True)
             if any(isinstance(c, ReplicaControlError) and c.stale_epoch for c in claims):
