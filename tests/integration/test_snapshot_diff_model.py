@@ -3,9 +3,10 @@
 Hypothesis draws batches of writes, zeroes and trims (4 KiB blocks, ranges biased to
 block borders); each batch goes to the engine's NBD export between two snapshots, over
 a local replica (in the engine) and a replica process.  The oracle is a model of the
-chain's allocation rule: a write makes the head hold every block it touches; a zero or
-trim keeps a block the head holds, makes the head hold (real zeros) a block an older
-layer holds, and punches a whole block only older layers lack.  The engine's diff of the
+chain's allocation rule: a write makes the head hold every block it touches; a zero
+keeps a block the head holds, makes the head hold (real zeros) a block an older layer
+holds, and punches a whole block only older layers lack; a trim does the same except
+that it leaves a whole block the head does not hold as it is.  The engine's diff of the
 two snapshots (and of the first and the head) must equal the blocks the head holds, and
 cover every byte where the two snapshots' contents differ.
 """
@@ -51,8 +52,24 @@ class ChainOracle:
         self.data[off:off + len(data)] = data
         self.head.update(range(off // BS, (off + len(data) - 1) // BS + 1))
 
+    def trim(self, off: int, n: int) -> None:
+        """A trim, as drove.replica.chain.Replica.trim treats blocks: a zero, but whole
+        blocks the head does not hold are left as they are."""
+        end = off + n
+        full_lo, full_hi = -(-off // BS), end // BS
+        if full_lo >= full_hi or not self.below:
+            self.zero(off, n)
+            return
+        if off % BS:
+            self.zero(off, full_lo * BS - off)
+        for b in range(full_lo, full_hi):
+            if b in self.head:
+                self.zero(b * BS, BS)
+        if end % BS:
+            self.zero(full_hi * BS, end - full_hi * BS)
+
     def zero(self, off: int, n: int) -> None:
-        """A zero or trim, as drove.replica.chain.Replica.zero treats blocks."""
+        """A zero, as drove.replica.chain.Replica.zero treats blocks."""
         self.data[off:off + n] = bytes(n)
         end = off + n
         full_lo, full_hi = -(-off // BS), end // BS
@@ -100,7 +117,7 @@ def _script(ops: list[tuple[str, tuple[int, int]]], seed: int,
             oracle.write(off, bytes([byte]) * n)
             lines.append(f"h.pwrite(bytes([{byte}]) * {n}, {off})")
         else:
-            oracle.zero(off, n)
+            (oracle.trim if kind == "trim" else oracle.zero)(off, n)
             lines.append(f"h.{kind}({n}, {off})")
     lines.append("h.flush()")
     return "\n".join(lines) + "\n"

@@ -44,7 +44,11 @@ class ChainMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="drove-model-"))
         self.r: Replica | None = None
         self.head = bytearray()
+        # Whole blocks a trim left undefined (NBD: until written; drove zeroes them where
+        # the head held them and leaves what an older layer shows elsewhere): not checked.
+        self.undefined: set[int] = set()
         self.snaps: dict[str, bytearray] = {}
+        self.snap_undefined: dict[str, set[int]] = {}
         self.views: dict[str, View] = {}
         self.dead: list[View] = []
 
@@ -74,12 +78,17 @@ class ChainMachine(RuleBasedStateMachine):
                                          lambda b: min(b * BS, size - off))))
         return off, length
 
+    def _defined(self, off: int, length: int) -> None:
+        """A write or zero made the whole blocks it covers defined again."""
+        self.undefined -= set(range(-(-off // BS), (off + length) // BS))
+
     def _write_between(self, data: st.DataObject) -> None:
         """A random write, as I/O interleaving a purge's steps."""
         off, length = self._range(data)
         buf = payload(data.draw(st.integers(0, 1 << 30)), length)
         self.r.write(off, buf)
         self.head[off:off + length] = buf
+        self._defined(off, length)
 
     # ---------------------------------------------------------------- I/O rules
 
@@ -89,6 +98,7 @@ class ChainMachine(RuleBasedStateMachine):
         buf = payload(data.draw(st.integers(0, 1 << 30)), length)
         self.r.write(off, memoryview(buf), fua=fua)
         self.head[off:off + length] = buf
+        self._defined(off, length)
 
     @rule(data=st.data(), fua=st.booleans(), fast=st.booleans())
     def zero(self, data: st.DataObject, fua: bool, fast: bool) -> None:
@@ -99,12 +109,14 @@ class ChainMachine(RuleBasedStateMachine):
             assert fast and e.errno == errno.ENOTSUP
             return  # nothing changed: the invariants check that
         self.head[off:off + length] = bytes(length)
+        self._defined(off, length)
 
     @rule(data=st.data())
     def trim(self, data: st.DataObject) -> None:
         off, length = self._range(data, max_len=20 * BS)
         self.r.trim(off, length)
-        self.head[off:off + length] = bytes(length)
+        self.head[off:off + length] = bytes(length)  # partly covered blocks: zeros
+        self.undefined |= set(range(-(-off // BS), (off + length) // BS))
 
     @rule()
     def flush(self) -> None:
@@ -113,10 +125,11 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def read_some(self, data: st.DataObject) -> None:
         off, length = self._range(data)
-        assert self.r.read(off, length) == self.head[off:off + length]
+        got = self.r.read(off, length)
+        assert got == seen(self.head, self.undefined, got, off)[off:off + length]
         buf = bytearray(b"\xee" * length)
         self.r.readinto(off, buf)
-        assert buf == self.head[off:off + length]
+        assert buf == got
 
     # ---------------------------------------------------------------- structure rules
 
@@ -129,6 +142,7 @@ class ChainMachine(RuleBasedStateMachine):
         info = self.r.snapshot(name, labels={"n": name})
         assert info.name == name and info.labels == {"n": name}
         self.snaps[name] = bytearray(self.head)
+        self.snap_undefined[name] = set(self.undefined)
         self.views[name] = self.r.view(name)
 
     @precondition(lambda self: self.snaps)
@@ -152,6 +166,7 @@ class ChainMachine(RuleBasedStateMachine):
         self.r.revert(name)
         snap = self.snaps[name]
         self.head = bytearray(snap) + bytearray(len(self.head) - len(snap))
+        self.undefined = set(self.snap_undefined[name])
 
     @precondition(lambda self: len(self.head) < MAX_SIZE)
     @rule(blocks=st.integers(1, 9))
@@ -175,19 +190,33 @@ class ChainMachine(RuleBasedStateMachine):
         if self.r is None:
             return
         assert self.r.size == len(self.head)
-        assert self.r.read(0, len(self.head)) == self.head
-        check_status(self.r.block_status(0, len(self.head)), self.head)
+        got = self.r.read(0, len(self.head))
+        want = seen(self.head, self.undefined, got, 0)
+        assert got == want
+        check_status(self.r.block_status(0, len(self.head)), want)
         for name, oracle in self.snaps.items():
             v = self.views[name]
             assert v.size == len(oracle)
-            assert v.read(0, len(oracle)) == oracle, f"snapshot {name} changed"
-            check_status(v.block_status(0, len(oracle)), oracle)
+            got = v.read(0, len(oracle))
+            want = seen(oracle, self.snap_undefined[name], got, 0)
+            assert got == want, f"snapshot {name} changed"
+            check_status(v.block_status(0, len(oracle)), want)
         for v in self.dead:
             with pytest.raises(OSError) as e:
                 v.read(0, 1)
             assert e.value.errno == errno.ESHUTDOWN
         live = sorted(i.name for i in self.r.layers() if i.name and not i.removed)
         assert live == sorted(self.snaps)
+
+
+def seen(oracle: bytearray, undefined: set[int], got: bytes, off: int) -> bytearray:
+    """The oracle with its undefined blocks' bytes taken from ``got`` (read at ``off``)."""
+    out = bytearray(oracle)
+    for b in undefined:
+        s, e = max(b * BS, off), min((b + 1) * BS, off + len(got), len(out))
+        if s < e:
+            out[s:e] = got[s - off:e - off]
+    return out
 
 
 def check_status(status: list[tuple[int, bool]], oracle: bytes | bytearray) -> None:

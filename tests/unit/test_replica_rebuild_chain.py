@@ -261,15 +261,16 @@ def test_rebuilding_writes_need_whole_edge_blocks(rebuilding: Replica) -> None:
         t.zero(10 * BS, 2 * BS, fast=True)
     assert e.value.errno == errno.ENOTSUP
     t.zero(10 * BS, 2 * BS)  # real zeros, even though no layer here holds data yet
-    t.trim(12 * BS, BS)
+    t.trim(12 * BS, BS)  # a whole block the head lacks: left as the older layers show it
+    t.trim(11 * BS, BS)  # one it holds: real zeros, as a zero while rebuilding
     extents, data = own_data(t, head)
-    assert extents == [(3 * BS, False), (2 * BS, True), (5 * BS, False), (3 * BS, True),
-                       (51 * BS, False)]
+    assert extents == [(3 * BS, False), (2 * BS, True), (5 * BS, False), (2 * BS, True),
+                       (52 * BS, False)]
     want = bytearray(pat(2, 2 * BS))
     want[10:110] = b"y" * 100
     want[BS + 1:BS + 6] = bytes(5)
     assert data[3 * BS:5 * BS] == want
-    assert data[10 * BS:13 * BS] == bytes(3 * BS)
+    assert data[10 * BS:13 * BS] == bytes(3 * BS)  # block 12: a hole (reads zeros here)
 
 
 def test_rebuilding_structure_rules(rebuilding: Replica, src: Replica) -> None:

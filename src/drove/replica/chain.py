@@ -824,8 +824,35 @@ class Replica:
             self._fdatasync(fd)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        """Discard the range; in drove it then reads as zeros (same as :meth:`zero`)."""
-        self.zero(offset, length, fua=fua)
+        """Discard the range: as :meth:`zero` where the head holds data, but whole blocks the
+        head does not hold are left as they are.
+
+        Writing zeros over what only an older layer holds would grow the head by every
+        block trimmed (a filesystem's trim of its free space after a snapshot would fill
+        the head with zeros): those blocks keep reading the older data instead, which NBD
+        allows (a trimmed range is undefined until written).  It keeps the replicas
+        alike: their heads hold the same blocks but where one punched and another wrote
+        zeros (both read zeros), so a block one head lacks reads the same on all of them.
+        """
+        self._check_usable()
+        _check_range(offset, length, self._vol.size)
+        end = offset + length
+        full_lo, full_hi = -(-offset // BLOCK), end // BLOCK
+        if full_lo >= full_hi or self._index.top == 0:  # no whole block, or no older layer
+            self.zero(offset, length, fua=fua)
+            return
+        if self._chain_incomplete:
+            self._check_rebuild_edges(offset, end)  # refuse before changing anything
+        todo = [(s * BLOCK, e * BLOCK) for s, e, v in self._index.top_runs(full_lo, full_hi)
+                if v != HOLE]
+        if offset < full_lo * BLOCK:
+            todo.insert(0, (offset, full_lo * BLOCK))
+        if end > full_hi * BLOCK:
+            todo.append((full_hi * BLOCK, end))
+        for a, z in todo:
+            self.zero(a, z - a)
+        if fua:
+            self._fdatasync(self._head_fd)
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync the head)."""

@@ -230,7 +230,8 @@ class HeadExport:
         self._replica.zero(offset, length, fua=fua, fast=fast)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        """Discard the range; drove reads discarded ranges as zeros."""
+        """Discard the range (drove.replica.chain.Replica.trim: the head's copy goes, a
+        block only an older layer holds is left as it is)."""
         self._check()
         await fetch_backing_edges(self._replica, offset, length)
         self._replica.trim(offset, length, fua=fua)
