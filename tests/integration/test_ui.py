@@ -177,6 +177,8 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     write(uri, 8)
     iops = page.locator(".chart-summary").first
     iops.filter(has_text=re.compile(r"requests/s: (0\.[1-9]|[1-9])")).wait_for()
+    latency = page.locator(".chart-summary").nth(2)  # of the same poll: mean and p99
+    latency.filter(has_text=re.compile(r"mean: .* · p99: (0\.0[1-9]|0\.[1-9]|[1-9])")).wait_for()
 
     # Snapshot from the UI: it appears in the tree, and the API has it.
     page.get_by_role("button", name="Snapshot", exact=True).click()

@@ -75,7 +75,7 @@ export function ioCharts(formatCount, formatBytes) {
     new LineChart("IOPS", [{key: "iops", label: "requests/s"}], formatCount),
     new LineChart("Throughput", [{key: "read", label: "read"}, {key: "write", label: "write"}],
       (v) => `${formatBytes(v)}/s`),
-    new LineChart("Latency (mean)", [{key: "latency", label: "ms"}],
+    new LineChart("Latency", [{key: "latency", label: "mean"}, {key: "p99", label: "p99"}],
       (v) => `${(v || 0).toFixed(2)} ms`),
   ];
   return {

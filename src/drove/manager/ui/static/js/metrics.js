@@ -36,8 +36,37 @@ function counters(samples) {
     else if (name === "drove_volume_bytes_total" && labels.op === "write") add(volume, "wbytes", value);
     else if (name === "drove_volume_latency_seconds_sum") add(volume, "lsum", value);
     else if (name === "drove_volume_latency_seconds_count") add(volume, "lcount", value);
+    else if (name === "drove_volume_latency_seconds_bucket") {
+      // Per op: [[upper bound in s, cumulative count]] (the engine lists only the bounds
+      // its requests reached, so two ops' bounds differ).
+      const hist = ((out[volume] ??= {}).hist ??= {});
+      (hist[labels.op] ??= []).push([labels.le === "+Inf" ? Infinity : Number(labels.le), value]);
+    }
   }
   return out;
+}
+
+/** A cumulative histogram's count at ``x``: that of its largest bound at or below it. */
+function cumulativeAt(buckets, x) {
+  let c = 0;
+  for (const [le, n] of buckets) if (le <= x && n > c) c = n;
+  return c;
+}
+
+/**
+ * The ``q`` quantile, in ms, of the requests that ended between two scrapes (``now`` and
+ * ``before``: {series: buckets}), as the upper bound of its bucket; 0 without requests.
+ */
+export function quantile(now, before, q) {
+  const keys = Object.keys(now ?? {});
+  const delta = (x) => keys.reduce((sum, k) =>
+    sum + cumulativeAt(now[k], x) - cumulativeAt(before?.[k] ?? [], x), 0);
+  const total = delta(Infinity);
+  if (total <= 0) return 0;
+  const bounds = [...new Set(keys.flatMap((k) => now[k].map(([le]) => le)))]
+    .filter(Number.isFinite).sort((a, b) => a - b);
+  for (const le of bounds) if (delta(le) >= q * total) return le * 1000;
+  return bounds.length ? bounds[bounds.length - 1] * 1000 : 0; // past the last bound
 }
 
 /** One point of a volume's (or the total's) rates. */
@@ -50,6 +79,7 @@ function rates(now, before, seconds) {
     write: d("wbytes") / seconds,
     // Mean latency of the requests that ended in the interval, in milliseconds.
     latency: calls ? (1000 * d("lsum")) / calls : 0,
+    p99: quantile(now.hist, before.hist, 0.99),
   };
 }
 
@@ -57,16 +87,20 @@ function rates(now, before, seconds) {
 export class History {
   constructor() {
     this.last = null; // {t, counters}
-    this.series = {}; // volume or "" (total) -> [{t, iops, read, write, latency}]
+    this.series = {}; // volume or "" (total) -> [{t, iops, read, write, latency, p99}]
   }
 
   /** Take one scrape at time t (ms); a volume whose counters went back (engine restart)
    *  starts afresh. */
   add(text, t = Date.now()) {
     const now = counters(parse(text));
-    const total = {};
-    for (const c of Object.values(now)) {
-      for (const [k, v] of Object.entries(c)) total[k] = (total[k] ?? 0) + v;
+    const total = {hist: {}};
+    for (const [volume, c] of Object.entries(now)) {
+      for (const [k, v] of Object.entries(c)) {
+        if (k !== "hist") total[k] = (total[k] ?? 0) + v;
+      }
+      // Each volume's ops stay apart: their bounds differ.
+      for (const [op, b] of Object.entries(c.hist ?? {})) total.hist[`${volume}/${op}`] = b;
     }
     now[""] = total;
     if (this.last) {
