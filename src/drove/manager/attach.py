@@ -30,6 +30,7 @@ from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
 from drove.manager.unrecorded import Unrecorded
+from drove.manager.upgrade import UPGRADE_FIELD
 from drove.manager.volumekey import volume_key
 from drove.replica.fence import NOTHING_CLAIMED
 
@@ -315,6 +316,7 @@ class Attacher:
         if found is None or found.pid == old.get("pid"):
             return False
         doc["engine"] = found.to_json()
+        doc.pop(UPGRADE_FIELD, None)  # the upgrade is done
         doc["replaced_engine"] = {"node": doc.get("node"), "epoch": launch_epoch(old)}
         self._records.save(doc)
         if await self._engines.refresh(doc) is None:

@@ -31,6 +31,7 @@ from drove.manager.engines import launch_epoch
 from drove.manager.errors import ApiError, validate_name, validate_role
 from drove.manager.events import EventFn
 from drove.manager.store import ConflictError, Store, StoreError, now_iso
+from drove.manager.upgrade import UPGRADE_FIELD
 
 NODE_DOWN_AFTER = 5.0
 """Seconds without a heartbeat after which a node is down (five missed heartbeats)."""
@@ -158,7 +159,8 @@ class NodeHealth:
                 why = f"volume {volume} is detached"
             elif doc.get("node") != node:
                 why = f"volume {volume} is attached on node {doc.get('node')} now"
-            elif epoch is not None and epoch == launch_epoch(doc.get("engine")):
+            elif ({"node": node, "epoch": epoch} == doc.get(UPGRADE_FIELD)
+                  and epoch == launch_epoch(doc.get("engine"))):
                 continue  # the recorded engine, which may hold a newer epoch than it was
                 # started with (a live upgrade under way, or one that failed after the new
                 # engine claimed the replicas: drove.manager.upgrade)

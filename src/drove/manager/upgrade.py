@@ -40,6 +40,12 @@ AUTO_INTERVAL = 10.0
 heartbeat says its version; this manager's own agent is its own)."""
 
 
+UPGRADE_FIELD = "engine_upgrade"
+"""In a volume's record while its recorded engine may hold a newer epoch than it was started
+with (a live upgrade under way, or one that failed after the new engine had claimed the
+replicas): ``{"node", "epoch"}``, that engine's node and launch epoch."""
+
+
 class UpgradeFailedError(ApiError):
     """The successor engine was started and failed: the old engine serves on."""
 
@@ -147,6 +153,9 @@ class EngineUpgrades:
         old, old_epoch = doc["engine"], int(doc.get("epoch") or 0)
         # Like an attach: the new epoch is stored before the engine that claims it runs.
         doc["epoch"] = new_epoch = old_epoch + 1
+        # Meanwhile the old engine, started with an older epoch, is still the volume's: its
+        # agent is not told to stop it (drove.manager.heartbeats).
+        doc[UPGRADE_FIELD] = {"node": node, "epoch": launch_epoch(old)}
         self._records.save(doc)
         agent = self._agents.for_node(node)
         try:
@@ -161,7 +170,7 @@ class EngineUpgrades:
             raise await self._failed(doc, old_epoch, reason, exc) from exc
         doc["engine"] = proc.to_json()
         # Its agent's long-poll may still list the old engine a moment: not to be named stale.
-        doc["replaced_engine"] = {"node": node, "epoch": launch_epoch(old)}
+        doc["replaced_engine"] = doc.pop(UPGRADE_FIELD)
         self._records.save(doc)
         self._engines.drop(name)
         # The new engine starts without the volume's QoS limits: they go to it as at attach.
@@ -215,6 +224,8 @@ class EngineUpgrades:
         # The epoch the old engine holds now (the new one if the successor began claiming
         # the replicas); when it does not answer, the higher: an epoch is never reused.
         doc["epoch"] = held if isinstance(held, int) and held in (old_epoch, tried) else tried
+        if doc["epoch"] == launch_epoch(doc.get("engine")):
+            doc.pop(UPGRADE_FIELD, None)  # it holds the epoch it was started with: as before
         self._records.save(doc)
         alive = await asyncio.to_thread(self._agents.for_node(doc.get("node")).alive,
                                         doc.get("engine"))
