@@ -93,6 +93,8 @@ def unlabelled(page: Any) -> list[str]:
 
 
 def test_the_page_and_its_assets_are_served_without_shadowing_the_api(ui_manager):
+    # drove serve says where the UI is.
+    assert f"UI:    {ui_manager.url}/\n" in ui_manager.log.read_text()
     r = httpx.get(ui_manager.url + "/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "default-src 'self'" in r.headers["content-security-policy"]
