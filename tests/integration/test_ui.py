@@ -394,6 +394,12 @@ def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manage
     page.locator(".tasks li.task").filter(has_text="bk-now").filter(has_text="succeeded") \
         .wait_for(timeout=60_000)
 
+    # One more replica, live: the dialog, then two RW replicas on the page.
+    page.get_by_role("button", name="Replicas & locality").click()
+    dialog_submit(page, {"Replicas": "2"}, "Apply")
+    page.locator("section[aria-label=Replicas] tbody .badge-rw").nth(1).wait_for(timeout=60_000)
+    assert m.volume("bk")["replica_count"] == 2
+
 
 def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_path):
     m = ui_manager
