@@ -31,13 +31,36 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+# Test modules on network-namespace hosts (the `hosts` fixture): they share the bridge and
+# the namespace names (tests/hosts.py serialises them by a lock), so one worker runs them all.
+NETNS_MODULES = frozenset({
+    "test_cluster_e2e.py", "test_engine_access.py", "test_hosts.py", "test_takeover.py",
+    "test_takeover_partition.py",
+})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Units of work for ``pytest -n N --dist loadgroup`` (./dev test): a test module stays on
-    one worker (its module fixtures start once), and every test on network-namespace hosts
-    on one worker (they share the bridge and namespace names, serialised by a lock anyway)."""
-    for item in items:
-        group = "netns-hosts" if "hosts" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Refuse a test on netns hosts whose module NETNS_MODULES does not name."""
+    stray = sorted({Path(item.path).name for item in items if "hosts" in item.fixturenames}
+                   - NETNS_MODULES)
+    if stray:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(stray)} to NETNS_MODULES "
+                                "(their tests use the netns hosts)")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Units of work for ``pytest -n N`` (./dev test): a test module stays on one worker (its
+    module fixtures start once), and every module of NETNS_MODULES on one worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        """xdist's loadfile, with the netns-host modules as one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "netns-hosts" if Path(module).name in NETNS_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
