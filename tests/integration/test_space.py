@@ -6,6 +6,7 @@ the `trim` job kind."""
 from __future__ import annotations
 
 import os
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -174,3 +175,24 @@ def test_trim_job_runs_once_with_an_event(manager, tmp_path):
     trims = [e for e in manager.events("tj") if e["kind"] == "volume-trimmed"]
     assert len(trims) == 1 and "fell by" in trims[0]["message"]
     manager.cli("volume", "detach", "tj")
+
+
+def test_space_of_a_linked_clone_and_the_snapshot_it_needs(manager):
+    manager.cli("volume", "create", "base", "--size", "64M", "--replicas", "1")
+    uri = manager.cli_json("volume", "attach", "base")["nbd_uri"]
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4M", uri], check=True,
+                   capture_output=True, timeout=120)
+    manager.cli("snapshot", "create", "base", "s1")
+    manager.cli("volume", "clone", "base", "kid", "--snapshot", "s1")
+    s1 = snap(space(manager, "base"), "s1")
+    assert s1["data"] == 4 * MiB and s1["shared"]  # its file is linked into the clone's
+    assert s1["freed_by_delete"] == 0 and "kid" in s1["why"], s1
+    # The clone (detached: its node's agent reads the directory) shares the 4 MiB.
+    (kid,) = space(manager, "kid")["replicas"]
+    assert kid["error"] is None and kid["shared"] >= 4 * MiB and kid["own"] < MiB, kid
+    # Deleted, s1 is only hidden: it still frees nothing, and says why.
+    manager.cli("snapshot", "delete", "base", "s1")
+    (hidden,) = [s for s in manager.cli_json("snapshot", "list", "base", "--all")
+                 if s["name"] == "s1"]
+    assert hidden["hidden"] and hidden["freed_by_delete"] == 0 and "hidden" in hidden["why"]
+    manager.cli("volume", "detach", "base")
