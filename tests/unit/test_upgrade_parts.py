@@ -85,9 +85,17 @@ def test_an_engine_without_a_handoff_socket_is_refused(tmp_path: Path) -> None:
                ["python", "-m", "drove", "engine", "serve", "v", "--epoch", "3"], "")
     with pytest.raises(EngineUpgradeError, match="without --handoff"):
         agent.upgrade_engine("v", old, [], timeout=8.0, state_file=tmp_path / "s", epoch=4)
-    gone = Proc(old.pid, old.start_time + 1, [*old.argv, "--handoff", "/nowhere"], "")
+    elsewhere = Proc(old.pid, old.start_time, [*old.argv, "--handoff", "/tmp/x.sock"], "")
+    with pytest.raises(EngineUpgradeError, match="not on this agent's handoff socket"):
+        agent.upgrade_engine("v", elsewhere, [], timeout=8.0, state_file=tmp_path / "s",
+                             epoch=4)
+    mine = [*old.argv, "--handoff", str(agent.handoff_socket("v"))]
+    gone = Proc(old.pid, old.start_time + 1, mine, "")
     with pytest.raises(EngineUpgradeError, match="not running"):
         agent.upgrade_engine("v", gone, [], timeout=8.0, state_file=tmp_path / "s", epoch=4)
+    with pytest.raises(ValueError, match="not a process record"):
+        agent.upgrade_engine("v", {"pid": 1}, [], timeout=8.0, state_file=tmp_path / "s",
+                             epoch=4)
     assert not (agent.run_dir / "v.engine.next.ready").exists()  # nothing was started
 
 

@@ -182,11 +182,20 @@ class NodeAgent:
         not report ready (``old`` then serves on).
         """
         if isinstance(old, dict):
-            old = Proc.from_json(old)
+            try:
+                old = Proc.from_json(old)
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"not a process record (pid, start_time, argv, log, ready): "
+                                 f"{exc!r}") from exc
         handoff = option(old.argv, "--handoff")
         if handoff is None:
             raise EngineUpgradeError(f"the engine of volume {volume} (pid {old.pid}) was "
                                      "started without --handoff: it cannot hand over")
+        if handoff != str(self.handoff_socket(volume)):
+            # Only an engine of this agent's is taken over, through the socket it made.
+            raise EngineUpgradeError(f"process {old.pid} listens for a successor on "
+                                     f"{handoff}, not on this agent's handoff socket of "
+                                     f"volume {volume}: not an engine it started")
         if not processes.alive(old):
             raise EngineUpgradeError(f"the engine of volume {volume} (pid {old.pid}) is not "
                                      "running")
