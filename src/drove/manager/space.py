@@ -182,9 +182,14 @@ class Space:
                              "actual": r.get("actual"), "freed": freed, "error": r.get("error")})
         freed_all = [r["freed"] for r in replicas if r["freed"] is not None]
         freed = sum(freed_all) if freed_all else None
+        if freed is None:
+            change = "no replica reported its size"
+        elif freed >= 0:
+            change = f"the replicas' actual size fell by {format_size(freed)} in all"
+        else:  # writes meanwhile
+            change = f"the replicas' actual size grew by {format_size(-freed)} in all"
         message = (f"fstrim on node {node} at {mnt} trimmed {format_size(res['trimmed'])}; "
-                   + (f"the replicas' actual size fell by {format_size(freed)} in all"
-                      if freed is not None else "no replica reported its size")
+                   + change
                    + (f", the head holds {format_size(after['head'])}"
                       if after["head"] is not None else ""))
         self._event("volume-trimmed", f"volume {name}: {message}", name)
