@@ -27,6 +27,7 @@ import drove
 from cluster import fio_verify_argv
 from drove.agent.node import PYTHON_ENV
 from drove.replica.access import KEY_ENV
+from replicatools import nbdsh
 
 SRC = Path(drove.__file__).resolve().parent
 
@@ -331,9 +332,10 @@ def test_an_engine_older_than_its_agent_is_upgraded_when_the_manager_starts(
     assert f"pid {after['engine']['pid']}, drove {drove.__version__}, epoch" in shown, shown
 
 
-def start_agent(manager, name: str, data_dir: Path, address: str) -> subprocess.Popen[bytes]:
+def start_agent(manager, name: str, data_dir: Path, address: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A `drove agent` for node ``name`` on ``address`` (a loopback address of its own
-    standing in for another host's), once it serves."""
+    standing in for another host's), once it serves; ``env``: more of its environment."""
     out = data_dir.with_suffix(".out")
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as log:
@@ -342,8 +344,8 @@ def start_agent(manager, name: str, data_dir: Path, address: str) -> subprocess.
              "--listen", f"{address}:0", "--data-dir", str(data_dir),
              "--token-file", str(manager.data_dir / "cluster-token"),
              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
-    wait_for(lambda: out.read_text().lstrip().startswith("{") or proc.poll() is not None,
+            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    wait_for(lambda: '{"' in out.read_text() or proc.poll() is not None,
              f"agent {name} to serve")
     assert proc.poll() is None, out.read_text()[-2000:]
     return proc
@@ -437,3 +439,36 @@ def test_a_manager_killed_during_an_upgrade_adopts_the_new_engine(manager, tmp_p
     (mnt / "after").write_bytes(b"n" * 8192)
     os.sync()
     assert (mnt / "after").read_bytes() == b"n" * 8192
+
+
+def test_an_agent_restarted_with_a_newer_drove_has_its_engines_upgraded(manager, tmp_path):
+    old_tree = older_drove(tmp_path, "0.0.1")
+    agent = start_agent(manager, "n2", tmp_path / "n2", "127.0.0.2",
+                        env={"PYTHONPATH": str(old_tree)})
+    try:
+        wait_for(lambda: any(d["state"] == "ready" for n in manager.ok("GET", "/v1/nodes")
+                             if n["name"] == "n2" for d in n["disks"]), "n2's disk")
+        manager.cli("volume", "create", "n2v", "--size", "32M", "--replicas", "2")
+        before = manager.cli_json("volume", "attach", "n2v", "--node", "n2")
+        assert before["engine"]["version"] == "0.0.1"
+        nbd_write = "h.pwrite(b'\\x6b' * 65536, 0)"
+        assert nbdsh(before["nbd_uri"], nbd_write).returncode == 0
+        # The agent stops (its engine serves on) and starts again from this drove.
+        agent.terminate()
+        agent.wait(30)
+        assert pid_alive(before["engine"]["pid"])
+        agent = start_agent(manager, "n2", tmp_path / "n2", "127.0.0.2")
+        after = manager.wait_volume(
+            "n2v", lambda v: (v["engine"] or {}).get("version") == drove.__version__,
+            timeout=60, what="n2's engine upgraded to its agent's drove")
+        assert after["engine"]["pid"] != before["engine"]["pid"]
+        assert after["engine"]["epoch"] == before["engine"]["epoch"] + 1
+        assert after["nbd_uri"] == before["nbd_uri"] and after["health"] == "healthy"
+        nbdsh(after["nbd_uri"], "assert h.pread(65536, 0) == b'\\x6b' * 65536")
+        upgraded = [e["message"] for e in manager.events("n2v")
+                    if e["kind"] == "engine-upgraded"]
+        assert len(upgraded) == 1 and f"its agent runs drove {drove.__version__}" in upgraded[0]
+        manager.cli("volume", "detach", "n2v")
+    finally:
+        agent.terminate()
+        agent.wait(30)

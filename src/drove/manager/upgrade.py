@@ -35,7 +35,7 @@ from drove.manager.volumekey import volume_key
 
 log = logging.getLogger("drove.manager")
 
-AUTO_INTERVAL = 10.0
+AUTO_INTERVAL = 5.0
 """Seconds between two looks for engines older than their agent (a restarted agent's
 heartbeat says its version; this manager's own agent is its own)."""
 
