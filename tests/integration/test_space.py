@@ -196,3 +196,36 @@ def test_space_of_a_linked_clone_and_the_snapshot_it_needs(manager):
                  if s["name"] == "s1"]
     assert hidden["hidden"] and hidden["freed_by_delete"] == 0 and "hidden" in hidden["why"]
     manager.cli("volume", "detach", "base")
+
+
+def test_space_and_trim_on_another_node_go_through_its_agent(manager, tmp_path):
+    from test_agent import AgentProc
+
+    from backuptools import wait_for
+
+    agent = AgentProc(manager, "n2", tmp_path / "n2")
+    try:
+        wait_for(lambda: any(d["state"] == "ready" for n in manager.ok("GET", "/v1/nodes")
+                             if n["name"] == "n2" for d in n["disks"]), 15, "n2's disk")
+        manager.cli("volume", "create", "far", "--size", "64M", "--replicas", "2")
+        mnt = tmp_path / "mnt"
+        att = manager.cli_json("volume", "attach", "far", "--node", "n2", "--mount", str(mnt))
+        assert att["node"] == "n2" and att["mountpoint"] == str(mnt)
+        write_file(mnt / "f", 6 * MiB)
+        sync_fs(mnt)
+        before = space(manager, "far")
+        (mnt / "f").unlink()
+        sync_fs(mnt)
+        res = manager.cli_json("volume", "trim", "far")  # fstrim by n2's agent
+        assert res["node"] == "n2" and res["trimmed"] >= 6 * MiB
+        after = space(manager, "far")
+        for r0, r1 in zip(before["replicas"], after["replicas"], strict=True):
+            assert r0["head"] - r1["head"] >= 6 * MiB - SLACK, (r0, r1)
+        manager.cli("volume", "detach", "far")
+        off = space(manager, "far")  # n2's replica read by n2's agent
+        assert [r["node"] for r in off["replicas"] if r["error"] is None] \
+            and not any(r["error"] for r in off["replicas"]), off
+        assert {r["head"] for r in off["replicas"]} == {r["head"] for r in after["replicas"]}
+    finally:
+        agent.proc.terminate()
+        agent.proc.wait(30)
