@@ -167,7 +167,8 @@ class RemoteAgent:
 
     def replica_space(self, path: str) -> dict[str, Any]:
         """The space report of a replica directory on that node (see NodeAgent)."""
-        return self._post("/v1/replicas/space", {"path": path}, 60.0)
+        # A down node must not hold `volume get` for long; a big replica's scan may take a while.
+        return self._post("/v1/replicas/space", {"path": path}, httpx.Timeout(30.0, connect=3.0))
 
     def trim_host(self, attachment: dict[str, Any]) -> dict[str, Any]:
         """fstrim a mounted volume's filesystem on that host (see NodeAgent.trim_host)."""
