@@ -13,8 +13,9 @@ from rich.table import Table
 from drove.cli.client import Manager, labels_text, local_time, show_table, with_manager
 from drove.cli.output import JsonOpt, console, emit, err_console, fail, parse_labels
 
-app = typer.Typer(help="Jobs: snapshots or backups of volumes on a cron schedule, keeping "
-                       "the newest N.", no_args_is_help=True)
+app = typer.Typer(help="Jobs: snapshots, backups, scrubs or trims of volumes on a cron "
+                       "schedule, keeping the newest N snapshots or backups.",
+                  no_args_is_help=True)
 
 NameArg = Annotated[str, typer.Argument(help="job name", show_default=False)]
 
