@@ -46,6 +46,14 @@ with (a live upgrade under way, or one that failed after the new engine had clai
 replicas): ``{"node", "epoch"}``, that engine's node and launch epoch."""
 
 
+SETTLE_WAIT = 45.0
+"""Seconds an engine whose successor failed may take to serve again (it takes its replicas
+back): the engine's own limit on a handoff (30 s) and its grace for the successor's end."""
+
+# An engine's upgrade states (its info's ``upgrade``) while it hands over to a successor.
+_HANDING_OVER = frozenset({"draining", "handing-over", "successor-claiming"})
+
+
 class UpgradeFailedError(ApiError):
     """The successor engine was started and failed: the old engine serves on."""
 
@@ -219,7 +227,7 @@ class EngineUpgrades:
         """Put the record back on the old engine after its successor failed; the error."""
         name = doc["name"]
         tried = doc["epoch"]
-        info = await self._engines.refresh(doc)  # the record still names the old engine
+        info = await self._settled(doc)  # the record still names the old engine
         held = (info or {}).get("epoch")
         # The epoch the old engine holds now (the new one if the successor began claiming
         # the replicas); when it does not answer, the higher: an epoch is never reused.
@@ -239,6 +247,19 @@ class EngineUpgrades:
         return UpgradeFailedError(409, f"volume {name}: the engine upgrade failed: the new "
                                        f"engine {_last_words(exc)}; {after}; the engine's "
                                        "log and `drove event list` tell more")
+
+    async def _settled(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """What ``doc``'s (old) engine reports once it is done with a handoff (serving
+        again, its replicas taken back, after a successor that failed); None when it does
+        not answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_WAIT
+        while True:
+            info = await self._engines.refresh(doc)
+            state = ((info or {}).get("upgrade") or {}).get("state")
+            if info is None or state not in _HANDING_OVER or loop.time() > deadline:
+                return info
+            await asyncio.sleep(0.1)
 
     # -------------------------------------------------------------- automatic
 
