@@ -149,7 +149,7 @@ def engine_writes(manager, volume: str) -> int:
     return int(r.json()["ops"]["write"]["count"])
 
 
-@pytest.mark.slow  # ~25 s: a mounted volume written through an upgrade, then detached, attached
+@pytest.mark.slow  # 8-30 s: a mounted volume written through an upgrade, detached, attached
 def test_upgrade_keeps_a_mounted_volume_and_every_write(manager, tmp_path):
     mnt = tmp_path / "mnt"
     (tmp_path / "disk2").mkdir()
@@ -190,7 +190,7 @@ def test_upgrade_keeps_a_mounted_volume_and_every_write(manager, tmp_path):
     writer.verify()
 
 
-@pytest.mark.slow  # 10-20 s: fio writing and verifying through two upgrades in a row
+@pytest.mark.slow  # 8-20 s: fio writing and verifying through two upgrades in a row
 def test_fio_sees_no_error_through_two_upgrades(manager, tmp_path):
     # Encrypted: a new engine without the volume's data key would serve ciphertext.
     kek = tmp_path / "kek"
@@ -252,7 +252,7 @@ def python_with_another_key(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # 10-20 s each: a manager restarted, a successor that fails
+@pytest.mark.slow  # 5-20 s each: a manager restarted, a successor that fails
 @pytest.mark.parametrize(("python", "claimed", "says"), [
     # It never reaches the old engine: nothing claimed, the epoch stays.
     (broken_python, False, "installation is broken"),
@@ -312,7 +312,7 @@ def older_drove(root: Path, version: str) -> Path:
     return tree
 
 
-@pytest.mark.slow  # ~30 s: two manager restarts around a mounted volume
+@pytest.mark.slow  # 10-30 s: two manager restarts around a mounted volume
 def test_an_engine_older_than_its_agent_is_upgraded_when_the_manager_starts(
         manager, tmp_path, monkeypatch):
     mnt = tmp_path / "mnt"
@@ -366,7 +366,7 @@ def start_agent(manager, name: str, data_dir: Path, address: str,
     return proc
 
 
-@pytest.mark.slow  # ~20 s: an agent of its own, a volume across two nodes
+@pytest.mark.slow  # 5-20 s: an agent of its own, a mount through it
 def test_an_engine_on_another_nodes_agent_is_upgraded_through_it(manager, tmp_path):
     mnt = tmp_path / "mnt"
     agent = start_agent(manager, "n2", tmp_path / "n2", "127.0.0.2")
@@ -417,7 +417,6 @@ def successor_pids(run_dir: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # ~20 s: a manager killed in the middle of an upgrade, started again
 def test_a_manager_killed_during_an_upgrade_adopts_the_new_engine(manager, tmp_path):
     mnt = tmp_path / "mnt"
     manager.cli("volume", "create", "mid", "--size", "64M", "--replicas", "1")
