@@ -60,6 +60,7 @@ from drove.replica.meta import (
     VolumeMeta,
     meta_file,
 )
+from drove.replica.ranges import block_extents, intersect, seek_data, subtract
 
 log = logging.getLogger(__name__)
 
@@ -95,70 +96,6 @@ class LayerInfo:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _seek_data(fd: int, pos: int) -> int | None:
-    """Offset of the first data at or after ``pos``, or None when only holes follow."""
-    try:
-        return os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            return None
-        raise
-
-
-def _block_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """Blocks of [start, end) where the file holds any data, rounded outward, merged."""
-    out: list[tuple[int, int]] = []
-    pos = start * BLOCK
-    stop = end * BLOCK
-    while pos < stop:
-        d = _seek_data(fd, pos)
-        if d is None or d >= stop:
-            break
-        h = os.lseek(fd, d, os.SEEK_HOLE)
-        s, e = d // BLOCK, min(-(-h // BLOCK), end)
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(e, out[-1][1]))
-        else:
-            out.append((s, e))
-        pos = h
-    return out
-
-
-def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted disjoint ranges ``a`` minus sorted disjoint ranges ``b``."""
-    out: list[tuple[int, int]] = []
-    j = 0
-    for s, e in a:
-        while j < len(b) and b[j][1] <= s:
-            j += 1
-        k = j
-        while s < e:
-            if k >= len(b) or b[k][0] >= e:
-                out.append((s, e))
-                break
-            if b[k][0] > s:
-                out.append((s, b[k][0]))
-            s = max(s, b[k][1])
-            k += 1
-    return out
-
-
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Intersection of two sorted disjoint range lists."""
-    out: list[tuple[int, int]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        s = max(a[i][0], b[j][0])
-        e = min(a[i][1], b[j][1])
-        if s < e:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
 
 
 # bytearray(n) zero-fills; CPython's PyByteArray_FromStringAndSize(NULL, n) does
@@ -236,7 +173,7 @@ def _hash_layer(fd: int) -> str:
     """sha256 over each maximal data run: 8-byte offset, 8-byte length, then the data."""
     h = hashlib.sha256()
     pos = 0
-    while (d := _seek_data(fd, pos)) is not None:
+    while (d := seek_data(fd, pos)) is not None:
         end = os.lseek(fd, d, os.SEEK_HOLE)
         h.update(struct.pack(">QQ", d, end - d))
         pos = d
@@ -331,7 +268,7 @@ class _BackedSource:
         """Blocks of [start, end) holding data (the backup's blocks until it is filled)."""
         if self._backing.active:
             return self._backing.extents(start, end)
-        return _block_extents(self._files.get(self.file), start, end)
+        return block_extents(self._files.get(self.file), start, end, BLOCK)
 
 
 class _LayerSource:
@@ -346,7 +283,7 @@ class _LayerSource:
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """Blocks of [start, end) holding data (any byte of a block counts)."""
-        return _block_extents(self._files.get(self.file), start, end)
+        return block_extents(self._files.get(self.file), start, end, BLOCK)
 
 
 def _chain_readinto(index: ReadIndex, files: _Files, offset: int, mv: memoryview,
@@ -1526,7 +1463,7 @@ class Replica:
         head = vol.head
         if vol.layers != (head,) or self._metas[head].parent is not None or self._backing:
             raise InvalidRequestError("only a fresh replica (no snapshots) can be restored into")
-        if _seek_data(self._head_fd, 0) is not None:
+        if seek_data(self._head_fd, 0) is not None:
             raise InvalidRequestError("the replica holds data already: an instant restore "
                                       "needs an empty one")
         if size != vol.size:
@@ -1733,7 +1670,8 @@ class Replica:
             for lo, hi in self._purge_windows(src, sm.size // BLOCK):
                 # Copy s where c has a hole: c then shows exactly what it showed
                 # through s before, and descendants of c cannot tell.
-                todo = _subtract(_block_extents(src, lo, hi), _block_extents(dst, lo, hi))
+                todo = subtract(block_extents(src, lo, hi, BLOCK),
+                                block_extents(dst, lo, hi, BLOCK))
                 for a, b in todo:
                     _copy_range(src, dst, a * BLOCK, b * BLOCK)
                 if todo:
@@ -1776,8 +1714,8 @@ class Replica:
         dst = meta.fs.open_write(self._dir / s, os.O_RDWR)
         try:
             for lo, hi in self._purge_windows(dst, sm.size // BLOCK):
-                both = _intersect(_block_extents(dst, lo, hi),
-                                  _block_extents(self._head_fd, lo, hi))
+                both = intersect(block_extents(dst, lo, hi, BLOCK),
+                                 block_extents(self._head_fd, lo, hi, BLOCK))
                 if both:
                     # The head's copy must be durable before s loses its own.
                     self._fdatasync(self._head_fd)
@@ -1795,7 +1733,7 @@ class Replica:
         step = max(1, PURGE_STEP_BYTES // BLOCK)
         pos = 0
         while pos < nblocks:
-            d = _seek_data(fd, pos * BLOCK)
+            d = seek_data(fd, pos * BLOCK)
             if d is None or d // BLOCK >= nblocks:
                 return
             pos = min(d // BLOCK + step, nblocks)
@@ -1849,7 +1787,7 @@ class Replica:
             dst = meta.fs.open_write(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 meta.fs.ftruncate(dst, st.st_size)
-                for a, b in _block_extents(src, 0, -(-st.st_size // BLOCK)):
+                for a, b in block_extents(src, 0, -(-st.st_size // BLOCK), BLOCK):
                     _copy_range(src, dst, a * BLOCK, min(b * BLOCK, st.st_size))
                 meta.fs.fsync(dst)
             finally:
@@ -2296,7 +2234,7 @@ def _file_extents(fd: int, start: int, end: int, max_extents: int) -> list[tuple
     out: list[tuple[int, bool]] = []
     pos = start
     while pos < end and len(out) < max_extents:
-        d = _seek_data(fd, pos)
+        d = seek_data(fd, pos)
         if d is None or d >= end:
             out.append((end - pos, False))
             break
@@ -2316,7 +2254,7 @@ def _range_digests(fd: int, size: int, range_size: int) -> list[str]:
     cur = -1
     h = hashlib.blake2b(digest_size=16)
     pos = 0
-    while pos < size and (d := _seek_data(fd, pos)) is not None and d < size:
+    while pos < size and (d := seek_data(fd, pos)) is not None and d < size:
         e = min(os.lseek(fd, d, os.SEEK_HOLE), size)
         p = d
         while p < e:
@@ -2345,7 +2283,7 @@ def _range_digest(fd: int, start: int, end: int) -> str:
     h = hashlib.blake2b(digest_size=16)
     buf = memoryview(bytearray(min(_COPY_BUF, max(end - start, 1))))
     pos = start
-    while pos < end and (d := _seek_data(fd, pos)) is not None and d < end:
+    while pos < end and (d := seek_data(fd, pos)) is not None and d < end:
         e = min(os.lseek(fd, d, os.SEEK_HOLE), end)
         h.update(struct.pack("<QQ", d - start, e - d))
         p = d

@@ -26,7 +26,6 @@ and subtracted from each snapshot's figure.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -34,10 +33,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drove.replica.meta import BLOCK, meta_file
+from drove.replica.ranges import Ranges, block_extents, intersect, subtract, total, union
 from drove.units import format_size
 
-Ranges = list[tuple[int, int]]
-"""Sorted, disjoint, non-touching [start, end) byte ranges, 4 KiB-aligned."""
+# The layers' extents are byte ranges aligned to 4 KiB blocks.
 
 
 class LayerLike(Protocol):
@@ -56,76 +55,9 @@ class LayerLike(Protocol):
 
 
 def data_extents(fd: int, size: int) -> Ranges:
-    """Where the file holds data in [0, size), rounded out to whole blocks, merged."""
-    out: Ranges = []
-    pos = 0
-    while pos < size:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        if d >= size:
-            break
-        h = min(os.lseek(fd, d, os.SEEK_HOLE), size)
-        s, e_ = d // BLOCK * BLOCK, min(-(-h // BLOCK) * BLOCK, -(-size // BLOCK) * BLOCK)
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(e_, out[-1][1]))
-        else:
-            out.append((s, e_))
-        pos = h
-    return out
-
-
-def total(a: Ranges) -> int:
-    """Bytes the ranges cover."""
-    return sum(e - s for s, e in a)
-
-
-def intersect(a: Ranges, b: Ranges) -> Ranges:
-    """The ranges both ``a`` and ``b`` cover."""
-    out: Ranges = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if s < e:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def subtract(a: Ranges, b: Ranges) -> Ranges:
-    """What ``a`` covers and ``b`` does not."""
-    out: Ranges = []
-    j = 0
-    for s, e in a:
-        while j < len(b) and b[j][1] <= s:
-            j += 1
-        k = j
-        while s < e:
-            if k >= len(b) or b[k][0] >= e:
-                out.append((s, e))
-                break
-            if b[k][0] > s:
-                out.append((s, b[k][0]))
-            s = max(s, b[k][1])
-            k += 1
-    return out
-
-
-def union(a: Ranges, b: Ranges) -> Ranges:
-    """What ``a`` or ``b`` covers, merged where ranges touch."""
-    out: Ranges = []
-    for s, e in sorted(a + b):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(e, out[-1][1]))
-        else:
-            out.append((s, e))
-    return out
+    """Where the file holds data in [0, size), in bytes rounded out to whole blocks, merged."""
+    blocks = -(-size // BLOCK)
+    return [(s * BLOCK, e * BLOCK) for s, e in block_extents(fd, 0, blocks, BLOCK)]
 
 
 # --------------------------------------------------------------------------- the model
