@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 
 from managertools import ManagerProc
 from nbdtools import nbdsh
@@ -132,8 +133,8 @@ def write(uri: str, mib: int) -> None:
 
 
 def dialog_submit(page: Any, fields: dict[str, str | bool], button: str) -> None:
-    """Fill the open dialog's fields by their labels (True checks a box) and press its
-    button."""
+    """Fill the open dialog's fields by their labels (True checks a box, a select takes the
+    option of that value) and press its button."""
     dialog = page.locator("dialog[open]")
     dialog.wait_for()
     assert not unlabelled(page)
@@ -141,6 +142,8 @@ def dialog_submit(page: Any, fields: dict[str, str | bool], button: str) -> None
         field = dialog.get_by_label(label, exact=True)
         if isinstance(value, bool):
             field.set_checked(value)
+        elif field.evaluate("e => e.tagName") == "SELECT":
+            field.select_option(value)
         else:
             field.fill(value)
     dialog.get_by_role("button", name=button, exact=True).click()
@@ -166,13 +169,21 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     for r in made["replicas"]:
         assert r["name"] in row.inner_text()
 
-    # Attach from the volume's page; the details show the NBD export the API gives.
+    # Attach from the volume's page, on a node picked from the manager's list (the
+    # manager's own by default); the details show the node and the NBD export it gives.
     row.get_by_role("link", name="web", exact=True).click()
+    (node,) = [n["name"] for n in m.ok("GET", "/v1/nodes")]
     page.get_by_role("button", name="Attach").click()
-    dialog_submit(page, {}, "Attach")
+    pick = page.locator("dialog[open]").get_by_label("Node", exact=True)
+    assert pick.input_value() == ""  # the default: the manager's own node
+    assert pick.locator("option").all_inner_texts() == ["the manager's own node",
+                                                        f"{node} (up)"]
+    dialog_submit(page, {"Node": node}, "Attach")
     page.get_by_role("button", name="Detach").wait_for()
-    uri = m.volume("web")["nbd_uri"]
-    assert uri
+    attached = m.volume("web")
+    uri = attached["nbd_uri"]
+    assert uri and attached["node"] == node
+    page.locator("dl.details").get_by_text(node, exact=True).wait_for()
     page.locator("dl.details").get_by_text(uri).wait_for()
 
     # Write through NBD from the test; the charts get figures from /metrics.
@@ -241,6 +252,12 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     # Detached, a snapshot cannot be reverted to: the page offers no revert.
     page.locator('li[data-snapshot="s1"]').get_by_role("button", name="Clone from s1").wait_for()
     assert page.get_by_role("button", name="Revert to s1").count() == 0
+    # Data locality changed from the same dialog as the replicas (detached: at once).
+    assert m.volume("web")["data_locality"] == "best-effort"
+    page.get_by_role("button", name="Replicas & locality").click()
+    dialog_submit(page, {"Data locality": "disabled"}, "Apply")
+    page.locator("dl.details").get_by_text("disabled", exact=True).wait_for()
+    assert m.volume("web")["data_locality"] == "disabled"
 
     # A narrow screen: the page reflows, nothing wider than the window.
     page.set_viewport_size(PHONE)
@@ -321,10 +338,12 @@ def test_a_viewer_sees_no_action_and_the_api_refuses_it(page, ui_manager, tmp_pa
     assert m.volume("ro")["state"] == "attached"
 
 
-def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_manager):
+def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_manager,
+                                                                       tmp_path):
     m = ui_manager
     m.ok("POST", "/v1/users", json={"name": "olga", "role": "operator",
                                     "password": "correct horse"})
+    m.ok("POST", "/v1/volumes", json={"name": "opv", "size": "16M", "replicas": 1})
     page.goto(m.url + "/")
     page.get_by_label("User", exact=True).fill("olga")
     page.get_by_label("Password", exact=True).fill("wrong horse")
@@ -336,6 +355,8 @@ def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_
     # An operator works with volumes but has no settings.
     assert page.get_by_role("button", name="Create volume").count() == 1
     assert page.get_by_role("link", name="Settings").count() == 0
+    operator_sees_volume_actions_but_no_settings(page, m)
+    shot(page, tmp_path, "operator-backups")
     cookie = next(c for c in page.context.cookies() if c["name"] == "drove_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.evaluate("document.cookie") == ""  # out of the scripts' reach
@@ -345,6 +366,47 @@ def test_a_password_login_keeps_a_strict_httponly_session_until_logout(page, ui_
     page.get_by_role("button", name="Log out").click()
     page.get_by_label("API token").wait_for()
     assert page.evaluate("fetch('/v1/session').then(r => r.status)") == 401
+
+
+def operator_sees_volume_actions_but_no_settings(page: Any, m: ManagerProc) -> None:
+    """Logged in as an operator: every action on a volume, none on the settings, the
+    backup target or the users; the API refuses a settings change naming the admin role."""
+    page.get_by_role("link", name="opv", exact=True).click()
+    actions = page.get_by_role("group", name="Volume actions")
+    actions.get_by_role("button", name="Attach").wait_for()
+    assert actions.get_by_role("button").all_inner_texts() == [
+        "Attach", "Snapshot", "Clone", "Expand", "Replicas & locality", "Delete"]
+    page.get_by_role("button", name="Add recurring job").wait_for()
+    # The settings page is not there for an operator: its address shows the dashboard.
+    page.goto(m.url + "/#/settings")
+    page.get_by_role("heading", name="Dashboard").wait_for()
+    assert page.get_by_role("heading", name="Settings").count() == 0
+    # The backups page shows the target, but no change of it; there is no user admin.
+    page.get_by_role("link", name="Backups").click()
+    page.get_by_role("heading", name="Target").wait_for()
+    assert page.get_by_role("button", name="Change target").count() == 0
+    assert page.get_by_role("navigation").get_by_role("link").all_inner_texts() == [
+        "Dashboard", "Backups", "Events"]
+    # What the page leaves out the API refuses: a settings change, the backup target, the
+    # users, sent with the operator's own session (its cookie and CSRF token).
+    before = m.ok("GET", "/v1/settings")
+    answers = page.evaluate("""async () => {
+        const s = await (await fetch("/v1/session")).json();
+        const headers = {"X-CSRF-Token": s.csrf, "Content-Type": "application/json"};
+        const calls = [["PATCH", "/v1/settings", {over_provisioning_percent: 500}],
+                       ["PUT", "/v1/backup-target", {url: ""}],
+                       ["GET", "/v1/users", null]];
+        const out = [];
+        for (const [method, path, body] of calls) {
+            const r = await fetch(path, {method, headers,
+                                         body: body ? JSON.stringify(body) : undefined});
+            out.push([r.status, (await r.json()).detail]);
+        }
+        return out;
+    }""")
+    for status, detail in answers:
+        assert status == 403 and "admin role" in detail and "operator" in detail, detail
+    assert m.ok("GET", "/v1/settings") == before
 
 
 def digest(uri: str, mib: int) -> str:
@@ -412,6 +474,16 @@ def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_pat
     page.get_by_label("Kind").fill("volume-created")
     kinds = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
     assert kinds and set(kinds) == {"volume-created"}, kinds
+    # ... and by volume (asked of the API at the next poll): ev's creation alone.
+    page.get_by_label("Volume", exact=True).fill("ev")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.locator("td:nth-child(4)")).to_have_text("ev")
+    # ... and by level: ev has no warning, its creation was news.
+    page.get_by_label("Level", exact=True).select_option("warning")
+    expect(rows).to_have_text("no events")
+    page.get_by_label("Level", exact=True).select_option("info")
+    expect(rows.locator("td:nth-child(3)")).to_have_text("volume-created")
     assert not unlabelled(page)
     shot(page, tmp_path, "events")
     page.get_by_role("link", name="Backups").click()
