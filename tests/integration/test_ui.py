@@ -420,11 +420,17 @@ def digest(uri: str, mib: int) -> str:
 def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manager, tmp_path):
     m = ui_manager
     (tmp_path / "backups").mkdir()
-    m.ok("PUT", "/v1/backup-target", json={"url": f"file://{tmp_path / 'backups'}"})
     m.ok("POST", "/v1/volumes", json={"name": "bk", "size": "16M", "replicas": 1})
     uri = m.ok("POST", "/v1/volumes/bk/attach", json={})["nbd_uri"]
     write(uri, 4)
     login(page, m)
+    # The target, set by the admin on the backups page; the manager opened it.
+    target = f"file://{tmp_path / 'backups'}"
+    page.get_by_role("link", name="Backups").click()
+    page.get_by_role("button", name="Change target").click()
+    dialog_submit(page, {"URL": target}, "Set target")
+    page.locator("section[aria-label='Backup target']").get_by_text(target).wait_for()
+    assert m.ok("GET", "/v1/backup-target")["url"] == target
     page.goto(m.url + "/#/volumes/bk")
     page.get_by_role("heading", name="Volume bk").wait_for()
 
@@ -461,6 +467,19 @@ def test_back_up_and_restore_from_the_ui_with_the_tasks_progress(page, ui_manage
     dialog_submit(page, {"Replicas": "2"}, "Apply")
     page.locator("section[aria-label=Replicas] tbody .badge-rw").nth(1).wait_for(timeout=60_000)
     assert m.volume("bk")["replica_count"] == 2
+
+    # On the backups page: verified (a task, until it succeeded), then deleted (asked first).
+    page.get_by_role("link", name="Backups").click()
+    page.get_by_role("button", name=f"Verify {backup['name']}").click()
+    page.locator(".tasks li.task").filter(has_text=f"Verify {backup['name']}") \
+        .filter(has_text="succeeded").wait_for(timeout=60_000)
+    page.get_by_role("button", name=f"Delete {backup['name']}").click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete backup").click()
+    page.locator(".tasks li.task").filter(has_text=f"Delete {backup['name']}") \
+        .filter(has_text="succeeded").wait_for(timeout=60_000)
+    page.get_by_role("button", name=f"Delete {backup['name']}").wait_for(state="detached")
+    assert m.api("GET", f"/v1/backups/{backup['name']}").status_code == 404
+    shot(page, tmp_path, "backups-page")
 
 
 def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_path):
