@@ -245,13 +245,23 @@ def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tm
     page.locator("dialog[open]").get_by_role("button", name="Revert to s1").click()
     page.get_by_text("Revert web to s1: done").wait_for()
     assert digest(m.volume("web")["nbd_uri"], 8) == before
+    # A snapshot taken and deleted from the tree, asked first with what deleting frees.
+    page.get_by_role("button", name="Snapshot", exact=True).click()
+    dialog_submit(page, {"Snapshot name (optional)": "s2"}, "Take snapshot")
+    page.get_by_role("button", name="Delete snapshot s2").click()
+    page.locator("dialog[open]").get_by_text(re.compile(r"deleting it frees \d")).wait_for()
+    page.locator("dialog[open]").get_by_role("button", name="Delete snapshot s2").click()
+    page.locator('li[data-snapshot="s2"]').wait_for(state="detached")
+    assert "s2" not in {s["name"] for s in m.ok("GET", "/v1/volumes/web/snapshots")}
     page.get_by_role("button", name="Detach").click()
     page.locator("dialog[open]").get_by_role("button", name="Detach web").click()
     page.get_by_role("button", name="Attach").wait_for()
     assert m.volume("web")["state"] == "detached"
-    # Detached, a snapshot cannot be reverted to: the page offers no revert.
+    # Detached, a snapshot cannot be reverted to nor deleted (the manager needs the
+    # engine): the page offers neither.
     page.locator('li[data-snapshot="s1"]').get_by_role("button", name="Clone from s1").wait_for()
     assert page.get_by_role("button", name="Revert to s1").count() == 0
+    assert page.get_by_role("button", name="Delete snapshot s1").count() == 0
     # Data locality changed from the same dialog as the replicas (detached: at once).
     assert m.volume("web")["data_locality"] == "best-effort"
     page.get_by_role("button", name="Replicas & locality").click()

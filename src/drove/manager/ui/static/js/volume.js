@@ -244,7 +244,8 @@ export function volumeView({api, activity, history, go}, name) {
     // From the manager's space report where it gives one: data held, what deleting frees.
     const data = s.data ?? s.size;
     const frees = typeof s.freed_by_delete === "number" ? s.freed_by_delete : null;
-    const attached = current?.state === "attached"; // revert and backup need the engine
+    // Revert, backup and delete need the engine: offered while the volume is attached.
+    const attached = current?.state === "attached";
     const actions = canAct && !s.head ? h("span", {class: "snap-actions"},
       attached ? h("button", {type: "button", class: "small", onclick: () => revert(s.name),
         "aria-label": `Revert to ${s.name}`}, "Revert") : null,
@@ -252,9 +253,9 @@ export function volumeView({api, activity, history, go}, name) {
         "aria-label": `Clone from ${s.name}`}, "Clone"),
       attached ? h("button", {type: "button", class: "small",
         onclick: () => backup(s.name), "aria-label": `Back up ${s.name}`}, "Back up") : null,
-      h("button", {type: "button", class: "small danger",
+      attached ? h("button", {type: "button", class: "small danger",
         onclick: () => deleteSnapshot(s.name, frees), "aria-label": `Delete snapshot ${s.name}`},
-      "Delete")) : null;
+      "Delete") : null) : null;
     const children = (s.children ?? []).map((c) => byName[c]).filter(Boolean);
     return h("li", {"data-snapshot": s.name},
       h("span", {class: "snap"},
