@@ -540,3 +540,58 @@ def test_events_backups_and_settings_pages_by_keyboard(page, ui_manager, tmp_pat
                      before["over_provisioning_percent"] + 50}
     m.ok("PATCH", "/v1/settings",
          json={"over_provisioning_percent": before["over_provisioning_percent"]})
+
+
+def test_an_admin_manages_users_on_the_users_page(page, ui_manager, tmp_path):
+    m = ui_manager
+    login(page, m)
+    page.get_by_role("link", name="Users").click()
+    page.get_by_role("heading", name="Users").wait_for()
+    page.get_by_role("cell", name="admin", exact=True).first.wait_for()
+
+    # Created with a role and a password: its token shown once, and it works.
+    page.get_by_role("button", name="Create user").click()
+    dialog_submit(page, {"User name": "uma", "Role": "viewer",
+                         "Password (optional, for the web UI)": " a pass phrase "},
+                  "Create user")
+    token = page.get_by_label("Token of uma").input_value()
+    assert page.evaluate("document.activeElement.id") == "new-token"
+    assert whoami(m, token) == (200, "viewer")
+    user = m.ok("GET", "/v1/users/uma")
+    assert user["role"] == "viewer" and user["password"]
+    # The password as typed, spaces included.
+    assert httpx.post(m.url + "/v1/session", json={"user": "uma", "password": " a pass phrase "}
+                      ).status_code == 200
+    page.get_by_role("button", name="Hide the token").click()
+    assert page.get_by_label("Token of uma").count() == 0
+    assert not unlabelled(page)
+    shot(page, tmp_path, "users")
+
+    # Another role, at its next call.
+    page.get_by_role("button", name="Change role of uma").click()
+    dialog_submit(page, {"Role": "operator"}, "Change role")
+    page.get_by_text("Role of uma: done").wait_for()
+    assert whoami(m, token) == (200, "operator")
+
+    # One more token; then every token revoked (asked first): neither works.
+    page.get_by_role("button", name="New token for uma").click()
+    second = page.get_by_label("Token of uma")
+    second.wait_for()
+    second = second.input_value()
+    assert second != token and whoami(m, second) == (200, "operator")
+    page.get_by_role("button", name="Revoke tokens of uma").click()
+    page.locator("dialog[open]").get_by_role("button", name="Revoke tokens of uma").click()
+    page.get_by_text("Revoke tokens of uma: done").wait_for()
+    assert whoami(m, token)[0] == 401 and whoami(m, second)[0] == 401
+
+    # Deleted, asked first: gone from the page and the API.
+    page.get_by_role("button", name="Delete user uma").click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete user uma").click()
+    page.get_by_role("button", name="Delete user uma").wait_for(state="detached")
+    assert m.api("GET", "/v1/users/uma").status_code == 404
+
+
+def whoami(m: ManagerProc, token: str) -> tuple[int, str | None]:
+    """The status of GET /v1/session with ``token`` and the role it names."""
+    r = httpx.get(m.url + "/v1/session", headers={"Authorization": f"Bearer {token}"})
+    return r.status_code, r.json().get("role") if r.status_code == 200 else None

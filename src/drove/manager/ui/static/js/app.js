@@ -8,6 +8,7 @@ import {fill, h} from "./dom.js";
 import {loginView} from "./login.js";
 import {History} from "./metrics.js";
 import {backupsView, eventsView, settingsView} from "./pages.js";
+import {usersView} from "./users.js";
 import {volumeView} from "./volume.js";
 
 const POLL_MS = 2000;
@@ -74,6 +75,7 @@ const PAGES = [
   {hash: "#/backups", label: "Backups", make: backupsView},
   {hash: "#/events", label: "Events", make: eventsView},
   {hash: "#/settings", label: "Settings", make: settingsView, role: "admin"},
+  {hash: "#/users", label: "Users", make: usersView, role: "admin"},
 ];
 
 function header() {

@@ -100,6 +100,7 @@ export function formDialog({title, fields, submitLabel, danger = false, note}) {
       const values = {};
       for (const {input, field} of controls) {
         if (field.type === "checkbox") values[field.name] = input.checked;
+        else if (field.type === "password") values[field.name] = input.value || null; // as typed
         else values[field.name] = input.value.trim() === "" ? null : input.value.trim();
       }
       answer(values);
