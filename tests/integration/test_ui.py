@@ -153,6 +153,11 @@ def dialog_submit(page: Any, fields: dict[str, str | bool], button: str) -> None
 def test_create_attach_write_snapshot_and_clone_from_the_ui(page, ui_manager, tmp_path):
     m = ui_manager
     login(page, m)
+    # The dashboard: the cluster's health, and each node with its disks' use.
+    page.get_by_role("heading", name="Cluster health: healthy").wait_for()
+    nodes = page.locator("section[aria-label=Nodes]")
+    for d in m.ok("GET", "/v1/disks"):
+        nodes.get_by_role("meter", name=f"use of disk {d['name']}").wait_for()
     shot(page, tmp_path, "dashboard-empty")
     assert not unlabelled(page)
 
