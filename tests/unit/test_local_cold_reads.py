@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import mmap
 import os
 import tempfile
 import time
@@ -15,14 +17,32 @@ from drove.nbd import eager
 from drove.replica.chain import Replica
 from drove.replica.process import ReplicaService
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
 
 def _cached(fd: int, length: int = 65536) -> bool:
-    """Whether the start of ``fd`` is served from the page cache (a hole counts as cached)."""
+    """Whether any page of the start of ``fd`` is in the page cache, by mincore(2).
+
+    Not by a no-wait read: a RWF_NOWAIT read that misses still starts reading the pages
+    in (readahead), so the probe itself would refill the cache it checks: under load the
+    read completed before the test's own no-wait read, which then found the data cached.
+    """
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
     try:
-        os.preadv(fd, [bytearray(length)], 0, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return False
-    return True
+        pages = -(-length // mmap.PAGESIZE)
+        vec = ctypes.create_string_buffer(pages)
+        if _libc.mincore(addr, length, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return any(b & 1 for b in vec.raw)
+    finally:
+        _libc.munmap(addr, length)
 
 
 def _drop_cache(directory: Path) -> None:
