@@ -154,10 +154,14 @@ class ManagerProc:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        # Find the loop devices before anything is unmounted: once its FUSE mount is
+        # lazily unmounted, a loop device over nbdfuse's file names its backing file
+        # "/disk" (no path under root), and it would be left bound for ever.
+        loops = self.loops()
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for mnt in reversed(self.mounts()):
             subprocess.run(["umount", "-l", mnt], capture_output=True)
-        for dev in self.loops():
+        for dev in loops:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
