@@ -11,7 +11,10 @@ trim leaves its whole 4 KiB blocks undefined until they are written again (NBD's
 drove punches the head's copy, and what an older layer holds, a user snapshot or a
 rebuild's, shows through), so the oracle does not check those.  The ``local`` rounds
 run with the first replica served by the engine itself (never killed: it has
-no process of its own), so reads come from it and rebuilds copy from it.
+no process of its own), so reads come from it and rebuilds copy from it.  The
+``stacked`` rounds run the engine with every layer on (stats, QoS with limits the load
+never reaches, AES-XTS encryption): the replicas then hold ciphertext, which the final
+check decrypts with the volume's key.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import random
 
 import pytest
 
+from drove.engine.crypt import KEY_BYTES, Sectors, write_key_file
 from drove.nbd.client import connect_uri
 from replicatools import run
 
@@ -90,14 +95,30 @@ async def one_round(client, oracle: Oracle, rnd: random.Random) -> None:
     assert oracle.seen(await client.read(lo, hi - lo), lo) == oracle.data[lo:hi]
 
 
-@pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
+@pytest.mark.parametrize("local, stacked", [(False, False), (True, False), (False, True)],
+                         ids=["remote", "local", "stacked"])
 @pytest.mark.parametrize("round_", range(2))
 @pytest.mark.slow
-def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_, local):
+def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_, local,
+                                                      stacked):
     seed = random.randrange(1 << 30)
     print("seed", seed)
     rnd = random.Random(seed)
-    eng = cluster.start(3, str(SIZE), local=local)
+    extra: list[str] = []
+    plain = bytes  # what a replica's image holds, as the client sees it
+    if stacked:
+        key = os.urandom(KEY_BYTES)
+        write_key_file(tmp_path / "data.key", key)
+        extra = ["--key-file", str(tmp_path / "data.key")]
+        sectors = Sectors(key)
+
+        def plain(image: bytes) -> bytes:
+            return bytes(sectors.decrypt(0, image))
+
+    eng = cluster.start(3, str(SIZE), *extra, local=local)
+    if stacked:
+        limits = {"read_iops": 200_000, "write_iops": 200_000, "bandwidth": 4 << 30}
+        assert eng.ok("PUT", "/v1/qos", json={"limits": limits})["limits"]["read_iops"]
     killable = {r.dir.name for r in cluster.remote}
     snapshots: dict[str, Oracle] = {}
     spares = iter(f"s{i}" for i in range(10))
@@ -153,12 +174,14 @@ def test_random_io_with_replica_failures_and_rebuilds(cluster, tmp_path, round_,
             if r.dir.name not in live:
                 continue
             run(["nbdcopy", r.uri("head"), str(head)])
-            got = head.read_bytes()
+            raw = head.read_bytes()
+            got = plain(raw)
+            assert not stacked or raw != got, f"replica {r.dir.name} holds plaintext"
             assert oracle.seen(got, 0) == oracle.data, f"replica {r.dir.name} head differs"
             assert first.setdefault("head", got) == got, f"replica {r.dir.name} head differs"
             for name, image in snapshots.items():
                 run(["nbdcopy", r.uri(f"snapshot/{name}"), str(head)])
-                got = head.read_bytes()
+                got = plain(head.read_bytes())
                 assert image.seen(got, 0) == image.data, f"{r.dir.name}: snapshot {name} differs"
                 assert first.setdefault(name, got) == got, \
                     f"{r.dir.name}: snapshot {name} differs from another replica's"
