@@ -25,7 +25,7 @@ from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard, check_not_busy, check_not_restoring
 from drove.manager.locality import DISABLED
-from drove.manager.qos import push as push_qos
+from drove.manager.qos import push_or_warn as push_qos_or_warn
 from drove.manager.records import Records
 from drove.manager.replicas import Replicas
 from drove.manager.settings import Settings
@@ -321,11 +321,9 @@ class Attacher:
         self._records.save(doc)
         if await self._engines.refresh(doc) is None:
             return False  # it does not answer: stopped and started afresh like any other
-        try:  # it started without the volume's QoS limits, which its manager would have sent
-            await push_qos(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"))
-        except ApiError as exc:
-            self._event("volume-qos-failed", f"volume {name}: its engine did not take the QoS "
-                        f"limits: {exc}; it serves without them", name, level="warning")
+        # It started without the volume's QoS limits, which its manager would have sent.
+        await push_qos_or_warn(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"),
+                               self._event)
         self._event("volume-adopted", f"volume {name}: its recorded engine (pid "
                     f"{old.get('pid')}) is gone; the engine a live upgrade started in its place "
                     f"(pid {found.pid}, epoch {doc.get('epoch')}) serves it: adopted", name)
@@ -407,11 +405,8 @@ class Attacher:
         doc["state"] = "attached"
         self._records.save(doc)
         # The volume's QoS limits and the rebuild QoS (drove.manager.qos), from the start on.
-        try:
-            await push_qos(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"))
-        except ApiError as exc:
-            self._event("volume-qos-failed", f"volume {name}: its engine did not take the QoS "
-                        f"limits: {exc}; it serves without them", name, level="warning")
+        await push_qos_or_warn(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"),
+                               self._event)
         await self._engines.refresh(doc)
         where = f", mounted at {doc['host']['mountpoint']}" if doc.get("host") else ""
         served = (f"; replica {local['name']} is local (served by the engine)" if local

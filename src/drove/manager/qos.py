@@ -9,6 +9,7 @@ engine's control API, and a change is sent to a running engine at once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from drove.engine.qos import QosLimits
@@ -49,3 +50,14 @@ async def push(engines: Engines, doc: dict[str, Any], rebuild_bandwidth: int) ->
     await engines.call(doc, "PUT", "/v1/qos", timeout=10, json={
         "limits": QosLimits.from_json(doc.get("qos")).to_json(), "replace": True,
         "rebuild_bandwidth": int(rebuild_bandwidth)})
+
+
+async def push_or_warn(engines: Engines, doc: dict[str, Any], rebuild_bandwidth: int,
+                       event: Callable[..., Any], engine: str = "its engine") -> None:
+    """:func:`push` to a volume's newly started engine; if it refuses, an event says it serves
+    without the limits (an attach or upgrade is not undone for them)."""
+    try:
+        await push(engines, doc, rebuild_bandwidth)
+    except ApiError as exc:
+        event("volume-qos-failed", f"volume {doc['name']}: {engine} did not take the QoS "
+              f"limits: {exc}; it serves without them", doc["name"], level="warning")

@@ -27,7 +27,7 @@ from drove.manager.engines import Engines, launch_epoch, rebuild_running
 from drove.manager.errors import ApiError
 from drove.manager.events import EventFn
 from drove.manager.guard import VolumeGuard
-from drove.manager.qos import push as push_qos
+from drove.manager.qos import push_or_warn as push_qos_or_warn
 from drove.manager.records import Records
 from drove.manager.settings import Settings
 from drove.manager.store import StoreError
@@ -182,11 +182,8 @@ class EngineUpgrades:
         self._records.save(doc)
         self._engines.drop(name)
         # The new engine starts without the volume's QoS limits: they go to it as at attach.
-        try:
-            await push_qos(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"))
-        except ApiError as exc:
-            self._event("volume-qos-failed", f"volume {name}: its new engine did not take the "
-                        f"QoS limits: {exc}; it serves without them", name, level="warning")
+        await push_qos_or_warn(self._engines, doc, self._settings.get("rebuild_bandwidth_limit"),
+                               self._event, engine="its new engine")
         await self._engines.refresh(doc)
         change = {"from": {"pid": old["pid"], "version": engine_version(old),
                            "epoch": old_epoch},
