@@ -15,6 +15,25 @@ function open(dialog, firstFocus) {
   };
 }
 
+/**
+ * The one answer of an open dialog: the first call closes it and resolves ``value``; Escape
+ * (the dialog's cancel event) answers ``cancelled``.
+ */
+function answerOnce(dialog, close, resolve, cancelled) {
+  let answered = false;
+  const answer = (value) => {
+    if (answered) return;
+    answered = true;
+    close();
+    resolve(value);
+  };
+  dialog.addEventListener("cancel", (e) => {
+    e.preventDefault();
+    answer(cancelled);
+  });
+  return answer;
+}
+
 /** Ask before doing something that loses data; resolves true to go ahead. */
 export function confirmDialog({title, message, confirmLabel, danger = true}) {
   return new Promise((resolve) => {
@@ -25,19 +44,9 @@ export function confirmDialog({title, message, confirmLabel, danger = true}) {
       h("p", {}, message),
       h("div", {class: "dialog-buttons"}, cancel, ok));
     const close = open(dialog, cancel); // the safe choice has the focus
-    let answered = false;
-    const answer = (value) => {
-      if (answered) return;
-      answered = true;
-      close();
-      resolve(value);
-    };
+    const answer = answerOnce(dialog, close, resolve, false);
     cancel.addEventListener("click", () => answer(false));
     ok.addEventListener("click", () => answer(true));
-    dialog.addEventListener("cancel", (e) => {
-      e.preventDefault();
-      answer(false);
-    });
   });
 }
 
@@ -83,18 +92,8 @@ export function formDialog({title, fields, submitLabel, danger = false, note}) {
       h("div", {class: "dialog-buttons"}, cancel, submit));
     const dialog = h("dialog", {"aria-labelledby": "dialog-title", class: "dialog"}, form);
     const close = open(dialog, controls[0]?.input ?? submit);
-    let answered = false;
-    const answer = (value) => {
-      if (answered) return;
-      answered = true;
-      close();
-      resolve(value);
-    };
+    const answer = answerOnce(dialog, close, resolve, null);
     cancel.addEventListener("click", () => answer(null));
-    dialog.addEventListener("cancel", (e) => {
-      e.preventDefault();
-      answer(null);
-    });
     form.addEventListener("submit", (e) => {
       e.preventDefault();
       const values = {};
